@@ -1,0 +1,248 @@
+"""The reference backend: NeMo PyTorch, driven exactly as NeMo's own cache-aware streaming is.
+
+- The model is restored on CPU in eval mode (in train mode NeMo samples a random attention context
+  every forward) with dither 0 and ``pad_to`` 0, as ``CacheAwareStreamingAudioBuffer`` sets them.
+- Each chunk goes through ``EncDecRNNTModel.conformer_stream_step`` (parts/mixins/mixins.py):
+  ``cache_aware_stream_step`` on the encoder, then NeMo's RNNT greedy decoding with the partial
+  hypotheses of the previous step. Decoding uses NeMo's ``greedy`` strategy (``GreedyRNNTInfer``),
+  whose per-frame loop defines the decoder/joint call order the other backends reproduce.
+- Taps come from forward hooks; nothing in NeMo is patched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from harness.chunking import Chunk, normalize_att_context_sizes
+from harness.nemo_file import inspect_nemo
+from harness.nemo_quiet import quiet_nemo
+from harness.streaming import (
+    TAP_DECODER,
+    TAP_ENCODER,
+    TAP_JOINT,
+    TAP_PRE_ENCODE,
+    Backend,
+    DecoderState,
+    ModelInfo,
+    OfflineOutput,
+    StepOutput,
+    StreamingState,
+    layer_tap,
+)
+
+
+def model_info_from_config(config: dict[str, Any], vocabulary: Sequence[str]) -> ModelInfo:
+    """``ModelInfo`` from a NeMo model config (the ``.nemo``'s or an artifact's ``config.json``)."""
+    encoder = config["encoder"]
+    prednet = config["decoder"]["prednet"]
+    decoding = config.get("decoding") or {}
+    greedy = decoding.get("greedy") or {}
+    return ModelInfo(
+        num_layers=int(encoder["n_layers"]),
+        d_model=int(encoder["d_model"]),
+        n_mels=int(encoder["feat_in"]),
+        conv_kernel_size=int(encoder.get("conv_kernel_size", 31)),
+        subsampling_factor=int(encoder.get("subsampling_factor", 4)),
+        att_context_sizes=normalize_att_context_sizes(encoder.get("att_context_size")),
+        vocabulary=tuple(vocabulary),
+        blank_id=len(vocabulary),
+        pred_layers=int(prednet.get("pred_rnn_layers", 1)),
+        pred_hidden=int(prednet["pred_hidden"]),
+        max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
+        encoder_config=dict(encoder),
+    )
+
+
+class _TapRecorder:
+    """Forward hooks that record the shared taps of one forward pass."""
+
+    def __init__(self, model):
+        self.model = model
+        self.records: dict[str, list[np.ndarray]] = {}
+        self.handles = []
+
+    def _record(self, name: str, tensor) -> None:
+        self.records.setdefault(name, []).append(tensor.detach().float().cpu().numpy().copy())
+
+    def __enter__(self) -> "_TapRecorder":
+        encoder = self.model.encoder
+        self.handles.append(encoder.pre_encode.register_forward_hook(
+            lambda _m, _i, out: self._record(TAP_PRE_ENCODE, out[0] if isinstance(out, tuple) else out)))
+        for index, layer in enumerate(encoder.layers):
+            self.handles.append(layer.register_forward_hook(
+                lambda _m, _i, out, name=layer_tap(index): self._record(name, out[0] if isinstance(out, tuple) else out)))
+        # RNNTDecoder.predict runs embedding -> dec_rnn (LSTMDropout); its output [B, U, H] or [U, B, H].
+        dec_rnn = self.model.decoder.prediction["dec_rnn"]
+        self.handles.append(dec_rnn.register_forward_hook(
+            lambda _m, _i, out: self._record(TAP_DECODER, (out[0] if isinstance(out, tuple) else out).reshape(-1, out[0].shape[-1]))))
+        # RNNTJoint.joint_after_projection: joint_net(f + g) gives the raw logits (log-softmax comes after).
+        self.handles.append(self.model.joint.joint_net.register_forward_hook(
+            lambda _m, _i, out: self._record(TAP_JOINT, out.reshape(-1, out.shape[-1]))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def taps(self, num_classes: int, pred_hidden: int) -> dict[str, np.ndarray]:
+        taps = {}
+        for name, arrays in self.records.items():
+            if name in (TAP_DECODER, TAP_JOINT):
+                taps[name] = np.concatenate(arrays, axis=0)
+            else:
+                if len(arrays) != 1:
+                    raise RuntimeError(f"tap {name} was recorded {len(arrays)} times in one forward")
+                taps[name] = arrays[0]
+        taps.setdefault(TAP_DECODER, np.zeros((0, pred_hidden), np.float32))
+        taps.setdefault(TAP_JOINT, np.zeros((0, num_classes), np.float32))
+        return taps
+
+
+class NemoBackend(Backend):
+    name = "nemo"
+
+    def __init__(self, nemo_path: str | Path, *, device: str = "cpu"):
+        import torch
+
+        self._torch = torch
+        self.path = Path(nemo_path)
+        archive = inspect_nemo(self.path)  # refuses unsafe files before NeMo sees them
+        with quiet_nemo():
+            from nemo.collections.asr.models import ASRModel
+
+            model = ASRModel.restore_from(str(self.path), map_location=torch.device(device))
+            model.eval()
+            model.preprocessor.featurizer.dither = 0.0
+            model.preprocessor.featurizer.pad_to = 0
+            decoding_cfg = copy.deepcopy(model.cfg.decoding)
+            from omegaconf import open_dict
+
+            with open_dict(decoding_cfg):
+                decoding_cfg.strategy = "greedy"
+            model.change_decoding_strategy(decoding_cfg, verbose=False)
+        self.model = model
+        self.config = archive.config
+        self.vocabulary = list(model.tokenizer.vocab) if hasattr(model.tokenizer, "vocab") else [
+            model.tokenizer.ids_to_tokens([i])[0] for i in range(model.tokenizer.vocab_size)]
+        self.info = model_info_from_config(self.config, self.vocabulary)
+        max_symbols = getattr(model.decoding.decoding, "max_symbols", None)
+        if max_symbols is not None:
+            self.info = dataclasses.replace(self.info, max_symbols=int(max_symbols))
+        self._current_context: tuple[int, int] | None = None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _use_context(self, att_context_size: Sequence[int]) -> None:
+        context = (int(att_context_size[0]), int(att_context_size[1]))
+        if context not in self.info.att_context_sizes:
+            raise ValueError(f"att_context_size {list(context)} is not one of the model's "
+                             f"{[list(c) for c in self.info.att_context_sizes]}")
+        if context != self._current_context:
+            with quiet_nemo():
+                self.model.encoder.set_default_att_context_size(list(context))
+            self._current_context = context
+
+    def streaming_config_from_nemo(self, att_context_size: Sequence[int]):
+        """NeMo's own ``streaming_cfg`` for a lookahead (tests compare it with ours)."""
+        self._use_context(att_context_size)
+        return self.model.encoder.streaming_cfg
+
+    def _to_hypotheses(self, state: StreamingState):
+        from nemo.collections.asr.parts.utils.rnnt_utils import Hypothesis
+
+        if state.native is not None:
+            return copy.deepcopy(state.native)
+        hypotheses = []
+        for dec in state.decoder:
+            if not dec.tokens and dec.last_token == self.info.blank_id:
+                hypotheses.append(None)
+                continue
+            torch = self._torch
+            dec_state = [torch.from_numpy(dec.h.copy()), torch.from_numpy(dec.c.copy())]
+            hypotheses.append(Hypothesis(score=0.0, y_sequence=list(dec.tokens), dec_state=dec_state,
+                                         timestamp=[], last_token=int(dec.last_token)))
+        return None if all(h is None for h in hypotheses) else hypotheses
+
+    def _decoder_states(self, hypotheses, previous: list[DecoderState]) -> list[DecoderState]:
+        states = []
+        for index, hyp in enumerate(hypotheses):
+            tokens = [int(t) for t in (hyp.y_sequence.tolist() if hasattr(hyp.y_sequence, "tolist") else hyp.y_sequence)]
+            if hyp.dec_state is None:
+                states.append(DecoderState.start(self.info.blank_id, self.info.pred_layers, self.info.pred_hidden))
+                continue
+            h, c = (s.detach().float().cpu().numpy().reshape(self.info.pred_layers, 1, self.info.pred_hidden)
+                    for s in hyp.dec_state)
+            last = self.info.blank_id if hyp.last_token is None else int(hyp.last_token)
+            states.append(DecoderState(last_token=last, h=h.copy(), c=c.copy(), tokens=tokens))
+        return states
+
+    # -- Backend interface -------------------------------------------------------------------------
+    def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        audio = np.atleast_2d(np.asarray(audio, np.float32))
+        lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.int64)
+        with torch.inference_mode():
+            mel, mel_len = self.model.preprocessor(input_signal=torch.from_numpy(audio), length=lengths)
+        return mel.numpy().copy(), mel_len.numpy().astype(np.int64)
+
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
+        self.refuse_speaker_masks(speaker_masks)
+        torch = self._torch
+        self._use_context(state.att_context_size)
+        self.info.check_state(state)
+        previous = self._to_hypotheses(state)
+        started = time.perf_counter()
+        with torch.inference_mode(), _TapRecorder(self.model) as recorder:
+            # What EncDecRNNTModel.conformer_stream_step does for a transducer, minus text assembly:
+            # the encoder's cache-aware step, then greedy decoding continuing the partial hypotheses.
+            encoded, encoded_len, channel, time_cache, channel_len = self.model.encoder.cache_aware_stream_step(
+                processed_signal=torch.from_numpy(chunk.mel),
+                processed_signal_length=torch.from_numpy(chunk.length),
+                cache_last_channel=torch.from_numpy(state.cache_last_channel.copy()),
+                cache_last_time=torch.from_numpy(state.cache_last_time.copy()),
+                cache_last_channel_len=torch.from_numpy(state.cache_last_channel_len.copy()),
+                keep_all_outputs=chunk.keep_all_outputs,
+                drop_extra_pre_encoded=chunk.drop_extra_pre_encoded,
+            )
+            hypotheses = self.model.decoding.rnnt_decoder_predictions_tensor(
+                encoder_output=encoded, encoded_lengths=encoded_len, return_hypotheses=True,
+                partial_hypotheses=previous)
+        seconds = time.perf_counter() - started
+        encoded_np = encoded.numpy().copy()
+        new_decoder = self._decoder_states(hypotheses, state.decoder)
+        emitted = [new.tokens[len(old.tokens):] for new, old in zip(new_decoder, state.decoder)]
+        taps = recorder.taps(len(self.vocabulary) + 1, self.info.pred_hidden)
+        taps[TAP_ENCODER] = encoded_np
+        new_state = StreamingState(
+            att_context_size=state.att_context_size,
+            cache_last_channel=channel.numpy().copy(),
+            cache_last_time=time_cache.numpy().copy(),
+            cache_last_channel_len=channel_len.numpy().astype(np.int64),
+            decoder=new_decoder,
+            step_index=state.step_index + 1,
+            native=copy.deepcopy(hypotheses),
+        )
+        return StepOutput(encoded=encoded_np, encoded_len=encoded_len.numpy().astype(np.int64), state=new_state,
+                          tokens=emitted, taps=taps, seconds=seconds)
+
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+        torch = self._torch
+        self._use_context(att_context_size)
+        with torch.inference_mode(), _TapRecorder(self.model) as recorder:
+            encoded, encoded_len = self.model.encoder(audio_signal=torch.from_numpy(mel),
+                                                      length=torch.from_numpy(np.asarray(length, np.int64)))
+            hypotheses = self.model.decoding.rnnt_decoder_predictions_tensor(
+                encoder_output=encoded, encoded_lengths=encoded_len, return_hypotheses=True)
+        taps = recorder.taps(len(self.vocabulary) + 1, self.info.pred_hidden)
+        taps[TAP_ENCODER] = encoded.numpy().copy()
+        tokens = [[int(t) for t in h.y_sequence.tolist()] for h in hypotheses]
+        return OfflineOutput(encoded=encoded.numpy().copy(), encoded_len=encoded_len.numpy().astype(np.int64),
+                             tokens=tokens, taps=taps)
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,142 @@
+"""Reading ``.nemo`` files without trusting them.
+
+A ``.nemo`` is a tar holding ``model_config.yaml`` (which NeMo instantiates through ``_target_``
+class paths), ``model_weights.ckpt`` (a pickled state dict) and tokenizer files. Before NeMo sees a
+file, ``inspect_nemo`` refuses one whose members escape the archive (absolute, ``..``, links,
+devices), that is truncated or corrupt, or whose config names a class outside NeMo's ASR package.
+The project's own weight reads use ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import yaml
+
+CONFIG_MEMBER = "model_config.yaml"
+WEIGHTS_MEMBER = "model_weights.ckpt"
+ALLOWED_TARGET_PREFIXES = ("nemo.collections.asr.",)
+
+
+class UnsafeNemoFile(ValueError):
+    """The file is not a ``.nemo`` this project will hand to NeMo; the message says why."""
+
+
+@dataclass(frozen=True)
+class NemoArchive:
+    path: Path
+    config: dict[str, Any]
+    members: dict[str, tarfile.TarInfo]  # normalised member name -> info
+
+    def member_name(self, suffix: str) -> str:
+        for name in self.members:
+            if name == suffix or name.endswith("_" + suffix) or name.endswith("/" + suffix):
+                return name
+        raise UnsafeNemoFile(f"{self.path}: no member named {suffix!r}")
+
+    def read_member(self, name: str) -> bytes:
+        with tarfile.open(self.path, "r:*") as tar:
+            handle = tar.extractfile(self.members[name])
+            if handle is None:
+                raise UnsafeNemoFile(f"{self.path}: member {name!r} is not a regular file")
+            return handle.read()
+
+    def tokenizer_model_bytes(self) -> bytes:
+        return self.read_member(self.member_name("tokenizer.model"))
+
+
+def _normalise(name: str) -> str:
+    return str(PurePosixPath(name)).lstrip("./") if name not in (".", "./") else ""
+
+
+def _iter_targets(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in ("_target_", "target") and isinstance(value, str):
+                yield where, value
+            else:
+                yield from _iter_targets(value, where)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _iter_targets(value, f"{path}[{index}]")
+
+
+def inspect_nemo(path: str | Path) -> NemoArchive:
+    """Validate a ``.nemo`` archive and return its parsed config; raise ``UnsafeNemoFile`` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise UnsafeNemoFile(f"{path}: no such file")
+    if not path.is_file():
+        raise UnsafeNemoFile(f"{path}: not a regular file")
+    members: dict[str, tarfile.TarInfo] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                raw = info.name
+                if raw.startswith("/") or PurePosixPath(raw).is_absolute():
+                    raise UnsafeNemoFile(f"{path}: archive member {raw!r} has an absolute path")
+                if ".." in PurePosixPath(raw).parts:
+                    raise UnsafeNemoFile(f"{path}: archive member {raw!r} escapes the archive with '..'")
+                if info.issym() or info.islnk():
+                    raise UnsafeNemoFile(f"{path}: archive member {raw!r} is a link")
+                if not (info.isfile() or info.isdir()):
+                    raise UnsafeNemoFile(f"{path}: archive member {raw!r} is not a regular file or directory")
+                if info.isfile():
+                    members[_normalise(raw)] = info
+            # Reading every member to the end detects truncation (tarfile only reads headers above).
+            for info in members.values():
+                handle = tar.extractfile(info)
+                while handle.read(1 << 20):
+                    pass
+    except UnsafeNemoFile:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise UnsafeNemoFile(f"{path}: not a readable .nemo archive (truncated or corrupt: {error})") from None
+
+    if CONFIG_MEMBER not in members:
+        raise UnsafeNemoFile(f"{path}: archive has no {CONFIG_MEMBER}")
+    if WEIGHTS_MEMBER not in members:
+        raise UnsafeNemoFile(f"{path}: archive has no {WEIGHTS_MEMBER}")
+    with tarfile.open(path, "r:*") as tar:
+        text = tar.extractfile(members[CONFIG_MEMBER]).read()
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UnsafeNemoFile(f"{path}: {CONFIG_MEMBER} is not valid YAML ({error.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise UnsafeNemoFile(f"{path}: {CONFIG_MEMBER} is not a mapping")
+    for where, target in _iter_targets(config):
+        if not target.startswith(ALLOWED_TARGET_PREFIXES):
+            raise UnsafeNemoFile(
+                f"{path}: config {where} names {target!r}, outside NeMo's ASR classes; refusing to instantiate it")
+    if "encoder" not in config or "target" not in config:
+        raise UnsafeNemoFile(f"{path}: {CONFIG_MEMBER} has no model 'target' or 'encoder' section")
+    return NemoArchive(path=path, config=config, members=members)
+
+
+def load_state_dict(archive: NemoArchive) -> dict[str, Any]:
+    """The checkpoint's tensors, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+    import torch
+
+    data = archive.read_member(WEIGHTS_MEMBER)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle payloads that weights_only refuses, corrupt zip data
+        raise UnsafeNemoFile(f"{archive.path}: {WEIGHTS_MEMBER} cannot be loaded safely ({error})") from None
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
