@@ -1,0 +1,70 @@
+"""The backend registry. A backend appears in every suite, the CLI and the nightly run by registering here.
+
+Each entry names a module that provides two functions:
+
+- ``prepare(nemo_path, work_dir, *, dtype, att_context_sizes) -> Path``: turn a ``.nemo`` into what
+  the backend loads (the ``.nemo`` itself, an ONNX export directory, an MLX artifact directory);
+  cached under ``work_dir`` by the caller.
+- ``load(source, *, dtype, nemo_path=None) -> harness.streaming.Backend``.
+
+``requires`` lists the Python modules the backend imports; suites skip a backend whose modules
+cannot be imported, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    module: str
+    requires: tuple[str, ...]
+    dtypes: tuple[str, ...]  # the first is the one compared at fp32 tolerances
+    marker: str  # pytest marker selecting this backend's tests
+    description: str
+
+    def missing_requirements(self) -> list[str]:
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
+
+    def available(self) -> bool:
+        return not self.missing_requirements()
+
+    def _module(self):
+        return importlib.import_module(self.module)
+
+    def prepare(self, nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
+                att_context_sizes: Sequence[Sequence[int]] | None = None) -> Path:
+        return self._module().prepare(Path(nemo_path), Path(work_dir), dtype=dtype,
+                                      att_context_sizes=att_context_sizes)
+
+    def load(self, source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options: Any):
+        return self._module().load(Path(source), dtype=dtype, nemo_path=nemo_path, **options)
+
+
+REFERENCE = "nemo"
+
+REGISTRY: dict[str, BackendEntry] = {}
+
+
+def register(entry: BackendEntry) -> None:
+    if entry.name in REGISTRY:
+        raise ValueError(f"backend {entry.name!r} registered twice")
+    REGISTRY[entry.name] = entry
+
+
+register(BackendEntry(
+    name="nemo", module="backends.nemo", requires=("torch", "nemo"), dtypes=("float32",), marker="nemo",
+    description="NeMo PyTorch (the reference): cache_aware_stream_step + NeMo greedy RNNT decoding"))
+
+
+def get(name: str) -> BackendEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown backend {name!r}; registered: {', '.join(REGISTRY)}") from None

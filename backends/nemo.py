@@ -246,3 +246,16 @@ class NemoBackend(Backend):
 
     def close(self) -> None:
         self.model = None
+
+
+def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32", att_context_sizes=None) -> Path:
+    """The reference runs the ``.nemo`` itself."""
+    if dtype != "float32":
+        raise ValueError(f"nemo backend runs float32 only, not {dtype}")
+    return Path(nemo_path)
+
+
+def load(source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options) -> NemoBackend:
+    if dtype != "float32":
+        raise ValueError(f"nemo backend runs float32 only, not {dtype}")
+    return NemoBackend(source, **options)

@@ -185,6 +185,9 @@ class Backend(abc.ABC):
     """
 
     name: ClassVar[str]
+    # First-chunk modes the backend can run; an ONNX export bakes pad-and-drop into its graph.
+    first_chunk_modes: ClassVar[tuple[str, ...]] = ("plain", "pad-and-drop")
+    dtype: str = "float32"
     info: ModelInfo
 
     def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1) -> StreamingState:

@@ -1,0 +1,218 @@
+"""``parity``: a thin command line over the library (parse, call, print).
+
+Backend packages add their own subcommands (``export-onnx``, ``convert``, ``verify``...) through a
+``register(subparsers)`` function in ``backends/<name>/cli.py``; see ``EXTENSIONS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from harness.audio import AudioError
+from harness.nemo_file import UnsafeNemoFile
+
+# Modules contributing subcommands; each defines register(subparsers) and imports heavy libraries lazily.
+EXTENSIONS = ("backends.onnx.cli", "backends.mlx.cli", "harness.detect_cli")
+
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """An expected failure: printed as one line, no traceback."""
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def parse_contexts(values: Sequence[str] | None):
+    from harness.chunking import parse_att_context
+
+    return [parse_att_context(v) for v in values] if values else None
+
+
+def add_audio_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mix-to-mono", action="store_true", help="average the channels of multi-channel audio")
+    parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (soxr)")
+
+
+def add_backend_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx", metavar="DIR", type=Path, help="an ONNX export directory (parity export-onnx)")
+    parser.add_argument("--onnx-int8", action="store_true", help="use the export's int8 graphs")
+    parser.add_argument("--mlx", metavar="DIR", type=Path, help="an MLX artifact directory (parity convert)")
+
+
+def open_candidates(args, nemo_path: Path | None) -> list:
+    from backends import get
+
+    candidates = []
+    if getattr(args, "onnx", None):
+        candidates.append(get("onnx").load(args.onnx, dtype="int8" if args.onnx_int8 else "float32",
+                                           nemo_path=nemo_path))
+    if getattr(args, "mlx", None):
+        candidates.append(get("mlx").load(args.mlx, nemo_path=nemo_path))
+    return candidates
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+def cmd_fixtures(args) -> int:
+    from fixtures.models import FIXTURES, build
+
+    names = [args.model] if args.model else [n for n, s in FIXTURES.items() if s.default_test]
+    for name in names:
+        if name not in FIXTURES:
+            raise CommandError(f"unknown fixture model {name!r}; known: {', '.join(FIXTURES)}")
+        path = build(name, force=args.rebuild, progress=lambda m: print(m, file=sys.stderr))
+        print(path)
+    return EXIT_OK
+
+
+def cmd_transcribe(args) -> int:
+    from backends import get
+    from harness.parity import Utterance, transcribe
+
+    paths = list(args.paths)
+    if args.backend == "nemo":
+        if not paths or not str(paths[0]).endswith(".nemo"):
+            raise CommandError("the nemo backend needs MODEL.nemo as the first argument")
+        backend = get("nemo").load(Path(paths.pop(0)))
+    elif args.backend == "onnx":
+        if not args.onnx:
+            raise CommandError("--backend onnx needs --onnx DIR")
+        backend = get("onnx").load(args.onnx, dtype="int8" if args.onnx_int8 else "float32")
+    elif args.backend == "mlx":
+        if not args.mlx:
+            raise CommandError("--backend mlx needs --mlx DIR")
+        backend = get("mlx").load(args.mlx)
+    else:
+        backend = get(args.backend).load(Path(paths.pop(0)))
+    if not paths:
+        raise CommandError("no audio files given")
+    utterances = [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample) for p in paths]
+    contexts = parse_contexts(args.att_context) or [backend.info.att_context_sizes[0]]
+    for utterance in utterances:
+        for context in contexts:
+            text, _ = transcribe(backend, utterance, context)
+            print(f"{utterance.name}\t[{context[0]},{context[1]}]\t{text}")
+    return EXIT_OK
+
+
+def print_comparisons(report, out=None) -> None:
+    from rich.table import Table
+
+    table = Table(title="parity", show_lines=False)
+    for column in ("pair", "dtype", "context", "utterance", "worst layer max_abs", "encoder max_abs", "tokens", "result"):
+        table.add_column(column)
+    for comparison in report.results.comparisons:
+        worst = comparison.worst("max_abs")
+        layers = max((v for k, v in worst.items() if k.startswith("layers.")), default=float("nan"))
+        table.add_row(comparison.pair.split("@")[0], comparison.dtype,
+                      f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}", comparison.utterance,
+                      f"{layers:.2e}", f"{worst.get('encoder', float('nan')):.2e}",
+                      "equal" if comparison.tokens_equal else ("differ" if comparison.require_token_match else "n/a"),
+                      "[green]pass[/]" if comparison.passed else "[red]FAIL[/]")
+    (out or console()).print(table)
+
+
+def cmd_compare(args) -> int:
+    from backends import get
+    from harness.parity import Utterance, compare_backends, fixture_utterances
+    from harness.tolerances import Tolerances
+
+    tolerances = Tolerances.load(args.tolerances)
+    nemo_path = Path(args.model)
+    reference = get("nemo").load(nemo_path)
+    candidates = open_candidates(args, nemo_path)
+    utterances = ([Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample) for p in args.audio]
+                  if args.audio else fixture_utterances())
+    contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
+    report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
+                              progress=lambda m: print(f"  {m}", file=sys.stderr))
+    print_comparisons(report)
+    if args.json:
+        print(f"results written to {report.results.save(args.json)}")
+    failures = [c for c in report.results.comparisons if not c.passed]
+    for comparison in failures:
+        print(f"FAIL {comparison.describe_failure()}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from harness.demo import run_demo
+
+    return run_demo(out_dir=args.out)
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show NeMo's own logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fixtures", help="build a fixture model and print the path of its .nemo")
+    p.add_argument("--model", help="fixture name (default: every default-test fixture)")
+    p.add_argument("--rebuild", action="store_true", help="ignore the build cache")
+    p.set_defaults(func=cmd_fixtures)
+
+    p = sub.add_parser("transcribe", help="stream audio through one backend and print transcripts")
+    p.add_argument("paths", nargs="+", metavar="[MODEL.nemo] AUDIO", type=Path)
+    p.add_argument("--backend", default="nemo")
+    p.add_argument("--att-context", action="append", metavar="L,R")
+    add_backend_sources(p)
+    add_audio_options(p)
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("compare", help="compare backends against NeMo (and NeMo streaming against offline)")
+    p.add_argument("model", metavar="MODEL.nemo")
+    p.add_argument("--audio", nargs="+", type=Path, help="audio files (default: the fixture speech)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON here")
+    p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/tolerances.toml)")
+    add_backend_sources(p)
+    add_audio_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="build the fixture, stream the fixture speech, print the parity table")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="where the demo writes its results")
+    p.set_defaults(func=cmd_demo)
+
+    for module_name in EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and module_name.startswith(error.name):
+                continue  # that extension is not part of this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from harness.nemo_quiet import set_verbose
+
+    set_verbose(args.verbose)
+    try:
+        return args.func(args)
+    except (CommandError, AudioError, UnsafeNemoFile, FileNotFoundError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        err(message)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
