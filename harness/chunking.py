@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -94,12 +95,37 @@ class StreamingConfig:
             cache_drop_size=cache_drop_size,
             subsampling_factor=factor,
             sampling_frames=sampling_frames,
+            causal_subsampling=causal,
         )
 
     @property
     def latency_ms(self) -> int:
         """Audio covered by one later-step chunk (10 ms mel hop)."""
         return self.shift_size[1] * 10
+
+    causal_subsampling: bool = True
+
+    def subsampled_length(self, frames: int) -> int:
+        """Output frames of the striding subsampling for ``frames`` input frames.
+
+        NeMo's ``calc_length`` (parts/submodules/subsampling.py) with kernel 3, stride 2, repeated
+        log2(factor) times; causal padding is (k-1) left + (s-1) right, symmetric is (k-1)//2 each.
+        """
+        kernel, stride = 3, 2
+        paddings = (kernel - 1) + (stride - 1) if self.causal_subsampling else 2 * ((kernel - 1) // 2)
+        length = frames
+        for _ in range(int(math.log2(self.subsampling_factor))):
+            length = math.floor((length + paddings - kernel) / stride + 1)
+        return max(length, 0)
+
+    def valid_output_frames(self, chunk: "Chunk") -> int:
+        """Encoder frames a streaming step returns for ``chunk`` (batch item 0).
+
+        Subsampling of the chunk's valid length, minus ``drop_extra_pre_encoded``, clamped to
+        ``valid_out_len`` unless ``keep_all_outputs`` (``streaming_post_process``).
+        """
+        frames = max(self.subsampled_length(int(chunk.length[0])) - chunk.drop_extra_pre_encoded, 0)
+        return frames if chunk.keep_all_outputs else min(frames, self.valid_out_len)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
