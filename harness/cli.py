@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (CommandError, AudioError, UnsafeNemoFile, FileNotFoundError, ValueError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        err(message)
+        err(" ".join(str(message).split()))  # always one line
         return EXIT_USAGE
 
 

@@ -97,7 +97,10 @@ def inspect_nemo(path: str | Path) -> NemoArchive:
     except UnsafeNemoFile:
         raise
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise UnsafeNemoFile(f"{path}: not a readable .nemo archive (truncated or corrupt: {error})") from None
+        reason = " ".join(str(error).split()) or error.__class__.__name__
+        if "could not be opened successfully" in reason:
+            reason = "not a tar archive"
+        raise UnsafeNemoFile(f"{path}: not a readable .nemo archive (truncated or corrupt: {reason})") from None
 
     if CONFIG_MEMBER not in members:
         raise UnsafeNemoFile(f"{path}: archive has no {CONFIG_MEMBER}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import warnings
@@ -42,8 +43,11 @@ def quiet_nemo():
             nemo_logging.setLevel(logging.ERROR)
         except Exception:  # nemo not importable: nothing to quiet
             nemo_logging = None
+        # NeMo's telemetry layer prints banners straight to stderr at import; swallow them.
+        sink = io.StringIO()
         try:
-            yield
+            with contextlib.redirect_stderr(sink):
+                yield
         finally:
             for name, level in previous.items():
                 logging.getLogger(name).setLevel(level)

@@ -1,0 +1,902 @@
+"""NeMo FastConformer transducers in MLX, layer by layer, with NeMo's cache-aware streaming.
+
+One readable file, in the spirit of mlx-examples' ``whisper/whisper.py``. Every block names the
+NeMo 3.0.0 code it reproduces (paths relative to ``nemo/collections/asr/``); where NeMo does
+something surprising, the comment says so, because matching it is the point.
+
+Layout: MLX is channels-last, so the encoder works on ``[B, T, D]`` and 2-D convolutions on
+``[B, T, F, C]``; caches cross the interface in NeMo's layers-first layout
+(``cache_last_channel [L, B, C, D]``, ``cache_last_time [L, B, D, K-1]``) and are transposed here.
+
+Parameter names equal NeMo's module paths (``encoder.layers.0.self_attn.linear_q.weight``), so the
+converter's mapping is a table of layout changes, and an artifact of a non-causal checkpoint
+loads in parakeet-mlx as well.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# multi_head_attention.py: INF_VAL fills masked attention scores.
+ATTENTION_MASK_VALUE = -10000.0
+# features.py: log(x + 2**-24) is FilterbankFeatures' default zero guard.
+LOG_ZERO_GUARD = 2.0 ** -24
+# features.py: CONSTANT added to the per-feature standard deviation.
+NORMALIZE_EPSILON = 1e-5
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+
+def _context_sizes(value: Any) -> tuple[tuple[int, int], ...]:
+    """``att_context_size`` is one ``[L, R]`` or a list of them (several lookaheads in one model)."""
+    if value is None:
+        return ((-1, -1),)
+    items = list(value)
+    if items and not isinstance(items[0], (list, tuple)):
+        items = [items]
+    return tuple(_pair(item) for item in items)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration, read from the NeMo model config (the .nemo's model_config.yaml or config.json)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreprocessorArgs:
+    """``AudioToMelSpectrogramPreprocessor`` -> ``FilterbankFeatures`` (parts/preprocessing/features.py)."""
+
+    sample_rate: int = 16000
+    n_fft: int = 512
+    win_length: int = 400
+    hop_length: int = 160
+    features: int = 128
+    preemph: float | None = 0.97
+    mag_power: float = 2.0
+    log: bool = True
+    log_zero_guard_type: str = "add"
+    log_zero_guard_value: float = LOG_ZERO_GUARD
+    normalize: str | None = None
+    pad_value: float = 0.0
+
+    @classmethod
+    def from_nemo(cls, cfg: Mapping[str, Any]) -> "PreprocessorArgs":
+        sample_rate = int(cfg.get("sample_rate", 16000))
+        win_length = int(round(float(cfg.get("window_size", 0.02)) * sample_rate))
+        hop_length = int(round(float(cfg.get("window_stride", 0.01)) * sample_rate))
+        n_fft = cfg.get("n_fft") or 2 ** math.ceil(math.log2(win_length))
+        if int(cfg.get("frame_splicing", 1)) != 1:
+            raise NotImplementedError("preprocessor.frame_splicing > 1 is not supported")
+        if cfg.get("exact_pad", False):
+            raise NotImplementedError("preprocessor.exact_pad is not supported (NeMo streaming models use center=True)")
+        if cfg.get("window", "hann") != "hann":
+            # The window itself comes from the checkpoint; other shapes would work but are untested.
+            raise NotImplementedError(f"preprocessor.window {cfg.get('window')!r} is not supported")
+        guard = cfg.get("log_zero_guard_value", LOG_ZERO_GUARD)
+        if isinstance(guard, str):
+            raise NotImplementedError(f"preprocessor.log_zero_guard_value {guard!r} is not supported")
+        normalize = cfg.get("normalize")
+        if normalize in ("NA", "none", "None", ""):
+            normalize = None
+        if normalize not in (None, "per_feature"):
+            raise NotImplementedError(f"preprocessor.normalize {normalize!r} is not supported")
+        preemph = cfg.get("preemph", 0.97)
+        return cls(
+            sample_rate=sample_rate, n_fft=int(n_fft), win_length=win_length, hop_length=hop_length,
+            features=int(cfg.get("features", cfg.get("nfilt", 64))),
+            preemph=None if preemph is None else float(preemph),
+            mag_power=float(cfg.get("mag_power", 2.0)), log=bool(cfg.get("log", True)),
+            log_zero_guard_type=str(cfg.get("log_zero_guard_type", "add")), log_zero_guard_value=float(guard),
+            normalize=normalize, pad_value=float(cfg.get("pad_value", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class EncoderArgs:
+    """``ConformerEncoder`` (modules/conformer_encoder.py)."""
+
+    feat_in: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ff_expansion_factor: int = 4
+    subsampling: str = "dw_striding"
+    subsampling_factor: int = 8
+    subsampling_conv_channels: int = 256
+    causal_downsampling: bool = False
+    self_attention_model: str = "rel_pos"
+    att_context_sizes: tuple[tuple[int, int], ...] = ((-1, -1),)
+    att_context_style: str = "regular"
+    xscaling: bool = True
+    use_bias: bool = True
+    conv_kernel_size: int = 9
+    conv_norm_type: str = "batch_norm"
+    conv_context_size: tuple[int, int] = (4, 4)
+
+    @classmethod
+    def from_nemo(cls, cfg: Mapping[str, Any]) -> "EncoderArgs":
+        kernel = int(cfg.get("conv_kernel_size", 31))
+        context = cfg.get("conv_context_size")
+        # ConformerEncoder._calc_context_sizes: "causal" -> [K-1, 0]; None -> symmetric.
+        if context == "causal":
+            conv_context = (kernel - 1, 0)
+        elif context is None:
+            conv_context = ((kernel - 1) // 2, (kernel - 1) // 2)
+        else:
+            conv_context = _pair(context)
+        unsupported = {
+            "self_attention_model": (cfg.get("self_attention_model", "rel_pos"), ("rel_pos",)),
+            "subsampling": (cfg.get("subsampling", "striding"), ("dw_striding",)),
+            "untie_biases": (cfg.get("untie_biases", True), (True,)),
+            "feat_out": (cfg.get("feat_out", -1), (-1, None)),
+            "reduction": (cfg.get("reduction"), (None,)),
+            "conv_norm_type": (cfg.get("conv_norm_type", "batch_norm"), ("batch_norm", "layer_norm")),
+            "att_context_style": (cfg.get("att_context_style", "regular"), ("regular", "chunked_limited")),
+        }
+        for key, (value, allowed) in unsupported.items():
+            if value not in allowed:
+                raise NotImplementedError(f"encoder.{key} = {value!r} is not supported (supported: {allowed})")
+        return cls(
+            feat_in=int(cfg["feat_in"]), n_layers=int(cfg["n_layers"]), d_model=int(cfg["d_model"]),
+            n_heads=int(cfg.get("n_heads", 4)), ff_expansion_factor=int(cfg.get("ff_expansion_factor", 4)),
+            subsampling=str(cfg.get("subsampling")), subsampling_factor=int(cfg.get("subsampling_factor", 4)),
+            subsampling_conv_channels=int(cfg.get("subsampling_conv_channels", -1)
+                                          if cfg.get("subsampling_conv_channels", -1) != -1 else cfg["d_model"]),
+            causal_downsampling=bool(cfg.get("causal_downsampling", False)),
+            self_attention_model=str(cfg.get("self_attention_model", "rel_pos")),
+            att_context_sizes=_context_sizes(cfg.get("att_context_size")),
+            att_context_style=str(cfg.get("att_context_style", "regular")),
+            xscaling=bool(cfg.get("xscaling", True)), use_bias=bool(cfg.get("use_bias", True)),
+            conv_kernel_size=kernel, conv_norm_type=str(cfg.get("conv_norm_type", "batch_norm")),
+            conv_context_size=conv_context,
+        )
+
+
+@dataclass(frozen=True)
+class PredictionArgs:
+    """``RNNTDecoder`` (modules/rnnt.py): embedding + stacked LSTM."""
+
+    vocab_size: int  # without the blank
+    pred_hidden: int
+    pred_rnn_layers: int
+    blank_as_pad: bool = True
+
+    @classmethod
+    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int) -> "PredictionArgs":
+        prednet = cfg["prednet"]
+        if not cfg.get("blank_as_pad", True):
+            raise NotImplementedError("decoder.blank_as_pad = false is not supported")
+        return cls(vocab_size=vocab_size, pred_hidden=int(prednet["pred_hidden"]),
+                   pred_rnn_layers=int(prednet.get("pred_rnn_layers", 1)), blank_as_pad=True)
+
+
+@dataclass(frozen=True)
+class JointArgs:
+    """``RNNTJoint`` (modules/rnnt.py): enc/pred projections, then ``joint_net = [act, (Dropout), Linear]``."""
+
+    encoder_hidden: int
+    pred_hidden: int
+    joint_hidden: int
+    num_classes: int  # vocabulary + blank
+    num_extra_outputs: int = 0  # TDT durations
+    activation: str = "relu"
+    has_dropout: bool = True  # decides whether the output layer is joint_net.2 or joint_net.1
+
+    @classmethod
+    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int, encoder_hidden: int) -> "JointArgs":
+        jointnet = cfg["jointnet"]
+        activation = str(jointnet.get("activation", "relu")).lower()
+        if activation not in ("relu", "sigmoid", "tanh"):
+            raise NotImplementedError(f"joint.jointnet.activation {activation!r} is not supported")
+        return cls(
+            encoder_hidden=int(jointnet.get("encoder_hidden", encoder_hidden)),
+            pred_hidden=int(jointnet["pred_hidden"]), joint_hidden=int(jointnet["joint_hidden"]),
+            num_classes=vocab_size + 1, num_extra_outputs=int(cfg.get("num_extra_outputs", 0) or 0),
+            activation=activation, has_dropout=float(jointnet.get("dropout", 0.0) or 0.0) > 0.0,
+        )
+
+    @property
+    def output_index(self) -> int:
+        return 2 if self.has_dropout else 1
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    preprocessor: PreprocessorArgs
+    encoder: EncoderArgs
+    prediction: PredictionArgs
+    joint: JointArgs
+    vocabulary: tuple[str, ...]
+    max_symbols: int = 10
+    tdt_durations: tuple[int, ...] = ()
+    encoder_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str] | None = None) -> "ModelArgs":
+        vocabulary = tuple(vocabulary if vocabulary is not None else config["joint"]["vocabulary"])
+        encoder = EncoderArgs.from_nemo(config["encoder"])
+        greedy = (config.get("decoding") or {}).get("greedy") or {}
+        durations = (config.get("model_defaults") or {}).get("tdt_durations") or ()
+        return cls(
+            preprocessor=PreprocessorArgs.from_nemo(config["preprocessor"]),
+            encoder=encoder,
+            prediction=PredictionArgs.from_nemo(config["decoder"], len(vocabulary)),
+            joint=JointArgs.from_nemo(config["joint"], len(vocabulary), encoder.d_model),
+            vocabulary=vocabulary,
+            max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
+            tdt_durations=tuple(int(d) for d in durations),
+            encoder_config=dict(config["encoder"]),
+        )
+
+    @property
+    def blank_id(self) -> int:
+        return len(self.vocabulary)
+
+
+# ------------------------------------------------------------------------------------------------
+# Front end: FilterbankFeatures.forward (parts/preprocessing/features.py)
+# ------------------------------------------------------------------------------------------------
+
+class FrontEnd:
+    """Log-mel features exactly as NeMo computes them, with the checkpoint's own window and filterbank.
+
+    Always float32 (NeMo disables autocast around the STFT and the filterbank product).
+    """
+
+    def __init__(self, args: PreprocessorArgs, window: np.ndarray, filterbank: np.ndarray):
+        if window.shape != (args.win_length,):
+            raise ValueError(f"front-end window: expected shape ({args.win_length},), got {window.shape}")
+        expected_fb = (args.features, args.n_fft // 2 + 1)
+        if filterbank.shape != expected_fb:
+            raise ValueError(f"front-end filterbank: expected shape {expected_fb}, got {filterbank.shape}")
+        self.args = args
+        # torch.stft pads a shorter window with zeros on both sides to n_fft (centred).
+        left = (args.n_fft - args.win_length) // 2
+        padded = np.zeros(args.n_fft, np.float32)
+        padded[left:left + args.win_length] = window
+        self.window = mx.array(padded)
+        self.filterbank = mx.array(np.asarray(filterbank, np.float32))
+
+    def seq_len(self, lengths: np.ndarray) -> np.ndarray:
+        # FilterbankFeatures.get_seq_len with center=True: (len + 2 * (n_fft // 2) - n_fft) // hop.
+        pad = self.args.n_fft // 2 * 2
+        return (np.asarray(lengths, np.int64) + pad - self.args.n_fft) // self.args.hop_length
+
+    def __call__(self, audio: np.ndarray, lengths: np.ndarray | None = None) -> tuple[mx.array, np.ndarray]:
+        """float32 audio ``[B, samples]`` -> (log-mel ``[B, features, frames]``, valid frames ``[B]``)."""
+        args = self.args
+        audio = np.atleast_2d(np.asarray(audio, np.float32))
+        batch, samples = audio.shape
+        lengths = np.full((batch,), samples, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        valid_frames = self.seq_len(lengths)
+        valid_frames = np.where(lengths == 0, 0, valid_frames)
+        x = mx.array(audio)
+        if args.preemph is not None:
+            # Pre-emphasis, then zero every sample at or beyond the input length.
+            x = mx.concatenate([x[:, :1], x[:, 1:] - args.preemph * x[:, :-1]], axis=1)
+            time_mask = mx.arange(samples)[None, :] < mx.array(lengths)[:, None]
+            x = mx.where(time_mask, x, 0.0)
+        # torch.stft(center=True, pad_mode="constant"): n_fft // 2 zeros on each side, frames every hop.
+        half = args.n_fft // 2
+        x = mx.pad(x, [(0, 0), (half, half)])
+        num_frames = 1 + (samples + 2 * half - args.n_fft) // args.hop_length
+        starts = np.arange(num_frames)[:, None] * args.hop_length
+        frames = x[:, mx.array(starts + np.arange(args.n_fft)[None, :])]  # [B, frames, n_fft]
+        spectrum = mx.fft.rfft(frames * self.window, axis=-1)
+        # |X| = sqrt(re^2 + im^2), then ** mag_power (NeMo takes the root first, then the power).
+        magnitude = mx.sqrt(mx.real(spectrum) ** 2 + mx.imag(spectrum) ** 2)
+        power = magnitude if args.mag_power == 1.0 else magnitude ** args.mag_power
+        mel = mx.matmul(self.filterbank, power.transpose(0, 2, 1))  # [B, features, frames]
+        if args.log:
+            if args.log_zero_guard_type == "add":
+                mel = mx.log(mel + args.log_zero_guard_value)
+            elif args.log_zero_guard_type == "clamp":
+                mel = mx.log(mx.maximum(mel, args.log_zero_guard_value))
+            else:
+                raise ValueError(f"log_zero_guard_type {args.log_zero_guard_type!r} is not understood")
+        frame_valid = mx.arange(num_frames)[None, :] < mx.array(valid_frames)[:, None]  # [B, frames]
+        if args.normalize == "per_feature":
+            mel = _normalize_per_feature(mel, frame_valid, valid_frames)
+        mel = mx.where(frame_valid[:, None, :], mel, args.pad_value)
+        return mel, valid_frames
+
+
+def _normalize_per_feature(mel: mx.array, frame_valid: mx.array, valid_frames: np.ndarray) -> mx.array:
+    """features.py normalize_batch("per_feature"): unbiased std over valid frames, + 1e-5."""
+    mask = frame_valid[:, None, :]
+    count = mx.array(valid_frames.astype(np.float32))[:, None]
+    mean = mx.where(mask, mel, 0.0).sum(axis=2) / count
+    centred = mx.where(mask, mel - mean[:, :, None], 0.0)
+    std = mx.sqrt((centred ** 2).sum(axis=2) / (count - 1.0))
+    std = mx.where(mx.isnan(std), 0.0, std) + NORMALIZE_EPSILON
+    return mx.where(mask, (mel - mean[:, :, None]) / std[:, :, None], 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks with NeMo's parameter names
+# ------------------------------------------------------------------------------------------------
+
+class Conv2d(nn.Module):
+    """A 2-D convolution on ``[B, T, F, C]``; weight ``[O, kH, kW, I/groups]`` (NeMo's OIHW -> OHWI).
+
+    ``causal`` is ``CausalConv2D`` (parts/submodules/causal_convs.py): pad ``kernel-1`` before and
+    ``stride-1`` after on time *and* frequency; otherwise symmetric ``(kernel-1)//2`` like ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, *, groups: int = 1,
+                 causal: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((out_channels, kernel, kernel, in_channels // groups))
+        self.bias = mx.zeros((out_channels,))
+        self.stride, self.groups, self.kernel = stride, groups, kernel
+        if kernel == 1:
+            self.padding = (0, 0)
+        elif causal:
+            self.padding = (kernel - 1, stride - 1)
+        else:
+            self.padding = ((kernel - 1) // 2, (kernel - 1) // 2)
+
+    def output_length(self, lengths: np.ndarray) -> np.ndarray:
+        # subsampling.py calculate_conv_output_size, on float lengths as MaskedConvSequential keeps them.
+        return np.floor((lengths + sum(self.padding) - self.kernel) / self.stride) + 1
+
+    def __call__(self, x: mx.array) -> mx.array:
+        before, after = self.padding
+        if before or after:
+            x = mx.pad(x, [(0, 0), (before, after), (before, after), (0, 0)])
+        return mx.conv2d(x, self.weight, stride=self.stride, groups=self.groups) + self.bias
+
+
+class ConvSubsampling(nn.Module):
+    """``ConvSubsampling`` with ``dw_striding`` (parts/submodules/subsampling.py).
+
+    ``conv`` mirrors NeMo's ``MaskedConvSequential`` indices: ``[conv, relu, (dw_conv, pw_conv, relu) * n]``.
+    Before every layer the time steps beyond the running length are zeroed, and the length is
+    updated after every strided convolution, exactly as ``MaskedConvSequential.forward`` does.
+    """
+
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        channels = args.subsampling_conv_channels
+        causal = args.causal_downsampling
+        steps = int(math.log2(args.subsampling_factor))
+        layers: list[nn.Module] = [Conv2d(1, channels, 3, 2, causal=causal), nn.ReLU()]
+        for _ in range(steps - 1):
+            layers += [Conv2d(channels, channels, 3, 2, groups=channels, causal=causal),
+                       Conv2d(channels, channels, 1, 1), nn.ReLU()]
+        self.conv = layers
+        freq = float(args.feat_in)
+        for layer in layers:
+            if isinstance(layer, Conv2d) and layer.stride > 1:
+                freq = math.floor((freq + sum(layer.padding) - layer.kernel) / layer.stride) + 1
+        self.out = nn.Linear(channels * int(freq), args.d_model)
+
+    def __call__(self, x: mx.array, lengths: np.ndarray) -> tuple[mx.array, np.ndarray]:
+        """``[B, T, F]`` -> ``[B, T', D]`` and the subsampled lengths."""
+        x = x[..., None]  # [B, T, F, 1]
+        current = np.asarray(lengths, np.float64)
+
+        def time_mask(time: int) -> mx.array:
+            valid = np.arange(time)[None, :] < current.astype(np.int64)[:, None]
+            return mx.array(valid)[:, :, None, None].astype(x.dtype)
+
+        mask = time_mask(x.shape[1])
+        for layer in self.conv:
+            x = layer(x * mask)
+            if isinstance(layer, Conv2d) and layer.stride > 1:
+                current = layer.output_length(current)
+                mask = time_mask(x.shape[1])
+        x = x * mask
+        batch, time, freq, channels = x.shape
+        # NeMo flattens [B, C, T, F] as x.transpose(1, 2).reshape(b, t, c * f): channel-major.
+        x = x.transpose(0, 1, 3, 2).reshape(batch, time, channels * freq)
+        return self.out(x), current.astype(np.int64)
+
+
+def relative_positions(length: int, d_model: int) -> mx.array:
+    """``RelPositionalEncoding`` (multi_head_attention.py) for positions ``length-1 .. -(length-1)``.
+
+    Computed in float32 with NeMo's formula, ``[1, 2*length-1, d_model]``.
+    """
+    positions = np.arange(length - 1, -length, -1, dtype=np.float32)[:, None]
+    div_term = np.exp(np.arange(0, d_model, 2, dtype=np.float32) * np.float32(-(math.log(10000.0) / d_model)))
+    angles = (positions * div_term).astype(np.float32)
+    pe = np.zeros((positions.shape[0], d_model), np.float32)
+    pe[:, 0::2] = np.sin(angles)
+    pe[:, 1::2] = np.cos(angles)
+    return mx.array(pe[None])
+
+
+def rel_shift(x: mx.array) -> mx.array:
+    """``RelPositionMultiHeadAttention.rel_shift``: pad one zero column on the left, fold, drop a row."""
+    b, h, qlen, pos_len = x.shape
+    x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)])
+    x = x.reshape(b, h, pos_len + 1, qlen)[:, :, 1:]
+    return x.reshape(b, h, qlen, pos_len)
+
+
+class RelPositionMultiHeadAttention(nn.Module):
+    """``RelPositionMultiHeadAttention`` (Transformer-XL biases ``pos_bias_u``/``pos_bias_v``).
+
+    The scores are computed as NeMo's non-SDPA path does: ``(ac + bd) / sqrt(d_k)``, masked with
+    -10000 before the softmax and with 0 after it, so fully masked (padding) rows give zeros.
+    """
+
+    def __init__(self, n_heads: int, d_model: int, use_bias: bool):
+        super().__init__()
+        self.h, self.d_k = n_heads, d_model // n_heads
+        self.scale = math.sqrt(self.d_k)
+        self.linear_q = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_k = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_v = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_out = nn.Linear(d_model, d_model, bias=use_bias)
+        self.linear_pos = nn.Linear(d_model, d_model, bias=False)
+        self.pos_bias_u = mx.zeros((n_heads, self.d_k))
+        self.pos_bias_v = mx.zeros((n_heads, self.d_k))
+
+    def __call__(self, x: mx.array, mask: mx.array | None, pos_emb: mx.array,
+                 cache: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        """``x [B, T, D]`` (already normed); with ``cache [B, C, D]`` keys/values are ``cat(cache, x)``.
+
+        Returns the output and the next channel cache: the last ``C`` frames of ``cat(cache, x)``
+        (``MultiHeadAttention.update_cache`` followed by ``streaming_post_process``'s slice).
+        """
+        batch, time, _ = x.shape
+        keys = x if cache is None else mx.concatenate([cache, x], axis=1)
+        next_cache = None if cache is None else keys[:, -cache.shape[1]:]
+        q = self.linear_q(x).reshape(batch, time, self.h, self.d_k)
+        k = self.linear_k(keys).reshape(batch, -1, self.h, self.d_k).transpose(0, 2, 1, 3)
+        v = self.linear_v(keys).reshape(batch, -1, self.h, self.d_k).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(pos_emb.shape[0], -1, self.h, self.d_k).transpose(0, 2, 1, 3)
+        q_with_bias_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
+        q_with_bias_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        matrix_ac = q_with_bias_u @ k.transpose(0, 1, 3, 2)
+        matrix_bd = rel_shift(q_with_bias_v @ p.transpose(0, 1, 3, 2))[..., :matrix_ac.shape[-1]]
+        scores = (matrix_ac + matrix_bd) / self.scale
+        if mask is not None:
+            scores = mx.where(mask[:, None], ATTENTION_MASK_VALUE, scores)
+            weights = mx.where(mask[:, None], 0.0, mx.softmax(scores, axis=-1, precise=True))
+        else:
+            weights = mx.softmax(scores, axis=-1, precise=True)
+        out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, time, self.h * self.d_k)
+        return self.linear_out(out), next_cache
+
+
+class FeedForward(nn.Module):
+    """``ConformerFeedForward``: linear1 -> swish -> linear2."""
+
+    def __init__(self, d_model: int, d_ff: int, use_bias: bool):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear2(nn.silu(self.linear1(x)))
+
+
+class PointwiseConv1d(nn.Module):
+    """A kernel-1 ``nn.Conv1d``; weight ``[O, 1, I]`` (NeMo's OIK -> OKI)."""
+
+    def __init__(self, in_channels: int, out_channels: int, use_bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((out_channels, 1, in_channels))
+        if use_bias:
+            self.bias = mx.zeros((out_channels,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = x @ self.weight[:, 0, :].T
+        return y + self.bias if "bias" in self else y
+
+
+class DepthwiseConv1d(nn.Module):
+    """``CausalConv1D`` with ``groups = channels`` (parts/submodules/causal_convs.py); weight ``[C, K, 1]``.
+
+    Without a cache the input is padded ``(left, right)`` with zeros; with one, the cache
+    (the last ``K-1`` inputs of the previous chunk) replaces the left padding, and the next cache is
+    the last ``K-1`` frames of ``cat(cache, x)`` (``CausalConv1D.update_cache``).
+    """
+
+    def __init__(self, channels: int, kernel: int, padding: tuple[int, int], use_bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel, 1))
+        if use_bias:
+            self.bias = mx.zeros((channels,))
+        self.padding = padding
+
+    def __call__(self, x: mx.array, cache: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        left, right = self.padding
+        if cache is None:
+            x = mx.pad(x, [(0, 0), (left, right), (0, 0)])
+            next_cache = None
+        else:
+            x = mx.concatenate([cache, mx.pad(x, [(0, 0), (0, right), (0, 0)])], axis=1)
+            next_cache = x[:, -cache.shape[1]:]
+        y = mx.conv1d(x, self.weight, groups=self.weight.shape[0])
+        return (y + self.bias if "bias" in self else y), next_cache
+
+
+class BatchNorm(nn.Module):
+    """``nn.BatchNorm1d`` in eval mode (running statistics), on the last axis."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = mx.ones((channels,))
+        self.bias = mx.zeros((channels,))
+        self.running_mean = mx.zeros((channels,))
+        self.running_var = mx.ones((channels,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (x - self.running_mean) * mx.rsqrt(self.running_var + self.eps) * self.weight + self.bias
+
+
+class ConformerConvolution(nn.Module):
+    """``ConformerConvolution``: pointwise -> GLU -> zero padding frames -> depthwise -> norm -> swish -> pointwise."""
+
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        d = args.d_model
+        self.pointwise_conv1 = PointwiseConv1d(d, 2 * d, args.use_bias)
+        self.depthwise_conv = DepthwiseConv1d(d, args.conv_kernel_size, args.conv_context_size, args.use_bias)
+        self.batch_norm = nn.LayerNorm(d, eps=1e-5) if args.conv_norm_type == "layer_norm" else BatchNorm(d)
+        self.pointwise_conv2 = PointwiseConv1d(d, d, args.use_bias)
+
+    def __call__(self, x: mx.array, pad_mask: mx.array | None, cache: mx.array | None = None):
+        x = self.pointwise_conv1(x)
+        value, gate = mx.split(x, 2, axis=-1)
+        x = value * mx.sigmoid(gate)  # nn.functional.glu(x, dim=1)
+        if pad_mask is not None:
+            x = mx.where(pad_mask[:, :, None], 0.0, x)
+        x, next_cache = self.depthwise_conv(x, cache)
+        x = nn.silu(self.batch_norm(x))
+        return self.pointwise_conv2(x), next_cache
+
+
+class ConformerLayer(nn.Module):
+    """``ConformerLayer`` (parts/submodules/conformer_modules.py): half-step FFN, MHSA, conv, half-step FFN, norm."""
+
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        d = args.d_model
+        self.norm_feed_forward1 = nn.LayerNorm(d, eps=1e-5)
+        self.feed_forward1 = FeedForward(d, d * args.ff_expansion_factor, args.use_bias)
+        self.norm_self_att = nn.LayerNorm(d, eps=1e-5)
+        self.self_attn = RelPositionMultiHeadAttention(args.n_heads, d, args.use_bias)
+        self.norm_conv = nn.LayerNorm(d, eps=1e-5)
+        self.conv = ConformerConvolution(args)
+        self.norm_feed_forward2 = nn.LayerNorm(d, eps=1e-5)
+        self.feed_forward2 = FeedForward(d, d * args.ff_expansion_factor, args.use_bias)
+        self.norm_out = nn.LayerNorm(d, eps=1e-5)
+
+    def __call__(self, x, att_mask, pos_emb, pad_mask, channel_cache=None, time_cache=None):
+        residual = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        attended, channel_cache = self.self_attn(self.norm_self_att(residual), att_mask, pos_emb, channel_cache)
+        residual = residual + attended
+        convolved, time_cache = self.conv(self.norm_conv(residual), pad_mask, time_cache)
+        residual = residual + convolved
+        residual = residual + 0.5 * self.feed_forward2(self.norm_feed_forward2(residual))
+        return self.norm_out(residual), channel_cache, time_cache
+
+
+def attention_masks(style: str, att_context_size: tuple[int, int], padding_length: np.ndarray, max_len: int,
+                    offset: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``ConformerEncoder._create_masks``: (pad_mask ``[B, T]``, att_mask ``[B, T, T]``), True = masked."""
+    left, right = att_context_size
+    rows = np.arange(max_len)[:, None]
+    cols = np.arange(max_len)[None, :]
+    visible = np.ones((max_len, max_len), bool)
+    if style == "regular":
+        if left >= 0:
+            visible &= cols >= rows - left  # triu(diagonal=-left)
+        if right >= 0:
+            visible &= cols <= rows + right  # tril(diagonal=right)
+    elif style == "chunked_limited":
+        if right == -1:
+            if left >= 0:
+                visible &= cols >= rows - left
+        else:
+            chunk_size = right + 1
+            left_chunks = left // chunk_size if left >= 0 else 10000
+            chunk = np.arange(max_len) // chunk_size
+            diff = chunk[:, None] - chunk[None, :]
+            visible &= (diff <= left_chunks) & (diff >= 0)
+    else:
+        raise NotImplementedError(f"att_context_style {style!r}")
+    positions = np.arange(max_len)[None, :]
+    valid = positions < np.asarray(padding_length)[:, None]
+    if offset is not None:
+        valid &= positions >= np.asarray(offset)[:, None]
+    pair_valid = valid[:, None, :] & valid[:, :, None]
+    att_mask = ~(visible[None] & pair_valid)
+    return ~valid, att_mask
+
+
+@dataclass
+class EncoderCache:
+    """One stream's caches in NeMo's layers-first layout (``get_initial_cache_state``)."""
+
+    channel: mx.array  # cache_last_channel [L, B, C, D]
+    time: mx.array  # cache_last_time [L, B, D, K-1]
+    channel_len: np.ndarray  # cache_last_channel_len [B] int64
+
+
+@dataclass
+class EncoderOutput:
+    encoded: mx.array  # [B, D, T]
+    lengths: np.ndarray  # [B] int64
+    cache: EncoderCache | None
+    taps: dict[str, mx.array]
+
+
+class ConformerEncoder(nn.Module):
+    """``ConformerEncoder``: subsampling, xscaling, rel-pos encoding, conformer layers; offline or cache-aware."""
+
+    def __init__(self, args: EncoderArgs):
+        super().__init__()
+        self.args = args
+        self.pre_encode = ConvSubsampling(args)
+        self.layers = [ConformerLayer(args) for _ in range(args.n_layers)]
+        self._positions: dict[int, mx.array] = {}
+
+    def _pos_emb(self, length: int, dtype: mx.Dtype) -> mx.array:
+        if length not in self._positions:
+            self._positions[length] = relative_positions(length, self.args.d_model)
+        return self._positions[length].astype(dtype)
+
+    def __call__(self, mel: mx.array, lengths: np.ndarray, att_context_size: tuple[int, int], *,
+                 cache: EncoderCache | None = None, drop_extra_pre_encoded: int = 0,
+                 record_taps: bool = False) -> EncoderOutput:
+        """``ConformerEncoder.forward_internal``: mel ``[B, n_mels, T]`` -> ``[B, D, T']`` (+ next caches).
+
+        With ``cache`` this is the encoder half of ``cache_aware_stream_step``; the streaming
+        post-processing (``valid_out_len``) is ``StreamingRNNT.stream_step``'s job.
+        """
+        args = self.args
+        taps: dict[str, mx.array] = {}
+        x, lengths = self.pre_encode(mel.transpose(0, 2, 1), lengths)
+        if record_taps:
+            taps["pre_encode"] = x
+        if cache is not None and drop_extra_pre_encoded > 0:
+            x = x[:, drop_extra_pre_encoded:]
+            lengths = np.maximum(lengths - drop_extra_pre_encoded, 0)
+        time = x.shape[1]
+        if cache is not None:
+            cache_len = cache.channel.shape[2]
+            max_len = time + cache_len
+            padding_length = lengths + cache_len
+            offset = cache_len - np.asarray(cache.channel_len, np.int64)
+        else:
+            cache_len, max_len, padding_length, offset = 0, time, lengths, None
+        if args.xscaling:
+            x = x * math.sqrt(args.d_model)
+        pos_emb = self._pos_emb(time + cache_len, x.dtype)
+        pad_mask, att_mask = attention_masks(args.att_context_style, att_context_size, padding_length, max_len, offset)
+        pad_mask, att_mask = mx.array(pad_mask[:, cache_len:]), mx.array(att_mask[:, cache_len:])
+
+        next_channel, next_time = [], []
+        for index, layer in enumerate(self.layers):
+            channel_cache = time_cache = None
+            if cache is not None:
+                channel_cache = cache.channel[index]
+                time_cache = cache.time[index].transpose(0, 2, 1)  # [B, D, K-1] -> [B, K-1, D]
+            x, channel_cache, time_cache = layer(x, att_mask, pos_emb, pad_mask, channel_cache, time_cache)
+            if cache is not None:
+                next_channel.append(channel_cache)
+                next_time.append(time_cache.transpose(0, 2, 1))
+            if record_taps:
+                taps[f"layers.{index}"] = x
+        next_cache = None
+        if cache is not None:
+            # cache_last_channel_len grows by the chunk's frames (cache_keep_size) and saturates at C.
+            next_cache = EncoderCache(channel=mx.stack(next_channel), time=mx.stack(next_time),
+                                      channel_len=np.minimum(np.asarray(cache.channel_len, np.int64) + time,
+                                                             cache_len))
+        return EncoderOutput(encoded=x.transpose(0, 2, 1), lengths=np.asarray(lengths, np.int64),
+                             cache=next_cache, taps=taps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transducer: prediction network, joint, greedy decoding
+# ------------------------------------------------------------------------------------------------
+
+class LSTMLayer(nn.Module):
+    """One ``torch.nn.LSTM`` layer with parakeet-mlx's names: ``Wx = weight_ih``, ``Wh = weight_hh``,
+    ``bias = bias_ih + bias_hh``; gates in torch's order (input, forget, cell, output)."""
+
+    def __init__(self, input_size: int, hidden: int):
+        super().__init__()
+        self.Wx = mx.zeros((4 * hidden, input_size))
+        self.Wh = mx.zeros((4 * hidden, hidden))
+        self.bias = mx.zeros((4 * hidden,))
+
+    def __call__(self, x: mx.array, h: mx.array, c: mx.array) -> tuple[mx.array, mx.array]:
+        gates = x @ self.Wx.T + h @ self.Wh.T + self.bias
+        i, f, g, o = mx.split(gates, 4, axis=-1)
+        c = mx.sigmoid(f) * c + mx.sigmoid(i) * mx.tanh(g)
+        h = mx.sigmoid(o) * mx.tanh(c)
+        return h, c
+
+
+class LSTMStack(nn.Module):
+    def __init__(self, hidden: int, layers: int):
+        super().__init__()
+        self.lstm = [LSTMLayer(hidden, hidden) for _ in range(layers)]
+
+    def __call__(self, x: mx.array, h: mx.array, c: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """``x [B, H]``, states ``[layers, B, H]`` -> (output, next h, next c)."""
+        next_h, next_c = [], []
+        for index, layer in enumerate(self.lstm):
+            x, c_new = layer(x, h[index], c[index])
+            next_h.append(x)
+            next_c.append(c_new)
+        return x, mx.stack(next_h), mx.stack(next_c)
+
+
+class Prediction(nn.Module):
+    def __init__(self, args: PredictionArgs):
+        super().__init__()
+        # blank_as_pad: the blank id is the embedding's padding row (index vocab_size).
+        self.embed = nn.Embedding(args.vocab_size + 1, args.pred_hidden)
+        self.dec_rnn = LSTMStack(args.pred_hidden, args.pred_rnn_layers)
+
+
+class RNNTDecoder(nn.Module):
+    """``RNNTDecoder.predict`` for one label per call."""
+
+    def __init__(self, args: PredictionArgs):
+        super().__init__()
+        self.args = args
+        self.prediction = Prediction(args)
+
+    def __call__(self, label: int | None, h: mx.array, c: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """``label`` None is the start of sequence: NeMo feeds a zero vector (``predict(None)``)."""
+        batch = h.shape[1]
+        if label is None:
+            x = mx.zeros((batch, self.args.pred_hidden), dtype=h.dtype)
+        else:
+            x = self.prediction.embed(mx.array([label] * batch))
+        return self.prediction.dec_rnn(x, h, c)
+
+
+class RNNTJoint(nn.Module):
+    """``RNNTJoint.joint``: ``joint_net(enc(f) + pred(g))``, raw logits (the greedy argmax needs no softmax)."""
+
+    def __init__(self, args: JointArgs):
+        super().__init__()
+        self.args = args
+        self.enc = nn.Linear(args.encoder_hidden, args.joint_hidden)
+        self.pred = nn.Linear(args.pred_hidden, args.joint_hidden)
+        activation = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[args.activation]()
+        output = nn.Linear(args.joint_hidden, args.num_classes + args.num_extra_outputs)
+        # Sequential(activation, [Dropout], Linear): the output layer's index depends on the dropout.
+        self.joint_net = [activation, nn.Dropout(0.0), output] if args.has_dropout else [activation, output]
+
+    def __call__(self, f_projected: mx.array, g_projected: mx.array) -> mx.array:
+        x = f_projected + g_projected
+        for layer in self.joint_net:
+            x = layer(x)
+        return x
+
+
+@dataclass
+class GreedyState:
+    """One utterance's decoding state: NeMo's partial ``Hypothesis`` (last label, LSTM state, labels)."""
+
+    last_token: int | None  # None = start of sequence
+    h: mx.array  # [layers, 1, H]
+    c: mx.array
+    tokens: list[int]
+
+
+@dataclass
+class GreedyResult:
+    state: GreedyState
+    emitted: list[int]
+    decoder_outputs: list[mx.array]  # one [1, H] row per prediction-net call, in NeMo's call order
+    joint_outputs: list[mx.array]  # one [1, V+1] row per joint call
+
+
+def greedy_decode(decoder: RNNTDecoder, joint: RNNTJoint, encoded: mx.array, length: int, state: GreedyState,
+                  *, blank_id: int, max_symbols: int, record: bool = False) -> GreedyResult:
+    """``GreedyRNNTInfer._greedy_decode`` (parts/submodules/rnnt_greedy_decoding.py) for one utterance.
+
+    NeMo calls the prediction net before every joint evaluation with the last emitted label and
+    commits its new state only when a non-blank is emitted; at most ``max_symbols`` joint calls
+    per frame. The prediction output depends only on (label, state), which change only on an
+    emission, so it is computed once per emission and reused, and the joint is evaluated for all
+    remaining frames at once; the recorded decoder/joint rows are still one per NeMo call.
+
+    ``encoded`` is ``[D, T]`` for this utterance.
+    """
+    frames = encoded[:, :length].T  # [T, D]
+    f_projected = joint.enc(frames) if length else None
+    tokens = list(state.tokens)
+    emitted: list[int] = []
+    decoder_rows: list[mx.array] = []
+    joint_rows: list[mx.array] = []
+    last, h, c = state.last_token, state.h, state.c
+    g, h_next, c_next = decoder(last, h, c)
+    g_projected = joint.pred(g)
+    frame, symbols = 0, 0
+    logits = labels = None
+    logits_from = -1
+    while frame < length:
+        if symbols >= max_symbols:
+            frame, symbols = frame + 1, 0
+            continue
+        if logits is None or logits_from < 0:
+            logits = joint(f_projected[frame:], g_projected)  # [T - frame, V+1]
+            labels = np.array(mx.argmax(logits.astype(mx.float32)[:, :blank_id + 1], axis=-1))
+            logits_from = frame
+        row = frame - logits_from
+        label = int(labels[row])
+        if record:
+            decoder_rows.append(g)
+            joint_rows.append(logits[row:row + 1])
+        if label == blank_id:
+            frame, symbols = frame + 1, 0
+            continue
+        tokens.append(label)
+        emitted.append(label)
+        last, h, c = label, h_next, c_next
+        g, h_next, c_next = decoder(last, h, c)
+        g_projected = joint.pred(g)
+        logits_from = -1
+        symbols += 1
+    return GreedyResult(GreedyState(last, h, c, tokens), emitted, decoder_rows, joint_rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class StreamStepOutput:
+    encoded: mx.array  # [B, D, T_valid]
+    lengths: np.ndarray  # [B]
+    cache: EncoderCache
+    taps: dict[str, mx.array]
+
+
+class StreamingRNNT(nn.Module):
+    """Encoder + RNNT decoder + joint, with NeMo's parameter tree (``encoder.``, ``decoder.``, ``joint.``)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.encoder = ConformerEncoder(args.encoder)
+        self.decoder = RNNTDecoder(args.prediction)
+        self.joint = RNNTJoint(args.joint)
+
+    def stream_step(self, mel: mx.array, lengths: np.ndarray, cache: EncoderCache, *,
+                    att_context_size: tuple[int, int], valid_out_len: int, keep_all_outputs: bool,
+                    drop_extra_pre_encoded: int, record_taps: bool = False) -> StreamStepOutput:
+        """``CacheAwareStreamingMixin.cache_aware_stream_step`` (parts/mixins/streaming.py).
+
+        The encoder forward with caches, then ``streaming_post_process``: unless ``keep_all_outputs``
+        (or for the "regular" style), keep the first ``valid_out_len`` frames.
+        """
+        out = self.encoder(mel, lengths, att_context_size, cache=cache,
+                           drop_extra_pre_encoded=drop_extra_pre_encoded, record_taps=record_taps)
+        encoded, out_lengths = out.encoded, out.lengths
+        if valid_out_len > 0 and (not keep_all_outputs or self.args.encoder.att_context_style == "regular"):
+            encoded = encoded[:, :, :valid_out_len]
+            out_lengths = np.minimum(out_lengths, valid_out_len)
+        return StreamStepOutput(encoded=encoded, lengths=out_lengths, cache=out.cache, taps=out.taps)
+
+    def initial_greedy_state(self, dtype: mx.Dtype) -> GreedyState:
+        shape = (self.args.prediction.pred_rnn_layers, 1, self.args.prediction.pred_hidden)
+        return GreedyState(None, mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), [])
+
+    def decode(self, encoded: mx.array, length: int, state: GreedyState, *, record: bool = False) -> GreedyResult:
+        if self.args.tdt_durations:
+            raise NotImplementedError("TDT decoding is not implemented in the MLX runtime (RNNT only)")
+        return greedy_decode(self.decoder, self.joint, encoded, length, state, blank_id=self.args.blank_id,
+                             max_symbols=self.args.max_symbols, record=record)

@@ -1,0 +1,360 @@
+"""``parity export-onnx``: a cache-aware streaming ``.nemo`` to ONNX graphs a runtime can use alone.
+
+What NeMo's own export does (core/classes/exportable.py, ConformerEncoder.forward_for_export,
+RNNTDecoderJoint in modules/rnnt.py) and how it is used here:
+
+- ``model.set_export_config({"cache_support": True})`` gives the encoder cache inputs and outputs.
+  ``forward_for_export`` always calls ``streaming_post_process(keep_all_outputs=False)`` (output
+  cut to ``valid_out_len``) and drops ``drop_extra_pre_encoded`` frames, i.e. the graph bakes the
+  pad-and-drop first-chunk mode and one lookahead: one graph per lookahead, each exported after
+  ``encoder.set_default_att_context_size``.
+- Batch-first caches (``[B, L, ...]``) are what ``forward_for_export`` produces; that layout is
+  exported by ``Exportable.export`` itself (legacy TorchScript exporter, ``dynamo=False``, opset
+  17). Layers-first caches (``[L, B, ...]``, NeMo's internal layout) go through a thin wrapper that
+  transposes around ``forward_for_export`` and is exported with the same exporter settings.
+- ``decoder_joint`` is NeMo's ``RNNTDecoderJoint`` export (its export sets ``log_softmax=False``:
+  the graph returns raw logits).
+- Debug variants add the shared taps as graph outputs, found by module scope
+  (``backends.onnx.graph_tools``); int8 variants come from ``onnxruntime.quantization``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from backends.onnx import graph_tools
+from backends.onnx.layout import (
+    CACHE_LAYOUTS,
+    DECODER_JOINT_INPUTS,
+    DECODER_JOINT_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    FORMAT,
+    CacheShapes,
+    decoder_joint_file,
+    encode_metadata,
+    encoder_file,
+)
+from harness.chunking import normalize_att_context_sizes
+from harness.nemo_file import inspect_nemo, sha256_file
+from harness.nemo_quiet import quiet_nemo
+
+OPSET = 17
+# Encoder config keys the runtime needs to rebuild the chunk schedule (harness.chunking).
+STREAMING_ENCODER_KEYS = ("att_context_style", "att_context_size", "subsampling", "subsampling_factor",
+                          "causal_downsampling", "n_layers", "d_model", "feat_in", "conv_kernel_size")
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    graphs: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """The TorchScript exporter warns about every traced branch; keep the CLI readable."""
+    with quiet_nemo(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _restore(nemo_path: Path):
+    import copy
+
+    import torch
+    from omegaconf import open_dict
+
+    inspect_nemo(nemo_path)  # refuse unsafe archives before NeMo instantiates anything
+    with quiet_nemo():
+        from nemo.collections.asr.models import ASRModel
+
+        model = ASRModel.restore_from(str(nemo_path), map_location=torch.device("cpu"))
+        model.eval()
+        model.preprocessor.featurizer.dither = 0.0
+        model.preprocessor.featurizer.pad_to = 0
+        decoding = copy.deepcopy(model.cfg.decoding)
+        with open_dict(decoding):
+            decoding.strategy = "greedy"  # GreedyRNNTInfer: the loop the runtime reproduces
+        model.change_decoding_strategy(decoding, verbose=False)
+    return model
+
+
+def _vocabulary(model) -> list[str]:
+    tokenizer = model.tokenizer
+    if hasattr(tokenizer, "vocab"):
+        return list(tokenizer.vocab)
+    return [tokenizer.ids_to_tokens([i])[0] for i in range(tokenizer.vocab_size)]
+
+
+def _model_metadata(model, nemo_path: Path, sha256: str, layout: str, vocabulary: Sequence[str]) -> dict[str, Any]:
+    encoder_cfg = dict(model.cfg.encoder)
+    prednet = model.cfg.decoder.prednet
+    max_symbols = getattr(model.decoding.decoding, "max_symbols", None)
+    return {
+        "format": FORMAT,
+        "source_sha256": sha256,
+        "source_name": nemo_path.name,
+        "cache_layout": layout,
+        "num_layers": len(model.encoder.layers),
+        "d_model": int(model.encoder.d_model),
+        "n_mels": int(encoder_cfg["feat_in"]),
+        "conv_kernel_size": int(encoder_cfg.get("conv_kernel_size", 31)),
+        "subsampling_factor": int(encoder_cfg.get("subsampling_factor", 4)),
+        "att_context_sizes": [list(c) for c in normalize_att_context_sizes(encoder_cfg.get("att_context_size"))],
+        "vocab_size": len(vocabulary),
+        "blank_id": int(model.decoding.decoding._blank_index),
+        "pred_rnn_layers": int(prednet.get("pred_rnn_layers", 1)),
+        "pred_hidden": int(prednet.pred_hidden),
+        "max_symbols": None if max_symbols is None else int(max_symbols),
+        "encoder_config": {k: _plain(encoder_cfg[k]) for k in STREAMING_ENCODER_KEYS if k in encoder_cfg},
+    }
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(value)
+    except ValueError:
+        return value
+
+
+def _encoder_metadata(model, context: tuple[int, int], layout: str) -> dict[str, Any]:
+    """NeMo's own ``streaming_cfg`` for this lookahead (set by ``set_default_att_context_size``)."""
+    cfg = model.encoder.streaming_cfg
+    pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [int(v), int(v)]  # noqa: E731
+    sampling = model.encoder.pre_encode.get_sampling_frames()
+    shapes = CacheShapes.for_model(layout, len(model.encoder.layers), int(cfg.last_channel_cache_size),
+                                   int(model.encoder.d_model), int(model.cfg.encoder.get("conv_kernel_size", 31)))
+    return {
+        "att_context_size": list(context),
+        "lookahead": context[1],
+        "chunk_size": pair(cfg.chunk_size),
+        "shift_size": pair(cfg.shift_size),
+        "pre_encode_cache_size": pair(cfg.pre_encode_cache_size),
+        "drop_extra_pre_encoded": int(cfg.drop_extra_pre_encoded),
+        "valid_out_len": int(cfg.valid_out_len),
+        "last_channel_cache_size": int(cfg.last_channel_cache_size),
+        "cache_drop_size": int(cfg.cache_drop_size),
+        "sampling_frames": pair(sampling),
+        "cache_last_channel_shape": list(shapes.channel),
+        "cache_last_time_shape": list(shapes.time),
+    }
+
+
+def _layers_first_wrapper(encoder):
+    """``forward_for_export`` with NeMo's internal ``[L, B, ...]`` cache layout at the graph's edge."""
+    import torch
+
+    class LayersFirstStreamingEncoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.encoder = inner
+
+        def forward(self, audio_signal, length, cache_last_channel, cache_last_time, cache_last_channel_len):
+            outputs, lengths, channel, time_cache, channel_len = self.encoder.forward_for_export(
+                audio_signal, length, cache_last_channel.transpose(0, 1), cache_last_time.transpose(0, 1),
+                cache_last_channel_len)
+            return outputs, lengths, channel.transpose(0, 1), time_cache.transpose(0, 1), channel_len
+
+    return LayersFirstStreamingEncoder(encoder)
+
+
+def _export_encoder(model, path: Path, layout: str) -> None:
+    import torch
+
+    encoder = model.encoder
+    torch.manual_seed(0)
+    example = list(encoder.input_example(max_batch=1))  # batch-first caches, from NeMo
+    example[1] = torch.full_like(example[1], example[0].shape[-1])  # a full chunk
+    if layout == "batch-first":
+        encoder.export(str(path), input_example=tuple(example), check_trace=False, onnx_opset_version=OPSET)
+        return
+    from nemo.core.classes.common import typecheck
+    from nemo.core.classes.exportable import Exportable
+
+    example[2], example[3] = example[2].transpose(0, 1), example[3].transpose(0, 1)
+    dynamic = {
+        "audio_signal": {0: "B", 2: "T"}, "length": {0: "B"},
+        "cache_last_channel": {1: "B"}, "cache_last_time": {1: "B"}, "cache_last_channel_len": {0: "B"},
+        "outputs": {0: "B", 2: "T_out"}, "encoded_lengths": {0: "B"},
+        "cache_last_channel_next": {1: "B"}, "cache_last_time_next": {1: "B"},
+        "cache_last_channel_next_len": {0: "B"},
+    }
+    wrapper = _layers_first_wrapper(encoder).eval()
+    for module in encoder.modules():  # what Exportable._export prepares on every enclosed Exportable
+        if isinstance(module, Exportable) and module is not encoder:
+            module._prepare_for_export(noreplace=True)
+    encoder._prepare_for_export()
+    typecheck.set_typecheck_enabled(enabled=False)
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(wrapper, tuple(example), str(path), input_names=list(ENCODER_INPUTS),
+                              output_names=list(ENCODER_OUTPUTS), dynamic_axes=dynamic, opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False)
+    finally:
+        typecheck.set_typecheck_enabled(enabled=True)
+        encoder._export_teardown()
+
+
+def _finish_graph(path: Path, metadata: dict[str, Any], expected_inputs: Sequence[str],
+                  expected_outputs: Sequence[str]) -> None:
+    """Check the interface, write metadata, consolidate external data."""
+    import onnx
+
+    graph_tools.consolidate_external_data(path)
+    model = onnx.load(str(path), load_external_data=False)
+    inputs, outputs = graph_tools.graph_io_names(model)
+    if list(inputs) != list(expected_inputs) or list(outputs)[:len(expected_outputs)] != list(expected_outputs):
+        raise RuntimeError(f"{path.name}: exported interface {inputs} -> {outputs}, "
+                           f"expected {list(expected_inputs)} -> {list(expected_outputs)}")
+    graph_tools.set_metadata(model, encode_metadata(metadata))
+    graph_tools.save_graph(model, path)
+
+
+def _write_debug(path: Path, debug_path: Path, taps: Callable, metadata: dict[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # shares the fp32 graph's .data file, if any
+    found = taps(model.graph)
+    graph_tools.add_tap_outputs(model, found)
+    graph_tools.set_metadata(model, encode_metadata({**metadata, "debug_taps": list(found)}))
+    graph_tools.save_graph(model, debug_path)
+
+
+def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types: Sequence[str]) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    large = any(t.data_location == onnx.TensorProto.EXTERNAL
+                for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    # MatMul/Gemm (and the prediction LSTM) carry nearly all weights; convolutions stay fp32
+    # because ORT's CPU ConvInteger accepts uint8 weights only.
+    quantize_dynamic(str(path), str(int8_path), weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
+                     use_external_data_format=large)
+    graph_tools.consolidate_external_data(int8_path)
+    model = onnx.load(str(int8_path), load_external_data=False)
+    graph_tools.set_metadata(model, encode_metadata({**metadata, "variant": "int8"}))
+    graph_tools.save_graph(model, int8_path)
+
+
+def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
+                att_context_sizes: Sequence[Sequence[int]] | None = None, cache_layout: str = "batch-first",
+                int8: bool = False, debug_taps: bool = False,
+                progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export every requested lookahead's encoder, ``decoder_joint`` and the runtime's side files."""
+    import torch
+
+    if cache_layout not in CACHE_LAYOUTS:
+        raise ValueError(f"--cache-layout must be one of {', '.join(CACHE_LAYOUTS)}, not {cache_layout!r}")
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    nemo_path = Path(nemo_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha256 = sha256_file(nemo_path)
+    archive = inspect_nemo(nemo_path)
+    model = _restore(nemo_path)
+    available = normalize_att_context_sizes(model.cfg.encoder.get("att_context_size"))
+    contexts = [tuple(int(v) for v in c) for c in (att_context_sizes or available)]
+    for context in contexts:
+        if context not in available:
+            raise ValueError(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
+    vocabulary = _vocabulary(model)
+    base = _model_metadata(model, nemo_path, sha256, cache_layout, vocabulary)
+    result = ExportResult(out_dir)
+    num_layers = base["num_layers"]
+
+    with _quiet_export(), torch.inference_mode():
+        model.set_export_config({"cache_support": True})
+        for context in contexts:
+            model.encoder.set_default_att_context_size(list(context))
+            path = out_dir / encoder_file(context)
+            say(f"encoder {list(context)} ({cache_layout}) -> {path.name}")
+            metadata = {**base, "graph": "encoder", "variant": "float32", "debug_taps": [],
+                        **_encoder_metadata(model, context, cache_layout)}
+            _export_encoder(model, path, cache_layout)
+            _finish_graph(path, metadata, ENCODER_INPUTS, ENCODER_OUTPUTS)
+            result.graphs.append(path)
+            if debug_taps:
+                debug = out_dir / encoder_file(context, debug=True)
+                _write_debug(path, debug, lambda g: graph_tools.encoder_tap_tensors(g, num_layers), metadata)
+                result.graphs.append(debug)
+            if int8:
+                quantized = out_dir / encoder_file(context, "int8")
+                say(f"encoder {list(context)} int8 -> {quantized.name}")
+                _write_int8(path, quantized, metadata, ("MatMul", "Gemm"))
+                result.graphs.append(quantized)
+
+        path = out_dir / decoder_joint_file()
+        say(f"decoder_joint -> {path.name}")
+        metadata = {**base, "graph": "decoder_joint", "variant": "float32", "debug_taps": []}
+        torch.manual_seed(0)
+        model.decoder_joint.export(str(path), check_trace=False, onnx_opset_version=OPSET)
+        _finish_graph(path, metadata, DECODER_JOINT_INPUTS, DECODER_JOINT_OUTPUTS)
+        result.graphs.append(path)
+        if debug_taps:
+            debug = out_dir / decoder_joint_file(debug=True)
+            _write_debug(path, debug, graph_tools.decoder_joint_tap_tensors, metadata)
+            result.graphs.append(debug)
+        if int8:
+            quantized = out_dir / decoder_joint_file("int8")
+            _write_int8(path, quantized, metadata, ("MatMul", "Gemm", "LSTM"))
+            result.graphs.append(quantized)
+
+    _write_side_files(model, archive, out_dir, vocabulary)
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_mb = _peak_rss_mb()
+    say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")
+    return result
+
+
+def _write_side_files(model, archive, out_dir: Path, vocabulary: Sequence[str]) -> None:
+    from harness.frontend import frontend_from_featurizer
+
+    (out_dir / "tokenizer.model").write_bytes(archive.tokenizer_model_bytes())
+    (out_dir / "vocab.txt").write_text("".join(f"{piece}\n" for piece in vocabulary), encoding="utf-8")
+    frontend_from_featurizer(model.preprocessor.featurizer).save(out_dir)
+
+
+def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
+    """Export into ``work_dir/onnx-<sha256[:16]>-<options>``, reusing a finished export of the same ``.nemo``."""
+    sha256 = sha256_file(nemo_path)
+    layout = options.get("cache_layout", "batch-first")
+    tag = f"{layout}{'-int8' if options.get('int8') else ''}{'-taps' if options.get('debug_taps') else ''}"
+    contexts = options.get("att_context_sizes")
+    if contexts:
+        tag += "-" + "-".join(f"{int(c[0])}_{int(c[1])}" for c in contexts)
+    target = Path(work_dir) / f"onnx-{sha256[:16]}-{tag}"
+    done = target / "export.json"
+    if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=work_dir))
+    try:
+        export_onnx(nemo_path, staging, **options)
+        (staging / "export.json").write_text(json.dumps({"source_sha256": sha256, **{
+            k: v for k, v in options.items() if k != "progress"}}, default=list) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

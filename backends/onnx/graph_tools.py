@@ -1,0 +1,174 @@
+"""ONNX graph surgery for the export: tap outputs found by structure, metadata, external data.
+
+Taps are located from the module scopes the TorchScript exporter writes into node names
+(``/pre_encode/out/MatMul``, ``/layers.3/norm_out/LayerNormalization``,
+``/decoder/dec_rnn/lstm/LSTM_1``): a tap is the one tensor that leaves a module's scope, i.e. is
+produced by a node inside it and consumed outside it. No node index or generated tensor name is
+hard-coded, and a scope that is missing or has more than one way out is an error naming the scope.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import onnx
+from onnx import TensorProto, helper
+
+from harness.streaming import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
+
+PROTOBUF_LIMIT = 2 * 1024 ** 3  # a ModelProto over 2 GB cannot be serialised inline
+EXTERNAL_ALIGNMENT = 64
+
+
+class TapNotFoundError(RuntimeError):
+    """A tap tensor could not be located in the graph by its module scope."""
+
+
+def _scope_pattern(scope: str) -> re.Pattern[str]:
+    # The scope may sit under a wrapper's prefix (``/encoder/layers.0/...``); segment boundaries keep
+    # ``layers.1`` from matching ``layers.10``.
+    return re.compile(r"(^|/)" + re.escape(scope.strip("/")) + "/")
+
+
+def scope_exits(graph: onnx.GraphProto, scope: str) -> list[str]:
+    """Tensors produced by nodes inside ``scope`` and consumed outside it (or graph outputs)."""
+    pattern = _scope_pattern(scope)
+    inside = [node for node in graph.node if pattern.search(node.name)]
+    produced = {name for node in inside for name in node.output if name}
+    inside_ids = {id(node) for node in inside}
+    consumed_outside = {name for node in graph.node if id(node) not in inside_ids for name in node.input}
+    graph_outputs = {output.name for output in graph.output}
+    ordered = [name for node in inside for name in node.output if name in produced]
+    return [name for name in dict.fromkeys(ordered) if name in consumed_outside or name in graph_outputs]
+
+
+def find_tap(graph: onnx.GraphProto, scope: str, tap: str, *, exclude_graph_outputs: bool = False) -> str:
+    """The single tensor leaving ``scope``; raise ``TapNotFoundError`` naming the tap otherwise."""
+    if not any(_scope_pattern(scope).search(node.name) for node in graph.node):
+        raise TapNotFoundError(f"tap {tap!r}: no node in module scope '{scope}/' "
+                               f"(node names carry no such scope; was the graph exported by the TorchScript exporter?)")
+    exits = scope_exits(graph, scope)
+    if exclude_graph_outputs:
+        outputs = {output.name for output in graph.output}
+        exits = [name for name in exits if name not in outputs]
+    if len(exits) != 1:
+        raise TapNotFoundError(f"tap {tap!r}: module scope '{scope}/' has {len(exits)} outgoing tensors "
+                               f"{exits[:6]}, expected exactly one")
+    return exits[0]
+
+
+def encoder_tap_tensors(graph: onnx.GraphProto, num_layers: int) -> dict[str, str]:
+    """Shared tap name -> tensor name in a cache-aware encoder graph.
+
+    ``pre_encode``: ConvSubsampling's output is its final Linear (``pre_encode.out``), before the
+    encoder drops ``drop_extra_pre_encoded`` frames. ``layers.i``: ConformerLayer returns
+    ``norm_out(residual)`` (its caches leave the layer through other scopes).
+    """
+    taps = {TAP_PRE_ENCODE: find_tap(graph, "pre_encode/out", TAP_PRE_ENCODE)}
+    for index in range(num_layers):
+        taps[layer_tap(index)] = find_tap(graph, f"layers.{index}/norm_out", layer_tap(index))
+    if any(_scope_pattern(f"layers.{num_layers}").search(node.name) for node in graph.node):
+        raise TapNotFoundError(f"graph has a layer scope 'layers.{num_layers}/' but the model has {num_layers} layers")
+    return taps
+
+
+def decoder_joint_tap_tensors(graph: onnx.GraphProto) -> dict[str, str]:
+    """``decoder``: the prediction net's LSTM output (``dec_rnn``), not its states (graph outputs)."""
+    return {TAP_DECODER: find_tap(graph, "decoder/dec_rnn", TAP_DECODER, exclude_graph_outputs=True)}
+
+
+def add_tap_outputs(model: onnx.ModelProto, taps: Mapping[str, str]) -> onnx.ModelProto:
+    """Expose each tensor as a graph output under its shared tap name (through an Identity node)."""
+    existing = {output.name for output in model.graph.output}
+    for tap, tensor in taps.items():
+        if tap in existing:
+            raise ValueError(f"graph already has an output named {tap!r}")
+        model.graph.node.append(helper.make_node("Identity", [tensor], [tap], name=f"/parity_taps/{tap}"))
+        model.graph.output.append(helper.make_tensor_value_info(tap, TensorProto.FLOAT, None))
+    return model
+
+
+def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
+    """Replace the given ``metadata_props`` keys, keep the others."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def graph_io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    return inputs, [o.name for o in model.graph.output]
+
+
+# -- weights: inline or one external data file per graph -------------------------------------------
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _tensors_with_data(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+
+
+def consolidate_external_data(path: str | Path) -> Path | None:
+    """Rewrite a graph whose weights are scattered over many external files into one ``<graph>.data``.
+
+    The legacy exporter writes every tensor of a > 2 GB model to its own file (hundreds of them).
+    Tensors are copied one at a time (peak memory: the largest tensor), the scattered files removed.
+    Returns the data file, or ``None`` when the graph had no external data.
+    """
+    path = Path(path)
+    directory = path.parent
+    model = onnx.load(str(path), load_external_data=False)
+    external = [t for t in _tensors_with_data(model) if t.data_location == TensorProto.EXTERNAL]
+    if not external:
+        return None
+    data_name = path.name + ".data"
+    target = directory / data_name
+    staging = directory / (data_name + ".partial")
+    sources: set[Path] = set()
+    with open(staging, "wb") as out:
+        for tensor in external:
+            entries = _external_entries(tensor)
+            source = directory / entries["location"]
+            offset = int(entries.get("offset", 0))
+            with open(source, "rb") as handle:
+                handle.seek(offset)
+                payload = handle.read(int(entries["length"])) if "length" in entries else handle.read()
+            padding = (-out.tell()) % EXTERNAL_ALIGNMENT
+            out.write(b"\0" * padding)
+            position = out.tell()
+            out.write(payload)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(position)), ("length", str(len(payload)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            sources.add(source)
+    onnx.save(model, str(path))
+    for source in sources:
+        if source.resolve() != target.resolve() and source.exists():
+            source.unlink()
+    os.replace(staging, target)
+    return target
+
+
+def save_graph(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Save inline when it fits in a protobuf, else with one external ``<graph>.data`` file."""
+    path = Path(path)
+    has_external = any(t.data_location == TensorProto.EXTERNAL for t in _tensors_with_data(model))
+    if has_external or model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save(model, str(path))  # external references (shared .data files) are kept as they are
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    return path

@@ -1,0 +1,132 @@
+"""What an ONNX export directory holds, and the metadata every graph carries.
+
+Shared by the exporter (which writes it) and the runtime (which reads it); imports neither torch
+nor NeMo. File names in an export directory:
+
+====================================  ==================================================
+``encoder-L_R.onnx``                  cache-aware encoder for att_context_size [L, R]
+``encoder-L_R.debug.onnx``            the same graph plus the shared taps as outputs
+``encoder-L_R.int8.onnx``             dynamic int8 quantization of the fp32 graph
+``decoder_joint.onnx`` (+ ``.debug``, ``.int8``)  RNNT prediction net + joint, one step
+``*.onnx.data``                       external weights, one file per graph (models > 2 GB)
+``tokenizer.model``, ``vocab.txt``    SentencePiece model and its pieces, one per line
+``frontend.npz``, ``frontend.json``   mel filterbank + window, and the front-end settings
+====================================  ==================================================
+
+Every graph's ``metadata_props`` hold JSON-encoded values under the ``METADATA_KEYS`` below: what a
+runtime needs to stream without NeMo, and the sha256 of the ``.nemo`` it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+FORMAT = "parity-nemo-cache-aware-rnnt/1"
+CACHE_LAYOUTS = ("batch-first", "layers-first")
+VARIANTS = ("float32", "int8")
+
+ENCODER_INPUTS = ("audio_signal", "length", "cache_last_channel", "cache_last_time", "cache_last_channel_len")
+ENCODER_OUTPUTS = ("outputs", "encoded_lengths", "cache_last_channel_next", "cache_last_time_next",
+                   "cache_last_channel_next_len")
+DECODER_JOINT_INPUTS = ("encoder_outputs", "targets", "target_length", "input_states_1", "input_states_2")
+DECODER_JOINT_OUTPUTS = ("outputs", "prednet_lengths", "output_states_1", "output_states_2")
+
+# Keys written on every graph (model-wide) and on encoder graphs (per lookahead).
+MODEL_KEYS = (
+    "format", "graph", "variant", "source_sha256", "source_name", "cache_layout", "num_layers", "d_model",
+    "n_mels", "conv_kernel_size", "subsampling_factor", "att_context_sizes", "vocab_size", "blank_id",
+    "pred_rnn_layers", "pred_hidden", "max_symbols", "encoder_config", "debug_taps",
+)
+ENCODER_KEYS = (
+    "att_context_size", "lookahead", "chunk_size", "shift_size", "pre_encode_cache_size",
+    "drop_extra_pre_encoded", "valid_out_len", "last_channel_cache_size", "cache_drop_size", "sampling_frames",
+    "cache_last_channel_shape", "cache_last_time_shape",
+)
+METADATA_KEYS = MODEL_KEYS + ENCODER_KEYS
+
+
+class ExportDirError(ValueError):
+    """The export directory is incomplete or inconsistent; nothing was run."""
+
+
+class MissingGraphError(ExportDirError):
+    """A graph the runtime needs is not in the export directory."""
+
+
+class SourceMismatchError(ExportDirError):
+    """The graphs were exported from a different ``.nemo`` than the one being compared."""
+
+
+class GraphInterfaceError(ExportDirError):
+    """A graph lacks an input or output the runtime feeds or reads, or its metadata is incomplete."""
+
+
+def context_tag(att_context_size: Sequence[int]) -> str:
+    return f"{int(att_context_size[0])}_{int(att_context_size[1])}"
+
+
+def encoder_file(att_context_size: Sequence[int], variant: str = "float32", debug: bool = False) -> str:
+    return _graph_file(f"encoder-{context_tag(att_context_size)}", variant, debug)
+
+
+def decoder_joint_file(variant: str = "float32", debug: bool = False) -> str:
+    return _graph_file("decoder_joint", variant, debug)
+
+
+def _graph_file(stem: str, variant: str, debug: bool) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown graph variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if debug and variant != "float32":
+        raise ValueError("debug (tap) graphs are exported for float32 only")
+    suffix = ".int8" if variant == "int8" else (".debug" if debug else "")
+    return f"{stem}{suffix}.onnx"
+
+
+def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
+    """JSON-encode every value (ONNX metadata_props are strings)."""
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
+def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
+    decoded = {}
+    for key, text in props.items():
+        try:
+            decoded[key] = json.loads(text)
+        except json.JSONDecodeError:
+            decoded[key] = text
+    return decoded
+
+
+def read_graph_metadata(path: str | Path) -> dict[str, Any]:
+    """Metadata of one graph without loading its weights."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingGraphError(f"{path}: graph not found")
+    model = onnx.load(str(path), load_external_data=False)
+    return decode_metadata({p.key: p.value for p in model.metadata_props})
+
+
+@dataclass(frozen=True)
+class CacheShapes:
+    """Cache shapes of a graph in its own layout; ``"B"`` marks the batch axis."""
+
+    layout: str
+    channel: tuple[Any, ...]
+    time: tuple[Any, ...]
+
+    @classmethod
+    def for_model(cls, layout: str, num_layers: int, cache_size: int, d_model: int, kernel: int) -> "CacheShapes":
+        if layout not in CACHE_LAYOUTS:
+            raise ValueError(f"cache layout must be one of {', '.join(CACHE_LAYOUTS)}, not {layout!r}")
+        if layout == "batch-first":  # ConformerEncoder.forward_for_export transposes to [B, L, ...]
+            return cls(layout, ("B", num_layers, cache_size, d_model), ("B", num_layers, d_model, kernel - 1))
+        return cls(layout, (num_layers, "B", cache_size, d_model), (num_layers, "B", d_model, kernel - 1))
+
+    def concrete(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        fill = lambda shape: tuple(batch if d == "B" else int(d) for d in shape)  # noqa: E731
+        return fill(self.channel), fill(self.time)

@@ -1,0 +1,37 @@
+"""The CLI's happy paths and its exit codes on tolerance violations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import EXIT_OK, EXIT_VIOLATION, main
+
+pytestmark = pytest.mark.nemo
+SPEECH = Path(__file__).resolve().parent.parent / "fixtures" / "speech" / "utt02.wav"
+
+
+def test_transcribe_prints_one_line_per_utterance_and_lookahead(tiny_nemo, capsys):
+    assert main(["transcribe", str(tiny_nemo), str(SPEECH), "--att-context", "70,13", "--att-context", "70,1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["utt02.wav", "[70,13]"], ["utt02.wav", "[70,1]"]]
+
+
+def test_compare_passes_writes_results_and_fails_on_a_stricter_file(tiny_nemo, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    code = main(["compare", str(tiny_nemo), "--audio", str(SPEECH), "--att-context", "70,6", "--json", str(results)])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    data = json.loads(results.read_text())
+    assert data["passed"] and data["schema_version"] == 1
+    assert data["comparisons"][0]["pair"] == "streaming~offline@70,6"
+
+    strict = tmp_path / "strict.toml"
+    strict.write_text('[float32."streaming~offline".encoder]\nmax_abs = 1e-9\n')
+    code = main(["compare", str(tiny_nemo), "--audio", str(SPEECH), "--att-context", "70,6",
+                 "--tolerances", str(strict)])
+    out = capsys.readouterr().out
+    assert code == EXIT_VIOLATION
+    assert "first divergent tap encoder" in out and "max_abs" in out

@@ -1,0 +1,100 @@
+"""Metrics, the tolerance file and re-judging saved results."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harness import metrics
+from harness.compare import PairComparison, TapResult, judge_tap, rejudge
+from harness.results import Results
+from harness.tolerances import DEFAULT_TOLERANCES, Tolerances, tap_kind
+
+
+def test_metric_definitions():
+    ref = np.array([3.0, 4.0])
+    cand = np.array([3.0, 4.5])
+    assert metrics.max_abs(ref, cand) == pytest.approx(0.5)
+    assert metrics.max_rel(ref, cand) == pytest.approx(0.125)
+    assert metrics.rel_l2(ref, cand) == pytest.approx(0.5 / 5.0)
+    assert metrics.snr_db(ref, cand) == pytest.approx(20 * math.log10(5.0 / 0.5))
+    assert metrics.cosine(ref, ref * 2) == pytest.approx(1.0)
+    assert metrics.cosine(ref, -ref) == pytest.approx(-1.0)
+    assert metrics.snr_db(ref, ref) == math.inf
+    logits = np.array([[0.1, 0.9], [0.8, 0.2]])
+    assert metrics.argmax_agreement(logits, logits[:, ::-1]) == 0.0
+    assert metrics.argmax_agreement(logits, logits + 0.01) == 1.0
+    with pytest.raises(ValueError, match=r"shape mismatch"):
+        metrics.max_abs(np.zeros(3), np.zeros(4))
+
+
+def test_metrics_are_float64_exact_for_float32_inputs():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal(1000).astype(np.float32)
+    assert metrics.max_abs(ref, ref.copy()) == 0.0
+    cand = ref.copy()
+    cand[7] = np.nextafter(cand[7], np.float32(np.inf))  # one float32 ulp
+    ulp = float(cand[7]) - float(ref[7])
+    assert metrics.max_abs(ref, cand) == ulp  # the metric adds no rounding of its own
+
+
+def test_word_error_rate():
+    assert metrics.word_error_rate(["a b c d"], ["a x c d"]) == pytest.approx(0.25)
+    assert metrics.word_error_rate([""], [""]) == 0.0
+
+
+def test_tolerance_lookup_wildcard_pair_and_lookahead_override():
+    tol = Tolerances.load()
+    assert tap_kind("layers.11") == "layers"
+    assert tol.limits("nemo~anything", "float32", "layers.3")["max_abs"] == pytest.approx(1e-4)
+    assert tol.limits("streaming~offline@70,13", "float32", "encoder")["max_abs"] == pytest.approx(1e-4)
+    assert tol.limits("streaming~offline@70,0", "float32", "encoder")["max_abs"] == pytest.approx(0.1)
+
+
+def test_tolerance_file_rejects_unknown_metric(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[float32."*".encoder]\nmax_absolute = 1e-4\n')
+    with pytest.raises(ValueError, match="unknown metric 'max_absolute'"):
+        Tolerances.load(bad)
+
+
+def test_violation_names_metric_value_and_limit():
+    tol = Tolerances.load()
+    result = judge_tap(3, "layers.1", np.zeros((1, 2, 4)), np.full((1, 2, 4), 1e-3), tol, "a~b", "float32")
+    assert not result.passed
+    assert any("max_abs = 0.001 > limit 0.0001" in v for v in result.violations)
+    mismatch = judge_tap(0, "joint", np.zeros((3, 5)), np.zeros((4, 5)), tol, "a~b", "float32")
+    assert mismatch.violations == ["shape [3, 5] vs [4, 5]"]
+
+
+def _comparison(values: dict[tuple[int, str], float]) -> PairComparison:
+    tol = Tolerances.load()
+    taps = [judge_tap(step, tap, np.full(4, 10.0), np.full(4, 10.0 + value), tol, "nemo~x", "float32")
+            for (step, tap), value in values.items()]
+    order = ["mel", "pre_encode", "layers.0", "layers.1", "encoder"]
+    return PairComparison("nemo", "x", "nemo~x", "float32", (70, 13), "utt", taps, [1, 2], [1, 2], order)
+
+
+def test_first_divergence_is_earliest_step_then_model_order():
+    comparison = _comparison({(0, "encoder"): 0.0, (1, "encoder"): 1.0, (1, "layers.1"): 1.0,
+                              (1, "layers.0"): 0.0, (2, "pre_encode"): 1.0})
+    first = comparison.first_divergence()
+    assert (first.step, first.tap) == (1, "layers.1")
+    assert "first divergent tap layers.1 at step 1" in comparison.describe_failure()
+
+
+def test_results_round_trip_and_rejudge(tmp_path):
+    comparison = _comparison({(0, "layers.0"): 5e-5, (1, "encoder"): 1e-6})
+    assert comparison.passed
+    results = Results(model={"path": None, "sha256": None, "name": "m"}, tolerances=str(DEFAULT_TOLERANCES),
+                      comparisons=[comparison])
+    saved = Results.load(results.save(tmp_path / "results.json"))
+    assert saved.passed and saved.comparisons[0].taps[0].metrics == comparison.taps[0].metrics
+
+    strict = tmp_path / "strict.toml"
+    strict.write_text('[float32."*".layers]\nmax_abs = 1e-5\n')
+    rejudged = rejudge(saved.comparisons[0], Tolerances.load(strict))
+    assert not rejudged.passed
+    assert rejudged.first_divergence().tap == "layers.0"
