@@ -1,0 +1,29 @@
+"""ONNX backend: NeMo's cache-aware encoder and ``decoder_joint`` exported to ONNX, run by ONNX Runtime.
+
+- ``backends.onnx.export``: ``parity export-onnx`` (needs torch + NeMo, at export time only).
+- ``backends.onnx.runtime``: the ``Backend`` over an export directory (ONNX Runtime + numpy only).
+- ``backends.onnx.layout``: file names, metadata keys and the errors both sides share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
+            att_context_sizes: Sequence[Sequence[int]] | None = None) -> Path:
+    """Export (with the debug tap graphs, and int8 graphs for dtype int8) into ``work_dir``, cached by sha256."""
+    from backends.onnx.export import export_cached
+
+    if dtype not in ("float32", "int8"):
+        raise ValueError(f"onnx backend runs float32 or int8, not {dtype}")
+    contexts = [tuple(int(v) for v in c) for c in att_context_sizes] if att_context_sizes else None
+    return export_cached(Path(nemo_path), Path(work_dir), att_context_sizes=contexts, debug_taps=True,
+                         int8=dtype == "int8")
+
+
+def load(source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options: Any):
+    from backends.onnx.runtime import OnnxBackend
+
+    return OnnxBackend(source, dtype=dtype, nemo_path=nemo_path, **options)

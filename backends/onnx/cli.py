@@ -1,0 +1,32 @@
+"""``parity export-onnx``: registered into ``harness.cli`` (see ``harness.cli.EXTENSIONS``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def cmd_export_onnx(args) -> int:
+    from backends.onnx.export import export_onnx
+    from harness.cli import EXIT_OK, parse_contexts
+
+    result = export_onnx(Path(args.model), args.out, att_context_sizes=parse_contexts(args.att_context),
+                         cache_layout=args.cache_layout, int8=args.int8, debug_taps=args.debug_taps,
+                         progress=lambda m: print(m, file=sys.stderr))
+    for graph in result.graphs:
+        print(graph)
+    return EXIT_OK
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export-onnx", help="export a cache-aware streaming .nemo to ONNX graphs")
+    p.add_argument("model", metavar="MODEL.nemo")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the graphs")
+    p.add_argument("--att-context", action="append", metavar="L,R",
+                   help="lookahead(s) to export, one graph each (default: all of the model's)")
+    p.add_argument("--cache-layout", choices=("batch-first", "layers-first"), default="batch-first",
+                   help="cache tensor layout of the encoder graphs (default: NeMo's export, batch-first)")
+    p.add_argument("--int8", action="store_true", help="also write dynamic int8 graphs (*.int8.onnx)")
+    p.add_argument("--debug-taps", action="store_true",
+                   help="also write *.debug.onnx graphs exposing pre_encode and every layer output")
+    p.set_defaults(func=cmd_export_onnx)

@@ -1,0 +1,359 @@
+"""The ONNX Runtime backend: streams from an export directory alone (no torch, no NeMo).
+
+- Chunk schedule: the encoder graphs bake NeMo's pad-and-drop first-chunk mode
+  (``forward_for_export`` always drops ``drop_extra_pre_encoded`` frames), so that is the only mode
+  offered; the schedule's values come from each graph's metadata and are checked at load against
+  ``harness.chunking``'s derivation from the encoder config.
+- Caches cross the interface in the canonical layers-first layout; a batch-first graph gets them
+  transposed at this edge. The graph's layout is read from its metadata, never guessed.
+- Decoding reproduces NeMo's ``GreedyRNNTInfer._greedy_decode``
+  (parts/submodules/rnnt_greedy_decoding.py): for every frame, up to ``max_symbols`` times, run the
+  prediction net on the last emitted label (blank with zero LSTM state at the start: the blank is
+  the embedding's padding row, as NeMo's SOS), then the joint; a blank ends the frame, a label is
+  emitted and only then is the new LSTM state kept. One ``decoder_joint`` call = one prediction-net
+  call + one joint call, so the ``decoder`` and ``joint`` taps line up with NeMo's call for call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from backends.onnx.layout import (
+    DECODER_JOINT_INPUTS,
+    DECODER_JOINT_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    FORMAT,
+    CacheShapes,
+    ExportDirError,
+    GraphInterfaceError,
+    MissingGraphError,
+    SourceMismatchError,
+    decoder_joint_file,
+    encoder_file,
+    read_graph_metadata,
+)
+from harness.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
+from harness.frontend import Frontend
+from harness.streaming import (
+    TAP_DECODER,
+    TAP_ENCODER,
+    TAP_JOINT,
+    Backend,
+    DecoderState,
+    ModelInfo,
+    OfflineOutput,
+    ShapeMismatchError,
+    StepOutput,
+    StreamingState,
+)
+
+
+class CacheLayoutError(ShapeMismatchError):
+    """Caches in one layout were fed to a graph exported for the other."""
+
+
+class _Graph:
+    """One ONNX Runtime session with its metadata and interface checks."""
+
+    def __init__(self, path: Path, inputs: Sequence[str], outputs: Sequence[str], session_options):
+        import onnxruntime as ort
+
+        self.path = path
+        self.metadata = read_graph_metadata(path)
+        if self.metadata.get("format") != FORMAT:
+            raise GraphInterfaceError(f"{path.name}: metadata format {self.metadata.get('format')!r}, "
+                                      f"expected {FORMAT!r} (not exported by parity export-onnx?)")
+        self.session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        missing_in = [name for name in inputs if name not in self.inputs]
+        missing_out = [name for name in outputs if name not in self.output_names]
+        if missing_in or missing_out:
+            raise GraphInterfaceError(
+                f"{path.name}: graph lacks expected inputs {missing_in} / outputs {missing_out}; "
+                f"it has inputs {list(self.inputs)} and outputs {self.output_names}")
+        self.taps = [name for name in self.metadata.get("debug_taps") or [] if name in self.output_names]
+
+    def declared_shape(self, name: str) -> list[Any]:
+        return list(self.inputs[name].shape)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
+
+
+def _check_declared(graph: _Graph, name: str, expected: Sequence[Any]) -> None:
+    """The graph's declared input shape must agree with the metadata on every static axis."""
+    declared = graph.declared_shape(name)
+    agree = len(declared) == len(expected) and all(
+        not isinstance(d, int) or not isinstance(e, int) or d == e for d, e in zip(declared, expected))
+    if not agree:
+        raise GraphInterfaceError(f"{graph.path.name}: input {name} is declared {declared}, "
+                                  f"but the metadata says {list(expected)}")
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    first_chunk_modes = ("pad-and-drop",)
+
+    def __init__(self, export_dir: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
+                 taps: bool = True, threads: int | None = None):
+        if dtype not in ("float32", "int8"):
+            raise ValueError(f"onnx backend runs float32 or int8, not {dtype}")
+        self.directory = Path(export_dir)
+        if not self.directory.is_dir():
+            raise MissingGraphError(f"{self.directory}: ONNX export directory not found")
+        self.dtype = dtype
+        self._options = _session_options(threads)
+        self._use_taps = taps and dtype == "float32"
+        self.decoder_joint = self._open(decoder_joint_file, DECODER_JOINT_INPUTS, DECODER_JOINT_OUTPUTS)
+        meta = self.decoder_joint.metadata
+        self.metadata = meta
+        self.cache_layout = str(meta["cache_layout"])
+        if nemo_path is not None:
+            self._check_source(Path(nemo_path))
+        self.vocabulary = self._read_vocabulary(int(meta["vocab_size"]))
+        exported = self._exported_contexts(meta)
+        self.info = ModelInfo(
+            num_layers=int(meta["num_layers"]), d_model=int(meta["d_model"]), n_mels=int(meta["n_mels"]),
+            conv_kernel_size=int(meta["conv_kernel_size"]), subsampling_factor=int(meta["subsampling_factor"]),
+            att_context_sizes=exported, vocabulary=tuple(self.vocabulary), blank_id=int(meta["blank_id"]),
+            pred_layers=int(meta["pred_rnn_layers"]), pred_hidden=int(meta["pred_hidden"]),
+            max_symbols=int(meta["max_symbols"] or 0), encoder_config=dict(meta["encoder_config"]),
+        )
+        self._max_symbols = meta["max_symbols"]  # None: no per-frame limit (NeMo's max_symbols=None)
+        self._encoders: dict[tuple[int, int], _Graph] = {}
+        self._streaming: dict[tuple[int, int], StreamingConfig] = {}
+        for context in exported:  # open every encoder now: a broken export fails before anything runs
+            self._encoder(context)
+        self.frontend = self._read_frontend()
+        self._check_decoder_joint()
+
+    # -- loading and validation ----------------------------------------------------------------------
+    def _open(self, file_for, inputs, outputs) -> _Graph:
+        """``file_for(variant, debug)`` names the graph; the debug (tap) variant is preferred when wanted."""
+        candidates = [self.directory / file_for(self.dtype, False)]
+        if self._use_taps:
+            candidates.insert(0, self.directory / file_for("float32", True))
+        for path in candidates:
+            if path.is_file():
+                return _Graph(path, inputs, outputs, self._options)
+        raise MissingGraphError(f"{self.directory}: missing graph {candidates[-1].name} "
+                                f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
+
+    def _check_source(self, nemo_path: Path) -> None:
+        from harness.nemo_file import sha256_file
+
+        actual = sha256_file(nemo_path)
+        recorded = self.metadata.get("source_sha256")
+        if actual != recorded:
+            raise SourceMismatchError(
+                f"{self.directory}: graphs were exported from {self.metadata.get('source_name')} "
+                f"(sha256 {str(recorded)[:12]}...), not from {nemo_path.name} (sha256 {actual[:12]}...)")
+
+    def _exported_contexts(self, meta: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+        model_contexts = normalize_att_context_sizes(meta["att_context_sizes"])
+        exported = tuple(c for c in model_contexts
+                         if (self.directory / encoder_file(c, variant=self.dtype)).is_file())
+        if not exported:
+            expected = ", ".join(encoder_file(c, variant=self.dtype) for c in model_contexts)
+            raise MissingGraphError(f"{self.directory}: no encoder graph; expected one of {expected}")
+        return exported
+
+    def _read_vocabulary(self, size: int) -> list[str]:
+        path = self.directory / "vocab.txt"
+        if not path.is_file():
+            raise MissingGraphError(f"{self.directory}: vocab.txt not found")
+        pieces = path.read_text(encoding="utf-8").split("\n")[:-1]
+        if len(pieces) != size:
+            raise ExportDirError(f"{path}: {len(pieces)} pieces, metadata vocab_size is {size}")
+        return pieces
+
+    def _read_frontend(self) -> Frontend:
+        if not (self.directory / "frontend.npz").is_file() or not (self.directory / "frontend.json").is_file():
+            raise MissingGraphError(f"{self.directory}: frontend.npz / frontend.json not found")
+        frontend = Frontend.load(self.directory)
+        if frontend.config.n_mels != self.info.n_mels:
+            raise ExportDirError(f"frontend.json: n_mels {frontend.config.n_mels}, encoder expects {self.info.n_mels}")
+        return frontend
+
+    def _check_decoder_joint(self) -> None:
+        layers, hidden = self.info.pred_layers, self.info.pred_hidden
+        for name in ("input_states_1", "input_states_2"):
+            _check_declared(self.decoder_joint, name, (layers, "B", hidden))
+        self._targets_dtype = np.int64 if "int64" in self.decoder_joint.inputs["targets"].type else np.int32
+
+    def _encoder(self, context: Sequence[int]) -> _Graph:
+        context = (int(context[0]), int(context[1]))
+        if context in self._encoders:
+            return self._encoders[context]
+        if context not in self.info.att_context_sizes:
+            raise MissingGraphError(
+                f"{self.directory}: no encoder graph for att_context_size {list(context)}; exported: "
+                f"{[list(c) for c in self.info.att_context_sizes]}")
+        graph = self._open(lambda variant, debug: encoder_file(context, variant, debug), ENCODER_INPUTS,
+                           ENCODER_OUTPUTS)
+        meta = graph.metadata
+        for key in ("source_sha256", "cache_layout", "num_layers", "d_model"):
+            if meta.get(key) != self.metadata.get(key):
+                raise ExportDirError(f"{graph.path.name}: metadata {key} = {meta.get(key)!r}, but "
+                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
+        if tuple(meta.get("att_context_size", ())) != context:
+            raise ExportDirError(f"{graph.path.name}: metadata att_context_size {meta.get('att_context_size')}, "
+                                 f"file name says {list(context)}")
+        shapes = self._cache_shapes(meta)
+        _check_declared(graph, "cache_last_channel", shapes.channel)
+        _check_declared(graph, "cache_last_time", shapes.time)
+        self._streaming[context] = self._streaming_from_metadata(graph)
+        self._encoders[context] = graph
+        return graph
+
+    def _cache_shapes(self, meta: dict[str, Any]) -> CacheShapes:
+        shapes = CacheShapes(str(meta["cache_layout"]), tuple(meta["cache_last_channel_shape"]),
+                             tuple(meta["cache_last_time_shape"]))
+        expected = CacheShapes.for_model(shapes.layout, self.info.num_layers, int(meta["last_channel_cache_size"]),
+                                         self.info.d_model, self.info.conv_kernel_size)
+        if shapes != expected:
+            raise GraphInterfaceError(f"metadata cache shapes {shapes.channel} / {shapes.time} contradict "
+                                      f"layout {shapes.layout} of the model ({expected.channel} / {expected.time})")
+        return shapes
+
+    def _streaming_from_metadata(self, graph: _Graph) -> StreamingConfig:
+        meta = graph.metadata
+        pair = lambda key: (int(meta[key][0]), int(meta[key][1]))  # noqa: E731
+        recorded = StreamingConfig(
+            att_context_size=pair("att_context_size"), chunk_size=pair("chunk_size"), shift_size=pair("shift_size"),
+            pre_encode_cache_size=pair("pre_encode_cache_size"),
+            drop_extra_pre_encoded=int(meta["drop_extra_pre_encoded"]), valid_out_len=int(meta["valid_out_len"]),
+            last_channel_cache_size=int(meta["last_channel_cache_size"]), cache_drop_size=int(meta["cache_drop_size"]),
+            subsampling_factor=int(meta["subsampling_factor"]), sampling_frames=pair("sampling_frames"))
+        derived = StreamingConfig.from_encoder_config(self.info.encoder_config, recorded.att_context_size)
+        if derived != recorded:
+            raise GraphInterfaceError(f"{graph.path.name}: streaming metadata {recorded.as_dict()} differs from the "
+                                      f"schedule derived from the encoder config {derived.as_dict()}")
+        return recorded
+
+    # -- Backend interface ---------------------------------------------------------------------------
+    def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
+        self._encoder(att_context_size)
+        return self._streaming[(int(att_context_size[0]), int(att_context_size[1]))]
+
+    def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.frontend(np.atleast_2d(np.asarray(audio, np.float32)))
+
+    def run_encoder(self, context: Sequence[int], mel: np.ndarray, length: np.ndarray, cache_last_channel: np.ndarray,
+                    cache_last_time: np.ndarray, cache_last_channel_len: np.ndarray) -> dict[str, np.ndarray]:
+        """One encoder graph call with caches in the graph's own layout (checked against its metadata)."""
+        graph = self._encoder(context)
+        batch = mel.shape[0]
+        shapes = self._cache_shapes(graph.metadata)
+        channel_shape, time_shape = shapes.concrete(batch)
+        for name, array, expected in (("cache_last_channel", cache_last_channel, channel_shape),
+                                      ("cache_last_time", cache_last_time, time_shape)):
+            if tuple(array.shape) != expected:
+                swapped = (expected[1], expected[0], *expected[2:])
+                other = "layers-first" if shapes.layout == "batch-first" else "batch-first"
+                hint = f" ({other} caches fed to a {shapes.layout} graph)" if tuple(array.shape) == swapped else ""
+                raise CacheLayoutError(f"{graph.path.name}: {name} expected shape {expected} "
+                                       f"({shapes.layout}), got {tuple(array.shape)}{hint}")
+        if cache_last_channel_len.shape != (batch,):
+            raise ShapeMismatchError(f"cache_last_channel_len: expected shape ({batch},), "
+                                     f"got {tuple(cache_last_channel_len.shape)}")
+        return graph.run({
+            "audio_signal": np.ascontiguousarray(mel, np.float32), "length": np.asarray(length, np.int64),
+            "cache_last_channel": np.ascontiguousarray(cache_last_channel, np.float32),
+            "cache_last_time": np.ascontiguousarray(cache_last_time, np.float32),
+            "cache_last_channel_len": np.asarray(cache_last_channel_len, np.int64),
+        })
+
+    def _to_graph_layout(self, array: np.ndarray) -> np.ndarray:
+        return np.swapaxes(array, 0, 1) if self.cache_layout == "batch-first" else array
+
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
+        self.refuse_speaker_masks(speaker_masks)
+        context = state.att_context_size
+        streaming = self.streaming_config(context)
+        if chunk.drop_extra_pre_encoded != streaming.drop_extra_pre_encoded:
+            raise ValueError(f"onnx: chunk {chunk.index} drops {chunk.drop_extra_pre_encoded} pre-encoded frames, "
+                             f"the graph bakes {streaming.drop_extra_pre_encoded} (pad-and-drop mode only)")
+        self.info.check_state(state)  # canonical layers-first shapes
+        started = time.perf_counter()
+        out = self.run_encoder(context, chunk.mel, chunk.length, self._to_graph_layout(state.cache_last_channel),
+                               self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len)
+        encoded, encoded_len = out["outputs"], out["encoded_lengths"].astype(np.int64)
+        decoders, emitted, decoder_taps, joint_taps = [], [], [], []
+        for index, previous in enumerate(state.decoder):
+            decoded = self._greedy(encoded[index], int(encoded_len[index]), previous)
+            decoders.append(decoded[0])
+            emitted.append(decoded[1])
+            decoder_taps.extend(decoded[2])
+            joint_taps.extend(decoded[3])
+        seconds = time.perf_counter() - started
+        taps = {name: out[name] for name in self._encoder(context).taps}
+        taps[TAP_ENCODER] = encoded
+        taps[TAP_DECODER] = (np.concatenate(decoder_taps, axis=0) if decoder_taps
+                             else np.zeros((0, self.info.pred_hidden), np.float32))
+        taps[TAP_JOINT] = (np.concatenate(joint_taps, axis=0) if joint_taps
+                           else np.zeros((0, len(self.vocabulary) + 1), np.float32))
+        if not self.decoder_joint.taps:
+            del taps[TAP_DECODER]  # only the debug decoder_joint exposes the prediction-net output
+        new_state = replace(
+            state,
+            cache_last_channel=self._to_graph_layout(out["cache_last_channel_next"]).copy(),
+            cache_last_time=self._to_graph_layout(out["cache_last_time_next"]).copy(),
+            cache_last_channel_len=out["cache_last_channel_next_len"].astype(np.int64),
+            decoder=decoders, step_index=state.step_index + 1, native=None)
+        return StepOutput(encoded=encoded, encoded_len=encoded_len, state=new_state, tokens=emitted, taps=taps,
+                          seconds=seconds)
+
+    def _greedy(self, encoded: np.ndarray, length: int, state: DecoderState):
+        """NeMo's GreedyRNNTInfer loop over ``encoded`` ``[D, T]`` continuing ``state``."""
+        blank = self.info.blank_id
+        h, c, last = state.h, state.c, int(state.last_token)
+        tokens, emitted, decoder_taps, joint_taps = list(state.tokens), [], [], []
+        targets = np.zeros((1, 1), self._targets_dtype)
+        target_length = np.ones((1,), self._targets_dtype)
+        for t in range(length):
+            frame = np.ascontiguousarray(encoded[None, :, t:t + 1], np.float32)
+            symbols = 0
+            while self._max_symbols is None or symbols < self._max_symbols:
+                targets[0, 0] = last
+                out = self.decoder_joint.run({"encoder_outputs": frame, "targets": targets,
+                                              "target_length": target_length, "input_states_1": h,
+                                              "input_states_2": c})
+                logits = out["outputs"].reshape(-1)
+                joint_taps.append(logits[None].astype(np.float32))
+                if TAP_DECODER in out:
+                    decoder_taps.append(out[TAP_DECODER].reshape(-1, self.info.pred_hidden))
+                label = int(np.argmax(logits))  # argmax of logits = argmax of NeMo's log-softmax
+                if label == blank:
+                    break
+                tokens.append(label)
+                emitted.append(label)
+                h, c, last = out["output_states_1"], out["output_states_2"], label
+                symbols += 1
+        return DecoderState(last_token=last, h=h, c=c, tokens=tokens), emitted, decoder_taps, joint_taps
+
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+        raise NotImplementedError("the ONNX export holds streaming (cache-aware) encoder graphs only; "
+                                  "compare ONNX against NeMo streaming, not offline")
+
+    def close(self) -> None:
+        self._encoders.clear()
+        self.decoder_joint = None
