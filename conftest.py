@@ -57,10 +57,8 @@ def tiny_nemo(request) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nemo_backend(tiny_nemo):
-    from backends import get
-
-    return get("nemo").load(tiny_nemo)
+def nemo_backend(backend_pool):
+    return backend_pool.get("nemo")
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +89,108 @@ def att_contexts(request, nemo_backend):
 def work_dir(tmp_path_factory) -> Path:
     """A session scratch directory for exports and artifacts."""
     return tmp_path_factory.mktemp("work")
+
+
+# -- backends as parameters: a registered backend appears in every suite --------------------------
+
+def _selected_backends(config) -> list[str]:
+    from backends import REGISTRY
+
+    chosen = config.getoption("--backends")
+    names = [n.strip() for n in chosen.split(",")] if chosen else list(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise pytest.UsageError(f"--backends: unknown {unknown}; registered: {list(REGISTRY)}")
+    return names
+
+
+def _backend_param(names: tuple[str, ...], *, candidate_only: bool = False):
+    from backends import REGISTRY
+
+    marks = [getattr(pytest.mark, REGISTRY[n].marker) for n in dict.fromkeys(names)]
+    missing = {n: REGISTRY[n].missing_requirements() for n in names}
+    missing = {n: m for n, m in missing.items() if m}
+    if missing:
+        reason = "; ".join(f"{n} needs {', '.join(m)}" for n, m in missing.items())
+        marks.append(pytest.mark.skip(reason=f"backend not installed: {reason}"))
+    return pytest.param(names if len(names) > 1 else names[0], marks=marks, id="~".join(names))
+
+
+def pytest_generate_tests(metafunc):
+    """``backend_name`` runs a test on every backend; ``backend_pair`` on reference~candidate pairs."""
+    from backends import REFERENCE
+
+    names = _selected_backends(metafunc.config)
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", [_backend_param((n,)) for n in names])
+    if "backend_pair" in metafunc.fixturenames:
+        candidates = [n for n in names if n != REFERENCE]
+        pairs = [(REFERENCE, c) for c in candidates] + [
+            (a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:]]
+        metafunc.parametrize("backend_pair", [_backend_param(p) for p in pairs])
+
+
+class BackendPool:
+    """Prepares (exports, converts) and loads each backend once per session."""
+
+    def __init__(self, nemo_path: Path, work_dir: Path):
+        self.nemo_path = nemo_path
+        self.work_dir = work_dir
+        self._loaded = {}
+
+    def get(self, name: str, dtype: str | None = None):
+        from backends import get
+
+        entry = get(name)
+        dtype = dtype or entry.dtypes[0]
+        key = (name, dtype)
+        if key not in self._loaded:
+            (self.work_dir / name).mkdir(parents=True, exist_ok=True)
+            source = entry.prepare(self.nemo_path, self.work_dir / name, dtype=dtype)
+            self._loaded[key] = entry.load(source, dtype=dtype, nemo_path=self.nemo_path)
+        return self._loaded[key]
+
+
+@pytest.fixture(scope="session")
+def backend_pool(tiny_nemo, tmp_path_factory) -> BackendPool:
+    return BackendPool(tiny_nemo, tmp_path_factory.mktemp("backends"))
+
+
+class RunCache:
+    """Stream runs shared by the suites: one run per (backend, dtype, utterance, lookahead, mode)."""
+
+    def __init__(self, pool: BackendPool):
+        self.pool = pool
+        self._runs = {}
+        self._mels = {}
+
+    def mel(self, utterance):
+        if utterance.name not in self._mels:
+            self._mels[utterance.name] = self.pool.get("nemo").features(utterance.audio[None])[0]
+        return self._mels[utterance.name]
+
+    def run(self, backend_name: str, utterance, context, mode, dtype: str | None = None):
+        from harness.compare import stream
+
+        backend = self.pool.get(backend_name, dtype)
+        key = (backend_name, backend.dtype, utterance.name, tuple(context), str(mode))
+        if key not in self._runs:
+            features = backend.features(utterance.audio[None])[0]
+            self._runs[key] = stream(backend, self.mel(utterance), context, mode, dtype=backend.dtype,
+                                     features=features)
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def run_cache(backend_pool) -> RunCache:
+    return RunCache(backend_pool)
+
+
+@pytest.fixture(scope="session")
+def results_dir(request) -> Path | None:
+    chosen = request.config.getoption("--results")
+    if not chosen:
+        return None
+    path = Path(chosen)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

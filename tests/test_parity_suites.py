@@ -1,0 +1,121 @@
+"""Cross-backend parity: every backend pair, every lookahead, every fixture utterance, every step.
+
+Parametrized over the backend registry (``backend_pair`` / ``backend_name``, see conftest.py), so a
+new backend needs no change here. Pairs run in the first-chunk mode both backends support (plain,
+else pad-and-drop); the reference runs are shared across pairs through ``run_cache``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness.compare import compare_runs, compare_streaming_to_offline
+from harness.metrics import word_error_rate
+from harness.parity import shared_mode
+from harness.results import Results
+from harness.streaming import decode_tokens
+
+
+def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances):
+    reference_name, candidate_name = backend_pair
+    reference, candidate = backend_pool.get(reference_name), backend_pool.get(candidate_name)
+    mode = shared_mode(reference, candidate)
+    comparisons = []
+    for utterance in utterances:
+        for context in att_contexts:
+            ref_run = run_cache.run(reference_name, utterance, context, mode)
+            cand_run = run_cache.run(candidate_name, utterance, context, mode)
+            comparisons.append((utterance, ref_run, cand_run, compare_runs(
+                ref_run, cand_run, tolerances, num_layers=reference.info.num_layers, utterance=utterance.name)))
+    return comparisons
+
+
+def _save(results_dir, name, comparisons, nemo_path, tolerances, transcripts=()):
+    if results_dir is None:
+        return
+    from harness.nemo_file import sha256_file
+
+    results = Results(model={"path": str(nemo_path), "sha256": sha256_file(nemo_path), "name": nemo_path.stem},
+                      tolerances=tolerances.source, comparisons=list(comparisons), transcripts=list(transcripts))
+    results.save(results_dir / f"{name}.json")
+
+
+def test_per_layer_taps_and_caches_within_tolerance(backend_pair, backend_pool, run_cache, utterances,
+                                                    att_contexts, tolerances, results_dir, tiny_nemo):
+    """All shared taps and the caches after every step, judged by the tolerance file."""
+    comparisons = _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances)
+    _save(results_dir, "parity-" + "~".join(backend_pair), [c for *_, c in comparisons], tiny_nemo, tolerances)
+    worst: dict[tuple[int, int], dict[str, float]] = {}
+    failures = []
+    for utterance, _, _, comparison in comparisons:
+        per_tap = worst.setdefault(comparison.att_context_size, {})
+        for tap, value in comparison.worst("max_abs").items():
+            kind = tap.split(".")[0]
+            per_tap[kind] = max(per_tap.get(kind, 0.0), value)
+        if any(not t.passed for t in comparison.taps):
+            failures.append(comparison.describe_failure())
+    for context, per_tap in worst.items():
+        print(f"{'~'.join(backend_pair)} {list(context)} worst max_abs: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in per_tap.items()))
+    assert not failures, "\n".join(failures)
+
+
+def test_transcripts_agree_token_for_token(backend_pair, backend_pool, run_cache, utterances, att_contexts,
+                                           tolerances):
+    comparisons = _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances)
+    vocabulary = backend_pool.get(backend_pair[0]).info.vocabulary
+    differing = []
+    for utterance, ref_run, cand_run, comparison in comparisons:
+        if not comparison.tokens_equal:
+            differing.append(comparison.describe_failure())
+        ref_text, cand_text = decode_tokens(vocabulary, ref_run.tokens), decode_tokens(vocabulary, cand_run.tokens)
+        assert word_error_rate([ref_text], [cand_text]) == (0.0 if comparison.tokens_equal else pytest.approx(
+            word_error_rate([ref_text], [cand_text])))
+    assert not differing, "\n".join(differing)
+
+
+def test_cache_invariants(backend_name, backend_pool, run_cache, utterances, att_contexts):
+    """On each backend alone: caches start at zero, the channel-cache length grows by the frames each
+    step keeps and saturates at the left context, and the time cache holds the last K-1 conv inputs
+    (so after a step of T < K-1 frames it is the previous cache shifted left by T)."""
+    backend = backend_pool.get(backend_name)
+    mode = shared_mode(backend)
+    utterance = max(utterances, key=lambda u: len(u.audio))
+    for context in att_contexts:
+        cfg = backend.streaming_config(context)
+        initial = backend.initial_state(context)
+        assert not initial.cache_last_channel.any() and not initial.cache_last_time.any()
+        assert initial.cache_last_channel_len.tolist() == [0]
+        run = run_cache.run(backend_name, utterance, context, mode)
+        expected_len, previous_time = 0, initial.cache_last_time
+        for index, step in enumerate(run.steps):
+            kept = int(step.taps["layers.0"].shape[1])
+            expected_len = min(expected_len + kept, cfg.last_channel_cache_size)
+            assert step.state.cache_last_channel_len.tolist() == [expected_len], f"{context} step {index}"
+            width = previous_time.shape[-1]
+            if kept < width:
+                np.testing.assert_array_equal(step.state.cache_last_time[..., : width - kept],
+                                              previous_time[..., kept:], err_msg=f"{context} step {index}")
+            previous_time = step.state.cache_last_time
+        assert expected_len == cfg.last_channel_cache_size
+
+
+def test_streaming_matches_offline(backend_name, backend_pool, run_cache, utterances, att_contexts, tolerances):
+    """Each backend's own streaming output against its own offline forward ([70,0] has its own bound)."""
+    from harness.chunking import FirstChunkMode
+
+    backend = backend_pool.get(backend_name)
+    if FirstChunkMode.PLAIN.value not in backend.first_chunk_modes:
+        pytest.skip(f"{backend_name} streams in pad-and-drop mode only, which is not frame-comparable to offline")
+    failures = []
+    for utterance in utterances:
+        mel = run_cache.mel(utterance)
+        for context in att_contexts:
+            run = run_cache.run(backend_name, utterance, context, FirstChunkMode.PLAIN)
+            offline = backend.offline(mel, np.array([mel.shape[-1]]), context)
+            comparison = compare_streaming_to_offline(run, offline, tolerances,
+                                                      num_layers=backend.info.num_layers, utterance=utterance.name)
+            if not comparison.passed:
+                failures.append(comparison.describe_failure())
+    assert not failures, "\n".join(failures)
