@@ -136,18 +136,27 @@ class BackendPool:
     def __init__(self, nemo_path: Path, work_dir: Path):
         self.nemo_path = nemo_path
         self.work_dir = work_dir
+        self._sources = {}
         self._loaded = {}
+
+    def source(self, name: str, dtype: str | None = None) -> Path:
+        """What ``name`` loads (the .nemo, an export or artifact directory), prepared once."""
+        from backends import get
+
+        entry = get(name)
+        key = (name, dtype or entry.dtypes[0])
+        if key not in self._sources:
+            (self.work_dir / name).mkdir(parents=True, exist_ok=True)
+            self._sources[key] = entry.prepare(self.nemo_path, self.work_dir / name, dtype=key[1])
+        return self._sources[key]
 
     def get(self, name: str, dtype: str | None = None):
         from backends import get
 
         entry = get(name)
-        dtype = dtype or entry.dtypes[0]
-        key = (name, dtype)
+        key = (name, dtype or entry.dtypes[0])
         if key not in self._loaded:
-            (self.work_dir / name).mkdir(parents=True, exist_ok=True)
-            source = entry.prepare(self.nemo_path, self.work_dir / name, dtype=dtype)
-            self._loaded[key] = entry.load(source, dtype=dtype, nemo_path=self.nemo_path)
+            self._loaded[key] = entry.load(self.source(*key), dtype=key[1], nemo_path=self.nemo_path)
         return self._loaded[key]
 
 

@@ -62,6 +62,15 @@ register(BackendEntry(
     name="nemo", module="backends.nemo", requires=("torch", "nemo"), dtypes=("float32",), marker="nemo",
     description="NeMo PyTorch (the reference): cache_aware_stream_step + NeMo greedy RNNT decoding"))
 
+register(BackendEntry(
+    name="onnx", module="backends.onnx", requires=("onnxruntime", "onnx"), dtypes=("float32", "int8"),
+    marker="onnx",
+    description="ONNX Runtime over NeMo's cache-aware encoder + decoder_joint export (pad-and-drop graphs)"))
+
+register(BackendEntry(
+    name="mlx", module="backends.mlx", requires=("mlx",), dtypes=("float32", "bfloat16", "float16"), marker="mlx",
+    description="MLX (our port): converted artifact, cache-aware streaming step, greedy RNNT decoding"))
+
 
 def get(name: str) -> BackendEntry:
     try:

@@ -46,9 +46,14 @@ def test_per_layer_taps_and_caches_within_tolerance(backend_pair, backend_pool, 
     """All shared taps and the caches after every step, judged by the tolerance file."""
     comparisons = _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances)
     _save(results_dir, "parity-" + "~".join(backend_pair), [c for *_, c in comparisons], tiny_nemo, tolerances)
+    num_layers = backend_pool.get(backend_pair[0]).info.num_layers
+    every_tap = {"mel", "pre_encode", *(f"layers.{i}" for i in range(num_layers)), "encoder", "decoder", "joint",
+                 "cache_last_channel", "cache_last_time", "cache_last_channel_len"}
     worst: dict[tuple[int, int], dict[str, float]] = {}
     failures = []
     for utterance, _, _, comparison in comparisons:
+        missing = every_tap - {t.tap for t in comparison.taps}
+        assert not missing, f"{'~'.join(backend_pair)} does not expose taps {sorted(missing)}"
         per_tap = worst.setdefault(comparison.att_context_size, {})
         for tap, value in comparison.worst("max_abs").items():
             kind = tap.split(".")[0]

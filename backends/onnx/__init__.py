@@ -13,14 +13,17 @@ from typing import Any, Sequence
 
 def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
             att_context_sizes: Sequence[Sequence[int]] | None = None) -> Path:
-    """Export (with the debug tap graphs, and int8 graphs for dtype int8) into ``work_dir``, cached by sha256."""
+    """Export fp32 (with the debug tap graphs) and int8 graphs into ``work_dir`` once, cached by sha256.
+
+    One export serves both dtypes, so a suite that compares fp32 and int8 exports only once.
+    """
     from backends.onnx.export import export_cached
 
     if dtype not in ("float32", "int8"):
         raise ValueError(f"onnx backend runs float32 or int8, not {dtype}")
     contexts = [tuple(int(v) for v in c) for c in att_context_sizes] if att_context_sizes else None
     return export_cached(Path(nemo_path), Path(work_dir), att_context_sizes=contexts, debug_taps=True,
-                         int8=dtype == "int8")
+                         int8=True)
 
 
 def load(source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options: Any):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -247,8 +248,14 @@ def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types:
                 for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     # MatMul/Gemm (and the prediction LSTM) carry nearly all weights; convolutions stay fp32
     # because ORT's CPU ConvInteger accepts uint8 weights only.
-    quantize_dynamic(str(path), str(int8_path), weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
-                     use_external_data_format=large)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger about optional pre-processing
+    try:
+        quantize_dynamic(str(path), str(int8_path), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=list(op_types), use_external_data_format=large)
+    finally:
+        root.setLevel(level)
     graph_tools.consolidate_external_data(int8_path)
     model = onnx.load(str(int8_path), load_external_data=False)
     graph_tools.set_metadata(model, encode_metadata({**metadata, "variant": "int8"}))

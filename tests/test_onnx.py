@@ -1,0 +1,327 @@
+"""ONNX export + ONNX Runtime backend against NeMo, on tiny-streaming.
+
+One export per session (batch-first, with debug tap graphs and int8 graphs) plus a layers-first
+export; NeMo's pad-and-drop runs are computed once and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from backends.onnx.layout import (  # noqa: E402
+    GraphInterfaceError,
+    MissingGraphError,
+    SourceMismatchError,
+    decoder_joint_file,
+    encoder_file,
+)
+from harness.chunking import FirstChunkMode  # noqa: E402
+from harness.compare import stream  # noqa: E402
+from harness.metrics import all_metrics, word_error_rate  # noqa: E402
+from harness.streaming import ShapeMismatchError  # noqa: E402
+
+pytestmark = pytest.mark.onnx
+
+REPO = Path(__file__).resolve().parents[1]
+PAD = FirstChunkMode.PAD_AND_DROP
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(backend_pool) -> Path:
+    return backend_pool.source("onnx", "int8")  # fp32 + debug taps + int8, shared with the parity suites
+
+
+@pytest.fixture(scope="session")
+def layers_first_dir(tiny_nemo, work_dir) -> Path:
+    from backends.onnx.export import export_cached
+
+    return export_cached(tiny_nemo, work_dir, cache_layout="layers-first")
+
+
+@pytest.fixture(scope="session")
+def onnx_backend(backend_pool):
+    return backend_pool.get("onnx")
+
+
+@pytest.fixture(scope="session")
+def mels(nemo_backend, utterances):
+    return {u.name: nemo_backend.features(u.audio[None])[0] for u in utterances}
+
+
+@pytest.fixture(scope="session")
+def nemo_runs(run_cache, utterances, att_contexts):
+    """NeMo's pad-and-drop runs, shared with the cross-backend suites (tests/test_parity_suites.py)."""
+    return {(u.name, tuple(c)): run_cache.run("nemo", u, c, PAD) for u in utterances for c in att_contexts}
+
+
+def _partial_copy(source: Path, target: Path, *, contexts=((70, 13),), decoder_joint=True) -> Path:
+    target.mkdir(parents=True)
+    names = ["vocab.txt", "tokenizer.model", "frontend.npz", "frontend.json"]
+    names += [encoder_file(c) for c in contexts]
+    if decoder_joint:
+        names.append(decoder_joint_file())
+    for name in names:
+        shutil.copy(source / name, target / name)
+    return target
+
+
+# -- parity -----------------------------------------------------------------------------------------
+# Every tap, cache and token against NeMo at every step: tests/test_parity_suites.py (nemo~onnx).
+
+def test_cache_layouts_give_identical_results(onnx_backend, layers_first_dir, mels, att_contexts):
+    from backends import get
+
+    layers_first = get("onnx").load(layers_first_dir)
+    assert layers_first.cache_layout == "layers-first" and onnx_backend.cache_layout == "batch-first"
+    for name in list(mels)[:3]:
+        for context in att_contexts:
+            a = stream(onnx_backend, mels[name], context, PAD)
+            b = stream(layers_first, mels[name], context, PAD)
+            assert a.tokens == b.tokens
+            for step_a, step_b in zip(a.steps, b.steps, strict=True):
+                np.testing.assert_array_equal(step_a.encoded, step_b.encoded)
+                for cache, value in step_a.state.caches().items():
+                    np.testing.assert_array_equal(value, step_b.state.caches()[cache], err_msg=cache)
+
+
+def test_batch_first_graph_refuses_layers_first_caches(onnx_backend, mels):
+    from backends.onnx.runtime import CacheLayoutError
+
+    context = onnx_backend.info.att_context_sizes[0]
+    state = onnx_backend.initial_state(context)  # canonical: layers-first
+    chunk_mel = mels["utt01.wav"][:, :, :121]
+    with pytest.raises(CacheLayoutError, match="layers-first caches fed to a batch-first graph"):
+        onnx_backend.run_encoder(context, chunk_mel, np.array([121]), state.cache_last_channel,
+                                 state.cache_last_time, state.cache_last_channel_len)
+    # and a batch-first array handed in as canonical state is refused before anything runs
+    from dataclasses import replace
+
+    from harness.chunking import ChunkSchedule
+
+    chunk = ChunkSchedule(onnx_backend.streaming_config(context), PAD).chunks(mels["utt01.wav"])[0]
+    wrong = replace(state, cache_last_channel=np.swapaxes(state.cache_last_channel, 0, 1).copy())
+    with pytest.raises(ShapeMismatchError, match="cache_last_channel"):
+        onnx_backend.step(chunk, wrong)
+
+
+def test_int8_agreement_with_fp32(onnx_dir, nemo_runs, mels, tolerances, att_contexts):
+    """int8 against NeMo fp32: encoder and caches within the int8 table; token agreement reported."""
+    from backends import get
+
+    int8 = get("onnx").load(onnx_dir, dtype="int8")  # int8 runs carry no taps: compared here, not in the suites
+    references, hypotheses, identical, violations = [], [], 0, []
+    lowest: dict[str, float] = {}
+    for (name, context), reference in nemo_runs.items():
+        candidate = stream(int8, mels[name], context, PAD, dtype="int8")
+        for tap, ref, cand in [("encoder", reference.encoded, candidate.encoded),
+                               *[(cache, reference.steps[-1].state.caches()[cache],
+                                  candidate.steps[-1].state.caches()[cache])
+                                 for cache in ("cache_last_channel", "cache_last_time")]]:
+            metrics = all_metrics(ref, cand)
+            lowest[tap] = min(lowest.get(tap, 1.0), metrics["cosine"])
+            limits = tolerances.limits("nemo~onnx", "int8", tap)
+            assert limits, f"no int8 tolerance for {tap}"
+            violations += [f"{name} {context} {tap}: {v.describe()}" for v in tolerances.check(metrics, limits)]
+        identical += reference.tokens == candidate.tokens
+        references.append(" ".join(map(str, reference.tokens)))
+        hypotheses.append(" ".join(map(str, candidate.tokens)))
+    token_error = word_error_rate(references, hypotheses)
+    print(f"int8 vs NeMo fp32: lowest cosine {lowest}; token error rate {token_error:.3f}; "
+          f"identical sequences {identical}/{len(nemo_runs)}")
+    assert not violations, "\n".join(violations)
+    # The fixture's joint is random and its argmax margins are small, so int8 flips some labels
+    # (measured 6.6 % token error). Three times that would mean quantization is broken, not noisy.
+    assert token_error < 0.2
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):
+    wav = REPO / "fixtures" / "speech" / "utt02.wav"
+    code = (
+        "import sys\n"
+        "from backends import get\n"
+        "from harness.parity import Utterance, transcribe\n"
+        f"backend = get('onnx').load({str(onnx_dir)!r})\n"
+        f"text, tokens = transcribe(backend, Utterance.from_file({str(wav)!r}), backend.info.att_context_sizes[0])\n"
+        "assert tokens, 'no tokens'\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'nemo'))\n"
+        "print('LEAKED', leaked[:5])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LEAKED []" in result.stdout, result.stdout
+
+
+def test_transcribe_cli(onnx_dir, onnx_backend, mels, capsys):
+    from harness.cli import main
+    from harness.streaming import decode_tokens
+
+    wav = REPO / "fixtures" / "speech" / "utt01.wav"
+    assert main(["transcribe", "--backend", "onnx", "--onnx", str(onnx_dir), "--att-context", "70,6", str(wav)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    expected = decode_tokens(onnx_backend.vocabulary, stream(onnx_backend, mels["utt01.wav"], (70, 6), PAD).tokens)
+    assert line == f"utt01.wav\t[70,6]\t{expected}"
+
+
+def test_compare_cli_passes_then_names_the_corrupted_layer(onnx_dir, tiny_nemo, tmp_path, capsys):
+    import onnx
+
+    from backends.onnx import graph_tools
+    from harness.cli import main
+
+    wav = str(REPO / "fixtures" / "speech" / "utt04.wav")  # the shortest
+    args = ["compare", str(tiny_nemo), "--audio", wav, "--att-context", "70,6"]
+    assert main([*args, "--onnx", str(onnx_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "parity" in out and "FAIL" not in out, out
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(onnx_dir, corrupted)
+    for path in (corrupted / encoder_file((70, 6)), corrupted / encoder_file((70, 6), debug=True)):
+        model = onnx.load(str(path))
+        # the scale of layer 1's first LayerNorm, located by scope like the taps
+        norm = next(node for node in model.graph.node
+                    if "/layers.1/" in node.name and node.op_type == "LayerNormalization")
+        weight = next(init for init in model.graph.initializer if init.name == norm.input[1])
+        array = onnx.numpy_helper.to_array(weight) + 0.5
+        weight.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), weight.name))
+        graph_tools.save_graph(model, path)
+    assert main([*args, "--onnx", str(corrupted)]) == 1
+    out = capsys.readouterr().out
+    assert "first divergent tap layers.1 at step 0" in out, out
+
+
+# -- clear errors, nothing run ------------------------------------------------------------------------
+
+def test_missing_graphs_are_named(onnx_dir, tmp_path):
+    from backends.onnx.runtime import OnnxBackend
+
+    no_joint = _partial_copy(onnx_dir, tmp_path / "no_joint", decoder_joint=False)
+    with pytest.raises(MissingGraphError, match="decoder_joint.onnx"):
+        OnnxBackend(no_joint)
+    no_encoder = _partial_copy(onnx_dir, tmp_path / "no_encoder", contexts=())
+    with pytest.raises(MissingGraphError, match="no encoder graph"):
+        OnnxBackend(no_encoder)
+    with pytest.raises(MissingGraphError, match="decoder_joint.int8.onnx"):
+        OnnxBackend(_partial_copy(onnx_dir, tmp_path / "no_int8"), dtype="int8")
+    only_13 = OnnxBackend(_partial_copy(onnx_dir, tmp_path / "only_13"))
+    with pytest.raises(MissingGraphError, match=r"no encoder graph for att_context_size \[70, 6\]"):
+        only_13.streaming_config((70, 6))
+
+
+def test_source_sha256_mismatch_is_refused(onnx_dir, tmp_path):
+    from backends.onnx.runtime import OnnxBackend
+
+    other = tmp_path / "other.nemo"
+    other.write_bytes(b"not the exported model")
+    with pytest.raises(SourceMismatchError, match="not from other.nemo"):
+        OnnxBackend(onnx_dir, nemo_path=other)
+
+
+def _edit_graph(path: Path, edit) -> None:
+    import onnx
+
+    from backends.onnx import graph_tools
+
+    model = onnx.load(str(path))
+    edit(model)
+    graph_tools.save_graph(model, path)
+
+
+def test_cache_shapes_contradicting_metadata_are_refused(onnx_dir, tmp_path):
+    from backends.onnx import graph_tools
+    from backends.onnx.runtime import OnnxBackend
+
+    target = _partial_copy(onnx_dir, tmp_path / "lying")
+
+    def lie(model):
+        graph_tools.set_metadata(model, {"cache_last_channel_shape": json.dumps(["B", 3, 50, 64])})
+
+    _edit_graph(target / encoder_file((70, 13)), lie)
+    with pytest.raises(GraphInterfaceError, match="metadata cache shapes"):
+        OnnxBackend(target)
+
+
+def test_graph_without_expected_input_is_refused(onnx_dir, tmp_path):
+    from backends.onnx.runtime import OnnxBackend
+
+    target = _partial_copy(onnx_dir, tmp_path / "renamed")
+
+    def rename_targets(model):
+        for value in model.graph.input:
+            if value.name == "targets":
+                value.name = "labels"
+        for node in model.graph.node:
+            node.input[:] = ["labels" if name == "targets" else name for name in node.input]
+
+    _edit_graph(target / decoder_joint_file(), rename_targets)
+    with pytest.raises(GraphInterfaceError, match=r"lacks expected inputs \['targets'\]"):
+        OnnxBackend(target)
+
+
+def test_plain_first_chunk_is_refused(onnx_backend, mels):
+    from harness.chunking import ChunkSchedule
+
+    context = onnx_backend.info.att_context_sizes[0]
+    chunk = ChunkSchedule(onnx_backend.streaming_config(context), FirstChunkMode.PLAIN).chunks(mels["utt02.wav"])[0]
+    with pytest.raises(ValueError, match="pad-and-drop mode only"):
+        onnx_backend.step(chunk, onnx_backend.initial_state(context))
+
+
+# -- graph tools ------------------------------------------------------------------------------------
+
+def _small_graph():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}") for i in range(4)]
+    nodes, previous = [], "x"
+    for i in range(4):
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"], name=f"/layers.{i}/MatMul"))
+        previous = f"h{i}"
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [1, 8])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_scattered_external_data_is_consolidated_into_one_file(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from backends.onnx.graph_tools import consolidate_external_data
+
+    path = tmp_path / "g.onnx"
+    onnx.save(_small_graph(), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0)
+    assert len(list(tmp_path.iterdir())) == 5  # what the legacy exporter does past 2 GB: one file per tensor
+    x = np.ones((1, 8), np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    data = consolidate_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"] and data.name == "g.onnx.data"
+    np.testing.assert_array_equal(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
+
+
+def test_taps_are_found_by_scope_and_missing_ones_fail_loudly():
+    from backends.onnx.graph_tools import TapNotFoundError, find_tap
+
+    graph = _small_graph().graph
+    assert find_tap(graph, "layers.1", "layers.1") == "h1"
+    assert find_tap(graph, "layers.3", "layers.3") == "h3"  # a graph output leaves the scope too
+    with pytest.raises(TapNotFoundError, match="no node in module scope 'layers.7/'"):
+        find_tap(graph, "layers.7", "layers.7")
+    with pytest.raises(TapNotFoundError, match="pre_encode"):
+        from backends.onnx.graph_tools import encoder_tap_tensors
+
+        encoder_tap_tensors(graph, num_layers=4)
