@@ -152,7 +152,37 @@ def cmd_compare(args) -> int:
 def cmd_demo(args) -> int:
     from harness.demo import run_demo
 
-    return run_demo(out_dir=args.out)
+    return run_demo(out_dir=args.out, model=args.model, utterances=args.utterances or None,
+                    att_contexts=parse_contexts(args.att_context), backends=split_names(args.backends))
+
+
+def split_names(values: Sequence[str] | None) -> list[str] | None:
+    """``--backends nemo,mlx`` or repeated ``--backends`` -> ["nemo", "mlx"]."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def cmd_nightly(args) -> int:
+    from harness.nightly import fp32_failures, run_nightly
+
+    outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
+                          att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
+                          tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir)
+    failures = fp32_failures(outcome.results)
+    for line in failures:
+        print(f"FAIL {line}")
+    for path in outcome.results_files:
+        print(f"results: {path}")
+    print(f"report:  {outcome.report.markdown}\nreport:  {outcome.report.html}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from harness.report import load_results, write_report
+
+    files = write_report(load_results(args.results), args.out, reports_dir=args.history, date=args.date)
+    print(f"report:  {files.markdown}\nreport:  {files.html}")
+    return EXIT_OK
 
 
 # -- parser -----------------------------------------------------------------------------------------
@@ -185,9 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_audio_options(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="build the fixture, stream the fixture speech, print the parity table")
-    p.add_argument("--out", type=Path, default=Path("reports"), help="where the demo writes its results")
+    p = sub.add_parser("demo", help="build the fixture, prepare every backend, stream the fixture speech, "
+                                     "print the parity table and write the HTML report")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="the demo writes into OUT/demo/")
+    p.add_argument("--model", default="tiny-streaming", help="fixture name or MODEL.nemo")
+    p.add_argument("--utterances", type=int, default=3, metavar="N", help="first N fixture utterances (0: all)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--backends", action="append", metavar="A,B", help="candidate backends (default: all available)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("nightly", help="run the whole matrix and write OUT/<date>/results.json, report.md, report.html")
+    p.add_argument("--models", action="append", metavar="A,B",
+                   help="fixture names or .nemo paths (default: every default-test fixture)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (also read for history)")
+    p.add_argument("--backends", action="append", metavar="A,B", help="candidate backends (default: all available)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--utterances", type=int, metavar="N", help="only the first N fixture utterances")
+    p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/tolerances.toml)")
+    p.add_argument("--date", metavar="YYYY-MM-DD", help="the night's folder name (default: today, UTC)")
+    p.add_argument("--work-dir", type=Path, help="cache of exports and conversions (default: .cache/artifacts)")
+    p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser("report", help="render report.md and report.html from saved results JSON")
+    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--history", type=Path, metavar="REPORTS_DIR", help="reports folder with earlier nights")
+    p.add_argument("--date", metavar="YYYY-MM-DD", help="the report's night (default: from the results)")
+    p.set_defaults(func=cmd_report)
 
     for module_name in EXTENSIONS:
         try:

@@ -1,49 +1,95 @@
 """``parity demo``: the main job on a fresh clone.
 
-Builds ``tiny-streaming``, streams every fixture utterance at every lookahead through every
-available backend, and prints the parity table and the transcripts.
+Builds the ``tiny-streaming`` fixture, prepares every registered, available backend through the
+registry (MLX conversion with its verified artifact, ONNX export in fp32 and int8, ...), streams
+the first fixture utterances at every lookahead through NeMo and each candidate, prints one compact
+table per lookahead and writes the results and the HTML report.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from harness.parity import compare_backends, fixture_utterances
-from harness.tolerances import Tolerances
+from harness.nightly import fp32_failures, run_matrix
+from harness.report import (
+    FP32,
+    OFFLINE_PAIR,
+    REFERENCE_BACKEND,
+    context_label,
+    fmt_error,
+    fmt_percent,
+    pair_summaries,
+    timing_rows,
+    wer_rows,
+    write_report,
+)
+from harness.results import Results
+
+DEMO_MODEL = "tiny-streaming"
+DEMO_UTTERANCES = 3  # the first fixture utterances: 1.3 to 4.2 s of speech, a few minutes on 2 cores
 
 
-def run_demo(out_dir: Path = Path("reports"), model: str = "tiny-streaming") -> int:
-    from rich.console import Console
+def demo_tables(results: Results):
+    """One rich table per lookahead: per backend, worst error against NeMo, tokens, WER and time per chunk.
+
+    ``layer err``/``encoder err``: worst max_abs over layers and of the encoder output against NeMo
+    (NeMo's own row: streaming against offline); ``tokens``: token agreement with NeMo.
+    """
+    from rich import box
     from rich.table import Table
 
-    from backends import get
-    from fixtures.models import build
-    from harness.cli import print_comparisons
+    summaries = pair_summaries([results])
+    wer = {(r.backend, r.dtype, r.context): r for r in wer_rows([results])}
+    timing = {(r.backend, r.dtype, r.context): r for r in timing_rows([results])}
+    contexts = sorted({s.context for s in summaries}, key=lambda c: -c[1])
+    tables = []
+    for context in contexts:
+        table = Table(title=f"lookahead {context_label(context)}", title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        for column in ("backend", "layer err", "encoder err", "tokens", "WER", "WER/NeMo", "ms/chunk", "result"):
+            table.add_column(column, justify="left" if column in ("backend", "result") else "right", no_wrap=True)
+        for summary in (s for s in summaries if s.context == context):
+            offline = summary.pair == OFFLINE_PAIR
+            backend, dtype = (REFERENCE_BACKEND, FP32) if offline else (summary.candidate, summary.dtype)
+            wer_row = wer.get((backend, dtype, context))
+            time_row = timing.get((backend, dtype, context))
+            result = ("[green]pass[/]" if summary.passed
+                      else "[red]FAIL[/]" if summary.is_fp32 else "[yellow]degraded[/]")
+            table.add_row(
+                "nemo (vs offline)" if offline else f"{backend}:{dtype}", fmt_error(summary.worst_layer),
+                fmt_error(summary.worst_encoder), "n/a" if offline else fmt_percent(summary.token_agreement),
+                fmt_percent(wer_row.wer_vs_text if wer_row else None),
+                "n/a" if offline else fmt_percent(wer_row.wer_vs_nemo if wer_row else None),
+                f"{time_row.mean_ms:.1f}" if time_row else "–", result)
+        tables.append(table)
+    return tables
 
-    out = Console(highlight=False)
+
+def run_demo(out_dir: Path = Path("reports"), model: str = DEMO_MODEL, *, utterances: int | None = DEMO_UTTERANCES,
+             att_contexts: Sequence[Sequence[int]] | None = None, backends: Sequence[str] | None = None,
+             console=None) -> int:
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 110)  # logs and CI: no wrapping of the table or the report path
     started = time.perf_counter()
-    nemo_path = build(model, progress=lambda m: print(m, file=sys.stderr))
-    reference = get("nemo").load(nemo_path)
-    utterances = fixture_utterances()
-    contexts = list(reference.info.att_context_sizes)
-    out.print(f"[bold]{model}[/]: {len(utterances)} utterances x {len(contexts)} lookaheads")
-    report = compare_backends(reference, [], utterances, contexts, Tolerances.load(), model_path=nemo_path,
-                              progress=lambda m: print(f"  {m}", file=sys.stderr))
-    print_comparisons(report, out)
-
-    table = Table(title="transcripts (NeMo streaming, random-weight fixture: gibberish by design)")
-    for column in ("utterance", "context", "reference", "hypothesis"):
-        table.add_column(column, overflow="fold")
-    for row in report.results.transcripts:
-        context = row["att_context_size"]
-        table.add_row(row["utterance"], f"{context[0]},{context[1]}", row["reference_text"] or "", row["text"][:60])
-    out.print(table)
-
-    path = report.results.save(Path(out_dir) / "demo" / "results.json")
-    failed = [c for c in report.results.comparisons if not c.passed]
-    for comparison in failed:
-        out.print(f"[red]FAIL[/] {comparison.describe_failure()}")
-    out.print(f"results: {path}  ({time.perf_counter() - started:.0f} s)")
-    return 1 if failed else 0
+    [results] = run_matrix([model], backends=backends, att_contexts=att_contexts, utterance_limit=utterances,
+                           console=console, title=f"parity demo ({model})")
+    for record in results.extra.get("candidates", []):
+        if record["status"] == "ok":
+            console.print(f"prepared {record['backend']}:{record['dtype']} in {record.get('prepare_seconds', 0):.1f} s: "
+                          f"{record.get('artifact')}")
+    for table in demo_tables(results):
+        console.print(table)
+    demo_dir = Path(out_dir) / "demo"
+    results_path = results.save(demo_dir / "results.json")
+    report = write_report([results], demo_dir, title=f"Parity demo ({model})")
+    failures = fp32_failures([results])
+    for line in failures:
+        console.print(f"[red]FAIL[/] {line}")
+    console.print(f"results: {results_path}")
+    console.print(f"report:  {report.html.resolve()}  ({time.perf_counter() - started:.0f} s)")
+    return 1 if failures else 0

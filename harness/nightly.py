@@ -1,0 +1,347 @@
+"""``parity nightly``: the whole matrix, saved as results and rendered as a report.
+
+Matrix: fixture models × lookaheads × every registered, available backend × each of its dtypes,
+against NeMo. Per model the reference stays loaded; candidates are prepared (export, conversion),
+loaded, streamed and closed one at a time so memory stays bounded by reference + one candidate.
+
+A night writes ``<out>/<YYYY-MM-DD>/results.json`` (``results-<model>.json`` per model when the
+night covers several), ``report.md`` and ``report.html``. Only fp32 comparisons gate the exit
+status; reduced-precision candidates (int8, bf16) are judged against their own tolerance tables
+and reported as degradation.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from harness.chunking import Chunk
+from harness.nemo_file import sha256_file
+from harness.parity import Utterance, compare_backends, fixture_utterances
+from harness.report import FP32, ReportFiles, overall_passed, write_report
+from harness.results import Results
+from harness.streaming import Backend, StepOutput, StreamingState
+from harness.tolerances import Tolerances
+
+REFERENCE = "nemo"
+
+
+def default_work_dir() -> Path:
+    """Where exports and conversions are cached between runs (``$PARITY_CACHE/artifacts``)."""
+    root = Path(os.environ.get("PARITY_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+    return root / "artifacts"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: str
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.dtype}"
+
+
+@dataclass
+class MatrixPlan:
+    candidates: list[Candidate]
+    unavailable: list[dict[str, str]]  # {backend, dtype, status, error} for backends that cannot run here
+
+
+def plan_candidates(backends: Sequence[str] | None = None) -> MatrixPlan:
+    """Every (backend, dtype) to compare against NeMo: the registry, or only ``backends`` when given."""
+    from backends import REGISTRY, get
+
+    names = [n for n in (backends or REGISTRY) if n != REFERENCE]
+    plan = MatrixPlan([], [])
+    for name in names:
+        entry = get(name)  # an unknown name raises KeyError with the registered ones
+        if not entry.available():
+            reason = "missing " + ", ".join(entry.missing_requirements())
+            plan.unavailable += [{"backend": name, "dtype": d, "status": "unavailable", "error": reason}
+                                 for d in entry.dtypes]
+            continue
+        plan.candidates += [Candidate(name, dtype) for dtype in entry.dtypes]
+    return plan
+
+
+def resolve_model(name_or_path: str, progress: Callable[[str], None]) -> Path:
+    """A fixture name (built, cached) or the path of a ``.nemo``."""
+    if name_or_path.endswith(".nemo"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model not found: {path}")
+        return path
+    from fixtures.models import build
+
+    return build(name_or_path, progress=progress)
+
+
+def default_models() -> list[str]:
+    from fixtures.models import FIXTURES
+
+    return [name for name, spec in FIXTURES.items() if spec.default_test]
+
+
+def device_description() -> str:
+    """Where each framework ran: CPU for torch and ONNX Runtime here, MLX's default device (Metal on macOS)."""
+    parts = ["cpu"]
+    try:
+        import mlx.core as mx
+
+        parts.append(f"mlx: {mx.default_device()}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def artifact_sha256(path: Path) -> str | None:
+    """sha256 of a prepared artifact: the file's, or over a directory's relative paths and file hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+REPLAY_BUDGET_BYTES = 2 << 30
+
+
+class ReplayedReference(Backend):
+    """The reference behind a memo: a step with the same chunk and the same incoming state runs once.
+
+    Every candidate is compared against NeMo on identical chunks, so without the memo NeMo would
+    stream each utterance again for each candidate. The memo keeps at most ``budget_bytes`` of step
+    outputs; past that, steps simply run again (a large model stays within bounded memory).
+    """
+
+    def __init__(self, backend: Backend, budget_bytes: int = REPLAY_BUDGET_BYTES):
+        self.backend = backend
+        self.name = backend.name
+        self.info = backend.info
+        self.dtype = backend.dtype
+        self.first_chunk_modes = backend.first_chunk_modes
+        self.budget_bytes = budget_bytes
+        self.stored_bytes = 0
+        self._steps: dict[str, StepOutput] = {}
+
+    def features(self, audio):
+        return self.backend.features(audio)
+
+    def offline(self, mel, length, att_context_size):
+        return self.backend.offline(mel, length, att_context_size)
+
+    def initial_state(self, att_context_size, batch_size: int = 1):
+        return self.backend.initial_state(att_context_size, batch_size)
+
+    def streaming_config(self, att_context_size):
+        return self.backend.streaming_config(att_context_size)
+
+    @staticmethod
+    def _key(chunk: Chunk, state: StreamingState) -> str:
+        digest = hashlib.sha256(repr((chunk.index, chunk.drop_extra_pre_encoded, chunk.keep_all_outputs,
+                                      chunk.is_first, chunk.is_last, chunk.cache_frames, state.att_context_size,
+                                      state.step_index, [(d.last_token, d.tokens) for d in state.decoder])).encode())
+        for array in (chunk.mel, chunk.length, *state.caches().values(),
+                      *(a for d in state.decoder for a in (d.h, d.c))):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks=None) -> StepOutput:
+        if speaker_masks is not None:
+            return self.backend.step(chunk, state, speaker_masks=speaker_masks)
+        key = self._key(chunk, state)
+        if key not in self._steps:
+            output = self.backend.step(chunk, state)
+            size = sum(a.nbytes for a in (*output.taps.values(), *output.state.caches().values(), output.encoded))
+            if self.stored_bytes + size > self.budget_bytes:
+                return output
+            self.stored_bytes += size
+            self._steps[key] = output
+        return self._steps[key]
+
+    def close(self) -> None:
+        self._steps.clear()
+        self.backend.close()
+
+
+def _merge(into: Results, part: Results) -> None:
+    """Add a candidate's comparisons; transcripts and timings of a run already recorded are kept once."""
+    into.comparisons += part.comparisons
+
+    def key(row):
+        return (row["backend"], row["dtype"], row.get("mode"), row["utterance"], tuple(row["att_context_size"]))
+
+    for name in ("transcripts", "timings"):
+        rows = getattr(into, name)
+        seen = {key(r) for r in rows}
+        rows += [r for r in getattr(part, name) if key(r) not in seen]
+
+
+@dataclass
+class MatrixProgress:
+    """Callbacks the matrix reports to: ``total`` (units of work, once the lookaheads are known),
+    ``phase`` (a line of text) and ``advance`` (one utterance × lookahead streamed through one pair)."""
+
+    total: Callable[[int], None] = lambda _units: None
+    phase: Callable[[str], None] = lambda _text: None
+    advance: Callable[[str], None] = lambda _text: None
+
+
+def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
+                     att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
+                     work_dir: Path, progress: MatrixProgress | None = None) -> Results:
+    """NeMo streaming against offline, then each candidate against NeMo, for one model."""
+    from backends import get
+
+    progress = progress or MatrixProgress()
+    progress.phase(f"loading NeMo ({nemo_path.name})")
+    reference = ReplayedReference(get(REFERENCE).load(nemo_path))
+    contexts = [tuple(int(v) for v in c) for c in (att_contexts or reference.info.att_context_sizes)]
+    progress.total(len(utterances) * len(contexts) * (1 + len(plan.candidates)))
+    try:
+        progress.phase("NeMo streaming vs offline")
+        results = compare_backends(reference, [], utterances, contexts, tolerances, model_path=nemo_path,
+                                   progress=progress.advance).results
+        records = [dict(entry) for entry in plan.unavailable]
+        for candidate in plan.candidates:
+            records.append(_run_candidate(reference, candidate, nemo_path, utterances, contexts, tolerances,
+                                          work_dir, results, progress))
+    finally:
+        reference.close()
+    results.environment["device"] = device_description()
+    results.extra.update({"kind": "nightly", "lookaheads": [list(c) for c in contexts],
+                          "utterances": [u.name for u in utterances], "candidates": records})
+    return results
+
+
+def _run_candidate(reference, candidate: Candidate, nemo_path: Path, utterances: Sequence[Utterance],
+                   contexts: Sequence[tuple[int, int]], tolerances: Tolerances, work_dir: Path,
+                   results: Results, progress: MatrixProgress) -> dict:
+    """Prepare, load, compare and close one candidate; a failure is recorded, not raised."""
+    from backends import get
+
+    entry = get(candidate.backend)
+    record = {"backend": candidate.backend, "dtype": candidate.dtype, "status": "ok"}
+    backend = None
+    try:
+        started = time.perf_counter()
+        progress.phase(f"preparing {candidate.label}")
+        source = entry.prepare(nemo_path, work_dir, dtype=candidate.dtype, att_context_sizes=contexts)
+        record.update(artifact=str(source), artifact_sha256=artifact_sha256(Path(source)),
+                      prepare_seconds=round(time.perf_counter() - started, 2))
+        backend = entry.load(source, dtype=candidate.dtype, nemo_path=nemo_path)
+        progress.phase(f"{candidate.label} vs NeMo")
+        part = compare_backends(reference, [backend], utterances, contexts, tolerances, model_path=nemo_path,
+                                include_offline=False, progress=progress.advance).results
+        _merge(results, part)
+    except Exception as error:  # noqa: BLE001 - one broken backend must not hide the others' results
+        record.update(status="error", error=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc(limit=8))
+        progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+    finally:
+        if backend is not None:
+            backend.close()
+        del backend
+        gc.collect()
+    return record
+
+
+@dataclass
+class NightlyOutcome:
+    night_dir: Path
+    results_files: list[Path]
+    report: ReportFiles
+    results: list[Results] = field(default_factory=list)
+
+    @property
+    def fp32_passed(self) -> bool:
+        return overall_passed(self.results, fp32_only=True)
+
+
+def results_file_names(models: Sequence[str]) -> list[str]:
+    if len(models) == 1:
+        return ["results.json"]
+    return [f"results-{Path(m).stem if m.endswith('.nemo') else m}.json" for m in models]
+
+
+def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
+               att_contexts: Sequence[Sequence[int]] | None = None, utterance_limit: int | None = None,
+               tolerances_path: str | Path | None = None, work_dir: Path | None = None,
+               console=None, title: str = "parity") -> list[Results]:
+    """Run the matrix for each model with a rich progress display; one ``Results`` per model."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True, highlight=False)
+    tolerances = Tolerances.load(tolerances_path)
+    plan = plan_candidates(backends)
+    utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
+    work_dir = Path(work_dir or default_work_dir())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{title}[/]: {len(models)} model(s) × "
+                  f"{len(att_contexts) if att_contexts else 'every'} lookahead(s) × "
+                  f"{len(utterances)} utterance(s); NeMo against "
+                  f"{', '.join(c.label for c in plan.candidates) or 'its own offline forward only'}")
+    for skipped in plan.unavailable:
+        console.print(f"  [yellow]skipping[/] {skipped['backend']}:{skipped['dtype']} ({skipped['error']})")
+
+    all_results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        for model in models:
+            nemo_path = resolve_model(model, progress=lambda m: bar.console.print(f"  {m}"))
+            task = bar.add_task(model, total=None)
+            def phase(text: str, task=task, model=model) -> None:
+                bar.update(task, description=f"{model}: {text}")
+                if not console.is_terminal:  # CI logs get no live bar: one line per phase instead
+                    bar.console.print(f"  {model}: {text}")
+
+            progress = MatrixProgress(total=lambda units, task=task: bar.update(task, total=units), phase=phase,
+                                      advance=lambda _text, task=task: bar.advance(task))
+            results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
+                                       progress=progress)
+            bar.update(task, description=f"{model}: done")
+            for record in results.extra["candidates"]:
+                if record["status"] == "error":
+                    bar.console.print(f"  [red]{record['backend']}:{record['dtype']} could not run:[/] {record['error']}")
+            all_results.append(results)
+    return all_results
+
+
+def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "reports",
+                date: str | None = None, **matrix_options) -> NightlyOutcome:
+    """The night: run the matrix, write ``<out_root>/<date>/`` results and the report (history from ``out_root``)."""
+    models = list(models or default_models())
+    date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    night_dir = Path(out_root) / date
+    all_results = run_matrix(models, title=f"parity nightly {date}", **matrix_options)
+    files = []
+    for results, file_name in zip(all_results, results_file_names(models)):
+        results.extra["date"] = date
+        files.append(results.save(night_dir / file_name))
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}")
+    return NightlyOutcome(night_dir, files, report, all_results)
+
+
+def fp32_failures(results_list: Sequence[Results]) -> list[str]:
+    """One line per failing fp32 comparison or fp32 candidate that could not run."""
+    lines = [c.describe_failure() for r in results_list for c in r.comparisons if c.dtype == FP32 and not c.passed]
+    for results in results_list:
+        for entry in results.extra.get("candidates", []):
+            if entry.get("status") == "error" and entry.get("dtype") == FP32:
+                lines.append(f"{entry['backend']}:{entry['dtype']} could not run: {entry.get('error')}")
+    return lines
