@@ -22,6 +22,12 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{name}: {description}")
     # NeMo prints hundreds of lines at import and restore; the suites keep it quiet.
     os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
+    # MLX's Linux CPU wheel links a reference BLAS; backends.mlx loads an optimized one, which only
+    # works before anything imports mlx.core, so do it before any test module does.
+    import importlib.util
+
+    if importlib.util.find_spec("mlx") is not None:
+        import backends.mlx  # noqa: F401
 
 
 def pytest_addoption(parser):
