@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from harness.diagnose import diagnose
+from fixtures.models import SPEECH_DIR
 from harness.mutations import CATALOG
 
 pytestmark = [pytest.mark.mlx]
@@ -67,3 +68,26 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, tiny_nemo, nemo_b
     assert diagnosis.first_divergence is not None, f"{mutation.name}: no numeric divergence\n{report}"
     assert diagnosis.first_divergence["tap"] == mutation.expect_tap, report
     assert set(mutation.expect_tensors) <= set(diagnosis.suspects), report
+
+
+def test_verify_cli_names_contradictions_and_localizes(artifacts, tiny_nemo, source_state, tmp_path, capsys):
+    from harness.cli import EXIT_OK, EXIT_VIOLATION, main
+    from harness.mutations import by_name
+
+    assert main(["verify", str(artifacts["streaming"])]) == EXIT_OK
+    capsys.readouterr()
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(artifacts["streaming"], flipped)
+    by_name("causal-flag-flipped").apply(flipped, {})
+    assert main(["verify", str(flipped)]) == EXIT_VIOLATION
+    assert "non-causal subsampling" in capsys.readouterr().out
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(artifacts["streaming"], swapped)
+    by_name("pos-bias-swapped").apply(swapped, {})
+    assert main(["verify", str(swapped), "--nemo", str(tiny_nemo), "--att-context", "70,13",
+                 "--audio", str(SPEECH_DIR / "utt04.wav")]) == EXIT_VIOLATION
+    out = capsys.readouterr().out
+    assert "tensor encoder.layers.2.self_attn.pos_bias_u differs" in out
+    assert "tap layers.2" in out and "most likely responsible: encoder.layers.2.self_attn.pos_bias_u" in out
