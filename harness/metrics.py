@@ -111,3 +111,21 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     refs = [r if r.strip() else "<empty>" for r, _ in pairs]
     hyps = [h if h.strip() else "" for _, h in pairs]
     return float(jiwer.wer(refs, hyps))
+
+
+def token_edit_distance(reference, candidate) -> int:
+    """Levenshtein distance between two token-id sequences."""
+    previous = list(range(len(candidate) + 1))
+    for i, ref_token in enumerate(reference, 1):
+        current = [i]
+        for j, cand_token in enumerate(candidate, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_token != cand_token)))
+        previous = current
+    return previous[-1]
+
+
+def token_agreement(reference, candidate) -> float:
+    """1 - (token edit distance / reference length), floored at 0; 1.0 when both are empty."""
+    if not reference:
+        return 1.0 if not candidate else 0.0
+    return max(0.0, 1.0 - token_edit_distance(reference, candidate) / len(reference))

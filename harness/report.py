@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from harness.compare import PairComparison
-from harness.metrics import word_error_rate
+from harness.metrics import token_agreement, word_error_rate
 from harness.results import Results
 
 REFERENCE_BACKEND = "nemo"
@@ -72,19 +72,6 @@ def fmt_ratio(value: float | None, digits: int = 3) -> str:
 
 def fmt_percent(value: float | None) -> str:
     return "–" if value is None or not is_finite(value) else f"{100 * value:.1f}%"
-
-
-def token_agreement(reference: Sequence[int], candidate: Sequence[int]) -> float:
-    """1 − (token edit distance / reference length), floored at 0; 1.0 when both are empty."""
-    if not reference:
-        return 1.0 if not candidate else 0.0
-    previous = list(range(len(candidate) + 1))
-    for i, ref_token in enumerate(reference, 1):
-        current = [i]
-        for j, cand_token in enumerate(candidate, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_token != cand_token)))
-        previous = current
-    return max(0.0, 1.0 - previous[-1] / len(reference))
 
 
 def model_name(results: Results) -> str:
