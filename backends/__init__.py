@@ -43,8 +43,11 @@ class BackendEntry:
         return self._module().prepare(Path(nemo_path), Path(work_dir), dtype=dtype,
                                       att_context_sizes=att_context_sizes)
 
-    def load(self, source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options: Any):
-        return self._module().load(Path(source), dtype=dtype, nemo_path=nemo_path, **options)
+    def load(self, source: Path, *, dtype: str | None = None, nemo_path: Path | None = None, **options: Any):
+        """Open ``source``; without ``dtype`` the backend uses its default (MLX: the artifact's own)."""
+        if dtype is not None:
+            options["dtype"] = dtype
+        return self._module().load(Path(source), nemo_path=nemo_path, **options)
 
 
 REFERENCE = "nemo"

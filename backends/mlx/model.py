@@ -351,7 +351,32 @@ class Conv2d(nn.Module):
         before, after = self.padding
         if before or after:
             x = mx.pad(x, [(0, 0), (before, after), (before, after), (0, 0)])
+        out_channels, _, _, in_per_group = self.weight.shape
+        if self.kernel == 1 and self.stride == 1 and self.groups == 1:
+            return x @ self.weight[:, 0, 0, :].T + self.bias  # pointwise: a matmul
+        if in_per_group == 1 and (self.groups == out_channels or x.shape[-1] == 1):
+            return _strided_taps_sum(x, self.weight[..., 0], self.stride) + self.bias
         return mx.conv2d(x, self.weight, stride=self.stride, groups=self.groups) + self.bias
+
+
+def _strided_taps_sum(x: mx.array, weight: mx.array, stride: int) -> mx.array:
+    """A convolution with one input channel per output channel, as a sum over kernel taps.
+
+    ``x [B, T, F, C or 1]`` (already padded), ``weight [C, kH, kW]``. Equal to ``mx.conv2d`` up to
+    summation order and about five times faster on CPU, where MLX's grouped convolution is slow;
+    the sum is accumulated in float32 whatever the compute dtype.
+    """
+    kernel_t, kernel_f = weight.shape[1], weight.shape[2]
+    out_t = (x.shape[1] - kernel_t) // stride + 1
+    out_f = (x.shape[2] - kernel_f) // stride + 1
+    x32, w32 = x.astype(mx.float32), weight.astype(mx.float32)
+    total = None
+    for i in range(kernel_t):
+        for j in range(kernel_f):
+            window = x32[:, i:i + stride * (out_t - 1) + 1:stride, j:j + stride * (out_f - 1) + 1:stride, :]
+            term = window * w32[:, i, j]
+            total = term if total is None else total + term
+    return total.astype(x.dtype)
 
 
 class ConvSubsampling(nn.Module):
@@ -518,7 +543,15 @@ class DepthwiseConv1d(nn.Module):
         else:
             x = mx.concatenate([cache, mx.pad(x, [(0, 0), (0, right), (0, 0)])], axis=1)
             next_cache = x[:, -cache.shape[1]:]
-        y = mx.conv1d(x, self.weight, groups=self.weight.shape[0])
+        # Depthwise: a sum over the K kernel taps (float32 accumulation), several times faster on
+        # CPU than MLX's grouped conv1d and equal to it up to summation order.
+        kernel = self.weight.shape[1]
+        out_len = x.shape[1] - kernel + 1
+        x32, w32 = x.astype(mx.float32), self.weight[:, :, 0].astype(mx.float32)
+        y = x32[:, 0:out_len] * w32[:, 0]
+        for k in range(1, kernel):
+            y = y + x32[:, k:k + out_len] * w32[:, k]
+        y = y.astype(x.dtype)
         return (y + self.bias if "bias" in self else y), next_cache
 
 

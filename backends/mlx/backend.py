@@ -1,0 +1,189 @@
+"""The MLX backend behind the shared streaming interface, run from an artifact directory alone.
+
+Imports neither torch nor NeMo: ``parity transcribe --backend mlx --mlx DIR`` needs only MLX,
+numpy and the artifact. Taps have NeMo's semantics (``backends/nemo.py``): ``pre_encode`` before
+``drop_extra_pre_encoded``, every conformer layer's output for all frames of the chunk, the
+post-processed encoder output, and one decoder/joint row per NeMo call in call order.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from backends.mlx.convert import CONFIG_FILE, FRONTEND_FILE, MODEL_FILE, read_artifact_dtype
+from backends.mlx.model import EncoderCache, FrontEnd, GreedyState, ModelArgs, StreamingRNNT
+from backends.nemo import model_info_from_config
+from harness.chunking import Chunk, StreamingConfig
+from harness.streaming import (
+    TAP_DECODER,
+    TAP_ENCODER,
+    TAP_JOINT,
+    Backend,
+    DecoderState,
+    OfflineOutput,
+    StepOutput,
+    StreamingState,
+)
+
+MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def default_device(choice: str = "auto") -> mx.Device:
+    """``auto``: the GPU where MLX has one (Metal, CUDA), else the CPU; ``cpu``/``gpu`` force either."""
+    if choice == "cpu":
+        return mx.Device(mx.cpu)
+    gpu_available = bool(getattr(mx, "is_available", lambda _d: False)(mx.gpu))
+    if choice == "gpu":
+        if not gpu_available:
+            raise ValueError("MLX has no GPU on this machine (device='gpu' was requested)")
+        return mx.Device(mx.gpu)
+    if choice != "auto":
+        raise ValueError(f"device must be auto, cpu or gpu, not {choice!r}")
+    return mx.Device(mx.gpu) if gpu_available else mx.Device(mx.cpu)
+
+
+def _numpy(array: mx.array) -> np.ndarray:
+    return np.array(array.astype(mx.float32), copy=True)
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+
+    def __init__(self, artifact_dir: str | Path, *, dtype: str | None = None, device: str = "auto",
+                 taps: bool = True):
+        """``dtype``: must match the artifact's when given; ``device``: auto/cpu/gpu; ``taps``: record the
+        intermediate taps (off for timing runs; the step output then carries none)."""
+        directory = Path(artifact_dir)
+        if not (directory / MODEL_FILE).exists():
+            raise FileNotFoundError(f"{directory}: not an MLX artifact directory (no {MODEL_FILE}); "
+                                    f"create one with `parity convert MODEL.nemo --out {directory}`")
+        artifact_dtype = read_artifact_dtype(directory)
+        if dtype is not None and dtype != artifact_dtype:
+            raise ValueError(f"{directory} holds {artifact_dtype} weights, {dtype} was requested; "
+                             f"convert with --dtype {dtype}")
+        self.directory = directory
+        self.dtype = artifact_dtype
+        self.compute_dtype = MX_DTYPES[artifact_dtype]
+        self.device = default_device(device)
+        self.record_taps = taps
+        self.config = json.loads((directory / CONFIG_FILE).read_text())
+        vocabulary = self.config["joint"]["vocabulary"]
+        self.args = ModelArgs.from_nemo_config(self.config, vocabulary)
+        self.info = model_info_from_config(self.config, vocabulary)
+        with mx.stream(self.device):
+            self.model = StreamingRNNT(self.args)
+            weights = mx.load(str(directory / MODEL_FILE))
+            for name, value in weights.items():
+                if value.dtype != self.compute_dtype:
+                    raise ValueError(f"{directory / MODEL_FILE}: {name} is {value.dtype}, the artifact says "
+                                     f"{artifact_dtype}")
+            self.model.load_weights(list(weights.items()), strict=True)
+            self.model.eval()
+            frontend = mx.load(str(directory / FRONTEND_FILE))
+            self.front_end = FrontEnd(self.args.preprocessor, np.array(frontend["window"]),
+                                      np.array(frontend["filterbank"]))
+            mx.eval(self.model.parameters())
+        self._streaming: dict[tuple[int, int], StreamingConfig] = {}
+
+    def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
+        key = (int(att_context_size[0]), int(att_context_size[1]))
+        if key not in self._streaming:
+            self._streaming[key] = self.info.streaming_config(key)
+        return self._streaming[key]
+
+    def _check_context(self, att_context_size: Sequence[int]) -> tuple[int, int]:
+        context = (int(att_context_size[0]), int(att_context_size[1]))
+        if context not in self.info.att_context_sizes:
+            raise ValueError(f"att_context_size {list(context)} is not one of the model's "
+                             f"{[list(c) for c in self.info.att_context_sizes]}")
+        return context
+
+    # -- decoder state conversion ----------------------------------------------------------------
+    def _greedy_state(self, state: DecoderState) -> GreedyState:
+        # NeMo starts from "no hypothesis" (zero state, SOS input) until the first emission.
+        start = not state.tokens and state.last_token == self.info.blank_id
+        h = mx.array(np.asarray(state.h, np.float32)).astype(self.compute_dtype)
+        c = mx.array(np.asarray(state.c, np.float32)).astype(self.compute_dtype)
+        return GreedyState(None if start else int(state.last_token), h, c, list(state.tokens))
+
+    def _decoder_state(self, state: GreedyState) -> DecoderState:
+        last = self.info.blank_id if state.last_token is None else state.last_token
+        return DecoderState(last_token=last, h=_numpy(state.h), c=_numpy(state.c), tokens=list(state.tokens))
+
+    def _decode_batch(self, encoded: mx.array, lengths: np.ndarray, states: list[GreedyState]):
+        results = [self.model.decode(encoded[b], int(lengths[b]), states[b], record=self.record_taps)
+                   for b in range(encoded.shape[0])]
+        decoder_rows = [row for r in results for row in r.decoder_outputs]
+        joint_rows = [row for r in results for row in r.joint_outputs]
+        return results, decoder_rows, joint_rows
+
+    def _rows(self, rows: list[mx.array], width: int) -> np.ndarray:
+        return _numpy(mx.concatenate(rows, axis=0)) if rows else np.zeros((0, width), np.float32)
+
+    def _taps(self, encoder_taps: dict[str, mx.array], encoded: mx.array, decoder_rows, joint_rows):
+        taps = {name: _numpy(value) for name, value in encoder_taps.items()}
+        taps[TAP_ENCODER] = _numpy(encoded)
+        taps[TAP_DECODER] = self._rows(decoder_rows, self.info.pred_hidden)
+        taps[TAP_JOINT] = self._rows(joint_rows, len(self.info.vocabulary) + 1)
+        return taps
+
+    # -- Backend interface -----------------------------------------------------------------------
+    def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with mx.stream(self.device):
+            mel, lengths = self.front_end(np.atleast_2d(np.asarray(audio, np.float32)))
+            return _numpy(mel), lengths.astype(np.int64)
+
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
+        self.refuse_speaker_masks(speaker_masks)
+        context = self._check_context(state.att_context_size)
+        self.info.check_state(state)
+        streaming = self.streaming_config(context)
+        started = time.perf_counter()
+        with mx.stream(self.device):
+            cache = EncoderCache(
+                channel=mx.array(state.cache_last_channel).astype(self.compute_dtype),
+                time=mx.array(state.cache_last_time).astype(self.compute_dtype),
+                channel_len=np.asarray(state.cache_last_channel_len, np.int64),
+            )
+            out = self.model.stream_step(
+                mx.array(chunk.mel).astype(self.compute_dtype), np.asarray(chunk.length, np.int64), cache,
+                att_context_size=context, valid_out_len=streaming.valid_out_len,
+                keep_all_outputs=chunk.keep_all_outputs, drop_extra_pre_encoded=chunk.drop_extra_pre_encoded,
+                record_taps=self.record_taps)
+            mx.eval(out.encoded, out.cache.channel, out.cache.time, *out.taps.values())
+            results, decoder_rows, joint_rows = self._decode_batch(
+                out.encoded, out.lengths, [self._greedy_state(d) for d in state.decoder])
+            mx.eval(*[r.state.h for r in results], *[r.state.c for r in results])
+            seconds = time.perf_counter() - started
+            taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}
+            encoded = _numpy(out.encoded)
+            new_state = StreamingState(
+                att_context_size=state.att_context_size,
+                cache_last_channel=_numpy(out.cache.channel),
+                cache_last_time=_numpy(out.cache.time),
+                cache_last_channel_len=np.asarray(out.cache.channel_len, np.int64),
+                decoder=[self._decoder_state(r.state) for r in results],
+                step_index=state.step_index + 1,
+            )
+        return StepOutput(encoded=encoded, encoded_len=np.asarray(out.lengths, np.int64), state=new_state,
+                          tokens=[r.emitted for r in results], taps=taps, seconds=seconds)
+
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+        context = self._check_context(att_context_size)
+        with mx.stream(self.device):
+            out = self.model.encoder(mx.array(np.asarray(mel, np.float32)).astype(self.compute_dtype),
+                                     np.asarray(length, np.int64), context, record_taps=self.record_taps)
+            start = [self.model.initial_greedy_state(self.compute_dtype) for _ in range(mel.shape[0])]
+            results, decoder_rows, joint_rows = self._decode_batch(out.encoded, out.lengths, start)
+            taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}
+            return OfflineOutput(encoded=_numpy(out.encoded), encoded_len=np.asarray(out.lengths, np.int64),
+                                 tokens=[r.state.tokens for r in results], taps=taps)
+
+    def close(self) -> None:
+        self.model = None

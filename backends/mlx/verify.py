@@ -1,0 +1,267 @@
+"""The numeric check behind ``parity convert`` and ``parity verify DIR --nemo MODEL.nemo``.
+
+``verify_artifact`` streams the utterances through NeMo and the MLX artifact at every lookahead
+(in each requested first-chunk mode) and runs both offline forwards, then judges every tap and
+cache at every step against the tolerance file (``harness.compare``). ``Verification.to_dict`` is
+what ``DIR/parity.json`` holds.
+
+Reduced precision: a bfloat16/float16 decoder may take a different greedy decision where two
+logits are close; from there on its decoder/joint rows no longer correspond to NeMo's, so
+``judge_reduced_precision`` compares those rows only up to the first step with a different
+decision, and
+judges the token sequences by their agreement (``1 - edit distance / reference length``) summed
+over every comparison of the run, against the ``tokens`` limit of the dtype's table
+(``argmax_agreement``: the fraction of greedy decisions that agree). The bound is on the aggregate
+because one flipped decision early in a three-token utterance scores 0 on its own. float32
+requires identical tokens in every comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from harness.chunking import FirstChunkMode
+from harness.compare import PairComparison, TapResult, compare_runs, comparison_order, judge_tap, stream
+from harness.metrics import token_agreement, token_edit_distance
+from harness.nemo_file import sha256_file
+from harness.streaming import TAP_DECODER, TAP_JOINT, Backend
+from harness.tolerances import Tolerances
+
+PAIR = "nemo~mlx"
+TOKENS_TAP = "tokens"
+OFFLINE = "offline"
+DEFAULT_MODES = (FirstChunkMode.PLAIN.value,)
+
+
+def same_greedy_decisions(reference_step, candidate_step) -> bool:
+    """Whether two steps took the same greedy decision at every joint call (blank or which label).
+
+    Equal tokens are not enough: a near-tie can move an emission by a frame within the step
+    (blank-then-label vs label-then-blank), after which the rows no longer correspond.
+    """
+    if reference_step.tokens != candidate_step.tokens:
+        return False
+    ref, cand = reference_step.taps.get(TAP_JOINT), candidate_step.taps.get(TAP_JOINT)
+    if ref is None or cand is None:
+        return True
+    return ref.shape == cand.shape and bool(np.array_equal(ref.argmax(-1), cand.argmax(-1)))
+
+
+def judge_reduced_precision(comparison: PairComparison, reference_steps, candidate_steps,
+                            tolerances: Tolerances) -> PairComparison:
+    """Decoder/joint rows up to the first divergent step; tokens judged by agreement (see module doc)."""
+    divergent_step = next((i for i, (r, c) in enumerate(zip(reference_steps, candidate_steps))
+                           if not same_greedy_decisions(r, c)), None)
+    taps = [t for t in comparison.taps
+            if not (divergent_step is not None and t.tap in (TAP_DECODER, TAP_JOINT) and t.step >= divergent_step)]
+    agreement = token_agreement(comparison.reference_tokens, comparison.candidate_tokens)
+    # Recorded per comparison, judged on the aggregate (token_agreement_violations).
+    taps.append(TapResult(-1, TOKENS_TAP, {"argmax_agreement": agreement}, {}, []))
+    return dataclasses.replace(comparison, taps=taps, require_token_match=False)
+
+
+def aggregate_token_agreement(comparisons: Sequence[PairComparison]) -> float:
+    """``1 - sum(edit distances) / sum(reference lengths)`` over the comparisons."""
+    reference_tokens = sum(len(c.reference_tokens) for c in comparisons)
+    edits = sum(token_edit_distance(c.reference_tokens, c.candidate_tokens) for c in comparisons)
+    return 1.0 - edits / max(reference_tokens, 1)
+
+
+def token_agreement_violations(comparisons: Sequence[PairComparison], tolerances: Tolerances,
+                               dtype: str) -> list[str]:
+    """The aggregate token agreement against ``[<dtype>."nemo~mlx".tokens] argmax_agreement``."""
+    if dtype == "float32" or not comparisons:
+        return []  # float32: every comparison requires identical tokens
+    limits = tolerances.limits(PAIR, dtype, TOKENS_TAP)
+    if "argmax_agreement" not in limits:
+        return [f"no token agreement bound for {dtype} (add [{dtype}.\"{PAIR}\".{TOKENS_TAP}] to the tolerance file)"]
+    agreement = aggregate_token_agreement(comparisons)
+    return [f"token agreement over {len(comparisons)} comparisons: {v.describe()}"
+            for v in tolerances.check({"argmax_agreement": agreement}, limits)]
+
+
+def compare_offline(reference: Backend, candidate: Backend, mel: np.ndarray, length: np.ndarray,
+                    context: tuple[int, int], tolerances: Tolerances, *, utterance: str) -> PairComparison:
+    """Both offline forwards (``Backend.offline``), every tap judged; step -1 marks utterance level."""
+    ref, cand = reference.offline(mel, length, context), candidate.offline(mel, length, context)
+    taps = [judge_tap(-1, name, ref.taps[name], cand.taps[name], tolerances, PAIR, candidate.dtype)
+            for name in ref.taps if name in cand.taps]
+    return PairComparison(reference=f"{reference.name}-offline", candidate=f"{candidate.name}-offline", pair=PAIR,
+                          dtype=candidate.dtype, att_context_size=context, utterance=utterance, taps=taps,
+                          reference_tokens=ref.tokens[0], candidate_tokens=cand.tokens[0],
+                          order=comparison_order(reference.info.num_layers))
+
+
+@dataclass
+class Entry:
+    """One judged comparison and where it came from."""
+
+    mode: str  # "plain", "pad-and-drop" or "offline"
+    comparison: PairComparison
+
+
+@dataclass
+class Verification:
+    artifact_dir: Path
+    nemo_path: Path
+    dtype: str
+    tolerances: Tolerances
+    utterances: list[str]
+    att_context_sizes: list[tuple[int, int]]
+    entries: list[Entry] = field(default_factory=list)
+    device: str = ""
+    blas: str = ""
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.entries) and not self.failures()
+
+    def failures(self) -> list[str]:
+        failures = [f"{e.mode}: {e.comparison.describe_failure()}" for e in self.entries if not e.comparison.passed]
+        return failures + token_agreement_violations([e.comparison for e in self.entries], self.tolerances,
+                                                     self.dtype)
+
+    def modes(self) -> list[str]:
+        return list(dict.fromkeys(e.mode for e in self.entries))
+
+    @staticmethod
+    def _context(context: Sequence[int]) -> str:
+        return f"{context[0]},{context[1]}"
+
+    def worst(self, metric: str = "max_abs") -> dict[str, dict[str, dict[str, float]]]:
+        """``{lookahead: {mode: {tap: worst value}}}``, worst = max (upper-bound metrics) or min."""
+        from harness.metrics import METRIC_BOUND
+
+        lower = METRIC_BOUND.get(metric) == "min"
+        result: dict[str, dict[str, dict[str, float]]] = {}
+        for entry in self.entries:
+            by_tap = result.setdefault(self._context(entry.comparison.att_context_size), {}).setdefault(entry.mode, {})
+            for tap in entry.comparison.taps:
+                if metric in tap.metrics:
+                    value = tap.metrics[metric]
+                    old = by_tap.get(tap.tap)
+                    by_tap[tap.tap] = value if old is None else (min(old, value) if lower else max(old, value))
+        return result
+
+    def token_summary(self) -> dict[str, dict[str, dict[str, Any]]]:
+        summary: dict[str, dict[str, dict[str, Any]]] = {}
+        for entry in self.entries:
+            c = entry.comparison
+            item = summary.setdefault(self._context(c.att_context_size), {}).setdefault(
+                entry.mode, {"identical": 0, "total": 0, "reference_tokens": 0, "edits": 0})
+            item["total"] += 1
+            item["identical"] += int(c.tokens_equal)
+            item["reference_tokens"] += len(c.reference_tokens)
+            item["edits"] += token_edit_distance(c.reference_tokens, c.candidate_tokens)
+        for by_mode in summary.values():
+            for item in by_mode.values():
+                item["agreement"] = 1.0 - item["edits"] / max(item["reference_tokens"], 1)
+        return summary
+
+    def summary(self) -> str:
+        total = len(self.entries)
+        failed = sum(not e.comparison.passed for e in self.entries)
+        identical = sum(e.comparison.tokens_equal for e in self.entries)
+        agreement = aggregate_token_agreement([e.comparison for e in self.entries])
+        worst_layer = max((v for by_mode in self.worst().values() for taps in by_mode.values()
+                           for k, v in taps.items() if k.startswith("layers.") or k == "encoder"), default=float("nan"))
+        return (f"{total - failed}/{total} comparisons within tolerance, identical tokens in {identical}/{total} "
+                f"(token agreement {agreement:.3f}), worst encoder-side max_abs {worst_layer:.2e} ({self.dtype})")
+
+    def to_dict(self) -> dict[str, Any]:
+        from harness.results import comparison_to_dict, environment
+
+        record_path = self.artifact_dir / "artifact.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        weights = {name: sha256_file(self.artifact_dir / name)
+                   for name in ("model.safetensors", "frontend.safetensors") if (self.artifact_dir / name).exists()}
+        recorded = record.get("files", {})
+        tolerance_file = Path(self.tolerances.source)
+        return {
+            "passed": self.passed,
+            "summary": self.summary(),
+            "created": self.created,
+            "source": {"name": self.nemo_path.name, "sha256": sha256_file(self.nemo_path)},
+            "artifact": {
+                "dtype": self.dtype,
+                "weights_sha256": weights,
+                "weights_match_record": all(recorded.get(k) == v for k, v in weights.items()) if recorded else None,
+                "tensors_sha256": record.get("tensors", {}),
+            },
+            "environment": {**environment(), "mlx_device": self.device, "blas": self.blas,
+                            "machine": platform.machine()},
+            "tolerances": {"path": str(tolerance_file),
+                           "sha256": sha256_file(tolerance_file) if tolerance_file.exists() else None},
+            "utterances": self.utterances,
+            "att_context_sizes": [list(c) for c in self.att_context_sizes],
+            "modes": self.modes(),
+            "worst_max_abs": self.worst("max_abs"),
+            "worst_cosine": self.worst("cosine"),
+            "tokens": self.token_summary(),
+            "token_agreement": aggregate_token_agreement([e.comparison for e in self.entries]),
+            "failures": self.failures(),
+            "comparisons": [{"mode": e.mode, **comparison_to_dict(e.comparison)} for e in self.entries],
+        }
+
+
+def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, utterances: Sequence[Any] | None = None,
+                    att_context_sizes: Sequence[Sequence[int]] | None = None,
+                    tolerances_path: str | Path | None = None, modes: Sequence[str] = DEFAULT_MODES,
+                    include_offline: bool = True, device: str = "auto", reference: Backend | None = None,
+                    progress: Callable[[str], None] | None = None) -> Verification:
+    """Judge the MLX artifact against NeMo on ``utterances`` (default: the fixture speech)."""
+    from backends import get
+    from backends.mlx.backend import MLXBackend
+    from backends.mlx.blas import status
+    from harness.parity import fixture_utterances
+
+    artifact_dir, nemo_path = Path(artifact_dir), Path(nemo_path)
+    tolerances = Tolerances.load(tolerances_path)
+    candidate = MLXBackend(artifact_dir, device=device)
+    reference = reference or get("nemo").load(nemo_path)
+    utterances = list(utterances) if utterances is not None else fixture_utterances()
+    contexts = [(int(c[0]), int(c[1])) for c in (att_context_sizes or candidate.info.att_context_sizes)]
+    verification = Verification(artifact_dir=artifact_dir, nemo_path=nemo_path, dtype=candidate.dtype,
+                                tolerances=tolerances, utterances=[u.name for u in utterances],
+                                att_context_sizes=contexts, device=str(candidate.device), blas=status().reason)
+    num_layers = reference.info.num_layers
+    for utterance in utterances:
+        mel, mel_len = reference.features(utterance.audio[None])
+        candidate_mel, _ = candidate.features(utterance.audio[None])
+        for context in contexts:
+            if progress:
+                progress(f"verifying {utterance.name} [{context[0]},{context[1]}]")
+            for mode in modes:
+                ref_run = stream(reference, mel, context, mode, features=mel)
+                cand_run = stream(candidate, mel, context, mode, dtype=candidate.dtype, features=candidate_mel)
+                comparison = compare_runs(ref_run, cand_run, tolerances, num_layers=num_layers,
+                                          utterance=utterance.name, pair=PAIR)
+                if candidate.dtype != "float32":
+                    comparison = judge_reduced_precision(comparison, ref_run.steps, cand_run.steps, tolerances)
+                verification.entries.append(Entry(FirstChunkMode(mode).value, comparison))
+            if include_offline:
+                comparison = compare_offline(reference, candidate, mel, mel_len, context, tolerances,
+                                             utterance=utterance.name)
+                if candidate.dtype != "float32":
+                    comparison = _judge_offline_tokens(comparison, tolerances)
+                verification.entries.append(Entry(OFFLINE, comparison))
+    candidate.close()
+    return verification
+
+
+def _judge_offline_tokens(comparison: PairComparison, tolerances: Tolerances) -> PairComparison:
+    joint = next((t for t in comparison.taps if t.tap == TAP_JOINT), None)
+    if comparison.tokens_equal and joint is not None and joint.metrics.get("argmax_agreement") == 1.0:
+        return judge_reduced_precision(comparison, [], [], tolerances)
+    taps = [t for t in comparison.taps if t.tap not in (TAP_DECODER, TAP_JOINT)]
+    stub = dataclasses.replace(comparison, taps=taps)
+    return judge_reduced_precision(stub, [], [], tolerances)
