@@ -149,6 +149,26 @@ def cmd_compare(args) -> int:
     return EXIT_VIOLATION if failures else EXIT_OK
 
 
+def cmd_judge(args) -> int:
+    """Re-apply a tolerance file to saved results: nothing is re-run (as Polygraphy's check accuracy)."""
+    from harness.compare import rejudge
+    from harness.parity import ParityReport
+    from harness.results import Results
+    from harness.tolerances import Tolerances
+
+    tolerances = Tolerances.load(args.tolerances)
+    results = Results.load(args.results)
+    results.comparisons = [rejudge(c, tolerances) for c in results.comparisons]
+    results.tolerances = tolerances.source
+    print_comparisons(ParityReport(results))
+    if args.json:
+        print(f"re-judged results written to {results.save(args.json)}")
+    failures = [c for c in results.comparisons if not c.passed]
+    for comparison in failures:
+        print(f"FAIL {comparison.describe_failure()}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from harness.demo import run_demo
 
@@ -214,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_sources(p)
     add_audio_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("judge", help="re-apply a tolerance file to saved results without re-running anything")
+    p.add_argument("results", type=Path, metavar="RESULTS.json")
+    p.add_argument("--tolerances", type=Path, required=True, help="the tolerance file to apply")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the re-judged results here")
+    p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("demo", help="build the fixture, prepare every backend, stream the fixture speech, "
                                      "print the parity table and write the HTML report")

@@ -35,3 +35,24 @@ def test_compare_passes_writes_results_and_fails_on_a_stricter_file(tiny_nemo, t
     out = capsys.readouterr().out
     assert code == EXIT_VIOLATION
     assert "first divergent tap encoder" in out and "max_abs" in out
+
+
+def test_judge_reapplies_tolerances_without_rerunning(tiny_nemo, tmp_path, capsys, monkeypatch):
+    results = tmp_path / "results.json"
+    assert main(["compare", str(tiny_nemo), "--audio", str(SPEECH), "--att-context", "70,13",
+                 "--json", str(results)]) == EXIT_OK
+    capsys.readouterr()
+    import backends.nemo
+
+    def never(*args, **kwargs):
+        raise AssertionError("judge must not run a model")
+
+    monkeypatch.setattr(backends.nemo, "NemoBackend", never)
+    default = Path(__file__).resolve().parent.parent / "harness" / "tolerances.toml"
+    assert main(["judge", str(results), "--tolerances", str(default)]) == EXIT_OK
+    strict = tmp_path / "strict.toml"
+    strict.write_text('[float32."streaming~offline".encoder]\nmax_abs = 1e-9\n')
+    assert main(["judge", str(results), "--tolerances", str(strict), "--json", str(tmp_path / "j.json")]) \
+        == EXIT_VIOLATION
+    assert "first divergent tap encoder" in capsys.readouterr().out
+    assert not json.loads((tmp_path / "j.json").read_text())["passed"]

@@ -163,16 +163,22 @@ def chromium(binary: str, profile: Path, *args: str) -> subprocess.CompletedProc
 
 @pytest.mark.browser
 @pytest.mark.nemo
-def test_real_report_renders_in_headless_chromium(tiny_nemo, nemo_backend, utterances, tolerances, tmp_path):
+def test_real_report_renders_in_headless_chromium(tiny_nemo, nemo_backend, backend_pool, utterances, tolerances,
+                                                  tmp_path):
     binary = chromium_binary()
     if binary is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
     from harness.parity import compare_backends
 
-    # NeMo against its own offline forward, and against a second stream of itself: every per-step tap
-    # and cache is compared, so every section of the page has real data.
+    # NeMo against its own offline forward and against every other available backend (the sessions'
+    # prepared exports and artifacts), or a second stream of itself when none is installed: every
+    # per-step tap and cache is compared, so every section of the page has real data.
+    from backends import REGISTRY
+
+    candidates = [backend_pool.get(name) for name, entry in REGISTRY.items()
+                  if name != "nemo" and entry.available()] or [nemo_backend]
     short = min(utterances, key=lambda u: u.audio.shape[-1])
-    report = compare_backends(nemo_backend, [nemo_backend], [short], [(70, 13), (70, 6)], tolerances,
+    report = compare_backends(nemo_backend, candidates, [short], [(70, 13), (70, 6)], tolerances,
                               model_path=tiny_nemo)
     reports = tmp_path / "reports"
     night(reports, "2025-01-01", report.results)
