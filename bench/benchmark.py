@@ -83,6 +83,10 @@ def main(argv=None) -> int:
     utterances = fixture_utterances()[: args.utterances]
     audio_seconds = sum(len(u.audio) for u in utterances) / SAMPLE_RATE
 
+    # Lookaheads named on the command line are the only ones prepared (a full-size ONNX export per
+    # lookahead costs minutes); otherwise every lookahead of the model.
+    chosen_contexts = [parse_att_context(c) for c in args.att_context] if args.att_context else None
+
     def load_one(spec):
         name, dtype = spec
         entry = get(name)
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"backend {name}: missing {', '.join(missing)}")
         started = time.perf_counter()
-        source = entry.prepare(nemo_path, args.work_dir, dtype=dtype)
+        source = entry.prepare(nemo_path, args.work_dir, dtype=dtype, att_context_sizes=chosen_contexts)
         prepared = time.perf_counter() - started
         backend = entry.load(source, dtype=dtype, **LOAD_OPTIONS.get(name, {}))
         console.print(f"[dim]{name}:{dtype} prepared in {prepared:.1f} s, loaded in "
@@ -101,8 +105,7 @@ def main(argv=None) -> int:
     # The first backend's front end cuts the mel once; every backend gets identical chunks.
     first = load_one(specs[0])
     mels = [first.features(u.audio[None])[0] for u in utterances]
-    contexts = ([parse_att_context(c) for c in args.att_context] if args.att_context
-                else list(first.info.att_context_sizes))
+    contexts = chosen_contexts or list(first.info.att_context_sizes)
     first.close()
     del first
     console.print(f"model {Path(nemo_path).name}, {len(utterances)} utterances ({audio_seconds:.1f} s audio), "
