@@ -168,7 +168,7 @@ class NemoBackend(Backend):
                                          timestamp=[], last_token=int(dec.last_token)))
         return None if all(h is None for h in hypotheses) else hypotheses
 
-    def _decoder_states(self, hypotheses, previous: list[DecoderState]) -> list[DecoderState]:
+    def _decoder_states(self, hypotheses) -> list[DecoderState]:
         states = []
         for index, hyp in enumerate(hypotheses):
             tokens = [int(t) for t in (hyp.y_sequence.tolist() if hasattr(hyp.y_sequence, "tolist") else hyp.y_sequence)]
@@ -214,7 +214,7 @@ class NemoBackend(Backend):
                 partial_hypotheses=previous)
         seconds = time.perf_counter() - started
         encoded_np = encoded.numpy().copy()
-        new_decoder = self._decoder_states(hypotheses, state.decoder)
+        new_decoder = self._decoder_states(hypotheses)
         emitted = [new.tokens[len(old.tokens):] for new, old in zip(new_decoder, state.decoder)]
         taps = recorder.taps(len(self.vocabulary) + 1, self.info.pred_hidden)
         taps[TAP_ENCODER] = encoded_np

@@ -49,11 +49,6 @@ def layer_tap(index: int) -> str:
     return f"layers.{index}"
 
 
-def tap_order(num_layers: int) -> list[str]:
-    """Tap names in model order: the first divergent tap is the first in this list that fails."""
-    return [TAP_MEL, TAP_PRE_ENCODE, *(layer_tap(i) for i in range(num_layers)), TAP_ENCODER, TAP_DECODER, TAP_JOINT]
-
-
 class ShapeMismatchError(ValueError):
     """A tensor crossing the interface does not have the shape the interface promises."""
 
