@@ -22,6 +22,7 @@ import numpy as np
 from harness.chunking import Chunk, normalize_att_context_sizes
 from harness.nemo_file import inspect_nemo
 from harness.nemo_quiet import quiet_nemo
+from harness.speakers import SpeakerTargets
 from harness.streaming import (
     TAP_DECODER,
     TAP_ENCODER,
@@ -56,7 +57,21 @@ def model_info_from_config(config: dict[str, Any], vocabulary: Sequence[str]) ->
         pred_hidden=int(prednet["pred_hidden"]),
         max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
         encoder_config=dict(encoder),
+        **speaker_kernel_info(config),
     )
+
+
+def speaker_kernel_info(config: dict[str, Any]) -> dict[str, Any]:
+    """``SpeakerKernelMixin._init_speaker_kernel_config``: kernels exist when ``spk_kernel_type`` is set;
+    ``spk_kernel_layers`` defaults to [0] and ``add_bg_spk_kernel`` to true."""
+    if config.get("spk_kernel_type") is None:
+        return {}
+    layers = tuple(int(i) for i in (config.get("spk_kernel_layers") or [0]))
+    num_layers = int(config["encoder"]["n_layers"])
+    if any(not 0 <= i < num_layers for i in layers):
+        raise ValueError(f"spk_kernel_layers {list(layers)} outside the encoder's {num_layers} layers")
+    return {"speaker_kernel_layers": layers,
+            "background_speaker_kernel": bool(config.get("add_bg_spk_kernel", True))}
 
 
 class _TapRecorder:
@@ -75,8 +90,11 @@ class _TapRecorder:
         self.handles.append(encoder.pre_encode.register_forward_hook(
             lambda _m, _i, out: self._record(TAP_PRE_ENCODE, out[0] if isinstance(out, tuple) else out)))
         for index, layer in enumerate(encoder.layers):
+            # prepend: the layer's own output, before a multitalker model's speaker-kernel post-hook
+            # (SpeakerKernelMixin hooks layer i-1 to feed layer i) adds to it.
             self.handles.append(layer.register_forward_hook(
-                lambda _m, _i, out, name=layer_tap(index): self._record(name, out[0] if isinstance(out, tuple) else out)))
+                lambda _m, _i, out, name=layer_tap(index): self._record(name, out[0] if isinstance(out, tuple) else out),
+                prepend=True))
         # RNNTDecoder.predict runs embedding -> dec_rnn (LSTMDropout); its output [B, U, H] or [U, B, H].
         dec_rnn = self.model.decoder.prediction["dec_rnn"]
         self.handles.append(dec_rnn.register_forward_hook(
@@ -190,8 +208,19 @@ class NemoBackend(Backend):
             mel, mel_len = self.model.preprocessor(input_signal=torch.from_numpy(audio), length=lengths)
         return mel.numpy().copy(), mel_len.numpy().astype(np.int64)
 
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
-        self.refuse_speaker_masks(speaker_masks)
+    def _set_speaker_targets(self, speaker_masks: SpeakerTargets | None) -> None:
+        """What NeMo's multitalker driver does before ``conformer_stream_step``: ``set_speaker_targets``.
+        The model's own hooks then reconcile lengths (``solve_length_mismatch``)."""
+        if not self.info.multitalker:
+            return
+        torch = self._torch
+        as_tensor = lambda m: None if m is None else torch.from_numpy(np.asarray(m, np.float32).copy())  # noqa: E731
+        masks = speaker_masks or SpeakerTargets(None, None)
+        self.model.set_speaker_targets(as_tensor(masks.target), as_tensor(masks.background))
+
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+        self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
+        self._set_speaker_targets(speaker_masks)
         torch = self._torch
         self._use_context(state.att_context_size)
         self.info.check_state(state)
@@ -230,8 +259,11 @@ class NemoBackend(Backend):
         return StepOutput(encoded=encoded_np, encoded_len=encoded_len.numpy().astype(np.int64), state=new_state,
                           tokens=emitted, taps=taps, seconds=seconds)
 
-    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
+                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
         torch = self._torch
+        self.check_speaker_masks(speaker_masks, mel.shape[0])
+        self._set_speaker_targets(speaker_masks)
         self._use_context(att_context_size)
         with torch.inference_mode(), _TapRecorder(self.model) as recorder:
             encoded, encoded_len = self.model.encoder(audio_signal=torch.from_numpy(mel),

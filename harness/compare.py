@@ -14,6 +14,7 @@ import numpy as np
 
 from harness.chunking import ChunkSchedule, FirstChunkMode
 from harness.metrics import all_metrics
+from harness.speakers import SpeakerTargets
 from harness.streaming import (
     TAP_DECODER,
     TAP_ENCODER,
@@ -69,13 +70,20 @@ class StreamRun:
 
 def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
            mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
-           speaker_masks: Any = None, features: np.ndarray | None = None) -> StreamRun:
-    """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend`` step by step."""
+           speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None) -> StreamRun:
+    """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend`` step by step.
+
+    ``speaker_masks`` are utterance-level (one value per encoder frame); each step gets the slice
+    NeMo's multitalker streaming driver would hand it (``SpeakerTargets.for_step``).
+    """
     schedule = ChunkSchedule(backend.streaming_config(att_context_size), mode)
     state = backend.initial_state(att_context_size, batch_size=mel.shape[0])
+    if speaker_masks is not None:
+        speaker_masks.check_batch(mel.shape[0])
     steps = []
-    for chunk in schedule.chunks(mel):
-        kwargs = {} if speaker_masks is None else {"speaker_masks": speaker_masks}
+    for index, chunk in enumerate(schedule.chunks(mel)):
+        kwargs = {} if speaker_masks is None else {
+            "speaker_masks": speaker_masks.for_step(index, int(att_context_size[1]))}
         output = backend.step(chunk, state, **kwargs)
         steps.append(output)
         state = output.state

@@ -21,6 +21,8 @@ Tap names shared by all backends (all float32 numpy arrays, batch first):
 - ``mel``            front-end output ``[B, n_mels, T]`` (``Backend.features``)
 - ``pre_encode``     subsampling output before ``drop_extra_pre_encoded`` ``[B, T_sub, D]``
 - ``layers.{i}``     output of conformer layer ``i`` ``[B, T, D]`` (all frames of the chunk)
+                     (the layer's own output: a multitalker speaker kernel feeding layer
+                     ``i + 1`` is added after it and shows in ``layers.{i+1}``)
 - ``encoder``        final encoder output after streaming post-processing ``[B, D, T_valid]``
 - ``decoder``        prediction-net output of every decoder call in the step, in call order ``[N, H]``
 - ``joint``          joint logits (before log-softmax) of every joint call, in call order ``[N, V+1]``
@@ -35,6 +37,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from harness.chunking import Chunk, StreamingConfig
+from harness.speakers import SpeakerMaskError, SpeakerTargets
 
 CACHE_LAYOUT = "layers-first"
 
@@ -145,6 +148,14 @@ class ModelInfo:
     pred_hidden: int
     max_symbols: int
     encoder_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Multitalker models (SpeakerKernelMixin): encoder layers whose input gets the speaker kernels,
+    # and whether a background-speaker kernel is added too. Empty for single-speaker models.
+    speaker_kernel_layers: tuple[int, ...] = ()
+    background_speaker_kernel: bool = False
+
+    @property
+    def multitalker(self) -> bool:
+        return bool(self.speaker_kernel_layers)
 
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
         return StreamingConfig.from_encoder_config(self.encoder_config, att_context_size)
@@ -196,19 +207,33 @@ class Backend(abc.ABC):
         """Front end: float32 audio ``[B, samples]`` at 16 kHz -> (mel ``[B, n_mels, T]``, lengths ``[B]``)."""
 
     @abc.abstractmethod
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
-        """Run one chunk of the schedule; return encoder output, new state, tokens and taps."""
+    def step(self, chunk: Chunk, state: StreamingState, *,
+             speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+        """Run one chunk of the schedule; return encoder output, new state, tokens and taps.
+
+        ``speaker_masks`` (multitalker models only) is this step's slice of the utterance masks
+        (``SpeakerTargets.for_step``); the backend reconciles it with the chunk's frames as NeMo's
+        ``solve_length_mismatch`` does. ``None`` means "not set", NeMo's behaviour without targets.
+        """
 
     @abc.abstractmethod
-    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
+                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
         """Whole-utterance forward with the attention mask of ``att_context_size``, then greedy decoding."""
 
     def close(self) -> None:
         """Release the model (the bounded-memory runs load one backend at a time)."""
 
-    def refuse_speaker_masks(self, speaker_masks: Any) -> None:
-        if speaker_masks is not None:
-            raise ValueError(f"{self.name}: this model has no speaker kernels; speaker masks are not accepted")
+    def check_speaker_masks(self, speaker_masks: SpeakerTargets | None, batch: int) -> None:
+        """Refuse masks for a single-speaker model, and masks of another batch size."""
+        if speaker_masks is None:
+            return
+        if not self.info.multitalker:
+            raise SpeakerMaskError(f"{self.name}: this model has no speaker kernels; speaker masks are not accepted")
+        if not isinstance(speaker_masks, SpeakerTargets):
+            raise SpeakerMaskError(f"{self.name}: speaker masks must be harness.speakers.SpeakerTargets, "
+                                   f"not {type(speaker_masks).__name__}")
+        speaker_masks.check_batch(batch)
 
 
 def decode_tokens(vocabulary: Sequence[str], tokens: Sequence[int]) -> str:

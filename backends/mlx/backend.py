@@ -20,6 +20,7 @@ from backends.mlx.convert import CONFIG_FILE, FRONTEND_FILE, MODEL_FILE, read_ar
 from backends.mlx.model import EncoderCache, FrontEnd, GreedyState, ModelArgs, StreamingRNNT
 from backends.nemo import model_info_from_config
 from harness.chunking import Chunk, StreamingConfig
+from harness.speakers import SpeakerTargets
 from harness.streaming import (
     TAP_DECODER,
     TAP_ENCODER,
@@ -139,8 +140,8 @@ class MLXBackend(Backend):
             mel, lengths = self.front_end(np.atleast_2d(np.asarray(audio, np.float32)))
             return _numpy(mel), lengths.astype(np.int64)
 
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
-        self.refuse_speaker_masks(speaker_masks)
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+        self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = self._check_context(state.att_context_size)
         self.info.check_state(state)
         streaming = self.streaming_config(context)
@@ -155,7 +156,7 @@ class MLXBackend(Backend):
                 mx.array(chunk.mel).astype(self.compute_dtype), np.asarray(chunk.length, np.int64), cache,
                 att_context_size=context, valid_out_len=streaming.valid_out_len,
                 keep_all_outputs=chunk.keep_all_outputs, drop_extra_pre_encoded=chunk.drop_extra_pre_encoded,
-                record_taps=self.record_taps)
+                record_taps=self.record_taps, speaker_masks=speaker_masks)
             mx.eval(out.encoded, out.cache.channel, out.cache.time, *out.taps.values())
             results, decoder_rows, joint_rows = self._decode_batch(
                 out.encoded, out.lengths, [self._greedy_state(d) for d in state.decoder])
@@ -174,11 +175,14 @@ class MLXBackend(Backend):
         return StepOutput(encoded=encoded, encoded_len=np.asarray(out.lengths, np.int64), state=new_state,
                           tokens=[r.emitted for r in results], taps=taps, seconds=seconds)
 
-    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
+                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
         context = self._check_context(att_context_size)
+        self.check_speaker_masks(speaker_masks, mel.shape[0])
         with mx.stream(self.device):
             out = self.model.encoder(mx.array(np.asarray(mel, np.float32)).astype(self.compute_dtype),
-                                     np.asarray(length, np.int64), context, record_taps=self.record_taps)
+                                     np.asarray(length, np.int64), context, record_taps=self.record_taps,
+                                     inject=self.model.speaker_injection(speaker_masks))
             start = [self.model.initial_greedy_state(self.compute_dtype) for _ in range(mel.shape[0])]
             results, decoder_rows, joint_rows = self._decode_batch(out.encoded, out.lengths, start)
             taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}

@@ -9,6 +9,7 @@ field       matches
 ``{n}``     a layer or module index (digits)
 ``{conv}``  a conformer conv module with a 1-D kernel: pointwise_conv1/2, depthwise_conv
 ``{part}``  the first component of a module path: encoder, decoder or joint
+``{speaker}`` a multitalker speaker-kernel ModuleDict: spk_kernels or bg_spk_kernels
 ``{path}``  the rest of a dotted name
 ==========  =====================================================================
 
@@ -37,6 +38,7 @@ FIELDS = {
     "n": r"\d+",
     "conv": r"pointwise_conv1|pointwise_conv2|depthwise_conv",
     "part": r"encoder|decoder|joint",
+    "speaker": r"spk_kernels|bg_spk_kernels",
     "path": r".+",
 }
 
@@ -109,6 +111,10 @@ MAPPING: tuple[Rule, ...] = (
            "decoder.prediction.dec_rnn.lstm.{n}.Wh"),
     Rule("LSTM biases", ("decoder.prediction.dec_rnn.lstm.bias_ih_l{n}", "decoder.prediction.dec_rnn.lstm.bias_hh_l{n}"),
          "decoder.prediction.dec_rnn.lstm.{n}.bias", LSTM_BIAS_SUM),
+    # Multitalker models: target- and background-speaker kernels (Linear, ReLU, Dropout, Linear) per
+    # layer, outside the encoder in NeMo (SpeakerKernelMixin). Named separately so that a swap of
+    # the two ModuleDicts is a mapping fact the detection tools can name.
+    rename("speaker kernels (multitalker)", "{speaker}.{n}.{path}", "{speaker}.{n}.{path}"),
     # Everything else keeps its name and layout: linear layers, norms, attention biases, embedding,
     # subsampling output projection, joint.
     rename("linear layers, norms, attention biases, embedding", "{part}.{path}", "{part}.{path}"),

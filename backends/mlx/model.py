@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from harness.speakers import SpeakerTargets, reconciled_pair
+
 # multi_head_attention.py: INF_VAL fills masked attention scores.
 ATTENTION_MASK_VALUE = -10000.0
 # features.py: log(x + 2**-24) is FilterbankFeatures' default zero guard.
@@ -208,6 +210,33 @@ class JointArgs:
 
 
 @dataclass(frozen=True)
+class SpeakerKernelArgs:
+    """``SpeakerKernelMixin`` (parts/mixins/multitalker_asr_mixins.py): ``spk_kernel_type``,
+    ``spk_kernel_layers`` (default [0]) and ``add_bg_spk_kernel`` (default true), top level of the config."""
+
+    layers: tuple[int, ...]
+    background: bool
+    hidden: int  # model_defaults.enc_hidden (the kernels' input and output width)
+    d_model: int  # encoder.d_model (their inner width)
+
+    @classmethod
+    def from_nemo(cls, config: Mapping[str, Any]) -> "SpeakerKernelArgs | None":
+        kernel_type = config.get("spk_kernel_type")
+        if kernel_type is None:
+            return None
+        if kernel_type != "ff":
+            raise NotImplementedError(f"spk_kernel_type {kernel_type!r} is not supported (NeMo defines 'ff' only)")
+        n_layers = int(config["encoder"]["n_layers"])
+        layers = tuple(int(i) for i in (config.get("spk_kernel_layers") or [0]))
+        if any(not 0 <= i < n_layers for i in layers):
+            raise ValueError(f"spk_kernel_layers {list(layers)} outside the encoder's {n_layers} layers")
+        d_model = int(config["encoder"]["d_model"])
+        hidden = (config.get("model_defaults") or {}).get("enc_hidden") or d_model
+        return cls(layers=layers, background=bool(config.get("add_bg_spk_kernel", True)),
+                   hidden=int(hidden), d_model=d_model)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     preprocessor: PreprocessorArgs
     encoder: EncoderArgs
@@ -217,6 +246,7 @@ class ModelArgs:
     max_symbols: int = 10
     tdt_durations: tuple[int, ...] = ()
     encoder_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    speaker_kernels: SpeakerKernelArgs | None = None
 
     @classmethod
     def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str] | None = None) -> "ModelArgs":
@@ -233,6 +263,7 @@ class ModelArgs:
             max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
             tdt_durations=tuple(int(d) for d in durations),
             encoder_config=dict(config["encoder"]),
+            speaker_kernels=SpeakerKernelArgs.from_nemo(config),
         )
 
     @property
@@ -685,11 +716,14 @@ class ConformerEncoder(nn.Module):
 
     def __call__(self, mel: mx.array, lengths: np.ndarray, att_context_size: tuple[int, int], *,
                  cache: EncoderCache | None = None, drop_extra_pre_encoded: int = 0,
-                 record_taps: bool = False) -> EncoderOutput:
+                 record_taps: bool = False, inject: "SpeakerInjection | None" = None) -> EncoderOutput:
         """``ConformerEncoder.forward_internal``: mel ``[B, n_mels, T]`` -> ``[B, D, T']`` (+ next caches).
 
         With ``cache`` this is the encoder half of ``cache_aware_stream_step``; the streaming
-        post-processing (``valid_out_len``) is ``StreamingRNNT.stream_step``'s job.
+        post-processing (``valid_out_len``) is ``StreamingRNNT.stream_step``'s job. ``inject``
+        (multitalker models) adds the speaker kernels to the input of their layers where NeMo's
+        hooks do: before layer 0, and for a later layer ``i`` right after layer ``i - 1``. The
+        ``layers.{i}`` tap is the layer's own output, before any kernel added for the next layer.
         """
         args = self.args
         taps: dict[str, mx.array] = {}
@@ -715,6 +749,8 @@ class ConformerEncoder(nn.Module):
 
         next_channel, next_time = [], []
         for index, layer in enumerate(self.layers):
+            if inject is not None and index == 0:
+                x = inject(0, x)
             channel_cache = time_cache = None
             if cache is not None:
                 channel_cache = cache.channel[index]
@@ -725,6 +761,8 @@ class ConformerEncoder(nn.Module):
                 next_time.append(time_cache.transpose(0, 2, 1))
             if record_taps:
                 taps[f"layers.{index}"] = x
+            if inject is not None and index + 1 < len(self.layers):
+                x = inject(index + 1, x)
         next_cache = None
         if cache is not None:
             # cache_last_channel_len grows by the chunk's frames (cache_keep_size) and saturates at C.
@@ -733,6 +771,53 @@ class ConformerEncoder(nn.Module):
                                                              cache_len))
         return EncoderOutput(encoded=x.transpose(0, 2, 1), lengths=np.asarray(lengths, np.int64),
                              cache=next_cache, taps=taps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multitalker speaker kernels: SpeakerKernelMixin (parts/mixins/multitalker_asr_mixins.py)
+# ------------------------------------------------------------------------------------------------
+
+def speaker_kernel(hidden: int, d_model: int) -> list:
+    """``get_spk_kernel_class('ff')``: ``Sequential(Linear, ReLU, Dropout, Linear)``; a list keeps NeMo's
+    indices (``.0`` and ``.3``) in the parameter names."""
+    return [nn.Linear(hidden, d_model), nn.ReLU(), nn.Dropout(0.0), nn.Linear(d_model, hidden)]
+
+
+def _apply_kernel(kernel: list, x: mx.array) -> mx.array:
+    for module in kernel:
+        x = module(x)
+    return x
+
+
+class SpeakerInjection:
+    """The speaker-kernel hooks of one forward, with that forward's masks.
+
+    NeMo's ``_get_spk_kernel_hook_pre_layer`` (layer 0) and ``_get_spk_kernel_hook_post_layer``
+    (layer ``i`` > 0, hooked after layer ``i - 1``) both compute
+    ``x = x + spk_kernel(x * spk_mask)`` and then ``x = x + bg_spk_kernel(x * bg_mask)`` (the
+    background kernel sees the updated ``x``), each mask reconciled with ``x``'s frames by
+    ``solve_length_mismatch``. Without target masks (``spk_targets`` None) the post-hook returns
+    its input unchanged while the pre-hook uses all ones: that asymmetry is NeMo's and kept.
+    """
+
+    def __init__(self, model: "StreamingRNNT", masks: SpeakerTargets | None):
+        self.model = model
+        self.masks = masks
+
+    def __call__(self, layer_index: int, x: mx.array) -> mx.array:
+        args = self.model.args.speaker_kernels
+        if layer_index not in args.layers:
+            return x
+        target_set = self.masks is not None and self.masks.target is not None
+        if layer_index > 0 and not target_set:
+            return x
+        batch, frames = x.shape[0], x.shape[1]
+        target, background = reconciled_pair(self.masks, frames, batch)
+        x = x + _apply_kernel(self.model.spk_kernels[layer_index], x * mx.array(target).astype(x.dtype)[:, :, None])
+        if args.background:
+            x = x + _apply_kernel(self.model.bg_spk_kernels[layer_index],
+                                  x * mx.array(background).astype(x.dtype)[:, :, None])
+        return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -907,17 +992,33 @@ class StreamingRNNT(nn.Module):
         self.encoder = ConformerEncoder(args.encoder)
         self.decoder = RNNTDecoder(args.prediction)
         self.joint = RNNTJoint(args.joint)
+        speakers = args.speaker_kernels
+        if speakers is not None:
+            # NeMo's ModuleDicts keyed by layer index: lists with placeholders keep those indices.
+            def kernels() -> list:
+                return [speaker_kernel(speakers.hidden, speakers.d_model) if i in speakers.layers else nn.Identity()
+                        for i in range(max(speakers.layers) + 1)]
+
+            self.spk_kernels = kernels()
+            if speakers.background:
+                self.bg_spk_kernels = kernels()
+
+    def speaker_injection(self, masks: SpeakerTargets | None) -> SpeakerInjection | None:
+        """The hooks for one forward; ``None`` for single-speaker models."""
+        return None if self.args.speaker_kernels is None else SpeakerInjection(self, masks)
 
     def stream_step(self, mel: mx.array, lengths: np.ndarray, cache: EncoderCache, *,
                     att_context_size: tuple[int, int], valid_out_len: int, keep_all_outputs: bool,
-                    drop_extra_pre_encoded: int, record_taps: bool = False) -> StreamStepOutput:
+                    drop_extra_pre_encoded: int, record_taps: bool = False,
+                    speaker_masks: SpeakerTargets | None = None) -> StreamStepOutput:
         """``CacheAwareStreamingMixin.cache_aware_stream_step`` (parts/mixins/streaming.py).
 
         The encoder forward with caches, then ``streaming_post_process``: unless ``keep_all_outputs``
         (or for the "regular" style), keep the first ``valid_out_len`` frames.
         """
         out = self.encoder(mel, lengths, att_context_size, cache=cache,
-                           drop_extra_pre_encoded=drop_extra_pre_encoded, record_taps=record_taps)
+                           drop_extra_pre_encoded=drop_extra_pre_encoded, record_taps=record_taps,
+                           inject=self.speaker_injection(speaker_masks))
         encoded, out_lengths = out.encoded, out.lengths
         if valid_out_len > 0 and (not keep_all_outputs or self.args.encoder.att_context_style == "regular"):
             encoded = encoded[:, :, :valid_out_len]

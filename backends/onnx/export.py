@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from backends.nemo import speaker_kernel_info
 from backends.onnx import graph_tools
 from backends.onnx.layout import (
     CACHE_LAYOUTS,
@@ -39,7 +40,10 @@ from backends.onnx.layout import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     FORMAT,
+    INTERFACES,
+    MULTITALKER_CONFIG_FILE,
     CacheShapes,
+    GraphInterface,
     decoder_joint_file,
     encode_metadata,
     encoder_file,
@@ -178,19 +182,107 @@ def _layers_first_wrapper(encoder):
     return LayersFirstStreamingEncoder(encoder)
 
 
-def _export_encoder(model, path: Path, layout: str) -> None:
+def _multitalker_wrapper(model):
+    """The encoder with the speaker masks as real inputs (the multitalker export's interface).
+
+    NeMo feeds the masks through ``set_speaker_targets`` and forward hooks (SpeakerKernelMixin), which
+    the standard export cannot see; here the traced forward sets them from its own inputs, so the
+    hooks' ``x * mask`` products are traced on graph inputs and nothing is constant-folded. The
+    kernels are registered on the wrapper so their initializers keep NeMo's names.
+    """
     import torch
 
-    encoder = model.encoder
-    torch.manual_seed(0)
-    example = list(encoder.input_example(max_batch=1))  # batch-first caches, from NeMo
-    example[1] = torch.full_like(example[1], example[0].shape[-1])  # a full chunk
-    if layout == "batch-first":
-        encoder.export(str(path), input_example=tuple(example), check_trace=False, onnx_opset_version=OPSET)
-        return
+    class MultitalkerStreamingEncoder(torch.nn.Module):
+        def __init__(self, asr_model):
+            super().__init__()
+            self.encoder = asr_model.encoder
+            self.spk_kernels = asr_model.spk_kernels
+            if getattr(asr_model, "add_bg_spk_kernel", False):
+                self.bg_spk_kernels = asr_model.bg_spk_kernels
+            object.__setattr__(self, "_asr_model", asr_model)  # not a submodule: only its hooks are used
+
+        def forward(self, processed_signal, processed_signal_length, cache_last_channel, cache_last_time,
+                    cache_last_channel_len, spk_targets, bg_spk_targets):
+            self._asr_model.set_speaker_targets(spk_targets, bg_spk_targets)
+            try:
+                return self.encoder.forward_for_export(processed_signal, processed_signal_length, cache_last_channel,
+                                                       cache_last_time, cache_last_channel_len)
+            finally:
+                self._asr_model.clear_speaker_targets()
+
+    return MultitalkerStreamingEncoder(model)
+
+
+def _frame_first_decoder_joint(decoder_joint):
+    """``RNNTDecoderJoint`` fed one encoder frame as ``[B, T, D]`` and no ``target_length`` (every target
+    is valid), the multitalker export's decoder interface."""
+    import torch
+
+    class FrameFirstDecoderJoint(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.decoder = inner.decoder
+            self.joint = inner.joint
+            object.__setattr__(self, "_inner", inner)
+
+        def forward(self, encoder_outputs, targets, input_states_1, input_states_2):
+            target_length = torch.ones_like(targets).sum(dim=1)
+            return self._inner(encoder_outputs.transpose(1, 2), targets, target_length, input_states_1, input_states_2)
+
+    return FrameFirstDecoderJoint(decoder_joint)
+
+
+def _trace_export(wrapper, exportable_root, example, path: Path, input_names, output_names, dynamic) -> None:
+    """Export a thin wrapper around NeMo modules with the settings ``Exportable.export`` uses."""
+    import torch
     from nemo.core.classes.common import typecheck
     from nemo.core.classes.exportable import Exportable
 
+    for module in exportable_root.modules():  # what Exportable._export prepares on every enclosed Exportable
+        if isinstance(module, Exportable) and module is not exportable_root:
+            module._prepare_for_export(noreplace=True)
+    exportable_root._prepare_for_export()
+    typecheck.set_typecheck_enabled(enabled=False)
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(wrapper.eval(), tuple(example), str(path), input_names=list(input_names),
+                              output_names=list(output_names), dynamic_axes=dynamic, opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False)
+    finally:
+        typecheck.set_typecheck_enabled(enabled=True)
+        exportable_root._export_teardown()
+
+
+def _encoder_example(model):
+    import torch
+
+    torch.manual_seed(0)
+    example = list(model.encoder.input_example(max_batch=1))  # batch-first caches, from NeMo
+    example[1] = torch.full_like(example[1], example[0].shape[-1])  # a full chunk
+    return example
+
+
+def _export_encoder(model, path: Path, layout: str, interface: GraphInterface) -> None:
+    encoder = model.encoder
+    example = _encoder_example(model)
+    if interface.speaker_masks:
+        import torch
+
+        # Masks as long as the layer input, so solve_length_mismatch traces no pad or slice: the
+        # runtime reconciles lengths before feeding (harness.speakers.reconcile).
+        frames = _layer_input_frames(model, example[0].shape[-1])
+        generator = torch.Generator().manual_seed(0)
+        masks = [(torch.rand(1, frames, generator=generator) > 0.5).float() for _ in range(2)]
+        names_in, names_out = interface.encoder_inputs, interface.encoder_outputs
+        dynamic = {names_in[0]: {0: "B", 2: "T"}, names_in[1]: {0: "B"}, names_in[2]: {0: "B"},
+                   names_in[3]: {0: "B"}, names_in[4]: {0: "B"}, names_in[5]: {0: "B", 1: "T_enc"},
+                   names_in[6]: {0: "B", 1: "T_enc"}, names_out[0]: {0: "B", 2: "T_out"}, names_out[1]: {0: "B"},
+                   names_out[2]: {0: "B"}, names_out[3]: {0: "B"}, names_out[4]: {0: "B"}}
+        _trace_export(_multitalker_wrapper(model), encoder, [*example, *masks], path, names_in, names_out, dynamic)
+        return
+    if layout == "batch-first":
+        encoder.export(str(path), input_example=tuple(example), check_trace=False, onnx_opset_version=OPSET)
+        return
     example[2], example[3] = example[2].transpose(0, 1), example[3].transpose(0, 1)
     dynamic = {
         "audio_signal": {0: "B", 2: "T"}, "length": {0: "B"},
@@ -199,20 +291,33 @@ def _export_encoder(model, path: Path, layout: str) -> None:
         "cache_last_channel_next": {1: "B"}, "cache_last_time_next": {1: "B"},
         "cache_last_channel_next_len": {0: "B"},
     }
-    wrapper = _layers_first_wrapper(encoder).eval()
-    for module in encoder.modules():  # what Exportable._export prepares on every enclosed Exportable
-        if isinstance(module, Exportable) and module is not encoder:
-            module._prepare_for_export(noreplace=True)
-    encoder._prepare_for_export()
-    typecheck.set_typecheck_enabled(enabled=False)
-    try:
-        with torch.inference_mode():
-            torch.onnx.export(wrapper, tuple(example), str(path), input_names=list(ENCODER_INPUTS),
-                              output_names=list(ENCODER_OUTPUTS), dynamic_axes=dynamic, opset_version=OPSET,
-                              do_constant_folding=True, dynamo=False)
-    finally:
-        typecheck.set_typecheck_enabled(enabled=True)
-        encoder._export_teardown()
+    _trace_export(_layers_first_wrapper(encoder), encoder, example, path, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic)
+
+
+def _layer_input_frames(model, mel_frames: int) -> int:
+    """Frames the conformer layers see for a chunk of ``mel_frames``: the subsampled width minus the
+    pre-encoded frames ``forward_for_export`` drops."""
+    from harness.chunking import StreamingConfig
+
+    streaming = StreamingConfig.from_encoder_config(dict(model.cfg.encoder), model.encoder.att_context_size)
+    return streaming.subsampled_length(mel_frames) - streaming.drop_extra_pre_encoded
+
+
+def _export_decoder_joint(model, path: Path, interface: GraphInterface) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if interface.target_length:
+        model.decoder_joint.export(str(path), check_trace=False, onnx_opset_version=OPSET)
+        return
+    decoder_joint = model.decoder_joint
+    frame, targets, _target_length, states_1, states_2 = decoder_joint.input_example()
+    names_in, names_out = interface.decoder_joint_inputs, interface.decoder_joint_outputs
+    dynamic = {names_in[0]: {0: "B", 1: "T"}, names_in[1]: {0: "B", 1: "U"}, names_in[2]: {1: "B"},
+               names_in[3]: {1: "B"}, names_out[0]: {0: "B", 1: "T", 2: "U"}, names_out[1]: {0: "B"},
+               names_out[2]: {1: "B"}, names_out[3]: {1: "B"}}
+    _trace_export(_frame_first_decoder_joint(decoder_joint), decoder_joint,
+                  (frame.transpose(1, 2).contiguous(), targets, states_1, states_2), path, names_in, names_out, dynamic)
 
 
 def _finish_graph(path: Path, metadata: dict[str, Any], expected_inputs: Sequence[str],
@@ -285,7 +390,14 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         if context not in available:
             raise ValueError(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
     vocabulary = _vocabulary(model)
-    base = _model_metadata(model, nemo_path, sha256, cache_layout, vocabulary)
+    speakers = speaker_kernel_info(archive.config)
+    interface = INTERFACES["multitalker" if speakers else "nemo"]
+    if speakers and cache_layout != "batch-first":
+        raise ValueError("a multitalker model is exported with the multitalker interface, whose caches are "
+                         f"batch-first; --cache-layout {cache_layout} is not available for it")
+    base = {**_model_metadata(model, nemo_path, sha256, cache_layout, vocabulary), "interface": interface.name,
+            "speaker_kernel_layers": list(speakers.get("speaker_kernel_layers", ())),
+            "background_speaker_kernel": bool(speakers.get("background_speaker_kernel", False))}
     result = ExportResult(out_dir)
     num_layers = base["num_layers"]
 
@@ -297,8 +409,8 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             say(f"encoder {list(context)} ({cache_layout}) -> {path.name}")
             metadata = {**base, "graph": "encoder", "variant": "float32", "debug_taps": [],
                         **_encoder_metadata(model, context, cache_layout)}
-            _export_encoder(model, path, cache_layout)
-            _finish_graph(path, metadata, ENCODER_INPUTS, ENCODER_OUTPUTS)
+            _export_encoder(model, path, cache_layout, interface)
+            _finish_graph(path, metadata, interface.encoder_inputs, interface.encoder_outputs)
             result.graphs.append(path)
             if debug_taps:
                 debug = out_dir / encoder_file(context, debug=True)
@@ -313,9 +425,8 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         path = out_dir / decoder_joint_file()
         say(f"decoder_joint -> {path.name}")
         metadata = {**base, "graph": "decoder_joint", "variant": "float32", "debug_taps": []}
-        torch.manual_seed(0)
-        model.decoder_joint.export(str(path), check_trace=False, onnx_opset_version=OPSET)
-        _finish_graph(path, metadata, DECODER_JOINT_INPUTS, DECODER_JOINT_OUTPUTS)
+        _export_decoder_joint(model, path, interface)
+        _finish_graph(path, metadata, interface.decoder_joint_inputs, interface.decoder_joint_outputs)
         result.graphs.append(path)
         if debug_taps:
             debug = out_dir / decoder_joint_file(debug=True)
@@ -327,6 +438,8 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             result.graphs.append(quantized)
 
     _write_side_files(model, archive, out_dir, vocabulary)
+    if speakers:
+        _write_multitalker_config(model, base, contexts, out_dir)
     result.seconds = time.perf_counter() - started
     result.peak_rss_mb = _peak_rss_mb()
     say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")
@@ -339,6 +452,48 @@ def _write_side_files(model, archive, out_dir: Path, vocabulary: Sequence[str]) 
     (out_dir / "tokenizer.model").write_bytes(archive.tokenizer_model_bytes())
     (out_dir / "vocab.txt").write_text("".join(f"{piece}\n" for piece in vocabulary), encoding="utf-8")
     frontend_from_featurizer(model.preprocessor.featurizer).save(out_dir)
+
+
+def _write_multitalker_config(model, base: dict[str, Any], contexts, out_dir: Path) -> None:
+    """``multitalker_config.json``: the dimensions a runtime of the multitalker export needs."""
+    interface = INTERFACES["multitalker"]
+    lookaheads = {}
+    for context in contexts:
+        model.encoder.set_default_att_context_size(list(context))
+        cfg = model.encoder.streaming_cfg
+        pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [int(v), int(v)]  # noqa: E731
+        lookaheads[f"{context[0]}_{context[1]}"] = {
+            "att_context_size": list(context), "encoder_file": Path(encoder_file(context)).name,
+            "chunk_size": pair(cfg.chunk_size), "shift_size": pair(cfg.shift_size),
+            "pre_encode_cache_size": pair(cfg.pre_encode_cache_size),
+            "valid_out_len": int(cfg.valid_out_len), "speaker_mask_frames_per_step": int(context[1]) + 1,
+        }
+    config = {
+        "model_type": "multitalker-cache-aware-rnnt",
+        "source_name": base["source_name"], "source_sha256": base["source_sha256"],
+        "num_layers": base["num_layers"], "d_model": base["d_model"], "n_mels": base["n_mels"],
+        "subsampling_factor": base["subsampling_factor"], "frame_shift_seconds": 0.01 * base["subsampling_factor"],
+        "conv_kernel_size": base["conv_kernel_size"], "conv_cache_frames": base["conv_kernel_size"] - 1,
+        "left_context_frames": int(contexts[0][0]), "vocab_size": base["vocab_size"], "blank_id": base["blank_id"],
+        "pred_rnn_layers": base["pred_rnn_layers"], "pred_hidden": base["pred_hidden"],
+        "max_symbols": base["max_symbols"], "spk_kernel_type": "ff",
+        "spk_kernel_layers": base["speaker_kernel_layers"], "add_bg_spk_kernel": base["background_speaker_kernel"],
+        "cache_layout": "batch-first",
+        "encoder": {"inputs": list(interface.encoder_inputs), "outputs": list(interface.encoder_outputs),
+                    "encoded_layout": "[B, D, T]",
+                    "speaker_masks": "[B, T_enc], one value per encoder frame of the chunk after the "
+                                     "pre-encoded frames are dropped; target speaker 1 = active, background "
+                                     "1 = another speaker active"},
+        "decoder_joint": {"inputs": list(interface.decoder_joint_inputs),
+                          "outputs": list(interface.decoder_joint_outputs),
+                          "encoder_outputs_layout": "[B, T, D]", "outputs_are": "raw logits (no log-softmax)"},
+        "lookaheads": lookaheads,
+        "files": {"float32": sorted(p.name for p in out_dir.glob("*.onnx") if ".int8." not in p.name
+                                    and ".debug." not in p.name),
+                  "int8": sorted(p.name for p in out_dir.glob("*.int8.onnx"))},
+        "tokenizer": "tokenizer.model",
+    }
+    (out_dir / MULTITALKER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:

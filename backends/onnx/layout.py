@@ -11,6 +11,7 @@ nor NeMo. File names in an export directory:
 ``*.onnx.data``                       external weights, one file per graph (models > 2 GB)
 ``tokenizer.model``, ``vocab.txt``    SentencePiece model and its pieces, one per line
 ``frontend.npz``, ``frontend.json``   mel filterbank + window, and the front-end settings
+``multitalker_config.json``           multitalker exports: model dimensions and speaker-kernel layers
 ====================================  ==================================================
 
 Every graph's ``metadata_props`` hold JSON-encoded values under the ``METADATA_KEYS`` below: what a
@@ -34,11 +35,63 @@ ENCODER_OUTPUTS = ("outputs", "encoded_lengths", "cache_last_channel_next", "cac
 DECODER_JOINT_INPUTS = ("encoder_outputs", "targets", "target_length", "input_states_1", "input_states_2")
 DECODER_JOINT_OUTPUTS = ("outputs", "prednet_lengths", "output_states_1", "output_states_2")
 
+# The multitalker export's interface (what parakeet-rs runs for multitalker-parakeet-streaming):
+# batch-first caches, the speaker masks as real encoder inputs, and a decoder_joint fed one
+# encoder frame as [B, T, D] without a target_length input.
+MULTITALKER_ENCODER_INPUTS = ("processed_signal", "processed_signal_length", "cache_last_channel",
+                              "cache_last_time", "cache_last_channel_len", "spk_targets", "bg_spk_targets")
+MULTITALKER_ENCODER_OUTPUTS = ("encoded", "encoded_len", "cache_last_channel_next", "cache_last_time_next",
+                               "cache_last_channel_len_next")
+MULTITALKER_DECODER_JOINT_INPUTS = ("encoder_outputs", "targets", "input_states_1", "input_states_2")
+MULTITALKER_DECODER_JOINT_OUTPUTS = ("outputs", "prednet_lengths", "states_1", "states_2")
+MULTITALKER_CONFIG_FILE = "multitalker_config.json"
+
+
+@dataclass(frozen=True)
+class GraphInterface:
+    """Input and output names of an export's graphs, by role, so the runtime reads either interface.
+
+    ``nemo``: NeMo's own export names (``forward_for_export``, ``RNNTDecoderJoint``).
+    ``multitalker``: the multitalker export's names, with ``spk_targets``/``bg_spk_targets``.
+    """
+
+    name: str
+    encoder_inputs: tuple[str, ...]  # signal, signal length, channel cache, time cache, channel cache length[, masks]
+    encoder_outputs: tuple[str, ...]  # encoded, encoded length, next channel, next time, next channel length
+    decoder_joint_inputs: tuple[str, ...]  # encoder frame, targets, [target_length,] states 1, states 2
+    decoder_joint_outputs: tuple[str, ...]  # logits, prednet lengths, next states 1, next states 2
+    encoder_frame_layout: str  # decoder_joint's encoder_outputs: "BDT" (NeMo) or "BTD"
+
+    @property
+    def speaker_masks(self) -> bool:
+        return len(self.encoder_inputs) > 5
+
+    @property
+    def target_length(self) -> bool:
+        return len(self.decoder_joint_inputs) > 4
+
+
+INTERFACES = {
+    "nemo": GraphInterface("nemo", ENCODER_INPUTS, ENCODER_OUTPUTS, DECODER_JOINT_INPUTS, DECODER_JOINT_OUTPUTS,
+                           "BDT"),
+    "multitalker": GraphInterface("multitalker", MULTITALKER_ENCODER_INPUTS, MULTITALKER_ENCODER_OUTPUTS,
+                                  MULTITALKER_DECODER_JOINT_INPUTS, MULTITALKER_DECODER_JOINT_OUTPUTS, "BTD"),
+}
+
+
+def interface_of(metadata: Mapping[str, Any]) -> GraphInterface:
+    """The interface a graph's metadata names (exports without the key use NeMo's names)."""
+    name = metadata.get("interface", "nemo")
+    if name not in INTERFACES:
+        raise GraphInterfaceError(f"unknown graph interface {name!r}; known: {', '.join(INTERFACES)}")
+    return INTERFACES[name]
+
 # Keys written on every graph (model-wide) and on encoder graphs (per lookahead).
 MODEL_KEYS = (
     "format", "graph", "variant", "source_sha256", "source_name", "cache_layout", "num_layers", "d_model",
     "n_mels", "conv_kernel_size", "subsampling_factor", "att_context_sizes", "vocab_size", "blank_id",
-    "pred_rnn_layers", "pred_hidden", "max_symbols", "encoder_config", "debug_taps",
+    "pred_rnn_layers", "pred_hidden", "max_symbols", "encoder_config", "debug_taps", "interface",
+    "speaker_kernel_layers", "background_speaker_kernel",
 )
 ENCODER_KEYS = (
     "att_context_size", "lookahead", "chunk_size", "shift_size", "pre_encode_cache_size",

@@ -24,9 +24,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.onnx.layout import (
-    DECODER_JOINT_INPUTS,
-    DECODER_JOINT_OUTPUTS,
-    ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     FORMAT,
     CacheShapes,
@@ -36,10 +33,12 @@ from backends.onnx.layout import (
     SourceMismatchError,
     decoder_joint_file,
     encoder_file,
+    interface_of,
     read_graph_metadata,
 )
 from harness.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
 from harness.frontend import Frontend
+from harness.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
 from harness.streaming import (
     TAP_DECODER,
     TAP_ENCODER,
@@ -59,9 +58,13 @@ class CacheLayoutError(ShapeMismatchError):
 
 
 class _Graph:
-    """One ONNX Runtime session with its metadata and interface checks."""
+    """One ONNX Runtime session with its metadata and interface checks.
 
-    def __init__(self, path: Path, inputs: Sequence[str], outputs: Sequence[str], session_options):
+    ``role`` is ``"encoder"`` or ``"decoder_joint"``; the names it must have come from the
+    interface the graph's metadata declares (``layout.INTERFACES``).
+    """
+
+    def __init__(self, path: Path, role: str, session_options):
         import onnxruntime as ort
 
         self.path = path
@@ -69,6 +72,9 @@ class _Graph:
         if self.metadata.get("format") != FORMAT:
             raise GraphInterfaceError(f"{path.name}: metadata format {self.metadata.get('format')!r}, "
                                       f"expected {FORMAT!r} (not exported by parity export-onnx?)")
+        self.interface = interface_of(self.metadata)
+        inputs = getattr(self.interface, f"{role}_inputs")
+        outputs = getattr(self.interface, f"{role}_outputs")
         self.session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -122,9 +128,10 @@ class OnnxBackend(Backend):
         self.dtype = dtype
         self._options = _session_options(threads)
         self._use_taps = taps and dtype == "float32"
-        self.decoder_joint = self._open(decoder_joint_file, DECODER_JOINT_INPUTS, DECODER_JOINT_OUTPUTS)
+        self.decoder_joint = self._open(decoder_joint_file, "decoder_joint")
         meta = self.decoder_joint.metadata
         self.metadata = meta
+        self.interface = self.decoder_joint.interface
         self.cache_layout = str(meta["cache_layout"])
         if nemo_path is not None:
             self._check_source(Path(nemo_path))
@@ -136,7 +143,12 @@ class OnnxBackend(Backend):
             att_context_sizes=exported, vocabulary=tuple(self.vocabulary), blank_id=int(meta["blank_id"]),
             pred_layers=int(meta["pred_rnn_layers"]), pred_hidden=int(meta["pred_hidden"]),
             max_symbols=int(meta["max_symbols"] or 0), encoder_config=dict(meta["encoder_config"]),
+            speaker_kernel_layers=tuple(int(i) for i in meta.get("speaker_kernel_layers") or ()),
+            background_speaker_kernel=bool(meta.get("background_speaker_kernel", False)),
         )
+        if self.info.multitalker != self.interface.speaker_masks:
+            raise GraphInterfaceError(f"{self.directory}: speaker_kernel_layers {list(self.info.speaker_kernel_layers)} "
+                                      f"contradict the {self.interface.name} interface")
         self._max_symbols = meta["max_symbols"]  # None: no per-frame limit (NeMo's max_symbols=None)
         self._encoders: dict[tuple[int, int], _Graph] = {}
         self._streaming: dict[tuple[int, int], StreamingConfig] = {}
@@ -146,14 +158,14 @@ class OnnxBackend(Backend):
         self._check_decoder_joint()
 
     # -- loading and validation ----------------------------------------------------------------------
-    def _open(self, file_for, inputs, outputs) -> _Graph:
+    def _open(self, file_for, role: str) -> _Graph:
         """``file_for(variant, debug)`` names the graph; the debug (tap) variant is preferred when wanted."""
         candidates = [self.directory / file_for(self.dtype, False)]
         if self._use_taps:
             candidates.insert(0, self.directory / file_for("float32", True))
         for path in candidates:
             if path.is_file():
-                return _Graph(path, inputs, outputs, self._options)
+                return _Graph(path, role, self._options)
         raise MissingGraphError(f"{self.directory}: missing graph {candidates[-1].name} "
                                 f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
 
@@ -207,10 +219,9 @@ class OnnxBackend(Backend):
             raise MissingGraphError(
                 f"{self.directory}: no encoder graph for att_context_size {list(context)}; exported: "
                 f"{[list(c) for c in self.info.att_context_sizes]}")
-        graph = self._open(lambda variant, debug: encoder_file(context, variant, debug), ENCODER_INPUTS,
-                           ENCODER_OUTPUTS)
+        graph = self._open(lambda variant, debug: encoder_file(context, variant, debug), "encoder")
         meta = graph.metadata
-        for key in ("source_sha256", "cache_layout", "num_layers", "d_model"):
+        for key in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
             if meta.get(key) != self.metadata.get(key):
                 raise ExportDirError(f"{graph.path.name}: metadata {key} = {meta.get(key)!r}, but "
                                      f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
@@ -258,8 +269,13 @@ class OnnxBackend(Backend):
         return self.frontend(np.atleast_2d(np.asarray(audio, np.float32)))
 
     def run_encoder(self, context: Sequence[int], mel: np.ndarray, length: np.ndarray, cache_last_channel: np.ndarray,
-                    cache_last_time: np.ndarray, cache_last_channel_len: np.ndarray) -> dict[str, np.ndarray]:
-        """One encoder graph call with caches in the graph's own layout (checked against its metadata)."""
+                    cache_last_time: np.ndarray, cache_last_channel_len: np.ndarray,
+                    speaker_masks: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """One encoder graph call with caches in the graph's own layout (checked against its metadata).
+
+        Outputs are returned under the ``nemo`` interface's names whatever the graph calls them;
+        ``speaker_masks`` (target, background), already reconciled, go to a multitalker graph.
+        """
         graph = self._encoder(context)
         batch = mel.shape[0]
         shapes = self._cache_shapes(graph.metadata)
@@ -275,18 +291,53 @@ class OnnxBackend(Backend):
         if cache_last_channel_len.shape != (batch,):
             raise ShapeMismatchError(f"cache_last_channel_len: expected shape ({batch},), "
                                      f"got {tuple(cache_last_channel_len.shape)}")
-        return graph.run({
-            "audio_signal": np.ascontiguousarray(mel, np.float32), "length": np.asarray(length, np.int64),
-            "cache_last_channel": np.ascontiguousarray(cache_last_channel, np.float32),
-            "cache_last_time": np.ascontiguousarray(cache_last_time, np.float32),
-            "cache_last_channel_len": np.asarray(cache_last_channel_len, np.int64),
-        })
+        names = graph.interface.encoder_inputs
+        feeds = {
+            names[0]: np.ascontiguousarray(mel, np.float32), names[1]: np.asarray(length, np.int64),
+            names[2]: np.ascontiguousarray(cache_last_channel, np.float32),
+            names[3]: np.ascontiguousarray(cache_last_time, np.float32),
+            names[4]: np.asarray(cache_last_channel_len, np.int64),
+        }
+        if graph.interface.speaker_masks:
+            if speaker_masks is None:
+                raise ValueError(f"{graph.path.name}: this graph takes {names[5]} and {names[6]}; none were given")
+            frames = self._layer_input_frames(context, mel.shape[-1])
+            for name, mask in zip(names[5:], speaker_masks):
+                if mask.shape != (batch, frames):
+                    raise ShapeMismatchError(f"{name}: expected shape ({batch}, {frames}) (the chunk's encoder "
+                                             f"frames), got {tuple(mask.shape)}")
+                feeds[name] = np.ascontiguousarray(mask, np.float32)
+        elif speaker_masks is not None:
+            raise ValueError(f"{graph.path.name}: this graph has no speaker-mask inputs")
+        out = graph.run(feeds)
+        canonical = ENCODER_OUTPUTS  # NeMo's names, whatever the graph calls them
+        return {**{name: value for name, value in out.items() if name not in graph.interface.encoder_outputs},
+                **{role: out[name] for role, name in zip(canonical, graph.interface.encoder_outputs)}}
+
+    def _layer_input_frames(self, context: Sequence[int], mel_frames: int) -> int:
+        """Frames the conformer layers (and the speaker masks) see for a chunk of ``mel_frames``."""
+        streaming = self.streaming_config(context)
+        return streaming.subsampled_length(mel_frames) - streaming.drop_extra_pre_encoded
+
+    def _speaker_masks(self, context: Sequence[int], chunk: Chunk,
+                       speaker_masks: SpeakerTargets | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The step's masks reconciled with the chunk's frames, as NeMo's ``solve_length_mismatch`` would."""
+        if not self.info.multitalker:
+            return None
+        later = [i for i in self.info.speaker_kernel_layers if i > 0]
+        if (speaker_masks is None or speaker_masks.target is None) and later:
+            raise SpeakerMaskError(
+                f"onnx: without target-speaker masks NeMo skips the speaker kernels of layers {later} (its "
+                f"post-hooks return early) but still applies layer 0's; the exported graph always applies "
+                f"them all, so give explicit masks (SpeakerTargets.single_speaker for NeMo's single-speaker mode)")
+        frames = self._layer_input_frames(context, chunk.mel.shape[-1])
+        return reconciled_pair(speaker_masks, frames, chunk.mel.shape[0])
 
     def _to_graph_layout(self, array: np.ndarray) -> np.ndarray:
         return np.swapaxes(array, 0, 1) if self.cache_layout == "batch-first" else array
 
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: Any = None) -> StepOutput:
-        self.refuse_speaker_masks(speaker_masks)
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+        self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = state.att_context_size
         streaming = self.streaming_config(context)
         if chunk.drop_extra_pre_encoded != streaming.drop_extra_pre_encoded:
@@ -294,8 +345,9 @@ class OnnxBackend(Backend):
                              f"the graph bakes {streaming.drop_extra_pre_encoded} (pad-and-drop mode only)")
         self.info.check_state(state)  # canonical layers-first shapes
         started = time.perf_counter()
+        masks = self._speaker_masks(context, chunk, speaker_masks)
         out = self.run_encoder(context, chunk.mel, chunk.length, self._to_graph_layout(state.cache_last_channel),
-                               self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len)
+                               self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len, masks)
         encoded, encoded_len = out["outputs"], out["encoded_lengths"].astype(np.int64)
         decoders, emitted, decoder_taps, joint_taps = [], [], [], []
         for index, previous in enumerate(state.decoder):
@@ -328,16 +380,20 @@ class OnnxBackend(Backend):
         h, c, last = state.h, state.c, int(state.last_token)
         tokens, emitted, decoder_taps, joint_taps = list(state.tokens), [], [], []
         targets = np.zeros((1, 1), self._targets_dtype)
-        target_length = np.ones((1,), self._targets_dtype)
+        names, outputs = self.interface.decoder_joint_inputs, self.interface.decoder_joint_outputs
+        feeds = {names[1]: targets}
+        if self.interface.target_length:
+            feeds["target_length"] = np.ones((1,), self._targets_dtype)
+        frame_first = self.interface.encoder_frame_layout == "BTD"
         for t in range(length):
-            frame = np.ascontiguousarray(encoded[None, :, t:t + 1], np.float32)
+            frame = encoded[None, :, t:t + 1]
+            feeds[names[0]] = np.ascontiguousarray(frame.transpose(0, 2, 1) if frame_first else frame, np.float32)
             symbols = 0
             while self._max_symbols is None or symbols < self._max_symbols:
                 targets[0, 0] = last
-                out = self.decoder_joint.run({"encoder_outputs": frame, "targets": targets,
-                                              "target_length": target_length, "input_states_1": h,
-                                              "input_states_2": c})
-                logits = out["outputs"].reshape(-1)
+                feeds[names[-2]], feeds[names[-1]] = h, c
+                out = self.decoder_joint.run(feeds)
+                logits = out[outputs[0]].reshape(-1)
                 joint_taps.append(logits[None].astype(np.float32))
                 if TAP_DECODER in out:
                     decoder_taps.append(out[TAP_DECODER].reshape(-1, self.info.pred_hidden))
@@ -346,11 +402,12 @@ class OnnxBackend(Backend):
                     break
                 tokens.append(label)
                 emitted.append(label)
-                h, c, last = out["output_states_1"], out["output_states_2"], label
+                h, c, last = out[outputs[2]], out[outputs[3]], label
                 symbols += 1
         return DecoderState(last_token=last, h=h, c=c, tokens=tokens), emitted, decoder_taps, joint_taps
 
-    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int]) -> OfflineOutput:
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
+                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
         raise NotImplementedError("the ONNX export holds streaming (cache-aware) encoder graphs only; "
                                   "compare ONNX against NeMo streaming, not offline")
 
