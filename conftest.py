@@ -215,6 +215,20 @@ def run_cache(backend_pool) -> RunCache:
 
 
 @pytest.fixture(scope="session")
+def multitalker_nemo() -> Path:
+    """The ``tiny-multitalker`` fixture: speaker kernels at layer 0 (pre-hook) and layer 2 (post-hook)."""
+    pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
+    from fixtures.models import build
+
+    return build("tiny-multitalker", progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def multitalker_pool(multitalker_nemo, tmp_path_factory) -> BackendPool:
+    return BackendPool(multitalker_nemo, tmp_path_factory.mktemp("multitalker"))
+
+
+@pytest.fixture(scope="session")
 def results_dir(request) -> Path | None:
     chosen = request.config.getoption("--results")
     if not chosen:

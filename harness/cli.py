@@ -45,6 +45,9 @@ def parse_contexts(values: Sequence[str] | None):
 def add_audio_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix-to-mono", action="store_true", help="average the channels of multi-channel audio")
     parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (soxr)")
+    parser.add_argument("--speaker-masks", type=Path, metavar="MASKS.npz",
+                        help="multitalker models: spk_targets (and optionally bg_spk_targets), one value per "
+                             "80 ms encoder frame, applied to every audio file given")
 
 
 def add_backend_sources(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +82,21 @@ def cmd_fixtures(args) -> int:
     return EXIT_OK
 
 
+def load_utterances(args, paths) -> list:
+    """Audio files as utterances, with ``--speaker-masks`` attached when given."""
+    from harness.parity import Utterance
+    from harness.speakers import SpeakerMaskError, load_speaker_masks
+
+    masks = None
+    if getattr(args, "speaker_masks", None):
+        try:
+            masks = load_speaker_masks(args.speaker_masks)
+        except (OSError, SpeakerMaskError) as error:
+            raise CommandError(str(error)) from None
+    return [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample, speaker_targets=masks)
+            for p in paths]
+
+
 def cmd_transcribe(args) -> int:
     from backends import get
     from harness.parity import Utterance, transcribe
@@ -100,7 +118,7 @@ def cmd_transcribe(args) -> int:
         backend = get(args.backend).load(Path(paths.pop(0)))
     if not paths:
         raise CommandError("no audio files given")
-    utterances = [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample) for p in paths]
+    utterances = load_utterances(args, paths)
     contexts = parse_contexts(args.att_context) or [backend.info.att_context_sizes[0]]
     for utterance in utterances:
         for context in contexts:
@@ -135,8 +153,9 @@ def cmd_compare(args) -> int:
     nemo_path = Path(args.model)
     reference = get("nemo").load(nemo_path)
     candidates = open_candidates(args, nemo_path)
-    utterances = ([Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample) for p in args.audio]
-                  if args.audio else fixture_utterances())
+    if args.speaker_masks and not args.audio:
+        raise CommandError("--speaker-masks needs --audio (the masks describe that audio)")
+    utterances = load_utterances(args, args.audio) if args.audio else fixture_utterances()
     contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
     report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
                               progress=lambda m: print(f"  {m}", file=sys.stderr))

@@ -31,6 +31,7 @@ class Mutation:
     expect_tap: str | None = None  # the tap the numeric divergence must be localized to
     expect_tensors: tuple[str, ...] = ()  # artifact tensor names that must be blamed
     needs: str | None = None  # context the mutation needs: "source_state" (NeMo tensors) or "tdt_artifact"
+    model: str = "streaming"  # the artifact it corrupts: "streaming" or "multitalker" (speaker kernels)
 
 
 def _edit_weights(directory: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> None:
@@ -99,6 +100,15 @@ def _permute_output_channels(conv: str, seed: int = 0):
         order = np.random.default_rng(seed).permutation(weight.shape[0])
         tensors[f"{conv}.weight"] = np.ascontiguousarray(weight[order])
         tensors[f"{conv}.bias"] = np.ascontiguousarray(tensors[f"{conv}.bias"][order])
+    return lambda directory, _context: _edit_weights(directory, edit)
+
+
+def _swap_speaker_kernels(layer: int):
+    """The target-speaker and background-speaker kernels of one layer exchanged (every tensor)."""
+    def edit(tensors):
+        for leaf in ("0.weight", "0.bias", "3.weight", "3.bias"):
+            target, background = f"spk_kernels.{layer}.{leaf}", f"bg_spk_kernels.{layer}.{leaf}"
+            tensors[target], tensors[background] = tensors[background].copy(), tensors[target].copy()
     return lambda directory, _context: _edit_weights(directory, edit)
 
 
@@ -173,6 +183,11 @@ CATALOG: tuple[Mutation, ...] = (
              _flip_causal_flag, expect_contradiction="subsampling"),
     Mutation("tdt-as-rnnt", "Parakeet-TDT weights published under an RNNT config",
              _tdt_weights_as_rnnt, expect_contradiction="TDT weights", needs="tdt_artifact"),
+    Mutation("speaker-kernels-swapped", "target- and background-speaker kernels of layer 0 exchanged",
+             _swap_speaker_kernels(0), expect_tap="layers.0",
+             expect_tensors=tuple(f"{kind}.0.{leaf}" for kind in ("spk_kernels", "bg_spk_kernels")
+                                  for leaf in ("0.weight", "0.bias", "3.weight", "3.bias")),
+             model="multitalker"),
 )
 
 

@@ -141,8 +141,8 @@ class ReplayedReference(Backend):
     def features(self, audio):
         return self.backend.features(audio)
 
-    def offline(self, mel, length, att_context_size):
-        return self.backend.offline(mel, length, att_context_size)
+    def offline(self, mel, length, att_context_size, *, speaker_masks=None):
+        return self.backend.offline(mel, length, att_context_size, speaker_masks=speaker_masks)
 
     def initial_state(self, att_context_size, batch_size: int = 1):
         return self.backend.initial_state(att_context_size, batch_size)
@@ -151,21 +151,21 @@ class ReplayedReference(Backend):
         return self.backend.streaming_config(att_context_size)
 
     @staticmethod
-    def _key(chunk: Chunk, state: StreamingState) -> str:
+    def _key(chunk: Chunk, state: StreamingState, speaker_masks=None) -> str:
         digest = hashlib.sha256(repr((chunk.index, chunk.drop_extra_pre_encoded, chunk.keep_all_outputs,
                                       chunk.is_first, chunk.is_last, chunk.cache_frames, state.att_context_size,
                                       state.step_index, [(d.last_token, d.tokens) for d in state.decoder])).encode())
         for array in (chunk.mel, chunk.length, *state.caches().values(),
                       *(a for d in state.decoder for a in (d.h, d.c))):
             digest.update(np.ascontiguousarray(array).tobytes())
+        for mask in (speaker_masks.target, speaker_masks.background) if speaker_masks is not None else ():
+            digest.update(b"none" if mask is None else repr(mask.shape).encode() + np.ascontiguousarray(mask).tobytes())
         return digest.hexdigest()
 
     def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks=None) -> StepOutput:
-        if speaker_masks is not None:
-            return self.backend.step(chunk, state, speaker_masks=speaker_masks)
-        key = self._key(chunk, state)
+        key = self._key(chunk, state, speaker_masks)
         if key not in self._steps:
-            output = self.backend.step(chunk, state)
+            output = self.backend.step(chunk, state, speaker_masks=speaker_masks)
             size = sum(a.nbytes for a in (*output.taps.values(), *output.state.caches().values(), output.encoded))
             if self.stored_bytes + size > self.budget_bytes:
                 return output

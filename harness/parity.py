@@ -23,6 +23,7 @@ from harness.compare import (
 from harness.metrics import word_error_rate
 from harness.nemo_file import sha256_file
 from harness.results import Results
+from harness.speakers import SpeakerTargets
 from harness.streaming import Backend, decode_tokens
 from harness.tolerances import Tolerances
 
@@ -32,10 +33,32 @@ class Utterance:
     name: str
     audio: np.ndarray
     text: str | None = None
+    # Multitalker models: who speaks when, per 80 ms encoder frame. None: NeMo's single-speaker mode.
+    speaker_targets: SpeakerTargets | None = None
+
+    @property
+    def encoder_frames(self) -> int:
+        return len(self.audio) // 1280 + 2  # 80 ms frames (8 x 10 ms hops), with room to spare
+
+    def speaker_masks_for(self, backend: Backend, *, probe: bool = True) -> SpeakerTargets | None:
+        """The masks this utterance feeds ``backend``'s model.
+
+        Its own masks if it has them (a single-speaker model then refuses them); otherwise none for a
+        single-speaker model, and for a multitalker model ``SpeakerTargets.turns`` (drives both
+        speaker kernels, for comparisons) or, with ``probe=False``, NeMo's single-speaker mode
+        (target all ones, background all zeros, for transcripts).
+        """
+        if self.speaker_targets is not None or not backend.info.multitalker:
+            return self.speaker_targets  # a single-speaker backend refuses masks given with the audio
+        if probe:
+            return SpeakerTargets.turns(self.encoder_frames)
+        return SpeakerTargets.single_speaker(1, self.encoder_frames)
 
     @classmethod
-    def from_file(cls, path: str | Path, text: str | None = None, **load_options) -> "Utterance":
-        return cls(name=Path(path).name, audio=load_audio(path, **load_options), text=text)
+    def from_file(cls, path: str | Path, text: str | None = None, *, speaker_targets: SpeakerTargets | None = None,
+                  **load_options) -> "Utterance":
+        return cls(name=Path(path).name, audio=load_audio(path, **load_options), text=text,
+                   speaker_targets=speaker_targets)
 
 
 def fixture_utterances() -> list[Utterance]:
@@ -56,7 +79,8 @@ def shared_mode(*backends: Backend) -> FirstChunkMode:
 def transcribe(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> tuple[str, list[int]]:
     mel, _ = backend.features(utterance.audio[None])
     mode = shared_mode(backend)
-    run = stream(backend, mel, att_context_size, mode, dtype=backend.dtype)
+    run = stream(backend, mel, att_context_size, mode, dtype=backend.dtype,
+                 speaker_masks=utterance.speaker_masks_for(backend, probe=False))
     return decode_tokens(backend.info.vocabulary, run.tokens), run.tokens
 
 
@@ -89,18 +113,20 @@ def compare_backends(reference: Backend, candidates: Iterable[Backend], utteranc
     for utterance in utterances:
         mel, _ = reference.features(utterance.audio[None])
         own_features = {c.name: c.features(utterance.audio[None])[0] for c in candidates}
+        masks = utterance.speaker_masks_for(reference)
         for context in att_context_sizes:
             context = (int(context[0]), int(context[1]))
             if progress:
                 progress(f"{utterance.name} [{context[0]},{context[1]}]")
             plain_reference = None
             if include_offline:
-                plain_reference = stream(reference, mel, context, FirstChunkMode.PLAIN)
+                plain_reference = stream(reference, mel, context, FirstChunkMode.PLAIN, speaker_masks=masks)
                 # NeMo's streaming buffer streams the whole mel tensor, including the frame past
                 # seq_len (= samples // hop) that the front end masks to zero; with seq_len as the
                 # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
                 # encoder frame. The offline forward therefore sees exactly the streamed input.
-                offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context)
+                offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
+                                            speaker_masks=masks)
                 results.comparisons.append(compare_streaming_to_offline(
                     plain_reference, offline, tolerances, num_layers=num_layers, utterance=utterance.name))
                 _record(results, report, plain_reference, utterance, reference.info.vocabulary)
@@ -110,12 +136,12 @@ def compare_backends(reference: Backend, candidates: Iterable[Backend], utteranc
             for candidate in candidates:
                 mode = shared_mode(reference, candidate)
                 if mode not in reference_runs:
-                    reference_runs[mode] = stream(reference, mel, context, mode, features=mel)
+                    reference_runs[mode] = stream(reference, mel, context, mode, features=mel, speaker_masks=masks)
                     _record(results, report, reference_runs[mode], utterance, reference.info.vocabulary)
                 ref_run = reference_runs[mode]
                 ref_run.features = mel
                 cand_run = stream(candidate, mel, context, mode, dtype=candidate.dtype,
-                                  features=own_features[candidate.name])
+                                  features=own_features[candidate.name], speaker_masks=masks)
                 _record(results, report, cand_run, utterance, candidate.info.vocabulary)
                 results.comparisons.append(compare_runs(ref_run, cand_run, tolerances, num_layers=num_layers,
                                                         utterance=utterance.name))

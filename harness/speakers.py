@@ -20,6 +20,7 @@ slice exactly as NeMo's driver does, and each backend reconciles the slice with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -63,6 +64,26 @@ class SpeakerTargets:
         """NeMo's driver in single-speaker mode: target all ones, background all zeros."""
         return cls(np.ones((batch, frames), np.float32), np.zeros((batch, frames), np.float32))
 
+    @classmethod
+    def turns(cls, frames: int, *, turn: int = 12, overlap: int = 3, batch: int = 1) -> "SpeakerTargets":
+        """Two speakers taking turns of ``turn`` frames, talking over each other for ``overlap`` frames
+        at every change: the target is active in even turns, the background in odd ones.
+
+        This is the pattern the comparisons use by default: unlike the single-speaker masks (whose
+        all-zero background leaves ``bg_spk_kernel`` seeing only zeros, so that only its biases
+        matter), it drives both kernels with real activations and with zeros.
+        """
+        index = np.arange(frames)
+        target = (index // turn) % 2 == 0
+        background = ~target
+        # Around every change the speaker of the previous turn goes on for `overlap` frames.
+        into_turn = index % turn
+        target = target | ((into_turn < overlap) & (index >= turn) & background)
+        background = background | ((into_turn < overlap) & (index >= turn) & ~background)
+        shape = (batch, frames)
+        return cls(np.broadcast_to(target.astype(np.float32), shape).copy(),
+                   np.broadcast_to(background.astype(np.float32), shape).copy())
+
     @property
     def batch(self) -> int | None:
         for mask in (self.target, self.background):
@@ -103,3 +124,15 @@ def reconciled_pair(targets: SpeakerTargets | None, frames: int, batch: int) -> 
     targets = targets or SpeakerTargets(None, None)
     return (reconcile(targets.target, frames, batch, TARGET_DEFAULT),
             reconcile(targets.background, frames, batch, BACKGROUND_DEFAULT))
+
+
+def load_speaker_masks(path: str | Path) -> SpeakerTargets:
+    """Masks from an ``.npz`` with ``spk_targets`` (required) and ``bg_spk_targets`` (optional),
+    each ``[T]`` or ``[1, T]``, one value per 80 ms encoder frame of the utterance."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as data:
+        if "spk_targets" not in data:
+            raise SpeakerMaskError(f"{path}: no spk_targets array (found: {', '.join(data.files) or 'nothing'})")
+        as_rows = lambda a: np.asarray(a, np.float32)[None] if np.ndim(a) == 1 else np.asarray(a, np.float32)  # noqa: E731
+        return SpeakerTargets(as_rows(data["spk_targets"]),
+                              as_rows(data["bg_spk_targets"]) if "bg_spk_targets" in data else None)

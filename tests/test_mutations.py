@@ -15,15 +15,22 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_nemo, tmp_path_factory):
-    """A correct fp32 artifact of tiny-streaming and of tiny-tdt (for the mislabel case)."""
+def artifacts(tiny_nemo, multitalker_pool, tmp_path_factory):
+    """Correct fp32 artifacts of tiny-streaming, tiny-multitalker and tiny-tdt (for the mislabel case)."""
     from backends import get
     from fixtures.models import build
 
     work = tmp_path_factory.mktemp("mutations")
     streaming = get("mlx").prepare(tiny_nemo, work / "streaming")
     tdt = get("mlx").prepare(build("tiny-tdt", progress=lambda _m: None), work / "tdt")
-    return {"streaming": streaming, "tdt": tdt}
+    return {"streaming": streaming, "tdt": tdt, "multitalker": multitalker_pool.source("mlx")}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool):
+    """Per mutation target: the source .nemo and its NeMo reference backend."""
+    return {"streaming": (tiny_nemo, nemo_backend),
+            "multitalker": (multitalker_nemo, multitalker_pool.get("nemo"))}
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,18 @@ def test_correct_artifacts_pass(artifacts, tiny_nemo, nemo_backend, utterances):
     assert tdt.passed, "\n".join(tdt.sentences())
 
 
+def test_correct_multitalker_artifact_passes(artifacts, models, utterances):
+    nemo_path, reference = models["multitalker"]
+    diagnosis = diagnose(artifacts["multitalker"], nemo_path, utterances=utterances[:1], reference=reference)
+    assert diagnosis.passed, "\n".join(diagnosis.sentences())
+    assert diagnosis.numeric_checked
+
+
 @pytest.mark.parametrize("mutation", CATALOG, ids=[m.name for m in CATALOG])
-def test_mutation_is_caught_and_localized(mutation, artifacts, tiny_nemo, nemo_backend, source_state, shortest,
-                                          tmp_path):
+def test_mutation_is_caught_and_localized(mutation, artifacts, models, source_state, shortest, tmp_path):
+    nemo_path, reference = models[mutation.model]
     mutated = tmp_path / "artifact"
-    shutil.copytree(artifacts["streaming"], mutated)
+    shutil.copytree(artifacts[mutation.model], mutated)
     mutation.apply(mutated, {"source_state": source_state, "tdt_artifact": artifacts["tdt"]})
 
     if mutation.expect_contradiction:
@@ -60,8 +74,8 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, tiny_nemo, nemo_b
         assert any(mutation.expect_contradiction in c for c in diagnosis.contradictions), diagnosis.contradictions
         return
 
-    diagnosis = diagnose(mutated, tiny_nemo, utterances=shortest, att_context_sizes=[(70, 13)],
-                         reference=nemo_backend)
+    diagnosis = diagnose(mutated, nemo_path, utterances=shortest, att_context_sizes=[(70, 13)],
+                         reference=reference)
     report = "\n".join(diagnosis.sentences())
     assert not diagnosis.passed, f"{mutation.name} was not caught"
     assert {d.name for d in diagnosis.differing_tensors} == set(mutation.expect_tensors), report

@@ -89,9 +89,11 @@ def token_agreement_violations(comparisons: Sequence[PairComparison], tolerances
 
 
 def compare_offline(reference: Backend, candidate: Backend, mel: np.ndarray, length: np.ndarray,
-                    context: tuple[int, int], tolerances: Tolerances, *, utterance: str) -> PairComparison:
+                    context: tuple[int, int], tolerances: Tolerances, *, utterance: str,
+                    speaker_masks=None) -> PairComparison:
     """Both offline forwards (``Backend.offline``), every tap judged; step -1 marks utterance level."""
-    ref, cand = reference.offline(mel, length, context), candidate.offline(mel, length, context)
+    ref = reference.offline(mel, length, context, speaker_masks=speaker_masks)
+    cand = candidate.offline(mel, length, context, speaker_masks=speaker_masks)
     taps = [judge_tap(-1, name, ref.taps[name], cand.taps[name], tolerances, PAIR, candidate.dtype)
             for name in ref.taps if name in cand.taps]
     return PairComparison(reference=f"{reference.name}-offline", candidate=f"{candidate.name}-offline", pair=PAIR,
@@ -237,12 +239,14 @@ def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, utteranc
     for utterance in utterances:
         mel, mel_len = reference.features(utterance.audio[None])
         candidate_mel, _ = candidate.features(utterance.audio[None])
+        masks = utterance.speaker_masks_for(reference)  # multitalker: turns that drive both kernels
         for context in contexts:
             if progress:
                 progress(f"verifying {utterance.name} [{context[0]},{context[1]}]")
             for mode in modes:
-                ref_run = stream(reference, mel, context, mode, features=mel)
-                cand_run = stream(candidate, mel, context, mode, dtype=candidate.dtype, features=candidate_mel)
+                ref_run = stream(reference, mel, context, mode, features=mel, speaker_masks=masks)
+                cand_run = stream(candidate, mel, context, mode, dtype=candidate.dtype, features=candidate_mel,
+                                  speaker_masks=masks)
                 comparison = compare_runs(ref_run, cand_run, tolerances, num_layers=num_layers,
                                           utterance=utterance.name, pair=PAIR)
                 if candidate.dtype != "float32":
@@ -250,7 +254,7 @@ def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, utteranc
                 verification.entries.append(Entry(FirstChunkMode(mode).value, comparison))
             if include_offline:
                 comparison = compare_offline(reference, candidate, mel, mel_len, context, tolerances,
-                                             utterance=utterance.name)
+                                             utterance=utterance.name, speaker_masks=masks)
                 if candidate.dtype != "float32":
                     comparison = _judge_offline_tokens(comparison, tolerances)
                 verification.entries.append(Entry(OFFLINE, comparison))
