@@ -206,7 +206,8 @@ def cmd_nightly(args) -> int:
 
     outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
                           att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
-                          tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir)
+                          tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
+                          audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -279,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/tolerances.toml)")
     p.add_argument("--date", metavar="YYYY-MM-DD", help="the night's folder name (default: today, UTC)")
     p.add_argument("--work-dir", type=Path, help="cache of exports and conversions (default: .cache/artifacts)")
+    p.add_argument("--audio-seconds", type=float, metavar="S",
+                   help="stream the fixture speech joined into one utterance of at least S seconds")
+    p.add_argument("--bounded-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="one model in memory at a time, runs spooled to disk, preparation in a subprocess "
+                        "(default: on for checkpoints over 1 GiB)")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("report", help="render report.md and report.html from saved results JSON")

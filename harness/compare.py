@@ -8,7 +8,7 @@ any backend; ``compare_runs`` turns two runs into a ``PairComparison`` — plain
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,10 +68,10 @@ class StreamRun:
         return taps
 
 
-def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
-           mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
-           speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None) -> StreamRun:
-    """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend`` step by step.
+def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
+               mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *,
+               speaker_masks: SpeakerTargets | None = None) -> Iterator[StepOutput]:
+    """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend``, yielding each step.
 
     ``speaker_masks`` are utterance-level (one value per encoder frame); each step gets the slice
     NeMo's multitalker streaming driver would hand it (``SpeakerTargets.for_step``).
@@ -80,13 +80,19 @@ def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
     state = backend.initial_state(att_context_size, batch_size=mel.shape[0])
     if speaker_masks is not None:
         speaker_masks.check_batch(mel.shape[0])
-    steps = []
     for index, chunk in enumerate(schedule.chunks(mel)):
         kwargs = {} if speaker_masks is None else {
             "speaker_masks": speaker_masks.for_step(index, int(att_context_size[1]))}
         output = backend.step(chunk, state, **kwargs)
-        steps.append(output)
+        yield output
         state = output.state
+
+
+def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
+           mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
+           speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None) -> StreamRun:
+    """``iter_steps`` kept in memory as a ``StreamRun`` (``harness.spool`` keeps it on disk instead)."""
+    steps = list(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks))
     return StreamRun(backend=backend.name, dtype=dtype, att_context_size=tuple(att_context_size),
                      mode=FirstChunkMode(mode).value, steps=steps, features=features)
 

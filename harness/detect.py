@@ -14,7 +14,7 @@ from names the config supplies:
 - conv kernel from the depthwise conv; conv norm: batch_norm has running statistics, layer_norm not
 - decoder kind from the joint's output width: vocabulary + 1 = RNNT, + durations = TDT
 - vocabulary from the prediction-net embedding (blank_as_pad adds the blank row)
-- LSTM layers and width; speaker kernels present
+- LSTM layers and width; the layers holding target- and background-speaker kernels
 """
 
 from __future__ import annotations
@@ -228,7 +228,11 @@ def weight_facts(view: ModelView) -> dict[str, Any]:
         lstm = _find(t, r"decoder\.prediction\.dec_rnn\.lstm\.\d+\.Wh$")
         facts["lstm_layers"] = len(lstm) or None
         facts["lstm_hidden"] = t[lstm[0]].shape[-1] if lstm else None
-    facts["speaker_kernels"] = sorted({n.split(".")[0] for n in t if "spk_kernel" in n}) or []
+    # SpeakerKernelMixin's ModuleDicts: spk_kernels.{layer}.*, bg_spk_kernels.{layer}.*
+    kernels = {kind: sorted({int(m.group(1)) for n in t for m in [re.match(rf"{kind}\.(\d+)\.", n)] if m})
+               for kind in ("spk_kernels", "bg_spk_kernels")}
+    facts["speaker_kernel_layers"] = kernels["spk_kernels"]
+    facts["background_speaker_kernel_layers"] = kernels["bg_spk_kernels"]
     return facts
 
 
@@ -269,9 +273,18 @@ def config_claims(view: ModelView) -> dict[str, Any]:
         "vocabulary_size": len(vocabulary) if vocabulary is not None else decoder.get("vocab_size"),
         "lstm_layers": prednet.get("pred_rnn_layers"),
         "lstm_hidden": prednet.get("pred_hidden"),
-        "speaker_kernels": bool(config.get("spk_kernel_type") or encoder.get("spk_kernel_layers")
-                                or config.get("spk_kernel_layers")),
+        **_speaker_claims(config),
     }
+
+
+def _speaker_claims(config: Mapping[str, Any]) -> dict[str, Any]:
+    """SpeakerKernelMixin's reading of the config: kernels only with ``spk_kernel_type``; layers default
+    to [0], the background kernel to on."""
+    if config.get("spk_kernel_type") is None:
+        return {"speaker_kernel_layers": [], "background_speaker_kernel_layers": []}
+    layers = sorted(int(i) for i in (config.get("spk_kernel_layers") or [0]))
+    return {"speaker_kernel_layers": layers,
+            "background_speaker_kernel_layers": layers if config.get("add_bg_spk_kernel", True) else []}
 
 
 def contradictions(view: ModelView, facts: Mapping[str, Any] | None = None,
@@ -314,8 +327,29 @@ def contradictions(view: ModelView, facts: Mapping[str, Any] | None = None,
             found.append(f"the tokenizer's pieces differ from the embedded vocabulary from index {first} "
                          f"(tokenizer {view.tokenizer_pieces[first:first + 2]} vs vocabulary "
                          f"{view.vocabulary[first:first + 2]})")
-    if facts.get("speaker_kernels") and not claims.get("speaker_kernels"):
-        found.append("the weights hold speaker kernels but the config describes a single-speaker model")
+    found.extend(_speaker_contradictions(facts, claims))
+    return found
+
+
+def _speaker_contradictions(facts: Mapping[str, Any], claims: Mapping[str, Any]) -> list[str]:
+    weights, config = facts.get("speaker_kernel_layers"), claims.get("speaker_kernel_layers")
+    if weights is None or config is None:
+        return []
+    if weights and not config:
+        return [f"the weights hold speaker kernels at layers {weights} but the config describes a "
+                f"single-speaker model (no spk_kernel_type)"]
+    if config and not weights:
+        return [f"the config describes a multitalker model (speaker kernels at layers {config}) but the "
+                f"weights hold no speaker kernels: single-speaker weights under a multitalker config"]
+    found = []
+    if weights != config:
+        found.append(f"the config puts speaker kernels at layers {config} (spk_kernel_layers) but the weights "
+                     f"have them at layers {weights}")
+    background_weights = facts.get("background_speaker_kernel_layers")
+    background_config = claims.get("background_speaker_kernel_layers")
+    if background_weights is not None and background_config is not None and background_weights != background_config:
+        found.append(f"the config {'adds' if background_config else 'has no'} background-speaker kernels "
+                     f"(add_bg_spk_kernel) but the weights have them at layers {background_weights or 'none'}")
     return found
 
 

@@ -112,6 +112,23 @@ def _swap_speaker_kernels(layer: int):
     return lambda directory, _context: _edit_weights(directory, edit)
 
 
+def _relabel_as_multitalker(directory: Path, _context) -> None:
+    """Single-speaker (nemotron) weights published under a multitalker config."""
+    def edit(config):
+        config.update({"target": "nemo.collections.asr.models.multitalker_asr_models.EncDecMultiTalkerRNNTBPEModel",
+                       "spk_kernel_type": "ff", "spk_kernel_layers": [0], "add_bg_spk_kernel": True})
+    _edit_config(directory, edit)
+
+
+def _relabel_as_single_speaker(directory: Path, _context) -> None:
+    """Multitalker weights published under a single-speaker config (the kernels would be ignored)."""
+    def edit(config):
+        config["target"] = "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel"
+        for key in ("spk_kernel_type", "spk_kernel_layers", "add_bg_spk_kernel"):
+            config.pop(key, None)
+    _edit_config(directory, edit)
+
+
 def _scale(name: str, factor: float):
     return lambda directory, _context: _edit_weights(
         directory, lambda t: t.__setitem__(name, (t[name] * np.float32(factor)).astype(np.float32)))
@@ -187,6 +204,11 @@ CATALOG: tuple[Mutation, ...] = (
              _swap_speaker_kernels(0), expect_tap="layers.0",
              expect_tensors=tuple(f"{kind}.0.{leaf}" for kind in ("spk_kernels", "bg_spk_kernels")
                                   for leaf in ("0.weight", "0.bias", "3.weight", "3.bias")),
+             model="multitalker"),
+    Mutation("single-speaker-as-multitalker", "nemotron weights published under a multitalker config",
+             _relabel_as_multitalker, expect_contradiction="weights hold no speaker kernels"),
+    Mutation("multitalker-as-single-speaker", "multitalker weights published under a single-speaker config",
+             _relabel_as_single_speaker, expect_contradiction="describes a single-speaker model",
              model="multitalker"),
 )
 

@@ -16,6 +16,7 @@ import datetime as _dt
 import gc
 import hashlib
 import os
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -260,6 +261,139 @@ def _run_candidate(reference, candidate: Candidate, nemo_path: Path, utterances:
     return record
 
 
+# Models whose .nemo is larger than this run the bounded-memory matrix by default.
+BOUNDED_MEMORY_THRESHOLD_BYTES = 1 << 30
+
+
+def _peak_rss_mb(who: int) -> float:
+    import resource
+
+    return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def _prepare_in_subprocess(backend: str, nemo_path: str, work_dir: str, dtype: str, contexts) -> str:
+    """``BackendEntry.prepare`` in a spawned process: exports and conversions load the whole
+    checkpoint (an ONNX export of the 0.6B model peaks at about 10 GB), and that memory must not
+    count against, or stay in, the comparison process."""
+    from backends import get
+
+    return str(get(backend).prepare(Path(nemo_path), Path(work_dir), dtype=dtype, att_context_sizes=contexts))
+
+
+def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
+                             att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
+                             work_dir: Path, spool_dir: Path, progress: MatrixProgress | None = None) -> Results:
+    """The matrix of ``run_model_matrix`` with one model in memory at a time.
+
+    NeMo streams first and its runs are spooled to disk (``harness.spool``) in every first-chunk
+    mode a candidate needs; NeMo is then closed. Each candidate is prepared in a subprocess, loaded,
+    spooled and compared step by step against the reference spool, then closed and its spool
+    deleted. Memory: the largest single backend plus two steps of tensors, whatever the audio length.
+    """
+    import multiprocessing
+
+    from backends import get
+    from harness.chunking import FirstChunkMode
+    from harness.compare import compare_runs, compare_streaming_to_offline
+    from harness.parity import ParityReport, _record
+    from harness.spool import record
+
+    progress = progress or MatrixProgress()
+    started = time.perf_counter()
+    spool_dir = Path(spool_dir)
+    reference_entry = get(REFERENCE)
+    progress.phase(f"loading NeMo ({nemo_path.name})")
+    reference = reference_entry.load(nemo_path)
+    info = reference.info
+    contexts = [tuple(int(v) for v in c) for c in (att_contexts or info.att_context_sizes)]
+    progress.total(len(utterances) * len(contexts) * (1 + len(plan.candidates)))
+    modes = {FirstChunkMode.PLAIN}  # NeMo streaming vs offline compares the plain mode
+    for candidate in plan.candidates:
+        shared = [m for m in reference_entry.first_chunk_modes if m in get(candidate.backend).first_chunk_modes]
+        if not shared:
+            raise ValueError(f"{candidate.backend} shares no first-chunk mode with {REFERENCE}")
+        modes.add(FirstChunkMode(shared[0]))
+    results = Results(model={"path": str(nemo_path), "sha256": sha256_file(nemo_path), "name": nemo_path.stem},
+                      tolerances=tolerances.source)
+    report = ParityReport(results)
+    mels, spools, memory = {}, {}, {}
+    try:
+        progress.phase("NeMo: streaming (spooled to disk) and offline")
+        for utterance in utterances:
+            mel, _ = reference.features(utterance.audio[None])
+            mels[utterance.name] = mel
+            masks = utterance.speaker_masks_for(reference)
+            for context in contexts:
+                for mode in sorted(modes, key=lambda m: m.value):
+                    run = record(reference, mel, context, mode, spool_dir / f"{REFERENCE}-{utterance.name}-"
+                                 f"{context[0]}_{context[1]}-{mode.value}", speaker_masks=masks, features=mel)
+                    spools[(utterance.name, context, mode)] = run
+                    _record(results, report, run, utterance, info.vocabulary)
+                offline = reference.offline(mel, np.array([mel.shape[-1]]), context, speaker_masks=masks)
+                results.comparisons.append(compare_streaming_to_offline(
+                    spools[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
+                    num_layers=info.num_layers, utterance=utterance.name))
+                del offline
+                progress.advance(f"{utterance.name} [{context[0]},{context[1]}]")
+    finally:
+        reference.close()
+        del reference
+        gc.collect()
+    memory[REFERENCE] = round(_peak_rss_mb(0), 1)  # RUSAGE_SELF
+
+    records = [dict(entry) for entry in plan.unavailable]
+    spawn = multiprocessing.get_context("spawn")
+    for candidate in plan.candidates:
+        entry = get(candidate.backend)
+        status = {"backend": candidate.backend, "dtype": candidate.dtype, "status": "ok"}
+        backend = None
+        try:
+            t0 = time.perf_counter()
+            progress.phase(f"preparing {candidate.label} (subprocess)")
+            with spawn.Pool(1) as pool:
+                source = Path(pool.apply(_prepare_in_subprocess, (candidate.backend, str(nemo_path), str(work_dir),
+                                                                   candidate.dtype, [list(c) for c in contexts])))
+            status.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
+                          prepare_seconds=round(time.perf_counter() - t0, 2))
+            backend = entry.load(source, dtype=candidate.dtype, nemo_path=nemo_path)
+            progress.phase(f"{candidate.label} vs NeMo (spooled)")
+            mode = next(FirstChunkMode(m) for m in reference_entry.first_chunk_modes if m in backend.first_chunk_modes)
+            for utterance in utterances:
+                masks = utterance.speaker_masks_for(backend)
+                features = backend.features(utterance.audio[None])[0]
+                for context in contexts:
+                    run = record(backend, mels[utterance.name], context, mode,
+                                 spool_dir / f"{candidate.backend}-{candidate.dtype}-current", dtype=backend.dtype,
+                                 speaker_masks=masks, features=features)
+                    results.comparisons.append(compare_runs(spools[(utterance.name, context, mode)], run, tolerances,
+                                                            num_layers=info.num_layers, utterance=utterance.name))
+                    _record(results, report, run, utterance, info.vocabulary)
+                    run.delete()
+                    progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
+        except Exception as error:  # noqa: BLE001 - one broken backend must not hide the others' results
+            status.update(status="error", error=f"{type(error).__name__}: {error}",
+                          traceback=traceback.format_exc(limit=8))
+            progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+        finally:
+            if backend is not None:
+                backend.close()
+            del backend
+            gc.collect()
+        memory[candidate.label] = round(_peak_rss_mb(0), 1)
+        records.append(status)
+    for run in spools.values():
+        run.delete()
+    results.environment["device"] = device_description()
+    results.extra.update({
+        "kind": "nightly", "lookaheads": [list(c) for c in contexts], "utterances": [u.name for u in utterances],
+        "candidates": records, "bounded_memory": True,
+        # Peak RSS of this process after each phase (cumulative maximum), and of the preparation subprocesses.
+        "peak_rss_mb": memory, "prepare_peak_rss_mb": round(_peak_rss_mb(-1), 1),  # RUSAGE_CHILDREN
+        "seconds": round(time.perf_counter() - started, 1),
+    })
+    return results
+
+
 @dataclass
 class NightlyOutcome:
     night_dir: Path
@@ -281,7 +415,11 @@ def results_file_names(models: Sequence[str]) -> list[str]:
 def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
                att_contexts: Sequence[Sequence[int]] | None = None, utterance_limit: int | None = None,
                tolerances_path: str | Path | None = None, work_dir: Path | None = None,
-               console=None, title: str = "parity") -> list[Results]:
+               console=None, title: str = "parity", audio_seconds: float | None = None,
+               bounded_memory: bool | None = None) -> list[Results]:
+    """``audio_seconds``: stream the fixture speech joined into one utterance of at least that length
+    instead of the separate utterances. ``bounded_memory``: one model in memory at a time, runs
+    spooled to disk (default: for checkpoints over 1 GiB)."""
     """Run the matrix for each model with a rich progress display; one ``Results`` per model."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -290,6 +428,10 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
     tolerances = Tolerances.load(tolerances_path)
     plan = plan_candidates(backends)
     utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
+    if audio_seconds:
+        from harness.parity import long_utterance
+
+        utterances = [long_utterance(utterances, audio_seconds)]
     work_dir = Path(work_dir or default_work_dir())
     work_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]{title}[/]: {len(models)} model(s) × "
@@ -312,8 +454,15 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
 
             progress = MatrixProgress(total=lambda units, task=task: bar.update(task, total=units), phase=phase,
                                       advance=lambda _text, task=task: bar.advance(task))
-            results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
-                                       progress=progress)
+            bounded = (bounded_memory if bounded_memory is not None
+                       else nemo_path.stat().st_size > BOUNDED_MEMORY_THRESHOLD_BYTES)
+            if bounded:
+                with tempfile.TemporaryDirectory(prefix="parity-spool-", dir=work_dir) as spool:
+                    results = run_model_matrix_bounded(nemo_path, plan, utterances, att_contexts, tolerances,
+                                                       work_dir=work_dir, spool_dir=Path(spool), progress=progress)
+            else:
+                results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
+                                           progress=progress)
             bar.update(task, description=f"{model}: done")
             for record in results.extra["candidates"]:
                 if record["status"] == "error":

@@ -61,6 +61,24 @@ class Utterance:
                    speaker_targets=speaker_targets)
 
 
+def long_utterance(utterances: Sequence[Utterance], seconds: float, *, gap_seconds: float = 0.3,
+                   sample_rate: int = 16000) -> Utterance:
+    """One stream of at least ``seconds``: whole utterances in turn (cycling), ``gap_seconds`` of silence
+    between them, texts joined. Long streams saturate the channel cache and keep it moving."""
+    if not utterances:
+        raise ValueError("no utterances to join")
+    parts, texts, total, index = [], [], 0, 0
+    gap = np.zeros(int(gap_seconds * sample_rate), np.float32)
+    while total < seconds * sample_rate:
+        utterance = utterances[index % len(utterances)]
+        parts += [gap, utterance.audio] if parts else [utterance.audio]
+        texts.append(utterance.text or "")
+        total = sum(len(p) for p in parts)
+        index += 1
+    return Utterance(name=f"fixture-speech-{seconds:g}s", audio=np.concatenate(parts),
+                     text=" ".join(t for t in texts if t) or None)
+
+
 def fixture_utterances() -> list[Utterance]:
     from fixtures.models import speech_manifest
 

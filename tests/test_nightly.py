@@ -106,3 +106,45 @@ def test_full_nightly_matrix(tmp_path):
     outcome = run_nightly(out_root=tmp_path / "reports")
     assert outcome.report.html.is_file()
     assert outcome.fp32_passed, "\n".join(fp32_failures(outcome.results))
+
+
+@pytest.mark.onnx
+@pytest.mark.mlx
+def test_bounded_memory_matrix_equals_the_in_memory_one(tiny_nemo, tolerances, tmp_path):
+    """Spooling every run to disk, one model in memory at a time and preparation in a subprocess,
+    gives exactly the comparisons, metrics and transcripts of the in-memory matrix."""
+    from harness.nightly import MatrixPlan, run_model_matrix, run_model_matrix_bounded
+    from harness.parity import fixture_utterances, long_utterance
+
+    for name in ("onnx", "mlx"):
+        if not REGISTRY[name].available():
+            pytest.skip(f"{name} is not installed")
+    utterances = fixture_utterances()
+    chosen = [utterances[1], long_utterance(utterances[:3], 5.0)]
+    plan = MatrixPlan([Candidate("onnx", "float32"), Candidate("mlx", "float32")], [])
+    contexts = [(70, 13), (70, 0)]
+    work = tmp_path / "work"
+    in_memory = run_model_matrix(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work)
+    spool = tmp_path / "spool"
+    bounded = run_model_matrix_bounded(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work, spool_dir=spool)
+
+    assert [c["status"] for c in bounded.extra["candidates"]] == ["ok", "ok"], bounded.extra["candidates"]
+    assert not any(spool.iterdir()), "spooled runs were left behind"
+
+    def key(comparison):
+        return (comparison.pair, comparison.dtype, comparison.att_context_size, comparison.utterance)
+
+    expected = {key(c): c for c in in_memory.comparisons}
+    actual = {key(c): c for c in bounded.comparisons}
+    assert sorted(actual) == sorted(expected), (sorted(set(actual) - set(expected)), sorted(set(expected) - set(actual)))
+    for name, comparison in actual.items():
+        reference = expected[name]
+        assert comparison.reference_tokens == reference.reference_tokens, name
+        assert comparison.candidate_tokens == reference.candidate_tokens, name
+        assert [(t.step, t.tap, t.metrics, t.violations) for t in comparison.taps] == \
+               [(t.step, t.tap, t.metrics, t.violations) for t in reference.taps], name
+    texts = lambda results: sorted((t["backend"], t["mode"], t["utterance"], tuple(t["att_context_size"]), t["text"])  # noqa: E731
+                                   for t in results.transcripts)
+    assert texts(bounded) == texts(in_memory)
+    assert bounded.passed and bounded.extra["bounded_memory"] is True
+    assert set(bounded.extra["peak_rss_mb"]) == {"nemo", "onnx:float32", "mlx:float32"}

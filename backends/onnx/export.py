@@ -508,6 +508,7 @@ def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
     done = target / "export.json"
     if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
         return target
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=work_dir))
     try:
         export_onnx(nemo_path, staging, **options)
