@@ -1,23 +1,33 @@
-"""Streaming speed, side by side: time per chunk (median, p95) and real-time factor per lookahead.
+"""Streaming speed and memory, side by side: per chunk latency (median, p95), RTF and peak RSS.
 
-    python bench/benchmark.py                               # tiny-streaming: nemo, onnx fp32, onnx int8
-    python bench/benchmark.py --backends nemo,onnx,mlx      # any registered backend, by name
-    python bench/benchmark.py --full                        # full-0.6b (builds a 2.5 GB .nemo; ~10 GB RAM to export)
+    python bench/benchmark.py                                  # tiny-streaming: nemo, onnx fp32, onnx int8
+    python bench/benchmark.py --backends nemo,onnx,mlx         # any registered backend, by name
+    python bench/benchmark.py --full --att-context 70,13 --audio-seconds 60 --backends nemo,onnx,onnx:int8,mlx
+                                                               # full-0.6b (2.5 GB .nemo; ~10 GB RAM to export)
 
-A backend is named as ``NAME`` or ``NAME:DTYPE`` (``onnx:int8``); each is prepared through the
-registry (``backends.get(NAME).prepare``, cached under ``--work-dir``) and loaded one at a time, so
-peak memory is one model. Every backend streams the same utterances through the same chunk
-schedule (``--mode``, pad-and-drop by default: the only mode the ONNX graphs run). The time of
-a chunk is ``StepOutput.seconds``: encoder step plus greedy decoding of that chunk. RTF is compute
-time over audio duration. A warm-up utterance is streamed first and not counted.
+A backend is named as ``NAME`` or ``NAME:DTYPE`` (``onnx:int8``). Each one is handled in two fresh
+processes, so that its figures are its own: the first prepares it through the registry
+(``backends.get(NAME).prepare``: export or conversion, cached under ``--work-dir``) and reports the
+time and peak RSS of that; the second loads it, streams one warm-up pass, then ``--repeat`` timed
+passes over the same audio through the same chunk schedule (``--mode``, pad-and-drop by default:
+the only mode the ONNX graphs run), and reports its peak RSS.
+
+The time of a chunk is ``StepOutput.seconds``: the encoder step plus greedy decoding of that chunk,
+measured inside the backend. RTF is compute time over audio duration, the median over repetitions;
+latencies are pooled over repetitions. Nothing here asserts a time: it prints a table and writes
+JSON (``--json``) with the machine, thread count and library versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import json
+import multiprocessing
+import os
+import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,19 +37,6 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 SAMPLE_RATE = 16000
-# Backend-specific load options for timing runs (the ONNX debug graphs carry extra tap outputs).
-LOAD_OPTIONS = {"onnx": {"taps": False}}
-
-
-@dataclass
-class Timing:
-    step_seconds: list[float] = field(default_factory=list)
-    audio_seconds: float = 0.0
-
-    def summary(self) -> tuple[float, float, float]:
-        steps = np.asarray(self.step_seconds)
-        return (float(np.median(steps)) * 1e3, float(np.percentile(steps, 95)) * 1e3,
-                float(steps.sum()) / self.audio_seconds)
 
 
 def parse_backends(text: str) -> list[tuple[str, str]]:
@@ -50,27 +47,113 @@ def parse_backends(text: str) -> list[tuple[str, str]]:
     return specs
 
 
+def label_of(spec: tuple[str, str]) -> str:
+    return spec[0] if spec[1] == "float32" else f"{spec[0]}:{spec[1]}"
+
+
+def _limit_threads(threads: int) -> None:
+    """In a fresh process, before the frameworks start their pools."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+
+
+def prepare_one(spec, nemo_path: str, work_dir: str, contexts, threads: int) -> dict:
+    """Child process: export/convert one backend; time and peak memory of that alone."""
+    _limit_threads(threads)
+    from backends import get
+    from harness.memory import peak_rss_mb
+
+    started = time.perf_counter()
+    source = get(spec[0]).prepare(Path(nemo_path), Path(work_dir), dtype=spec[1], att_context_sizes=contexts)
+    return {"source": str(source), "prepare_seconds": round(time.perf_counter() - started, 2),
+            "prepare_peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def time_one(spec, source: str, mels, contexts, mode: str, repeat: int, threads: int, audio_seconds: float) -> dict:
+    """Child process: load one backend, warm it up, then time ``repeat`` passes per lookahead."""
+    _limit_threads(threads)
+    from backends import get
+    from harness.compare import stream
+    from harness.memory import peak_rss_mb
+
+    options = {"taps": False, "threads": threads} if spec[0] == "onnx" else (
+        {"taps": False} if spec[0] == "mlx" else {})
+    started = time.perf_counter()
+    backend = get(spec[0]).load(Path(source), dtype=spec[1], **options)
+    load_seconds = time.perf_counter() - started
+    if mode not in backend.first_chunk_modes:
+        raise SystemExit(f"{label_of(spec)} runs {'/'.join(backend.first_chunk_modes)}, not {mode} (see --mode)")
+    rows = []
+    for context in contexts:
+        stream(backend, mels[0], context, mode)  # warm-up, not counted
+        latencies, rtfs = [], []
+        for _ in range(repeat):
+            seconds = [s for mel in mels for s in stream(backend, mel, context, mode).step_seconds]
+            latencies += seconds
+            rtfs.append(sum(seconds) / audio_seconds)
+        steps = np.asarray(latencies)
+        rows.append({"att_context_size": list(context), "chunks_per_pass": len(latencies) // repeat,
+                     "median_ms": round(float(np.median(steps)) * 1e3, 3),
+                     "p95_ms": round(float(np.percentile(steps, 95)) * 1e3, 3),
+                     "max_ms": round(float(steps.max()) * 1e3, 3),
+                     "rtf": round(float(np.median(rtfs)), 4), "rtf_per_repeat": [round(r, 4) for r in rtfs]})
+    backend.close()
+    return {"load_seconds": round(load_seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1), "lookaheads": rows}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="nemo,onnx,onnx:int8", help="NAME[:DTYPE],... (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="benchmark full-0.6b instead of tiny-streaming")
     parser.add_argument("--model", type=Path, help="a .nemo to benchmark instead of a fixture")
-    parser.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all")
+    parser.add_argument("--att-context", action="append", metavar="L,R",
+                        help="lookahead(s); default: all (only these are prepared)")
     parser.add_argument("--utterances", type=int, default=10, help="fixture utterances to stream (default: 10)")
+    parser.add_argument("--audio-seconds", type=float, metavar="S",
+                        help="stream the fixture speech joined into one utterance of at least S seconds")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per lookahead (default: 3)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads per framework (default: all cores, %(default)s)")
     parser.add_argument("--mode", choices=("pad-and-drop", "plain"), default="pad-and-drop",
                         help="first-chunk mode (default: %(default)s, the one ONNX graphs bake in)")
     parser.add_argument("--work-dir", type=Path, default=REPO / ".cache" / "bench", help="prepared artifacts")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON (default: "
+                        "reports/bench/bench-<model>-<UTC time>.json)")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     from rich.console import Console
     from rich.table import Table
 
     from backends import get
-    from harness.chunking import FirstChunkMode, parse_att_context
-    from harness.compare import stream
-    from harness.parity import fixture_utterances
+    from harness.chunking import parse_att_context
+    from harness.parity import fixture_utterances, long_utterance
+    from harness.results import environment
 
-    console = Console(highlight=False)
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(args.threads)  # inherited by the spawned processes
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     if args.model:
         nemo_path = args.model
     else:
@@ -80,64 +163,70 @@ def main(argv=None) -> int:
                           progress=lambda m: console.print(f"[dim]{m}[/]"))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     specs = parse_backends(args.backends)
-    utterances = fixture_utterances()[: args.utterances]
-    audio_seconds = sum(len(u.audio) for u in utterances) / SAMPLE_RATE
-
-    # Lookaheads named on the command line are the only ones prepared (a full-size ONNX export per
-    # lookahead costs minutes); otherwise every lookahead of the model.
-    chosen_contexts = [parse_att_context(c) for c in args.att_context] if args.att_context else None
-
-    def load_one(spec):
-        name, dtype = spec
+    for name, dtype in specs:
         entry = get(name)
-        missing = entry.missing_requirements()
-        if missing:
-            raise SystemExit(f"backend {name}: missing {', '.join(missing)}")
-        started = time.perf_counter()
-        source = entry.prepare(nemo_path, args.work_dir, dtype=dtype, att_context_sizes=chosen_contexts)
-        prepared = time.perf_counter() - started
-        backend = entry.load(source, dtype=dtype, **LOAD_OPTIONS.get(name, {}))
-        console.print(f"[dim]{name}:{dtype} prepared in {prepared:.1f} s, loaded in "
-                      f"{time.perf_counter() - started - prepared:.1f} s[/]")
-        return backend
+        if entry.missing_requirements():
+            raise SystemExit(f"backend {name}: missing {', '.join(entry.missing_requirements())}")
+        if dtype not in entry.dtypes:
+            raise SystemExit(f"backend {name} runs {', '.join(entry.dtypes)}, not {dtype}")
+    utterances = fixture_utterances()[: args.utterances]
+    if args.audio_seconds:
+        utterances = [long_utterance(utterances, args.audio_seconds)]
+    audio_seconds = sum(len(u.audio) for u in utterances) / SAMPLE_RATE
+    contexts = [parse_att_context(c) for c in args.att_context] if args.att_context else None
 
-    mode = FirstChunkMode(args.mode)
-    # The first backend's front end cuts the mel once; every backend gets identical chunks.
-    first = load_one(specs[0])
-    mels = [first.features(u.audio[None])[0] for u in utterances]
-    contexts = chosen_contexts or list(first.info.att_context_sizes)
-    first.close()
-    del first
-    console.print(f"model {Path(nemo_path).name}, {len(utterances)} utterances ({audio_seconds:.1f} s audio), "
-                  f"first-chunk mode {mode.value}")
+    spawn = multiprocessing.get_context("spawn")
+    figures = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "model": {"path": str(nemo_path), "name": Path(nemo_path).stem,
+                         "bytes": Path(nemo_path).stat().st_size},
+               "machine": machine(), "threads": args.threads, "versions": environment()["versions"],
+               "mode": args.mode, "repeat": args.repeat, "audio_seconds": round(audio_seconds, 3),
+               "utterances": [u.name for u in utterances], "backends": []}
+    mels = None
+    for spec in specs:  # one backend at a time, each in fresh processes
+        label = label_of(spec)
+        console.print(f"[bold]{label}[/]: preparing")
+        with spawn.Pool(1) as pool:
+            prepared = pool.apply(prepare_one, (spec, str(nemo_path), str(args.work_dir),
+                                                [list(c) for c in contexts] if contexts else None, args.threads))
+        if mels is None:  # the reference front end cuts the mel once; every backend gets identical chunks
+            reference = get("nemo").load(Path(nemo_path)) if get("nemo").available() else None
+            frontend = reference or get(spec[0]).load(Path(prepared["source"]), dtype=spec[1])
+            mels = [frontend.features(u.audio[None])[0] for u in utterances]
+            contexts = contexts or list(frontend.info.att_context_sizes)
+            frontend.close()
+            del reference, frontend
+        console.print(f"[bold]{label}[/]: prepared in {prepared['prepare_seconds']:.1f} s "
+                      f"(peak RSS {prepared['prepare_peak_rss_mb']:.0f} MB); timing {len(contexts)} lookahead(s) "
+                      f"× {args.repeat} passes over {audio_seconds:.1f} s")
+        with spawn.Pool(1) as pool:
+            timed = pool.apply(time_one, (spec, prepared["source"], mels, contexts, args.mode, args.repeat,
+                                          args.threads, audio_seconds))
+        figures["backends"].append({"backend": spec[0], "dtype": spec[1], "label": label, **prepared, **timed})
 
-    timings: dict[tuple[str, tuple[int, int]], Timing] = {}
-    for spec in specs:  # one backend in memory at a time
-        backend = load_one(spec)
-        label = f"{spec[0]}:{spec[1]}" if spec[1] != "float32" else spec[0]
-        if mode.value not in backend.first_chunk_modes:
-            raise SystemExit(f"{label} runs {'/'.join(backend.first_chunk_modes)}, not {mode.value} (see --mode)")
-        for context in contexts:
-            stream(backend, mels[0], context, mode, dtype=spec[1])  # warm-up
-            timing = Timing(audio_seconds=audio_seconds)
-            for mel in mels:
-                timing.step_seconds += stream(backend, mel, context, mode, dtype=spec[1]).step_seconds
-            timings[(label, tuple(context))] = timing
-        backend.close()
-        del backend
-
-    labels = list(dict.fromkeys(label for label, _ in timings))
-    table = Table(title=f"streaming speed per chunk ({Path(nemo_path).name}, {mode.value})")
-    for column in ("lookahead", "backend", "chunks", "median ms", "p95 ms", "RTF"):
+    reference_rtf = {tuple(row["att_context_size"]): row["rtf"] for entry in figures["backends"]
+                     if entry["label"] == "nemo" for row in entry["lookaheads"]}
+    table = Table(title=f"streaming per chunk: {Path(nemo_path).name}, {audio_seconds:.1f} s audio, "
+                        f"{args.mode}, {args.threads} thread(s), median of {args.repeat}")
+    for column in ("lookahead", "backend", "chunks", "median ms", "p95 ms", "RTF", "× NeMo", "peak RSS MB",
+                   "prepare s", "prepare RSS MB"):
         table.add_column(column, justify="left" if column in ("lookahead", "backend") else "right")
     for context in contexts:
-        for label in labels:
-            timing = timings[(label, tuple(context))]
-            median, p95, rtf = timing.summary()
-            table.add_row(f"[{context[0]},{context[1]}]", label, str(len(timing.step_seconds)),
-                          f"{median:.2f}", f"{p95:.2f}", f"{rtf:.4f}")
+        for entry in figures["backends"]:
+            row = next(r for r in entry["lookaheads"] if tuple(r["att_context_size"]) == tuple(context))
+            ratio = row["rtf"] / reference_rtf[tuple(context)] if tuple(context) in reference_rtf else None
+            row["rtf_vs_nemo"] = None if ratio is None else round(ratio, 3)
+            table.add_row(f"[{context[0]},{context[1]}]", entry["label"], str(row["chunks_per_pass"]),
+                          f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['rtf']:.4f}",
+                          "" if ratio is None else f"{ratio:.2f}", f"{entry['peak_rss_mb']:.0f}",
+                          f"{entry['prepare_seconds']:.1f}", f"{entry['prepare_peak_rss_mb']:.0f}")
         table.add_section()
     console.print(table)
+    out = args.json or REPO / "reports" / "bench" / (
+        f"bench-{Path(nemo_path).stem}-{figures['created'].replace(':', '').replace('+0000', 'Z')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    console.print(f"figures: {out}")
     return 0
 
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from harness.audio import AudioError
 from harness.nemo_file import UnsafeNemoFile
@@ -99,7 +98,7 @@ def load_utterances(args, paths) -> list:
 
 def cmd_transcribe(args) -> int:
     from backends import get
-    from harness.parity import Utterance, transcribe
+    from harness.parity import transcribe
 
     paths = list(args.paths)
     if args.backend == "nemo":
@@ -146,7 +145,7 @@ def print_comparisons(report, out=None) -> None:
 
 def cmd_compare(args) -> int:
     from backends import get
-    from harness.parity import Utterance, compare_backends, fixture_utterances
+    from harness.parity import compare_backends, fixture_utterances
     from harness.tolerances import Tolerances
 
     tolerances = Tolerances.load(args.tolerances)

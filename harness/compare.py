@@ -26,7 +26,7 @@ from harness.streaming import (
     StepOutput,
     layer_tap,
 )
-from harness.tolerances import Tolerances, tap_kind
+from harness.tolerances import Tolerances
 
 CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 LOGIT_TAPS = (TAP_JOINT,)

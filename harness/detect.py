@@ -215,7 +215,7 @@ def weight_facts(view: ModelView) -> dict[str, Any]:
     facts["joint_output_width"] = t[joint_out[-1]].shape[0] if joint_out else None
     if facts["vocabulary_size"] is not None and facts["joint_output_width"] is not None:
         extra = facts["joint_output_width"] - (facts["vocabulary_size"] + 1)
-        facts["decoder_kind"] = "rnnt" if extra == 0 else (f"tdt" if extra > 0 else "inconsistent")
+        facts["decoder_kind"] = "rnnt" if extra == 0 else ("tdt" if extra > 0 else "inconsistent")
         facts["tdt_durations"] = extra if extra > 0 else 0
     else:
         facts["decoder_kind"] = None

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from harness.chunking import Chunk
+from harness.memory import peak_rss_mb
 from harness.nemo_file import sha256_file
 from harness.parity import Utterance, compare_backends, fixture_utterances
 from harness.report import FP32, ReportFiles, overall_passed, write_report
@@ -265,19 +266,14 @@ def _run_candidate(reference, candidate: Candidate, nemo_path: Path, utterances:
 BOUNDED_MEMORY_THRESHOLD_BYTES = 1 << 30
 
 
-def _peak_rss_mb(who: int) -> float:
-    import resource
-
-    return resource.getrusage(who).ru_maxrss / 1024.0
-
-
-def _prepare_in_subprocess(backend: str, nemo_path: str, work_dir: str, dtype: str, contexts) -> str:
+def _prepare_in_subprocess(backend: str, nemo_path: str, work_dir: str, dtype: str, contexts) -> tuple[str, float]:
     """``BackendEntry.prepare`` in a spawned process: exports and conversions load the whole
     checkpoint (an ONNX export of the 0.6B model peaks at about 10 GB), and that memory must not
     count against, or stay in, the comparison process."""
     from backends import get
 
-    return str(get(backend).prepare(Path(nemo_path), Path(work_dir), dtype=dtype, att_context_sizes=contexts))
+    source = get(backend).prepare(Path(nemo_path), Path(work_dir), dtype=dtype, att_context_sizes=contexts)
+    return str(source), peak_rss_mb()
 
 
 def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
@@ -339,7 +335,7 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
         reference.close()
         del reference
         gc.collect()
-    memory[REFERENCE] = round(_peak_rss_mb(0), 1)  # RUSAGE_SELF
+    memory[REFERENCE] = round(peak_rss_mb(), 1)
 
     records = [dict(entry) for entry in plan.unavailable]
     spawn = multiprocessing.get_context("spawn")
@@ -351,10 +347,11 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
             t0 = time.perf_counter()
             progress.phase(f"preparing {candidate.label} (subprocess)")
             with spawn.Pool(1) as pool:
-                source = Path(pool.apply(_prepare_in_subprocess, (candidate.backend, str(nemo_path), str(work_dir),
-                                                                   candidate.dtype, [list(c) for c in contexts])))
+                source, prepare_peak = pool.apply(_prepare_in_subprocess, (
+                    candidate.backend, str(nemo_path), str(work_dir), candidate.dtype, [list(c) for c in contexts]))
+            source = Path(source)
             status.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
-                          prepare_seconds=round(time.perf_counter() - t0, 2))
+                          prepare_seconds=round(time.perf_counter() - t0, 2), prepare_peak_rss_mb=round(prepare_peak, 1))
             backend = entry.load(source, dtype=candidate.dtype, nemo_path=nemo_path)
             progress.phase(f"{candidate.label} vs NeMo (spooled)")
             mode = next(FirstChunkMode(m) for m in reference_entry.first_chunk_modes if m in backend.first_chunk_modes)
@@ -379,7 +376,7 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
                 backend.close()
             del backend
             gc.collect()
-        memory[candidate.label] = round(_peak_rss_mb(0), 1)
+        memory[candidate.label] = round(peak_rss_mb(), 1)
         records.append(status)
     for run in spools.values():
         run.delete()
@@ -387,8 +384,8 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
     results.extra.update({
         "kind": "nightly", "lookaheads": [list(c) for c in contexts], "utterances": [u.name for u in utterances],
         "candidates": records, "bounded_memory": True,
-        # Peak RSS of this process after each phase (cumulative maximum), and of the preparation subprocesses.
-        "peak_rss_mb": memory, "prepare_peak_rss_mb": round(_peak_rss_mb(-1), 1),  # RUSAGE_CHILDREN
+        # Peak RSS of this process after each phase (a running maximum); preparation peaks are per candidate.
+        "peak_rss_mb": memory,
         "seconds": round(time.perf_counter() - started, 1),
     })
     return results

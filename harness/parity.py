@@ -14,7 +14,6 @@ import numpy as np
 from harness.audio import load_audio
 from harness.chunking import FirstChunkMode
 from harness.compare import (
-    PairComparison,
     StreamRun,
     compare_runs,
     compare_streaming_to_offline,

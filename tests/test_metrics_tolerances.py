@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from harness import metrics
-from harness.compare import PairComparison, TapResult, judge_tap, rejudge
+from harness.compare import PairComparison, judge_tap, rejudge
 from harness.results import Results
 from harness.tolerances import DEFAULT_TOLERANCES, Tolerances, tap_kind
 

@@ -282,7 +282,6 @@ def test_plain_first_chunk_is_refused(onnx_backend, mels):
 # -- graph tools ------------------------------------------------------------------------------------
 
 def _small_graph():
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

@@ -22,10 +22,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import resource
 import shutil
 import struct
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import numpy as np
 
 from backends.mlx import mapping
 from backends.mlx.mapping import FRONTEND_FILE, MODEL_FILE
+from harness.memory import peak_rss_mb
 from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file
 
 CONFIG_FILE = "config.json"
@@ -297,12 +296,6 @@ def write_artifact(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }, indent=2) + "\n")
     return artifact
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 class _progress:

@@ -35,8 +35,6 @@ from backends.nemo import speaker_kernel_info
 from backends.onnx import graph_tools
 from backends.onnx.layout import (
     CACHE_LAYOUTS,
-    DECODER_JOINT_INPUTS,
-    DECODER_JOINT_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     FORMAT,
@@ -49,6 +47,7 @@ from backends.onnx.layout import (
     encoder_file,
 )
 from harness.chunking import normalize_att_context_sizes
+from harness.memory import peak_rss_mb
 from harness.nemo_file import inspect_nemo, sha256_file
 from harness.nemo_quiet import quiet_nemo
 
@@ -64,12 +63,6 @@ class ExportResult:
     graphs: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @contextlib.contextmanager
@@ -441,7 +434,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     if speakers:
         _write_multitalker_config(model, base, contexts, out_dir)
     result.seconds = time.perf_counter() - started
-    result.peak_rss_mb = _peak_rss_mb()
+    result.peak_rss_mb = peak_rss_mb()
     say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")
     return result
 
