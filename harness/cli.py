@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="append", metavar="A,B",
                    help="fixture names or .nemo paths (default: every default-test fixture)")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (also read for history)")
-    p.add_argument("--backends", action="append", metavar="A,B", help="candidate backends (default: all available)")
+    p.add_argument("--backends", action="append", metavar="A,B",
+                   help="candidate backends, NAME (every dtype) or NAME:DTYPE (default: all available)")
     p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
     p.add_argument("--utterances", type=int, metavar="N", help="only the first N fixture utterances")
     p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/tolerances.toml)")

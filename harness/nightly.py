@@ -60,32 +60,59 @@ class MatrixPlan:
 
 
 def plan_candidates(backends: Sequence[str] | None = None) -> MatrixPlan:
-    """Every (backend, dtype) to compare against NeMo: the registry, or only ``backends`` when given."""
+    """Every (backend, dtype) to compare against NeMo: the registry, or only ``backends`` when given.
+
+    A name selects all of its backend's dtypes; ``NAME:DTYPE`` (``mlx:float32``) selects one.
+    """
     from backends import REGISTRY, get
 
-    names = [n for n in (backends or REGISTRY) if n != REFERENCE]
     plan = MatrixPlan([], [])
-    for name in names:
+    for item in backends or REGISTRY:
+        name, _, only = item.partition(":")
+        if name == REFERENCE:
+            continue
         entry = get(name)  # an unknown name raises KeyError with the registered ones
+        if only and only not in entry.dtypes:
+            raise KeyError(f"backend {name} runs {', '.join(entry.dtypes)}, not {only}")
+        dtypes = [only] if only else list(entry.dtypes)
         if not entry.available():
             reason = "missing " + ", ".join(entry.missing_requirements())
             plan.unavailable += [{"backend": name, "dtype": d, "status": "unavailable", "error": reason}
-                                 for d in entry.dtypes]
+                                 for d in dtypes]
             continue
-        plan.candidates += [Candidate(name, dtype) for dtype in entry.dtypes]
+        plan.candidates += [Candidate(name, dtype) for dtype in dtypes
+                            if Candidate(name, dtype) not in plan.candidates]
     return plan
 
 
-def resolve_model(name_or_path: str, progress: Callable[[str], None]) -> Path:
-    """A fixture name (built, cached) or the path of a ``.nemo``."""
+def resolve_model(name_or_path: str, progress: Callable[[str], None], *, in_subprocess: bool = False) -> Path:
+    """A fixture name (built, cached) or the path of a ``.nemo``.
+
+    ``in_subprocess``: build in a spawned process, so that building a large fixture (the model is
+    instantiated, perturbed and saved) leaves no memory behind in a bounded-memory run.
+    """
     if name_or_path.endswith(".nemo"):
         path = Path(name_or_path)
         if not path.is_file():
             raise FileNotFoundError(f"model not found: {path}")
         return path
+    from fixtures.models import FIXTURES, build
+
+    if name_or_path not in FIXTURES:
+        raise KeyError(f"unknown fixture model {name_or_path!r}; known: {', '.join(FIXTURES)}")
+    if not in_subprocess:
+        return build(name_or_path, progress=progress)
+    import multiprocessing
+
+    progress(f"building {name_or_path} (if not cached) in a subprocess")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return Path(pool.apply(_build_quietly, (name_or_path,)))
+
+
+def _build_quietly(name: str) -> str:
     from fixtures.models import build
 
-    return build(name_or_path, progress=progress)
+    return str(build(name, progress=lambda _m: None))
 
 
 def default_models() -> list[str]:
@@ -442,7 +469,8 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         for model in models:
-            nemo_path = resolve_model(model, progress=lambda m: bar.console.print(f"  {m}"))
+            nemo_path = resolve_model(model, progress=lambda m: bar.console.print(f"  {m}"),
+                                      in_subprocess=bounded_memory is not False)
             task = bar.add_task(model, total=None)
             def phase(text: str, task=task, model=model) -> None:
                 bar.update(task, description=f"{model}: {text}")
