@@ -31,6 +31,15 @@ def test_plan_takes_every_dtype_of_the_chosen_backends_and_never_nemo_as_candida
         plan_candidates(["nemo", "tensorrt"])
 
 
+def test_plan_takes_one_dtype_when_named():
+    plan = plan_candidates(["onnx:int8", "mlx:float32", "onnx:int8"])
+    assert [(c.backend, c.dtype) for c in plan.candidates + [Candidate(u["backend"], u["dtype"])
+                                                              for u in plan.unavailable]] == [
+        ("onnx", "int8"), ("mlx", "float32")]
+    with pytest.raises(KeyError, match="backend onnx runs float32, int8, not float16"):
+        plan_candidates(["onnx:float16"])
+
+
 def test_an_unavailable_backend_is_listed_with_its_missing_modules(monkeypatch):
     monkeypatch.setitem(REGISTRY, "ghost", BackendEntry("ghost", "backends.ghost", ("no_such_module_xyz",),
                                                         ("float32", "int8"), "ghost", "test"))

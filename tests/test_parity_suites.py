@@ -124,3 +124,10 @@ def test_streaming_matches_offline(backend_name, backend_pool, run_cache, uttera
             if not comparison.passed:
                 failures.append(comparison.describe_failure())
     assert not failures, "\n".join(failures)
+
+
+def test_registry_knows_each_backends_first_chunk_modes(backend_name, backend_pool):
+    """The bounded-memory matrix plans reference runs from the registry before loading any candidate."""
+    from backends import get
+
+    assert tuple(get(backend_name).first_chunk_modes) == tuple(backend_pool.get(backend_name).first_chunk_modes)
