@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from harness.chunking import Chunk
-from harness.memory import peak_rss_mb
+from harness.memory import current_rss_mb, peak_rss_mb, return_freed_memory_promptly, trim
 from harness.nemo_file import sha256_file
 from harness.parity import Utterance, compare_backends, fixture_utterances
 from harness.report import FP32, ReportFiles, overall_passed, write_report
@@ -324,6 +324,7 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
     progress = progress or MatrixProgress()
     started = time.perf_counter()
     spool_dir = Path(spool_dir)
+    return_freed_memory_promptly()  # models are loaded one after the other: give each one's memory back
     reference_entry = get(REFERENCE)
     progress.phase(f"loading NeMo ({nemo_path.name})")
     reference = reference_entry.load(nemo_path)
@@ -362,7 +363,9 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
         reference.close()
         del reference
         gc.collect()
+        trim()
     memory[REFERENCE] = round(peak_rss_mb(), 1)
+    resident = {REFERENCE: round(current_rss_mb(), 1)}  # after closing: what the next phase starts from
 
     records = [dict(entry) for entry in plan.unavailable]
     spawn = multiprocessing.get_context("spawn")
@@ -403,7 +406,9 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
                 backend.close()
             del backend
             gc.collect()
+            trim()
         memory[candidate.label] = round(peak_rss_mb(), 1)
+        resident[candidate.label] = round(current_rss_mb(), 1)
         records.append(status)
     for run in spools.values():
         run.delete()
@@ -411,8 +416,10 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
     results.extra.update({
         "kind": "nightly", "lookaheads": [list(c) for c in contexts], "utterances": [u.name for u in utterances],
         "candidates": records, "bounded_memory": True,
-        # Peak RSS of this process after each phase (a running maximum); preparation peaks are per candidate.
-        "peak_rss_mb": memory,
+        # Peak RSS of this process after each phase (a running maximum), its RSS once that phase's
+        # model was closed, and the weights' size for scale; preparation peaks are per candidate.
+        "peak_rss_mb": memory, "resident_after_close_mb": resident,
+        "checkpoint_mb": round(nemo_path.stat().st_size / (1 << 20), 1),
         "seconds": round(time.perf_counter() - started, 1),
     })
     return results

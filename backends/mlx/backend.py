@@ -191,3 +191,8 @@ class MLXBackend(Backend):
 
     def close(self) -> None:
         self.model = None
+        self.front_end = None
+        # MLX keeps freed buffers in its own cache for reuse; a closed model's must go back.
+        clear_cache = getattr(mx, "clear_cache", None) or getattr(getattr(mx, "metal", None), "clear_cache", None)
+        if clear_cache is not None:
+            clear_cache()
