@@ -48,3 +48,12 @@ def test_masking_and_lengths_follow_nemo_rules():
     assert (mel[0, :, 10:] == 0).all() and (mel[1, :, 5:] == 0).all()  # frames past seq_len -> pad_value
     with pytest.raises(ValueError, match="filterbank: expected shape"):
         Frontend(config, np.zeros((4, 8), np.float32), None)
+
+
+def test_config_from_the_nemo_config_equals_the_live_featurizers(nemo_backend, tiny_nemo):
+    """One description of NeMo's front end: resolved from the config (MLX) or read off NeMo (ONNX export)."""
+    from harness.frontend import FrontendConfig, frontend_from_featurizer
+    from harness.nemo_file import inspect_nemo
+
+    from_config = FrontendConfig.from_nemo_config(inspect_nemo(tiny_nemo).config["preprocessor"])
+    assert from_config == frontend_from_featurizer(nemo_backend.model.preprocessor.featurizer).config

@@ -85,7 +85,7 @@ def expected_targets(config: Mapping[str, Any]) -> dict[str, dict[str, tuple[int
     pre = args.preprocessor
     return {
         MODEL_FILE: {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())},
-        FRONTEND_FILE: {"window": (pre.win_length,), "filterbank": (pre.features, pre.n_fft // 2 + 1)},
+        FRONTEND_FILE: {"window": (pre.win_length,), "filterbank": (pre.n_mels, pre.n_fft // 2 + 1)},
     }
 
 

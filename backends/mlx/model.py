@@ -23,12 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from harness.frontend import FrontendConfig
 from harness.speakers import SpeakerTargets, reconciled_pair
 
 # multi_head_attention.py: INF_VAL fills masked attention scores.
 ATTENTION_MASK_VALUE = -10000.0
-# features.py: log(x + 2**-24) is FilterbankFeatures' default zero guard.
-LOG_ZERO_GUARD = 2.0 ** -24
 # features.py: CONSTANT added to the per-feature standard deviation.
 NORMALIZE_EPSILON = 1e-5
 
@@ -50,55 +49,6 @@ def _context_sizes(value: Any) -> tuple[tuple[int, int], ...]:
 # ------------------------------------------------------------------------------------------------
 # Configuration, read from the NeMo model config (the .nemo's model_config.yaml or config.json)
 # ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PreprocessorArgs:
-    """``AudioToMelSpectrogramPreprocessor`` -> ``FilterbankFeatures`` (parts/preprocessing/features.py)."""
-
-    sample_rate: int = 16000
-    n_fft: int = 512
-    win_length: int = 400
-    hop_length: int = 160
-    features: int = 128
-    preemph: float | None = 0.97
-    mag_power: float = 2.0
-    log: bool = True
-    log_zero_guard_type: str = "add"
-    log_zero_guard_value: float = LOG_ZERO_GUARD
-    normalize: str | None = None
-    pad_value: float = 0.0
-
-    @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any]) -> "PreprocessorArgs":
-        sample_rate = int(cfg.get("sample_rate", 16000))
-        win_length = int(round(float(cfg.get("window_size", 0.02)) * sample_rate))
-        hop_length = int(round(float(cfg.get("window_stride", 0.01)) * sample_rate))
-        n_fft = cfg.get("n_fft") or 2 ** math.ceil(math.log2(win_length))
-        if int(cfg.get("frame_splicing", 1)) != 1:
-            raise NotImplementedError("preprocessor.frame_splicing > 1 is not supported")
-        if cfg.get("exact_pad", False):
-            raise NotImplementedError("preprocessor.exact_pad is not supported (NeMo streaming models use center=True)")
-        if cfg.get("window", "hann") != "hann":
-            # The window itself comes from the checkpoint; other shapes would work but are untested.
-            raise NotImplementedError(f"preprocessor.window {cfg.get('window')!r} is not supported")
-        guard = cfg.get("log_zero_guard_value", LOG_ZERO_GUARD)
-        if isinstance(guard, str):
-            raise NotImplementedError(f"preprocessor.log_zero_guard_value {guard!r} is not supported")
-        normalize = cfg.get("normalize")
-        if normalize in ("NA", "none", "None", ""):
-            normalize = None
-        if normalize not in (None, "per_feature"):
-            raise NotImplementedError(f"preprocessor.normalize {normalize!r} is not supported")
-        preemph = cfg.get("preemph", 0.97)
-        return cls(
-            sample_rate=sample_rate, n_fft=int(n_fft), win_length=win_length, hop_length=hop_length,
-            features=int(cfg.get("features", cfg.get("nfilt", 64))),
-            preemph=None if preemph is None else float(preemph),
-            mag_power=float(cfg.get("mag_power", 2.0)), log=bool(cfg.get("log", True)),
-            log_zero_guard_type=str(cfg.get("log_zero_guard_type", "add")), log_zero_guard_value=float(guard),
-            normalize=normalize, pad_value=float(cfg.get("pad_value", 0.0)),
-        )
-
 
 @dataclass(frozen=True)
 class EncoderArgs:
@@ -238,7 +188,7 @@ class SpeakerKernelArgs:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    preprocessor: PreprocessorArgs
+    preprocessor: FrontendConfig  # harness.frontend: the one description of NeMo's front end
     encoder: EncoderArgs
     prediction: PredictionArgs
     joint: JointArgs
@@ -255,7 +205,7 @@ class ModelArgs:
         greedy = (config.get("decoding") or {}).get("greedy") or {}
         durations = (config.get("model_defaults") or {}).get("tdt_durations") or ()
         return cls(
-            preprocessor=PreprocessorArgs.from_nemo(config["preprocessor"]),
+            preprocessor=FrontendConfig.from_nemo_config(config["preprocessor"]),
             encoder=encoder,
             prediction=PredictionArgs.from_nemo(config["decoder"], len(vocabulary)),
             joint=JointArgs.from_nemo(config["joint"], len(vocabulary), encoder.d_model),
@@ -281,10 +231,12 @@ class FrontEnd:
     Always float32 (NeMo disables autocast around the STFT and the filterbank product).
     """
 
-    def __init__(self, args: PreprocessorArgs, window: np.ndarray, filterbank: np.ndarray):
+    def __init__(self, args: FrontendConfig, window: np.ndarray, filterbank: np.ndarray):
         if window.shape != (args.win_length,):
             raise ValueError(f"front-end window: expected shape ({args.win_length},), got {window.shape}")
-        expected_fb = (args.features, args.n_fft // 2 + 1)
+        if args.normalize not in ("NA", "none", "None", "", None, "per_feature"):
+            raise NotImplementedError(f"preprocessor.normalize {args.normalize!r} is not supported by the MLX front end")
+        expected_fb = (args.n_mels, args.n_fft // 2 + 1)
         if filterbank.shape != expected_fb:
             raise ValueError(f"front-end filterbank: expected shape {expected_fb}, got {filterbank.shape}")
         self.args = args
