@@ -66,6 +66,12 @@ def _iter_targets(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _iter_targets(value, f"{path}[{index}]")
 
 
+def _is_compressed(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    return magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))  # gzip, bzip2, xz
+
+
 def inspect_nemo(path: str | Path) -> NemoArchive:
     """Validate a ``.nemo`` archive and return its parsed config; raise ``UnsafeNemoFile`` otherwise."""
     path = Path(path)
@@ -88,11 +94,20 @@ def inspect_nemo(path: str | Path) -> NemoArchive:
                     raise UnsafeNemoFile(f"{path}: archive member {raw!r} is not a regular file or directory")
                 if info.isfile():
                     members[_normalise(raw)] = info
-            # Reading every member to the end detects truncation (tarfile only reads headers above).
-            for info in members.values():
-                handle = tar.extractfile(info)
-                while handle.read(1 << 20):
-                    pass
+            # tarfile only read headers above. In a plain tar, member data lies at known offsets, so a
+            # truncated file shows as data ending past the end of the file; a compressed archive has to
+            # be read to the end (a 2.5 GB checkpoint would otherwise be read once more for nothing).
+            if _is_compressed(path):
+                for info in members.values():
+                    handle = tar.extractfile(info)
+                    while handle.read(1 << 20):
+                        pass
+            else:
+                size = path.stat().st_size
+                for info in members.values():
+                    if info.offset_data + info.size > size:
+                        raise tarfile.ReadError(f"member {info.name!r} ends at byte {info.offset_data + info.size}, "
+                                                f"past the end of the file ({size} bytes)")
     except UnsafeNemoFile:
         raise
     except (tarfile.TarError, EOFError, OSError) as error:

@@ -121,6 +121,11 @@ def hostile_cases(tiny_nemo: Path, tmp: Path) -> list[tuple[str, Path, str]]:
     truncated = tmp / "truncated.nemo"
     data = tiny_nemo.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
+    # Cut inside the weights member, leaving every header readable: only the data offsets tell.
+    with tarfile.open(tiny_nemo) as tar:
+        weights = next(m for m in tar.getmembers() if m.name.endswith("model_weights.ckpt"))
+    cut_weights = tmp / "cut_weights.nemo"
+    cut_weights.write_bytes(data[: weights.offset_data + weights.size // 2])
     not_tar = tmp / "not_tar.nemo"
     not_tar.write_bytes(b"\x00\x01 definitely not a tar archive" * 100)
     return [
@@ -132,6 +137,7 @@ def hostile_cases(tiny_nemo: Path, tmp: Path) -> list[tuple[str, Path, str]]:
         ("hard link member", _rewrite(tiny_nemo, tmp / "hard.nemo", extra=[member("hard", tarfile.LNKTYPE, None, "model_config.yaml")]), "is a link"),
         ("device member", _rewrite(tiny_nemo, tmp / "dev.nemo", extra=[member("dev", tarfile.CHRTYPE, None)]), "not a regular file"),
         ("truncated", truncated, "truncated or corrupt"),
+        ("weights cut short", cut_weights, "truncated or corrupt"),
         ("not a tar", not_tar, "truncated or corrupt"),
         ("missing file", tmp / "nothing.nemo", "no such file"),
     ]
