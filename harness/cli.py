@@ -263,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the fixture, prepare every backend, stream the fixture speech, "
                                      "print the parity table and write the HTML report")
     p.add_argument("--out", type=Path, default=Path("reports"), help="the demo writes into OUT/demo/")
-    p.add_argument("--model", default="tiny-streaming", help="fixture name or MODEL.nemo")
+    from harness.demo import DEMO_MODEL
+
+    p.add_argument("--model", default=DEMO_MODEL, help="fixture name or MODEL.nemo (default: %(default)s)")
     p.add_argument("--utterances", type=int, default=3, metavar="N", help="first N fixture utterances (0: all)")
     p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
     p.add_argument("--backends", action="append", metavar="A,B", help="candidate backends (default: all available)")

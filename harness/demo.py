@@ -1,9 +1,10 @@
 """``parity demo``: the main job on a fresh clone.
 
-Builds the ``tiny-streaming`` fixture, prepares every registered, available backend through the
-registry (MLX conversion with its verified artifact, ONNX export in fp32 and int8, ...), streams
-the first fixture utterances at every lookahead through NeMo and each candidate, prints one compact
-table per lookahead and writes the results and the HTML report.
+Takes the trained fixture (``trained-streaming``, committed, so its transcripts mean something),
+prepares every registered, available backend through the registry (MLX conversion, ONNX export in
+fp32 and int8, ...), streams the first fixture utterances at every lookahead through NeMo and each
+candidate, prints one compact table per lookahead (errors, token agreement, WER) and writes the
+results and the HTML report.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from harness.report import (
 )
 from harness.results import Results
 
-DEMO_MODEL = "tiny-streaming"
+DEMO_MODEL = "trained-streaming"
 DEMO_UTTERANCES = 3  # the first fixture utterances: 1.3 to 4.2 s of speech, a few minutes on 2 cores
 
 

@@ -92,3 +92,20 @@ def test_nemo_refuses_speaker_masks(nemo_backend, utterances):
     chunk = ChunkSchedule(nemo_backend.streaming_config((70, 13))).chunks(mel)[0]
     with pytest.raises(ValueError, match="speaker masks"):
         nemo_backend.step(chunk, nemo_backend.initial_state((70, 13)), speaker_masks=np.ones((1, 4)))
+
+
+def test_reference_runs_in_eval_mode_after_nemo_transcribe(nemo_backend, utterances):
+    """NeMo's transcribe() leaves encoder/decoder/joint in train mode (unfreeze() calls train());
+    the reference backend must not stream with dropout and a randomly sampled attention context."""
+    from harness.compare import stream
+
+    mel, _ = nemo_backend.features(utterances[0].audio[None])
+    before = stream(nemo_backend, mel, (70, 13), "plain")
+    nemo_backend.model.encoder.unfreeze()  # what transcribe() ends with
+    nemo_backend.model.decoder.unfreeze()
+    nemo_backend.model.joint.unfreeze()
+    assert nemo_backend.model.encoder.training
+    after = stream(nemo_backend, mel, (70, 13), "plain")
+    assert not nemo_backend.model.encoder.training
+    np.testing.assert_array_equal(before.encoded, after.encoded)
+    assert before.tokens == after.tokens
