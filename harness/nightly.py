@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from harness.chunking import Chunk
-from harness.memory import current_rss_mb, peak_rss_mb, return_freed_memory_promptly, trim
+from harness.memory import current_rss_mb, peak_rss_mb, trim
 from harness.nemo_file import sha256_file
 from harness.parity import Utterance, compare_backends, fixture_utterances
 from harness.report import FP32, ReportFiles, overall_passed, write_report
@@ -324,7 +324,6 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
     progress = progress or MatrixProgress()
     started = time.perf_counter()
     spool_dir = Path(spool_dir)
-    return_freed_memory_promptly()  # models are loaded one after the other: give each one's memory back
     reference_entry = get(REFERENCE)
     progress.phase(f"loading NeMo ({nemo_path.name})")
     reference = reference_entry.load(nemo_path)
