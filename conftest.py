@@ -33,7 +33,9 @@ def pytest_configure(config):
     import importlib.util
 
     if importlib.util.find_spec("mlx") is not None:
-        import backends.mlx  # noqa: F401
+        from backends.mlx.blas import use_optimized_blas
+
+        use_optimized_blas()
     if importlib.util.find_spec("torch") is not None:
         import torch
 

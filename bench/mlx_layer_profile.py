@@ -32,10 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args(argv)
 
-    import backends.mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
+    from backends.mlx.blas import status, use_optimized_blas
+
+    use_optimized_blas()  # before mlx.core
     import mlx.core as mx
 
-    from backends.mlx.blas import status
     from backends.mlx.model import ConformerLayer, EncoderArgs, relative_positions
 
     encoder = EncoderArgs(feat_in=128, n_layers=1, d_model=args.d_model, n_heads=args.heads, conv_kernel_size=9,

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import backends.mlx  # noqa: F401  (loads an optimized BLAS before mlx.core; see backends/mlx/blas.py)
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")

@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from backends.mlx.blas import use_optimized_blas
+
+use_optimized_blas()  # before mlx.core: see backends/mlx/blas.py
+
 import mlx.core as mx
 import numpy as np
 

@@ -19,6 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from backends.mlx.blas import use_optimized_blas
+
+use_optimized_blas()  # before mlx.core: see backends/mlx/blas.py
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
