@@ -278,15 +278,23 @@ def _run_candidate(reference, candidate: Candidate, nemo_path: Path, utterances:
                                 include_offline=False, progress=progress.advance).results
         _merge(results, part)
     except Exception as error:  # noqa: BLE001 - one broken backend must not hide the others' results
-        record.update(status="error", error=f"{type(error).__name__}: {error}",
-                      traceback=traceback.format_exc(limit=8))
-        progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+        _record_failure(record, candidate, error, progress)
     finally:
-        if backend is not None:
-            backend.close()
-        del backend
-        gc.collect()
+        _close(backend)
     return record
+
+
+def _record_failure(record: dict, candidate: Candidate, error: Exception, progress: MatrixProgress) -> None:
+    record.update(status="error", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc(limit=8))
+    progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+
+
+def _close(backend: Backend | None) -> None:
+    """Close a backend and hand its memory back before the next one loads."""
+    if backend is not None:
+        backend.close()
+    gc.collect()
+    trim()
 
 
 # Models whose .nemo is larger than this run the bounded-memory matrix by default.
@@ -359,10 +367,8 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
                 del offline
                 progress.advance(f"{utterance.name} [{context[0]},{context[1]}]")
     finally:
-        reference.close()
-        del reference
-        gc.collect()
-        trim()
+        _close(reference)
+        reference = None
     memory[REFERENCE] = round(peak_rss_mb(), 1)
     resident = {REFERENCE: round(current_rss_mb(), 1)}  # after closing: what the next phase starts from
 
@@ -397,15 +403,10 @@ def run_model_matrix_bounded(nemo_path: Path, plan: MatrixPlan, utterances: Sequ
                     run.delete()
                     progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
         except Exception as error:  # noqa: BLE001 - one broken backend must not hide the others' results
-            status.update(status="error", error=f"{type(error).__name__}: {error}",
-                          traceback=traceback.format_exc(limit=8))
-            progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+            _record_failure(status, candidate, error, progress)
         finally:
-            if backend is not None:
-                backend.close()
-            del backend
-            gc.collect()
-            trim()
+            _close(backend)
+            backend = None
         memory[candidate.label] = round(peak_rss_mb(), 1)
         resident[candidate.label] = round(current_rss_mb(), 1)
         records.append(status)
