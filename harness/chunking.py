@@ -118,6 +118,12 @@ class StreamingConfig:
             length = math.floor((length + paddings - kernel) / stride + 1)
         return max(length, 0)
 
+    def layer_input_frames(self, mel_frames: int) -> int:
+        """Frames the conformer layers see for a chunk ``mel_frames`` wide: the subsampled width minus
+        the ``drop_extra_pre_encoded`` frames (pad-and-drop, as ``forward_for_export`` does). This is the
+        length a multitalker graph's speaker masks must have."""
+        return self.subsampled_length(mel_frames) - self.drop_extra_pre_encoded
+
     def valid_output_frames(self, chunk: "Chunk") -> int:
         """Encoder frames a streaming step returns for ``chunk`` (batch item 0).
 

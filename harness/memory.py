@@ -12,14 +12,22 @@ import sys
 from pathlib import Path
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process's own memory image, in MiB."""
+def _proc_status_mb(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MiB; None where there is no such file or field."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process's own memory image, in MiB."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -56,10 +64,4 @@ def trim() -> None:
 
 def current_rss_mb() -> float:
     """Resident set size now, in MiB (0 where /proc is unavailable)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
+    return _proc_status_mb("VmRSS") or 0.0

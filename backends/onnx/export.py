@@ -46,7 +46,7 @@ from backends.onnx.layout import (
     encode_metadata,
     encoder_file,
 )
-from harness.chunking import normalize_att_context_sizes
+from harness.chunking import StreamingConfig, normalize_att_context_sizes
 from harness.memory import peak_rss_mb
 from harness.nemo_file import inspect_nemo, sha256_file
 from harness.nemo_quiet import quiet_nemo
@@ -263,7 +263,8 @@ def _export_encoder(model, path: Path, layout: str, interface: GraphInterface) -
 
         # Masks as long as the layer input, so solve_length_mismatch traces no pad or slice: the
         # runtime reconciles lengths before feeding (harness.speakers.reconcile).
-        frames = _layer_input_frames(model, example[0].shape[-1])
+        frames = StreamingConfig.from_encoder_config(dict(model.cfg.encoder), model.encoder.att_context_size
+                                                     ).layer_input_frames(example[0].shape[-1])
         generator = torch.Generator().manual_seed(0)
         masks = [(torch.rand(1, frames, generator=generator) > 0.5).float() for _ in range(2)]
         names_in, names_out = interface.encoder_inputs, interface.encoder_outputs
@@ -285,15 +286,6 @@ def _export_encoder(model, path: Path, layout: str, interface: GraphInterface) -
         "cache_last_channel_next_len": {0: "B"},
     }
     _trace_export(_layers_first_wrapper(encoder), encoder, example, path, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic)
-
-
-def _layer_input_frames(model, mel_frames: int) -> int:
-    """Frames the conformer layers see for a chunk of ``mel_frames``: the subsampled width minus the
-    pre-encoded frames ``forward_for_export`` drops."""
-    from harness.chunking import StreamingConfig
-
-    streaming = StreamingConfig.from_encoder_config(dict(model.cfg.encoder), model.encoder.att_context_size)
-    return streaming.subsampled_length(mel_frames) - streaming.drop_extra_pre_encoded
 
 
 def _export_decoder_joint(model, path: Path, interface: GraphInterface) -> None:

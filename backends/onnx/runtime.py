@@ -301,7 +301,7 @@ class OnnxBackend(Backend):
         if graph.interface.speaker_masks:
             if speaker_masks is None:
                 raise ValueError(f"{graph.path.name}: this graph takes {names[5]} and {names[6]}; none were given")
-            frames = self._layer_input_frames(context, mel.shape[-1])
+            frames = self.streaming_config(context).layer_input_frames(mel.shape[-1])
             for name, mask in zip(names[5:], speaker_masks):
                 if mask.shape != (batch, frames):
                     raise ShapeMismatchError(f"{name}: expected shape ({batch}, {frames}) (the chunk's encoder "
@@ -314,11 +314,6 @@ class OnnxBackend(Backend):
         return {**{name: value for name, value in out.items() if name not in graph.interface.encoder_outputs},
                 **{role: out[name] for role, name in zip(canonical, graph.interface.encoder_outputs)}}
 
-    def _layer_input_frames(self, context: Sequence[int], mel_frames: int) -> int:
-        """Frames the conformer layers (and the speaker masks) see for a chunk of ``mel_frames``."""
-        streaming = self.streaming_config(context)
-        return streaming.subsampled_length(mel_frames) - streaming.drop_extra_pre_encoded
-
     def _speaker_masks(self, context: Sequence[int], chunk: Chunk,
                        speaker_masks: SpeakerTargets | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The step's masks reconciled with the chunk's frames, as NeMo's ``solve_length_mismatch`` would."""
@@ -330,7 +325,7 @@ class OnnxBackend(Backend):
                 f"onnx: without target-speaker masks NeMo skips the speaker kernels of layers {later} (its "
                 f"post-hooks return early) but still applies layer 0's; the exported graph always applies "
                 f"them all, so give explicit masks (SpeakerTargets.single_speaker for NeMo's single-speaker mode)")
-        frames = self._layer_input_frames(context, chunk.mel.shape[-1])
+        frames = self.streaming_config(context).layer_input_frames(chunk.mel.shape[-1])
         return reconciled_pair(speaker_masks, frames, chunk.mel.shape[0])
 
     def _to_graph_layout(self, array: np.ndarray) -> np.ndarray:
