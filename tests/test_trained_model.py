@@ -57,7 +57,10 @@ def test_committed_files_and_held_out_split():
     assert sum(p.stat().st_size for p in make_data.TEST_DIR.glob("*.flac")) < 6e6
     assert any(evaluate.is_held_out(e) for e in entries), "no utterance of a voice unseen in training"
     # The committed set is the one the seeded plan draws, and no test sentence is a training sentence.
-    plan = make_data.plan(make_data.NUM_TRAIN, make_data.NUM_DEV, make_data.NUM_TEST)
+    # Every run's training utterances are a prefix of the seeded plan; check the largest corpus used.
+    runs = json.loads((make_data.TRAINED_DIR / "training.json").read_text())["runs"]
+    corpus = max(run["train_utterances"] for run in runs)
+    plan = make_data.plan(corpus, make_data.NUM_DEV, make_data.NUM_TEST)
     assert [e["text"] for e in entries] == [u["text"] for u in plan["test"]]
     train_sentences = {u["text"] for u in plan["train"]}
     assert not train_sentences & {e["text"] for e in entries}
@@ -84,6 +87,21 @@ def test_loads_through_safe_reader_as_the_streaming_architecture():
     # Causal dw_striding on 128 mels: 128 -> 65 -> 33 -> 17 frequency bins into pre_encode.out.
     channels = encoder["subsampling_conv_channels"]
     assert tuple(state["encoder.pre_encode.out.weight"].shape) == (encoder["d_model"], channels * 17)
+
+
+def test_continued_training_keeps_the_snapshot_tokenizer(tmp_path):
+    """A continued run trains on the snapshot's own pieces, whatever corpus it is given."""
+    import sentencepiece as spm
+
+    from fixtures.trained.train import snapshot_tokenizer
+    from harness.nemo_file import inspect_nemo
+
+    extracted = snapshot_tokenizer(NEMO_PATH, tmp_path)
+    processor = spm.SentencePieceProcessor(model_file=str(extracted / "tokenizer.model"))
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    assert (extracted / "vocab.txt").read_text().split("\n")[:-1] == pieces
+    vocabulary = inspect_nemo(NEMO_PATH).config["joint"]["vocabulary"]
+    assert list(vocabulary) == pieces
 
 
 def test_recorded_offline_wer(recorded):
