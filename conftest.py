@@ -8,10 +8,11 @@ from pathlib import Path
 # One thread per library: the fixture models are tiny, so two threads on this project's 2-core CI
 # machines only add synchronisation (a tiny-streaming NeMo step measured 13.5 ms with one torch
 # thread and up to 440 ms with two under load; numpy's norm went from 5 us to 1-2 ms).
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
-
 import pytest
+
+from harness.threads import limit_threads
+
+limit_threads(1, only_default=True)
 
 MARKERS = {
     "nemo": "needs NeMo + torch (the reference backend)",
@@ -37,12 +38,8 @@ def pytest_configure(config):
 
         use_optimized_blas()
     if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        torch.set_num_threads(1)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
+        import torch  # noqa: F401  (imported here so that limit_threads sizes its pool)
+    limit_threads(1, only_default=True)
 
 
 def pytest_addoption(parser):

@@ -36,6 +36,8 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from harness.threads import limit_threads  # noqa: E402
+
 SAMPLE_RATE = 16000
 
 
@@ -54,14 +56,10 @@ def label_of(spec: tuple[str, str]) -> str:
 def _limit_threads(threads: int) -> None:
     """In a fresh process, before the frameworks start their pools."""
     try:
-        import torch
-
-        torch.set_num_threads(threads)
+        import torch  # noqa: F401  (imported first so that limit_threads sizes its pool)
     except ImportError:
         pass
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(threads)
+    limit_threads(threads)
 
 
 def prepare_one(spec, nemo_path: str, work_dir: str, contexts, threads: int) -> dict:
@@ -151,8 +149,7 @@ def main(argv=None) -> int:
     from harness.parity import fixture_utterances, long_utterance
     from harness.results import environment
 
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[variable] = str(args.threads)  # inherited by the spawned processes
+    limit_threads(args.threads)  # inherited by the spawned processes
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     if args.model:
         nemo_path = args.model

@@ -226,9 +226,22 @@ def cmd_report(args) -> int:
 
 # -- parser -----------------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show NeMo's own logging")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="threads for torch, BLAS/OpenMP and ONNX Runtime, also in the processes parity "
+                             "starts (default: each library's own, usually every core)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fixtures", help="build a fixture model and print the path of its .nemo")
@@ -313,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from harness.nemo_quiet import set_verbose
 
     set_verbose(args.verbose)
+    if args.threads is not None:
+        from harness.threads import limit_threads
+
+        limit_threads(args.threads)
     try:
         return args.func(args)
     except (CommandError, AudioError, UnsafeNemoFile, FileNotFoundError, ValueError, KeyError) as error:

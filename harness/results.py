@@ -6,7 +6,7 @@ Schema (``schema_version`` 1)::
       "schema_version": 1,
       "created": ISO-8601 UTC,
       "model": {"path", "sha256", "name"},
-      "environment": {"versions": {package: version}, "device", "platform", "threads"},
+      "environment": {"versions": {package: version}, "device", "platform", "cpus", "threads"},
       "tolerances": path of the tolerance file applied,
       "comparisons": [PairComparison as dict: reference, candidate, pair, dtype, att_context_size,
                       utterance, passed, first_divergence, reference_tokens, candidate_tokens,
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.compare import PairComparison, TapResult
+from harness.threads import requested_threads
 
 SCHEMA_VERSION = 1
 VERSIONED_PACKAGES = ("torch", "nemo_toolkit", "onnx", "onnxruntime", "mlx", "numpy", "safetensors")
@@ -48,7 +49,8 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
-        "threads": os.cpu_count(),
+        "cpus": os.cpu_count(),
+        "threads": requested_threads() or os.cpu_count(),  # the limit set with --threads, else the libraries' default
     }
 
 

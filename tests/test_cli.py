@@ -56,3 +56,42 @@ def test_judge_reapplies_tolerances_without_rerunning(tiny_nemo, tmp_path, capsy
         == EXIT_VIOLATION
     assert "first divergent tap encoder" in capsys.readouterr().out
     assert not json.loads((tmp_path / "j.json").read_text())["passed"]
+
+
+THREADS_PROBE = """
+import json
+from harness.cli import main
+main(["--threads", "2", "fixtures", "--model", "nonexistent"])  # the limit applies before the command runs
+import torch
+from threadpoolctl import threadpool_info
+from backends.onnx.runtime import _session_options
+from harness.results import environment
+print(json.dumps({"torch": torch.get_num_threads(), "onnxruntime": _session_options(None).intra_op_num_threads,
+                  "blas": sorted({pool["num_threads"] for pool in threadpool_info()}),
+                  "recorded": environment()["threads"]}))
+"""
+
+
+def test_threads_option_limits_every_library_and_is_recorded():
+    """``parity --threads N``: torch, the BLAS pools and ONNX Runtime sessions all get N (in a fresh
+    process: this one is already limited to one thread by conftest)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PARITY_THREADS")}
+    probe = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True, env=env,
+                           cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert json.loads(probe.stdout.strip().splitlines()[-1]) == {
+        "torch": 2, "onnxruntime": 2, "blas": [2], "recorded": 2}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_threads_option_refuses_non_positive(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--threads", value, "fixtures"])
+    assert exit_info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err

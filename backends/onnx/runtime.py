@@ -96,8 +96,11 @@ class _Graph:
 def _session_options(threads: int | None):
     import onnxruntime as ort
 
+    from harness.threads import requested_threads
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or requested_threads()  # ONNX Runtime ignores OMP_NUM_THREADS
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
