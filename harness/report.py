@@ -872,7 +872,7 @@ def _environment_section(results_list: Sequence[Results]) -> str:
         rows = [["model", _e(model.get("name"))], ["model sha256", f"<code>{_e(model.get('sha256'))}</code>"],
                 ["model path", f"<code>{_e(model.get('path'))}</code>"], ["created", _e(results.created)],
                 ["device", _e(env.get("device"))], ["platform", _e(env.get("platform"))],
-                ["python", _e(env.get("python"))], ["threads", _e(env.get("threads"))],
+                ["python", _e(env.get("python"))], ["threads", _e(env.get("threads"))], ["CPUs", _e(env.get("cpus"))],
                 ["tolerances", f"<code>{_e(results.tolerances)}</code>"]]
         rows += [[_e(package), _e(version)] for package, version in (env.get("versions") or {}).items()]
         for entry in (results.extra or {}).get("candidates", []):
