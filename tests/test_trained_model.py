@@ -60,11 +60,13 @@ def test_committed_files_and_held_out_split():
     # Every run's training utterances are a prefix of the seeded plan; check the largest corpus used.
     runs = json.loads((make_data.TRAINED_DIR / "training.json").read_text())["runs"]
     corpus = max(run["train_utterances"] for run in runs)
-    plan = make_data.plan(corpus, make_data.NUM_DEV, make_data.NUM_TEST)
+    varied = max(run.get("varied_utterances", 0) for run in runs)
+    plan = make_data.plan(corpus, make_data.NUM_DEV, make_data.NUM_TEST, varied)
     assert [e["text"] for e in entries] == [u["text"] for u in plan["test"]]
-    train_sentences = {u["text"] for u in plan["train"]}
+    train_sentences = {u["text"] for u in plan["train"] + plan["varied"]}
     assert not train_sentences & {e["text"] for e in entries}
-    assert not set(make_data.HELD_OUT_VOICES) & set(make_data.train_voices())
+    assert not set(make_data.HELD_OUT_VOICES) & set(make_data.train_voices() + make_data.varied_voices())
+    assert {u["voice"] for u in plan["varied"]} <= set(make_data.varied_voices())
 
 
 def test_loads_through_safe_reader_as_the_streaming_architecture():
