@@ -18,6 +18,10 @@ def test_metric_definitions():
     cand = np.array([3.0, 4.5])
     assert metrics.max_abs(ref, cand) == pytest.approx(0.5)
     assert metrics.max_rel(ref, cand) == pytest.approx(0.125)
+    assert metrics.max_abs_scaled(ref, cand) == pytest.approx(0.5 / 4.0)
+    assert metrics.max_abs_scaled(ref * 100, cand * 100) == pytest.approx(0.5 / 4.0)  # scale-free
+    assert metrics.max_abs_scaled(np.zeros(2), np.zeros(2)) == 0.0
+    assert metrics.max_abs_scaled(np.zeros(2), np.ones(2)) == math.inf
     assert metrics.rel_l2(ref, cand) == pytest.approx(0.5 / 5.0)
     assert metrics.snr_db(ref, cand) == pytest.approx(20 * math.log10(5.0 / 0.5))
     assert metrics.cosine(ref, ref * 2) == pytest.approx(1.0)
@@ -50,7 +54,9 @@ def test_tolerance_lookup_wildcard_pair_and_lookahead_override():
     assert tap_kind("layers.11") == "layers"
     assert tol.limits("nemo~anything", "float32", "layers.3")["max_abs"] == pytest.approx(1e-4)
     assert tol.limits("streaming~offline@70,13", "float32", "encoder")["max_abs"] == pytest.approx(1e-4)
-    assert tol.limits("streaming~offline@70,0", "float32", "encoder")["max_abs"] == pytest.approx(0.1)
+    zero_lookahead = tol.limits("streaming~offline@70,0", "float32", "encoder")
+    assert zero_lookahead["max_abs"] == math.inf and zero_lookahead["max_abs_scaled"] == pytest.approx(0.1)
+    assert zero_lookahead["rel_l2"] == pytest.approx(0.05)
 
 
 def test_tolerance_file_rejects_unknown_metric(tmp_path):
