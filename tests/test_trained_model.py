@@ -162,11 +162,13 @@ def trained_pool(tmp_path_factory):
     return BackendPool(NEMO_PATH, tmp_path_factory.mktemp("trained"))
 
 
-def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_entries):
+def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_entries, tolerances):
     """Transcript agreement on a model whose transcripts mean something: every pair of fp32 backends
-    gives the same token sequences on the held-out subset, at the largest and the zero lookahead."""
+    gives the same token sequences on the held-out subset, at the largest and the zero lookahead,
+    and every tap and cache of every step stays within the tolerance file (a trained model's
+    activations and log-probabilities span a wider range than the random fixtures')."""
     from harness.audio import load_audio
-    from harness.compare import stream
+    from harness.compare import compare_runs, stream
     from harness.metrics import word_error_rate
     from harness.parity import shared_mode
     from harness.streaming import decode_tokens
@@ -176,9 +178,16 @@ def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_en
     mode = shared_mode(reference, candidate)
     mels = [reference.features(load_audio(e["audio_filepath"])[None])[0] for e in subset_entries]
     for context in (STREAMING_CONTEXTS[0], STREAMING_CONTEXTS[-1]):
-        expected = [stream(reference, mel, context, mode).tokens for mel in mels]
+        reference_runs = [stream(reference, mel, context, mode) for mel in mels]
+        candidate_runs = [stream(candidate, mel, context, mode, dtype=candidate.dtype) for mel in mels]
+        expected = [run.tokens for run in reference_runs]
         assert sum(map(len, expected)) > len(mels), f"{backend_pair[0]} emits (almost) nothing: agreement would be vacuous"
-        actual = [stream(candidate, mel, context, mode, dtype=candidate.dtype).tokens for mel in mels]
+        actual = [run.tokens for run in candidate_runs]
+        comparisons = [compare_runs(ref_run, cand_run, tolerances, num_layers=reference.info.num_layers,
+                                    utterance=entry["audio_filepath"])
+                       for entry, ref_run, cand_run in zip(subset_entries, reference_runs, candidate_runs)]
+        failures = [comparison.describe_failure() for comparison in comparisons if not comparison.passed]
+        assert not failures, f"{label} {context}:\n" + "\n".join(failures)
         differing = [e["audio_filepath"] for e, a, b in zip(subset_entries, expected, actual) if a != b]
         assert not differing, f"{label} {context}: token sequences differ on {differing}"
         texts = [decode_tokens(reference.info.vocabulary, t) for t in expected]
