@@ -27,7 +27,7 @@ def requested_threads() -> int | None:
     try:
         threads = int(value)
     except ValueError:
-        raise ValueError(f"{PROJECT_VARIABLE}={value!r}: expected a positive integer") from None
+        threads = 0
     if threads < 1:
         raise ValueError(f"{PROJECT_VARIABLE}={value!r}: expected a positive integer")
     return threads

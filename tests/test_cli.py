@@ -80,8 +80,9 @@ def test_threads_option_limits_every_library_and_is_recorded():
     import sys
 
     pytest.importorskip("onnxruntime")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PARITY_THREADS")}
+    from harness.threads import LIBRARY_VARIABLES, PROJECT_VARIABLE
+
+    env = {k: v for k, v in os.environ.items() if k not in (*LIBRARY_VARIABLES, PROJECT_VARIABLE)}
     probe = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True, env=env,
                            cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert probe.returncode == 0, probe.stderr[-2000:]
