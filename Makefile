@@ -4,30 +4,45 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# PyTorch's CPU wheel index for `make install` on Linux, e.g.
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# PyPI's Linux torch wheel is the multi-GB CUDA build; the workflows set this (see .ci/run).
+# Unset (the default), pip's own configuration decides where torch comes from.
+TORCH_INDEX ?=
+# A JUnit XML report of the test targets, e.g. `make test JUNIT=reports/junit/tests.xml` (CI artifacts).
+JUNIT ?=
+PYTEST := $(PY) -m pytest $(if $(JUNIT),--junitxml=$(JUNIT))
 
-.PHONY: install test test-mlx test-onnx demo fixtures speech clean
+.PHONY: install lint test test-mlx test-onnx demo fixtures speech clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# torch is installed first and by exact version: on Linux x86_64 the local pip setup serves the CPU
-# build for `torch==2.13.0`, whereas an unpinned resolve would pull a multi-GB CUDA build.
+# torch is installed first and by exact version, so that the extras below find it satisfied: on
+# Linux x86_64 an unpinned resolve from PyPI would pull the multi-GB CUDA build. With TORCH_INDEX
+# set, torch (and only torch) comes from that index; the local pip setup here serves the CPU
+# build for `torch==2.13.0` without it.
 $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# ruff (style and errors) and import-linter (the package layers in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-mlx: $(STAMP)
-	$(PY) -m pytest -m mlx $(PYTEST_ARGS)
+	$(PYTEST) -m mlx $(PYTEST_ARGS)
 
 test-onnx: $(STAMP)
-	$(PY) -m pytest -m onnx $(PYTEST_ARGS)
+	$(PYTEST) -m onnx $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/parity demo

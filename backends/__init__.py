@@ -5,19 +5,34 @@ Each entry names a module that provides two functions:
 - ``prepare(nemo_path, work_dir, *, dtype, att_context_sizes) -> Path``: turn a ``.nemo`` into what
   the backend loads (the ``.nemo`` itself, an ONNX export directory, an MLX artifact directory);
   cached under ``work_dir`` by the caller.
-- ``load(source, *, dtype, nemo_path=None) -> harness.streaming.Backend``.
+- ``load(source, *, dtype, nemo_path=None) -> harness.interface.backend.Backend``.
+
+and, optionally:
+
+- ``cli``: a module with ``register(subparsers)`` adding the backend's own commands to ``parity``
+  (they receive ``args.context``, a ``harness.interface.commands.CommandContext``);
+- ``reader``: ``"module:function"`` returning a ``harness.detect.fingerprint.ModelView`` for an
+  artifact of this backend's format, or ``None`` for a path that is not one (``parity fingerprint``,
+  ``parity verify``);
+- ``source_option`` (``--onnx``) and ``dtype_flags`` (``{"--onnx-int8": "int8"}``): how ``parity
+  compare`` and ``parity transcribe`` name an artifact of this backend.
 
 ``requires`` lists the Python modules the backend imports; suites skip a backend whose modules
-cannot be imported, with the reason.
+cannot be imported, with the reason. ``capabilities`` is what its ``Backend`` class declares (a test
+checks they agree): the bounded-memory matrix plans the reference's first-chunk modes from it
+before loading any candidate.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from harness.interface.backend import Capabilities
 
 
 @dataclass(frozen=True)
@@ -28,9 +43,16 @@ class BackendEntry:
     dtypes: tuple[str, ...]  # the first is the one compared at fp32 tolerances
     marker: str  # pytest marker selecting this backend's tests
     description: str
-    # First-chunk modes it streams (its Backend class says the same; a test checks): the bounded-memory
-    # matrix records the reference in the modes its candidates need before loading any of them.
-    first_chunk_modes: tuple[str, ...] = ("plain", "pad-and-drop")
+    capabilities: Capabilities = Capabilities()
+    cli: str | None = None
+    reader: str | None = None
+    source_option: str | None = None
+    source_help: str = ""
+    dtype_flags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def first_chunk_modes(self) -> tuple[str, ...]:
+        return self.capabilities.first_chunk_modes
 
     def missing_requirements(self) -> list[str]:
         return [name for name in self.requires if importlib.util.find_spec(name) is None]
@@ -52,6 +74,13 @@ class BackendEntry:
             options["dtype"] = dtype
         return self._module().load(Path(source), nemo_path=nemo_path, **options)
 
+    def artifact_reader(self) -> Callable[[Path], Any] | None:
+        """The function that reads this backend's artifacts as a ``ModelView`` (None: it has no format)."""
+        if self.reader is None:
+            return None
+        module, _, function = self.reader.partition(":")
+        return getattr(importlib.import_module(module), function)
+
 
 REFERENCE = "nemo"
 
@@ -70,11 +99,16 @@ register(BackendEntry(
 
 register(BackendEntry(
     name="onnx", module="backends.onnx", requires=("onnxruntime", "onnx"), dtypes=("float32", "int8"),
-    marker="onnx", first_chunk_modes=("pad-and-drop",),
+    marker="onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), offline=False),
+    cli="backends.onnx.cli", reader="backends.onnx.layout:read_view",
+    source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
+    dtype_flags={"--onnx-int8": "int8"},
     description="ONNX Runtime over NeMo's cache-aware encoder + decoder_joint export (pad-and-drop graphs)"))
 
 register(BackendEntry(
     name="mlx", module="backends.mlx", requires=("mlx",), dtypes=("float32", "bfloat16", "float16"), marker="mlx",
+    cli="backends.mlx.cli", reader="backends.mlx.artifact:read_view",
+    source_option="--mlx", source_help="an MLX artifact directory (parity convert)",
     description="MLX (our port): converted artifact, cache-aware streaming step, greedy RNNT decoding"))
 
 

@@ -14,16 +14,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 
-from harness.chunking import Chunk, normalize_att_context_sizes
-from harness.nemo_file import inspect_nemo
-from harness.nemo_quiet import quiet_nemo
-from harness.speakers import SpeakerTargets
-from harness.streaming import (
+from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
@@ -36,42 +32,10 @@ from harness.streaming import (
     StreamingState,
     layer_tap,
 )
-
-
-def model_info_from_config(config: dict[str, Any], vocabulary: Sequence[str]) -> ModelInfo:
-    """``ModelInfo`` from a NeMo model config (the ``.nemo``'s or an artifact's ``config.json``)."""
-    encoder = config["encoder"]
-    prednet = config["decoder"]["prednet"]
-    decoding = config.get("decoding") or {}
-    greedy = decoding.get("greedy") or {}
-    return ModelInfo(
-        num_layers=int(encoder["n_layers"]),
-        d_model=int(encoder["d_model"]),
-        n_mels=int(encoder["feat_in"]),
-        conv_kernel_size=int(encoder.get("conv_kernel_size", 31)),
-        subsampling_factor=int(encoder.get("subsampling_factor", 4)),
-        att_context_sizes=normalize_att_context_sizes(encoder.get("att_context_size")),
-        vocabulary=tuple(vocabulary),
-        blank_id=len(vocabulary),
-        pred_layers=int(prednet.get("pred_rnn_layers", 1)),
-        pred_hidden=int(prednet["pred_hidden"]),
-        max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
-        encoder_config=dict(encoder),
-        **speaker_kernel_info(config),
-    )
-
-
-def speaker_kernel_info(config: dict[str, Any]) -> dict[str, Any]:
-    """``SpeakerKernelMixin._init_speaker_kernel_config``: kernels exist when ``spk_kernel_type`` is set;
-    ``spk_kernel_layers`` defaults to [0] and ``add_bg_spk_kernel`` to true."""
-    if config.get("spk_kernel_type") is None:
-        return {}
-    layers = tuple(int(i) for i in (config.get("spk_kernel_layers") or [0]))
-    num_layers = int(config["encoder"]["n_layers"])
-    if any(not 0 <= i < num_layers for i in layers):
-        raise ValueError(f"spk_kernel_layers {list(layers)} outside the encoder's {num_layers} layers")
-    return {"speaker_kernel_layers": layers,
-            "background_speaker_kernel": bool(config.get("add_bg_spk_kernel", True))}
+from harness.interface.chunking import Chunk
+from harness.interface.speakers import SpeakerTargets
+from harness.nemo_file import inspect_nemo
+from harness.system.nemo_quiet import quiet_nemo
 
 
 class _TapRecorder:
@@ -85,7 +49,7 @@ class _TapRecorder:
     def _record(self, name: str, tensor) -> None:
         self.records.setdefault(name, []).append(tensor.detach().float().cpu().numpy().copy())
 
-    def __enter__(self) -> "_TapRecorder":
+    def __enter__(self) -> _TapRecorder:
         encoder = self.model.encoder
         self.handles.append(encoder.pre_encode.register_forward_hook(
             lambda _m, _i, out: self._record(TAP_PRE_ENCODE, out[0] if isinstance(out, tuple) else out)))
@@ -173,7 +137,7 @@ class NemoBackend(Backend):
         self.config = archive.config
         self.vocabulary = list(model.tokenizer.vocab) if hasattr(model.tokenizer, "vocab") else [
             model.tokenizer.ids_to_tokens([i])[0] for i in range(model.tokenizer.vocab_size)]
-        self.info = model_info_from_config(self.config, self.vocabulary)
+        self.info = ModelInfo.from_nemo_config(self.config, self.vocabulary)
         max_symbols = getattr(model.decoding.decoding, "max_symbols", None)
         if max_symbols is not None:
             self.info = dataclasses.replace(self.info, max_symbols=int(max_symbols))
@@ -226,7 +190,7 @@ class NemoBackend(Backend):
 
     def _decoder_states(self, hypotheses) -> list[DecoderState]:
         states = []
-        for index, hyp in enumerate(hypotheses):
+        for hyp in hypotheses:
             tokens = [int(t) for t in (hyp.y_sequence.tolist() if hasattr(hyp.y_sequence, "tolist") else hyp.y_sequence)]
             if hyp.dec_state is None:
                 states.append(DecoderState.start(self.info.blank_id, self.info.pred_layers, self.info.pred_hidden))

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from harness.threads import limit_threads  # noqa: E402
+from harness.system.threads import limit_threads  # noqa: E402
 
 SAMPLE_RATE = 16000
 
@@ -66,7 +66,7 @@ def prepare_one(spec, nemo_path: str, work_dir: str, contexts, threads: int) -> 
     """Child process: export/convert one backend; time and peak memory of that alone."""
     _limit_threads(threads)
     from backends import get
-    from harness.memory import peak_rss_mb
+    from harness.system.memory import peak_rss_mb
 
     started = time.perf_counter()
     source = get(spec[0]).prepare(Path(nemo_path), Path(work_dir), dtype=spec[1], att_context_sizes=contexts)
@@ -78,8 +78,8 @@ def time_one(spec, source: str, mels, contexts, mode: str, repeat: int, threads:
     """Child process: load one backend, warm it up, then time ``repeat`` passes per lookahead."""
     _limit_threads(threads)
     from backends import get
-    from harness.compare import stream
-    from harness.memory import peak_rss_mb
+    from harness.interface.driver import stream
+    from harness.system.memory import peak_rss_mb
 
     options = {"taps": False, "threads": threads} if spec[0] == "onnx" else (
         {"taps": False} if spec[0] == "mlx" else {})
@@ -145,9 +145,10 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from backends import get
-    from harness.chunking import parse_att_context
-    from harness.parity import fixture_utterances, long_utterance
-    from harness.results import environment
+    from harness.app.compare import fixture_utterances
+    from harness.interface.chunking import parse_att_context
+    from harness.interface.utterance import long_utterance
+    from harness.judge.results import environment
 
     limit_threads(args.threads)  # inherited by the spawned processes
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     contexts = [parse_att_context(c) for c in args.att_context] if args.att_context else None
 
     spawn = multiprocessing.get_context("spawn")
-    figures = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    figures = {"created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                "model": {"path": str(nemo_path), "name": Path(nemo_path).stem,
                          "bytes": Path(nemo_path).stat().st_size},
                "machine": machine(), "threads": args.threads, "versions": environment()["versions"],

@@ -4,25 +4,35 @@ A ``.nemo`` is a tar holding ``model_config.yaml`` (which NeMo instantiates thro
 class paths), ``model_weights.ckpt`` (a pickled state dict) and tokenizer files. Before NeMo sees a
 file, ``inspect_nemo`` refuses one whose members escape the archive (absolute, ``..``, links,
 devices), that is truncated or corrupt, or whose config names a class outside NeMo's ASR package.
-The project's own weight reads use ``torch.load(weights_only=True)``.
+Every member's declared size is checked against the archive before anything is read (a plain tar's
+data must end inside the file; sparse members, which expand on reading, are refused), and members
+read into memory whole (the config, the tokenizer) have a size limit. The project's own weight
+reads use ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
+
+from harness.errors import UnsafeArtifact
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
 ALLOWED_TARGET_PREFIXES = ("nemo.collections.asr.",)
+# Members read into memory whole: a NeMo config is tens of kB and a SentencePiece model a few MB, so a
+# larger declared size is a lie (or a decompression bomb in a compressed archive), refused unread.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_MEMBER_READ_BYTES = 256 * 1024 * 1024
 
 
-class UnsafeNemoFile(ValueError):
+class UnsafeNemoFile(UnsafeArtifact):
     """The file is not a ``.nemo`` this project will hand to NeMo; the message says why."""
 
 
@@ -38,7 +48,8 @@ class NemoArchive:
                 return name
         raise UnsafeNemoFile(f"{self.path}: no member named {suffix!r}")
 
-    def read_member(self, name: str) -> bytes:
+    def read_member(self, name: str, limit: int = MAX_MEMBER_READ_BYTES) -> bytes:
+        _check_readable_size(self.path, self.members[name], limit)
         with tarfile.open(self.path, "r:*") as tar:
             handle = tar.extractfile(self.members[name])
             if handle is None:
@@ -47,6 +58,12 @@ class NemoArchive:
 
     def tokenizer_model_bytes(self) -> bytes:
         return self.read_member(self.member_name("tokenizer.model"))
+
+
+def _check_readable_size(path: Path, info: tarfile.TarInfo, limit: int) -> None:
+    if info.size > limit:
+        raise UnsafeNemoFile(f"{path}: member {info.name!r} declares {info.size} bytes, more than the "
+                             f"{limit} this project reads into memory")
 
 
 def _normalise(name: str) -> str:
@@ -92,8 +109,12 @@ def inspect_nemo(path: str | Path) -> NemoArchive:
                     raise UnsafeNemoFile(f"{path}: archive member {raw!r} is a link")
                 if not (info.isfile() or info.isdir()):
                     raise UnsafeNemoFile(f"{path}: archive member {raw!r} is not a regular file or directory")
+                if info.issparse():  # its declared size is what reading it produces, not what it stores
+                    raise UnsafeNemoFile(f"{path}: archive member {raw!r} is a sparse file")
                 if info.isfile():
                     members[_normalise(raw)] = info
+            if CONFIG_MEMBER in members:  # before a compressed archive is read: it may be a bomb
+                _check_readable_size(path, members[CONFIG_MEMBER], MAX_CONFIG_BYTES)
             # tarfile only read headers above. In a plain tar, member data lies at known offsets, so a
             # truncated file shows as data ending past the end of the file; a compressed archive has to
             # be read to the end (a 2.5 GB checkpoint would otherwise be read once more for nothing).
@@ -120,6 +141,8 @@ def inspect_nemo(path: str | Path) -> NemoArchive:
         raise UnsafeNemoFile(f"{path}: archive has no {CONFIG_MEMBER}")
     if WEIGHTS_MEMBER not in members:
         raise UnsafeNemoFile(f"{path}: archive has no {WEIGHTS_MEMBER}")
+    if members[WEIGHTS_MEMBER].size == 0:
+        raise UnsafeNemoFile(f"{path}: {WEIGHTS_MEMBER} is empty")
     with tarfile.open(path, "r:*") as tar:
         text = tar.extractfile(members[CONFIG_MEMBER]).read()
     try:
@@ -147,7 +170,7 @@ def load_state_dict(archive: NemoArchive) -> dict[str, Any]:
         with tarfile.open(archive.path, "r:*") as tar:
             handle = tar.extractfile(archive.members[WEIGHTS_MEMBER])
             state = torch.load(handle, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle payloads that weights_only refuses, corrupt zip data
+    except Exception as error:  # noqa: BLE001 - pickle payloads that weights_only refuses, corrupt zip data
         raise UnsafeNemoFile(f"{archive.path}: {WEIGHTS_MEMBER} cannot be loaded safely ({error})") from None
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from harness.cli import EXIT_USAGE, main
+from harness.app.cli import EXIT_USAGE, main
 
 SPEECH = Path(__file__).resolve().parent.parent / "fixtures" / "speech" / "utt02.wav"
 
@@ -79,9 +79,9 @@ def test_stereo_and_8k_pass_with_their_flags(tmp_path, capsys, tiny_nemo):
 
 
 def test_audio_loader_refuses_without_cli(tmp_path):
-    from harness.audio import AudioError, load_audio
+    from harness.interface.audio import AudioError, load_audio
 
-    for label, path, fragment in bad_audio_cases(tmp_path):
+    for _label, path, fragment in bad_audio_cases(tmp_path):
         with pytest.raises(AudioError, match=fragment.replace("-", r"\-")):
             load_audio(path)
 

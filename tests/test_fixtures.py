@@ -59,7 +59,7 @@ def test_tiny_streaming_weights_are_perturbed_and_named_like_real_checkpoints(ti
 
 @pytest.mark.nemo
 def test_fixtures_cli_prints_the_cached_path(tiny_nemo, capsys):
-    from harness.cli import main
+    from harness.app.cli import main
 
     assert main(["fixtures", "--model", "tiny-streaming"]) == 0
     assert Path(capsys.readouterr().out.strip()) == tiny_nemo

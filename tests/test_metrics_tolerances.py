@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from harness import metrics
-from harness.compare import PairComparison, judge_tap, rejudge
-from harness.results import Results
-from harness.tolerances import DEFAULT_TOLERANCES, Tolerances, tap_kind
+from harness.judge import metrics
+from harness.judge.compare import PairComparison, judge_tap, rejudge
+from harness.judge.results import Results
+from harness.judge.tolerances import DEFAULT_TOLERANCES, Tolerances, tap_kind
 
 
 def test_metric_definitions():

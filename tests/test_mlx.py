@@ -15,54 +15,41 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
 from backends.mlx.verify import (  # noqa: E402
     PAIR,
     aggregate_token_agreement,
-    compare_offline,
     judge_reduced_precision,
     token_agreement_violations,
 )
-from harness.chunking import FirstChunkMode  # noqa: E402
-from harness.compare import compare_runs, stream  # noqa: E402
-from harness.streaming import layer_tap  # noqa: E402
+from harness.interface.backend import layer_tap  # noqa: E402
+from harness.interface.chunking import FirstChunkMode  # noqa: E402
+from harness.judge.compare import compare_offline_outputs, compare_runs  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_UTTERANCES = ("utt04.wav", "utt07.wav")  # the two shortest fixture utterances (1.3 s, 1.6 s)
-MODES = (FirstChunkMode.PLAIN.value, FirstChunkMode.PAD_AND_DROP.value)
 
 
 @pytest.fixture(scope="session")
-def mlx_artifacts(tiny_nemo, work_dir):
-    """Artifact directories per dtype, converted once per session (``backends.mlx.prepare`` caches)."""
-    from backends.mlx import prepare
-
-    return lambda dtype: prepare(tiny_nemo, work_dir, dtype=dtype)
+def mlx_artifacts(backend_pool):
+    """Artifact directories per dtype, converted once per session by the shared backend pool."""
+    return lambda dtype: backend_pool.source("mlx", dtype)
 
 
 @pytest.fixture(scope="session")
-def mlx_backends(mlx_artifacts):
-    from backends.mlx import load
-
-    opened = {}
-
-    def get(dtype: str):
-        if dtype not in opened:
-            opened[dtype] = load(mlx_artifacts(dtype), dtype=dtype)
-        return opened[dtype]
-
-    return get
+def mlx_backends(backend_pool):
+    """The MLX backend per dtype, loaded once per session by the shared backend pool."""
+    return lambda dtype: backend_pool.get("mlx", dtype)
 
 
 @pytest.fixture(scope="session")
-def reference(nemo_backend, utterances):
-    """NeMo's mel per utterance and NeMo's stream per (utterance, lookahead, mode), computed on demand once."""
+def reference(nemo_backend, utterances, run_cache):
+    """NeMo's mel per utterance and NeMo's stream per (utterance, lookahead, mode), through the
+    session's ``run_cache``: the same runs the cross-backend suites compare, computed once."""
     by_name = {u.name: u for u in utterances}
     mels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    runs: dict[tuple, object] = {}
 
     class Reference:
         names = list(by_name)
@@ -73,22 +60,17 @@ def reference(nemo_backend, utterances):
             return mels[name]
 
         def run(self, name, context, mode):
-            key = (name, tuple(context), mode)
-            if key not in runs:
-                mel = self.mel(name)[0]
-                runs[key] = stream(nemo_backend, mel, context, mode, features=mel)
-            return runs[key]
+            return run_cache.run("nemo", by_name[name], tuple(context), mode)
 
-        def audio(self, name):
-            return by_name[name].audio
+        def utterance(self, name):
+            return by_name[name]
 
     return Reference()
 
 
-def _compare(reference, backend, name, context, mode, tolerances, num_layers):
+def _compare(reference, run_cache, dtype, name, context, mode, tolerances, num_layers):
     ref_run = reference.run(name, context, mode)
-    features = backend.features(reference.audio(name)[None])[0]
-    cand_run = stream(backend, reference.mel(name)[0], context, mode, dtype=backend.dtype, features=features)
+    cand_run = run_cache.run("mlx", reference.utterance(name), tuple(context), mode, dtype=dtype)
     comparison = compare_runs(ref_run, cand_run, tolerances, num_layers=num_layers, utterance=name, pair=PAIR)
     return ref_run, cand_run, comparison
 
@@ -102,22 +84,23 @@ def _assert_every_tap_judged(comparison, num_steps: int, num_layers: int) -> Non
     assert any(t.tap == "mel" for t in comparison.taps), "the front end (mel) was not compared"
 
 
-# -- float32: within the shared "*" limits of harness/tolerances.toml, identical tokens -------------
+# -- float32: within the shared "*" limits of harness/judge/tolerances.toml, identical tokens -------------
+# Plain mode is the nemo~mlx pair of tests/test_parity_suites.py (same runs, through run_cache); the
+# pad-and-drop first chunk, which only MLX and ONNX share with NeMo, is checked here.
 
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("context", ["70,13", "70,6", "70,1", "70,0"])
-def test_streaming_matches_nemo_fp32(context, mode, reference, mlx_backends, nemo_backend, att_contexts,
-                                     tolerances):
+def test_pad_and_drop_streaming_matches_nemo_fp32(context, reference, run_cache, nemo_backend, att_contexts,
+                                                  tolerances):
     """Every fixture utterance: every tap and both caches at every step within the "*" float32
     limits, identical tokens."""
     context = tuple(int(v) for v in context.split(","))
     if context not in [tuple(c) for c in att_contexts]:
         pytest.skip(f"the model under test has no lookahead {list(context)}")
-    backend = mlx_backends("float32")
     num_layers = nemo_backend.info.num_layers
     failures, total_tokens = [], 0
     for name in reference.names:
-        ref_run, _, comparison = _compare(reference, backend, name, context, mode, tolerances, num_layers)
+        ref_run, _, comparison = _compare(reference, run_cache, "float32", name, context,
+                                          FirstChunkMode.PAD_AND_DROP.value, tolerances, num_layers)
         if not comparison.passed:
             failures.append(comparison.describe_failure())
         _assert_every_tap_judged(comparison, len(ref_run.steps), num_layers)
@@ -131,15 +114,17 @@ def test_offline_forward_matches_nemo_fp32(reference, mlx_backends, nemo_backend
     for context in att_contexts:
         for name in reference.names:
             mel, length = reference.mel(name)
-            comparison = compare_offline(nemo_backend, backend, mel, length, tuple(context), tolerances,
-                                         utterance=name)
+            comparison = compare_offline_outputs(
+                nemo_backend.offline(mel, length, context), backend.offline(mel, length, context), tolerances,
+                reference_name=nemo_backend.name, candidate_name=backend.name, dtype=backend.dtype,
+                context=context, utterance=name, num_layers=nemo_backend.info.num_layers)
             assert comparison.passed, comparison.describe_failure()
             assert {"pre_encode", "encoder", "decoder", "joint"} <= {t.tap for t in comparison.taps}
 
 
 def test_state_from_nemo_continues_in_mlx(reference, mlx_backends, nemo_backend, att_contexts, tolerances):
     """Caches and decoder state are canonical: NeMo's state after step k continues correctly in MLX."""
-    from harness.chunking import ChunkSchedule
+    from harness.interface.chunking import ChunkSchedule
 
     backend = mlx_backends("float32")
     context = (70, 1) if (70, 1) in att_contexts else tuple(att_contexts[0])
@@ -156,20 +141,20 @@ def test_state_from_nemo_continues_in_mlx(reference, mlx_backends, nemo_backend,
         state = output.state
 
 
-# -- bfloat16 / float16: measured against the dtype tables in harness/tolerances.toml ---------------
+# -- bfloat16 / float16: measured against the dtype tables in harness/judge/tolerances.toml ---------------
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reduced_precision_within_measured_bounds(dtype, reference, mlx_backends, nemo_backend, att_contexts,
-                                                  tolerances, record_property):
+def test_reduced_precision_within_measured_bounds(dtype, reference, mlx_backends, run_cache, nemo_backend,
+                                                  att_contexts, tolerances, record_property):
     """Taps by cosine and relative L2, tokens by aggregate agreement (limits and their measured
-    figures: the bfloat16/float16 tables of harness/tolerances.toml)."""
+    figures: the bfloat16/float16 tables of harness/judge/tolerances.toml)."""
     backend = mlx_backends(dtype)
     assert backend.dtype == dtype
     comparisons = []
     for context in att_contexts:
         for name in reference.names:
-            ref_run, cand_run, comparison = _compare(reference, backend, name, context, "plain", tolerances,
-                                                     nemo_backend.info.num_layers)
+            ref_run, cand_run, comparison = _compare(reference, run_cache, dtype, name, context, "plain",
+                                                     tolerances, nemo_backend.info.num_layers)
             comparisons.append(judge_reduced_precision(comparison, ref_run.steps, cand_run.steps, tolerances))
     unjudged = {t.tap for c in comparisons for t in c.taps if not t.limits} - {"tokens"}
     assert not unjudged, f"no {dtype} limits for {sorted(unjudged)} in tolerances.toml"
@@ -206,14 +191,14 @@ def test_device_flag(mlx_artifacts):
 
 def test_transcribe_with_the_artifact_alone(mlx_artifacts, mlx_backends, utterances, tmp_path):
     """``parity transcribe --backend mlx`` in a fresh interpreter imports neither torch nor NeMo."""
-    from harness.parity import transcribe
+    from harness.interface.driver import transcribe
 
     artifact = mlx_artifacts("float32")
     utterance = next(u for u in utterances if u.name == SHORT_UTTERANCES[1])
     audio = Path(REPO_ROOT / "fixtures" / "speech" / utterance.name)
     script = textwrap.dedent(f"""
         import sys
-        from harness.cli import main
+        from harness.app.cli import main
         code = main(["transcribe", "--backend", "mlx", "--mlx", {str(artifact)!r}, {str(audio)!r},
                      "--att-context", "70,13"])
         heavy = sorted(m for m in ("torch", "nemo", "lightning", "pytorch_lightning") if m in sys.modules)

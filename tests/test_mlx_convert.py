@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
+from backends.mlx import artifact, mapping  # noqa: E402
 from backends.mlx import convert as converter  # noqa: E402
-from backends.mlx import mapping  # noqa: E402
 from backends.mlx.convert import ConversionError, VerificationFailed, convert, failed_report_path  # noqa: E402
 from harness.nemo_file import WEIGHTS_MEMBER, inspect_nemo, load_state_dict, sha256_file  # noqa: E402
 
@@ -60,7 +59,7 @@ def test_round_trip_is_exact(fp32_artifact, source_state):
 
     covered: set[str] = set()
     for file in (mapping.MODEL_FILE, mapping.FRONTEND_FILE):
-        for name, array in converter.iter_tensors(fp32_artifact, file):
+        for name, array in artifact.iter_tensors(fp32_artifact, file):
             for sources, back in mapping.to_nemo(name, array, file):
                 expected = sum((source_state[s] for s in sources[1:]), source_state[sources[0]].clone())
                 assert back.shape == tuple(expected.shape), f"{name} -> {sources}: {back.shape} vs {tuple(expected.shape)}"
@@ -144,7 +143,7 @@ def test_half_an_lstm_bias_is_named(tiny_nemo, tmp_path):
 # -- verified, atomic publication ---------------------------------------------------------------------
 
 def _cli(*argv) -> int:
-    from harness.cli import main
+    from harness.app.cli import main
 
     return main([str(a) for a in argv])
 
@@ -199,7 +198,7 @@ def test_failed_verification_publishes_nothing(tiny_nemo, tmp_path, monkeypatch)
     assert "layers.0" in report["failures"][0]  # the first divergent tap is where the corruption is
 
 
-def test_existing_artifact_is_never_half_overwritten(tiny_nemo, tmp_path, monkeypatch):
+def test_existing_artifact_is_never_half_overwritten(tiny_nemo, nemo_backend, tmp_path, monkeypatch):
     out = tmp_path / "artifact"
     convert(tiny_nemo, out, skip_verify=True)
     before = {p.name: sha256_file(p) for p in out.iterdir()}
@@ -208,12 +207,13 @@ def test_existing_artifact_is_never_half_overwritten(tiny_nemo, tmp_path, monkey
     original = converter._apply
     monkeypatch.setattr(converter, "_apply", lambda rule, s, t, target, e: original(rule, s, t, target, e) * 1.01)
     with pytest.raises(VerificationFailed):
-        convert(tiny_nemo, out, overwrite=True, utterances=_short_utterances(), att_context_sizes=[(70, 13)])
+        convert(tiny_nemo, out, overwrite=True, reference=nemo_backend, utterances=_short_utterances(),
+                att_context_sizes=[(70, 13)])
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
 
 
 def _short_utterances():
-    from harness.parity import Utterance
+    from harness.interface.utterance import Utterance
 
     return [Utterance.from_file(SHORT_AUDIO)]
 

@@ -15,15 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures.models import STREAMING_CONTEXTS
-from harness.compare import compare_runs, stream
-from harness.parity import shared_mode
-from harness.speakers import (
+from harness.interface.driver import shared_mode, stream
+from harness.interface.speakers import (
     BACKGROUND_DEFAULT,
     TARGET_DEFAULT,
     SpeakerMaskError,
     SpeakerTargets,
     reconcile,
 )
+from harness.judge.compare import compare_runs
 
 torch = pytest.importorskip("torch", reason="the reference backend needs torch")
 
@@ -291,7 +291,7 @@ def test_multitalker_export_refuses_layers_first(multitalker_nemo, tmp_path):
 
 def test_cli_takes_speaker_masks(multitalker_nemo, tiny_nemo, utterance, tmp_path, capsys):
     from fixtures.models import SPEECH_DIR
-    from harness.cli import EXIT_OK, main
+    from harness.app.cli import EXIT_OK, main
 
     audio = SPEECH_DIR / utterance.name
     masks = tmp_path / "masks.npz"

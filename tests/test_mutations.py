@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from harness.diagnose import diagnose
+from backends.mlx.mutations import CATALOG
 from fixtures.models import SPEECH_DIR
-from harness.mutations import CATALOG
+from harness.app.diagnose import diagnose
 
 pytestmark = [pytest.mark.mlx]
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
@@ -35,7 +35,7 @@ def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool):
 
 @pytest.fixture(scope="module")
 def source_state(tiny_nemo):
-    from harness.diagnose import source_state
+    from harness.detect.diagnose import source_state
 
     return source_state(tiny_nemo)
 
@@ -85,8 +85,8 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, models, source_st
 
 
 def test_verify_cli_names_contradictions_and_localizes(artifacts, tiny_nemo, source_state, tmp_path, capsys):
-    from harness.cli import EXIT_OK, EXIT_VIOLATION, main
-    from harness.mutations import by_name
+    from backends.mlx.mutations import by_name
+    from harness.app.cli import EXIT_OK, EXIT_VIOLATION, main
 
     assert main(["verify", str(artifacts["streaming"])]) == EXIT_OK
     capsys.readouterr()

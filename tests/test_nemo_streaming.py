@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.chunking import FirstChunkMode
-from harness.compare import compare_streaming_to_offline, stream
+from harness.interface.chunking import FirstChunkMode
+from harness.interface.driver import stream
+from harness.judge.compare import compare_streaming_to_offline
 
 pytestmark = pytest.mark.nemo
 
@@ -47,10 +48,10 @@ def test_zero_lookahead_deviation_is_real_and_bounded(streamed, tolerances):
     """[70,0] deviates (NeMo's behaviour) but stays inside its recorded bound; the others do not."""
     limits = tolerances.limits("streaming~offline@70,0", "float32", "encoder")
     general = tolerances.limits("streaming~offline@70,13", "float32", "encoder")
-    from harness import metrics
+    from harness.judge import metrics
 
     deviations, scaled = [], []
-    for (name, context), (run, offline) in streamed.items():
+    for (_name, context), (run, offline) in streamed.items():
         if context != (70, 0):
             continue
         frames = run.encoded.shape[-1]
@@ -90,7 +91,7 @@ def test_initial_state_is_zero_and_cache_length_grows_by_valid_frames(nemo_backe
 
 def test_nemo_refuses_speaker_masks(nemo_backend, utterances):
     mel, _ = nemo_backend.features(utterances[0].audio[None])
-    from harness.chunking import ChunkSchedule
+    from harness.interface.chunking import ChunkSchedule
 
     chunk = ChunkSchedule(nemo_backend.streaming_config((70, 13))).chunks(mel)[0]
     with pytest.raises(ValueError, match="speaker masks"):
@@ -100,7 +101,7 @@ def test_nemo_refuses_speaker_masks(nemo_backend, utterances):
 def test_reference_runs_in_eval_mode_after_nemo_transcribe(nemo_backend, utterances):
     """NeMo's transcribe() leaves encoder/decoder/joint in train mode (unfreeze() calls train());
     the reference backend must not stream with dropout and a randomly sampled attention context."""
-    from harness.compare import stream
+    from harness.interface.driver import stream
 
     mel, _ = nemo_backend.features(utterances[0].audio[None])
     before = stream(nemo_backend, mel, (70, 13), "plain")

@@ -8,23 +8,23 @@ from pathlib import Path
 import pytest
 
 from backends import REGISTRY, BackendEntry
-from harness.cli import EXIT_OK, main
-from harness.nightly import (
-    Candidate,
-    MatrixProgress,
-    _merge,
-    _run_candidate,
+from harness.app.cli import EXIT_OK, main
+from harness.app.nightly import (
+    PlannedCandidate,
     fp32_failures,
+    matrix_candidate,
     plan_candidates,
+    record_failure,
     results_file_names,
 )
-from harness.results import Results
+from harness.judge.loop import LoopProgress
+from harness.judge.results import Results
 
 
 def test_plan_takes_every_dtype_of_the_chosen_backends_and_never_nemo_as_candidate():
     assert plan_candidates(["nemo"]).candidates == []
     plan = plan_candidates()
-    expected = [Candidate(name, dtype) for name, entry in REGISTRY.items() if name != "nemo" and entry.available()
+    expected = [PlannedCandidate(name, dtype) for name, entry in REGISTRY.items() if name != "nemo" and entry.available()
                 for dtype in entry.dtypes]
     assert plan.candidates == expected
     with pytest.raises(KeyError, match="unknown backend"):
@@ -33,7 +33,7 @@ def test_plan_takes_every_dtype_of_the_chosen_backends_and_never_nemo_as_candida
 
 def test_plan_takes_one_dtype_when_named():
     plan = plan_candidates(["onnx:int8", "mlx:float32", "onnx:int8"])
-    assert [(c.backend, c.dtype) for c in plan.candidates + [Candidate(u["backend"], u["dtype"])
+    assert [(c.backend, c.dtype) for c in plan.candidates + [PlannedCandidate(u["backend"], u["dtype"])
                                                               for u in plan.unavailable]] == [
         ("onnx", "int8"), ("mlx", "float32")]
     with pytest.raises(KeyError, match="backend onnx runs float32, int8, not float16"):
@@ -53,21 +53,14 @@ def test_a_candidate_that_cannot_prepare_is_recorded_and_fails_the_fp32_gate(mon
     entry = BackendEntry("broken", "backends.broken", (), ("float32",), "broken", "test")
     monkeypatch.setitem(REGISTRY, "broken", entry)
     monkeypatch.setattr(BackendEntry, "prepare", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("no export")))
-    results = Results(model={"name": "m"}, tolerances="t")
-    record = _run_candidate(None, Candidate("broken", "float32"), tmp_path / "m.nemo", [], [(70, 13)], None,
-                            tmp_path, results, MatrixProgress())
-    assert record["status"] == "error" and "RuntimeError: no export" in record["error"]
-    results.extra["candidates"] = [record]
+    candidate = matrix_candidate(PlannedCandidate("broken", "float32"), tmp_path / "m.nemo", tmp_path, [(70, 13)],
+                                 in_subprocess=False)
+    with pytest.raises(RuntimeError, match="no export") as raised:
+        candidate.open()
+    record_failure(LoopProgress())(candidate, raised.value)
+    assert candidate.record["status"] == "error" and "RuntimeError: no export" in candidate.record["error"]
+    results = Results(model={"name": "m"}, tolerances="t", extra={"candidates": [candidate.record]})
     assert fp32_failures([results]) == ["broken:float32 could not run: RuntimeError: no export"]
-
-
-def test_merge_keeps_each_run_once():
-    row = {"backend": "nemo", "dtype": "float32", "mode": "plain", "utterance": "u", "att_context_size": [70, 13]}
-    into = Results(model={}, tolerances="t", transcripts=[dict(row, text="a")], timings=[dict(row, step_seconds=[1])])
-    part = Results(model={}, tolerances="t", transcripts=[dict(row, text="a"), dict(row, backend="onnx", text="b")],
-                   timings=[dict(row, step_seconds=[1])])
-    _merge(into, part)
-    assert [t["backend"] for t in into.transcripts] == ["nemo", "onnx"] and len(into.timings) == 1
 
 
 def test_one_model_writes_results_json_several_write_one_file_each():
@@ -110,7 +103,7 @@ def test_demo_prints_the_table_and_the_report_path(tmp_path, capsys):
 @pytest.mark.nightly
 def test_full_nightly_matrix(tmp_path):
     """Every default fixture × every lookahead × every available backend and dtype (the nightly job's run)."""
-    from harness.nightly import run_nightly
+    from harness.app.nightly import run_nightly
 
     outcome = run_nightly(out_root=tmp_path / "reports")
     assert outcome.report.html.is_file()
@@ -122,20 +115,22 @@ def test_full_nightly_matrix(tmp_path):
 def test_bounded_memory_matrix_equals_the_in_memory_one(tiny_nemo, tolerances, tmp_path):
     """Spooling every run to disk, one model in memory at a time and preparation in a subprocess,
     gives exactly the comparisons, metrics and transcripts of the in-memory matrix."""
-    from harness.nightly import MatrixPlan, run_model_matrix, run_model_matrix_bounded
-    from harness.parity import fixture_utterances, long_utterance
+    from harness.app.compare import fixture_utterances
+    from harness.app.nightly import MatrixPlan, run_model_matrix
+    from harness.interface.utterance import long_utterance
 
     for name in ("onnx", "mlx"):
         if not REGISTRY[name].available():
             pytest.skip(f"{name} is not installed")
     utterances = fixture_utterances()
     chosen = [utterances[1], long_utterance(utterances[:3], 5.0)]
-    plan = MatrixPlan([Candidate("onnx", "float32"), Candidate("mlx", "float32")], [])
+    plan = MatrixPlan([PlannedCandidate("onnx", "float32"), PlannedCandidate("mlx", "float32")], [])
     contexts = [(70, 13), (70, 0)]
     work = tmp_path / "work"
     in_memory = run_model_matrix(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work)
     spool = tmp_path / "spool"
-    bounded = run_model_matrix_bounded(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work, spool_dir=spool)
+    bounded = run_model_matrix(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work, bounded=True,
+                               spool_dir=spool)
 
     assert [c["status"] for c in bounded.extra["candidates"]] == ["ok", "ok"], bounded.extra["candidates"]
     assert not any(spool.iterdir()), "spooled runs were left behind"

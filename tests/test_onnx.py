@@ -25,10 +25,10 @@ from backends.onnx.layout import (  # noqa: E402
     decoder_joint_file,
     encoder_file,
 )
-from harness.chunking import FirstChunkMode  # noqa: E402
-from harness.compare import stream  # noqa: E402
-from harness.metrics import all_metrics, word_error_rate  # noqa: E402
-from harness.streaming import ShapeMismatchError  # noqa: E402
+from harness.interface.backend import ShapeMismatchError  # noqa: E402
+from harness.interface.chunking import FirstChunkMode  # noqa: E402
+from harness.interface.driver import stream  # noqa: E402
+from harness.judge.metrics import all_metrics, word_error_rate  # noqa: E402
 
 pytestmark = pytest.mark.onnx
 
@@ -106,7 +106,7 @@ def test_batch_first_graph_refuses_layers_first_caches(onnx_backend, mels):
     # and a batch-first array handed in as canonical state is refused before anything runs
     from dataclasses import replace
 
-    from harness.chunking import ChunkSchedule
+    from harness.interface.chunking import ChunkSchedule
 
     chunk = ChunkSchedule(onnx_backend.streaming_config(context), PAD).chunks(mels["utt01.wav"])[0]
     wrong = replace(state, cache_last_channel=np.swapaxes(state.cache_last_channel, 0, 1).copy())
@@ -151,7 +151,8 @@ def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):
     code = (
         "import sys\n"
         "from backends import get\n"
-        "from harness.parity import Utterance, transcribe\n"
+        "from harness.interface.driver import transcribe\n"
+        "from harness.interface.utterance import Utterance\n"
         f"backend = get('onnx').load({str(onnx_dir)!r})\n"
         f"text, tokens = transcribe(backend, Utterance.from_file({str(wav)!r}), backend.info.att_context_sizes[0])\n"
         "assert tokens, 'no tokens'\n"
@@ -164,8 +165,8 @@ def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):
 
 
 def test_transcribe_cli(onnx_dir, onnx_backend, mels, capsys):
-    from harness.cli import main
-    from harness.streaming import decode_tokens
+    from harness.app.cli import main
+    from harness.interface.backend import decode_tokens
 
     wav = REPO / "fixtures" / "speech" / "utt01.wav"
     assert main(["transcribe", "--backend", "onnx", "--onnx", str(onnx_dir), "--att-context", "70,6", str(wav)]) == 0
@@ -178,7 +179,7 @@ def test_compare_cli_passes_then_names_the_corrupted_layer(onnx_dir, tiny_nemo, 
     import onnx
 
     from backends.onnx import graph_tools
-    from harness.cli import main
+    from harness.app.cli import main
 
     wav = str(REPO / "fixtures" / "speech" / "utt04.wav")  # the shortest
     args = ["compare", str(tiny_nemo), "--audio", wav, "--att-context", "70,6"]
@@ -271,7 +272,7 @@ def test_graph_without_expected_input_is_refused(onnx_dir, tmp_path):
 
 
 def test_plain_first_chunk_is_refused(onnx_backend, mels):
-    from harness.chunking import ChunkSchedule
+    from harness.interface.chunking import ChunkSchedule
 
     context = onnx_backend.info.att_context_sizes[0]
     chunk = ChunkSchedule(onnx_backend.streaming_config(context), FirstChunkMode.PLAIN).chunks(mels["utt02.wav"])[0]

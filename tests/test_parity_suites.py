@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.compare import compare_runs, compare_streaming_to_offline
-from harness.metrics import word_error_rate
-from harness.parity import shared_mode
-from harness.results import Results
-from harness.streaming import decode_tokens
+from harness.interface.backend import decode_tokens
+from harness.interface.driver import shared_mode
+from harness.judge.compare import compare_runs, compare_streaming_to_offline
+from harness.judge.metrics import word_error_rate
+from harness.judge.results import Results
 
 
 def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances):
@@ -51,7 +51,7 @@ def test_per_layer_taps_and_caches_within_tolerance(backend_pair, backend_pool, 
                  "cache_last_channel", "cache_last_time", "cache_last_channel_len"}
     worst: dict[tuple[int, int], dict[str, float]] = {}
     failures = []
-    for utterance, _, _, comparison in comparisons:
+    for _utterance, _, _, comparison in comparisons:
         missing = every_tap - {t.tap for t in comparison.taps}
         assert not missing, f"{'~'.join(backend_pair)} does not expose taps {sorted(missing)}"
         per_tap = worst.setdefault(comparison.att_context_size, {})
@@ -71,7 +71,7 @@ def test_transcripts_agree_token_for_token(backend_pair, backend_pool, run_cache
     comparisons = _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances)
     vocabulary = backend_pool.get(backend_pair[0]).info.vocabulary
     differing = []
-    for utterance, ref_run, cand_run, comparison in comparisons:
+    for _utterance, ref_run, cand_run, comparison in comparisons:
         if not comparison.tokens_equal:
             differing.append(comparison.describe_failure())
         ref_text, cand_text = decode_tokens(vocabulary, ref_run.tokens), decode_tokens(vocabulary, cand_run.tokens)
@@ -108,7 +108,7 @@ def test_cache_invariants(backend_name, backend_pool, run_cache, utterances, att
 
 def test_streaming_matches_offline(backend_name, backend_pool, run_cache, utterances, att_contexts, tolerances):
     """Each backend's own streaming output against its own offline forward ([70,0] has its own bound)."""
-    from harness.chunking import FirstChunkMode
+    from harness.interface.chunking import FirstChunkMode
 
     backend = backend_pool.get(backend_name)
     if FirstChunkMode.PLAIN.value not in backend.first_chunk_modes:
@@ -130,4 +130,4 @@ def test_registry_knows_each_backends_first_chunk_modes(backend_name, backend_po
     """The bounded-memory matrix plans reference runs from the registry before loading any candidate."""
     from backends import get
 
-    assert tuple(get(backend_name).first_chunk_modes) == tuple(backend_pool.get(backend_name).first_chunk_modes)
+    assert get(backend_name).capabilities == backend_pool.get(backend_name).capabilities

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures.models import STREAMING_CONTEXTS
-from harness.compare import compare_runs, stream
-from harness.parity import fixture_utterances, shared_mode
+from harness.app.compare import fixture_utterances
+from harness.interface.driver import shared_mode, stream
+from harness.judge.compare import compare_runs
 
 SAMPLE_RATE = 16000
 SPEECH = np.concatenate([u.audio for u in fixture_utterances()])

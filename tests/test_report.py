@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import EXIT_OK, main
-from harness.compare import PairComparison, TapResult
+from harness.app.cli import EXIT_OK, main
+from harness.judge.compare import PairComparison, TapResult
+from harness.judge.results import Results
 from harness.report import (
     find_regressions,
     key_metrics,
@@ -23,7 +24,6 @@ from harness.report import (
     word_alignment_html,
     write_report,
 )
-from harness.results import Results
 
 ORDER = ["mel", "pre_encode", "layers.0", "layers.1", "encoder", "cache_last_channel", "cache_last_time", "joint"]
 
@@ -51,7 +51,7 @@ def transcript(backend: str, dtype: str, text: str, context=(70, 13), utterance:
 
 def synthetic_results(*, onnx_error: float = 1e-6, int8_error: float = 3e-2) -> Results:
     results = Results(model={"name": "tiny-streaming", "sha256": "ab" * 32, "path": "/tmp/tiny.nemo"},
-                      tolerances="harness/tolerances.toml")
+                      tolerances="harness/judge/tolerances.toml")
     results.comparisons = [
         comparison("onnx", "float32", error=onnx_error),
         comparison("onnx", "int8", error=int8_error, limit=1.0, candidate_tokens=(5, 9, 7)),
@@ -168,12 +168,11 @@ def test_real_report_renders_in_headless_chromium(tiny_nemo, nemo_backend, backe
     binary = chromium_binary()
     if binary is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
-    from harness.parity import compare_backends
-
     # NeMo against its own offline forward and against every other available backend (the sessions'
     # prepared exports and artifacts), or a second stream of itself when none is installed: every
     # per-step tap and cache is compared, so every section of the page has real data.
     from backends import REGISTRY
+    from harness.app.compare import compare_backends
 
     candidates = [backend_pool.get(name) for name, entry in REGISTRY.items()
                   if name != "nemo" and entry.available()] or [nemo_backend]

@@ -111,7 +111,7 @@ def test_recorded_offline_wer(recorded):
 
 
 def test_offline_wer_on_subset(backend, subset_entries, recorded):
-    from harness.metrics import word_error_rate
+    from harness.judge.metrics import word_error_rate
 
     context = STREAMING_CONTEXTS[0]
     hypotheses = evaluate.offline_hypotheses(backend, subset_entries, context)
@@ -121,7 +121,7 @@ def test_offline_wer_on_subset(backend, subset_entries, recorded):
 
 
 def test_streaming_wer_on_subset_at_largest_lookahead(backend, subset_entries, recorded):
-    from harness.metrics import word_error_rate
+    from harness.judge.metrics import word_error_rate
 
     context = STREAMING_CONTEXTS[0]
     hypotheses = evaluate.streaming_hypotheses(backend, subset_entries, context)
@@ -157,7 +157,7 @@ def test_training_loss_matches_nemo_rnnt_loss():
 @pytest.fixture(scope="module")
 def trained_pool(tmp_path_factory):
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
-    from conftest import BackendPool
+    from harness.app.pytest_plugin import BackendPool
 
     return BackendPool(NEMO_PATH, tmp_path_factory.mktemp("trained"))
 
@@ -167,11 +167,11 @@ def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_en
     gives the same token sequences on the held-out subset, at the largest and the zero lookahead,
     and every tap and cache of every step stays within the tolerance file (a trained model's
     activations and log-probabilities span a wider range than the random fixtures')."""
-    from harness.audio import load_audio
-    from harness.compare import compare_runs, stream
-    from harness.metrics import word_error_rate
-    from harness.parity import shared_mode
-    from harness.streaming import decode_tokens
+    from harness.interface.audio import load_audio
+    from harness.interface.backend import decode_tokens
+    from harness.interface.driver import shared_mode, stream
+    from harness.judge.compare import compare_runs
+    from harness.judge.metrics import word_error_rate
 
     reference, candidate = (trained_pool.get(name) for name in backend_pair)
     label = "~".join(backend_pair)

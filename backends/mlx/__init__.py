@@ -4,7 +4,7 @@
 - ``mapping.py``  the NeMo -> MLX weight mapping table
 - ``convert.py``  ``parity convert``: strict, streaming, atomic conversion
 - ``verify.py``   the NeMo-vs-MLX numeric check behind ``convert`` and ``parity verify``
-- ``backend.py``  the ``harness.streaming.Backend`` implementation
+- ``backend.py``  the ``harness.interface.backend.Backend`` implementation
 - ``blas.py``     an optimized BLAS for MLX on Linux CPU
 
 The optimized BLAS (``blas.py``) is loaded by the modules that import ``mlx.core`` (``model.py``,
@@ -16,9 +16,9 @@ model is actually used. Nothing here imports MLX, torch or NeMo at import time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
+from typing import Any
 
 
 def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
@@ -53,7 +53,7 @@ def tensors_as_source(source: Path):
     import numpy as np
 
     from backends.mlx import mapping
-    from backends.mlx.convert import iter_tensors, read_artifact_dtype
+    from backends.mlx.artifact import iter_tensors, read_artifact_dtype
 
     epsilon = {"float32": 0.0, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[read_artifact_dtype(Path(source))]
     for file in (mapping.MODEL_FILE, mapping.FRONTEND_FILE):

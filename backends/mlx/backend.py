@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from backends.mlx.blas import use_optimized_blas
 
@@ -20,21 +20,21 @@ use_optimized_blas()  # before mlx.core: see backends/mlx/blas.py
 import mlx.core as mx
 import numpy as np
 
-from backends.mlx.convert import CONFIG_FILE, FRONTEND_FILE, MODEL_FILE, read_artifact_dtype
+from backends.mlx.artifact import CONFIG_FILE, FRONTEND_FILE, MODEL_FILE, read_artifact_dtype
 from backends.mlx.model import EncoderCache, FrontEnd, GreedyState, ModelArgs, StreamingRNNT
-from backends.nemo import model_info_from_config
-from harness.chunking import Chunk, StreamingConfig
-from harness.speakers import SpeakerTargets
-from harness.streaming import (
+from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
     Backend,
     DecoderState,
+    ModelInfo,
     OfflineOutput,
     StepOutput,
     StreamingState,
 )
+from harness.interface.chunking import Chunk, StreamingConfig
+from harness.interface.speakers import SpeakerTargets
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -80,7 +80,7 @@ class MLXBackend(Backend):
         self.config = json.loads((directory / CONFIG_FILE).read_text())
         vocabulary = self.config["joint"]["vocabulary"]
         self.args = ModelArgs.from_nemo_config(self.config, vocabulary)
-        self.info = model_info_from_config(self.config, vocabulary)
+        self.info = ModelInfo.from_nemo_config(self.config, vocabulary)
         with mx.stream(self.device):
             self.model = StreamingRNNT(self.args)
             weights = mx.load(str(directory / MODEL_FILE))

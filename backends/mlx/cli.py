@@ -13,15 +13,16 @@ from pathlib import Path
 
 
 def _utterances(args):
+    """The ``--audio`` files, else the application's default utterances (the fixture speech)."""
     if not args.audio:
-        return None
-    from harness.parity import Utterance
+        return args.context.default_utterances()
+    from harness.interface.commands import load_utterances
 
-    return [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample) for p in args.audio]
+    return load_utterances(args, args.audio)
 
 
 def _contexts(args):
-    from harness.cli import parse_contexts
+    from harness.interface.commands import parse_contexts
 
     return parse_contexts(args.att_context)
 
@@ -55,7 +56,7 @@ def _print_verification(verification) -> None:
 def cmd_convert(args) -> int:
     from backends.mlx import mapping
     from backends.mlx.convert import ConversionError, VerificationFailed, convert
-    from harness.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, err
+    from harness.interface.commands import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, err
 
     if args.show_mapping:
         print(mapping.describe())
@@ -65,7 +66,9 @@ def cmd_convert(args) -> int:
         return EXIT_USAGE
     try:
         result = convert(args.model, args.out, dtype=args.dtype, skip_verify=args.skip_verify,
-                         overwrite=args.overwrite, utterances=_utterances(args), att_context_sizes=_contexts(args),
+                         overwrite=args.overwrite, reference=lambda: args.context.load_reference(args.model),
+                         utterances=None if args.skip_verify else _utterances(args),
+                         att_context_sizes=_contexts(args),
                          tolerances_path=args.tolerances, progress=lambda m: print(f"  {m}", file=sys.stderr))
     except VerificationFailed as failure:
         err(str(failure))
@@ -85,9 +88,9 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     """Without --nemo: config claims vs weight facts. With --nemo: also every tensor against the
     source through the mapping, and the numeric check; any failure is localized to tap and tensors."""
-    from harness.cli import EXIT_OK, EXIT_VIOLATION
-    from harness.diagnose import diagnose
+    from harness.interface.commands import EXIT_OK, EXIT_VIOLATION
 
+    diagnose = args.context.diagnose
     static = diagnose(args.artifact, args.nemo, numeric=False)
     for line in static.sentences():
         print(line)
@@ -98,7 +101,9 @@ def cmd_verify(args) -> int:
         return EXIT_OK
     from backends.mlx.verify import verify_artifact
 
-    verification = verify_artifact(args.artifact, args.nemo, utterances=_utterances(args),
+    reference = args.context.load_reference(args.nemo)
+    utterances = _utterances(args)
+    verification = verify_artifact(args.artifact, args.nemo, reference=reference, utterances=utterances,
                                    att_context_sizes=_contexts(args), tolerances_path=args.tolerances,
                                    device=args.device, progress=lambda m: print(f"  {m}", file=sys.stderr))
     _print_verification(verification)
@@ -107,7 +112,9 @@ def cmd_verify(args) -> int:
         print(f"report written to {args.json}")
     if verification.passed and not static.differing_tensors:
         return EXIT_OK
-    located = diagnose(args.artifact, args.nemo, utterances=_utterances(args), att_context_sizes=_contexts(args))
+    located = diagnose(args.artifact, args.nemo, utterances=utterances if args.audio else None,
+                       att_context_sizes=_contexts(args),
+                       reference=reference)
     for line in located.sentences():
         if line.startswith(("first divergence", "most likely")):
             print(line)
@@ -115,16 +122,16 @@ def cmd_verify(args) -> int:
 
 
 def _add_check_options(parser: argparse.ArgumentParser) -> None:
-    from harness.cli import add_audio_options
+    from harness.interface.commands import add_audio_options
 
     parser.add_argument("--audio", nargs="+", type=Path, help="audio files for the check (default: the fixture speech)")
     parser.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
-    parser.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/tolerances.toml)")
+    parser.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/judge/tolerances.toml)")
     add_audio_options(parser)
 
 
 def register(subparsers) -> None:
-    from backends.mlx.convert import DTYPES
+    from backends.mlx.artifact import DTYPES
 
     p = subparsers.add_parser("convert", help="convert a .nemo to a verified MLX artifact directory")
     p.add_argument("model", nargs="?", metavar="MODEL.nemo", type=Path)

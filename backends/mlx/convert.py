@@ -26,24 +26,28 @@ import shutil
 import struct
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from backends.mlx import mapping
-from backends.mlx.mapping import FRONTEND_FILE, MODEL_FILE
-from harness.memory import peak_rss_mb
+from backends.mlx.artifact import (
+    ARTIFACT_FILE,
+    ARTIFACT_FORMAT,
+    CONFIG_FILE,
+    DTYPES,
+    FRONTEND_FILE,
+    MODEL_FILE,
+    PARITY_FILE,
+    SAFETENSORS_DTYPE,
+    TOKENIZER_FILE,
+)
 from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file
+from harness.system.memory import peak_rss_mb
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
-ARTIFACT_FILE = "artifact.json"
-PARITY_FILE = "parity.json"
-ARTIFACT_FORMAT = "streaming-parity-mlx/1"
-DTYPES = ("float32", "bfloat16", "float16")
-SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 PROGRESS_BAR_BYTES = 64 << 20  # show a progress bar for checkpoints larger than this
 
 
@@ -93,7 +97,7 @@ def vocabulary_of(archive, config: Mapping[str, Any]) -> list[str]:
     """The vocabulary: the SentencePiece model's pieces, else the config's ``joint.vocabulary``."""
     try:
         model_bytes = archive.tokenizer_model_bytes()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable tokenizer member: fall back to the config's vocabulary
         model_bytes = None
     if model_bytes is not None:
         import sentencepiece as spm
@@ -277,7 +281,7 @@ def write_artifact(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "
     (out_dir / CONFIG_FILE).write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n")
     try:
         (out_dir / TOKENIZER_FILE).write_bytes(archive.tokenizer_model_bytes())
-    except Exception:
+    except Exception:  # noqa: BLE001
         pass  # a checkpoint without a SentencePiece model: the vocabulary in config.json suffices to decode
     files = {path.name: sha256_file(path) for path in sorted(out_dir.iterdir()) if path.is_file()}
     artifact = WrittenArtifact(
@@ -293,7 +297,7 @@ def write_artifact(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "
         "tensors": artifact.tensors,
         "dropped": dropped,
         "mapping": mapping.describe().splitlines(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }, indent=2) + "\n")
     return artifact
 
@@ -337,15 +341,20 @@ class ConversionResult:
 
 
 def convert(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "float32", skip_verify: bool = False,
-            overwrite: bool = False, utterances: Sequence[Any] | None = None,
+            overwrite: bool = False, reference: Any = None, utterances: Sequence[Any] | None = None,
             att_context_sizes: Sequence[Sequence[int]] | None = None, tolerances_path: str | Path | None = None,
             progress: Callable[[str], None] | None = None, progress_bar: bool | None = None) -> ConversionResult:
     """Convert, verify against NeMo (unless ``skip_verify``) and publish ``out_dir`` atomically.
+
+    Verification needs ``reference`` (the NeMo backend over ``nemo_path``, or a callable that opens
+    it once the conversion succeeded) and ``utterances``; ``parity convert`` passes both.
 
     Raises ``ConversionError`` (nothing written at ``out_dir``) or ``VerificationFailed`` (nothing
     written at ``out_dir``; the report is kept at ``failed_report_path(out_dir)``).
     """
     out_dir = Path(out_dir)
+    if not skip_verify and (reference is None or not utterances):
+        raise ValueError("verification needs the reference backend and utterances (or skip_verify=True)")
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it after verification")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -358,7 +367,9 @@ def convert(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "float32
         if not skip_verify:
             from backends.mlx.verify import verify_artifact
 
-            verification = verify_artifact(staging, nemo_path, utterances=utterances,
+            if callable(reference):
+                reference = reference()
+            verification = verify_artifact(staging, nemo_path, reference=reference, utterances=utterances,
                                            att_context_sizes=att_context_sizes, tolerances_path=tolerances_path,
                                            progress=progress)
             report = verification.to_dict()
@@ -392,26 +403,3 @@ def _publish(staging: Path, out_dir: Path) -> None:
         os.replace(retired, out_dir)
         raise
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def read_artifact_dtype(directory: Path) -> str:
-    """The dtype an artifact was written in (artifact.json, else the safetensors header)."""
-    record = directory / ARTIFACT_FILE
-    if record.exists():
-        return json.loads(record.read_text())["dtype"]
-    with open(directory / MODEL_FILE, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
-    names = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
-    reverse = {v: k for k, v in SAFETENSORS_DTYPE.items()}
-    if len(names) != 1 or next(iter(names)) not in reverse:
-        raise ValueError(f"{directory / MODEL_FILE}: mixed or unknown dtypes {sorted(names)}")
-    return reverse[names.pop()]
-
-
-def iter_tensors(directory: Path, file: str = MODEL_FILE) -> Iterable[tuple[str, np.ndarray]]:
-    """The tensors of an artifact file as float32 numpy arrays (for the round-trip test and tools)."""
-    import mlx.core as mx
-
-    for name, value in mx.load(str(Path(directory) / file)).items():
-        yield name, np.array(value.astype(mx.float32))

@@ -29,10 +29,12 @@ name checks (``backends/mlx/convert.py``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
+
+from backends.mlx.artifact import FRONTEND_FILE, MODEL_FILE
 
 FIELDS = {
     "n": r"\d+",
@@ -42,8 +44,6 @@ FIELDS = {
     "path": r".+",
 }
 
-MODEL_FILE = "model.safetensors"  # the weights parakeet-mlx also loads
-FRONTEND_FILE = "frontend.safetensors"  # the checkpoint's own window and mel filterbank (always float32)
 
 
 @dataclass(frozen=True)

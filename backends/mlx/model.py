@@ -16,8 +16,9 @@ loads in parakeet-mlx as well.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from backends.mlx.blas import use_optimized_blas
 
@@ -27,8 +28,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from harness.frontend import FrontendConfig
-from harness.speakers import SpeakerTargets, reconciled_pair
+from harness.interface.frontend import FrontendConfig
+from harness.interface.speakers import SpeakerTargets, reconciled_pair
 
 # multi_head_attention.py: INF_VAL fills masked attention scores.
 ATTENTION_MASK_VALUE = -10000.0
@@ -77,7 +78,7 @@ class EncoderArgs:
     conv_context_size: tuple[int, int] = (4, 4)
 
     @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any]) -> "EncoderArgs":
+    def from_nemo(cls, cfg: Mapping[str, Any]) -> EncoderArgs:
         kernel = int(cfg.get("conv_kernel_size", 31))
         context = cfg.get("conv_context_size")
         # ConformerEncoder._calc_context_sizes: "causal" -> [K-1, 0]; None -> symmetric.
@@ -125,7 +126,7 @@ class PredictionArgs:
     blank_as_pad: bool = True
 
     @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int) -> "PredictionArgs":
+    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int) -> PredictionArgs:
         prednet = cfg["prednet"]
         if not cfg.get("blank_as_pad", True):
             raise NotImplementedError("decoder.blank_as_pad = false is not supported")
@@ -146,7 +147,7 @@ class JointArgs:
     has_dropout: bool = True  # decides whether the output layer is joint_net.2 or joint_net.1
 
     @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int, encoder_hidden: int) -> "JointArgs":
+    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int, encoder_hidden: int) -> JointArgs:
         jointnet = cfg["jointnet"]
         activation = str(jointnet.get("activation", "relu")).lower()
         if activation not in ("relu", "sigmoid", "tanh"):
@@ -174,7 +175,7 @@ class SpeakerKernelArgs:
     d_model: int  # encoder.d_model (their inner width)
 
     @classmethod
-    def from_nemo(cls, config: Mapping[str, Any]) -> "SpeakerKernelArgs | None":
+    def from_nemo(cls, config: Mapping[str, Any]) -> SpeakerKernelArgs | None:
         kernel_type = config.get("spk_kernel_type")
         if kernel_type is None:
             return None
@@ -192,7 +193,7 @@ class SpeakerKernelArgs:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    preprocessor: FrontendConfig  # harness.frontend: the one description of NeMo's front end
+    preprocessor: FrontendConfig  # harness.interface.frontend: the one description of NeMo's front end
     encoder: EncoderArgs
     prediction: PredictionArgs
     joint: JointArgs
@@ -203,7 +204,7 @@ class ModelArgs:
     speaker_kernels: SpeakerKernelArgs | None = None
 
     @classmethod
-    def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str] | None = None) -> "ModelArgs":
+    def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str] | None = None) -> ModelArgs:
         vocabulary = tuple(vocabulary if vocabulary is not None else config["joint"]["vocabulary"])
         encoder = EncoderArgs.from_nemo(config["encoder"])
         greedy = (config.get("decoding") or {}).get("greedy") or {}
@@ -672,7 +673,7 @@ class ConformerEncoder(nn.Module):
 
     def __call__(self, mel: mx.array, lengths: np.ndarray, att_context_size: tuple[int, int], *,
                  cache: EncoderCache | None = None, drop_extra_pre_encoded: int = 0,
-                 record_taps: bool = False, inject: "SpeakerInjection | None" = None) -> EncoderOutput:
+                 record_taps: bool = False, inject: SpeakerInjection | None = None) -> EncoderOutput:
         """``ConformerEncoder.forward_internal``: mel ``[B, n_mels, T]`` -> ``[B, D, T']`` (+ next caches).
 
         With ``cache`` this is the encoder half of ``cache_aware_stream_step``; the streaming
@@ -756,7 +757,7 @@ class SpeakerInjection:
     its input unchanged while the pre-hook uses all ones: that asymmetry is NeMo's and kept.
     """
 
-    def __init__(self, model: "StreamingRNNT", masks: SpeakerTargets | None):
+    def __init__(self, model: StreamingRNNT, masks: SpeakerTargets | None):
         self.model = model
         self.masks = masks
 

@@ -2,7 +2,7 @@
 
 ``verify_artifact`` streams the utterances through NeMo and the MLX artifact at every lookahead
 (in each requested first-chunk mode) and runs both offline forwards, then judges every tap and
-cache at every step against the tolerance file (``harness.compare``). ``Verification.to_dict`` is
+cache at every step against the tolerance file (``harness.judge.compare``). ``Verification.to_dict`` is
 what ``DIR/parity.json`` holds.
 
 Reduced precision: a bfloat16/float16 decoder may take a different greedy decision where two
@@ -22,18 +22,20 @@ import dataclasses
 import datetime as _dt
 import json
 import platform
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from harness.chunking import FirstChunkMode
-from harness.compare import PairComparison, TapResult, compare_runs, comparison_order, judge_tap, stream
-from harness.metrics import token_agreement, token_edit_distance
+from harness.interface.backend import TAP_DECODER, TAP_JOINT, Backend
+from harness.interface.chunking import FirstChunkMode
+from harness.judge.compare import PairComparison, TapResult
+from harness.judge.loop import Candidate, LoopProgress, stream_and_compare
+from harness.judge.metrics import token_agreement, token_edit_distance
+from harness.judge.tolerances import Tolerances
 from harness.nemo_file import sha256_file
-from harness.streaming import TAP_DECODER, TAP_JOINT, Backend
-from harness.tolerances import Tolerances
 
 PAIR = "nemo~mlx"
 TOKENS_TAP = "tokens"
@@ -88,25 +90,11 @@ def token_agreement_violations(comparisons: Sequence[PairComparison], tolerances
             for v in tolerances.check({"argmax_agreement": agreement}, limits)]
 
 
-def compare_offline(reference: Backend, candidate: Backend, mel: np.ndarray, length: np.ndarray,
-                    context: tuple[int, int], tolerances: Tolerances, *, utterance: str,
-                    speaker_masks=None) -> PairComparison:
-    """Both offline forwards (``Backend.offline``), every tap judged; step -1 marks utterance level."""
-    ref = reference.offline(mel, length, context, speaker_masks=speaker_masks)
-    cand = candidate.offline(mel, length, context, speaker_masks=speaker_masks)
-    taps = [judge_tap(-1, name, ref.taps[name], cand.taps[name], tolerances, PAIR, candidate.dtype)
-            for name in ref.taps if name in cand.taps]
-    return PairComparison(reference=f"{reference.name}-offline", candidate=f"{candidate.name}-offline", pair=PAIR,
-                          dtype=candidate.dtype, att_context_size=context, utterance=utterance, taps=taps,
-                          reference_tokens=ref.tokens[0], candidate_tokens=cand.tokens[0],
-                          order=comparison_order(reference.info.num_layers))
-
-
 @dataclass
 class Entry:
     """One judged comparison and where it came from."""
 
-    mode: str  # "plain", "pad-and-drop" or "offline"
+    mode: str  # "plain", "pad-and-drop" or "offline" (also ``comparison.mode``)
     comparison: PairComparison
 
 
@@ -121,7 +109,7 @@ class Verification:
     entries: list[Entry] = field(default_factory=list)
     device: str = ""
     blas: str = ""
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
 
     @property
     def passed(self) -> bool:
@@ -141,7 +129,7 @@ class Verification:
 
     def worst(self, metric: str = "max_abs") -> dict[str, dict[str, dict[str, float]]]:
         """``{lookahead: {mode: {tap: worst value}}}``, worst = max (upper-bound metrics) or min."""
-        from harness.metrics import METRIC_BOUND
+        from harness.judge.metrics import METRIC_BOUND
 
         lower = METRIC_BOUND.get(metric) == "min"
         result: dict[str, dict[str, dict[str, float]]] = {}
@@ -180,7 +168,7 @@ class Verification:
                 f"(token agreement {agreement:.3f}), worst encoder-side max_abs {worst_layer:.2e} ({self.dtype})")
 
     def to_dict(self) -> dict[str, Any]:
-        from harness.results import comparison_to_dict, environment
+        from harness.judge.results import comparison_to_dict, environment
 
         record_path = self.artifact_dir / "artifact.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
@@ -215,49 +203,37 @@ class Verification:
         }
 
 
-def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, utterances: Sequence[Any] | None = None,
-                    att_context_sizes: Sequence[Sequence[int]] | None = None,
+def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, reference: Backend,
+                    utterances: Sequence[Any], att_context_sizes: Sequence[Sequence[int]] | None = None,
                     tolerances_path: str | Path | None = None, modes: Sequence[str] = DEFAULT_MODES,
-                    include_offline: bool = True, device: str = "auto", reference: Backend | None = None,
+                    include_offline: bool = True, device: str = "auto",
                     progress: Callable[[str], None] | None = None) -> Verification:
-    """Judge the MLX artifact against NeMo on ``utterances`` (default: the fixture speech)."""
-    from backends import get
+    """Judge the MLX artifact against ``reference`` (NeMo over ``nemo_path``) on ``utterances``."""
     from backends.mlx.backend import MLXBackend
     from backends.mlx.blas import status
-    from harness.parity import fixture_utterances
 
     artifact_dir, nemo_path = Path(artifact_dir), Path(nemo_path)
     tolerances = Tolerances.load(tolerances_path)
     candidate = MLXBackend(artifact_dir, device=device)
-    reference = reference or get("nemo").load(nemo_path)
-    utterances = list(utterances) if utterances is not None else fixture_utterances()
+    utterances = list(utterances)
     contexts = [(int(c[0]), int(c[1])) for c in (att_context_sizes or candidate.info.att_context_sizes)]
     verification = Verification(artifact_dir=artifact_dir, nemo_path=nemo_path, dtype=candidate.dtype,
                                 tolerances=tolerances, utterances=[u.name for u in utterances],
                                 att_context_sizes=contexts, device=str(candidate.device), blas=status().reason)
-    num_layers = reference.info.num_layers
-    for utterance in utterances:
-        mel, mel_len = reference.features(utterance.audio[None])
-        candidate_mel, _ = candidate.features(utterance.audio[None])
-        masks = utterance.speaker_masks_for(reference)  # multitalker: turns that drive both kernels
-        for context in contexts:
-            if progress:
-                progress(f"verifying {utterance.name} [{context[0]},{context[1]}]")
-            for mode in modes:
-                ref_run = stream(reference, mel, context, mode, features=mel, speaker_masks=masks)
-                cand_run = stream(candidate, mel, context, mode, dtype=candidate.dtype, features=candidate_mel,
-                                  speaker_masks=masks)
-                comparison = compare_runs(ref_run, cand_run, tolerances, num_layers=num_layers,
-                                          utterance=utterance.name, pair=PAIR)
-                if candidate.dtype != "float32":
-                    comparison = judge_reduced_precision(comparison, ref_run.steps, cand_run.steps, tolerances)
-                verification.entries.append(Entry(FirstChunkMode(mode).value, comparison))
-            if include_offline:
-                comparison = compare_offline(reference, candidate, mel, mel_len, context, tolerances,
-                                             utterance=utterance.name, speaker_masks=masks)
-                if candidate.dtype != "float32":
-                    comparison = _judge_offline_tokens(comparison, tolerances)
-                verification.entries.append(Entry(OFFLINE, comparison))
+
+    def judge(comparison: PairComparison, reference_run, candidate_run) -> PairComparison:
+        if candidate.dtype == "float32":
+            return comparison
+        if comparison.mode == OFFLINE:
+            return _judge_offline_tokens(comparison, tolerances)
+        return judge_reduced_precision(comparison, reference_run.steps, candidate_run.steps, tolerances)
+
+    outcome = stream_and_compare(
+        reference, [Candidate.of(candidate, modes=tuple(FirstChunkMode(m).value for m in modes),
+                                 compare_offline=include_offline)],
+        utterances, contexts, tolerances, include_offline=False, judge=judge,
+        progress=LoopProgress(advance=progress) if progress else None)
+    verification.entries = [Entry(c.mode, c) for c in outcome.results.comparisons]
     candidate.close()
     return verification
 

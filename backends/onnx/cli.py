@@ -1,4 +1,4 @@
-"""``parity export-onnx``: registered into ``harness.cli`` (see ``harness.cli.EXTENSIONS``)."""
+"""``parity export-onnx``: the ONNX backend's command, added to ``parity`` through its registry entry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 def cmd_export_onnx(args) -> int:
     from backends.onnx.export import export_onnx
-    from harness.cli import EXIT_OK, parse_contexts
+    from harness.interface.commands import EXIT_OK, parse_contexts
 
     result = export_onnx(Path(args.model), args.out, att_context_sizes=parse_contexts(args.att_context),
                          cache_layout=args.cache_layout, int8=args.int8, debug_taps=args.debug_taps,

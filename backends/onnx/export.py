@@ -27,11 +27,11 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from backends.nemo import speaker_kernel_info
 from backends.onnx import graph_tools
 from backends.onnx.layout import (
     CACHE_LAYOUTS,
@@ -46,13 +46,14 @@ from backends.onnx.layout import (
     encode_metadata,
     encoder_file,
 )
-from harness.chunking import StreamingConfig, normalize_att_context_sizes
-from harness.memory import peak_rss_mb
+from harness.interface.chunking import StreamingConfig, normalize_att_context_sizes
+from harness.nemo_config import speaker_kernel_info
 from harness.nemo_file import inspect_nemo, sha256_file
-from harness.nemo_quiet import quiet_nemo
+from harness.system.memory import peak_rss_mb
+from harness.system.nemo_quiet import quiet_nemo
 
 OPSET = 17
-# Encoder config keys the runtime needs to rebuild the chunk schedule (harness.chunking).
+# Encoder config keys the runtime needs to rebuild the chunk schedule (harness.interface.chunking).
 STREAMING_ENCODER_KEYS = ("att_context_style", "att_context_size", "subsampling", "subsampling_factor",
                           "causal_downsampling", "n_layers", "d_model", "feat_in", "conv_kernel_size")
 
@@ -262,7 +263,7 @@ def _export_encoder(model, path: Path, layout: str, interface: GraphInterface) -
         import torch
 
         # Masks as long as the layer input, so solve_length_mismatch traces no pad or slice: the
-        # runtime reconciles lengths before feeding (harness.speakers.reconcile).
+        # runtime reconciles lengths before feeding (harness.interface.speakers.reconcile).
         frames = StreamingConfig.from_encoder_config(dict(model.cfg.encoder), model.encoder.att_context_size
                                                      ).layer_input_frames(example[0].shape[-1])
         generator = torch.Generator().manual_seed(0)
@@ -432,7 +433,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
 
 
 def _write_side_files(model, archive, out_dir: Path, vocabulary: Sequence[str]) -> None:
-    from harness.frontend import frontend_from_featurizer
+    from harness.interface.frontend import frontend_from_featurizer
 
     (out_dir / "tokenizer.model").write_bytes(archive.tokenizer_model_bytes())
     (out_dir / "vocab.txt").write_text("".join(f"{piece}\n" for piece in vocabulary), encoding="utf-8")

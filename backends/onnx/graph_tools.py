@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import onnx
 from onnx import TensorProto, helper
 
-from harness.streaming import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
+from harness.interface.backend import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
 
 PROTOBUF_LIMIT = 2 * 1024 ** 3  # a ModelProto over 2 GB cannot be serialised inline
 EXTERNAL_ALIGNMENT = 64

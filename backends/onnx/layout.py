@@ -20,10 +20,16 @@ runtime needs to stream without NeMo, and the sha256 of the ``.nemo`` it came fr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+
+from harness.errors import BadInput, UnsafeArtifact
+from harness.safe_files import check_external_file
 
 FORMAT = "parity-nemo-cache-aware-rnnt/1"
 CACHE_LAYOUTS = ("batch-first", "layers-first")
@@ -101,7 +107,7 @@ ENCODER_KEYS = (
 METADATA_KEYS = MODEL_KEYS + ENCODER_KEYS
 
 
-class ExportDirError(ValueError):
+class ExportDirError(BadInput, ValueError):
     """The export directory is incomplete or inconsistent; nothing was run."""
 
 
@@ -153,14 +159,82 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     return decoded
 
 
-def read_graph_metadata(path: str | Path) -> dict[str, Any]:
-    """Metadata of one graph without loading its weights."""
+# Bytes per element of the ONNX tensor types whose external data can be checked against the shape
+# (onnx.TensorProto.DataType names; strings and sub-byte types are not checked).
+_ONNX_ELEMENT_BYTES = {
+    "FLOAT": 4, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "INT32": 4, "INT64": 8, "BOOL": 1,
+    "FLOAT16": 2, "DOUBLE": 8, "UINT32": 4, "UINT64": 8, "COMPLEX64": 8, "COMPLEX128": 16, "BFLOAT16": 2,
+    "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 1, "FLOAT8E5M2FNUZ": 1,
+}
+
+
+def _graph_tensors(graph) -> Iterator[Any]:
+    """Every TensorProto of a graph: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            for sparse in attribute.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graph_tensors(subgraph)
+
+
+def check_external_data(model, graph_path: Path) -> None:
+    """Every tensor stored outside the graph file must lie in the graph's directory and within its file.
+
+    ONNX Runtime (and ``onnx.load``) open the file an initializer names relative to the graph and read
+    ``length`` bytes at ``offset``: a location with ``..``, an absolute path or a symlink would read
+    files outside the export, and an offset or length past the file's end (or a byte count that is not
+    what the tensor's shape needs) is a lie told before any weight is read.
+    """
     import onnx
 
+    for tensor in _graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        what = f"{graph_path}: tensor {tensor.name!r}"
+        fields = {entry.key: entry.value for entry in tensor.external_data}
+        try:
+            offset = int(fields.get("offset") or 0)
+            length = int(fields["length"]) if fields.get("length") else None
+        except ValueError:
+            raise UnsafeArtifact(f"{what}: external data offset {fields.get('offset')!r} or length "
+                                 f"{fields.get('length')!r} is not an integer") from None
+        _, span = check_external_file(graph_path.parent, fields.get("location", ""), offset, length, what=what)
+        element = _ONNX_ELEMENT_BYTES.get(onnx.TensorProto.DataType.Name(tensor.data_type))
+        if element is not None and span != math.prod(tensor.dims) * element:
+            raise UnsafeArtifact(f"{what}: external data of {span} bytes, its shape {list(tensor.dims)} needs "
+                                 f"{math.prod(tensor.dims) * element}")
+
+
+def load_graph(path: Path):
+    """A graph's ``ModelProto`` without its external weights, after checking where they lie and their sizes."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as error:
+        raise UnsafeArtifact(f"{path}: not a readable ONNX graph ({error})") from None
+    check_external_data(model, Path(path))
+    return model
+
+
+def read_graph_metadata(path: str | Path) -> dict[str, Any]:
+    """Metadata of one graph without loading its weights."""
     path = Path(path)
     if not path.is_file():
         raise MissingGraphError(f"{path}: graph not found")
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path)
     return decode_metadata({p.key: p.value for p in model.metadata_props})
 
 
@@ -173,7 +247,7 @@ class CacheShapes:
     time: tuple[Any, ...]
 
     @classmethod
-    def for_model(cls, layout: str, num_layers: int, cache_size: int, d_model: int, kernel: int) -> "CacheShapes":
+    def for_model(cls, layout: str, num_layers: int, cache_size: int, d_model: int, kernel: int) -> CacheShapes:
         if layout not in CACHE_LAYOUTS:
             raise ValueError(f"cache layout must be one of {', '.join(CACHE_LAYOUTS)}, not {layout!r}")
         if layout == "batch-first":  # ConformerEncoder.forward_for_export transposes to [B, L, ...]
@@ -183,3 +257,39 @@ class CacheShapes:
     def concrete(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         fill = lambda shape: tuple(batch if d == "B" else int(d) for d in shape)  # noqa: E731
         return fill(self.channel), fill(self.time)
+
+
+def read_view(directory: Path):
+    """``parity fingerprint``'s view of an ONNX export directory (None when ``directory`` holds no graph).
+
+    Initializers are named after NeMo parameters where the exporter kept the names.
+    """
+    from harness.detect.fingerprint import ModelView, TensorInfo, tokenizer_pieces
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    graphs = sorted(p for p in directory.glob("*.onnx") if ".int8." not in p.name and "debug" not in p.name)
+    if not graphs:
+        return None
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for graph_path in graphs:
+        model = load_graph(graph_path)
+        metadata.update({p.key: p.value for p in model.metadata_props})
+        for init in model.graph.initializer:
+            if init.name in tensors or not init.dims:
+                continue
+            tensors[init.name] = TensorInfo(tuple(init.dims), str(init.data_type), hashlib.sha256(
+                init.raw_data if init.raw_data else init.SerializeToString()).hexdigest())
+    config = {}
+    config_json = directory / "config.json"
+    if config_json.exists():
+        config = json.loads(config_json.read_text())
+    vocab_txt = directory / "vocab.txt"
+    vocabulary = vocab_txt.read_text().splitlines() if vocab_txt.exists() else None
+    tokenizer = directory / "tokenizer.model"
+    pieces = tokenizer_pieces(tokenizer.read_bytes()) if tokenizer.exists() else None
+    view = ModelView("onnx", directory, "pytorch", tensors, config, vocabulary=vocabulary, tokenizer_pieces=pieces)
+    view.config.setdefault("onnx_metadata", metadata)
+    return view

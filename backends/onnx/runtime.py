@@ -3,7 +3,7 @@
 - Chunk schedule: the encoder graphs bake NeMo's pad-and-drop first-chunk mode
   (``forward_for_export`` always drops ``drop_extra_pre_encoded`` frames), so that is the only mode
   offered; the schedule's values come from each graph's metadata and are checked at load against
-  ``harness.chunking``'s derivation from the encoder config.
+  ``harness.interface.chunking``'s derivation from the encoder config.
 - Caches cross the interface in the canonical layers-first layout; a batch-first graph gets them
   transposed at this edge. The graph's layout is read from its metadata, never guessed.
 - Decoding reproduces NeMo's ``GreedyRNNTInfer._greedy_decode``
@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +37,12 @@ from backends.onnx.layout import (
     interface_of,
     read_graph_metadata,
 )
-from harness.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
-from harness.frontend import Frontend
-from harness.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
-from harness.streaming import (
+from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
     Backend,
+    Capabilities,
     DecoderState,
     ModelInfo,
     OfflineOutput,
@@ -51,6 +50,9 @@ from harness.streaming import (
     StepOutput,
     StreamingState,
 )
+from harness.interface.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
+from harness.interface.frontend import Frontend
+from harness.interface.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
 
 
 class CacheLayoutError(ShapeMismatchError):
@@ -96,7 +98,7 @@ class _Graph:
 def _session_options(threads: int | None):
     import onnxruntime as ort
 
-    from harness.threads import requested_threads
+    from harness.system.threads import requested_threads
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -119,7 +121,7 @@ def _check_declared(graph: _Graph, name: str, expected: Sequence[Any]) -> None:
 
 class OnnxBackend(Backend):
     name = "onnx"
-    first_chunk_modes = ("pad-and-drop",)
+    capabilities = Capabilities(first_chunk_modes=("pad-and-drop",), offline=False)
 
     def __init__(self, export_dir: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
                  taps: bool = True, threads: int | None = None):

@@ -1,0 +1,83 @@
+"""The MLX artifact: its files, how they are read, and the dtype they hold.
+
+The backend (``backend.py``), the converter (``convert.py``), verification (``verify.py``), the
+mutation catalog and ``parity fingerprint`` all read an artifact through this module, so none of
+them imports another to learn a file name.
+
+Layout (``DIR``)::
+
+    model.safetensors     weights in MLX layout (the mapping in backends/mlx/mapping.py), chosen dtype
+    frontend.safetensors  the checkpoint's own window and mel filterbank, float32
+    config.json           the NeMo model config, copied faithfully, vocabulary as joint.vocabulary
+    tokenizer.model       the SentencePiece model from the .nemo
+    artifact.json         what was written: dtype, source sha256, file and per-tensor sha256
+    parity.json           the NeMo-vs-MLX verification that allowed publication
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+MODEL_FILE = "model.safetensors"  # the weights parakeet-mlx also loads
+FRONTEND_FILE = "frontend.safetensors"  # the checkpoint's own window and mel filterbank (always float32)
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+ARTIFACT_FILE = "artifact.json"
+PARITY_FILE = "parity.json"
+ARTIFACT_FORMAT = "streaming-parity-mlx/1"
+DTYPES = ("float32", "bfloat16", "float16")
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def is_artifact(directory: Path) -> bool:
+    return Path(directory).is_dir() and (Path(directory) / MODEL_FILE).exists()
+
+
+def read_config(directory: Path) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def read_artifact_dtype(directory: Path) -> str:
+    """The dtype an artifact was written in (artifact.json, else the safetensors header)."""
+    record = directory / ARTIFACT_FILE
+    if record.exists():
+        return json.loads(record.read_text())["dtype"]
+    with open(directory / MODEL_FILE, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    names = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    reverse = {v: k for k, v in SAFETENSORS_DTYPE.items()}
+    if len(names) != 1 or next(iter(names)) not in reverse:
+        raise ValueError(f"{directory / MODEL_FILE}: mixed or unknown dtypes {sorted(names)}")
+    return reverse[names.pop()]
+
+
+def iter_tensors(directory: Path, file: str = MODEL_FILE) -> Iterable[tuple[str, np.ndarray]]:
+    """The tensors of an artifact file as float32 numpy arrays (for the round-trip test and tools)."""
+    import mlx.core as mx
+
+    for name, value in mx.load(str(Path(directory) / file)).items():
+        yield name, np.array(value.astype(mx.float32))
+
+
+def read_view(path: Path):
+    """``parity fingerprint``'s view of an artifact (None when ``path`` is not one)."""
+    from harness.detect.fingerprint import ModelView, read_safetensors_index, tokenizer_pieces
+
+    directory = Path(path)
+    if not is_artifact(directory):
+        return None
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory}: not an MLX artifact (no {CONFIG_FILE})")
+    config = json.loads(config_path.read_text())
+    vocabulary = (config.get("joint") or {}).get("vocabulary")
+    tokenizer = directory / TOKENIZER_FILE
+    pieces = tokenizer_pieces(tokenizer.read_bytes()) if tokenizer.exists() else None
+    return ModelView("mlx", directory, "mlx", read_safetensors_index(directory / MODEL_FILE), config,
+                     vocabulary=vocabulary, tokenizer_pieces=pieces)

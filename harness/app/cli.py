@@ -1,0 +1,334 @@
+"""``parity``: a thin command line over the library (parse, call, print).
+
+Backends add their own subcommands (``export-onnx``, ``convert``, ``verify``...) and the options
+that name their artifacts (``--onnx DIR``, ``--mlx DIR``) through their registry entries
+(``backends.BackendEntry.cli``, ``source_option``); this module names no backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.interface.audio import AudioError
+from harness.interface.commands import (
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VIOLATION,
+    CommandContext,
+    CommandError,
+    add_audio_options,
+    err,
+    load_utterances,
+    parse_contexts,
+)
+from harness.nemo_file import UnsafeNemoFile
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def add_backend_sources(parser: argparse.ArgumentParser) -> None:
+    """``--NAME PATH`` (and dtype flags) for every registered backend that has an artifact format."""
+    from backends import REGISTRY
+
+    for entry in REGISTRY.values():
+        if entry.source_option:
+            parser.add_argument(entry.source_option, dest=f"source_{entry.name}", metavar="PATH", type=Path,
+                                help=entry.source_help)
+        for flag, dtype in entry.dtype_flags.items():
+            parser.add_argument(flag, dest=f"dtype_{entry.name}", action="store_const", const=dtype,
+                                help=f"use the {entry.name} artifact's {dtype} graphs")
+
+
+def named_sources(args) -> list[tuple[str, Path, str | None]]:
+    """``(backend, path, dtype or None)`` for every ``--NAME PATH`` given, in registry order."""
+    from backends import REGISTRY
+
+    return [(name, getattr(args, f"source_{name}"), getattr(args, f"dtype_{name}", None))
+            for name in REGISTRY if getattr(args, f"source_{name}", None)]
+
+
+def open_candidates(args, nemo_path: Path | None) -> list:
+    from backends import get
+
+    return [get(name).load(path, dtype=dtype, nemo_path=nemo_path) for name, path, dtype in named_sources(args)]
+
+
+def command_context() -> CommandContext:
+    """What backend commands may use from the application layer (``harness.interface.commands``)."""
+    from backends import REFERENCE, get
+    from harness.app.compare import fixture_utterances
+    from harness.app.diagnose import diagnose
+
+    return CommandContext(load_reference=lambda nemo_path: get(REFERENCE).load(Path(nemo_path)),
+                          default_utterances=fixture_utterances, diagnose=diagnose)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+def cmd_fixtures(args) -> int:
+    from fixtures.models import FIXTURES, build
+
+    names = [args.model] if args.model else [n for n, s in FIXTURES.items() if s.default_test]
+    for name in names:
+        if name not in FIXTURES:
+            raise CommandError(f"unknown fixture model {name!r}; known: {', '.join(FIXTURES)}")
+        path = build(name, force=args.rebuild, progress=lambda m: print(m, file=sys.stderr))
+        print(path)
+    return EXIT_OK
+
+
+def cmd_transcribe(args) -> int:
+    from backends import REFERENCE, get
+    from harness.interface.driver import transcribe
+
+    paths = list(args.paths)
+    sources = {name: (path, dtype) for name, path, dtype in named_sources(args)}
+    if args.backend in sources:
+        path, dtype = sources[args.backend]
+        backend = get(args.backend).load(path, dtype=dtype)
+    elif get(args.backend).source_option:
+        raise CommandError(f"--backend {args.backend} needs {get(args.backend).source_option} PATH")
+    else:
+        if not paths or (args.backend == REFERENCE and not str(paths[0]).endswith(".nemo")):
+            raise CommandError(f"the {args.backend} backend needs MODEL.nemo as the first argument")
+        backend = get(args.backend).load(Path(paths.pop(0)))
+    if not paths:
+        raise CommandError("no audio files given")
+    utterances = load_utterances(args, paths)
+    contexts = parse_contexts(args.att_context) or [backend.info.att_context_sizes[0]]
+    for utterance in utterances:
+        for context in contexts:
+            text, _ = transcribe(backend, utterance, context)
+            print(f"{utterance.name}\t[{context[0]},{context[1]}]\t{text}")
+    return EXIT_OK
+
+
+def print_comparisons(report, out=None) -> None:
+    from rich.table import Table
+
+    table = Table(title="parity", show_lines=False)
+    for column in ("pair", "dtype", "context", "utterance", "worst layer max_abs", "encoder max_abs", "tokens", "result"):
+        table.add_column(column)
+    for comparison in report.results.comparisons:
+        worst = comparison.worst("max_abs")
+        layers = max((v for k, v in worst.items() if k.startswith("layers.")), default=float("nan"))
+        table.add_row(comparison.pair.split("@")[0], comparison.dtype,
+                      f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}", comparison.utterance,
+                      f"{layers:.2e}", f"{worst.get('encoder', float('nan')):.2e}",
+                      "equal" if comparison.tokens_equal else ("differ" if comparison.require_token_match else "n/a"),
+                      "[green]pass[/]" if comparison.passed else "[red]FAIL[/]")
+    (out or console()).print(table)
+
+
+def cmd_compare(args) -> int:
+    from backends import get
+    from harness.app.compare import compare_backends, fixture_utterances
+    from harness.judge.tolerances import Tolerances
+
+    tolerances = Tolerances.load(args.tolerances)
+    nemo_path = Path(args.model)
+    reference = get("nemo").load(nemo_path)
+    candidates = open_candidates(args, nemo_path)
+    if args.speaker_masks and not args.audio:
+        raise CommandError("--speaker-masks needs --audio (the masks describe that audio)")
+    utterances = load_utterances(args, args.audio) if args.audio else fixture_utterances()
+    contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
+    report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
+                              progress=lambda m: print(f"  {m}", file=sys.stderr))
+    print_comparisons(report)
+    if args.json:
+        print(f"results written to {report.results.save(args.json)}")
+    failures = [c for c in report.results.comparisons if not c.passed]
+    for comparison in failures:
+        print(f"FAIL {comparison.describe_failure()}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def cmd_judge(args) -> int:
+    """Re-apply a tolerance file to saved results: nothing is re-run (as Polygraphy's check accuracy)."""
+    from harness.app.compare import ParityReport
+    from harness.judge.compare import rejudge
+    from harness.judge.results import Results
+    from harness.judge.tolerances import Tolerances
+
+    tolerances = Tolerances.load(args.tolerances)
+    results = Results.load(args.results)
+    results.comparisons = [rejudge(c, tolerances) for c in results.comparisons]
+    results.tolerances = tolerances.source
+    print_comparisons(ParityReport(results))
+    if args.json:
+        print(f"re-judged results written to {results.save(args.json)}")
+    failures = [c for c in results.comparisons if not c.passed]
+    for comparison in failures:
+        print(f"FAIL {comparison.describe_failure()}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from harness.app.demo import run_demo
+
+    return run_demo(out_dir=args.out, model=args.model, utterances=args.utterances or None,
+                    att_contexts=parse_contexts(args.att_context), backends=split_names(args.backends))
+
+
+def split_names(values: Sequence[str] | None) -> list[str] | None:
+    """``--backends nemo,mlx`` or repeated ``--backends`` -> ["nemo", "mlx"]."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def cmd_nightly(args) -> int:
+    from harness.app.nightly import fp32_failures, run_nightly
+
+    outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
+                          att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
+                          tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
+                          audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory)
+    failures = fp32_failures(outcome.results)
+    for line in failures:
+        print(f"FAIL {line}")
+    for path in outcome.results_files:
+        print(f"results: {path}")
+    print(f"report:  {outcome.report.markdown}\nreport:  {outcome.report.html}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from harness.report import load_results, write_report
+
+    files = write_report(load_results(args.results), args.out, reports_dir=args.history, date=args.date)
+    print(f"report:  {files.markdown}\nreport:  {files.html}")
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show NeMo's own logging")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="threads for torch, BLAS/OpenMP and ONNX Runtime, also in the processes parity "
+                             "starts (default: each library's own, usually every core)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fixtures", help="build a fixture model and print the path of its .nemo")
+    p.add_argument("--model", help="fixture name (default: every default-test fixture)")
+    p.add_argument("--rebuild", action="store_true", help="ignore the build cache")
+    p.set_defaults(func=cmd_fixtures)
+
+    p = sub.add_parser("transcribe", help="stream audio through one backend and print transcripts")
+    p.add_argument("paths", nargs="+", metavar="[MODEL.nemo] AUDIO", type=Path)
+    p.add_argument("--backend", default="nemo")
+    p.add_argument("--att-context", action="append", metavar="L,R")
+    add_backend_sources(p)
+    add_audio_options(p)
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("compare", help="compare backends against NeMo (and NeMo streaming against offline)")
+    p.add_argument("model", metavar="MODEL.nemo")
+    p.add_argument("--audio", nargs="+", type=Path, help="audio files (default: the fixture speech)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON here")
+    p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/judge/tolerances.toml)")
+    add_backend_sources(p)
+    add_audio_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("judge", help="re-apply a tolerance file to saved results without re-running anything")
+    p.add_argument("results", type=Path, metavar="RESULTS.json")
+    p.add_argument("--tolerances", type=Path, required=True, help="the tolerance file to apply")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the re-judged results here")
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("demo", help="build the fixture, prepare every backend, stream the fixture speech, "
+                                     "print the parity table and write the HTML report")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="the demo writes into OUT/demo/")
+    from harness.app.demo import DEMO_MODEL
+
+    p.add_argument("--model", default=DEMO_MODEL, help="fixture name or MODEL.nemo (default: %(default)s)")
+    p.add_argument("--utterances", type=int, default=3, metavar="N", help="first N fixture utterances (0: all)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--backends", action="append", metavar="A,B", help="candidate backends (default: all available)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("nightly", help="run the whole matrix and write OUT/<date>/results.json, report.md, report.html")
+    p.add_argument("--models", action="append", metavar="A,B",
+                   help="fixture names or .nemo paths (default: every default-test fixture)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (also read for history)")
+    p.add_argument("--backends", action="append", metavar="A,B",
+                   help="candidate backends, NAME (every dtype) or NAME:DTYPE (default: all available)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--utterances", type=int, metavar="N", help="only the first N fixture utterances")
+    p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/judge/tolerances.toml)")
+    p.add_argument("--date", metavar="YYYY-MM-DD", help="the night's folder name (default: today, UTC)")
+    p.add_argument("--work-dir", type=Path, help="cache of exports and conversions (default: .cache/artifacts)")
+    p.add_argument("--audio-seconds", type=float, metavar="S",
+                   help="stream the fixture speech joined into one utterance of at least S seconds")
+    p.add_argument("--bounded-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="one model in memory at a time, runs spooled to disk, preparation in a subprocess "
+                        "(default: on for checkpoints over 1 GiB)")
+    p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser("report", help="render report.md and report.html from saved results JSON")
+    p.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--history", type=Path, metavar="REPORTS_DIR", help="reports folder with earlier nights")
+    p.add_argument("--date", metavar="YYYY-MM-DD", help="the report's night (default: from the results)")
+    p.set_defaults(func=cmd_report)
+
+    from backends import REGISTRY
+    from harness.app import detect_cli
+
+    detect_cli.register(sub)
+    for entry in REGISTRY.values():
+        if entry.cli:
+            importlib.import_module(entry.cli).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # Positional audio may follow options (`transcribe MODEL.nemo --att-context 70,13 a.wav b.wav`):
+    # argparse stops a nargs="+" positional at the first option, so the rest comes back unparsed.
+    args, unparsed = parser.parse_known_args(argv)
+    if unparsed:
+        if getattr(args, "command", None) == "transcribe" and not any(u.startswith("-") for u in unparsed):
+            args.paths = [*args.paths, *(Path(u) for u in unparsed)]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    args.context = command_context()
+    from harness.system.nemo_quiet import set_verbose
+
+    set_verbose(args.verbose)
+    if args.threads is not None:
+        from harness.system.threads import limit_threads
+
+        limit_threads(args.threads)
+    try:
+        return args.func(args)
+    except (CommandError, AudioError, UnsafeNemoFile, FileNotFoundError, ValueError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        err(" ".join(str(message).split()))  # always one line
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

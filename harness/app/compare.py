@@ -1,0 +1,44 @@
+"""Library entry point behind ``parity compare``: the reference against open candidate backends.
+
+The CLI only parses and prints; everything it does is reachable from here (and from tests). The
+streaming, comparing and recording is ``harness.judge.loop.stream_and_compare``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from harness.interface.backend import Backend
+from harness.interface.utterance import Utterance
+from harness.judge.loop import Candidate, LoopOutcome, LoopProgress, stream_and_compare
+from harness.judge.results import Results
+from harness.judge.tolerances import Tolerances
+from harness.nemo_file import sha256_file
+
+# What ``compare_backends`` returns: the results, and the in-memory runs for callers that look further.
+ParityReport = LoopOutcome
+
+
+def fixture_utterances() -> list[Utterance]:
+    from fixtures.models import speech_manifest
+
+    return [Utterance.from_file(entry["audio_filepath"], entry["text"]) for entry in speech_manifest()]
+
+
+def model_record(model_path: Path | None) -> dict:
+    """How results name the checkpoint they judged."""
+    if model_path is None:
+        return {"path": None, "sha256": None, "name": None}
+    return {"path": str(model_path), "sha256": sha256_file(model_path), "name": Path(model_path).stem}
+
+
+def compare_backends(reference: Backend, candidates: Iterable[Backend], utterances: Sequence[Utterance],
+                     att_context_sizes: Sequence[Sequence[int]], tolerances: Tolerances, *,
+                     model_path: Path | None = None, include_offline: bool = True,
+                     progress: Callable[[str], None] | None = None) -> LoopOutcome:
+    """Stream every utterance at every lookahead through the reference and each (open) candidate."""
+    results = Results(model=model_record(model_path), tolerances=tolerances.source)
+    loop_progress = LoopProgress(advance=progress) if progress else None
+    return stream_and_compare(reference, [Candidate.of(c) for c in candidates], utterances, att_context_sizes,
+                              tolerances, include_offline=include_offline, results=results, progress=loop_progress)

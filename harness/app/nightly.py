@@ -1,0 +1,368 @@
+"""``parity nightly``: the whole matrix, saved as results and rendered as a report.
+
+Matrix: fixture models × lookaheads × every registered, available backend × each of its dtypes,
+against NeMo, through the one stream-and-compare loop (``harness.judge.loop``): NeMo streams
+first and its runs are stored (in memory, or spooled to disk for large models); NeMo is closed,
+then candidates are prepared (export, conversion), loaded, streamed and closed one at a time.
+
+A night writes ``<out>/<YYYY-MM-DD>/results.json`` (``results-<model>.json`` per model when the
+night covers several), ``report.md`` and ``report.html``. Only fp32 comparisons gate the exit
+status; reduced-precision candidates (int8, bf16) are judged against their own tolerance tables
+and reported as degradation.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.app.compare import fixture_utterances, model_record
+from harness.interface.backend import Backend
+from harness.interface.utterance import Utterance, long_utterance
+from harness.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore, stream_and_compare
+from harness.judge.results import Results
+from harness.judge.tolerances import Tolerances
+from harness.nemo_file import sha256_file
+from harness.report import FP32, ReportFiles, overall_passed, write_report
+from harness.system.memory import current_rss_mb, peak_rss_mb, trim
+from harness.system.workers import run_in_subprocess
+
+
+def default_work_dir() -> Path:
+    """Where exports and conversions are cached between runs (``$PARITY_CACHE/artifacts``)."""
+    root = Path(os.environ.get("PARITY_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+    return root / "artifacts"
+
+
+@dataclass(frozen=True)
+class PlannedCandidate:
+    """One (backend, dtype) of the matrix."""
+
+    backend: str
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.dtype}"
+
+
+@dataclass
+class MatrixPlan:
+    candidates: list[PlannedCandidate]
+    unavailable: list[dict[str, str]]  # {backend, dtype, status, error} for backends that cannot run here
+
+
+def plan_candidates(backends: Sequence[str] | None = None) -> MatrixPlan:
+    """Every (backend, dtype) to compare against NeMo: the registry, or only ``backends`` when given.
+
+    A name selects all of its backend's dtypes; ``NAME:DTYPE`` (``mlx:float32``) selects one.
+    """
+    from backends import REFERENCE, REGISTRY, get
+
+    plan = MatrixPlan([], [])
+    for item in backends or REGISTRY:
+        name, _, only = item.partition(":")
+        if name == REFERENCE:
+            continue  # the reference is never its own candidate
+        entry = get(name)  # an unknown name raises KeyError with the registered ones
+        if only and only not in entry.dtypes:
+            raise KeyError(f"backend {name} runs {', '.join(entry.dtypes)}, not {only}")
+        dtypes = [only] if only else list(entry.dtypes)
+        if not entry.available():
+            reason = "missing " + ", ".join(entry.missing_requirements())
+            plan.unavailable += [{"backend": name, "dtype": d, "status": "unavailable", "error": reason}
+                                 for d in dtypes]
+            continue
+        plan.candidates += [PlannedCandidate(name, dtype) for dtype in dtypes
+                            if PlannedCandidate(name, dtype) not in plan.candidates]
+    return plan
+
+
+def resolve_model(name_or_path: str, progress: Callable[[str], None], *, in_subprocess: bool = False) -> Path:
+    """A fixture name (built, cached) or the path of a ``.nemo``.
+
+    ``in_subprocess``: build in a spawned process, so that building a large fixture (the model is
+    instantiated, perturbed and saved) leaves no memory behind in a bounded-memory run.
+    """
+    if name_or_path.endswith(".nemo"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model not found: {path}")
+        return path
+    from fixtures.models import FIXTURES, build
+
+    if name_or_path not in FIXTURES:
+        raise KeyError(f"unknown fixture model {name_or_path!r}; known: {', '.join(FIXTURES)}")
+    if not in_subprocess:
+        return build(name_or_path, progress=progress)
+    progress(f"building {name_or_path} (if not cached) in a subprocess")
+    return Path(run_in_subprocess(_build_quietly, name_or_path, phase=f"building the {name_or_path} fixture"))
+
+
+def _build_quietly(name: str) -> str:
+    from fixtures.models import build
+
+    return str(build(name, progress=lambda _m: None))
+
+
+def default_models() -> list[str]:
+    from fixtures.models import FIXTURES
+
+    return [name for name, spec in FIXTURES.items() if spec.default_test]
+
+
+def device_description() -> str:
+    """Where each framework ran: CPU for torch and ONNX Runtime here, MLX's default device (Metal on macOS)."""
+    parts = ["cpu"]
+    try:
+        import mlx.core as mx
+
+        parts.append(f"mlx: {mx.default_device()}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def artifact_sha256(path: Path) -> str | None:
+    """sha256 of a prepared artifact: the file's, or over a directory's relative paths and file hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+# Models whose .nemo is larger than this run the bounded-memory matrix by default.
+BOUNDED_MEMORY_THRESHOLD_BYTES = 1 << 30
+
+
+def _prepare(backend: str, nemo_path: str, work_dir: str, dtype: str, contexts) -> tuple[str, float]:
+    """``BackendEntry.prepare``; in the bounded matrix it runs in a spawned process: exports and
+    conversions load the whole checkpoint (an ONNX export of the 0.6B model peaks at about 10 GB),
+    and that memory must not count against, or stay in, the comparison process."""
+    from backends import get
+
+    source = get(backend).prepare(Path(nemo_path), Path(work_dir), dtype=dtype, att_context_sizes=contexts)
+    return str(source), peak_rss_mb()
+
+
+def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path, contexts: Sequence[Context], *,
+                     in_subprocess: bool) -> Candidate:
+    """The loop's ``Candidate`` for one (backend, dtype): prepared and loaded when its turn comes,
+    with what happened recorded in ``candidate.record``."""
+    from backends import get
+
+    entry = get(planned.backend)
+    record = {"backend": planned.backend, "dtype": planned.dtype, "status": "ok"}
+
+    def open_backend() -> Backend:
+        started = time.perf_counter()
+        arguments = (planned.backend, str(nemo_path), str(work_dir), planned.dtype, [list(c) for c in contexts])
+        if in_subprocess:
+            source, prepare_peak = run_in_subprocess(_prepare, *arguments, phase=f"preparing {planned.label}")
+            record["prepare_peak_rss_mb"] = round(prepare_peak, 1)
+        else:
+            source, _ = _prepare(*arguments)
+        source = Path(source)
+        record.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
+                      prepare_seconds=round(time.perf_counter() - started, 2))
+        return entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)
+
+    return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=record)
+
+
+def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException], None]:
+    """The loop's failure hook: one broken candidate is recorded and must not hide the others' results."""
+
+    def hook(candidate: Candidate, error: BaseException) -> None:
+        candidate.record.update(status="error", error=f"{type(error).__name__}: {error}",
+                                traceback=traceback.format_exc(limit=8))
+        progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+        gc.collect()
+        trim()
+
+    return hook
+
+
+def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
+                     att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
+                     work_dir: Path, bounded: bool = False, spool_dir: Path | None = None,
+                     progress: LoopProgress | None = None) -> Results:
+    """NeMo streaming against offline, then each candidate against NeMo, for one model.
+
+    ``bounded``: one model in memory at a time. NeMo's runs are spooled to disk (under
+    ``spool_dir``) in every first-chunk mode a candidate needs and NeMo is closed; each candidate
+    is prepared in a spawned process, loaded, streamed step by step against the spool, and closed.
+    Memory: the largest single backend plus two steps of tensors, whatever the audio length.
+    """
+    from backends import REFERENCE, get
+
+    progress = progress or LoopProgress()
+    started = time.perf_counter()
+    progress.phase(f"loading NeMo ({nemo_path.name})")
+    reference = get(REFERENCE).load(nemo_path)
+    contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.info.att_context_sizes)]
+    candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
+    results = Results(model=model_record(nemo_path), tolerances=tolerances.source)
+    memory = PhaseMemory(REFERENCE) if bounded else None
+    if memory is not None:
+        for candidate in candidates:
+            candidate.open = memory.before(candidate.label, candidate.open)
+    store = SpoolStore(spool_dir) if bounded else MemoryStore()
+    try:
+        stream_and_compare(reference, candidates, utterances, contexts, tolerances, store=store,
+                           close_reference=True, on_failure=record_failure(progress), results=results,
+                           progress=progress)
+    finally:
+        reference.close()
+    results.environment["device"] = device_description()
+    results.extra.update({"kind": "nightly", "lookaheads": [list(c) for c in contexts],
+                          "utterances": [u.name for u in utterances],
+                          "candidates": [dict(u) for u in plan.unavailable] + [c.record for c in candidates]})
+    if memory is not None:
+        memory.end()
+        results.extra.update({
+            "bounded_memory": True,
+            # Peak RSS of this process after each phase (a running maximum), its RSS once that phase's
+            # model was closed, and the weights' size for scale; preparation peaks are per candidate.
+            "peak_rss_mb": memory.peaks, "resident_after_close_mb": memory.resident,
+            "checkpoint_mb": round(nemo_path.stat().st_size / (1 << 20), 1),
+            "seconds": round(time.perf_counter() - started, 1),
+        })
+    return results
+
+
+class PhaseMemory:
+    """Peak and resident memory at the end of each phase of a bounded run (reference, then each
+    candidate): a phase ends when the next candidate starts opening, the last one at ``end``."""
+
+    def __init__(self, first_phase: str):
+        self.current = first_phase
+        self.peaks: dict[str, float] = {}
+        self.resident: dict[str, float] = {}
+
+    def _close_phase(self) -> None:
+        gc.collect()
+        trim()
+        self.peaks[self.current] = round(peak_rss_mb(), 1)
+        self.resident[self.current] = round(current_rss_mb(), 1)
+
+    def before(self, label: str, open_backend: Callable[[], Backend]) -> Callable[[], Backend]:
+        def opened() -> Backend:
+            self._close_phase()
+            self.current = label
+            return open_backend()
+
+        return opened
+
+    def end(self) -> None:
+        self._close_phase()
+
+
+@dataclass
+class NightlyOutcome:
+    night_dir: Path
+    results_files: list[Path]
+    report: ReportFiles
+    results: list[Results] = field(default_factory=list)
+
+    @property
+    def fp32_passed(self) -> bool:
+        return overall_passed(self.results, fp32_only=True)
+
+
+def results_file_names(models: Sequence[str]) -> list[str]:
+    if len(models) == 1:
+        return ["results.json"]
+    return [f"results-{Path(m).stem if m.endswith('.nemo') else m}.json" for m in models]
+
+
+def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
+               att_contexts: Sequence[Sequence[int]] | None = None, utterance_limit: int | None = None,
+               tolerances_path: str | Path | None = None, work_dir: Path | None = None,
+               console=None, title: str = "parity", audio_seconds: float | None = None,
+               bounded_memory: bool | None = None) -> list[Results]:
+    """Run the matrix for each model with a rich progress display; one ``Results`` per model.
+
+    ``audio_seconds``: stream the fixture speech joined into one utterance of at least that length
+    instead of the separate utterances. ``bounded_memory``: one model in memory at a time, runs
+    spooled to disk (default: for checkpoints over 1 GiB)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True, highlight=False)
+    tolerances = Tolerances.load(tolerances_path)
+    plan = plan_candidates(backends)
+    utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
+    if audio_seconds:
+        utterances = [long_utterance(utterances, audio_seconds)]
+    work_dir = Path(work_dir or default_work_dir())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{title}[/]: {len(models)} model(s) × "
+                  f"{len(att_contexts) if att_contexts else 'every'} lookahead(s) × "
+                  f"{len(utterances)} utterance(s); NeMo against "
+                  f"{', '.join(c.label for c in plan.candidates) or 'its own offline forward only'}")
+    for skipped in plan.unavailable:
+        console.print(f"  [yellow]skipping[/] {skipped['backend']}:{skipped['dtype']} ({skipped['error']})")
+
+    all_results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        for model in models:
+            nemo_path = resolve_model(model, progress=lambda m: bar.console.print(f"  {m}"),
+                                      in_subprocess=bounded_memory is not False)
+            task = bar.add_task(model, total=None)
+            def phase(text: str, task=task, model=model) -> None:
+                bar.update(task, description=f"{model}: {text}")
+                if not console.is_terminal:  # CI logs get no live bar: one line per phase instead
+                    bar.console.print(f"  {model}: {text}")
+
+            progress = LoopProgress(total=lambda units, task=task: bar.update(task, total=units), phase=phase,
+                                      advance=lambda _text, task=task: bar.advance(task))
+            bounded = (bounded_memory if bounded_memory is not None
+                       else nemo_path.stat().st_size > BOUNDED_MEMORY_THRESHOLD_BYTES)
+            with SpoolStore.temporary(work_dir) as spool:
+                results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
+                                           bounded=bounded, spool_dir=Path(spool), progress=progress)
+            bar.update(task, description=f"{model}: done")
+            for record in results.extra["candidates"]:
+                if record["status"] == "error":
+                    bar.console.print(f"  [red]{record['backend']}:{record['dtype']} could not run:[/] {record['error']}")
+            all_results.append(results)
+    return all_results
+
+
+def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "reports",
+                date: str | None = None, **matrix_options) -> NightlyOutcome:
+    """The night: run the matrix, write ``<out_root>/<date>/`` results and the report (history from ``out_root``)."""
+    models = list(models or default_models())
+    date = date or _dt.datetime.now(_dt.UTC).date().isoformat()
+    night_dir = Path(out_root) / date
+    all_results = run_matrix(models, title=f"parity nightly {date}", **matrix_options)
+    files = []
+    for results, file_name in zip(all_results, results_file_names(models)):
+        results.extra["date"] = date
+        files.append(results.save(night_dir / file_name))
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}")
+    return NightlyOutcome(night_dir, files, report, all_results)
+
+
+def fp32_failures(results_list: Sequence[Results]) -> list[str]:
+    """One line per failing fp32 comparison or fp32 candidate that could not run."""
+    lines = [c.describe_failure() for r in results_list for c in r.comparisons if c.dtype == FP32 and not c.passed]
+    for results in results_list:
+        for entry in results.extra.get("candidates", []):
+            if entry.get("status") == "error" and entry.get("dtype") == FP32:
+                lines.append(f"{entry['backend']}:{entry['dtype']} could not run: {entry.get('error')}")
+    return lines

@@ -1,0 +1,261 @@
+"""The parity suites as a pytest plugin: markers, options, hypothesis profiles and session fixtures.
+
+Installed as the ``pytest11`` entry point ``parity``, so another repository runs the suites on its own
+checkpoint without copying anything::
+
+    pytest --pyargs tests --parity-model my.nemo            # or: pytest -p harness.app.pytest_plugin ...
+
+Options: ``--parity-model``, ``--parity-backends``, ``--parity-att-context``, ``--parity-results``,
+``--run-nightly``. It imports backends and fixtures, so it belongs to the application layer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.system.threads import limit_threads
+
+# One thread per library: the fixture models are tiny, so two threads on this project's 2-core CI
+# machines only add synchronisation (a tiny-streaming NeMo step measured 13.5 ms with one torch
+# thread and up to 440 ms with two under load; numpy's norm went from 5 us to 1-2 ms).
+limit_threads(1, only_default=True)
+
+MARKERS = {
+    "nemo": "needs NeMo + torch (the reference backend)",
+    "onnx": "ONNX export and the ONNX Runtime backend",
+    "mlx": "the MLX converter and backend (skips when mlx cannot be imported)",
+    "nightly": "the large matrix run by `parity nightly` / the nightly workflow, not by default",
+    "browser": "renders a report in headless Chromium (skips when Chromium is absent)",
+}
+
+
+def pytest_configure(config):
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+    _register_hypothesis_profiles()
+    # NeMo prints hundreds of lines at import and restore; the suites keep it quiet.
+    os.environ.setdefault("NEMO_LOGGING_LEVEL", "ERROR")
+    # MLX's Linux CPU wheel links a reference BLAS; backends.mlx loads an optimized one, which only
+    # works before anything imports mlx.core, so do it before any test module does.
+    import importlib.util
+
+    if importlib.util.find_spec("mlx") is not None:
+        from backends.mlx.blas import use_optimized_blas
+
+        use_optimized_blas()
+    if importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401  (imported here so that limit_threads sizes its pool)
+    limit_threads(1, only_default=True)
+
+
+def _register_hypothesis_profiles() -> None:
+    """``ci`` (the default run: no deadline, since a first call may build a fixture) and ``nightly``
+    (many more examples); choose with hypothesis' own ``--hypothesis-profile``."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("nightly", parent=settings.get_profile("ci"), max_examples=500)
+    settings.load_profile("ci")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("parity")
+    group.addoption("--parity-model", action="store", default=None, metavar="PATH.nemo",
+                    help="run the suites on this checkpoint instead of the fixture models")
+    group.addoption("--parity-backends", action="store", default=None, metavar="A,B",
+                    help="comma-separated backends to include (default: every registered, available one)")
+    group.addoption("--parity-att-context", action="append", default=None, metavar="L,R",
+                    help="lookahead(s) to test (default: all of the model's)")
+    group.addoption("--parity-results", action="store", default=None, metavar="DIR",
+                    help="write each suite's results JSON into DIR")
+    group.addoption("--run-nightly", action="store_true", default=False,
+                    help="also run the tests marked nightly (the large matrix)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-nightly"):
+        return
+    skip_nightly = pytest.mark.skip(reason="nightly: run with --run-nightly")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip_nightly)
+
+
+@pytest.fixture(scope="session")
+def tiny_nemo(request) -> Path:
+    """The ``.nemo`` under test: ``--parity-model`` if given, else the ``tiny-streaming`` fixture (built once)."""
+    pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
+    user_model = request.config.getoption("--parity-model")
+    if user_model:
+        return Path(user_model)
+    from fixtures.models import build
+
+    return build("tiny-streaming", progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def nemo_backend(backend_pool):
+    return backend_pool.get("nemo")
+
+
+@pytest.fixture(scope="session")
+def utterances():
+    from harness.app.compare import fixture_utterances
+
+    return fixture_utterances()
+
+
+@pytest.fixture(scope="session")
+def tolerances():
+    from harness.judge.tolerances import Tolerances
+
+    return Tolerances.load()
+
+
+@pytest.fixture(scope="session")
+def att_contexts(request, nemo_backend):
+    from harness.interface.chunking import parse_att_context
+
+    chosen = request.config.getoption("--parity-att-context")
+    if chosen:
+        return [parse_att_context(c) for c in chosen]
+    return list(nemo_backend.info.att_context_sizes)
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory) -> Path:
+    """A session scratch directory for exports and artifacts."""
+    return tmp_path_factory.mktemp("work")
+
+
+# -- backends as parameters: a registered backend appears in every suite --------------------------
+
+def _selected_backends(config) -> list[str]:
+    from backends import REGISTRY
+
+    chosen = config.getoption("--parity-backends")
+    names = [n.strip() for n in chosen.split(",")] if chosen else list(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise pytest.UsageError(f"--parity-backends: unknown {unknown}; registered: {list(REGISTRY)}")
+    return names
+
+
+def _backend_param(names: tuple[str, ...], *, candidate_only: bool = False):
+    from backends import REGISTRY
+
+    marks = [getattr(pytest.mark, REGISTRY[n].marker) for n in dict.fromkeys(names)]
+    missing = {n: REGISTRY[n].missing_requirements() for n in names}
+    missing = {n: m for n, m in missing.items() if m}
+    if missing:
+        reason = "; ".join(f"{n} needs {', '.join(m)}" for n, m in missing.items())
+        marks.append(pytest.mark.skip(reason=f"backend not installed: {reason}"))
+    return pytest.param(names if len(names) > 1 else names[0], marks=marks, id="~".join(names))
+
+
+def pytest_generate_tests(metafunc):
+    """``backend_name`` runs a test on every backend; ``backend_pair`` on reference~candidate pairs."""
+    from backends import REFERENCE
+
+    names = _selected_backends(metafunc.config)
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", [_backend_param((n,)) for n in names])
+    if "backend_pair" in metafunc.fixturenames:
+        candidates = [n for n in names if n != REFERENCE]
+        pairs = [(REFERENCE, c) for c in candidates] + [
+            (a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:]]
+        metafunc.parametrize("backend_pair", [_backend_param(p) for p in pairs])
+
+
+class BackendPool:
+    """Prepares (exports, converts) and loads each backend once per session."""
+
+    def __init__(self, nemo_path: Path, work_dir: Path):
+        self.nemo_path = nemo_path
+        self.work_dir = work_dir
+        self._sources = {}
+        self._loaded = {}
+
+    def source(self, name: str, dtype: str | None = None) -> Path:
+        """What ``name`` loads (the .nemo, an export or artifact directory), prepared once."""
+        from backends import get
+
+        entry = get(name)
+        key = (name, dtype or entry.dtypes[0])
+        if key not in self._sources:
+            (self.work_dir / name).mkdir(parents=True, exist_ok=True)
+            self._sources[key] = entry.prepare(self.nemo_path, self.work_dir / name, dtype=key[1])
+        return self._sources[key]
+
+    def get(self, name: str, dtype: str | None = None):
+        from backends import get
+
+        entry = get(name)
+        key = (name, dtype or entry.dtypes[0])
+        if key not in self._loaded:
+            self._loaded[key] = entry.load(self.source(*key), dtype=key[1], nemo_path=self.nemo_path)
+        return self._loaded[key]
+
+
+@pytest.fixture(scope="session")
+def backend_pool(tiny_nemo, tmp_path_factory) -> BackendPool:
+    return BackendPool(tiny_nemo, tmp_path_factory.mktemp("backends"))
+
+
+class RunCache:
+    """Stream runs shared by the suites: one run per (backend, dtype, utterance, lookahead, mode)."""
+
+    def __init__(self, pool: BackendPool):
+        self.pool = pool
+        self._runs = {}
+        self._mels = {}
+
+    def mel(self, utterance):
+        if utterance.name not in self._mels:
+            self._mels[utterance.name] = self.pool.get("nemo").features(utterance.audio[None])[0]
+        return self._mels[utterance.name]
+
+    def run(self, backend_name: str, utterance, context, mode, dtype: str | None = None):
+        from harness.interface.driver import stream
+
+        backend = self.pool.get(backend_name, dtype)
+        key = (backend_name, backend.dtype, utterance.name, tuple(context), str(mode))
+        if key not in self._runs:
+            features = backend.features(utterance.audio[None])[0]
+            self._runs[key] = stream(backend, self.mel(utterance), context, mode, dtype=backend.dtype,
+                                     features=features)
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def run_cache(backend_pool) -> RunCache:
+    return RunCache(backend_pool)
+
+
+@pytest.fixture(scope="session")
+def multitalker_nemo() -> Path:
+    """The ``tiny-multitalker`` fixture: speaker kernels at layer 0 (pre-hook) and layer 2 (post-hook)."""
+    pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
+    from fixtures.models import build
+
+    return build("tiny-multitalker", progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def multitalker_pool(multitalker_nemo, tmp_path_factory) -> BackendPool:
+    return BackendPool(multitalker_nemo, tmp_path_factory.mktemp("multitalker"))
+
+
+@pytest.fixture(scope="session")
+def results_dir(request) -> Path | None:
+    chosen = request.config.getoption("--parity-results")
+    if not chosen:
+        return None
+    path = Path(chosen)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,8 @@
+"""The streaming interface: what every backend implements and the types that cross it.
+
+Nothing here knows a backend, a fixture or a verdict. ``backend`` holds ``Backend`` and the step
+and state types, ``chunking`` the chunk schedule, ``speakers`` the multitalker masks, ``audio``
+and ``utterance`` the input, ``frontend`` NeMo's mel front end in numpy, ``driver`` the loop that
+feeds a schedule through one backend, and ``commands`` the contract between the ``parity``
+command line and the commands a backend contributes.
+"""

@@ -1,0 +1,322 @@
+"""The streaming interface every backend implements, and the types that cross it.
+
+Nothing backend-specific lives here. A backend takes identical mel chunks (cut by
+``harness.interface.chunking.ChunkSchedule``) and returns a ``StepOutput`` per chunk; comparison is done
+elsewhere (``harness.judge.compare``) on the returned arrays, so results are data that can be saved
+and re-judged.
+
+Canonical layouts (NeMo's internal ones; a backend whose native layout differs converts at its edge):
+
+====================  =====================  ==========================================
+tensor                shape                  notes
+====================  =====================  ==========================================
+cache_last_channel    [L, B, C, D]           C = left attention context (70)
+cache_last_time       [L, B, D, K-1]         K = depthwise conv kernel (9)
+cache_last_channel_len [B] int64             valid frames in the channel cache
+decoder h, c          [layers, B, H]         RNNT prediction-net LSTM state
+====================  =====================  ==========================================
+
+Tap names shared by all backends (all float32 numpy arrays, batch first):
+
+- ``mel``            front-end output ``[B, n_mels, T]`` (``Backend.features``)
+- ``pre_encode``     subsampling output before ``drop_extra_pre_encoded`` ``[B, T_sub, D]``
+- ``layers.{i}``     output of conformer layer ``i`` ``[B, T, D]`` (all frames of the chunk)
+                     (the layer's own output: a multitalker speaker kernel feeding layer
+                     ``i + 1`` is added after it and shows in ``layers.{i+1}``)
+- ``encoder``        final encoder output after streaming post-processing ``[B, D, T_valid]``
+- ``decoder``        prediction-net output of every decoder call in the step, in call order ``[N, H]``
+- ``joint``          joint logits (before log-softmax) of every joint call, in call order ``[N, V+1]``
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import numpy as np
+
+from harness.errors import InvalidInput
+from harness.interface.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
+from harness.interface.speakers import SpeakerMaskError, SpeakerTargets
+from harness.nemo_config import speaker_kernel_info
+
+TAP_MEL = "mel"
+TAP_PRE_ENCODE = "pre_encode"
+TAP_ENCODER = "encoder"
+TAP_DECODER = "decoder"
+TAP_JOINT = "joint"
+
+
+def layer_tap(index: int) -> str:
+    return f"layers.{index}"
+
+
+class ShapeMismatchError(ValueError):
+    """A tensor crossing the interface does not have the shape the interface promises."""
+
+
+def expect_shape(name: str, array: np.ndarray, expected: Sequence[int | None]) -> None:
+    """Raise with the tensor name and both shapes when ``array`` does not have ``expected`` shape.
+
+    ``None`` in ``expected`` matches any size on that axis.
+    """
+    actual = tuple(array.shape)
+    if len(actual) != len(expected) or any(e is not None and e != a for e, a in zip(expected, actual)):
+        shown = tuple("*" if e is None else e for e in expected)
+        raise ShapeMismatchError(f"{name}: expected shape {shown}, got {actual}")
+
+
+@dataclass
+class DecoderState:
+    """RNNT greedy-decoding state carried across chunks (one utterance).
+
+    ``last_token`` is the label fed to the prediction net next; the start of a sequence is the
+    blank id with zero LSTM states (NeMo's ``blank_as_pad`` makes the blank embedding zero).
+    """
+
+    last_token: int
+    h: np.ndarray  # [layers, 1, H]
+    c: np.ndarray  # [layers, 1, H]
+    tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, blank_id: int, layers: int, hidden: int) -> DecoderState:
+        zeros = np.zeros((layers, 1, hidden), dtype=np.float32)
+        return cls(last_token=blank_id, h=zeros, c=zeros.copy(), tokens=[])
+
+
+@dataclass
+class StreamingState:
+    """Everything a backend needs to continue a stream, in the canonical layout.
+
+    ``native`` lets a backend keep its own objects (NeMo's partial ``Hypothesis``) between steps;
+    it never crosses to another backend and is not compared.
+    """
+
+    att_context_size: tuple[int, int]
+    cache_last_channel: np.ndarray  # [L, B, C, D]
+    cache_last_time: np.ndarray  # [L, B, D, K-1]
+    cache_last_channel_len: np.ndarray  # [B] int64
+    decoder: list[DecoderState]  # one per batch item
+    step_index: int = 0
+    native: Any = None
+
+    def caches(self) -> dict[str, np.ndarray]:
+        return {
+            "cache_last_channel": self.cache_last_channel,
+            "cache_last_time": self.cache_last_time,
+            "cache_last_channel_len": self.cache_last_channel_len,
+        }
+
+    def canonical(self) -> StreamingState:
+        """A copy without backend-native objects, safe to hand to another backend."""
+        return replace(self, native=None)
+
+
+@dataclass
+class StepOutput:
+    encoded: np.ndarray  # [B, D, T_valid]
+    encoded_len: np.ndarray  # [B] int64
+    state: StreamingState
+    tokens: list[list[int]]  # tokens emitted in this step, per batch item
+    taps: dict[str, np.ndarray]
+    seconds: float = 0.0  # wall time of the step, for benchmarks and the demo table
+
+
+@dataclass
+class OfflineOutput:
+    encoded: np.ndarray  # [B, D, T]
+    encoded_len: np.ndarray  # [B] int64
+    tokens: list[list[int]]
+    taps: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the harness needs to know about a model, independent of the backend that runs it."""
+
+    num_layers: int
+    d_model: int
+    n_mels: int
+    conv_kernel_size: int
+    subsampling_factor: int
+    att_context_sizes: tuple[tuple[int, int], ...]
+    vocabulary: tuple[str, ...]
+    blank_id: int
+    pred_layers: int
+    pred_hidden: int
+    max_symbols: int
+    encoder_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Multitalker models (SpeakerKernelMixin): encoder layers whose input gets the speaker kernels,
+    # and whether a background-speaker kernel is added too. Empty for single-speaker models.
+    speaker_kernel_layers: tuple[int, ...] = ()
+    background_speaker_kernel: bool = False
+
+    @classmethod
+    def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str]) -> ModelInfo:
+        """From a NeMo model config (the ``.nemo``'s or an artifact's ``config.json``)."""
+        encoder = config["encoder"]
+        prednet = config["decoder"]["prednet"]
+        decoding = config.get("decoding") or {}
+        greedy = decoding.get("greedy") or {}
+        return cls(
+            num_layers=int(encoder["n_layers"]),
+            d_model=int(encoder["d_model"]),
+            n_mels=int(encoder["feat_in"]),
+            conv_kernel_size=int(encoder.get("conv_kernel_size", 31)),
+            subsampling_factor=int(encoder.get("subsampling_factor", 4)),
+            att_context_sizes=normalize_att_context_sizes(encoder.get("att_context_size")),
+            vocabulary=tuple(vocabulary),
+            blank_id=len(vocabulary),
+            pred_layers=int(prednet.get("pred_rnn_layers", 1)),
+            pred_hidden=int(prednet["pred_hidden"]),
+            max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
+            encoder_config=dict(encoder),
+            **speaker_kernel_info(config),
+        )
+
+    @property
+    def multitalker(self) -> bool:
+        return bool(self.speaker_kernel_layers)
+
+    def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
+        self.check_att_context(att_context_size)
+        return StreamingConfig.from_encoder_config(self.encoder_config, att_context_size)
+
+    def check_att_context(self, att_context_size: Sequence[int]) -> tuple[int, int]:
+        """The lookahead as a pair, refused (bad input) when the model was not trained for it."""
+        context = (int(att_context_size[0]), int(att_context_size[1]))
+        if context not in self.att_context_sizes:
+            raise InvalidInput(f"att_context_size {list(context)} is not one of the model's "
+                               f"{[list(c) for c in self.att_context_sizes]}")
+        return context
+
+    def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1) -> StreamingState:
+        """Zero caches, as NeMo's ``get_initial_cache_state`` returns them (layers-first)."""
+        streaming = self.streaming_config(att_context_size)
+        return StreamingState(
+            att_context_size=tuple(att_context_size),
+            cache_last_channel=np.zeros(
+                (self.num_layers, batch_size, streaming.last_channel_cache_size, self.d_model), np.float32),
+            cache_last_time=np.zeros((self.num_layers, batch_size, self.d_model, self.conv_kernel_size - 1), np.float32),
+            cache_last_channel_len=np.zeros((batch_size,), np.int64),
+            decoder=[DecoderState.start(self.blank_id, self.pred_layers, self.pred_hidden) for _ in range(batch_size)],
+        )
+
+    def check_state(self, state: StreamingState) -> None:
+        """Fail loudly when caches handed to a backend contradict the model."""
+        batch = state.cache_last_channel_len.shape[0] if state.cache_last_channel_len.ndim == 1 else None
+        streaming = self.streaming_config(state.att_context_size)
+        expect_shape("cache_last_channel", state.cache_last_channel,
+                     (self.num_layers, batch, streaming.last_channel_cache_size, self.d_model))
+        expect_shape("cache_last_time", state.cache_last_time,
+                     (self.num_layers, batch, self.d_model, self.conv_kernel_size - 1))
+        expect_shape("cache_last_channel_len", state.cache_last_channel_len, (batch,))
+
+
+TAP_LAYERS = "layers"  # the tap kind of every ``layers.{i}`` tap
+TENSOR_TAP_KINDS = (TAP_MEL, TAP_PRE_ENCODE, TAP_LAYERS, TAP_ENCODER, TAP_DECODER, TAP_JOINT)
+# The caches, compared like taps after every step under these names (``StreamingState.caches``).
+CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
+
+
+def tap_kind(tap: str) -> str:
+    """``layers.3`` -> ``layers``; every other tap is its own kind."""
+    return tap.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend produces, declared so that suites, the nightly and reports read it instead of
+    special-casing backend names.
+
+    - ``first_chunk_modes``: the ``FirstChunkMode`` values it streams (an ONNX export bakes
+      pad-and-drop into its graph);
+    - ``taps``: the tap kinds it returns (``TENSOR_TAP_KINDS`` or a subset; empty for a
+      transcript-level backend, e.g. a peer runtime that only gives tokens);
+    - ``caches``: whether its ``StreamingState`` carries the encoder caches in canonical layout;
+    - ``offline``: whether ``Backend.offline`` is implemented.
+    """
+
+    first_chunk_modes: tuple[str, ...] = ("plain", "pad-and-drop")
+    taps: tuple[str, ...] = TENSOR_TAP_KINDS
+    caches: bool = True
+    offline: bool = True
+
+    @property
+    def tensor_level(self) -> bool:
+        return bool(self.taps) or self.caches
+
+    def produces(self, tap: str) -> bool:
+        return tap_kind(tap) in self.taps
+
+
+class Backend(abc.ABC):
+    """A runner of one model on one framework, behind the shared streaming interface.
+
+    Backends are registered in ``backends.REGISTRY``; the suites are parametrized over that
+    registry, so a new backend appears in every suite by registering. A backend is a context
+    manager: ``with entry.load(path) as backend:`` closes it (and frees its model) on exit.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    dtype: str = "float32"
+    info: ModelInfo
+
+    @property
+    def first_chunk_modes(self) -> tuple[str, ...]:
+        return self.capabilities.first_chunk_modes
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1) -> StreamingState:
+        return self.info.initial_state(att_context_size, batch_size)
+
+    def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
+        return self.info.streaming_config(att_context_size)
+
+    @abc.abstractmethod
+    def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Front end: float32 audio ``[B, samples]`` at 16 kHz -> (mel ``[B, n_mels, T]``, lengths ``[B]``)."""
+
+    @abc.abstractmethod
+    def step(self, chunk: Chunk, state: StreamingState, *,
+             speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+        """Run one chunk of the schedule; return encoder output, new state, tokens and taps.
+
+        ``speaker_masks`` (multitalker models only) is this step's slice of the utterance masks
+        (``SpeakerTargets.for_step``); the backend reconciles it with the chunk's frames as NeMo's
+        ``solve_length_mismatch`` does. ``None`` means "not set", NeMo's behaviour without targets.
+        """
+
+    @abc.abstractmethod
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
+                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
+        """Whole-utterance forward with the attention mask of ``att_context_size``, then greedy decoding."""
+
+    def close(self) -> None:  # noqa: B027 - optional: a backend without resources need not override it
+        """Release the model (the bounded-memory runs load one backend at a time)."""
+
+    def check_speaker_masks(self, speaker_masks: SpeakerTargets | None, batch: int) -> None:
+        """Refuse masks for a single-speaker model, and masks of another batch size."""
+        if speaker_masks is None:
+            return
+        if not self.info.multitalker:
+            raise SpeakerMaskError(f"{self.name}: this model has no speaker kernels; speaker masks are not accepted")
+        if not isinstance(speaker_masks, SpeakerTargets):
+            raise SpeakerMaskError(f"{self.name}: speaker masks must be harness.interface.speakers.SpeakerTargets, "
+                                   f"not {type(speaker_masks).__name__}")
+        speaker_masks.check_batch(batch)
+
+
+def decode_tokens(vocabulary: Sequence[str], tokens: Sequence[int]) -> str:
+    """SentencePiece detokenisation from the embedded vocabulary ("▁" starts a word)."""
+    text = "".join(vocabulary[t] for t in tokens if 0 <= t < len(vocabulary))
+    return text.replace("\u2581", " ").strip()

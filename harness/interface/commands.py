@@ -1,0 +1,71 @@
+"""The contract between the ``parity`` command line and the commands a backend contributes.
+
+A backend's registry entry names a module with ``register(subparsers)``; its commands receive the
+parsed arguments, whose ``context`` attribute is a ``CommandContext``. The context gives what only
+the application layer can: the reference backend, the default utterances, diagnosis through every
+registered artifact reader. That way a backend command never imports the application layer or
+another backend, and the command line names no backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+
+
+class CommandError(Exception):
+    """An expected failure: printed as one line, no traceback."""
+
+
+def err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def parse_contexts(values: Sequence[str] | None) -> list[tuple[int, int]] | None:
+    from harness.interface.chunking import parse_att_context
+
+    return [parse_att_context(v) for v in values] if values else None
+
+
+def add_audio_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mix-to-mono", action="store_true", help="average the channels of multi-channel audio")
+    parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (soxr)")
+    parser.add_argument("--speaker-masks", type=Path, metavar="MASKS.npz",
+                        help="multitalker models: spk_targets (and optionally bg_spk_targets), one value per "
+                             "80 ms encoder frame, applied to every audio file given")
+
+
+def load_utterances(args: argparse.Namespace, paths: Sequence[Path]) -> list:
+    """Audio files as utterances, with ``--speaker-masks`` attached when given."""
+    from harness.interface.speakers import SpeakerMaskError, load_speaker_masks
+    from harness.interface.utterance import Utterance
+
+    masks = None
+    if getattr(args, "speaker_masks", None):
+        try:
+            masks = load_speaker_masks(args.speaker_masks)
+        except (OSError, SpeakerMaskError) as error:
+            raise CommandError(str(error)) from None
+    return [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample, speaker_targets=masks)
+            for p in paths]
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """Services of the application layer, handed to every command.
+
+    - ``load_reference(nemo_path)``: the reference backend (NeMo) over a checkpoint;
+    - ``default_utterances()``: the fixture speech, used when a command is given no audio;
+    - ``diagnose(path, nemo_path=None, **options)``: ``harness.detect`` over every registered
+      artifact reader, numeric check included when ``nemo_path`` is given.
+    """
+
+    load_reference: Callable[[Path], Any]
+    default_utterances: Callable[[], list]
+    diagnose: Callable[..., Any]

@@ -1,0 +1,93 @@
+"""Feeding a chunk schedule through one backend: the only streaming loop of the harness.
+
+``iter_steps`` yields each ``StepOutput`` as it is produced (run stores spool them to disk);
+``stream`` keeps them in memory as a ``StreamRun``. Judging two runs is ``harness.judge``'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness.interface.backend import Backend, StepOutput, decode_tokens
+from harness.interface.chunking import ChunkSchedule, FirstChunkMode, shared_first_chunk_mode
+from harness.interface.speakers import SpeakerTargets
+from harness.interface.utterance import Utterance
+
+
+@dataclass
+class StreamRun:
+    """One utterance streamed through one backend at one lookahead."""
+
+    backend: str
+    dtype: str
+    att_context_size: tuple[int, int]
+    mode: str
+    steps: list[StepOutput]
+    features: np.ndarray | None = None  # the backend's own front-end output, when computed
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for step in self.steps for t in step.tokens[0]]
+
+    @property
+    def encoded(self) -> np.ndarray:
+        return np.concatenate([step.encoded[..., : int(step.encoded_len[0])] for step in self.steps], axis=-1)
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return [step.seconds for step in self.steps]
+
+    def step_taps(self, index: int) -> dict[str, np.ndarray]:
+        step = self.steps[index]
+        taps = dict(step.taps)
+        taps.update(step.state.caches())
+        return taps
+
+
+def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
+               mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *,
+               speaker_masks: SpeakerTargets | None = None) -> Iterator[StepOutput]:
+    """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend``, yielding each step.
+
+    ``speaker_masks`` are utterance-level (one value per encoder frame); each step gets the slice
+    NeMo's multitalker streaming driver would hand it (``SpeakerTargets.for_step``).
+    """
+    schedule = ChunkSchedule(backend.streaming_config(att_context_size), mode)
+    state = backend.initial_state(att_context_size, batch_size=mel.shape[0])
+    if speaker_masks is not None:
+        speaker_masks.check_batch(mel.shape[0])
+    for index, chunk in enumerate(schedule.chunks(mel)):
+        kwargs = {} if speaker_masks is None else {
+            "speaker_masks": speaker_masks.for_step(index, int(att_context_size[1]))}
+        output = backend.step(chunk, state, **kwargs)
+        yield output
+        state = output.state
+
+
+def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
+           mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
+           speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None) -> StreamRun:
+    """``iter_steps`` kept in memory as a ``StreamRun`` (``harness.judge.spool`` keeps it on disk instead)."""
+    steps = list(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks))
+    return StreamRun(backend=backend.name, dtype=dtype, att_context_size=tuple(att_context_size),
+                     mode=FirstChunkMode(mode).value, steps=steps, features=features)
+
+
+def shared_mode(*backends: Backend) -> FirstChunkMode:
+    """Plain mode where every backend runs it (comparable to offline), else pad-and-drop."""
+    try:
+        return shared_first_chunk_mode(*(b.capabilities for b in backends))
+    except ValueError:
+        raise ValueError("the backends share no first-chunk mode: "
+                         + ", ".join(f"{b.name}: {'/'.join(b.first_chunk_modes)}" for b in backends)) from None
+
+
+def transcribe(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> tuple[str, list[int]]:
+    mel, _ = backend.features(utterance.audio[None])
+    mode = shared_mode(backend)
+    run = stream(backend, mel, att_context_size, mode, dtype=backend.dtype,
+                 speaker_masks=utterance.speaker_masks_for(backend, probe=False))
+    return decode_tokens(backend.info.vocabulary, run.tokens), run.tokens

@@ -1,0 +1,196 @@
+"""Comparing two runs tap by tap, step by step.
+
+Running and comparing are separate (as in Polygraphy): ``harness.interface.driver.stream``
+produces a ``StreamRun`` from any backend; ``compare_runs`` turns two runs into a
+``PairComparison``: plain data that ``harness.judge.results`` saves and ``parity judge``
+re-judges against another tolerance file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from harness.interface.backend import (
+    TAP_DECODER,
+    TAP_ENCODER,
+    TAP_JOINT,
+    TAP_MEL,
+    TAP_PRE_ENCODE,
+    OfflineOutput,
+    layer_tap,
+)
+from harness.interface.driver import StreamRun
+from harness.judge.metrics import all_metrics
+from harness.judge.tolerances import Tolerances
+
+CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
+LOGIT_TAPS = (TAP_JOINT,)
+
+
+def comparison_order(num_layers: int) -> list[str]:
+    """Taps in model order; the first divergence is the first failing entry of the earliest step."""
+    return [TAP_MEL, TAP_PRE_ENCODE, *(layer_tap(i) for i in range(num_layers)), TAP_ENCODER,
+            *CACHE_TAPS, TAP_DECODER, TAP_JOINT]
+
+
+@dataclass
+class TapResult:
+    step: int  # -1 for utterance-level taps (mel, offline encoder)
+    tap: str
+    metrics: dict[str, float]
+    limits: dict[str, float]
+    violations: list[str]
+    reference_shape: list[int] = field(default_factory=list)
+    candidate_shape: list[int] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+
+@dataclass
+class PairComparison:
+    """Two runs of the same utterance and lookahead, judged tap by tap against the tolerances."""
+
+    reference: str
+    candidate: str
+    pair: str  # tolerance key, e.g. "nemo~onnx" or "streaming~offline@70,0"
+    dtype: str
+    att_context_size: tuple[int, int]
+    utterance: str
+    taps: list[TapResult]
+    reference_tokens: list[int]
+    candidate_tokens: list[int]
+    order: list[str]
+    # Streaming decodes 1-2 fewer tail frames than offline, so its tokens are recorded, not required equal.
+    require_token_match: bool = True
+    mode: str = ""  # the first-chunk mode streamed ("plain", "pad-and-drop"), or "offline"
+
+    @property
+    def tokens_equal(self) -> bool:
+        return self.reference_tokens == self.candidate_tokens
+
+    @property
+    def passed(self) -> bool:
+        return (self.tokens_equal or not self.require_token_match) and all(t.passed for t in self.taps)
+
+    def first_divergence(self) -> TapResult | None:
+        """The earliest failing tap: earliest step first, then model order within the step."""
+        rank = {name: i for i, name in enumerate(self.order)}
+        failing = [t for t in self.taps if not t.passed]
+        if not failing:
+            return None
+        return min(failing, key=lambda t: (t.step, rank.get(t.tap, len(rank))))
+
+    def worst(self, metric: str = "max_abs") -> dict[str, float]:
+        """Worst value of ``metric`` per tap name over all steps."""
+        worst: dict[str, float] = {}
+        for result in self.taps:
+            if metric in result.metrics:
+                worst[result.tap] = max(worst.get(result.tap, 0.0), result.metrics[metric])
+        return worst
+
+    def describe_failure(self) -> str:
+        divergence = self.first_divergence()
+        head = (f"{self.pair} [{self.att_context_size[0]},{self.att_context_size[1]}] {self.utterance}: ")
+        if divergence is not None:
+            where = "utterance" if divergence.step < 0 else f"step {divergence.step}"
+            return head + (f"first divergent tap {divergence.tap} at {where}: "
+                           + "; ".join(divergence.violations))
+        if self.require_token_match and not self.tokens_equal:
+            index = next((i for i, (a, b) in enumerate(zip(self.reference_tokens, self.candidate_tokens)) if a != b),
+                         min(len(self.reference_tokens), len(self.candidate_tokens)))
+            return head + (f"token sequences differ at position {index} "
+                           f"({len(self.reference_tokens)} vs {len(self.candidate_tokens)} tokens)")
+        return head + "passed"
+
+
+def judge_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray,
+              tolerances: Tolerances, pair: str, dtype: str) -> TapResult:
+    limits = tolerances.limits(pair, dtype, tap)
+    ref_shape, cand_shape = list(reference.shape), list(candidate.shape)
+    if ref_shape != cand_shape:
+        return TapResult(step, tap, {}, limits, [f"shape {ref_shape} vs {cand_shape}"], ref_shape, cand_shape)
+    metrics = all_metrics(reference, candidate, logits=tap in LOGIT_TAPS)
+    violations = [v.describe() for v in tolerances.check(metrics, limits)]
+    return TapResult(step, tap, metrics, limits, violations, ref_shape, cand_shape)
+
+
+def rejudge(comparison: PairComparison, tolerances: Tolerances) -> PairComparison:
+    """Apply another tolerance file to saved metrics without re-running anything."""
+    taps = []
+    for result in comparison.taps:
+        limits = tolerances.limits(comparison.pair, comparison.dtype, result.tap)
+        if result.reference_shape != result.candidate_shape:
+            violations = [f"shape {result.reference_shape} vs {result.candidate_shape}"]
+        else:
+            violations = [v.describe() for v in tolerances.check(result.metrics, limits)]
+        taps.append(TapResult(result.step, result.tap, result.metrics, limits, violations,
+                              result.reference_shape, result.candidate_shape))
+    return PairComparison(**{**comparison.__dict__, "taps": taps})
+
+
+def _common_taps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Iterable[str]:
+    return [name for name in reference if name in candidate]
+
+
+def compare_runs(reference: StreamRun, candidate: StreamRun, tolerances: Tolerances, *, num_layers: int,
+                 utterance: str = "", pair: str | None = None) -> PairComparison:
+    """Compare every shared tap and cache after every step; a differing step count is a violation."""
+    pair = pair or f"{reference.backend}~{candidate.backend}"
+    results: list[TapResult] = []
+    if reference.features is not None and candidate.features is not None:
+        results.append(judge_tap(-1, TAP_MEL, reference.features, candidate.features, tolerances, pair,
+                                 candidate.dtype))
+    if len(reference.steps) != len(candidate.steps):
+        results.append(TapResult(-1, TAP_ENCODER, {}, {}, [
+            f"step count {len(reference.steps)} vs {len(candidate.steps)}"]))
+    for index in range(min(len(reference.steps), len(candidate.steps))):
+        ref_taps, cand_taps = reference.step_taps(index), candidate.step_taps(index)
+        for tap in _common_taps(ref_taps, cand_taps):
+            results.append(judge_tap(index, tap, ref_taps[tap], cand_taps[tap], tolerances, pair, candidate.dtype))
+    return PairComparison(
+        reference=reference.backend, candidate=candidate.backend, pair=pair, dtype=candidate.dtype,
+        att_context_size=tuple(reference.att_context_size), utterance=utterance, taps=results,
+        reference_tokens=reference.tokens, candidate_tokens=candidate.tokens, order=comparison_order(num_layers),
+        mode=candidate.mode)
+
+
+def compare_streaming_to_offline(run: StreamRun, offline: OfflineOutput, tolerances: Tolerances, *,
+                                 num_layers: int, utterance: str = "") -> PairComparison:
+    """Streaming encoder output (valid frames, concatenated) against the offline forward.
+
+    Streaming yields 1-2 fewer final frames than offline (NeMo's buffer drops a tail shorter than
+    the subsampling factor), so the offline output is cut to the streamed length; more than 2 frames
+    missing is itself a violation.
+    """
+    context = run.att_context_size
+    pair = f"streaming~offline@{context[0]},{context[1]}"
+    streamed = run.encoded
+    offline_frames = int(offline.encoded_len[0])
+    reference = offline.encoded[..., : streamed.shape[-1]]
+    result = judge_tap(-1, TAP_ENCODER, reference, streamed, tolerances, pair, run.dtype)
+    missing = offline_frames - streamed.shape[-1]
+    if not 0 <= missing <= 2:
+        result.violations.append(f"streaming produced {streamed.shape[-1]} frames, offline {offline_frames}")
+    return PairComparison(
+        reference=f"{run.backend}-offline", candidate=f"{run.backend}-streaming", pair=pair, dtype=run.dtype,
+        att_context_size=tuple(context), utterance=utterance, taps=[result],
+        reference_tokens=offline.tokens[0], candidate_tokens=run.tokens, order=comparison_order(num_layers),
+        require_token_match=False, mode=run.mode)
+
+
+def compare_offline_outputs(reference: OfflineOutput, candidate: OfflineOutput, tolerances: Tolerances, *,
+                            reference_name: str, candidate_name: str, dtype: str, context: Sequence[int],
+                            utterance: str, num_layers: int) -> PairComparison:
+    """Both offline forwards (``Backend.offline``), every shared tap judged; step -1 marks utterance level."""
+    pair = f"{reference_name}~{candidate_name}"
+    taps = [judge_tap(-1, name, reference.taps[name], candidate.taps[name], tolerances, pair, dtype)
+            for name in reference.taps if name in candidate.taps]
+    return PairComparison(reference=f"{reference_name}-offline", candidate=f"{candidate_name}-offline", pair=pair,
+                          dtype=dtype, att_context_size=tuple(context), utterance=utterance, taps=taps,
+                          reference_tokens=reference.tokens[0], candidate_tokens=candidate.tokens[0],
+                          order=comparison_order(num_layers), mode="offline")

@@ -1,0 +1,151 @@
+"""Every numeric comparison metric of the harness, in one place.
+
+All metrics take the reference first. They are computed in float64 so that the metric itself
+adds no error to what it measures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+_TINY = 1e-30
+
+
+def _pair(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {cand.shape}")
+    return ref, cand
+
+
+def max_abs(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref, cand = _pair(reference, candidate)
+    return float(np.max(np.abs(ref - cand))) if ref.size else 0.0
+
+
+def max_rel(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |ref - x| / max(|ref|, tiny): harsh near zero, so tolerances rarely use it alone."""
+    ref, cand = _pair(reference, candidate)
+    if not ref.size:
+        return 0.0
+    return float(np.max(np.abs(ref - cand) / np.maximum(np.abs(ref), _TINY)))
+
+
+def max_abs_scaled(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |ref - x| / max |ref|: the largest error in units of the reference's own range.
+
+    For taps whose magnitude is a property of the model rather than of the conversion: NeMo's
+    joint returns log-probabilities (log_softmax on CPU), which reach -100 and below in a
+    confident trained model, so float32 summation-order noise of a few ulp reads 1e-4 in
+    max_abs there and 1e-6 on a random-weight fixture.
+    """
+    ref, cand = _pair(reference, candidate)
+    if not ref.size:
+        return 0.0
+    scale = float(np.max(np.abs(ref)))
+    error = float(np.max(np.abs(ref - cand)))
+    if scale == 0.0:
+        return 0.0 if error == 0.0 else math.inf
+    return error / scale
+
+
+def rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """||ref - x|| / ||ref||."""
+    ref, cand = _pair(reference, candidate)
+    diff = float(np.linalg.norm(ref - cand))
+    norm = float(np.linalg.norm(ref))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref, cand = _pair(reference, candidate)
+    ref, cand = ref.ravel(), cand.ravel()
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+    if denom == 0.0:
+        return 1.0 if not np.any(ref - cand) else 0.0
+    return float(np.dot(ref, cand) / denom)
+
+
+def snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """20·log10(||ref|| / ||ref - x||); +inf for identical tensors."""
+    ref, cand = _pair(reference, candidate)
+    noise = float(np.linalg.norm(ref - cand))
+    signal = float(np.linalg.norm(ref))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 20.0 * math.log10(signal / noise)
+
+
+def argmax_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of rows (last axis = classes) whose argmax agrees; 1.0 for empty tensors."""
+    ref, cand = _pair(reference, candidate)
+    if ref.size == 0:
+        return 1.0
+    return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "max_abs": max_abs,
+    "max_rel": max_rel,
+    "max_abs_scaled": max_abs_scaled,
+    "rel_l2": rel_l2,
+    "cosine": cosine,
+    "snr_db": snr_db,
+    "argmax_agreement": argmax_agreement,
+}
+
+# Direction of each metric: a limit is an upper bound ("max") or a lower bound ("min").
+METRIC_BOUND = {
+    "max_abs": "max",
+    "max_rel": "max",
+    "max_abs_scaled": "max",
+    "rel_l2": "max",
+    "cosine": "min",
+    "snr_db": "min",
+    "argmax_agreement": "min",
+}
+
+
+def all_metrics(reference: np.ndarray, candidate: np.ndarray, *, logits: bool = False) -> dict[str, float]:
+    values = {name: fn(reference, candidate) for name, fn in METRICS.items() if name != "argmax_agreement"}
+    if logits:
+        values["argmax_agreement"] = argmax_agreement(reference, candidate)
+    return values
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER (jiwer), 0.0 when both sides are empty."""
+    import jiwer
+
+    pairs = [(r, h) for r, h in zip(references, hypotheses) if r.strip() or h.strip()]
+    if not pairs:
+        return 0.0
+    refs = [r if r.strip() else "<empty>" for r, _ in pairs]
+    hyps = [h if h.strip() else "" for _, h in pairs]
+    return float(jiwer.wer(refs, hyps))
+
+
+def token_edit_distance(reference, candidate) -> int:
+    """Levenshtein distance between two token-id sequences."""
+    previous = list(range(len(candidate) + 1))
+    for i, ref_token in enumerate(reference, 1):
+        current = [i]
+        for j, cand_token in enumerate(candidate, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_token != cand_token)))
+        previous = current
+    return previous[-1]
+
+
+def token_agreement(reference, candidate) -> float:
+    """1 - (token edit distance / reference length), floored at 0; 1.0 when both are empty."""
+    if not reference:
+        return 1.0 if not candidate else 0.0
+    return max(0.0, 1.0 - token_edit_distance(reference, candidate) / len(reference))

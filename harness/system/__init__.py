@@ -1,0 +1,1 @@
+"""Process-level utilities shared by every layer: memory readings, thread limits, NeMo's logging."""
