@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import UnknownName
 from harness.interface.backend import Capabilities
 
 
@@ -99,7 +100,7 @@ register(BackendEntry(
 
 register(BackendEntry(
     name="onnx", module="backends.onnx", requires=("onnxruntime", "onnx"), dtypes=("float32", "int8"),
-    marker="onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), offline=False),
+    marker="onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), offline=False, teacher_forcing=True),
     cli="backends.onnx.cli", reader="backends.onnx.layout:read_view",
     source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
     dtype_flags={"--onnx-int8": "int8"},
@@ -107,6 +108,7 @@ register(BackendEntry(
 
 register(BackendEntry(
     name="mlx", module="backends.mlx", requires=("mlx",), dtypes=("float32", "bfloat16", "float16"), marker="mlx",
+    capabilities=Capabilities(teacher_forcing=True),
     cli="backends.mlx.cli", reader="backends.mlx.artifact:read_view",
     source_option="--mlx", source_help="an MLX artifact directory (parity convert)",
     description="MLX (our port): converted artifact, cache-aware streaming step, greedy RNNT decoding"))
@@ -116,4 +118,4 @@ def get(name: str) -> BackendEntry:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown backend {name!r}; registered: {', '.join(REGISTRY)}") from None
+        raise UnknownName(f"unknown backend {name!r}; registered: {', '.join(REGISTRY)}") from None

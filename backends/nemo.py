@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.errors import InvalidInput
 from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
@@ -34,6 +35,7 @@ from harness.interface.backend import (
 )
 from harness.interface.chunking import Chunk
 from harness.interface.speakers import SpeakerTargets
+from harness.nemo_config import read_model_config
 from harness.nemo_file import inspect_nemo
 from harness.system.nemo_quiet import quiet_nemo
 
@@ -119,6 +121,7 @@ class NemoBackend(Backend):
         self._torch = torch
         self.path = Path(nemo_path)
         archive = inspect_nemo(self.path)  # refuses unsafe files before NeMo sees them
+        model_config = read_model_config(archive.config)  # and configs the harness cannot read
         with quiet_nemo():
             from nemo.collections.asr.models import ASRModel
 
@@ -135,9 +138,10 @@ class NemoBackend(Backend):
             model.change_decoding_strategy(decoding_cfg, verbose=False)
         self.model = model
         self.config = archive.config
+        self.model_config = model_config
         self.vocabulary = list(model.tokenizer.vocab) if hasattr(model.tokenizer, "vocab") else [
             model.tokenizer.ids_to_tokens([i])[0] for i in range(model.tokenizer.vocab_size)]
-        self.info = ModelInfo.from_nemo_config(self.config, self.vocabulary)
+        self.info = ModelInfo.from_nemo_config(model_config, self.vocabulary)
         max_symbols = getattr(model.decoding.decoding, "max_symbols", None)
         if max_symbols is not None:
             self.info = dataclasses.replace(self.info, max_symbols=int(max_symbols))
@@ -160,7 +164,7 @@ class NemoBackend(Backend):
     def _use_context(self, att_context_size: Sequence[int]) -> None:
         context = (int(att_context_size[0]), int(att_context_size[1]))
         if context not in self.info.att_context_sizes:
-            raise ValueError(f"att_context_size {list(context)} is not one of the model's "
+            raise InvalidInput(f"att_context_size {list(context)} is not one of the model's "
                              f"{[list(c) for c in self.info.att_context_sizes]}")
         if context != self._current_context:
             with quiet_nemo():
@@ -220,7 +224,10 @@ class NemoBackend(Backend):
         masks = speaker_masks or SpeakerTargets(None, None)
         self.model.set_speaker_targets(as_tensor(masks.target), as_tensor(masks.background))
 
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None,
+             forced_decisions: Sequence[int] | None = None) -> StepOutput:
+        if forced_decisions is not None:
+            raise ValueError("nemo: the reference decodes freely (no teacher forcing)")
         self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         self._set_speaker_targets(speaker_masks)
         torch = self._torch
@@ -287,11 +294,11 @@ class NemoBackend(Backend):
 def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32", att_context_sizes=None) -> Path:
     """The reference runs the ``.nemo`` itself."""
     if dtype != "float32":
-        raise ValueError(f"nemo backend runs float32 only, not {dtype}")
+        raise InvalidInput(f"nemo backend runs float32 only, not {dtype}")
     return Path(nemo_path)
 
 
 def load(source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options) -> NemoBackend:
     if dtype != "float32":
-        raise ValueError(f"nemo backend runs float32 only, not {dtype}")
+        raise InvalidInput(f"nemo backend runs float32 only, not {dtype}")
     return NemoBackend(source, **options)

@@ -37,11 +37,13 @@ def main(argv=None) -> int:
     use_optimized_blas()  # before mlx.core
     import mlx.core as mx
 
-    from backends.mlx.model import ConformerLayer, EncoderArgs, relative_positions
+    from backends.mlx.model import ConformerLayer, relative_positions
+    from harness.nemo_config import EncoderConfig
 
-    encoder = EncoderArgs(feat_in=128, n_layers=1, d_model=args.d_model, n_heads=args.heads, conv_kernel_size=9,
-                          conv_norm_type="layer_norm", conv_context_size=(8, 0), att_context_sizes=((70, 13),),
-                          att_context_style="chunked_limited", causal_downsampling=True)
+    encoder = EncoderConfig(feat_in=128, n_layers=1, d_model=args.d_model, n_heads=args.heads, conv_kernel_size=9,
+                            conv_norm_type="layer_norm", conv_context_size="causal", att_context_size=((70, 13),),
+                            att_context_style="chunked_limited", causal_downsampling=True,
+                            subsampling="dw_striding", subsampling_factor=8)
     layer = ConformerLayer(encoder)
     mx.eval(layer.parameters())
     frames, cache, width = args.frames, args.cache, args.d_model

@@ -188,3 +188,120 @@ def test_unknown_fixture_and_bad_context(capsys):
     code, _, err = run_cli(capsys, "fixtures", "--model", "no-such-model")
     assert code == EXIT_USAGE
     assert_one_line_error(err, "unknown fixture model")
+
+
+# -- exit codes: 2 for bad input only, 3 for anything else ----------------------------------------------
+
+@pytest.mark.parametrize("error", [RuntimeError("boom in the harness"), KeyError("boom"), ValueError("boom"),
+                                   FileNotFoundError("boom.json"), MemoryError()])
+def test_a_bug_exits_3_with_one_line(capsys, monkeypatch, error):
+    """A plain ValueError or KeyError used to be reported as bad input (exit 2), hiding the bug."""
+    import harness.app.cli as cli
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_fixtures", broken)
+    code, _, err = run_cli(capsys, "fixtures", "--model", "tiny-streaming")
+    assert code == cli.EXIT_INTERNAL == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith(f"error: internal error: {type(error).__name__}")
+    assert str(error).strip("'") in lines[0]
+
+
+def test_debug_prints_the_traceback(capsys, monkeypatch):
+    import harness.app.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_fixtures", broken)
+    code, _, err = run_cli(capsys, "--debug", "fixtures")
+    assert code == 3
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert err.strip().splitlines()[-1] == "error: internal error: RuntimeError: boom second line"
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "--debug", "fixtures", "--model", "no-such-model")
+    assert code == EXIT_USAGE and "Traceback" in err  # bad input keeps exit 2, traceback on request
+    assert err.strip().splitlines()[-1].startswith("error: unknown fixture model")
+
+
+def test_bad_input_still_exits_2(tmp_path, capsys):
+    from harness.judge.results import Results
+    from harness.judge.tolerances import DEFAULT_TOLERANCES
+
+    results = Results(model={"path": None, "sha256": None, "name": "m"}, tolerances="t").save(tmp_path / "r.json")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[float32."*".layrs]\nmax_abs = 1e-4\n')
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{")
+    wrong_json = tmp_path / "wrong.json"
+    wrong_json.write_text('{"schema_version": 99}')
+    for argv, fragment in [
+        (("judge", results, "--tolerances", typo), '[float32."*".layrs]: unknown tap kind \'layrs\''),
+        (("judge", results, "--tolerances", tmp_path / "absent.toml"), "tolerance file not found"),
+        (("judge", tmp_path / "absent.json", "--tolerances", DEFAULT_TOLERANCES), "results file not found"),
+        (("judge", not_json, "--tolerances", DEFAULT_TOLERANCES), "not valid JSON"),
+        (("judge", wrong_json, "--tolerances", DEFAULT_TOLERANCES), "schema_version 99"),
+        (("transcribe", "--backend", "no-such-backend", SPEECH), "unknown backend 'no-such-backend'"),
+        (("fingerprint", tmp_path / "absent.nemo"), "no such file or directory"),
+        (("fingerprint", tmp_path), "not a .nemo and not an artifact any registered backend reads"),
+    ]:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == EXIT_USAGE, (argv, err)
+        assert_one_line_error(err, fragment)
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_lookahead_text_is_a_command_error():
+    from harness.interface.commands import CommandError, parse_contexts
+
+    assert parse_contexts(["70,13", "70,0"]) == [(70, 13), (70, 0)]
+    with pytest.raises(CommandError, match="att context must look like 70,13"):
+        parse_contexts(["70x13"])
+
+
+def test_a_lookahead_the_model_lacks_is_bad_input():
+    from harness.errors import BadInput
+    from harness.interface.backend import ModelInfo
+
+    info = ModelInfo(num_layers=1, d_model=4, n_mels=80, conv_kernel_size=9, subsampling_factor=8,
+                     att_context_sizes=((70, 13),), vocabulary=("a",), blank_id=1, pred_layers=1, pred_hidden=4,
+                     max_symbols=10)
+    with pytest.raises(BadInput, match=r"att_context_size \[70, 99\] is not one of the model's \[\[70, 13\]\]"):
+        info.streaming_config((70, 99))
+
+
+def test_the_project_input_errors_are_bad_input():
+    """Every input-error type derives from BadInput (exit 2) and keeps the built-in type callers catch."""
+    from harness.errors import BadInput, InputNotFound, InvalidInput, UnknownName, UnsafeArtifact, Unsupported
+    from harness.interface.audio import AudioError
+    from harness.interface.commands import CommandError
+    from harness.interface.speakers import SpeakerMaskError
+    from harness.judge.tolerances import MissingToleranceError, ToleranceFileError
+    from harness.nemo_file import UnsafeNemoFile
+
+    expected = {CommandError: Exception, AudioError: ValueError, SpeakerMaskError: ValueError,
+                UnsafeNemoFile: ValueError, UnsafeArtifact: ValueError, ToleranceFileError: ValueError,
+                MissingToleranceError: ValueError, InvalidInput: ValueError, InputNotFound: FileNotFoundError,
+                UnknownName: KeyError, Unsupported: NotImplementedError}
+    for error_type, builtin in expected.items():
+        assert issubclass(error_type, BadInput) and issubclass(error_type, builtin), error_type
+    assert str(UnknownName("unknown backend 'x'")) == "unknown backend 'x'"  # not quoted as a KeyError is
+    from harness.interface.backend import ShapeMismatchError
+
+    assert not issubclass(ShapeMismatchError, BadInput)  # a backend breaking the interface is a bug
+
+
+def test_backend_input_errors_are_bad_input():
+    from harness.errors import BadInput
+
+    onnx_layout = pytest.importorskip("backends.onnx.layout")
+    for error_type in (onnx_layout.ExportDirError, onnx_layout.MissingGraphError, onnx_layout.SourceMismatchError,
+                       onnx_layout.GraphInterfaceError):
+        assert issubclass(error_type, BadInput), error_type
+    from backends.mlx.convert import ConversionError, VerificationFailed
+
+    assert issubclass(ConversionError, BadInput)
+    assert not issubclass(VerificationFailed, BadInput)  # a parity violation: exit 1

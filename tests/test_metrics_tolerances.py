@@ -10,7 +10,7 @@ import pytest
 from harness.judge import metrics
 from harness.judge.compare import PairComparison, judge_tap, rejudge
 from harness.judge.results import Results
-from harness.judge.tolerances import DEFAULT_TOLERANCES, Tolerances, tap_kind
+from harness.judge.tolerances import DEFAULT_TOLERANCES, MissingToleranceError, Tolerances, tap_kind
 
 
 def test_metric_definitions():
@@ -100,7 +100,100 @@ def test_results_round_trip_and_rejudge(tmp_path):
     assert saved.passed and saved.comparisons[0].taps[0].metrics == comparison.taps[0].metrics
 
     strict = tmp_path / "strict.toml"
-    strict.write_text('[float32."*".layers]\nmax_abs = 1e-5\n')
+    strict.write_text('[float32."*".layers]\nmax_abs = 1e-5\n\n[float32."*".encoder]\nmax_abs = 1e-5\n')
     rejudged = rejudge(saved.comparisons[0], Tolerances.load(strict))
     assert not rejudged.passed
     assert rejudged.first_divergence().tap == "layers.0"
+
+    # A file that bounds the layers but not the encoder would let the encoder pass whatever it holds.
+    partial = tmp_path / "partial.toml"
+    partial.write_text('[float32."*".layers]\nmax_abs = 1e-5\n')
+    with pytest.raises(MissingToleranceError, match=r"tap 'encoder' of nemo~x at float32"):
+        rejudge(saved.comparisons[0], Tolerances.load(partial))
+
+
+# -- the tolerance file is checked as it loads ------------------------------------------------------
+
+def test_shipped_tolerance_file_loads_and_bounds_every_tap_kind_it_names():
+    tol = Tolerances.load()
+    assert tol.source == str(DEFAULT_TOLERANCES)
+    for dtype, pairs in tol.table.items():
+        for pair, kinds in pairs.items():
+            for kind in kinds:
+                lookup = "ref~cand" if pair == "*" else pair
+                assert tol.limits(lookup, dtype, kind), (dtype, pair, kind)
+
+
+@pytest.mark.parametrize(("text", "table", "message"), [
+    ('[flaot32."nemo~onnx".layers]\nmax_abs = 1e-4\n', '[flaot32."nemo~onnx".layers]',
+     "unknown dtype 'flaot32' (known: float32, int8, bfloat16, float16)"),
+    ('[float32."nemo~onnx".layrs]\nmax_abs = 1e-4\n', '[float32."nemo~onnx".layrs]',
+     "unknown tap kind 'layrs'"),
+    ('[float32."nemo~onnx"."layers.3"]\nmax_abs = 1e-4\n', '[float32."nemo~onnx"."layers.3"]',
+     "unknown tap kind 'layers.3'"),
+    ('[float32."*".encoder]\nmax_absolute = 1e-4\n', '[float32."*".encoder]', "unknown metric 'max_absolute'"),
+    ('[float32."nemo-onnx".encoder]\nmax_abs = 1e-4\n', '[float32."nemo-onnx".encoder]', "malformed pair 'nemo-onnx'"),
+    ('[float32."streaming~offline@70".encoder]\nmax_abs = 1e-4\n', '[float32."streaming~offline@70".encoder]',
+     "malformed pair"),
+    ('[float32."*".encoder]\nargmax_agreement = 1.0\n', '[float32."*".encoder]',
+     "argmax_agreement is never measured for encoder"),
+    ('[bfloat16."nemo~mlx".tokens]\ncosine = 0.9\n', '[bfloat16."nemo~mlx".tokens]',
+     "cosine is never measured for tokens"),
+    ('[float32."*".encoder]\nmax_abs = "1e-4"\n', '[float32."*".encoder]', "max_abs = '1e-4' is not a number"),
+    ('[float32."*".encoder]\nmax_abs = nan\n', '[float32."*".encoder]', "max_abs = nan is not a number"),
+    ('[float32."*"]\nencoder = 1e-4\n', '[float32."*"]', "encoder = 0.0001 where a tap kind table belongs"),
+    ('float32 = 1\n', "top level", "float32 = 1 where a dtype table belongs"),
+])
+def test_tolerance_file_typos_are_errors_naming_the_table(tmp_path, text, table, message):
+    from harness.errors import BadInput
+    from harness.judge.tolerances import ToleranceFileError
+
+    path = tmp_path / "tolerances.toml"
+    path.write_text(text)
+    with pytest.raises(ToleranceFileError) as raised:
+        Tolerances.load(path)
+    assert str(raised.value).startswith(f"{path}: {table}: {message}"), str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert isinstance(raised.value, BadInput)  # parity compare/judge exit 2 on it
+
+
+def test_a_typo_no_longer_leaves_a_tap_passing_silently(tmp_path):
+    """Before: ``[float32."*".layrs]`` loaded, ``limits`` returned {} for every layer and they passed."""
+    path = tmp_path / "tolerances.toml"
+    path.write_text('[float32."*".layers]\nmax_abs = 1e-4\n')
+    tol = Tolerances.load(path)
+    failing = judge_tap(0, "layers.0", np.zeros(4), np.full(4, 1.0), tol, "a~b", "float32")
+    assert failing.violations
+    with pytest.raises(MissingToleranceError, match=r"no limit for tap 'encoder' of a~b at float32 \(looked in "
+                                                     r"\[float32\.\"\*\"\.encoder\], \[float32\.\"a~b\"\.encoder\]\)"):
+        judge_tap(0, "encoder", np.zeros(4), np.zeros(4), tol, "a~b", "float32")
+    with pytest.raises(MissingToleranceError, match=r"of a~b at flaot32"):
+        tol.limits("a~b", "flaot32", "layers.0")
+
+
+def test_lookahead_pair_lookup_names_every_table_searched():
+    tol = Tolerances({"float32": {"streaming~offline": {"encoder": {"max_abs": 1.0}}}})
+    assert tol.limits("streaming~offline@70,0", "float32", "encoder") == {"max_abs": 1.0}
+    with pytest.raises(MissingToleranceError, match=r'\[float32\."\*"\.mel\], \[float32\."streaming~offline"\.mel\], '
+                                                     r'\[float32\."streaming~offline@70,0"\.mel\]'):
+        tol.limits("streaming~offline@70,0", "float32", "mel")
+
+
+def test_tolerance_file_missing_or_not_toml_is_bad_input(tmp_path):
+    from harness.errors import BadInput
+
+    with pytest.raises(BadInput, match="tolerance file not found"):
+        Tolerances.load(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[float32\n")
+    with pytest.raises(BadInput, match="not valid TOML"):
+        Tolerances.load(broken)
+
+
+def test_cache_tap_names_agree_between_interface_and_judge():
+    from harness.interface.backend import CACHE_TAPS, StreamingState
+    from harness.judge import compare
+
+    assert tuple(compare.CACHE_TAPS) == CACHE_TAPS
+    state = StreamingState((70, 13), np.zeros(1), np.zeros(1), np.zeros(1), [])
+    assert tuple(state.caches()) == CACHE_TAPS

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,8 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '
 from backends.mlx import artifact, mapping  # noqa: E402
 from backends.mlx import convert as converter  # noqa: E402
 from backends.mlx.convert import ConversionError, VerificationFailed, convert, failed_report_path  # noqa: E402
-from harness.nemo_file import WEIGHTS_MEMBER, inspect_nemo, load_state_dict, sha256_file  # noqa: E402
+from fixtures.models import rewrite_checkpoint  # noqa: E402
+from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_AUDIO = REPO_ROOT / "fixtures" / "speech" / "utt04.wav"
@@ -32,23 +31,6 @@ def fp32_artifact(tiny_nemo, work_dir) -> Path:
 @pytest.fixture(scope="session")
 def source_state(tiny_nemo):
     return load_state_dict(inspect_nemo(tiny_nemo))
-
-
-def rewrite_nemo(source: Path, destination: Path, edit) -> Path:
-    """A copy of ``source`` whose state dict went through ``edit(state) -> state``."""
-    import torch
-
-    with tarfile.open(source, "r:*") as tar_in, tarfile.open(destination, "w") as tar_out:
-        for info in tar_in.getmembers():
-            data = tar_in.extractfile(info).read() if info.isfile() else None
-            if info.name.lstrip("./") == WEIGHTS_MEMBER:
-                state = edit(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-                buffer = io.BytesIO()
-                torch.save(state, buffer)
-                data = buffer.getvalue()
-                info.size = len(data)
-            tar_out.addfile(info, io.BytesIO(data) if data is not None else None)
-    return destination
 
 
 # -- the mapping ----------------------------------------------------------------------------------
@@ -88,7 +70,7 @@ def test_joint_output_index_follows_the_dropout(tiny_nemo):
 # -- strictness: unknown key, wrong shape, missing tensor --------------------------------------------
 
 def _edited(tiny_nemo, tmp_path, edit) -> Path:
-    return rewrite_nemo(tiny_nemo, tmp_path / "edited.nemo", edit)
+    return rewrite_checkpoint(tiny_nemo, tmp_path / "edited.nemo", edit)
 
 
 def test_unknown_tensor_stops_the_conversion(tiny_nemo, tmp_path):

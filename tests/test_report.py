@@ -110,6 +110,24 @@ def test_html_is_self_contained_with_embedded_plots():
     assert "<script" not in page
 
 
+def test_html_escapes_markup_from_the_results():
+    markup = "<script>alert(1)</script>"
+    results = synthetic_results()
+    results.model["name"] = "a & b"
+    # The utterance name reaches the summary's first divergence and the transcripts table, the error message
+    # the list of candidates that could not run.
+    results.comparisons.append(comparison("onnx", "float32", context=(70, 6), error=1e-3, utterance=markup))
+    results.transcripts += [transcript(backend, "float32", "x < y", context=(70, 6), utterance=markup)
+                            for backend in ("nemo", "onnx")]
+    results.extra["candidates"] = [{"backend": "mlx", "dtype": "float32", "status": "error", "error": markup}]
+    page = render_html([results])
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3
+    assert "a &amp; b" in page and "a & b" not in page
+    assert "x &lt; y" in page
+    assert word_alignment_html("a & b", "a < b") == 'a <span class="sub"><del>&amp;</del> <ins>&lt;</ins></span> b'
+
+
 def night(reports: Path, date: str, results: Results) -> None:
     results.extra["date"] = date
     results.save(reports / date / "results.json")

@@ -17,11 +17,13 @@ Layout (``DIR``)::
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
+from harness.errors import InputNotFound, UnsafeArtifact
+from harness.safe_files import read_safetensors_header
 
 MODEL_FILE = "model.safetensors"  # the weights parakeet-mlx also loads
 FRONTEND_FILE = "frontend.safetensors"  # the checkpoint's own window and mel filterbank (always float32)
@@ -47,13 +49,11 @@ def read_artifact_dtype(directory: Path) -> str:
     record = directory / ARTIFACT_FILE
     if record.exists():
         return json.loads(record.read_text())["dtype"]
-    with open(directory / MODEL_FILE, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
-    names = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    header = read_safetensors_header(directory / MODEL_FILE)
+    names = {entry.dtype for entry in header.tensors.values()}
     reverse = {v: k for k, v in SAFETENSORS_DTYPE.items()}
     if len(names) != 1 or next(iter(names)) not in reverse:
-        raise ValueError(f"{directory / MODEL_FILE}: mixed or unknown dtypes {sorted(names)}")
+        raise UnsafeArtifact(f"{directory / MODEL_FILE}: mixed or unknown dtypes {sorted(names)}")
     return reverse[names.pop()]
 
 
@@ -61,23 +61,26 @@ def iter_tensors(directory: Path, file: str = MODEL_FILE) -> Iterable[tuple[str,
     """The tensors of an artifact file as float32 numpy arrays (for the round-trip test and tools)."""
     import mlx.core as mx
 
-    for name, value in mx.load(str(Path(directory) / file)).items():
+    path = Path(directory) / file
+    read_safetensors_header(path)  # mx.load allocates what the header declares: check it against the file
+    for name, value in mx.load(str(path)).items():
         yield name, np.array(value.astype(mx.float32))
 
 
 def read_view(path: Path):
     """``parity fingerprint``'s view of an artifact (None when ``path`` is not one)."""
     from harness.detect.fingerprint import ModelView, read_safetensors_index, tokenizer_pieces
+    from harness.nemo_config import stated_config
 
     directory = Path(path)
     if not is_artifact(directory):
         return None
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
-        raise FileNotFoundError(f"{directory}: not an MLX artifact (no {CONFIG_FILE})")
+        raise InputNotFound(f"{directory}: not an MLX artifact (no {CONFIG_FILE})")
     config = json.loads(config_path.read_text())
-    vocabulary = (config.get("joint") or {}).get("vocabulary")
+    vocabulary = stated_config(config).joint.get("vocabulary")
     tokenizer = directory / TOKENIZER_FILE
     pieces = tokenizer_pieces(tokenizer.read_bytes()) if tokenizer.exists() else None
     return ModelView("mlx", directory, "mlx", read_safetensors_index(directory / MODEL_FILE), config,
-                     vocabulary=vocabulary, tokenizer_pieces=pieces)
+                     vocabulary=None if vocabulary is None else list(vocabulary), tokenizer_pieces=pieces)

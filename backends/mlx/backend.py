@@ -27,7 +27,9 @@ from harness.interface.backend import (
     TAP_ENCODER,
     TAP_JOINT,
     Backend,
+    Capabilities,
     DecoderState,
+    ForcedDecisions,
     ModelInfo,
     OfflineOutput,
     StepOutput,
@@ -35,6 +37,8 @@ from harness.interface.backend import (
 )
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.speakers import SpeakerTargets
+from harness.nemo_config import read_model_config
+from harness.safe_files import read_safetensors_header
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -59,6 +63,7 @@ def _numpy(array: mx.array) -> np.ndarray:
 
 class MLXBackend(Backend):
     name = "mlx"
+    capabilities = Capabilities(teacher_forcing=True)
 
     def __init__(self, artifact_dir: str | Path, *, dtype: str | None = None, device: str = "auto",
                  taps: bool = True):
@@ -68,6 +73,8 @@ class MLXBackend(Backend):
         if not (directory / MODEL_FILE).exists():
             raise FileNotFoundError(f"{directory}: not an MLX artifact directory (no {MODEL_FILE}); "
                                     f"create one with `parity convert MODEL.nemo --out {directory}`")
+        for file in (MODEL_FILE, FRONTEND_FILE):  # mx.load below allocates whatever a header declares
+            read_safetensors_header(directory / file)
         artifact_dtype = read_artifact_dtype(directory)
         if dtype is not None and dtype != artifact_dtype:
             raise ValueError(f"{directory} holds {artifact_dtype} weights, {dtype} was requested; "
@@ -78,9 +85,10 @@ class MLXBackend(Backend):
         self.device = default_device(device)
         self.record_taps = taps
         self.config = json.loads((directory / CONFIG_FILE).read_text())
-        vocabulary = self.config["joint"]["vocabulary"]
-        self.args = ModelArgs.from_nemo_config(self.config, vocabulary)
-        self.info = ModelInfo.from_nemo_config(self.config, vocabulary)
+        model_config = read_model_config(self.config)
+        vocabulary = model_config.joint.require_vocabulary()  # the converter embeds it as joint.vocabulary
+        self.args = ModelArgs.from_nemo_config(model_config, vocabulary)
+        self.info = ModelInfo.from_nemo_config(model_config, vocabulary)
         with mx.stream(self.device):
             self.model = StreamingRNNT(self.args)
             weights = mx.load(str(directory / MODEL_FILE))
@@ -121,9 +129,15 @@ class MLXBackend(Backend):
         last = self.info.blank_id if state.last_token is None else state.last_token
         return DecoderState(last_token=last, h=_numpy(state.h), c=_numpy(state.c), tokens=list(state.tokens))
 
-    def _decode_batch(self, encoded: mx.array, lengths: np.ndarray, states: list[GreedyState]):
-        results = [self.model.decode(encoded[b], int(lengths[b]), states[b], record=self.record_taps)
+    def _decode_batch(self, encoded: mx.array, lengths: np.ndarray, states: list[GreedyState],
+                      forced: ForcedDecisions | None = None):
+        if forced is not None and forced.decisions is not None and encoded.shape[0] != 1:
+            raise ValueError(f"mlx: teacher forcing runs batch 1, not {encoded.shape[0]}")
+        choose = forced.choose if forced is not None and forced.decisions is not None else None
+        results = [self.model.decode(encoded[b], int(lengths[b]), states[b], record=self.record_taps, choose=choose)
                    for b in range(encoded.shape[0])]
+        if choose is not None:
+            forced.finish()
         decoder_rows = [row for r in results for row in r.decoder_outputs]
         joint_rows = [row for r in results for row in r.joint_outputs]
         return results, decoder_rows, joint_rows
@@ -144,7 +158,8 @@ class MLXBackend(Backend):
             mel, lengths = self.front_end(np.atleast_2d(np.asarray(audio, np.float32)))
             return _numpy(mel), lengths.astype(np.int64)
 
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None,
+             forced_decisions: Sequence[int] | None = None) -> StepOutput:
         self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = self._check_context(state.att_context_size)
         self.info.check_state(state)
@@ -163,7 +178,8 @@ class MLXBackend(Backend):
                 record_taps=self.record_taps, speaker_masks=speaker_masks)
             mx.eval(out.encoded, out.cache.channel, out.cache.time, *out.taps.values())
             results, decoder_rows, joint_rows = self._decode_batch(
-                out.encoded, out.lengths, [self._greedy_state(d) for d in state.decoder])
+                out.encoded, out.lengths, [self._greedy_state(d) for d in state.decoder],
+                ForcedDecisions(forced_decisions, self.name))
             mx.eval(*[r.state.h for r in results], *[r.state.c for r in results])
             seconds = time.perf_counter() - started
             taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}

@@ -45,13 +45,14 @@ from backends.mlx.artifact import (
     SAFETENSORS_DTYPE,
     TOKENIZER_FILE,
 )
+from harness.errors import BadInput
 from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file
 from harness.system.memory import peak_rss_mb
 
 PROGRESS_BAR_BYTES = 64 << 20  # show a progress bar for checkpoints larger than this
 
 
-class ConversionError(ValueError):
+class ConversionError(BadInput, ValueError):
     """The checkpoint does not map cleanly onto the MLX model; the message names the tensor."""
 
 

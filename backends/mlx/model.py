@@ -16,8 +16,8 @@ loads in parakeet-mlx as well.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from backends.mlx.blas import use_optimized_blas
@@ -30,6 +30,15 @@ import numpy as np
 
 from harness.interface.frontend import FrontendConfig
 from harness.interface.speakers import SpeakerTargets, reconciled_pair
+from harness.nemo_config import (
+    DecoderConfig,
+    EncoderConfig,
+    JointConfig,
+    ModelConfig,
+    SpeakerKernelConfig,
+    read_model_config,
+    require_one_of,
+)
 
 # multi_head_attention.py: INF_VAL fills masked attention scores.
 ATTENTION_MASK_VALUE = -10000.0
@@ -37,188 +46,63 @@ ATTENTION_MASK_VALUE = -10000.0
 NORMALIZE_EPSILON = 1e-5
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-def _context_sizes(value: Any) -> tuple[tuple[int, int], ...]:
-    """``att_context_size`` is one ``[L, R]`` or a list of them (several lookaheads in one model)."""
-    if value is None:
-        return ((-1, -1),)
-    items = list(value)
-    if items and not isinstance(items[0], (list, tuple)):
-        items = [items]
-    return tuple(_pair(item) for item in items)
-
-
 # ------------------------------------------------------------------------------------------------
-# Configuration, read from the NeMo model config (the .nemo's model_config.yaml or config.json)
+# Configuration: the typed NeMo config (harness.nemo_config reads the .nemo's model_config.yaml or
+# config.json, with NeMo's defaults), and what of it this port implements
 # ------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class EncoderArgs:
-    """``ConformerEncoder`` (modules/conformer_encoder.py)."""
-
-    feat_in: int
-    n_layers: int
-    d_model: int
-    n_heads: int
-    ff_expansion_factor: int = 4
-    subsampling: str = "dw_striding"
-    subsampling_factor: int = 8
-    subsampling_conv_channels: int = 256
-    causal_downsampling: bool = False
-    self_attention_model: str = "rel_pos"
-    att_context_sizes: tuple[tuple[int, int], ...] = ((-1, -1),)
-    att_context_style: str = "regular"
-    xscaling: bool = True
-    use_bias: bool = True
-    conv_kernel_size: int = 9
-    conv_norm_type: str = "batch_norm"
-    conv_context_size: tuple[int, int] = (4, 4)
-
-    @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any]) -> EncoderArgs:
-        kernel = int(cfg.get("conv_kernel_size", 31))
-        context = cfg.get("conv_context_size")
-        # ConformerEncoder._calc_context_sizes: "causal" -> [K-1, 0]; None -> symmetric.
-        if context == "causal":
-            conv_context = (kernel - 1, 0)
-        elif context is None:
-            conv_context = ((kernel - 1) // 2, (kernel - 1) // 2)
-        else:
-            conv_context = _pair(context)
-        unsupported = {
-            "self_attention_model": (cfg.get("self_attention_model", "rel_pos"), ("rel_pos",)),
-            "subsampling": (cfg.get("subsampling", "striding"), ("dw_striding",)),
-            "untie_biases": (cfg.get("untie_biases", True), (True,)),
-            "feat_out": (cfg.get("feat_out", -1), (-1, None)),
-            "reduction": (cfg.get("reduction"), (None,)),
-            "conv_norm_type": (cfg.get("conv_norm_type", "batch_norm"), ("batch_norm", "layer_norm")),
-            "att_context_style": (cfg.get("att_context_style", "regular"), ("regular", "chunked_limited")),
-        }
-        for key, (value, allowed) in unsupported.items():
-            if value not in allowed:
-                raise NotImplementedError(f"encoder.{key} = {value!r} is not supported (supported: {allowed})")
-        return cls(
-            feat_in=int(cfg["feat_in"]), n_layers=int(cfg["n_layers"]), d_model=int(cfg["d_model"]),
-            n_heads=int(cfg.get("n_heads", 4)), ff_expansion_factor=int(cfg.get("ff_expansion_factor", 4)),
-            subsampling=str(cfg.get("subsampling")), subsampling_factor=int(cfg.get("subsampling_factor", 4)),
-            subsampling_conv_channels=int(cfg.get("subsampling_conv_channels", -1)
-                                          if cfg.get("subsampling_conv_channels", -1) != -1 else cfg["d_model"]),
-            causal_downsampling=bool(cfg.get("causal_downsampling", False)),
-            self_attention_model=str(cfg.get("self_attention_model", "rel_pos")),
-            att_context_sizes=_context_sizes(cfg.get("att_context_size")),
-            att_context_style=str(cfg.get("att_context_style", "regular")),
-            xscaling=bool(cfg.get("xscaling", True)), use_bias=bool(cfg.get("use_bias", True)),
-            conv_kernel_size=kernel, conv_norm_type=str(cfg.get("conv_norm_type", "batch_norm")),
-            conv_context_size=conv_context,
-        )
-
-
-@dataclass(frozen=True)
-class PredictionArgs:
-    """``RNNTDecoder`` (modules/rnnt.py): embedding + stacked LSTM."""
-
-    vocab_size: int  # without the blank
-    pred_hidden: int
-    pred_rnn_layers: int
-    blank_as_pad: bool = True
-
-    @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int) -> PredictionArgs:
-        prednet = cfg["prednet"]
-        if not cfg.get("blank_as_pad", True):
-            raise NotImplementedError("decoder.blank_as_pad = false is not supported")
-        return cls(vocab_size=vocab_size, pred_hidden=int(prednet["pred_hidden"]),
-                   pred_rnn_layers=int(prednet.get("pred_rnn_layers", 1)), blank_as_pad=True)
-
-
-@dataclass(frozen=True)
-class JointArgs:
-    """``RNNTJoint`` (modules/rnnt.py): enc/pred projections, then ``joint_net = [act, (Dropout), Linear]``."""
-
-    encoder_hidden: int
-    pred_hidden: int
-    joint_hidden: int
-    num_classes: int  # vocabulary + blank
-    num_extra_outputs: int = 0  # TDT durations
-    activation: str = "relu"
-    has_dropout: bool = True  # decides whether the output layer is joint_net.2 or joint_net.1
-
-    @classmethod
-    def from_nemo(cls, cfg: Mapping[str, Any], vocab_size: int, encoder_hidden: int) -> JointArgs:
-        jointnet = cfg["jointnet"]
-        activation = str(jointnet.get("activation", "relu")).lower()
-        if activation not in ("relu", "sigmoid", "tanh"):
-            raise NotImplementedError(f"joint.jointnet.activation {activation!r} is not supported")
-        return cls(
-            encoder_hidden=int(jointnet.get("encoder_hidden", encoder_hidden)),
-            pred_hidden=int(jointnet["pred_hidden"]), joint_hidden=int(jointnet["joint_hidden"]),
-            num_classes=vocab_size + 1, num_extra_outputs=int(cfg.get("num_extra_outputs", 0) or 0),
-            activation=activation, has_dropout=float(jointnet.get("dropout", 0.0) or 0.0) > 0.0,
-        )
-
-    @property
-    def output_index(self) -> int:
-        return 2 if self.has_dropout else 1
-
-
-@dataclass(frozen=True)
-class SpeakerKernelArgs:
-    """``SpeakerKernelMixin`` (parts/mixins/multitalker_asr_mixins.py): ``spk_kernel_type``,
-    ``spk_kernel_layers`` (default [0]) and ``add_bg_spk_kernel`` (default true), top level of the config."""
-
-    layers: tuple[int, ...]
-    background: bool
-    hidden: int  # model_defaults.enc_hidden (the kernels' input and output width)
-    d_model: int  # encoder.d_model (their inner width)
-
-    @classmethod
-    def from_nemo(cls, config: Mapping[str, Any]) -> SpeakerKernelArgs | None:
-        kernel_type = config.get("spk_kernel_type")
-        if kernel_type is None:
-            return None
-        if kernel_type != "ff":
-            raise NotImplementedError(f"spk_kernel_type {kernel_type!r} is not supported (NeMo defines 'ff' only)")
-        n_layers = int(config["encoder"]["n_layers"])
-        layers = tuple(int(i) for i in (config.get("spk_kernel_layers") or [0]))
-        if any(not 0 <= i < n_layers for i in layers):
-            raise ValueError(f"spk_kernel_layers {list(layers)} outside the encoder's {n_layers} layers")
-        d_model = int(config["encoder"]["d_model"])
-        hidden = (config.get("model_defaults") or {}).get("enc_hidden") or d_model
-        return cls(layers=layers, background=bool(config.get("add_bg_spk_kernel", True)),
-                   hidden=int(hidden), d_model=d_model)
+def check_supported(config: ModelConfig) -> None:
+    """Refuse, by key and value, a model this port does not build: NeMo accepts more than it implements."""
+    encoder = config.encoder
+    for key, value, supported in (
+        ("encoder.self_attention_model", encoder.self_attention_model, ("rel_pos",)),
+        ("encoder.subsampling", encoder.subsampling, ("dw_striding",)),
+        ("encoder.untie_biases", encoder.untie_biases, (True,)),
+        ("encoder.feat_out", encoder.feat_out, (-1,)),
+        ("encoder.reduction", encoder.reduction, (None,)),
+        ("encoder.conv_norm_type", encoder.conv_norm_type, ("batch_norm", "layer_norm")),
+        ("decoder.blank_as_pad", config.decoder.blank_as_pad, (True,)),
+    ):
+        require_one_of(key, value, supported)
 
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """What ``StreamingRNNT`` is built from: the sections of the typed config, completed with the
+    vocabulary (``decoder.vocab_size`` and ``joint.num_classes`` are its size, as NeMo sets them).
+
+    ``EncoderConfig`` is ``ConformerEncoder`` (modules/conformer_encoder.py), ``DecoderConfig``
+    ``RNNTDecoder`` (embedding + stacked LSTM) and ``JointConfig`` ``RNNTJoint`` (modules/rnnt.py),
+    whose ``output_index`` says whether the output layer is ``joint_net.2`` or ``joint_net.1``.
+    """
+
     preprocessor: FrontendConfig  # harness.interface.frontend: the one description of NeMo's front end
-    encoder: EncoderArgs
-    prediction: PredictionArgs
-    joint: JointArgs
+    encoder: EncoderConfig
+    decoder: DecoderConfig
+    joint: JointConfig
     vocabulary: tuple[str, ...]
-    max_symbols: int = 10
+    max_symbols: int
     tdt_durations: tuple[int, ...] = ()
-    encoder_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    speaker_kernels: SpeakerKernelArgs | None = None
+    speaker_kernels: SpeakerKernelConfig | None = None  # SpeakerKernelMixin (multitalker models)
 
     @classmethod
-    def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str] | None = None) -> ModelArgs:
-        vocabulary = tuple(vocabulary if vocabulary is not None else config["joint"]["vocabulary"])
-        encoder = EncoderArgs.from_nemo(config["encoder"])
-        greedy = (config.get("decoding") or {}).get("greedy") or {}
-        durations = (config.get("model_defaults") or {}).get("tdt_durations") or ()
+    def from_nemo_config(cls, config: ModelConfig | Mapping[str, Any],
+                         vocabulary: Sequence[str] | None = None) -> ModelArgs:
+        """From a NeMo model config (a mapping, read here, or the ``ModelConfig`` already read) and the
+        vocabulary without the blank (default: the config's ``joint.vocabulary``)."""
+        model = read_model_config(config)
+        check_supported(model)
+        vocabulary = tuple(vocabulary) if vocabulary is not None else model.joint.require_vocabulary()
+        model = model.with_vocabulary(vocabulary)
         return cls(
-            preprocessor=FrontendConfig.from_nemo_config(config["preprocessor"]),
-            encoder=encoder,
-            prediction=PredictionArgs.from_nemo(config["decoder"], len(vocabulary)),
-            joint=JointArgs.from_nemo(config["joint"], len(vocabulary), encoder.d_model),
-            vocabulary=vocabulary,
-            max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
-            tdt_durations=tuple(int(d) for d in durations),
-            encoder_config=dict(config["encoder"]),
-            speaker_kernels=SpeakerKernelArgs.from_nemo(config),
+            preprocessor=FrontendConfig.from_nemo_config(model.preprocessor),
+            encoder=model.encoder,
+            decoder=model.decoder,
+            joint=model.joint,
+            vocabulary=model.joint.require_vocabulary(),
+            max_symbols=model.decoding.max_symbols,
+            tdt_durations=model.tdt_durations,
+            speaker_kernels=model.speaker_kernels,
         )
 
     @property
@@ -375,7 +259,7 @@ class ConvSubsampling(nn.Module):
     updated after every strided convolution, exactly as ``MaskedConvSequential.forward`` does.
     """
 
-    def __init__(self, args: EncoderArgs):
+    def __init__(self, args: EncoderConfig):
         super().__init__()
         channels = args.subsampling_conv_channels
         causal = args.causal_downsampling
@@ -561,7 +445,7 @@ class BatchNorm(nn.Module):
 class ConformerConvolution(nn.Module):
     """``ConformerConvolution``: pointwise -> GLU -> zero padding frames -> depthwise -> norm -> swish -> pointwise."""
 
-    def __init__(self, args: EncoderArgs):
+    def __init__(self, args: EncoderConfig):
         super().__init__()
         d = args.d_model
         self.pointwise_conv1 = PointwiseConv1d(d, 2 * d, args.use_bias)
@@ -583,7 +467,7 @@ class ConformerConvolution(nn.Module):
 class ConformerLayer(nn.Module):
     """``ConformerLayer`` (parts/submodules/conformer_modules.py): half-step FFN, MHSA, conv, half-step FFN, norm."""
 
-    def __init__(self, args: EncoderArgs):
+    def __init__(self, args: EncoderConfig):
         super().__init__()
         d = args.d_model
         self.norm_feed_forward1 = nn.LayerNorm(d, eps=1e-5)
@@ -659,7 +543,7 @@ class EncoderOutput:
 class ConformerEncoder(nn.Module):
     """``ConformerEncoder``: subsampling, xscaling, rel-pos encoding, conformer layers; offline or cache-aware."""
 
-    def __init__(self, args: EncoderArgs):
+    def __init__(self, args: EncoderConfig):
         super().__init__()
         self.args = args
         self.pre_encode = ConvSubsampling(args)
@@ -815,7 +699,7 @@ class LSTMStack(nn.Module):
 
 
 class Prediction(nn.Module):
-    def __init__(self, args: PredictionArgs):
+    def __init__(self, args: DecoderConfig):
         super().__init__()
         # blank_as_pad: the blank id is the embedding's padding row (index vocab_size).
         self.embed = nn.Embedding(args.vocab_size + 1, args.pred_hidden)
@@ -825,7 +709,7 @@ class Prediction(nn.Module):
 class RNNTDecoder(nn.Module):
     """``RNNTDecoder.predict`` for one label per call."""
 
-    def __init__(self, args: PredictionArgs):
+    def __init__(self, args: DecoderConfig):
         super().__init__()
         self.args = args
         self.prediction = Prediction(args)
@@ -843,13 +727,13 @@ class RNNTDecoder(nn.Module):
 class RNNTJoint(nn.Module):
     """``RNNTJoint.joint``: ``joint_net(enc(f) + pred(g))``, raw logits (the greedy argmax needs no softmax)."""
 
-    def __init__(self, args: JointArgs):
+    def __init__(self, args: JointConfig):
         super().__init__()
         self.args = args
         self.enc = nn.Linear(args.encoder_hidden, args.joint_hidden)
         self.pred = nn.Linear(args.pred_hidden, args.joint_hidden)
         activation = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[args.activation]()
-        output = nn.Linear(args.joint_hidden, args.num_classes + args.num_extra_outputs)
+        output = nn.Linear(args.joint_hidden, args.output_size)
         # Sequential(activation, [Dropout], Linear): the output layer's index depends on the dropout.
         self.joint_net = [activation, nn.Dropout(0.0), output] if args.has_dropout else [activation, output]
 
@@ -879,7 +763,8 @@ class GreedyResult:
 
 
 def greedy_decode(decoder: RNNTDecoder, joint: RNNTJoint, encoded: mx.array, length: int, state: GreedyState,
-                  *, blank_id: int, max_symbols: int, record: bool = False) -> GreedyResult:
+                  *, blank_id: int, max_symbols: int, record: bool = False,
+                  choose: Callable[[int], int] | None = None) -> GreedyResult:
     """``GreedyRNNTInfer._greedy_decode`` (parts/submodules/rnnt_greedy_decoding.py) for one utterance.
 
     NeMo calls the prediction net before every joint evaluation with the last emitted label and
@@ -888,7 +773,8 @@ def greedy_decode(decoder: RNNTDecoder, joint: RNNTJoint, encoded: mx.array, len
     emission, so it is computed once per emission and reused, and the joint is evaluated for all
     remaining frames at once; the recorded decoder/joint rows are still one per NeMo call.
 
-    ``encoded`` is ``[D, T]`` for this utterance.
+    ``encoded`` is ``[D, T]`` for this utterance. ``choose`` (teacher forcing) maps the argmax of each
+    joint call to the decision taken instead.
     """
     frames = encoded[:, :length].T  # [T, D]
     f_projected = joint.enc(frames) if length else None
@@ -911,7 +797,7 @@ def greedy_decode(decoder: RNNTDecoder, joint: RNNTJoint, encoded: mx.array, len
             labels = np.array(mx.argmax(logits.astype(mx.float32)[:, :blank_id + 1], axis=-1))
             logits_from = frame
         row = frame - logits_from
-        label = int(labels[row])
+        label = int(labels[row]) if choose is None else choose(int(labels[row]))
         if record:
             decoder_rows.append(g)
             joint_rows.append(logits[row:row + 1])
@@ -947,7 +833,7 @@ class StreamingRNNT(nn.Module):
         super().__init__()
         self.args = args
         self.encoder = ConformerEncoder(args.encoder)
-        self.decoder = RNNTDecoder(args.prediction)
+        self.decoder = RNNTDecoder(args.decoder)
         self.joint = RNNTJoint(args.joint)
         speakers = args.speaker_kernels
         if speakers is not None:
@@ -983,11 +869,12 @@ class StreamingRNNT(nn.Module):
         return StreamStepOutput(encoded=encoded, lengths=out_lengths, cache=out.cache, taps=out.taps)
 
     def initial_greedy_state(self, dtype: mx.Dtype) -> GreedyState:
-        shape = (self.args.prediction.pred_rnn_layers, 1, self.args.prediction.pred_hidden)
+        shape = (self.args.decoder.pred_rnn_layers, 1, self.args.decoder.pred_hidden)
         return GreedyState(None, mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype), [])
 
-    def decode(self, encoded: mx.array, length: int, state: GreedyState, *, record: bool = False) -> GreedyResult:
+    def decode(self, encoded: mx.array, length: int, state: GreedyState, *, record: bool = False,
+               choose: Callable[[int], int] | None = None) -> GreedyResult:
         if self.args.tdt_durations:
             raise NotImplementedError("TDT decoding is not implemented in the MLX runtime (RNNT only)")
         return greedy_decode(self.decoder, self.joint, encoded, length, state, blank_id=self.args.blank_id,
-                             max_symbols=self.args.max_symbols, record=record)
+                             max_symbols=self.args.max_symbols, record=record, choose=choose)

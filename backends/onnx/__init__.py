@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.errors import InvalidInput
+
 
 def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
             att_context_sizes: Sequence[Sequence[int]] | None = None) -> Path:
@@ -21,7 +23,7 @@ def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
     from backends.onnx.export import export_cached
 
     if dtype not in ("float32", "int8"):
-        raise ValueError(f"onnx backend runs float32 or int8, not {dtype}")
+        raise InvalidInput(f"onnx backend runs float32 or int8, not {dtype}")
     contexts = [tuple(int(v) for v in c) for c in att_context_sizes] if att_context_sizes else None
     return export_cached(Path(nemo_path), Path(work_dir), att_context_sizes=contexts, debug_taps=True,
                          int8=True)

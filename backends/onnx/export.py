@@ -46,8 +46,9 @@ from backends.onnx.layout import (
     encode_metadata,
     encoder_file,
 )
-from harness.interface.chunking import StreamingConfig, normalize_att_context_sizes
-from harness.nemo_config import speaker_kernel_info
+from harness.errors import InvalidInput
+from harness.interface.chunking import StreamingConfig
+from harness.nemo_config import EncoderConfig, ModelConfig, read_model_config
 from harness.nemo_file import inspect_nemo, sha256_file
 from harness.system.memory import peak_rss_mb
 from harness.system.nemo_quiet import quiet_nemo
@@ -102,9 +103,9 @@ def _vocabulary(model) -> list[str]:
     return [tokenizer.ids_to_tokens([i])[0] for i in range(tokenizer.vocab_size)]
 
 
-def _model_metadata(model, nemo_path: Path, sha256: str, layout: str, vocabulary: Sequence[str]) -> dict[str, Any]:
-    encoder_cfg = dict(model.cfg.encoder)
-    prednet = model.cfg.decoder.prednet
+def _model_metadata(model, config: ModelConfig, nemo_path: Path, sha256: str, layout: str,
+                    vocabulary: Sequence[str]) -> dict[str, Any]:
+    encoder = config.encoder
     max_symbols = getattr(model.decoding.decoding, "max_symbols", None)
     return {
         "format": FORMAT,
@@ -113,35 +114,26 @@ def _model_metadata(model, nemo_path: Path, sha256: str, layout: str, vocabulary
         "cache_layout": layout,
         "num_layers": len(model.encoder.layers),
         "d_model": int(model.encoder.d_model),
-        "n_mels": int(encoder_cfg["feat_in"]),
-        "conv_kernel_size": int(encoder_cfg.get("conv_kernel_size", 31)),
-        "subsampling_factor": int(encoder_cfg.get("subsampling_factor", 4)),
-        "att_context_sizes": [list(c) for c in normalize_att_context_sizes(encoder_cfg.get("att_context_size"))],
+        "n_mels": encoder.feat_in,
+        "conv_kernel_size": encoder.conv_kernel_size,
+        "subsampling_factor": encoder.subsampling_factor,
+        "att_context_sizes": [list(c) for c in encoder.att_context_size],
         "vocab_size": len(vocabulary),
         "blank_id": int(model.decoding.decoding._blank_index),
-        "pred_rnn_layers": int(prednet.get("pred_rnn_layers", 1)),
-        "pred_hidden": int(prednet.pred_hidden),
+        "pred_rnn_layers": config.decoder.pred_rnn_layers,
+        "pred_hidden": config.decoder.pred_hidden,
         "max_symbols": None if max_symbols is None else int(max_symbols),
-        "encoder_config": {k: _plain(encoder_cfg[k]) for k in STREAMING_ENCODER_KEYS if k in encoder_cfg},
+        "encoder_config": encoder.as_config(STREAMING_ENCODER_KEYS),
     }
 
 
-def _plain(value: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_container(value)
-    except ValueError:
-        return value
-
-
-def _encoder_metadata(model, context: tuple[int, int], layout: str) -> dict[str, Any]:
+def _encoder_metadata(model, encoder_config: EncoderConfig, context: tuple[int, int], layout: str) -> dict[str, Any]:
     """NeMo's own ``streaming_cfg`` for this lookahead (set by ``set_default_att_context_size``)."""
     cfg = model.encoder.streaming_cfg
     pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [int(v), int(v)]  # noqa: E731
     sampling = model.encoder.pre_encode.get_sampling_frames()
     shapes = CacheShapes.for_model(layout, len(model.encoder.layers), int(cfg.last_channel_cache_size),
-                                   int(model.encoder.d_model), int(model.cfg.encoder.get("conv_kernel_size", 31)))
+                                   int(model.encoder.d_model), encoder_config.conv_kernel_size)
     return {
         "att_context_size": list(context),
         "lookahead": context[1],
@@ -256,7 +248,7 @@ def _encoder_example(model):
     return example
 
 
-def _export_encoder(model, path: Path, layout: str, interface: GraphInterface) -> None:
+def _export_encoder(model, encoder_config: EncoderConfig, path: Path, layout: str, interface: GraphInterface) -> None:
     encoder = model.encoder
     example = _encoder_example(model)
     if interface.speaker_masks:
@@ -264,7 +256,7 @@ def _export_encoder(model, path: Path, layout: str, interface: GraphInterface) -
 
         # Masks as long as the layer input, so solve_length_mismatch traces no pad or slice: the
         # runtime reconciles lengths before feeding (harness.interface.speakers.reconcile).
-        frames = StreamingConfig.from_encoder_config(dict(model.cfg.encoder), model.encoder.att_context_size
+        frames = StreamingConfig.from_encoder_config(encoder_config, model.encoder.att_context_size
                                                      ).layer_input_frames(example[0].shape[-1])
         generator = torch.Generator().manual_seed(0)
         masks = [(torch.rand(1, frames, generator=generator) > 0.5).float() for _ in range(2)]
@@ -361,7 +353,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     import torch
 
     if cache_layout not in CACHE_LAYOUTS:
-        raise ValueError(f"--cache-layout must be one of {', '.join(CACHE_LAYOUTS)}, not {cache_layout!r}")
+        raise InvalidInput(f"--cache-layout must be one of {', '.join(CACHE_LAYOUTS)}, not {cache_layout!r}")
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     nemo_path = Path(nemo_path)
@@ -369,21 +361,23 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     sha256 = sha256_file(nemo_path)
     archive = inspect_nemo(nemo_path)
+    config = read_model_config(archive.config)  # a config the harness cannot read fails before NeMo loads
     model = _restore(nemo_path)
-    available = normalize_att_context_sizes(model.cfg.encoder.get("att_context_size"))
+    available = config.encoder.att_context_size
     contexts = [tuple(int(v) for v in c) for c in (att_context_sizes or available)]
     for context in contexts:
         if context not in available:
-            raise ValueError(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
+            raise InvalidInput(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
     vocabulary = _vocabulary(model)
-    speakers = speaker_kernel_info(archive.config)
+    speakers = config.speaker_kernels
     interface = INTERFACES["multitalker" if speakers else "nemo"]
     if speakers and cache_layout != "batch-first":
-        raise ValueError("a multitalker model is exported with the multitalker interface, whose caches are "
+        raise InvalidInput("a multitalker model is exported with the multitalker interface, whose caches are "
                          f"batch-first; --cache-layout {cache_layout} is not available for it")
-    base = {**_model_metadata(model, nemo_path, sha256, cache_layout, vocabulary), "interface": interface.name,
-            "speaker_kernel_layers": list(speakers.get("speaker_kernel_layers", ())),
-            "background_speaker_kernel": bool(speakers.get("background_speaker_kernel", False))}
+    base = {**_model_metadata(model, config, nemo_path, sha256, cache_layout, vocabulary),
+            "interface": interface.name,
+            "speaker_kernel_layers": list(speakers.layers) if speakers else [],
+            "background_speaker_kernel": bool(speakers and speakers.background)}
     result = ExportResult(out_dir)
     num_layers = base["num_layers"]
 
@@ -394,8 +388,8 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             path = out_dir / encoder_file(context)
             say(f"encoder {list(context)} ({cache_layout}) -> {path.name}")
             metadata = {**base, "graph": "encoder", "variant": "float32", "debug_taps": [],
-                        **_encoder_metadata(model, context, cache_layout)}
-            _export_encoder(model, path, cache_layout, interface)
+                        **_encoder_metadata(model, config.encoder, context, cache_layout)}
+            _export_encoder(model, config.encoder, path, cache_layout, interface)
             _finish_graph(path, metadata, interface.encoder_inputs, interface.encoder_outputs)
             result.graphs.append(path)
             if debug_taps:

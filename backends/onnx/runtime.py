@@ -37,6 +37,7 @@ from backends.onnx.layout import (
     interface_of,
     read_graph_metadata,
 )
+from harness.errors import InvalidInput
 from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
@@ -44,15 +45,17 @@ from harness.interface.backend import (
     Backend,
     Capabilities,
     DecoderState,
+    ForcedDecisions,
     ModelInfo,
     OfflineOutput,
     ShapeMismatchError,
     StepOutput,
     StreamingState,
 )
-from harness.interface.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
+from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.frontend import Frontend
 from harness.interface.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
+from harness.nemo_config import EncoderConfig, normalize_att_context_sizes
 
 
 class CacheLayoutError(ShapeMismatchError):
@@ -121,12 +124,12 @@ def _check_declared(graph: _Graph, name: str, expected: Sequence[Any]) -> None:
 
 class OnnxBackend(Backend):
     name = "onnx"
-    capabilities = Capabilities(first_chunk_modes=("pad-and-drop",), offline=False)
+    capabilities = Capabilities(first_chunk_modes=("pad-and-drop",), offline=False, teacher_forcing=True)
 
     def __init__(self, export_dir: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
                  taps: bool = True, threads: int | None = None):
         if dtype not in ("float32", "int8"):
-            raise ValueError(f"onnx backend runs float32 or int8, not {dtype}")
+            raise InvalidInput(f"onnx backend runs float32 or int8, not {dtype}")
         self.directory = Path(export_dir)
         if not self.directory.is_dir():
             raise MissingGraphError(f"{self.directory}: ONNX export directory not found")
@@ -147,7 +150,8 @@ class OnnxBackend(Backend):
             conv_kernel_size=int(meta["conv_kernel_size"]), subsampling_factor=int(meta["subsampling_factor"]),
             att_context_sizes=exported, vocabulary=tuple(self.vocabulary), blank_id=int(meta["blank_id"]),
             pred_layers=int(meta["pred_rnn_layers"]), pred_hidden=int(meta["pred_hidden"]),
-            max_symbols=int(meta["max_symbols"] or 0), encoder_config=dict(meta["encoder_config"]),
+            max_symbols=int(meta["max_symbols"] or 0),
+            encoder_config=EncoderConfig.from_mapping(meta["encoder_config"]),  # the export's streaming keys
             speaker_kernel_layers=tuple(int(i) for i in meta.get("speaker_kernel_layers") or ()),
             background_speaker_kernel=bool(meta.get("background_speaker_kernel", False)),
         )
@@ -185,7 +189,7 @@ class OnnxBackend(Backend):
                 f"(sha256 {str(recorded)[:12]}...), not from {nemo_path.name} (sha256 {actual[:12]}...)")
 
     def _exported_contexts(self, meta: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-        model_contexts = normalize_att_context_sizes(meta["att_context_sizes"])
+        model_contexts = normalize_att_context_sizes(meta["att_context_sizes"])  # NeMo's att_context_size format
         exported = tuple(c for c in model_contexts
                          if (self.directory / encoder_file(c, variant=self.dtype)).is_file())
         if not exported:
@@ -305,7 +309,7 @@ class OnnxBackend(Backend):
         }
         if graph.interface.speaker_masks:
             if speaker_masks is None:
-                raise ValueError(f"{graph.path.name}: this graph takes {names[5]} and {names[6]}; none were given")
+                raise SpeakerMaskError(f"{graph.path.name}: this graph takes {names[5]} and {names[6]}; none were given")
             frames = self.streaming_config(context).layer_input_frames(mel.shape[-1])
             for name, mask in zip(names[5:], speaker_masks):
                 if mask.shape != (batch, frames):
@@ -313,7 +317,7 @@ class OnnxBackend(Backend):
                                              f"frames), got {tuple(mask.shape)}")
                 feeds[name] = np.ascontiguousarray(mask, np.float32)
         elif speaker_masks is not None:
-            raise ValueError(f"{graph.path.name}: this graph has no speaker-mask inputs")
+            raise SpeakerMaskError(f"{graph.path.name}: this graph has no speaker-mask inputs")
         out = graph.run(feeds)
         canonical = ENCODER_OUTPUTS  # NeMo's names, whatever the graph calls them
         return {**{name: value for name, value in out.items() if name not in graph.interface.encoder_outputs},
@@ -336,7 +340,8 @@ class OnnxBackend(Backend):
     def _to_graph_layout(self, array: np.ndarray) -> np.ndarray:
         return np.swapaxes(array, 0, 1) if self.cache_layout == "batch-first" else array
 
-    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None,
+             forced_decisions: Sequence[int] | None = None) -> StepOutput:
         self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = state.att_context_size
         streaming = self.streaming_config(context)
@@ -350,8 +355,11 @@ class OnnxBackend(Backend):
                                self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len, masks)
         encoded, encoded_len = out["outputs"], out["encoded_lengths"].astype(np.int64)
         decoders, emitted, decoder_taps, joint_taps = [], [], [], []
+        if forced_decisions is not None and len(state.decoder) != 1:
+            raise ValueError(f"onnx: teacher forcing runs batch 1, not {len(state.decoder)}")
         for index, previous in enumerate(state.decoder):
-            decoded = self._greedy(encoded[index], int(encoded_len[index]), previous)
+            decoded = self._greedy(encoded[index], int(encoded_len[index]), previous,
+                                   ForcedDecisions(forced_decisions, self.name))
             decoders.append(decoded[0])
             emitted.append(decoded[1])
             decoder_taps.extend(decoded[2])
@@ -374,7 +382,7 @@ class OnnxBackend(Backend):
         return StepOutput(encoded=encoded, encoded_len=encoded_len, state=new_state, tokens=emitted, taps=taps,
                           seconds=seconds)
 
-    def _greedy(self, encoded: np.ndarray, length: int, state: DecoderState):
+    def _greedy(self, encoded: np.ndarray, length: int, state: DecoderState, forced: ForcedDecisions):
         """NeMo's GreedyRNNTInfer loop over ``encoded`` ``[D, T]`` continuing ``state``."""
         blank = self.info.blank_id
         h, c, last = state.h, state.c, int(state.last_token)
@@ -397,13 +405,14 @@ class OnnxBackend(Backend):
                 joint_taps.append(logits[None].astype(np.float32))
                 if TAP_DECODER in out:
                     decoder_taps.append(out[TAP_DECODER].reshape(-1, self.info.pred_hidden))
-                label = int(np.argmax(logits))  # argmax of logits = argmax of NeMo's log-softmax
+                label = forced.choose(int(np.argmax(logits)))  # argmax of logits = argmax of NeMo's log-softmax
                 if label == blank:
                     break
                 tokens.append(label)
                 emitted.append(label)
                 h, c, last = out[outputs[2]], out[outputs[3]], label
                 symbols += 1
+        forced.finish()
         return DecoderState(last_token=last, h=h, c=c, tokens=tokens), emitted, decoder_taps, joint_taps
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,

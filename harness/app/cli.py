@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.interface.audio import AudioError
+from harness.errors import BadInput
 from harness.interface.commands import (
+    EXIT_INTERNAL,
     EXIT_OK,
     EXIT_USAGE,
     EXIT_VIOLATION,
@@ -23,9 +25,9 @@ from harness.interface.commands import (
     add_audio_options,
     err,
     load_utterances,
+    one_line,
     parse_contexts,
 )
-from harness.nemo_file import UnsafeNemoFile
 
 
 def console():
@@ -224,6 +226,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show NeMo's own logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (exit 2: bad input, exit 3: internal error)")
     parser.add_argument("--threads", type=_positive_int, metavar="N",
                         help="threads for torch, BLAS/OpenMP and ONNX Runtime, also in the processes parity "
                              "starts (default: each library's own, usually every core)")
@@ -314,20 +318,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.paths = [*args.paths, *(Path(u) for u in unparsed)]
         else:
             parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
-    args.context = command_context()
-    from harness.system.nemo_quiet import set_verbose
-
-    set_verbose(args.verbose)
-    if args.threads is not None:
-        from harness.system.threads import limit_threads
-
-        limit_threads(args.threads)
+    # Exit codes (harness.interface.commands): the project's own input errors derive from BadInput and
+    # exit 2; anything else is a bug and exits 3. Both print one line; --debug adds the traceback.
     try:
+        args.context = command_context()
+        from harness.system.nemo_quiet import set_verbose
+
+        set_verbose(args.verbose)
+        if args.threads is not None:
+            from harness.system.threads import limit_threads
+
+            limit_threads(args.threads)
         return args.func(args)
-    except (CommandError, AudioError, UnsafeNemoFile, FileNotFoundError, ValueError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        err(" ".join(str(message).split()))  # always one line
+    except BadInput as error:
+        if args.debug:
+            traceback.print_exc()
+        err(one_line(error))
         return EXIT_USAGE
+    except Exception as error:  # noqa: BLE001 - not an input error: a bug, reported as one
+        if args.debug:
+            traceback.print_exc()
+        message = one_line(error)
+        err(f"internal error: {type(error).__name__}" + ("" if message == type(error).__name__ else f": {message}"))
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

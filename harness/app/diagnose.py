@@ -15,6 +15,7 @@ from typing import Any
 from harness.detect.diagnose import Diagnosis, compare_tensors_to_source, source_state
 from harness.detect.diagnose import diagnose as judge_view
 from harness.detect.fingerprint import ModelView, open_view
+from harness.errors import InvalidInput
 from harness.judge.tolerances import Tolerances
 
 
@@ -45,7 +46,7 @@ def diagnose(path: str | Path, nemo_path: str | Path | None = None, *, utterance
     nemo_path = Path(nemo_path)
     backend_module = importlib.import_module(get(view.kind).module)
     if not hasattr(backend_module, "tensors_as_source"):
-        raise ValueError(f"backend {view.kind!r} cannot map its tensors back to the source checkpoint")
+        raise InvalidInput(f"backend {view.kind!r} cannot map its tensors back to the source checkpoint")
     differing = compare_tensors_to_source(backend_module.tensors_as_source(Path(path)), source_state(nemo_path))
     static = judge_view(view, differing_tensors=differing)
     if not numeric or static.contradictions:

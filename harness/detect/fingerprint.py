@@ -20,15 +20,17 @@ from names the config supplies:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.errors import InputNotFound, InvalidInput, UnsafeArtifact
+from harness.nemo_config import StatedConfig, stated_config
+from harness.safe_files import read_safetensors_header
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -87,20 +89,26 @@ def view_nemo(path: Path) -> ModelView:
     return ModelView("nemo", path, "pytorch", tensors, archive.config, vocabulary=pieces, tokenizer_pieces=pieces)
 
 
-def read_safetensors_index(path: Path) -> dict[str, TensorInfo]:
-    """Shapes, dtypes and raw-byte hashes of a safetensors file, without converting any dtype."""
+def read_safetensors_index(path: Path, chunk: int = 1 << 22) -> dict[str, TensorInfo]:
+    """Shapes, dtypes and raw-byte hashes of a safetensors file, without converting any dtype.
+
+    The header is checked against the file first (``harness.safe_files``: a header that declares more
+    than the file holds is refused), and each tensor is hashed in chunks, never read whole.
+    """
+    header = read_safetensors_header(path)
+    tensors = {}
     with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
-        base = 8 + header_len
-        tensors = {}
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            handle.seek(base + start)
-            digest = hashlib.sha256(handle.read(end - start)).hexdigest()
-            tensors[name] = TensorInfo(tuple(meta["shape"]), meta["dtype"], digest)
+        for name, entry in header.tensors.items():
+            handle.seek(entry.start)
+            digest = hashlib.sha256()
+            remaining = entry.end - entry.start
+            while remaining:
+                block = handle.read(min(chunk, remaining))
+                if not block:  # the file shrank after its header was checked
+                    raise UnsafeArtifact(f"{path}: tensor {name!r} ends past the end of the file")
+                digest.update(block)
+                remaining -= len(block)
+            tensors[name] = TensorInfo(entry.shape, entry.dtype, digest.hexdigest())
     return tensors
 
 
@@ -111,14 +119,14 @@ def open_view(path: str | Path, readers: Sequence[ArtifactReader] = ()) -> Model
     """A ``.nemo``, or an artifact one of ``readers`` recognises (each backend contributes one)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise InputNotFound(f"{path}: no such file or directory")
     if path.is_file() and path.suffix == ".nemo":
         return view_nemo(path)
     for reader in readers:
         view = reader(path)
         if view is not None:
             return view
-    raise ValueError(f"{path}: not a .nemo and not an artifact any registered backend reads")
+    raise InvalidInput(f"{path}: not a .nemo and not an artifact any registered backend reads")
 
 
 # -- facts from the weights -------------------------------------------------------------------------
@@ -199,8 +207,8 @@ def weight_facts(view: ModelView) -> dict[str, Any]:
 
 
 def _n_mels(view: ModelView) -> int:
-    encoder = view.config.get("encoder") or {}
-    return int(encoder.get("feat_in") or (view.config.get("preprocessor") or {}).get("features") or 128)
+    stated = stated_config(view.config)
+    return int(stated.encoder.get("feat_in") or stated.preprocessor.get("features") or 128)
 
 
 def _frequency_bins(n_mels: int, *, causal: bool) -> int:
@@ -213,40 +221,34 @@ def _frequency_bins(n_mels: int, *, causal: bool) -> int:
 # -- claims and contradictions ----------------------------------------------------------------------
 
 def config_claims(view: ModelView) -> dict[str, Any]:
-    config = view.config
-    encoder = config.get("encoder") or {}
-    decoder = config.get("decoder") or {}
-    prednet = decoder.get("prednet") or {}
-    defaults = config.get("model_defaults") or {}
-    decoding = config.get("decoding") or {}
-    loss = config.get("loss") or {}
-    tdt = bool(defaults.get("tdt_durations") or decoding.get("model_type") == "tdt" or loss.get("loss_name") == "tdt")
+    """What the config states (``harness.nemo_config.stated_config``): a key it leaves out claims
+    nothing (``None``), whatever NeMo's default for it."""
+    stated = stated_config(view.config)
+    encoder, decoder = stated.encoder, stated.decoder
     vocabulary = view.vocabulary
     return {
-        "target": config.get("target"),
+        "target": stated.target,
         "num_layers": encoder.get("n_layers"),
         "d_model": encoder.get("d_model"),
         "n_heads": encoder.get("n_heads"),
         "subsampling": None if "causal_downsampling" not in encoder else (
-            "causal" if encoder.get("causal_downsampling") else "non-causal"),
+            "causal" if encoder["causal_downsampling"] else "non-causal"),
         "conv_kernel_size": encoder.get("conv_kernel_size"),
         "conv_norm_type": encoder.get("conv_norm_type"),
-        "decoder_kind": "tdt" if tdt else "rnnt",
+        "decoder_kind": stated.kind,
         "vocabulary_size": len(vocabulary) if vocabulary is not None else decoder.get("vocab_size"),
-        "lstm_layers": prednet.get("pred_rnn_layers"),
-        "lstm_hidden": prednet.get("pred_hidden"),
-        **_speaker_claims(config),
+        "lstm_layers": decoder.get("pred_rnn_layers"),
+        "lstm_hidden": decoder.get("pred_hidden"),
+        **_speaker_claims(stated),
     }
 
 
-def _speaker_claims(config: Mapping[str, Any]) -> dict[str, Any]:
-    """SpeakerKernelMixin's reading of the config: kernels only with ``spk_kernel_type``; layers default
-    to [0], the background kernel to on."""
-    if config.get("spk_kernel_type") is None:
-        return {"speaker_kernel_layers": [], "background_speaker_kernel_layers": []}
-    layers = sorted(int(i) for i in (config.get("spk_kernel_layers") or [0]))
+def _speaker_claims(stated: StatedConfig) -> dict[str, Any]:
+    """SpeakerKernelMixin's reading of the config (kernels only with ``spk_kernel_type``; layers default
+    to [0], the background kernel to on), as ``harness.nemo_config`` reads it."""
+    layers = list(stated.speaker_kernel_layers)
     return {"speaker_kernel_layers": layers,
-            "background_speaker_kernel_layers": layers if config.get("add_bg_spk_kernel", True) else []}
+            "background_speaker_kernel_layers": layers if stated.background_speaker_kernel else []}
 
 
 def contradictions(view: ModelView, facts: Mapping[str, Any] | None = None,

@@ -38,9 +38,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from harness.errors import InvalidInput
-from harness.interface.chunking import Chunk, StreamingConfig, normalize_att_context_sizes
+from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.speakers import SpeakerMaskError, SpeakerTargets
-from harness.nemo_config import speaker_kernel_info
+from harness.nemo_config import EncoderConfig, ModelConfig, read_model_config
 
 TAP_MEL = "mel"
 TAP_PRE_ENCODE = "pre_encode"
@@ -148,33 +148,38 @@ class ModelInfo:
     pred_layers: int
     pred_hidden: int
     max_symbols: int
-    encoder_config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # The typed encoder config the streaming schedule is derived from (a mapping given here is read).
+    encoder_config: EncoderConfig | None = field(default=None, compare=False, hash=False)
     # Multitalker models (SpeakerKernelMixin): encoder layers whose input gets the speaker kernels,
     # and whether a background-speaker kernel is added too. Empty for single-speaker models.
     speaker_kernel_layers: tuple[int, ...] = ()
     background_speaker_kernel: bool = False
 
+    def __post_init__(self) -> None:
+        if self.encoder_config is not None and not isinstance(self.encoder_config, EncoderConfig):
+            object.__setattr__(self, "encoder_config", EncoderConfig.from_mapping(self.encoder_config))
+
     @classmethod
-    def from_nemo_config(cls, config: Mapping[str, Any], vocabulary: Sequence[str]) -> ModelInfo:
-        """From a NeMo model config (the ``.nemo``'s or an artifact's ``config.json``)."""
-        encoder = config["encoder"]
-        prednet = config["decoder"]["prednet"]
-        decoding = config.get("decoding") or {}
-        greedy = decoding.get("greedy") or {}
+    def from_nemo_config(cls, config: ModelConfig | Mapping[str, Any], vocabulary: Sequence[str]) -> ModelInfo:
+        """From a NeMo model config (the ``.nemo``'s or an artifact's ``config.json``), read by
+        ``harness.nemo_config``, or from the ``ModelConfig`` already read."""
+        model = read_model_config(config)
+        encoder, speakers = model.encoder, model.speaker_kernels
         return cls(
-            num_layers=int(encoder["n_layers"]),
-            d_model=int(encoder["d_model"]),
-            n_mels=int(encoder["feat_in"]),
-            conv_kernel_size=int(encoder.get("conv_kernel_size", 31)),
-            subsampling_factor=int(encoder.get("subsampling_factor", 4)),
-            att_context_sizes=normalize_att_context_sizes(encoder.get("att_context_size")),
+            num_layers=encoder.n_layers,
+            d_model=encoder.d_model,
+            n_mels=encoder.feat_in,
+            conv_kernel_size=encoder.conv_kernel_size,
+            subsampling_factor=encoder.subsampling_factor,
+            att_context_sizes=encoder.att_context_size,
             vocabulary=tuple(vocabulary),
             blank_id=len(vocabulary),
-            pred_layers=int(prednet.get("pred_rnn_layers", 1)),
-            pred_hidden=int(prednet["pred_hidden"]),
-            max_symbols=int(greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10)) or 10),
-            encoder_config=dict(encoder),
-            **speaker_kernel_info(config),
+            pred_layers=model.decoder.pred_rnn_layers,
+            pred_hidden=model.decoder.pred_hidden,
+            max_symbols=model.decoding.max_symbols,
+            encoder_config=encoder,
+            speaker_kernel_layers=speakers.layers if speakers else (),
+            background_speaker_kernel=speakers.background if speakers else False,
         )
 
     @property
@@ -183,6 +188,8 @@ class ModelInfo:
 
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
         self.check_att_context(att_context_size)
+        if self.encoder_config is None:
+            raise ValueError("this ModelInfo has no encoder config: the streaming schedule cannot be derived")
         return StreamingConfig.from_encoder_config(self.encoder_config, att_context_size)
 
     def check_att_context(self, att_context_size: Sequence[int]) -> tuple[int, int]:
@@ -237,13 +244,17 @@ class Capabilities:
     - ``taps``: the tap kinds it returns (``TENSOR_TAP_KINDS`` or a subset; empty for a
       transcript-level backend, e.g. a peer runtime that only gives tokens);
     - ``caches``: whether its ``StreamingState`` carries the encoder caches in canonical layout;
-    - ``offline``: whether ``Backend.offline`` is implemented.
+    - ``offline``: whether ``Backend.offline`` is implemented;
+    - ``teacher_forcing``: whether ``step`` accepts ``forced_decisions`` (the reference's greedy
+      decision at each joint call, fed to its prediction net instead of its own argmax), so that its
+      decoder and joint rows stay comparable after a near-tie (``harness.judge.ties``).
     """
 
     first_chunk_modes: tuple[str, ...] = ("plain", "pad-and-drop")
     taps: tuple[str, ...] = TENSOR_TAP_KINDS
     caches: bool = True
     offline: bool = True
+    teacher_forcing: bool = False
 
     @property
     def tensor_level(self) -> bool:
@@ -287,13 +298,16 @@ class Backend(abc.ABC):
         """Front end: float32 audio ``[B, samples]`` at 16 kHz -> (mel ``[B, n_mels, T]``, lengths ``[B]``)."""
 
     @abc.abstractmethod
-    def step(self, chunk: Chunk, state: StreamingState, *,
-             speaker_masks: SpeakerTargets | None = None) -> StepOutput:
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None,
+             forced_decisions: Sequence[int] | None = None) -> StepOutput:
         """Run one chunk of the schedule; return encoder output, new state, tokens and taps.
 
         ``speaker_masks`` (multitalker models only) is this step's slice of the utterance masks
         (``SpeakerTargets.for_step``); the backend reconciles it with the chunk's frames as NeMo's
         ``solve_length_mismatch`` does. ``None`` means "not set", NeMo's behaviour without targets.
+        ``forced_decisions`` (backends declaring ``teacher_forcing``; batch 1): the decision (blank id
+        or label) to take at each joint call of this step instead of the argmax; the joint tap still
+        holds the backend's own logits. A backend without teacher forcing refuses it.
         """
 
     @abc.abstractmethod
@@ -320,3 +334,29 @@ def decode_tokens(vocabulary: Sequence[str], tokens: Sequence[int]) -> str:
     """SentencePiece detokenisation from the embedded vocabulary ("▁" starts a word)."""
     text = "".join(vocabulary[t] for t in tokens if 0 <= t < len(vocabulary))
     return text.replace("\u2581", " ").strip()
+
+
+class ForcedDecisions:
+    """The reference's decisions fed to a teacher-forced greedy loop, one joint call at a time."""
+
+    def __init__(self, decisions: Sequence[int] | None, backend: str):
+        self.decisions = None if decisions is None else [int(d) for d in decisions]
+        self.backend = backend
+        self.calls = 0
+
+    def choose(self, own_choice: int) -> int:
+        """The decision to take at the next joint call: the forced one, else ``own_choice``."""
+        if self.decisions is None:
+            return own_choice
+        if self.calls >= len(self.decisions):
+            raise ShapeMismatchError(f"{self.backend}: teacher forcing gave {len(self.decisions)} decisions for "
+                                     "this step; the greedy loop made more joint calls")
+        decision = self.decisions[self.calls]
+        self.calls += 1
+        return decision
+
+    def finish(self) -> None:
+        """Every forced decision must have been used: otherwise the two loops did not correspond."""
+        if self.decisions is not None and self.calls != len(self.decisions):
+            raise ShapeMismatchError(f"{self.backend}: teacher forcing gave {len(self.decisions)} decisions for "
+                                     f"this step; the greedy loop made {self.calls} joint calls")

@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from harness.nemo_config import EncoderConfig
+from harness.nemo_config import normalize_att_context_sizes as normalize_att_context_sizes  # re-exported
+
 
 class FirstChunkMode(str, enum.Enum):
     """How the first chunk is formed (``pad_and_drop_preencoded`` in NeMo's streaming buffer)."""
@@ -54,16 +57,20 @@ class StreamingConfig:
     sampling_frames: tuple[int, int]
 
     @classmethod
-    def from_encoder_config(cls, encoder: Mapping[str, Any], att_context_size: Sequence[int]) -> StreamingConfig:
-        style = encoder.get("att_context_style", "regular")
+    def from_encoder_config(cls, encoder: EncoderConfig | Mapping[str, Any],
+                            att_context_size: Sequence[int]) -> StreamingConfig:
+        """``encoder``: the typed encoder config, or the ``encoder`` section of a NeMo config."""
+        if not isinstance(encoder, EncoderConfig):
+            encoder = EncoderConfig.from_mapping(encoder)
+        style = encoder.att_context_style
         if style != "chunked_limited":
             raise ValueError(
                 f"cache-aware streaming needs att_context_style 'chunked_limited', the model has {style!r}")
-        factor = int(encoder.get("subsampling_factor", 4))
-        subsampling = encoder.get("subsampling", "striding")
-        causal = bool(encoder.get("causal_downsampling", False))
+        factor = encoder.subsampling_factor
+        subsampling = encoder.subsampling
+        causal = encoder.causal_downsampling
         left, lookahead = int(att_context_size[0]), int(att_context_size[1])
-        allowed = normalize_att_context_sizes(encoder.get("att_context_size"))
+        allowed = encoder.att_context_size
         if (left, lookahead) not in allowed:
             raise ValueError(f"att_context_size [{left},{lookahead}] is not one of the model's {list(map(list, allowed))}")
 
@@ -136,16 +143,6 @@ class StreamingConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
-
-
-def normalize_att_context_sizes(value: Any) -> tuple[tuple[int, int], ...]:
-    """NeMo accepts one ``[L, R]`` or a list of them (several lookaheads in one checkpoint)."""
-    if value is None:
-        return ((-1, -1),)
-    items = list(value)
-    if items and not isinstance(items[0], (list, tuple)) and not hasattr(items[0], "__len__"):
-        items = [items]
-    return tuple((int(a), int(b)) for a, b in items)
 
 
 def parse_att_context(text: str) -> tuple[int, int]:

@@ -5,6 +5,19 @@ parsed arguments, whose ``context`` attribute is a ``CommandContext``. The conte
 the application layer can: the reference backend, the default utterances, diagnosis through every
 registered artifact reader. That way a backend command never imports the application layer or
 another backend, and the command line names no backend.
+
+Exit codes, one meaning each:
+
+====  =========================================================================================
+0     pass
+1     parity violation (a comparison, verification or contradiction failed)
+2     bad input: a ``harness.errors.BadInput`` (every input-error type of the project and of the
+      backends derives from it: ``CommandError``, ``AudioError``, ``SpeakerMaskError``,
+      ``UnsafeNemoFile``, ``UnsafeArtifact``, ``ToleranceFileError``, ``ConversionError``,
+      ``ExportDirError``...), or a command line argparse refuses; one line on stderr
+3     internal error: any other exception, a bug, reported as ``error: internal error: Type: message``
+      on one line (``parity --debug`` prints the traceback)
+====  =========================================================================================
 """
 
 from __future__ import annotations
@@ -16,21 +29,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+from harness.errors import BadInput
 
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BAD_INPUT = EXIT_USAGE
 
-class CommandError(Exception):
-    """An expected failure: printed as one line, no traceback."""
+class CommandError(BadInput):
+    """A command's refusal of its arguments: printed as one line, no traceback, exit 2."""
 
 
 def err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (the type name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def parse_contexts(values: Sequence[str] | None) -> list[tuple[int, int]] | None:
     from harness.interface.chunking import parse_att_context
 
-    return [parse_att_context(v) for v in values] if values else None
+    try:
+        return [parse_att_context(v) for v in values] if values else None
+    except ValueError as error:  # parse_att_context only parses the text the user typed
+        raise CommandError(str(error)) from None
 
 
 def add_audio_options(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.errors import InvalidInput
 from harness.interface.backend import Backend, StepOutput, decode_tokens
 from harness.interface.chunking import ChunkSchedule, FirstChunkMode, shared_first_chunk_mode
 from harness.interface.speakers import SpeakerTargets
@@ -49,12 +50,17 @@ class StreamRun:
 
 def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
                mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *,
-               speaker_masks: SpeakerTargets | None = None) -> Iterator[StepOutput]:
+               speaker_masks: SpeakerTargets | None = None,
+               forced_decisions: Sequence[Sequence[int]] | None = None) -> Iterator[StepOutput]:
     """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend``, yielding each step.
 
     ``speaker_masks`` are utterance-level (one value per encoder frame); each step gets the slice
     NeMo's multitalker streaming driver would hand it (``SpeakerTargets.for_step``).
+    ``forced_decisions``: teacher forcing, the reference's greedy decision at every joint call, per
+    step (``Capabilities.teacher_forcing``).
     """
+    if forced_decisions is not None and not backend.capabilities.teacher_forcing:
+        raise ValueError(f"{backend.name} cannot decode with forced decisions (no teacher forcing)")
     schedule = ChunkSchedule(backend.streaming_config(att_context_size), mode)
     state = backend.initial_state(att_context_size, batch_size=mel.shape[0])
     if speaker_masks is not None:
@@ -62,6 +68,10 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
     for index, chunk in enumerate(schedule.chunks(mel)):
         kwargs = {} if speaker_masks is None else {
             "speaker_masks": speaker_masks.for_step(index, int(att_context_size[1]))}
+        if forced_decisions is not None:
+            if index >= len(forced_decisions):
+                raise ValueError(f"forced decisions cover {len(forced_decisions)} steps, the stream has more")
+            kwargs["forced_decisions"] = forced_decisions[index]
         output = backend.step(chunk, state, **kwargs)
         yield output
         state = output.state
@@ -69,9 +79,11 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
 
 def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
            mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
-           speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None) -> StreamRun:
+           speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None,
+           forced_decisions: Sequence[Sequence[int]] | None = None) -> StreamRun:
     """``iter_steps`` kept in memory as a ``StreamRun`` (``harness.judge.spool`` keeps it on disk instead)."""
-    steps = list(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks))
+    steps = list(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
+                            forced_decisions=forced_decisions))
     return StreamRun(backend=backend.name, dtype=dtype, att_context_size=tuple(att_context_size),
                      mode=FirstChunkMode(mode).value, steps=steps, features=features)
 
@@ -81,7 +93,7 @@ def shared_mode(*backends: Backend) -> FirstChunkMode:
     try:
         return shared_first_chunk_mode(*(b.capabilities for b in backends))
     except ValueError:
-        raise ValueError("the backends share no first-chunk mode: "
+        raise InvalidInput("the backends share no first-chunk mode: "
                          + ", ".join(f"{b.name}: {'/'.join(b.first_chunk_modes)}" for b in backends)) from None
 
 

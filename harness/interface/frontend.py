@@ -21,13 +21,14 @@ The window and filterbank are taken from the checkpoint (``preprocessor.featuriz
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.nemo_config import PreprocessorConfig, UnsupportedValueError
 
 NEMO_NORMALIZE_CONSTANT = 1e-5  # features.CONSTANT, added to the std in normalize_batch
 
@@ -53,37 +54,31 @@ class FrontendConfig:
     exact_pad: bool = False
 
     @classmethod
-    def from_nemo_config(cls, cfg: Mapping[str, Any]) -> FrontendConfig:
-        """From the ``preprocessor`` section of a NeMo model config, resolved as
-        ``AudioToMelSpectrogramPreprocessor`` resolves it (seconds to samples, n_fft to the next
-        power of two). ``pad_to`` is 0: every streaming backend runs with it off, as NeMo's
+    def from_nemo_config(cls, cfg: PreprocessorConfig | Mapping[str, Any]) -> FrontendConfig:
+        """From the ``preprocessor`` section of a NeMo model config (read by ``harness.nemo_config``,
+        which resolves it as ``AudioToMelSpectrogramPreprocessor`` does: seconds to samples, n_fft to
+        the next power of two). ``pad_to`` is 0: every streaming backend runs with it off, as NeMo's
         ``CacheAwareStreamingAudioBuffer`` sets it. Settings no front end here reproduces are refused.
         """
-        sample_rate = int(cfg.get("sample_rate", 16000))
-        win_length = int(round(float(cfg.get("window_size", 0.02)) * sample_rate))
-        hop_length = int(round(float(cfg.get("window_stride", 0.01)) * sample_rate))
-        n_fft = cfg.get("n_fft") or 2 ** math.ceil(math.log2(win_length))
-        if int(cfg.get("frame_splicing", 1)) != 1:
-            raise NotImplementedError("preprocessor.frame_splicing > 1 is not supported")
-        if cfg.get("exact_pad", False):
-            raise NotImplementedError("preprocessor.exact_pad is not supported (NeMo streaming models use center=True)")
-        if cfg.get("window", "hann") != "hann":
+        pre = cfg if isinstance(cfg, PreprocessorConfig) else PreprocessorConfig.from_mapping(cfg)
+        if pre.frame_splicing != 1:
+            raise UnsupportedValueError("preprocessor.frame_splicing > 1 is not supported")
+        if pre.exact_pad:
+            raise UnsupportedValueError(
+                "preprocessor.exact_pad is not supported (NeMo streaming models use center=True)")
+        if pre.window != "hann":
             # The window itself comes from the checkpoint; other shapes would work but are untested.
-            raise NotImplementedError(f"preprocessor.window {cfg.get('window')!r} is not supported")
-        guard = cfg.get("log_zero_guard_value", 2.0 ** -24)
-        if isinstance(guard, str):
-            raise NotImplementedError(f"preprocessor.log_zero_guard_value {guard!r} (dtype-dependent) is not supported")
-        normalize = cfg.get("normalize", "per_feature")
-        if normalize not in ("NA", "none", "None", "", None, "per_feature", "all_features"):
-            raise NotImplementedError(f"preprocessor.normalize {normalize!r} is not supported")
-        preemph = cfg.get("preemph", 0.97)
+            raise UnsupportedValueError(f"preprocessor.window {pre.window!r} is not supported")
+        if isinstance(pre.log_zero_guard_value, str):
+            raise UnsupportedValueError(
+                f"preprocessor.log_zero_guard_value {pre.log_zero_guard_value!r} (dtype-dependent) is not supported")
+        if pre.normalize not in ("NA", "none", "None", "", None, "per_feature", "all_features"):
+            raise UnsupportedValueError(f"preprocessor.normalize {pre.normalize!r} is not supported")
         return cls(
-            sample_rate=sample_rate, n_fft=int(n_fft), win_length=win_length, hop_length=hop_length,
-            n_mels=int(cfg.get("features", cfg.get("nfilt", 64))),
-            preemph=None if preemph is None else float(preemph), mag_power=float(cfg.get("mag_power", 2.0)),
-            log=bool(cfg.get("log", True)), log_zero_guard_type=str(cfg.get("log_zero_guard_type", "add")),
-            log_zero_guard_value=float(guard), normalize=normalize, pad_value=float(cfg.get("pad_value", 0.0)),
-            pad_to=0, frame_splicing=1, exact_pad=False,
+            sample_rate=pre.sample_rate, n_fft=pre.n_fft, win_length=pre.win_length, hop_length=pre.hop_length,
+            n_mels=pre.n_mels, preemph=pre.preemph, mag_power=pre.mag_power, log=pre.log,
+            log_zero_guard_type=pre.log_zero_guard_type, log_zero_guard_value=pre.log_zero_guard_value,
+            normalize=pre.normalize, pad_value=pre.pad_value, pad_to=0, frame_splicing=1, exact_pad=False,
         )
 
     @classmethod

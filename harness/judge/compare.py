@@ -24,10 +24,12 @@ from harness.interface.backend import (
 )
 from harness.interface.driver import StreamRun
 from harness.judge.metrics import all_metrics
+from harness.judge.ties import TokenFlip, find_flips, rebound
 from harness.judge.tolerances import Tolerances
 
 CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 LOGIT_TAPS = (TAP_JOINT,)
+AGREEMENT = "argmax_agreement"
 
 
 def comparison_order(num_layers: int) -> list[str]:
@@ -68,14 +70,30 @@ class PairComparison:
     # Streaming decodes 1-2 fewer tail frames than offline, so its tokens are recorded, not required equal.
     require_token_match: bool = True
     mode: str = ""  # the first-chunk mode streamed ("plain", "pad-and-drop"), or "offline"
+    # Teacher forcing (harness.judge.ties): the taps come from a run decoding with the reference's
+    # decisions; ``candidate_tokens`` stay the free-running transcript; ``flips`` are the calls where
+    # the candidate's own choice differed, each a near-tie or a real disagreement.
+    teacher_forced: bool = False
+    flips: list[TokenFlip] = field(default_factory=list)
 
     @property
     def tokens_equal(self) -> bool:
         return self.reference_tokens == self.candidate_tokens
 
     @property
+    def near_ties(self) -> list[TokenFlip]:
+        return [f for f in self.flips if f.near_tie]
+
+    @property
+    def tokens_agree(self) -> bool:
+        """Identical tokens, or (teacher-forced) every decision that differed was a near-tie."""
+        if self.tokens_equal:
+            return True
+        return self.teacher_forced and bool(self.flips) and all(f.near_tie for f in self.flips)
+
+    @property
     def passed(self) -> bool:
-        return (self.tokens_equal or not self.require_token_match) and all(t.passed for t in self.taps)
+        return (self.tokens_agree or not self.require_token_match) and all(t.passed for t in self.taps)
 
     def first_divergence(self) -> TapResult | None:
         """The earliest failing tap: earliest step first, then model order within the step."""
@@ -100,7 +118,10 @@ class PairComparison:
             where = "utterance" if divergence.step < 0 else f"step {divergence.step}"
             return head + (f"first divergent tap {divergence.tap} at {where}: "
                            + "; ".join(divergence.violations))
-        if self.require_token_match and not self.tokens_equal:
+        if self.require_token_match and not self.tokens_agree:
+            real = [f for f in self.flips if not f.near_tie]
+            if real:
+                return head + real[0].describe()
             index = next((i for i, (a, b) in enumerate(zip(self.reference_tokens, self.candidate_tokens)) if a != b),
                          min(len(self.reference_tokens), len(self.candidate_tokens)))
             return head + (f"token sequences differ at position {index} "
@@ -130,7 +151,11 @@ def rejudge(comparison: PairComparison, tolerances: Tolerances) -> PairCompariso
             violations = [v.describe() for v in tolerances.check(result.metrics, limits)]
         taps.append(TapResult(result.step, result.tap, result.metrics, limits, violations,
                               result.reference_shape, result.candidate_shape))
-    return PairComparison(**{**comparison.__dict__, "taps": taps})
+    flips = comparison.flips
+    if flips:
+        flips = rebound(flips, tolerances.limits(comparison.pair, comparison.dtype, TAP_JOINT))
+        taps = exempt_near_ties(taps, flips, tolerances)
+    return PairComparison(**{**comparison.__dict__, "taps": taps, "flips": flips})
 
 
 def _common_taps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Iterable[str]:
@@ -194,3 +219,30 @@ def compare_offline_outputs(reference: OfflineOutput, candidate: OfflineOutput, 
                           dtype=dtype, att_context_size=tuple(context), utterance=utterance, taps=taps,
                           reference_tokens=reference.tokens[0], candidate_tokens=candidate.tokens[0],
                           order=comparison_order(num_layers), mode="offline")
+
+
+def judge_teacher_forced(free: PairComparison, reference_run, forced_run, tolerances: Tolerances, *,
+                         num_layers: int) -> PairComparison:
+    """The verdict on a candidate whose free-running decisions left the reference's: its taps from
+    ``forced_run`` (decoded with the reference's decisions, so every decoder and joint row stays
+    comparable), its flips classified against the joint's limits, its transcript from ``free``."""
+    forced = compare_runs(reference_run, forced_run, tolerances, num_layers=num_layers, utterance=free.utterance,
+                          pair=free.pair)
+    flips = find_flips(reference_run.steps, forced_run.steps, tolerances.limits(free.pair, free.dtype, TAP_JOINT))
+    return PairComparison(**{**forced.__dict__, "taps": exempt_near_ties(forced.taps, flips, tolerances),
+                             "candidate_tokens": free.candidate_tokens, "teacher_forced": True, "flips": flips})
+
+
+def exempt_near_ties(taps: list[TapResult], flips: list[TokenFlip], tolerances: Tolerances) -> list[TapResult]:
+    """The joint's ``argmax_agreement`` limit counts every flip; at a step whose flips are all
+    near-ties it is judged by the tie rule instead (every other limit of the tap still applies)."""
+    tied_steps = {f.step for f in flips if f.near_tie} - {f.step for f in flips if not f.near_tie}
+    judged = []
+    for result in taps:
+        if result.tap == TAP_JOINT and result.step in tied_steps and AGREEMENT in result.limits:
+            limits = {k: v for k, v in result.limits.items() if k != AGREEMENT}
+            result = TapResult(result.step, result.tap, result.metrics, result.limits,
+                               [v.describe() for v in tolerances.check(result.metrics, limits)],
+                               result.reference_shape, result.candidate_shape)
+        judged.append(result)
+    return judged

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from harness.interface.backend import Backend, Capabilities, OfflineOutput, decode_tokens
+from harness.interface.backend import TAP_JOINT, Backend, Capabilities, OfflineOutput, decode_tokens
 from harness.interface.chunking import FirstChunkMode, shared_first_chunk_mode
 from harness.interface.driver import StreamRun, stream
 from harness.interface.speakers import SpeakerTargets
@@ -35,9 +35,11 @@ from harness.judge.compare import (
     compare_offline_outputs,
     compare_runs,
     compare_streaming_to_offline,
+    judge_teacher_forced,
 )
 from harness.judge.metrics import word_error_rate
 from harness.judge.results import Results
+from harness.judge.ties import decisions
 from harness.judge.tolerances import Tolerances
 
 Context = tuple[int, int]
@@ -49,7 +51,8 @@ class RunStore(Protocol):
     """Where streamed runs live between streaming and comparison."""
 
     def record(self, backend: Backend, mel: np.ndarray, context: Context, mode: FirstChunkMode, *, key: str,
-               speaker_masks: SpeakerTargets | None, features: np.ndarray | None) -> Any:
+               speaker_masks: SpeakerTargets | None, features: np.ndarray | None,
+               forced_decisions: Sequence[Sequence[int]] | None = None) -> Any:
         """Stream ``mel`` through ``backend`` and keep the run; returns an object ``compare_runs`` reads."""
 
     def release(self, run: Any) -> None:
@@ -59,9 +62,9 @@ class RunStore(Protocol):
 class MemoryStore:
     """Runs kept in memory as ``StreamRun``s (the tiny fixtures, ``parity compare``, verification)."""
 
-    def record(self, backend, mel, context, mode, *, key, speaker_masks, features):
+    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None):
         return stream(backend, mel, context, mode, dtype=backend.dtype, speaker_masks=speaker_masks,
-                      features=features)
+                      features=features, forced_decisions=forced_decisions)
 
     def release(self, run) -> None:
         pass
@@ -73,11 +76,11 @@ class SpoolStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
-    def record(self, backend, mel, context, mode, *, key, speaker_masks, features):
+    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None):
         from harness.judge.spool import record
 
         return record(backend, mel, context, mode, self.directory / key, dtype=backend.dtype,
-                      speaker_masks=speaker_masks, features=features)
+                      speaker_masks=speaker_masks, features=features, forced_decisions=forced_decisions)
 
     def release(self, run) -> None:
         run.delete()
@@ -238,9 +241,22 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                                            features=own_features)
                         comparison = compare_runs(reference_run, run, tolerances, num_layers=num_layers,
                                                   utterance=utterance.name)
-                        results.comparisons.append(judge(comparison, reference_run, run) if judge else comparison)
+                        judged_run = run
+                        if backend.capabilities.teacher_forcing and not same_decisions(reference_run, run):
+                            # The free run took another greedy decision somewhere: its decoder and joint rows
+                            # no longer match the reference's. Decode again with the reference's decisions;
+                            # the taps are judged on that run, the transcript stays the free run's.
+                            judged_run = store.record(
+                                backend, mel, context, mode, key=_key(backend, utterance, context, mode) + "-forced",
+                                speaker_masks=masks, features=own_features,
+                                forced_decisions=reference_decisions(reference_run))
+                            comparison = judge_teacher_forced(comparison, reference_run, judged_run, tolerances,
+                                                              num_layers=num_layers)
+                        results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
                         _record_run(outcome, run, utterance, backend.info.vocabulary)
                         store.release(run)
+                        if judged_run is not run:
+                            store.release(judged_run)
                     if candidate.compare_offline:
                         offline = backend.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
                                                   speaker_masks=masks)
@@ -260,6 +276,25 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
     for run in reference_runs.values():
         store.release(run)
     return outcome
+
+
+def reference_decisions(run: Any) -> list[list[int]]:
+    """The reference's greedy decision at every joint call, per step (from its joint tap)."""
+    return [decisions(step.taps[TAP_JOINT]) if TAP_JOINT in step.taps else [] for step in run.steps]
+
+
+def same_decisions(reference_run: Any, candidate_run: Any) -> bool:
+    """Whether both runs took the same greedy decision at every joint call: equal tokens are not
+    enough, a near-tie can move an emission by a frame within a step (blank-then-label vs label-then-blank)."""
+    if reference_run.tokens != candidate_run.tokens or len(reference_run.steps) != len(candidate_run.steps):
+        return False
+    for reference, candidate in zip(reference_run.steps, candidate_run.steps, strict=True):
+        ref_joint, cand_joint = reference.taps.get(TAP_JOINT), candidate.taps.get(TAP_JOINT)
+        if ref_joint is None or cand_joint is None:
+            continue
+        if ref_joint.shape != cand_joint.shape or decisions(ref_joint) != decisions(cand_joint):
+            return False
+    return True
 
 
 def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:

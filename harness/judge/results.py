@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.errors import InputNotFound, InvalidInput
 from harness.judge.compare import PairComparison, TapResult
+from harness.judge.ties import TokenFlip
 from harness.system.threads import requested_threads
 
 SCHEMA_VERSION = 1
@@ -88,6 +90,8 @@ def comparison_to_dict(comparison: PairComparison) -> dict[str, Any]:
         "tokens_equal": comparison.tokens_equal,
         "require_token_match": comparison.require_token_match,
         "mode": comparison.mode,
+        "teacher_forced": comparison.teacher_forced,
+        "flips": [f.to_dict() for f in comparison.flips],
         "first_divergence": None if divergence is None else {"step": divergence.step, "tap": divergence.tap,
                                                               "violations": divergence.violations},
         "summary": comparison.describe_failure(),
@@ -105,7 +109,8 @@ def comparison_from_dict(data: dict[str, Any]) -> PairComparison:
         att_context_size=tuple(data["att_context_size"]), utterance=data["utterance"],
         taps=[TapResult(**t) for t in data["taps"]], reference_tokens=data["reference_tokens"],
         candidate_tokens=data["candidate_tokens"], order=data["order"],
-        require_token_match=data.get("require_token_match", True), mode=data.get("mode", ""))
+        require_token_match=data.get("require_token_match", True), mode=data.get("mode", ""),
+        teacher_forced=data.get("teacher_forced", False), flips=[TokenFlip(**f) for f in data.get("flips", [])])
 
 
 @dataclass
@@ -149,7 +154,7 @@ class Results:
     def from_dict(cls, data: dict[str, Any]) -> Results:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"results schema_version {version!r} is not {SCHEMA_VERSION}")
+            raise InvalidInput(f"results schema_version {version!r} is not {SCHEMA_VERSION}")
         return cls(model=data["model"], tolerances=data["tolerances"],
                    comparisons=[comparison_from_dict(c) for c in data["comparisons"]],
                    transcripts=_number(data.get("transcripts", [])), timings=data.get("timings", []),
@@ -161,7 +166,16 @@ class Results:
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"results file not found: {path}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        return cls.from_dict(data)
+            raise InputNotFound(f"results file not found: {path}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise InvalidInput(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise InvalidInput(f"{path}: not a parity results file (a JSON {type(data).__name__})")
+        try:
+            return cls.from_dict(data)
+        except InvalidInput as error:
+            raise InvalidInput(f"{path}: {error}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            # The file is input: a field missing or of the wrong type means the file is not one this
+            # version wrote, not that the harness is wrong.
+            raise InvalidInput(f"{path}: not a parity results file ({type(error).__name__}: {error})") from None

@@ -118,7 +118,7 @@ class SpooledRun:
 
 def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], mode: FirstChunkMode | str,
            directory: str | Path, *, dtype: str = "float32", speaker_masks: SpeakerTargets | None = None,
-           features: np.ndarray | None = None) -> SpooledRun:
+           features: np.ndarray | None = None, forced_decisions=None) -> SpooledRun:
     """Stream ``mel`` through ``backend`` and write every step to ``directory`` as it is produced."""
     directory = Path(directory)
     if directory.exists():
@@ -126,7 +126,9 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
     directory.mkdir(parents=True)
     run = SpooledRun(backend=backend.name, dtype=dtype, att_context_size=tuple(int(v) for v in att_context_size),
                      mode=FirstChunkMode(mode).value, directory=directory, step_count=0, features=features)
-    for index, step in enumerate(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks)):
+    steps = iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
+                       forced_decisions=forced_decisions)
+    for index, step in enumerate(steps):
         _save_step(directory / STEP_FILE.format(index=index), step)
         run.step_count += 1
         run.step_tokens.append(list(step.tokens[0]))

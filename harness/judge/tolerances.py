@@ -57,13 +57,15 @@ class Violation:
         return f"{self.metric} = {self.value:.3g} {relation} limit {self.limit:.3g}"
 
 
-def _key(name: str) -> str:
-    return name if _BARE_KEY.fullmatch(name) else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _key(name: str, quoted: bool = False) -> str:
+    if _BARE_KEY.fullmatch(name) and not quoted:
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def table_name(*keys: str) -> str:
-    """``[float32."nemo~onnx".layers]``: a table's name as the TOML file spells it."""
-    return "[" + ".".join(_key(k) for k in keys) + "]"
+    """``[float32."nemo~onnx".layers]``: a table's name as the TOML file spells it (the pair quoted)."""
+    return "[" + ".".join(_key(k, quoted=i == 1) for i, k in enumerate(keys)) + "]"
 
 
 class Tolerances:

@@ -232,7 +232,7 @@ class CandidateTranscript:
 class UtteranceTranscripts:
     utterance: str
     reference_text: str
-    nemo_text: str  # plain mode
+    nemo_text: str  # NeMo's plain-mode transcript, else its transcript in another mode
     candidates: list[CandidateTranscript]
 
 
@@ -249,6 +249,20 @@ class TranscriptGroup:
         return sum(not c.same_as_nemo for u in self.utterances for c in u.candidates)
 
 
+def _utterance_transcripts(utterance: str, context: tuple, nemo: dict[tuple, dict[str, Any]],
+                           candidate_rows: Sequence[dict[str, Any]]) -> UtteranceTranscripts:
+    nemo_row = nemo.get((utterance, context, "plain")) or next(
+        (r for k, r in nemo.items() if k[0] == utterance and k[1] == context), None) or {}
+    candidates = []
+    for row in candidate_rows:
+        against = nemo.get(_transcript_key(row), nemo_row)
+        candidates.append(CandidateTranscript(row["backend"], row["dtype"], row.get("mode", "plain"),
+                                              row["text"] == against.get("text"),
+                                              word_alignment(against.get("text", ""), row["text"])))
+    return UtteranceTranscripts(utterance, nemo_row.get("reference_text") or "", nemo_row.get("text", ""),
+                                candidates)
+
+
 def transcript_groups(results_list: Sequence[Results]) -> list[TranscriptGroup]:
     """Each candidate's transcript against NeMo's on the same chunks, per model and lookahead (longest first)."""
     groups = []
@@ -259,22 +273,11 @@ def transcript_groups(results_list: Sequence[Results]) -> list[TranscriptGroup]:
             if row["backend"] != REFERENCE_BACKEND:
                 by_context[tuple(row["att_context_size"])].append(row)
         for context in sorted({k[1] for k in nemo} | set(by_context), key=lambda c: -c[1]):
-            rows = []
-            for utterance in sorted({k[0] for k in nemo if k[1] == context}
-                                    | {r["utterance"] for r in by_context[context]}):
-                nemo_row = nemo.get((utterance, context, "plain")) or next(
-                    (r for k, r in nemo.items() if k[0] == utterance and k[1] == context), None) or {}
-                candidates = []
-                for row in by_context[context]:
-                    if row["utterance"] != utterance:
-                        continue
-                    against = nemo.get(_transcript_key(row), nemo_row)
-                    candidates.append(CandidateTranscript(row["backend"], row["dtype"], row.get("mode", "plain"),
-                                                          row["text"] == against.get("text"),
-                                                          word_alignment(against.get("text", ""), row["text"])))
-                rows.append(UtteranceTranscripts(utterance, nemo_row.get("reference_text") or "",
-                                                 nemo_row.get("text", ""), candidates))
-            groups.append(TranscriptGroup(model_name(results), context, rows))
+            utterances = sorted({k[0] for k in nemo if k[1] == context} | {r["utterance"] for r in by_context[context]})
+            groups.append(TranscriptGroup(model_name(results), context, [
+                _utterance_transcripts(utterance, context, nemo,
+                                       [r for r in by_context[context] if r["utterance"] == utterance])
+                for utterance in utterances]))
     return groups
 
 

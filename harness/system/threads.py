@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+from harness.errors import InvalidInput
+
 # Read by the BLAS/OpenMP runtimes when they load.
 LIBRARY_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 # This project's own record of the limit, read by the ONNX backend when it opens sessions.
@@ -29,7 +31,7 @@ def requested_threads() -> int | None:
     except ValueError:
         threads = 0
     if threads < 1:
-        raise ValueError(f"{PROJECT_VARIABLE}={value!r}: expected a positive integer")
+        raise InvalidInput(f"{PROJECT_VARIABLE}={value!r}: expected a positive integer")
     return threads
 
 
