@@ -197,3 +197,11 @@ def test_cache_tap_names_agree_between_interface_and_judge():
     assert tuple(compare.CACHE_TAPS) == CACHE_TAPS
     state = StreamingState((70, 13), np.zeros(1), np.zeros(1), np.zeros(1), [])
     assert tuple(state.caches()) == CACHE_TAPS
+
+
+def test_known_dtypes_are_the_registered_backends_dtypes():
+    """The judge may not import the registry; this keeps its list of dtypes in step with it."""
+    from backends import REGISTRY
+    from harness.judge.tolerances import DTYPES
+
+    assert set(DTYPES) == {dtype for entry in REGISTRY.values() for dtype in entry.dtypes}

@@ -207,3 +207,22 @@ def test_a_label_moved_by_a_real_margin_fails(tiny_nemo, nemo_backend, utterance
     assert not verification.passed
     comparison = verification.entries[0].comparison
     assert comparison.flips and not any(f.near_tie for f in comparison.flips)
+
+
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_a_correct_conversion_of_an_unseen_shape_publishes(tmp_path):
+    """4 layers, d_model 96, lookaheads [70,6] and [70,1]: the shape on which a correct conversion was
+    once refused at a near-tie (utt09). Built from a seeded random model, converted and verified."""
+    pytest.importorskip("mlx.core", reason="mlx is not installed")
+    from fixtures.models import build
+    from harness.app.cli import main
+
+    nemo = build("unseen-4x96", progress=lambda _m: None)
+    speech = Path(__file__).resolve().parents[1] / "fixtures" / "speech"
+    out = tmp_path / "artifact"
+    code = main(["convert", str(nemo), "--out", str(out), "--audio", str(speech / "utt09.wav"),
+                 str(speech / "utt04.wav")])
+    assert code == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["att_context_sizes"] == [[70, 6], [70, 1]]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from backends.mlx.blas import use_optimized_blas
+from harness.errors import InputNotFound, InvalidInput, UnsafeArtifact
 
 use_optimized_blas()  # before mlx.core: see backends/mlx/blas.py
 
@@ -50,10 +51,10 @@ def default_device(choice: str = "auto") -> mx.Device:
     gpu_available = bool(getattr(mx, "is_available", lambda _d: False)(mx.gpu))
     if choice == "gpu":
         if not gpu_available:
-            raise ValueError("MLX has no GPU on this machine (device='gpu' was requested)")
+            raise InvalidInput("MLX has no GPU on this machine (device='gpu' was requested)")
         return mx.Device(mx.gpu)
     if choice != "auto":
-        raise ValueError(f"device must be auto, cpu or gpu, not {choice!r}")
+        raise InvalidInput(f"device must be auto, cpu or gpu, not {choice!r}")
     return mx.Device(mx.gpu) if gpu_available else mx.Device(mx.cpu)
 
 
@@ -71,13 +72,13 @@ class MLXBackend(Backend):
         intermediate taps (off for timing runs; the step output then carries none)."""
         directory = Path(artifact_dir)
         if not (directory / MODEL_FILE).exists():
-            raise FileNotFoundError(f"{directory}: not an MLX artifact directory (no {MODEL_FILE}); "
+            raise InputNotFound(f"{directory}: not an MLX artifact directory (no {MODEL_FILE}); "
                                     f"create one with `parity convert MODEL.nemo --out {directory}`")
         for file in (MODEL_FILE, FRONTEND_FILE):  # mx.load below allocates whatever a header declares
             read_safetensors_header(directory / file)
         artifact_dtype = read_artifact_dtype(directory)
         if dtype is not None and dtype != artifact_dtype:
-            raise ValueError(f"{directory} holds {artifact_dtype} weights, {dtype} was requested; "
+            raise InvalidInput(f"{directory} holds {artifact_dtype} weights, {dtype} was requested; "
                              f"convert with --dtype {dtype}")
         self.directory = directory
         self.dtype = artifact_dtype
@@ -94,7 +95,7 @@ class MLXBackend(Backend):
             weights = mx.load(str(directory / MODEL_FILE))
             for name, value in weights.items():
                 if value.dtype != self.compute_dtype:
-                    raise ValueError(f"{directory / MODEL_FILE}: {name} is {value.dtype}, the artifact says "
+                    raise UnsafeArtifact(f"{directory / MODEL_FILE}: {name} is {value.dtype}, the artifact says "
                                      f"{artifact_dtype}")
             self.model.load_weights(list(weights.items()), strict=True)
             self.model.eval()
@@ -111,11 +112,7 @@ class MLXBackend(Backend):
         return self._streaming[key]
 
     def _check_context(self, att_context_size: Sequence[int]) -> tuple[int, int]:
-        context = (int(att_context_size[0]), int(att_context_size[1]))
-        if context not in self.info.att_context_sizes:
-            raise ValueError(f"att_context_size {list(context)} is not one of the model's "
-                             f"{[list(c) for c in self.info.att_context_sizes]}")
-        return context
+        return self.info.check_att_context(att_context_size)
 
     # -- decoder state conversion ----------------------------------------------------------------
     def _greedy_state(self, state: DecoderState) -> GreedyState:

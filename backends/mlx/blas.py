@@ -21,6 +21,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+from harness.errors import InvalidInput
+
 ENVIRONMENT_VARIABLE = "PARITY_MLX_BLAS"
 
 # Debian/Ubuntu alternatives first (libopenblas0-pthread / -openmp), then plain library names.
@@ -95,7 +97,7 @@ def use_optimized_blas() -> BlasStatus:
             _STATUS = BlasStatus(path, f"optimized BLAS loaded for MLX: {path}")
             return _STATUS
     if choice:
-        raise OSError(f"{ENVIRONMENT_VARIABLE}={choice}: not a loadable BLAS library with cblas_sgemm")
+        raise InvalidInput(f"{ENVIRONMENT_VARIABLE}={choice}: not a loadable BLAS library with cblas_sgemm")
     _STATUS = BlasStatus(None, "no optimized BLAS found; MLX uses the wheel's reference BLAS")
     print("warning: MLX on Linux CPU is using the reference BLAS (slow matmuls); install OpenBLAS "
           "(Debian/Ubuntu: apt install libopenblas0-pthread) to make it fast", file=sys.stderr)

@@ -28,16 +28,23 @@ def _contexts(args):
 
 
 def _print_verification(verification) -> None:
+    """One narrow table per lookahead (rows: first-chunk modes and offline; columns: the taps in
+    model order), so that every figure reads whole in an 80-column terminal."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = Console(highlight=False)
-    table = Table(title=f"nemo~mlx {verification.dtype}: worst max_abs over utterances and steps")
     columns = ("mel", "pre_encode", "layers", "encoder", "caches", "decoder", "joint")
-    for column in ("lookahead", "mode", *columns, "tokens equal"):
-        table.add_column(column)
+    headers = ("mel", "pre_enc", "layers", "encoder", "caches", "decoder", "joint")
     tokens = verification.token_summary()
     for context, by_mode in verification.worst("max_abs").items():
+        table = Table(title=f"[{context}] nemo~mlx {verification.dtype}: worst max_abs", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+        table.add_column("mode", no_wrap=True)
+        for header in headers:
+            table.add_column(header, justify="right", no_wrap=True)
+        table.add_column("tokens", justify="right", no_wrap=True)
         for mode, worst in by_mode.items():
             grouped: dict[str, float] = {}
             for tap, value in worst.items():
@@ -45,9 +52,10 @@ def _print_verification(verification) -> None:
                          "caches" if tap.startswith("cache_last_") and tap != "cache_last_channel_len" else tap)
                 grouped[group] = max(grouped.get(group, 0.0), value)
             summary = tokens[context][mode]
-            table.add_row(context, mode, *(f"{grouped[c]:.1e}" if c in grouped else "-" for c in columns),
+            table.add_row("pad+drop" if mode == "pad-and-drop" else mode,
+                          *(f"{grouped[c]:.1e}" if c in grouped else "–" for c in columns),
                           f"{summary['identical']}/{summary['total']}")
-    console.print(table)
+        console.print(table)
     for failure in verification.failures()[:20]:
         console.print(f"FAIL {failure}")
     console.print(("[green]PASS[/] " if verification.passed else "[red]FAIL[/] ") + verification.summary())

@@ -46,6 +46,7 @@ from backends.mlx.artifact import (
     TOKENIZER_FILE,
 )
 from harness.errors import BadInput
+from harness.nemo_config import NemoConfigError
 from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file
 from harness.system.memory import peak_rss_mb
 
@@ -217,7 +218,7 @@ def write_artifact(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "
     out_config = artifact_config(config, vocabulary)
     try:
         expected = expected_targets(out_config)
-    except (NotImplementedError, KeyError) as error:
+    except (NotImplementedError, KeyError, NemoConfigError) as error:
         raise ConversionError(f"{nemo_path}: unsupported model config: {error}") from None
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.mlx.blas import use_optimized_blas
+from harness.errors import UnsafeArtifact, Unsupported
 
 use_optimized_blas()  # before mlx.core: see backends/mlx/blas.py
 
@@ -122,12 +123,12 @@ class FrontEnd:
 
     def __init__(self, args: FrontendConfig, window: np.ndarray, filterbank: np.ndarray):
         if window.shape != (args.win_length,):
-            raise ValueError(f"front-end window: expected shape ({args.win_length},), got {window.shape}")
+            raise UnsafeArtifact(f"front-end window: expected shape ({args.win_length},), got {window.shape}")
         if args.normalize not in ("NA", "none", "None", "", None, "per_feature"):
-            raise NotImplementedError(f"preprocessor.normalize {args.normalize!r} is not supported by the MLX front end")
+            raise Unsupported(f"preprocessor.normalize {args.normalize!r} is not supported by the MLX front end")
         expected_fb = (args.n_mels, args.n_fft // 2 + 1)
         if filterbank.shape != expected_fb:
-            raise ValueError(f"front-end filterbank: expected shape {expected_fb}, got {filterbank.shape}")
+            raise UnsafeArtifact(f"front-end filterbank: expected shape {expected_fb}, got {filterbank.shape}")
         self.args = args
         # torch.stft pads a shorter window with zeros on both sides to n_fft (centred).
         left = (args.n_fft - args.win_length) // 2
@@ -513,7 +514,7 @@ def attention_masks(style: str, att_context_size: tuple[int, int], padding_lengt
             diff = chunk[:, None] - chunk[None, :]
             visible &= (diff <= left_chunks) & (diff >= 0)
     else:
-        raise NotImplementedError(f"att_context_style {style!r}")
+        raise Unsupported(f"att_context_style {style!r} is not supported by the MLX port")
     positions = np.arange(max_len)[None, :]
     valid = positions < np.asarray(padding_length)[:, None]
     if offset is not None:
@@ -875,6 +876,6 @@ class StreamingRNNT(nn.Module):
     def decode(self, encoded: mx.array, length: int, state: GreedyState, *, record: bool = False,
                choose: Callable[[int], int] | None = None) -> GreedyResult:
         if self.args.tdt_durations:
-            raise NotImplementedError("TDT decoding is not implemented in the MLX runtime (RNNT only)")
+            raise Unsupported("TDT decoding is not implemented in the MLX runtime (RNNT only)")
         return greedy_decode(self.decoder, self.joint, encoded, length, state, blank_id=self.args.blank_id,
                              max_symbols=self.args.max_symbols, record=record, choose=choose)

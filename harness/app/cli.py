@@ -113,21 +113,43 @@ def cmd_transcribe(args) -> int:
     return EXIT_OK
 
 
+NOT_COMPARED = "–"
+
+
+def _error(value: float | None) -> str:
+    return NOT_COMPARED if value is None else f"{value:.1e}"
+
+
 def print_comparisons(report, out=None) -> None:
+    """One table per pair and dtype, narrow enough for an 80-column terminal: the pair names the
+    table, each row is one utterance at one lookahead, and a tap that was not compared shows ``–``."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="parity", show_lines=False)
-    for column in ("pair", "dtype", "context", "utterance", "worst layer max_abs", "encoder max_abs", "tokens", "result"):
-        table.add_column(column)
+    groups: dict[tuple[str, str], list] = {}
     for comparison in report.results.comparisons:
-        worst = comparison.worst("max_abs")
-        layers = max((v for k, v in worst.items() if k.startswith("layers.")), default=float("nan"))
-        table.add_row(comparison.pair.split("@")[0], comparison.dtype,
-                      f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}", comparison.utterance,
-                      f"{layers:.2e}", f"{worst.get('encoder', float('nan')):.2e}",
-                      "equal" if comparison.tokens_equal else ("differ" if comparison.require_token_match else "n/a"),
-                      "[green]pass[/]" if comparison.passed else "[red]FAIL[/]")
-    (out or console()).print(table)
+        groups.setdefault((comparison.pair.split("@")[0], comparison.dtype), []).append(comparison)
+    for (pair, dtype), comparisons in groups.items():
+        table = Table(title=f"{pair} {dtype}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("lookahead", no_wrap=True)
+        table.add_column("utterance", overflow="fold")
+        for column in ("layers", "encoder"):
+            table.add_column(f"{column} max", justify="right", no_wrap=True, min_width=7)
+        table.add_column("tokens", no_wrap=True)
+        table.add_column("result", no_wrap=True)
+        for comparison in comparisons:
+            worst = comparison.worst("max_abs")
+            layers = max((v for k, v in worst.items() if k.startswith("layers.")), default=None)
+            if not comparison.require_token_match:
+                tokens = "n/a"
+            elif comparison.tokens_equal:
+                tokens = "equal"
+            else:
+                tokens = f"{len(comparison.near_ties)} tie(s)" if comparison.tokens_agree else "differ"
+            table.add_row(f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}", comparison.utterance,
+                          _error(layers), _error(worst.get("encoder")), tokens,
+                          "[green]pass[/]" if comparison.passed else "[red]FAIL[/]")
+        (out or console()).print(table)
 
 
 def cmd_compare(args) -> int:
@@ -177,7 +199,7 @@ def cmd_judge(args) -> int:
 def cmd_demo(args) -> int:
     from harness.app.demo import run_demo
 
-    return run_demo(out_dir=args.out, model=args.model, utterances=args.utterances or None,
+    return run_demo(out_dir=args.out, model=args.model, utterances=args.utterances,
                     att_contexts=parse_contexts(args.att_context), backends=split_names(args.backends))
 
 
@@ -268,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.app.demo import DEMO_MODEL
 
     p.add_argument("--model", default=DEMO_MODEL, help="fixture name or MODEL.nemo (default: %(default)s)")
-    p.add_argument("--utterances", type=int, default=3, metavar="N", help="first N fixture utterances (0: all)")
+    p.add_argument("--utterances", type=int, metavar="N",
+                   help="first N utterances (default: all of the trained model's 20-utterance evaluation subset; "
+                        "the fixture speech for another model)")
     p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
     p.add_argument("--backends", action="append", metavar="A,B", help="candidate backends (default: all available)")
     p.set_defaults(func=cmd_demo)

@@ -26,6 +26,15 @@ def fixture_utterances() -> list[Utterance]:
     return [Utterance.from_file(entry["audio_filepath"], entry["text"]) for entry in speech_manifest()]
 
 
+def held_out_utterances(limit: int | None = None) -> list[Utterance]:
+    """The trained fixture's evaluation subset (a fixed mix of seen and held-out voices, sentences
+    within its vocabulary), so that its WER means something: ``fixtures/trained/evaluate.py``."""
+    from fixtures.trained.evaluate import subset, test_entries
+
+    entries = subset(test_entries())[:limit] if limit else subset(test_entries())
+    return [Utterance.from_file(entry["audio_filepath"], entry["text"]) for entry in entries]
+
+
 def model_record(model_path: Path | None) -> dict:
     """How results name the checkpoint they judged."""
     if model_path is None:

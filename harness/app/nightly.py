@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.app.compare import fixture_utterances, model_record
+from harness.errors import InputNotFound, UnknownName
 from harness.interface.backend import Backend
 from harness.interface.utterance import Utterance, long_utterance
 from harness.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore, stream_and_compare
@@ -73,7 +74,7 @@ def plan_candidates(backends: Sequence[str] | None = None) -> MatrixPlan:
             continue  # the reference is never its own candidate
         entry = get(name)  # an unknown name raises KeyError with the registered ones
         if only and only not in entry.dtypes:
-            raise KeyError(f"backend {name} runs {', '.join(entry.dtypes)}, not {only}")
+            raise UnknownName(f"backend {name} runs {', '.join(entry.dtypes)}, not {only}")
         dtypes = [only] if only else list(entry.dtypes)
         if not entry.available():
             reason = "missing " + ", ".join(entry.missing_requirements())
@@ -94,12 +95,12 @@ def resolve_model(name_or_path: str, progress: Callable[[str], None], *, in_subp
     if name_or_path.endswith(".nemo"):
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"model not found: {path}")
+            raise InputNotFound(f"model not found: {path}")
         return path
     from fixtures.models import FIXTURES, build
 
     if name_or_path not in FIXTURES:
-        raise KeyError(f"unknown fixture model {name_or_path!r}; known: {', '.join(FIXTURES)}")
+        raise UnknownName(f"unknown fixture model {name_or_path!r}; known: {', '.join(FIXTURES)}")
     if not in_subprocess:
         return build(name_or_path, progress=progress)
     progress(f"building {name_or_path} (if not cached) in a subprocess")
@@ -290,12 +291,14 @@ def results_file_names(models: Sequence[str]) -> list[str]:
 
 def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
                att_contexts: Sequence[Sequence[int]] | None = None, utterance_limit: int | None = None,
+               utterances: Sequence[Utterance] | None = None,
                tolerances_path: str | Path | None = None, work_dir: Path | None = None,
                console=None, title: str = "parity", audio_seconds: float | None = None,
                bounded_memory: bool | None = None) -> list[Results]:
     """Run the matrix for each model with a rich progress display; one ``Results`` per model.
 
-    ``audio_seconds``: stream the fixture speech joined into one utterance of at least that length
+    ``utterances``: what to stream (default: the fixture speech, its first ``utterance_limit``).
+    ``audio_seconds``: stream the utterances joined into one utterance of at least that length
     instead of the separate utterances. ``bounded_memory``: one model in memory at a time, runs
     spooled to disk (default: for checkpoints over 1 GiB)."""
     from rich.console import Console
@@ -304,7 +307,8 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
     console = console or Console(stderr=True, highlight=False)
     tolerances = Tolerances.load(tolerances_path)
     plan = plan_candidates(backends)
-    utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
+    if utterances is None:
+        utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
     if audio_seconds:
         utterances = [long_utterance(utterances, audio_seconds)]
     work_dir = Path(work_dir or default_work_dir())

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.errors import InvalidInput
 from harness.nemo_config import EncoderConfig
 from harness.nemo_config import normalize_att_context_sizes as normalize_att_context_sizes  # re-exported
 
@@ -72,7 +73,7 @@ class StreamingConfig:
         left, lookahead = int(att_context_size[0]), int(att_context_size[1])
         allowed = encoder.att_context_size
         if (left, lookahead) not in allowed:
-            raise ValueError(f"att_context_size [{left},{lookahead}] is not one of the model's {list(map(list, allowed))}")
+            raise InvalidInput(f"att_context_size [{left},{lookahead}] is not one of the model's {list(map(list, allowed))}")
 
         # ConvSubsampling.get_sampling_frames / get_streaming_cache_size (parts/submodules/subsampling.py):
         # causal striding subsampling needs 1 frame for the first output and `factor` for each later one,
@@ -150,7 +151,7 @@ def parse_att_context(text: str) -> tuple[int, int]:
     try:
         left, right = (int(part) for part in text.replace("[", "").replace("]", "").split(","))
     except ValueError:
-        raise ValueError(f"att context must look like 70,13; got {text!r}") from None
+        raise InvalidInput(f"att context must look like 70,13; got {text!r}") from None
     return left, right
 
 
@@ -228,5 +229,5 @@ def shared_first_chunk_mode(*capabilities) -> FirstChunkMode:
     for mode in (FirstChunkMode.PLAIN, FirstChunkMode.PAD_AND_DROP):
         if all(mode.value in c.first_chunk_modes for c in capabilities):
             return mode
-    raise ValueError("the backends share no first-chunk mode: "
+    raise InvalidInput("the backends share no first-chunk mode: "
                      + "; ".join("/".join(c.first_chunk_modes) for c in capabilities))

@@ -34,6 +34,7 @@ from harness.errors import BadInput
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BAD_INPUT = EXIT_USAGE
 
+
 class CommandError(BadInput):
     """A command's refusal of its arguments: printed as one line, no traceback, exit 2."""
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness.interface.backend import (
+    CACHE_TAPS,
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
@@ -27,7 +28,6 @@ from harness.judge.metrics import all_metrics
 from harness.judge.ties import TokenFlip, find_flips, rebound
 from harness.judge.tolerances import Tolerances
 
-CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 LOGIT_TAPS = (TAP_JOINT,)
 AGREEMENT = "argmax_agreement"
 
@@ -47,6 +47,8 @@ class TapResult:
     violations: list[str]
     reference_shape: list[int] = field(default_factory=list)
     candidate_shape: list[int] = field(default_factory=list)
+    # Violations no tolerance file can change (a shape, a step count, a frame count): kept by ``rejudge``.
+    structural: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -134,7 +136,8 @@ def judge_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray,
     limits = tolerances.limits(pair, dtype, tap)
     ref_shape, cand_shape = list(reference.shape), list(candidate.shape)
     if ref_shape != cand_shape:
-        return TapResult(step, tap, {}, limits, [f"shape {ref_shape} vs {cand_shape}"], ref_shape, cand_shape)
+        shape = [f"shape {ref_shape} vs {cand_shape}"]
+        return TapResult(step, tap, {}, limits, shape, ref_shape, cand_shape, structural=shape)
     metrics = all_metrics(reference, candidate, logits=tap in LOGIT_TAPS)
     violations = [v.describe() for v in tolerances.check(metrics, limits)]
     return TapResult(step, tap, metrics, limits, violations, ref_shape, cand_shape)
@@ -145,12 +148,11 @@ def rejudge(comparison: PairComparison, tolerances: Tolerances) -> PairCompariso
     taps = []
     for result in comparison.taps:
         limits = tolerances.limits(comparison.pair, comparison.dtype, result.tap)
-        if result.reference_shape != result.candidate_shape:
-            violations = [f"shape {result.reference_shape} vs {result.candidate_shape}"]
-        else:
-            violations = [v.describe() for v in tolerances.check(result.metrics, limits)]
+        violations = list(result.structural)
+        if result.reference_shape == result.candidate_shape:
+            violations += [v.describe() for v in tolerances.check(result.metrics, limits)]
         taps.append(TapResult(result.step, result.tap, result.metrics, limits, violations,
-                              result.reference_shape, result.candidate_shape))
+                              result.reference_shape, result.candidate_shape, structural=list(result.structural)))
     flips = comparison.flips
     if flips:
         flips = rebound(flips, tolerances.limits(comparison.pair, comparison.dtype, TAP_JOINT))
@@ -171,8 +173,8 @@ def compare_runs(reference: StreamRun, candidate: StreamRun, tolerances: Toleran
         results.append(judge_tap(-1, TAP_MEL, reference.features, candidate.features, tolerances, pair,
                                  candidate.dtype))
     if len(reference.steps) != len(candidate.steps):
-        results.append(TapResult(-1, TAP_ENCODER, {}, {}, [
-            f"step count {len(reference.steps)} vs {len(candidate.steps)}"]))
+        count = [f"step count {len(reference.steps)} vs {len(candidate.steps)}"]
+        results.append(TapResult(-1, TAP_ENCODER, {}, {}, count, structural=count))
     for index in range(min(len(reference.steps), len(candidate.steps))):
         ref_taps, cand_taps = reference.step_taps(index), candidate.step_taps(index)
         for tap in _common_taps(ref_taps, cand_taps):
@@ -200,7 +202,9 @@ def compare_streaming_to_offline(run: StreamRun, offline: OfflineOutput, toleran
     result = judge_tap(-1, TAP_ENCODER, reference, streamed, tolerances, pair, run.dtype)
     missing = offline_frames - streamed.shape[-1]
     if not 0 <= missing <= 2:
-        result.violations.append(f"streaming produced {streamed.shape[-1]} frames, offline {offline_frames}")
+        frames = f"streaming produced {streamed.shape[-1]} frames, offline {offline_frames}"
+        result.violations.append(frames)
+        result.structural.append(frames)
     return PairComparison(
         reference=f"{run.backend}-offline", candidate=f"{run.backend}-streaming", pair=pair, dtype=run.dtype,
         att_context_size=tuple(context), utterance=utterance, taps=[result],
@@ -242,7 +246,7 @@ def exempt_near_ties(taps: list[TapResult], flips: list[TokenFlip], tolerances: 
         if result.tap == TAP_JOINT and result.step in tied_steps and AGREEMENT in result.limits:
             limits = {k: v for k, v in result.limits.items() if k != AGREEMENT}
             result = TapResult(result.step, result.tap, result.metrics, result.limits,
-                               [v.describe() for v in tolerances.check(result.metrics, limits)],
-                               result.reference_shape, result.candidate_shape)
+                               [*result.structural, *(v.describe() for v in tolerances.check(result.metrics, limits))],
+                               result.reference_shape, result.candidate_shape, structural=list(result.structural))
         judged.append(result)
     return judged

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from harness.errors import InvalidInput
 from harness.interface.backend import TAP_JOINT, Backend, Capabilities, OfflineOutput, decode_tokens
 from harness.interface.chunking import FirstChunkMode, shared_first_chunk_mode
 from harness.interface.driver import StreamRun, stream
@@ -141,7 +142,7 @@ def candidate_modes(reference: Capabilities, candidate: Candidate) -> list[First
     modes = [FirstChunkMode(m) for m in candidate.modes]
     for mode in modes:
         if mode.value not in candidate.capabilities.first_chunk_modes or mode.value not in reference.first_chunk_modes:
-            raise ValueError(f"{candidate.label} cannot be compared in {mode.value} mode")
+            raise InvalidInput(f"{candidate.label} cannot be compared in {mode.value} mode")
     return modes
 
 

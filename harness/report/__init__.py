@@ -25,6 +25,7 @@ from typing import Any
 
 import jinja2
 
+from harness.errors import InvalidInput
 from harness.judge.metrics import token_agreement
 from harness.judge.results import Results
 from harness.report.data import (
@@ -135,7 +136,7 @@ def write_report(results_list: Sequence[Results], out_dir: str | Path, *, report
                  date: str | None = None, title: str | None = None) -> ReportFiles:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; history from ``reports_dir`` before ``date``."""
     if not results_list:
-        raise ValueError("no results to report")
+        raise InvalidInput("no results to report")
     date = date or max(results_date(r) for r in results_list) or _dt.date.today().isoformat()
     title = title or f"Parity report {date}"
     history = build_history(results_list, reports_dir, date) if reports_dir is not None else None
