@@ -15,7 +15,11 @@ and, optionally:
   artifact of this backend's format, or ``None`` for a path that is not one (``parity fingerprint``,
   ``parity verify``);
 - ``source_option`` (``--onnx``) and ``dtype_flags`` (``{"--onnx-int8": "int8"}``): how ``parity
-  compare`` and ``parity transcribe`` name an artifact of this backend.
+  compare`` and ``parity transcribe`` name an artifact of this backend;
+- ``hub_patterns``: the files of its source format (``*.nemo``; an artifact's files), the only
+  ones downloaded when a source is named on the hub (``ORG/NAME[@REVISION]``, ``harness.app.hub``);
+- ``manifest``: the JSON file of an artifact that records its ``provenance``
+  (``harness.system.provenance``), read for the report and the stale-artifact check.
 
 ``requires`` lists the Python modules the backend imports; suites skip a backend whose modules
 cannot be imported, with the reason. ``capabilities`` is what its ``Backend`` class declares (a test
@@ -50,6 +54,8 @@ class BackendEntry:
     source_option: str | None = None
     source_help: str = ""
     dtype_flags: Mapping[str, str] = field(default_factory=dict)
+    hub_patterns: tuple[str, ...] = ()
+    manifest: str | None = None
 
     @property
     def first_chunk_modes(self) -> tuple[str, ...]:
@@ -96,6 +102,7 @@ def register(entry: BackendEntry) -> None:
 
 register(BackendEntry(
     name="nemo", module="backends.nemo", requires=("torch", "nemo"), dtypes=("float32",), marker="nemo",
+    hub_patterns=("*.nemo",),
     description="NeMo PyTorch (the reference): cache_aware_stream_step + NeMo greedy RNNT decoding"))
 
 register(BackendEntry(
@@ -104,6 +111,8 @@ register(BackendEntry(
     cli="backends.onnx.cli", reader="backends.onnx.layout:read_view",
     source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
     dtype_flags={"--onnx-int8": "int8"},
+    hub_patterns=("*.onnx", "*.onnx.data", "tokenizer.model", "vocab.txt", "frontend.npz", "*.json"),
+    manifest="export.json",
     description="ONNX Runtime over NeMo's cache-aware encoder + decoder_joint export (pad-and-drop graphs)"))
 
 register(BackendEntry(
@@ -111,6 +120,7 @@ register(BackendEntry(
     capabilities=Capabilities(teacher_forcing=True),
     cli="backends.mlx.cli", reader="backends.mlx.artifact:read_view",
     source_option="--mlx", source_help="an MLX artifact directory (parity convert)",
+    hub_patterns=("*.safetensors", "*.json", "tokenizer.model"), manifest="artifact.json",
     description="MLX (our port): converted artifact, cache-aware streaming step, greedy RNNT decoding"))
 
 

@@ -9,7 +9,8 @@ written once: as the default of a dataclass field below.
 FastConformer transducer has, each as a frozen dataclass built the way parakeet-mlx builds its
 arguments: a key the config states is converted to the field's type, an absent key takes NeMo's
 default (the signatures of NeMo 3.0.0's ``ConformerEncoder``, ``AudioToMelSpectrogramPreprocessor``,
-``RNNTDecoder`` and ``RNNTJoint``, checked by tests/test_nemo_config.py), and a key NeMo requires
+``RNNTDecoder``, ``RNNTJoint`` and, for hybrid RNNT-CTC models, ``ConvASRDecoder``, checked by
+tests/test_nemo_config.py), and a key NeMo requires
 raises. Every failure is a one-line ``NemoConfigError`` (bad input, a ``ValueError``) naming the key
 and the value; a missing key is also a ``KeyError`` and an unsupported value also a
 ``NotImplementedError``, as the readers it replaces raised.
@@ -571,6 +572,61 @@ class SpeakerKernelConfig(_Reader):
                    hidden=stated.get("hidden") or encoder.d_model, d_model=encoder.d_model)
 
 
+@dataclass(frozen=True)
+class CtcConfig(_Reader):
+    """``aux_ctc.decoder`` of a hybrid RNNT-CTC model (``EncDecHybridRNNTCTCModel``): NeMo's
+    ``ConvASRDecoder`` (modules/conv_asr.py), ``Conv1d(feat_in, num_classes + 1, kernel_size=1)`` on the
+    encoder output ``[B, D, T]``, then log_softmax over the classes; the blank is the last class.
+
+    ``feat_in`` missing (or null) is the encoder's output width, as ``EncDecHybridRNNTCTCModel.__init__``
+    sets it; ``num_classes`` below 1 (the configs' -1 placeholder) and an empty ``vocabulary`` are unset:
+    the model fills both from its tokenizer (``EncDecHybridRNNTCTCBPEModel``), so a config written
+    before the model was built has neither.
+    """
+
+    SECTION: ClassVar[str] = "aux_ctc.decoder"
+
+    feat_in: int | None = None
+    num_classes: int | None = None
+    vocabulary: tuple[str, ...] | None = None
+
+    KEYS: ClassVar[dict[str, tuple[tuple[str, ...], Converter]]] = {
+        "feat_in": (("feat_in",), _optional(_int)),
+        "num_classes": (("num_classes",), lambda key, value: None if value is None or _int(key, value) < 1
+                        else _int(key, value)),
+        "vocabulary": (("vocabulary",), lambda key, value: _vocabulary(key, value) or None),
+    }
+
+    @property
+    def output_size(self) -> int:
+        """Log-probabilities per frame: vocabulary + blank."""
+        if self.num_classes is None:
+            raise MissingKeyError("aux_ctc.decoder.num_classes is missing from the model config")
+        return self.num_classes + 1
+
+    @classmethod
+    def from_mapping(cls, decoder: Mapping[str, Any], *, feat_in: int | None = None) -> CtcConfig:
+        """From the ``aux_ctc.decoder`` section; ``feat_in`` is used when the section leaves it unset."""
+        return cls._read(decoder, feat_in=feat_in)
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any], encoder: EncoderConfig) -> CtcConfig | None:
+        """The CTC head of ``config`` (the whole model config); None for a model without ``aux_ctc``."""
+        if _lookup(config, "aux_ctc") is _ABSENT:
+            return None
+        feat_out = encoder.feat_out if encoder.feat_out > 0 else encoder.d_model  # ConformerEncoder._feat_out
+        read = cls.from_mapping(_section(config, "aux_ctc.decoder"), feat_in=feat_out)
+        return replace(read, feat_in=read.feat_in or feat_out)
+
+
+DECODER_KINDS = ("rnnt", "tdt", "rnnt+ctc", "tdt+ctc")
+
+
+def decoder_kind(kind: str, ctc: bool) -> str:
+    """The model's decoders by name: its transducer ("rnnt", "tdt"), with "+ctc" for a hybrid's CTC head."""
+    return f"{kind}+ctc" if ctc else kind
+
+
 def transducer_kind(config: Mapping[str, Any]) -> str:
     """"tdt" when the config describes a TDT model (``model_defaults.tdt_durations``,
     ``decoding.model_type``, or the ``tdt`` loss), else "rnnt"."""
@@ -595,6 +651,7 @@ class ModelConfig:
     speaker_kernels: SpeakerKernelConfig | None = None
     tdt_durations: tuple[int, ...] = ()  # model_defaults.tdt_durations
     kind: str = "rnnt"  # "rnnt" or "tdt" (transducer_kind)
+    ctc: CtcConfig | None = None  # a hybrid RNNT-CTC model's CTC head (aux_ctc.decoder)
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> ModelConfig:
@@ -614,18 +671,26 @@ class ModelConfig:
             speaker_kernels=SpeakerKernelConfig.from_model_config(config, encoder),
             tdt_durations=_int_tuple("model_defaults.tdt_durations", None if durations is _ABSENT else durations),
             kind=transducer_kind(config),
+            ctc=CtcConfig.from_model_config(config, encoder),
         )
 
     @property
     def multitalker(self) -> bool:
         return self.speaker_kernels is not None
 
+    @property
+    def decoder_kind(self) -> str:
+        """"rnnt", "tdt", or either with "+ctc" for a hybrid model (``DECODER_KINDS``)."""
+        return decoder_kind(self.kind, self.ctc is not None)
+
     def with_vocabulary(self, vocabulary: Sequence[str]) -> ModelConfig:
         """The config of the model as built for ``vocabulary`` (tokenizer pieces, without the blank):
-        ``decoder.vocab_size``, ``joint.num_classes`` and ``joint.vocabulary`` from it, as NeMo sets them."""
+        ``decoder.vocab_size``, ``joint.num_classes`` and ``joint.vocabulary`` from it, as NeMo sets them,
+        and a hybrid's ``aux_ctc.decoder.num_classes`` and ``vocabulary`` (``EncDecHybridRNNTCTCBPEModel``)."""
         pieces = tuple(str(piece) for piece in vocabulary)
+        ctc = None if self.ctc is None else replace(self.ctc, num_classes=len(pieces), vocabulary=pieces)
         return replace(self, decoder=replace(self.decoder, vocab_size=len(pieces)),
-                       joint=replace(self.joint, num_classes=len(pieces), vocabulary=pieces))
+                       joint=replace(self.joint, num_classes=len(pieces), vocabulary=pieces), ctc=ctc)
 
 
 def read_model_config(config: Mapping[str, Any] | ModelConfig) -> ModelConfig:
@@ -648,6 +713,11 @@ class StatedConfig:
     kind: str
     speaker_kernel_layers: tuple[int, ...]  # empty for a single-speaker config
     background_speaker_kernel: bool
+    ctc: dict[str, Any] | None = None  # aux_ctc.decoder's stated keys; None without an aux_ctc section
+
+    @property
+    def decoder_kind(self) -> str:
+        return decoder_kind(self.kind, self.ctc is not None)
 
 
 def stated_config(config: Mapping[str, Any]) -> StatedConfig:
@@ -664,5 +734,6 @@ def stated_config(config: Mapping[str, Any]) -> StatedConfig:
         kind=transducer_kind(config),
         speaker_kernel_layers=tuple(sorted(speakers.get("layers", (0,)))) if multitalker else (),
         background_speaker_kernel=multitalker and speakers.get("background", True),
+        ctc=None if _lookup(config, "aux_ctc") is _ABSENT else CtcConfig.stated(_lookup(config, "aux_ctc.decoder")),
     )
 

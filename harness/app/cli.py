@@ -215,7 +215,8 @@ def cmd_nightly(args) -> int:
     outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
                           att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
                           tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
-                          audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory)
+                          audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
+                          mutation_testing=args.mutation_testing)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -225,10 +226,27 @@ def cmd_nightly(args) -> int:
     return EXIT_VIOLATION if failures else EXIT_OK
 
 
+def cmd_mutants(args) -> int:
+    from harness.app.mutation import run_mutation_tests, write_mutants
+
+    outcome = run_mutation_tests(workers=args.workers, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    path = write_mutants(outcome, args.out)
+    totals = ", ".join(f"{count} {status}" for status, count in outcome["totals"].items())
+    print(f"{outcome['mutants']} mutants of the judge: {totals}")
+    for survivor in outcome["survived"][:20]:
+        print(f"survived: {survivor['name']}")
+    print(f"written to {path}")
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
+    from harness.app.mutation import load_mutants
     from harness.report import load_results, write_report
 
-    files = write_report(load_results(args.results), args.out, reports_dir=args.history, date=args.date)
+    # A night's mutation-test outcome lies beside its results (parity nightly --mutation-testing).
+    mutants = load_mutants(Path(args.results[0]).parent)
+    files = write_report(load_results(args.results), args.out, reports_dir=args.history, date=args.date,
+                         mutants=mutants)
     print(f"report:  {files.markdown}\nreport:  {files.html}")
     return EXIT_OK
 
@@ -313,7 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bounded-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="one model in memory at a time, runs spooled to disk, preparation in a subprocess "
                         "(default: on for checkpoints over 1 GiB)")
+    p.add_argument("--mutation-testing", action="store_true",
+                   help="also mutate the judging modules (mutmut) and list the mutants the tests miss")
     p.set_defaults(func=cmd_nightly)
+
+    p = sub.add_parser("mutants", help="mutation-test the judge: which changes to a verdict do its tests miss?")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="writes OUT/mutants.json")
+    p.add_argument("--workers", type=_positive_int, default=2, help="mutants tested at once (default: 2)")
+    p.set_defaults(func=cmd_mutants)
 
     p = sub.add_parser("report", help="render report.md and report.html from saved results JSON")
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json")

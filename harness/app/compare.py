@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.interface.backend import Backend
 from harness.interface.utterance import Utterance
@@ -15,6 +16,8 @@ from harness.judge.loop import Candidate, LoopOutcome, LoopProgress, stream_and_
 from harness.judge.results import Results
 from harness.judge.tolerances import Tolerances
 from harness.nemo_file import sha256_file
+from harness.system.progress import as_progress
+from harness.system.provenance import HubOrigin
 
 # What ``compare_backends`` returns: the results, and the in-memory runs for callers that look further.
 ParityReport = LoopOutcome
@@ -35,19 +38,27 @@ def held_out_utterances(limit: int | None = None) -> list[Utterance]:
     return [Utterance.from_file(entry["audio_filepath"], entry["text"]) for entry in entries]
 
 
-def model_record(model_path: Path | None) -> dict:
-    """How results name the checkpoint they judged."""
+def model_record(model_path: Path | None, hub: HubOrigin | None = None) -> dict:
+    """How results name the checkpoint they judged (and the hub repository and commit it came from)."""
+    origin = {"hub_repo": hub.repo if hub else None, "hub_revision": hub.revision if hub else None}
     if model_path is None:
-        return {"path": None, "sha256": None, "name": None}
-    return {"path": str(model_path), "sha256": sha256_file(model_path), "name": Path(model_path).stem}
+        return {"path": None, "sha256": None, "name": None, **origin}
+    return {"path": str(model_path), "sha256": sha256_file(model_path), "name": Path(model_path).stem, **origin}
 
 
 def compare_backends(reference: Backend, candidates: Iterable[Backend], utterances: Sequence[Utterance],
                      att_context_sizes: Sequence[Sequence[int]], tolerances: Tolerances, *,
-                     model_path: Path | None = None, include_offline: bool = True,
-                     progress: Callable[[str], None] | None = None) -> LoopOutcome:
-    """Stream every utterance at every lookahead through the reference and each (open) candidate."""
-    results = Results(model=model_record(model_path), tolerances=tolerances.source)
-    loop_progress = LoopProgress(advance=progress) if progress else None
+                     model_path: Path | None = None, model_hub: HubOrigin | None = None,
+                     backends: Sequence[dict[str, Any]] | None = None, include_offline: bool = True,
+                     progress: Callable[[str], None] | LoopProgress | None = None) -> LoopOutcome:
+    """Stream every utterance at every lookahead through the reference and each (open) candidate.
+
+    ``model_hub``: where the checkpoint came from; ``backends``: each backend's provenance record
+    (``harness.app.provenance``), kept in the results' ``model``. ``progress``: a line callback, or
+    the loop's callbacks (a ``harness.system.progress.ProgressBar``)."""
+    results = Results(model=model_record(model_path, model_hub), tolerances=tolerances.source)
+    if backends:
+        results.model["backends"] = list(backends)
+    loop_progress = as_progress(progress) if progress else None
     return stream_and_compare(reference, [Candidate.of(c) for c in candidates], utterances, att_context_sizes,
                               tolerances, include_offline=include_offline, results=results, progress=loop_progress)

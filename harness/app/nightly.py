@@ -348,8 +348,11 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
 
 
 def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "reports",
-                date: str | None = None, **matrix_options) -> NightlyOutcome:
-    """The night: run the matrix, write ``<out_root>/<date>/`` results and the report (history from ``out_root``)."""
+                date: str | None = None, mutation_testing: bool = False, **matrix_options) -> NightlyOutcome:
+    """The night: run the matrix, write ``<out_root>/<date>/`` results and the report (history from ``out_root``).
+
+    ``mutation_testing``: also mutate the judge (``harness.app.mutation``) and list its survivors.
+    """
     models = list(models or default_models())
     date = date or _dt.datetime.now(_dt.UTC).date().isoformat()
     night_dir = Path(out_root) / date
@@ -358,7 +361,14 @@ def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "
     for results, file_name in zip(all_results, results_file_names(models)):
         results.extra["date"] = date
         files.append(results.save(night_dir / file_name))
-    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}")
+    mutants = None
+    if mutation_testing:
+        from harness.app.mutation import run_mutation_tests, write_mutants
+
+        mutants = run_mutation_tests()
+        files.append(write_mutants(mutants, night_dir))
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}",
+                          mutants=mutants)
     return NightlyOutcome(night_dir, files, report, all_results)
 
 

@@ -26,6 +26,15 @@ Tap names shared by all backends (all float32 numpy arrays, batch first):
 - ``encoder``        final encoder output after streaming post-processing ``[B, D, T_valid]``
 - ``decoder``        prediction-net output of every decoder call in the step, in call order ``[N, H]``
 - ``joint``          joint logits (before log-softmax) of every joint call, in call order ``[N, V+1]``
+- ``ctc``            hybrid RNNT-CTC models only: the CTC head's log-probabilities (NeMo's
+                     ``ConvASRDecoder`` applies log_softmax) over the step's valid encoder frames
+                     ``[B, T_valid, V+1]``, the blank last
+
+A hybrid model's CTC greedy transcript is carried the way NeMo's streaming CTC decoding builds it
+(``conformer_stream_step`` concatenates every step's argmax labels, then ``CTCDecoding`` collapses
+repeats and drops blanks): each step emits the labels of its frames that are neither the blank nor
+the label of the frame before, and ``StreamingState.ctc_last_label`` carries the last frame's label
+(blank included) into the next step (``ctc_greedy``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ TAP_PRE_ENCODE = "pre_encode"
 TAP_ENCODER = "encoder"
 TAP_DECODER = "decoder"
 TAP_JOINT = "joint"
+TAP_CTC = "ctc"
 
 
 def layer_tap(index: int) -> str:
@@ -102,6 +112,9 @@ class StreamingState:
     decoder: list[DecoderState]  # one per batch item
     step_index: int = 0
     native: Any = None
+    # Hybrid RNNT-CTC models: the CTC greedy label of the last frame so far (the blank id at the start),
+    # per batch item; None for a model without a CTC head.
+    ctc_last_label: list[int] | None = None
 
     def caches(self) -> dict[str, np.ndarray]:
         return {
@@ -123,6 +136,8 @@ class StepOutput:
     tokens: list[list[int]]  # tokens emitted in this step, per batch item
     taps: dict[str, np.ndarray]
     seconds: float = 0.0  # wall time of the step, for benchmarks and the demo table
+    # Hybrid RNNT-CTC models: the CTC greedy labels this step emitted, per batch item (``ctc_greedy``).
+    ctc_tokens: list[list[int]] | None = None
 
 
 @dataclass
@@ -131,6 +146,24 @@ class OfflineOutput:
     encoded_len: np.ndarray  # [B] int64
     tokens: list[list[int]]
     taps: dict[str, np.ndarray]
+    ctc_tokens: list[list[int]] | None = None  # hybrid RNNT-CTC models: the CTC greedy transcript
+
+
+def ctc_greedy(log_probs: np.ndarray, length: int, blank_id: int, last_label: int) -> tuple[list[int], int]:
+    """CTC greedy decoding of one utterance's frames ``[T, V+1]`` (the first ``length``), continuing from
+    ``last_label`` (the label of the frame before them; the blank id at the start).
+
+    Returns the emitted labels and the label of the last frame. Fed step by step it gives exactly what
+    NeMo's ``CTCDecoding`` greedy gives on the concatenated frames: a label is emitted where it is not
+    the blank and differs from the frame before (repeats collapse unless a blank separates them).
+    """
+    emitted = []
+    previous = int(last_label)
+    for label in (int(i) for i in np.argmax(np.asarray(log_probs)[:length], axis=-1)):
+        if label != blank_id and label != previous:
+            emitted.append(label)
+        previous = label
+    return emitted, previous
 
 
 @dataclass(frozen=True)
@@ -154,6 +187,8 @@ class ModelInfo:
     # and whether a background-speaker kernel is added too. Empty for single-speaker models.
     speaker_kernel_layers: tuple[int, ...] = ()
     background_speaker_kernel: bool = False
+    # Hybrid RNNT-CTC models: a CTC head (``aux_ctc``) over the same vocabulary, blank id included.
+    ctc_head: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder_config is not None and not isinstance(self.encoder_config, EncoderConfig):
@@ -180,6 +215,7 @@ class ModelInfo:
             encoder_config=encoder,
             speaker_kernel_layers=speakers.layers if speakers else (),
             background_speaker_kernel=speakers.background if speakers else False,
+            ctc_head=model.ctc is not None,
         )
 
     @property
@@ -210,6 +246,7 @@ class ModelInfo:
             cache_last_time=np.zeros((self.num_layers, batch_size, self.d_model, self.conv_kernel_size - 1), np.float32),
             cache_last_channel_len=np.zeros((batch_size,), np.int64),
             decoder=[DecoderState.start(self.blank_id, self.pred_layers, self.pred_hidden) for _ in range(batch_size)],
+            ctc_last_label=[self.blank_id] * batch_size if self.ctc_head else None,
         )
 
     def check_state(self, state: StreamingState) -> None:
@@ -224,7 +261,7 @@ class ModelInfo:
 
 
 TAP_LAYERS = "layers"  # the tap kind of every ``layers.{i}`` tap
-TENSOR_TAP_KINDS = (TAP_MEL, TAP_PRE_ENCODE, TAP_LAYERS, TAP_ENCODER, TAP_DECODER, TAP_JOINT)
+TENSOR_TAP_KINDS = (TAP_MEL, TAP_PRE_ENCODE, TAP_LAYERS, TAP_ENCODER, TAP_DECODER, TAP_JOINT, TAP_CTC)
 # The caches, compared like taps after every step under these names (``StreamingState.caches``).
 CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 
@@ -242,7 +279,8 @@ class Capabilities:
     - ``first_chunk_modes``: the ``FirstChunkMode`` values it streams (an ONNX export bakes
       pad-and-drop into its graph);
     - ``taps``: the tap kinds it returns (``TENSOR_TAP_KINDS`` or a subset; empty for a
-      transcript-level backend, e.g. a peer runtime that only gives tokens);
+      transcript-level backend, e.g. a peer runtime that only gives tokens); ``ctc`` is returned
+      only for a model that has a CTC head (``Capabilities.for_model``, ``Backend.produced_taps``);
     - ``caches``: whether its ``StreamingState`` carries the encoder caches in canonical layout;
     - ``offline``: whether ``Backend.offline`` is implemented;
     - ``teacher_forcing``: whether ``step`` accepts ``forced_decisions`` (the reference's greedy
@@ -263,6 +301,11 @@ class Capabilities:
     def produces(self, tap: str) -> bool:
         return tap_kind(tap) in self.taps
 
+    def for_model(self, info: ModelInfo) -> Capabilities:
+        """What the backend produces for one model: ``ctc`` only when the model has a CTC head."""
+        absent = () if info.ctc_head else (TAP_CTC,)
+        return replace(self, taps=tuple(kind for kind in self.taps if kind not in absent))
+
 
 class Backend(abc.ABC):
     """A runner of one model on one framework, behind the shared streaming interface.
@@ -280,6 +323,11 @@ class Backend(abc.ABC):
     @property
     def first_chunk_modes(self) -> tuple[str, ...]:
         return self.capabilities.first_chunk_modes
+
+    def produced_taps(self) -> tuple[str, ...]:
+        """The tap kinds this backend returns for the model it runs (``capabilities`` declares what it can
+        produce for any model, and is what the registry entry holds)."""
+        return self.capabilities.for_model(self.info).taps
 
     def __enter__(self) -> Backend:
         return self

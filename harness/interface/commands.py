@@ -3,8 +3,8 @@
 A backend's registry entry names a module with ``register(subparsers)``; its commands receive the
 parsed arguments, whose ``context`` attribute is a ``CommandContext``. The context gives what only
 the application layer can: the reference backend, the default utterances, diagnosis through every
-registered artifact reader. That way a backend command never imports the application layer or
-another backend, and the command line names no backend.
+registered artifact reader, model sources named on the hub. That way a backend command never
+imports the application layer or another backend, and the command line names no backend.
 
 Exit codes, one meaning each:
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import BadInput
+from harness.system.provenance import ResolvedSource
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_BAD_INPUT = EXIT_USAGE
@@ -87,9 +88,14 @@ class CommandContext:
     - ``load_reference(nemo_path)``: the reference backend (NeMo) over a checkpoint;
     - ``default_utterances()``: the fixture speech, used when a command is given no audio;
     - ``diagnose(path, nemo_path=None, **options)``: ``harness.detect`` over every registered
-      artifact reader, numeric check included when ``nemo_path`` is given.
+      artifact reader, numeric check included when ``nemo_path`` is given;
+    - ``resolve_source(text, backend)``: a source argument (a local path, ``ORG/NAME[@REVISION]`` or
+      ``hf://ORG/NAME[@REVISION]/FILE``) as a ``ResolvedSource``: the local path (downloaded through
+      the hub cache when need be) and, for a hub source, the repository and resolved commit.
+      ``backend``: whose format (the reference: a ``.nemo``); None: any registered format.
     """
 
     load_reference: Callable[[Path], Any]
     default_utterances: Callable[[], list]
     diagnose: Callable[..., Any]
+    resolve_source: Callable[..., ResolvedSource] = lambda text, backend=None: ResolvedSource(Path(text), str(text))

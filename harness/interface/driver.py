@@ -34,6 +34,13 @@ class StreamRun:
         return [t for step in self.steps for t in step.tokens[0]]
 
     @property
+    def ctc_tokens(self) -> list[int] | None:
+        """The CTC greedy transcript of a hybrid model (batch item 0); None when a step has none."""
+        if not self.steps or any(step.ctc_tokens is None for step in self.steps):
+            return None
+        return [t for step in self.steps for t in step.ctc_tokens[0]]
+
+    @property
     def encoded(self) -> np.ndarray:
         return np.concatenate([step.encoded[..., : int(step.encoded_len[0])] for step in self.steps], axis=-1)
 

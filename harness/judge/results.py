@@ -5,8 +5,10 @@ Schema (``schema_version`` 1)::
     {
       "schema_version": 1,
       "created": ISO-8601 UTC,
-      "model": {"path", "sha256", "name"},
-      "environment": {"versions": {package: version}, "device", "platform", "cpus", "threads"},
+      "model": {"path", "sha256", "name", "hub_repo", "hub_revision",
+                "backends": [{backend, path, sha256, hub_repo, hub_revision, source_sha256, made_by...}]},
+      "environment": {"versions": {package: version}, "harness_version", "git_commit", "device", "platform",
+                      "cpus", "threads"},
       "tolerances": path of the tolerance file applied,
       "comparisons": [PairComparison as dict: reference, candidate, pair, dtype, att_context_size,
                       utterance, passed, first_divergence, reference_tokens, candidate_tokens,
@@ -32,6 +34,7 @@ from typing import Any
 from harness.errors import InputNotFound, InvalidInput
 from harness.judge.compare import PairComparison, TapResult
 from harness.judge.ties import TokenFlip
+from harness.system.provenance import git_commit, harness_version
 from harness.system.threads import requested_threads
 
 SCHEMA_VERSION = 1
@@ -47,6 +50,8 @@ def environment() -> dict[str, Any]:
             continue
     return {
         "versions": versions,
+        "harness_version": harness_version(),
+        "git_commit": git_commit(),  # None unless running from a git checkout
         "device": "cpu",
         "platform": platform.platform(),
         "machine": platform.machine(),

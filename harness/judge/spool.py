@@ -4,7 +4,7 @@ At full size (24 layers x 1024 wide) one [70,13] streaming step carries about 9 
 caches: 60 s of audio is about half a gigabyte per backend and lookahead. ``record`` streams one
 backend and writes each step to its own ``.npz`` as it is produced; ``SpooledRun`` reads steps
 back one at a time. It offers what ``harness.judge.compare.compare_runs`` reads from a ``StreamRun``
-(``steps``, ``step_taps``, ``tokens``, ``encoded``, ``features``), so two spooled runs are compared
+(``steps``, ``step_taps``, ``tokens``, ``ctc_tokens``, ``encoded``, ``features``), so two spooled runs are compared
 by the same code as two in-memory ones, holding one step of each at a time.
 """
 
@@ -37,7 +37,8 @@ def _save_step(path: Path, step: StepOutput) -> None:
         arrays[f"decoder/{index}/h"], arrays[f"decoder/{index}/c"] = decoder.h, decoder.c
     meta = {"tokens": step.tokens, "seconds": step.seconds, "step_index": step.state.step_index,
             "att_context_size": list(step.state.att_context_size),
-            "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder]}
+            "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder],
+            "ctc_tokens": step.ctc_tokens, "ctc_last_label": step.state.ctc_last_label}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     staged = path.with_suffix(".tmp.npz")
     np.savez(staged, **arrays)
@@ -53,9 +54,11 @@ def _load_step(path: Path) -> StepOutput:
     decoders = [DecoderState(last_token=int(d["last_token"]), h=arrays[f"decoder/{i}/h"], c=arrays[f"decoder/{i}/c"],
                              tokens=[int(t) for t in d["tokens"]]) for i, d in enumerate(meta["decoder"])]
     state = StreamingState(att_context_size=tuple(meta["att_context_size"]), decoder=decoders,
-                           step_index=int(meta["step_index"]), **caches)
+                           step_index=int(meta["step_index"]), ctc_last_label=meta.get("ctc_last_label"), **caches)
+    ctc = meta.get("ctc_tokens")
     return StepOutput(encoded=arrays["encoded"], encoded_len=arrays["encoded_len"], state=state,
-                      tokens=[[int(t) for t in row] for row in meta["tokens"]], taps=taps, seconds=float(meta["seconds"]))
+                      tokens=[[int(t) for t in row] for row in meta["tokens"]], taps=taps, seconds=float(meta["seconds"]),
+                      ctc_tokens=None if ctc is None else [[int(t) for t in row] for row in ctc])
 
 
 class SpooledSteps(Sequence):
@@ -89,6 +92,7 @@ class SpooledRun:
     step_tokens: list[list[int]] = field(default_factory=list)  # batch item 0, per step
     step_seconds: list[float] = field(default_factory=list)
     features: np.ndarray | None = None
+    step_ctc_tokens: list[list[int] | None] = field(default_factory=list)  # hybrid models' CTC labels, per step
 
     @property
     def steps(self) -> SpooledSteps:
@@ -97,6 +101,12 @@ class SpooledRun:
     @property
     def tokens(self) -> list[int]:
         return [t for step in self.step_tokens for t in step]
+
+    @property
+    def ctc_tokens(self) -> list[int] | None:
+        if not self.step_ctc_tokens or any(step is None for step in self.step_ctc_tokens):
+            return None
+        return [t for step in self.step_ctc_tokens for t in step]
 
     @property
     def encoded(self) -> np.ndarray:
@@ -132,9 +142,11 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
         _save_step(directory / STEP_FILE.format(index=index), step)
         run.step_count += 1
         run.step_tokens.append(list(step.tokens[0]))
+        run.step_ctc_tokens.append(None if step.ctc_tokens is None else list(step.ctc_tokens[0]))
         run.step_seconds.append(step.seconds)
         del step
     (directory / RUN_FILE).write_text(json.dumps({
         "backend": run.backend, "dtype": run.dtype, "att_context_size": list(run.att_context_size),
-        "mode": run.mode, "steps": run.step_count, "tokens": run.step_tokens, "seconds": run.step_seconds}) + "\n")
+        "mode": run.mode, "steps": run.step_count, "tokens": run.step_tokens, "ctc_tokens": run.step_ctc_tokens,
+        "seconds": run.step_seconds}) + "\n")
     return run

@@ -13,6 +13,10 @@ from the reference's is a *flip*; it is a *near-tie* when the candidate chose th
 choice and the reference's margin between its top two logits is within what the tolerance file
 allows the joint to differ: twice the allowed error per logit (each of the two logits may move by
 it, in opposite directions). Every other flip is a real disagreement.
+
+A hybrid model's CTC head has no feedback: its greedy label at one frame changes nothing at the
+next, so no teacher forcing is needed. Each frame of the ``ctc`` tap whose argmax differs is a flip
+of its own, judged by the same rule against the ``ctc`` limits (``find_flips(..., tap=TAP_CTC)``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from harness.interface.backend import TAP_JOINT
+from harness.interface.backend import TAP_CTC, TAP_JOINT
 
 
 @dataclass
@@ -31,7 +35,7 @@ class TokenFlip:
     """One joint call where the candidate's greedy choice differs from the reference's decision."""
 
     step: int
-    call: int  # the joint call within the step, in NeMo's call order
+    call: int  # the joint call within the step, in NeMo's call order (the frame within the step for ctc)
     reference_label: int  # the reference's decision (argmax)
     reference_second: int  # the reference's second choice
     candidate_label: int  # the candidate's own argmax, with the reference's labels fed to its decoder
@@ -40,10 +44,12 @@ class TokenFlip:
     scale: float  # max |reference joint| over the step (what ``max_abs_scaled`` limits are relative to)
     bound: float  # the largest margin that still counts as a tie under the tolerance file
     near_tie: bool
+    tap: str = TAP_JOINT  # the logits the decision was taken on: the joint, or a hybrid's CTC head
 
     def describe(self) -> str:
-        kind = "near-tie" if self.near_tie else "label flip"
-        return (f"{kind} at step {self.step}, call {self.call}: reference {self.reference_label} "
+        kind = ("CTC " if self.tap == TAP_CTC else "") + ("near-tie" if self.near_tie else "label flip")
+        where = f"frame {self.call}" if self.tap == TAP_CTC else f"call {self.call}"
+        return (f"{kind} at step {self.step}, {where}: reference {self.reference_label} "
                 f"(second {self.reference_second}, margin {self.reference_margin:.3g}), candidate "
                 f"{self.candidate_label} (margin {self.candidate_margin:.3g}), tie bound {self.bound:.3g}")
 
@@ -74,13 +80,17 @@ def top_two(row: np.ndarray) -> tuple[int, int]:
     return first, int(np.argmax(rest))
 
 
-def find_flips(reference_steps: Sequence, candidate_steps: Sequence, joint_limits: Mapping[str, float]) -> list[TokenFlip]:
-    """Every joint call where the teacher-forced candidate's own choice differs from the reference's."""
+def find_flips(reference_steps: Sequence, candidate_steps: Sequence, joint_limits: Mapping[str, float], *,
+               tap: str = TAP_JOINT) -> list[TokenFlip]:
+    """Every joint call where the teacher-forced candidate's own choice differs from the reference's
+    (``tap="ctc"``: every frame where a hybrid's CTC head takes another greedy label; ``joint_limits``
+    are then the ``ctc`` limits)."""
     flips: list[TokenFlip] = []
     for index, (reference, candidate) in enumerate(zip(reference_steps, candidate_steps, strict=False)):
-        ref_rows, cand_rows = reference.taps.get(TAP_JOINT), candidate.taps.get(TAP_JOINT)
-        if ref_rows is None or cand_rows is None or ref_rows.shape != cand_rows.shape or not len(ref_rows):
-            continue  # a missing or misshapen joint tap is a tap violation of its own
+        ref_rows, cand_rows = reference.taps.get(tap), candidate.taps.get(tap)
+        if ref_rows is None or cand_rows is None or ref_rows.shape != cand_rows.shape or not ref_rows.size:
+            continue  # a missing or misshapen tap is a tap violation of its own
+        ref_rows, cand_rows = ref_rows.reshape(-1, ref_rows.shape[-1]), cand_rows.reshape(-1, cand_rows.shape[-1])
         scale = float(np.max(np.abs(ref_rows)))
         bound = tie_bound(joint_limits, scale)
         for call, (ref_row, cand_row) in enumerate(zip(ref_rows, cand_rows, strict=True)):
@@ -92,7 +102,7 @@ def find_flips(reference_steps: Sequence, candidate_steps: Sequence, joint_limit
             flips.append(TokenFlip(
                 step=index, call=call, reference_label=first, reference_second=second, candidate_label=chosen,
                 reference_margin=margin, candidate_margin=float(cand_row[chosen] - cand_row[first]), scale=scale,
-                bound=bound, near_tie=chosen == second and margin <= bound))
+                bound=bound, near_tie=chosen == second and margin <= bound, tap=tap))
     return flips
 
 

@@ -74,11 +74,13 @@ def _templates() -> jinja2.Environment:
     return environment
 
 
-def _summary_context(results_list: Sequence[Results], history: History | None, title: str) -> dict[str, Any]:
+def _summary_context(results_list: Sequence[Results], history: History | None, title: str,
+                     mutants: dict | None = None) -> dict[str, Any]:
     """What the Markdown summary and the HTML page both show."""
     summaries = pair_summaries(results_list)
     return {
         "title": title,
+        "mutants": mutants,
         "models": model_fingerprints(results_list),
         "fp32_passed": overall_passed(results_list, fp32_only=True),
         "passed": sum(s.passed_count for s in summaries),
@@ -91,14 +93,16 @@ def _summary_context(results_list: Sequence[Results], history: History | None, t
 
 
 def render_markdown(results_list: Sequence[Results], history: History | None = None, *,
-                    title: str = "Parity report", html_name: str | None = "report.html") -> str:
+                    title: str = "Parity report", html_name: str | None = "report.html",
+                    mutants: dict | None = None) -> str:
     return _templates().get_template("report.md.j2").render(
-        _summary_context(results_list, history, title), html_name=html_name)
+        _summary_context(results_list, history, title, mutants), html_name=html_name)
 
 
 def render_html(results_list: Sequence[Results], history: History | None = None, *,
-                title: str = "Parity report") -> str:
-    context = _summary_context(results_list, history, title)
+                title: str = "Parity report", mutants: dict | None = None) -> str:
+    """``mutants``: the judge's mutation-test outcome (``harness.app.mutation``), listed when given."""
+    context = _summary_context(results_list, history, title, mutants)
     timings = timing_rows(results_list)
     return _templates().get_template("report.html.j2").render(
         context,
@@ -133,7 +137,7 @@ def load_results(paths: Sequence[str | Path]) -> list[Results]:
 
 
 def write_report(results_list: Sequence[Results], out_dir: str | Path, *, reports_dir: str | Path | None = None,
-                 date: str | None = None, title: str | None = None) -> ReportFiles:
+                 date: str | None = None, title: str | None = None, mutants: dict | None = None) -> ReportFiles:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; history from ``reports_dir`` before ``date``."""
     if not results_list:
         raise InvalidInput("no results to report")
@@ -144,6 +148,6 @@ def write_report(results_list: Sequence[Results], out_dir: str | Path, *, report
     out.mkdir(parents=True, exist_ok=True)
     markdown = out / "report.md"
     page = out / "report.html"
-    markdown.write_text(render_markdown(results_list, history, title=title), encoding="utf-8")
-    page.write_text(render_html(results_list, history, title=title), encoding="utf-8")
+    markdown.write_text(render_markdown(results_list, history, title=title, mutants=mutants), encoding="utf-8")
+    page.write_text(render_html(results_list, history, title=title, mutants=mutants), encoding="utf-8")
     return ReportFiles(markdown, page)
