@@ -91,9 +91,11 @@ def time_one(spec, source: str, mels, contexts, mode: str, repeat: int, threads:
     rows = []
     for context in contexts:
         stream(backend, mels[0], context, mode)  # warm-up, not counted
-        latencies, rtfs = [], []
+        latencies, rtfs, labels = [], [], 0
         for _ in range(repeat):
-            seconds = [s for mel in mels for s in stream(backend, mel, context, mode).step_seconds]
+            runs = [stream(backend, mel, context, mode) for mel in mels]
+            seconds = [s for run in runs for s in run.step_seconds]
+            labels = sum(len(run.tokens) for run in runs)
             latencies += seconds
             rtfs.append(sum(seconds) / audio_seconds)
         steps = np.asarray(latencies)
@@ -101,9 +103,77 @@ def time_one(spec, source: str, mels, contexts, mode: str, repeat: int, threads:
                      "median_ms": round(float(np.median(steps)) * 1e3, 3),
                      "p95_ms": round(float(np.percentile(steps, 95)) * 1e3, 3),
                      "max_ms": round(float(steps.max()) * 1e3, 3),
-                     "rtf": round(float(np.median(rtfs)), 4), "rtf_per_repeat": [round(r, 4) for r in rtfs]})
+                     "rtf": round(float(np.median(rtfs)), 4), "rtf_per_repeat": [round(r, 4) for r in rtfs],
+                     # Greedy decoding runs once per label: a model that emits nothing is timed without it.
+                     "labels_per_second": round(labels / audio_seconds, 2)})
     backend.close()
     return {"load_seconds": round(load_seconds, 2), "peak_rss_mb": round(peak_rss_mb(), 1), "lookaheads": rows}
+
+
+def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, threads: int) -> dict:
+    """Child process: one ``parity compare`` run (taps, comparison, recording) through the loop; each
+    backend's own compute (the sum of its ``StepOutput.seconds``) against the wall time of the run."""
+    _limit_threads(threads)
+    from backends import get
+    from harness.app.compare import compare_backends
+    from harness.judge.tolerances import Tolerances
+
+    reference = get("nemo").load(Path(nemo_path))
+    candidates = [get(name).load(Path(sources[f"{name}:{dtype}"]), dtype=dtype, nemo_path=Path(nemo_path))
+                  for name, dtype in specs if name != "nemo"]
+    started = time.perf_counter()
+    outcome = compare_backends(reference, candidates, utterances, contexts, Tolerances.load(),
+                               include_offline=False)
+    wall = time.perf_counter() - started
+    compute: dict[str, float] = {}
+    for row in outcome.results.timings:
+        label = row["backend"] if row["dtype"] == "float32" else f"{row['backend']}:{row['dtype']}"
+        compute[label] = compute.get(label, 0.0) + sum(row["step_seconds"])
+    backends = sum(compute.values())
+    return {"wall_seconds": round(wall, 2), "backend_seconds": {k: round(v, 2) for k, v in compute.items()},
+            "harness_seconds": round(wall - backends, 2), "harness_share": round((wall - backends) / wall, 4),
+            "comparisons": len(outcome.results.comparisons)}
+
+
+REGRESSION = 1.25  # a figure more than 25 % worse than the previous run on the same machine and threads
+
+
+def previous_figures(history: Path, figures: dict) -> tuple[Path, dict] | None:
+    """The latest earlier benchmark of the same model, machine, thread count and mode in ``history``."""
+    same = []
+    for path in sorted(history.rglob("bench-*.json")):
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (old.get("model", {}).get("name") == figures["model"]["name"] and old.get("machine") == figures["machine"]
+                and old.get("threads") == figures["threads"] and old.get("mode") == figures["mode"]
+                and old.get("created", "") < figures["created"]):
+            same.append((old["created"], path, old))
+    return (same[-1][1], same[-1][2]) if same else None
+
+
+def regressions(previous: dict, figures: dict) -> list[str]:
+    """Every RTF, latency, peak RSS or preparation figure more than 25 % worse than ``previous``."""
+    flagged = []
+    before = {entry["label"]: entry for entry in previous.get("backends", [])}
+    for entry in figures["backends"]:
+        old = before.get(entry["label"])
+        if old is None:
+            continue
+        pairs = [(f"{entry['label']} {key}", old.get(key), entry.get(key))
+                 for key in ("peak_rss_mb", "prepare_seconds", "prepare_peak_rss_mb")]
+        old_rows = {tuple(r["att_context_size"]): r for r in old.get("lookaheads", [])}
+        for row in entry["lookaheads"]:
+            old_row = old_rows.get(tuple(row["att_context_size"]))
+            if old_row:
+                context = "[{},{}]".format(*row["att_context_size"])
+                pairs += [(f"{entry['label']} {context} {key}", old_row.get(key), row.get(key))
+                          for key in ("rtf", "median_ms", "p95_ms")]
+        for name, old_value, value in pairs:
+            if old_value and value is not None and value > REGRESSION * old_value:
+                flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
+    return flagged
 
 
 def machine() -> dict:
@@ -137,6 +207,11 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / ".cache" / "bench", help="prepared artifacts")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON (default: "
                         "reports/bench/bench-<model>-<UTC time>.json)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="also time one compare run: each backend's compute against the harness's share")
+    parser.add_argument("--history", type=Path, metavar="DIR", default=REPO / "reports" / "bench",
+                        help="earlier benchmark JSON; figures >25%% worse than the last comparable run are flagged "
+                             "(default: %(default)s)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -206,8 +281,8 @@ def main(argv=None) -> int:
                      if entry["label"] == "nemo" for row in entry["lookaheads"]}
     table = Table(title=f"streaming per chunk: {Path(nemo_path).name}, {audio_seconds:.1f} s audio, "
                         f"{args.mode}, {args.threads} thread(s), median of {args.repeat}")
-    for column in ("lookahead", "backend", "chunks", "median ms", "p95 ms", "RTF", "× NeMo", "peak RSS MB",
-                   "prepare s", "prepare RSS MB"):
+    for column in ("lookahead", "backend", "chunks", "median ms", "p95 ms", "RTF", "× NeMo", "labels/s",
+                   "peak RSS MB", "prepare s", "prepare RSS MB"):
         table.add_column(column, justify="left" if column in ("lookahead", "backend") else "right")
     for context in contexts:
         for entry in figures["backends"]:
@@ -216,10 +291,26 @@ def main(argv=None) -> int:
             row["rtf_vs_nemo"] = None if ratio is None else round(ratio, 3)
             table.add_row(f"[{context[0]},{context[1]}]", entry["label"], str(row["chunks_per_pass"]),
                           f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['rtf']:.4f}",
-                          "" if ratio is None else f"{ratio:.2f}", f"{entry['peak_rss_mb']:.0f}",
+                          "" if ratio is None else f"{ratio:.2f}", f"{row['labels_per_second']:.1f}",
+                          f"{entry['peak_rss_mb']:.0f}",
                           f"{entry['prepare_seconds']:.1f}", f"{entry['prepare_peak_rss_mb']:.0f}")
         table.add_section()
     console.print(table)
+    if args.overhead:
+        sources = {entry["label"] if ":" in entry["label"] else f"{entry['label']}:float32": entry["source"]
+                   for entry in figures["backends"]}
+        with spawn.Pool(1) as pool:
+            overhead = pool.apply(overhead_one, (specs, str(nemo_path), sources, utterances, contexts, args.threads))
+        figures["overhead"] = overhead
+        console.print(f"compare run: {overhead['wall_seconds']:.1f} s wall, backends "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in overhead["backend_seconds"].items())
+                      + f"; harness {overhead['harness_seconds']:.1f} s = {overhead['harness_share'] * 100:.1f} % "
+                        "(target <= 15 %)")
+    earlier = previous_figures(args.history, figures) if args.history and args.history.is_dir() else None
+    if earlier is not None:
+        flagged = regressions(earlier[1], figures)
+        figures["regressions"] = {"against": str(earlier[0]), "flagged": flagged}
+        console.print(f"against {earlier[0].name}: " + ("; ".join(flagged) if flagged else "no figure 25 % worse"))
     out = args.json or REPO / "reports" / "bench" / (
         f"bench-{Path(nemo_path).stem}-{figures['created'].replace(':', '').replace('+0000', 'Z')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
