@@ -19,7 +19,12 @@ and, optionally:
 - ``hub_patterns``: the files of its source format (``*.nemo``; an artifact's files), the only
   ones downloaded when a source is named on the hub (``ORG/NAME[@REVISION]``, ``harness.app.hub``);
 - ``manifest``: the JSON file of an artifact that records its ``provenance``
-  (``harness.system.provenance``), read for the report and the stale-artifact check.
+  (``harness.system.provenance``), read for the report and the stale-artifact check;
+- ``detector``: ``"module:function"`` saying what a path is for this backend (a format name, printed by
+  ``parity compare --candidate PATH``), or ``None`` when the backend does not run it;
+- ``prepare_with`` / ``prepare_options``: an artifact written by another entry's ``prepare`` (a peer
+  runtime runs files the ONNX exporter writes in the peer's format); the registry wires them, so the
+  backend packages stay independent.
 
 ``requires`` lists the Python modules the backend imports; suites skip a backend whose modules
 cannot be imported, with the reason. ``capabilities`` is what its ``Backend`` class declares (a test
@@ -56,6 +61,9 @@ class BackendEntry:
     dtype_flags: Mapping[str, str] = field(default_factory=dict)
     hub_patterns: tuple[str, ...] = ()
     manifest: str | None = None
+    detector: str | None = None
+    prepare_with: str | None = None
+    prepare_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def first_chunk_modes(self) -> tuple[str, ...]:
@@ -72,8 +80,19 @@ class BackendEntry:
 
     def prepare(self, nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
                 att_context_sizes: Sequence[Sequence[int]] | None = None) -> Path:
+        if self.prepare_with is not None:
+            return get(self.prepare_with)._module().prepare(Path(nemo_path), Path(work_dir), dtype=dtype,
+                                                           att_context_sizes=att_context_sizes,
+                                                           **self.prepare_options)
         return self._module().prepare(Path(nemo_path), Path(work_dir), dtype=dtype,
                                       att_context_sizes=att_context_sizes)
+
+    def detect(self, path: Path) -> str | None:
+        """What ``path`` is in this backend's terms (a format name), or None when it does not run it."""
+        if self.detector is None:
+            return None
+        module, _, function = self.detector.partition(":")
+        return getattr(importlib.import_module(module), function)(Path(path))
 
     def load(self, source: Path, *, dtype: str | None = None, nemo_path: Path | None = None, **options: Any):
         """Open ``source``; without ``dtype`` the backend uses its default (MLX: the artifact's own)."""
@@ -108,7 +127,7 @@ register(BackendEntry(
 register(BackendEntry(
     name="onnx", module="backends.onnx", requires=("onnxruntime", "onnx"), dtypes=("float32", "int8"),
     marker="onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), offline=False, teacher_forcing=True),
-    cli="backends.onnx.cli", reader="backends.onnx.layout:read_view",
+    cli="backends.onnx.cli", reader="backends.onnx.layout:read_view", detector="backends.onnx.foreign:detect",
     source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
     dtype_flags={"--onnx-int8": "int8"},
     hub_patterns=("*.onnx", "*.onnx.data", "tokenizer.model", "vocab.txt", "frontend.npz", "*.json"),
@@ -118,10 +137,20 @@ register(BackendEntry(
 register(BackendEntry(
     name="mlx", module="backends.mlx", requires=("mlx",), dtypes=("float32", "bfloat16", "float16"), marker="mlx",
     capabilities=Capabilities(teacher_forcing=True),
-    cli="backends.mlx.cli", reader="backends.mlx.artifact:read_view",
+    cli="backends.mlx.cli", reader="backends.mlx.artifact:read_view", detector="backends.mlx.detect:detect",
     source_option="--mlx", source_help="an MLX artifact directory (parity convert)",
     hub_patterns=("*.safetensors", "*.json", "tokenizer.model"), manifest="artifact.json",
     description="MLX (our port): converted artifact, cache-aware streaming step, greedy RNNT decoding"))
+
+
+# A peer runtime: transcript-level (no taps, no caches), fed audio; its files come from the ONNX exporter.
+register(BackendEntry(
+    name="sherpa-onnx", module="backends.sherpa_onnx", requires=("sherpa_onnx",), dtypes=("float32", "int8"),
+    marker="sherpa_onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), taps=(), caches=False,
+                                                    offline=False, teacher_forcing=False, input="audio"),
+    detector="backends.sherpa_onnx:detect", prepare_with="onnx", prepare_options={"format": "sherpa-onnx"},
+    description="sherpa-onnx's own OnlineRecognizer (its front end, chunking and greedy decoding) on a "
+                "sherpa-onnx export: tokens per chunk"))
 
 
 def get(name: str) -> BackendEntry:

@@ -7,6 +7,11 @@
   hypotheses of the previous step. Decoding uses NeMo's ``greedy`` strategy (``GreedyRNNTInfer``),
   whose per-frame loop defines the decoder/joint call order the other backends reproduce.
 - Taps come from forward hooks; nothing in NeMo is patched.
+- Hybrid RNNT-CTC models (``EncDecHybridRNNTCTCBPEModel``): after each step the CTC head runs on the
+  step's encoder output, ``model.ctc_decoder(encoder_output=...)`` (log-probabilities, the ``ctc``
+  tap), and its greedy labels continue the previous step's (``harness.interface.backend.ctc_greedy``):
+  what NeMo's ``conformer_stream_step`` with the CTC decoder gives once ``CTCDecoding`` collapses the
+  concatenated labels. The RNNT decoder stays NeMo's default (``cur_decoder`` "rnnt").
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from harness.errors import InvalidInput
 from harness.interface.backend import (
+    TAP_CTC,
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
@@ -31,6 +37,7 @@ from harness.interface.backend import (
     OfflineOutput,
     StepOutput,
     StreamingState,
+    ctc_greedy,
     layer_tap,
 )
 from harness.interface.chunking import Chunk
@@ -158,7 +165,9 @@ class NemoBackend(Backend):
         52.5 % after a transcribe() call. The reference must never run that way.
         """
         model = self.model
-        if model.encoder.training or model.decoder.training or model.joint.training or model.preprocessor.training:
+        ctc_head = getattr(model, "ctc_decoder", None)
+        if model.encoder.training or model.decoder.training or model.joint.training or model.preprocessor.training \
+                or (ctc_head is not None and ctc_head.training):
             model.eval()
 
     def _use_context(self, att_context_size: Sequence[int]) -> None:
@@ -204,6 +213,19 @@ class NemoBackend(Backend):
             last = self.info.blank_id if hyp.last_token is None else int(hyp.last_token)
             states.append(DecoderState(last_token=last, h=h.copy(), c=c.copy(), tokens=tokens))
         return states
+
+    def _ctc(self, encoded, encoded_len, last_labels: list[int]) -> tuple[np.ndarray, list[list[int]], list[int]]:
+        """The CTC head on ``encoded`` ``[B, D, T]``: its log-probabilities over the valid frames
+        ``[B, T_valid, V+1]``, and per batch item the greedy labels emitted after ``last_labels`` and the
+        last frame's label."""
+        log_probs = self.model.ctc_decoder(encoder_output=encoded).float().cpu().numpy()
+        lengths = [int(n) for n in encoded_len]
+        emitted, last = [], []
+        for index, length in enumerate(lengths):
+            labels, final = ctc_greedy(log_probs[index], length, self.info.blank_id, last_labels[index])
+            emitted.append(labels)
+            last.append(final)
+        return log_probs[:, :max(lengths, default=0)].copy(), emitted, last
 
     # -- Backend interface -------------------------------------------------------------------------
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +273,8 @@ class NemoBackend(Backend):
             hypotheses = self.model.decoding.rnnt_decoder_predictions_tensor(
                 encoder_output=encoded, encoded_lengths=encoded_len, return_hypotheses=True,
                 partial_hypotheses=previous)
+            if self.info.ctc_head:
+                ctc_taps, ctc_emitted, ctc_last = self._ctc(encoded, encoded_len, self.info.ctc_labels_before(state))
         seconds = time.perf_counter() - started
         encoded_np = encoded.numpy().copy()
         new_decoder = self._decoder_states(hypotheses)
@@ -265,9 +289,13 @@ class NemoBackend(Backend):
             decoder=new_decoder,
             step_index=state.step_index + 1,
             native=copy.deepcopy(hypotheses),
+            ctc_last_label=ctc_last if self.info.ctc_head else None,
         )
+        if self.info.ctc_head:
+            taps[TAP_CTC] = ctc_taps
         return StepOutput(encoded=encoded_np, encoded_len=encoded_len.numpy().astype(np.int64), state=new_state,
-                          tokens=emitted, taps=taps, seconds=seconds)
+                          tokens=emitted, taps=taps, seconds=seconds,
+                          ctc_tokens=ctc_emitted if self.info.ctc_head else None)
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
                 speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
@@ -281,11 +309,16 @@ class NemoBackend(Backend):
                                                       length=torch.from_numpy(np.asarray(length, np.int64)))
             hypotheses = self.model.decoding.rnnt_decoder_predictions_tensor(
                 encoder_output=encoded, encoded_lengths=encoded_len, return_hypotheses=True)
+            ctc_tokens = None
+            if self.info.ctc_head:
+                ctc_taps, ctc_tokens, _ = self._ctc(encoded, encoded_len, [self.info.blank_id] * mel.shape[0])
         taps = recorder.taps(len(self.vocabulary) + 1, self.info.pred_hidden)
         taps[TAP_ENCODER] = encoded.numpy().copy()
+        if ctc_tokens is not None:
+            taps[TAP_CTC] = ctc_taps
         tokens = [[int(t) for t in h.y_sequence.tolist()] for h in hypotheses]
         return OfflineOutput(encoded=encoded.numpy().copy(), encoded_len=encoded_len.numpy().astype(np.int64),
-                             tokens=tokens, taps=taps)
+                             tokens=tokens, taps=taps, ctc_tokens=ctc_tokens)
 
     def close(self) -> None:
         self.model = None

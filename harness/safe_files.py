@@ -151,3 +151,115 @@ def check_external_file(directory: str | Path, location: str, offset: int, lengt
         raise UnsafeArtifact(f"{what}: external data [{offset}, {end}) lies past the end of {location!r} "
                              f"({size} bytes)")
     return target, end - offset
+
+
+# Bytes per element of the ONNX tensor types whose external data can be checked against the shape
+# (onnx.TensorProto.DataType names; strings and sub-byte types are not checked).
+ONNX_ELEMENT_BYTES = {
+    "FLOAT": 4, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "INT32": 4, "INT64": 8, "BOOL": 1,
+    "FLOAT16": 2, "DOUBLE": 8, "UINT32": 4, "UINT64": 8, "COMPLEX64": 8, "COMPLEX128": 16, "BFLOAT16": 2,
+    "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 1, "FLOAT8E5M2FNUZ": 1,
+}
+
+
+def _onnx_graph_tensors(graph):
+    """Every TensorProto of an ONNX graph: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+            for sparse in attribute.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attribute.HasField("g"):
+                yield from _onnx_graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _onnx_graph_tensors(subgraph)
+
+
+def check_onnx_external_data(model, graph_path: str | Path) -> None:
+    """Every tensor an ONNX graph stores outside its file must lie inside the graph's directory and within
+    its data file, with the byte count its shape needs (``check_external_file``). ``model`` is the
+    ``ModelProto`` loaded without external data. Needs the ``onnx`` package."""
+    import onnx
+
+    graph_path = Path(graph_path)
+    for tensor in _onnx_graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        what = f"{graph_path}: tensor {tensor.name!r}"
+        fields = {entry.key: entry.value for entry in tensor.external_data}
+        try:
+            offset = int(fields.get("offset") or 0)
+            length = int(fields["length"]) if fields.get("length") else None
+        except ValueError:
+            raise UnsafeArtifact(f"{what}: external data offset {fields.get('offset')!r} or length "
+                                 f"{fields.get('length')!r} is not an integer") from None
+        _, span = check_external_file(graph_path.parent, fields.get("location", ""), offset, length, what=what)
+        element = ONNX_ELEMENT_BYTES.get(onnx.TensorProto.DataType.Name(tensor.data_type))
+        if element is not None and span != math.prod(tensor.dims) * element:
+            raise UnsafeArtifact(f"{what}: external data of {span} bytes, its shape {list(tensor.dims)} needs "
+                                 f"{math.prod(tensor.dims) * element}")
+
+
+def load_onnx_graph(path: str | Path):
+    """An ONNX graph's ``ModelProto`` without its external weights, after checking where they lie and their
+    sizes (``check_onnx_external_data``). Needs the ``onnx`` package."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    _regular_file_size(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as error:
+        raise UnsafeArtifact(f"{path}: not a readable ONNX graph ({error})") from None
+    check_onnx_external_data(model, path)
+    return model
+
+
+MAX_TEXT_BYTES = 16 * 1024 * 1024  # a token table or a side file: a 1024-piece tokens.txt is about 10 kB
+
+
+def read_text_file(path: str | Path, limit: int = MAX_TEXT_BYTES) -> str:
+    """A small UTF-8 text file of an artifact (a token table, a JSON config), refused beyond ``limit`` bytes."""
+    path = Path(path)
+    size = _regular_file_size(path)
+    if size > limit:
+        raise UnsafeArtifact(f"{path}: {size} bytes, more than the {limit} a text file of a model may have")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UnsafeArtifact(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def read_token_table(path: str | Path, blank: str = "<blk>") -> list[str]:
+    """A ``tokens.txt`` (``piece id`` per line, as sherpa-onnx writes it): ids from 0 each exactly once, the
+    blank last. Returns the pieces without the blank, in id order; a duplicate or missing id, a line that
+    is not ``piece id``, or a blank that is not the last id is refused with one line."""
+    path = Path(path)
+    pieces: dict[int, str] = {}
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(" ", 1)
+        if len(fields) != 2 or not fields[1].strip().isdigit():
+            raise UnsafeArtifact(f"{path}: line {number} is not 'piece id': {line[:40]!r}")
+        piece, index = fields[0], int(fields[1])
+        if index in pieces:
+            raise UnsafeArtifact(f"{path}: id {index} appears twice (for {pieces[index]!r} and {piece!r})")
+        pieces[index] = piece
+    if not pieces:
+        raise UnsafeArtifact(f"{path}: no tokens")
+    missing = [i for i in range(max(pieces) + 1) if i not in pieces]
+    if missing:
+        raise UnsafeArtifact(f"{path}: ids {missing[:5]} are missing (ids must run from 0 to {max(pieces)})")
+    ordered = [pieces[i] for i in range(len(pieces))]
+    if ordered[-1] != blank:
+        raise UnsafeArtifact(f"{path}: the last id {len(ordered) - 1} is {ordered[-1]!r}, not the blank {blank!r}")
+    return ordered[:-1]

@@ -15,22 +15,34 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_nemo, multitalker_pool, tmp_path_factory):
-    """Correct fp32 artifacts of tiny-streaming, tiny-multitalker and tiny-tdt (for the mislabel case)."""
+def hybrid_pool(tmp_path_factory):
+    """The tiny-hybrid fixture (a CTC head beside the transducer), its NeMo backend and MLX artifact."""
+    from fixtures.models import build
+    from harness.app.pytest_plugin import BackendPool
+
+    return BackendPool(build("tiny-hybrid", progress=lambda _m: None), tmp_path_factory.mktemp("hybrid"))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_nemo, multitalker_pool, hybrid_pool, tmp_path_factory):
+    """Correct fp32 artifacts of tiny-streaming, tiny-multitalker, tiny-hybrid and tiny-tdt (for the
+    mislabel case)."""
     from backends import get
     from fixtures.models import build
 
     work = tmp_path_factory.mktemp("mutations")
     streaming = get("mlx").prepare(tiny_nemo, work / "streaming")
     tdt = get("mlx").prepare(build("tiny-tdt", progress=lambda _m: None), work / "tdt")
-    return {"streaming": streaming, "tdt": tdt, "multitalker": multitalker_pool.source("mlx")}
+    return {"streaming": streaming, "tdt": tdt, "multitalker": multitalker_pool.source("mlx"),
+            "hybrid": hybrid_pool.source("mlx")}
 
 
 @pytest.fixture(scope="module")
-def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool):
+def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool, hybrid_pool):
     """Per mutation target: the source .nemo and its NeMo reference backend."""
     return {"streaming": (tiny_nemo, nemo_backend),
-            "multitalker": (multitalker_nemo, multitalker_pool.get("nemo"))}
+            "multitalker": (multitalker_nemo, multitalker_pool.get("nemo")),
+            "hybrid": (hybrid_pool.nemo_path, hybrid_pool.get("nemo"))}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +66,10 @@ def test_correct_artifacts_pass(artifacts, tiny_nemo, nemo_backend, utterances):
     assert tdt.passed, "\n".join(tdt.sentences())
 
 
-def test_correct_multitalker_artifact_passes(artifacts, models, utterances):
-    nemo_path, reference = models["multitalker"]
-    diagnosis = diagnose(artifacts["multitalker"], nemo_path, utterances=utterances[:1], reference=reference)
+@pytest.mark.parametrize("model", ["multitalker", "hybrid"])
+def test_correct_multitalker_and_hybrid_artifacts_pass(model, artifacts, models, utterances):
+    nemo_path, reference = models[model]
+    diagnosis = diagnose(artifacts[model], nemo_path, utterances=utterances[:1], reference=reference)
     assert diagnosis.passed, "\n".join(diagnosis.sentences())
     assert diagnosis.numeric_checked
 

@@ -185,7 +185,7 @@ def test_compare_cli_passes_then_names_the_corrupted_layer(onnx_dir, tiny_nemo, 
     args = ["compare", str(tiny_nemo), "--audio", wav, "--att-context", "70,6"]
     assert main([*args, "--onnx", str(onnx_dir)]) == 0
     out = capsys.readouterr().out
-    assert "parity" in out and "FAIL" not in out, out
+    assert "nemo~onnx float32" in out and "FAIL" not in out, out
 
     corrupted = tmp_path / "corrupted"
     shutil.copytree(onnx_dir, corrupted)

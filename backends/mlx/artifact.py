@@ -10,8 +10,9 @@ Layout (``DIR``)::
     frontend.safetensors  the checkpoint's own window and mel filterbank, float32
     config.json           the NeMo model config, copied faithfully, vocabulary as joint.vocabulary
     tokenizer.model       the SentencePiece model from the .nemo
-    artifact.json         what was written: dtype, source sha256, file and per-tensor sha256
+    artifact.json         what was written: dtype, source sha256, file and per-tensor sha256, provenance
     parity.json           the NeMo-vs-MLX verification that allowed publication
+    README.md             the hub model card (``parity convert --model-card``), when written
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 from harness.errors import InputNotFound, UnsafeArtifact
 from harness.safe_files import read_safetensors_header
+from harness.system.provenance import Provenance
 
 MODEL_FILE = "model.safetensors"  # the weights parakeet-mlx also loads
 FRONTEND_FILE = "frontend.safetensors"  # the checkpoint's own window and mel filterbank (always float32)
@@ -31,6 +33,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 ARTIFACT_FILE = "artifact.json"
 PARITY_FILE = "parity.json"
+MODEL_CARD_FILE = "README.md"
 ARTIFACT_FORMAT = "streaming-parity-mlx/1"
 DTYPES = ("float32", "bfloat16", "float16")
 SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -55,6 +58,23 @@ def read_artifact_dtype(directory: Path) -> str:
     if len(names) != 1 or next(iter(names)) not in reverse:
         raise UnsafeArtifact(f"{directory / MODEL_FILE}: mixed or unknown dtypes {sorted(names)}")
     return reverse[names.pop()]
+
+
+def recorded_provenance(directory: Path) -> Provenance | None:
+    """What ``artifact.json`` says the artifact was converted from (None: no readable record; an
+    older record without provenance gives its source name and sha256 alone)."""
+    record = Path(directory) / ARTIFACT_FILE
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    provenance = Provenance.from_dict(data.get("provenance"))
+    source = data.get("source") if isinstance(data.get("source"), dict) else {}
+    if provenance is None and source.get("sha256"):
+        provenance = Provenance(source_name=source.get("name"), source_sha256=source["sha256"])
+    return provenance
 
 
 def iter_tensors(directory: Path, file: str = MODEL_FILE) -> Iterable[tuple[str, np.ndarray]]:

@@ -3,7 +3,9 @@
 Imports neither torch nor NeMo: ``parity transcribe --backend mlx --mlx DIR`` needs only MLX,
 numpy and the artifact. Taps have NeMo's semantics (``backends/nemo.py``): ``pre_encode`` before
 ``drop_extra_pre_encoded``, every conformer layer's output for all frames of the chunk, the
-post-processed encoder output, and one decoder/joint row per NeMo call in call order.
+post-processed encoder output, one decoder/joint row per NeMo call in call order, and for a hybrid
+RNNT-CTC model the CTC head's log-probabilities over the step's valid frames (``ctc``) with its greedy
+labels carried across steps (``harness.interface.backend.ctc_greedy``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from backends.mlx.artifact import CONFIG_FILE, FRONTEND_FILE, MODEL_FILE, read_artifact_dtype
 from backends.mlx.model import EncoderCache, FrontEnd, GreedyState, ModelArgs, StreamingRNNT
 from harness.interface.backend import (
+    TAP_CTC,
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
@@ -35,6 +38,7 @@ from harness.interface.backend import (
     OfflineOutput,
     StepOutput,
     StreamingState,
+    ctc_greedy,
 )
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.speakers import SpeakerTargets
@@ -139,6 +143,18 @@ class MLXBackend(Backend):
         joint_rows = [row for r in results for row in r.joint_outputs]
         return results, decoder_rows, joint_rows
 
+    def _ctc(self, encoded: mx.array, lengths: np.ndarray,
+             last_labels: list[int]) -> tuple[np.ndarray, list[list[int]], list[int]]:
+        """A hybrid model's CTC head: log-probabilities over the valid frames ``[B, T_valid, V+1]``, and per
+        batch item the greedy labels emitted after ``last_labels`` and the last frame's label."""
+        log_probs = _numpy(self.model.ctc_log_probs(encoded))
+        emitted, last = [], []
+        for index, length in enumerate(int(n) for n in lengths):
+            labels, final = ctc_greedy(log_probs[index], length, self.info.blank_id, last_labels[index])
+            emitted.append(labels)
+            last.append(final)
+        return log_probs[:, :max((int(n) for n in lengths), default=0)].copy(), emitted, last
+
     def _rows(self, rows: list[mx.array], width: int) -> np.ndarray:
         return _numpy(mx.concatenate(rows, axis=0)) if rows else np.zeros((0, width), np.float32)
 
@@ -178,8 +194,11 @@ class MLXBackend(Backend):
                 out.encoded, out.lengths, [self._greedy_state(d) for d in state.decoder],
                 ForcedDecisions(forced_decisions, self.name))
             mx.eval(*[r.state.h for r in results], *[r.state.c for r in results])
+            ctc = self._ctc(out.encoded, out.lengths, self.info.ctc_labels_before(state)) if self.info.ctc_head else None
             seconds = time.perf_counter() - started
             taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}
+            if ctc is not None and self.record_taps:
+                taps[TAP_CTC] = ctc[0]
             encoded = _numpy(out.encoded)
             new_state = StreamingState(
                 att_context_size=state.att_context_size,
@@ -188,9 +207,11 @@ class MLXBackend(Backend):
                 cache_last_channel_len=np.asarray(out.cache.channel_len, np.int64),
                 decoder=[self._decoder_state(r.state) for r in results],
                 step_index=state.step_index + 1,
+                ctc_last_label=None if ctc is None else ctc[2],
             )
         return StepOutput(encoded=encoded, encoded_len=np.asarray(out.lengths, np.int64), state=new_state,
-                          tokens=[r.emitted for r in results], taps=taps, seconds=seconds)
+                          tokens=[r.emitted for r in results], taps=taps, seconds=seconds,
+                          ctc_tokens=None if ctc is None else ctc[1])
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
                 speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
@@ -203,8 +224,14 @@ class MLXBackend(Backend):
             start = [self.model.initial_greedy_state(self.compute_dtype) for _ in range(mel.shape[0])]
             results, decoder_rows, joint_rows = self._decode_batch(out.encoded, out.lengths, start)
             taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}
+            ctc = None
+            if self.info.ctc_head:
+                ctc = self._ctc(out.encoded, out.lengths, [self.info.blank_id] * mel.shape[0])
+                if self.record_taps:
+                    taps[TAP_CTC] = ctc[0]
             return OfflineOutput(encoded=_numpy(out.encoded), encoded_len=np.asarray(out.lengths, np.int64),
-                                 tokens=[r.state.tokens for r in results], taps=taps)
+                                 tokens=[r.state.tokens for r in results], taps=taps,
+                                 ctc_tokens=None if ctc is None else ctc[1])
 
     def close(self) -> None:
         self.model = None

@@ -6,8 +6,9 @@ Artifact layout (``DIR``)::
     frontend.safetensors  the checkpoint's window and mel filterbank, float32
     config.json           the NeMo model config, copied faithfully, vocabulary as joint.vocabulary
     tokenizer.model       the SentencePiece model from the .nemo
-    artifact.json         what was written: dtype, source sha256, file and per-tensor sha256
+    artifact.json         what was written: dtype, source sha256, file and per-tensor sha256, provenance
     parity.json           the NeMo-vs-MLX verification that allowed publication (absent with --skip-verify)
+    README.md             with ``--model-card``: the hub model card (``backends/mlx/model_card.py``)
 
 The conversion is strict (every source tensor mapped or dropped by a named rule, every expected
 tensor produced with the expected shape), streams tensor by tensor into the safetensors files, and
@@ -49,6 +50,8 @@ from harness.errors import BadInput
 from harness.nemo_config import NemoConfigError
 from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file
 from harness.system.memory import peak_rss_mb
+from harness.system.progress import as_progress, bars_enabled, stderr_console
+from harness.system.provenance import HubOrigin, Provenance
 
 PROGRESS_BAR_BYTES = 64 << 20  # show a progress bar for checkpoints larger than this
 
@@ -203,8 +206,12 @@ def _apply(rule: mapping.Rule, source_name: str, tensor, target: str, expected: 
 
 
 def write_artifact(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "float32",
-                   progress: bool | None = None) -> WrittenArtifact:
-    """Convert ``nemo_path`` into ``out_dir`` (which must be empty or absent). No verification here."""
+                   progress: Any = None, source_hub: HubOrigin | None = None) -> WrittenArtifact:
+    """Convert ``nemo_path`` into ``out_dir`` (which must be empty or absent). No verification here.
+
+    ``progress``: a bar of its own (True, or None: for large checkpoints), or the caller's
+    (``harness.system.progress.ProgressBar``), advanced once per source tensor. ``source_hub``:
+    where the checkpoint came from, for the provenance in ``artifact.json``."""
     if dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     started = time.perf_counter()
@@ -300,24 +307,30 @@ def write_artifact(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "
         "dropped": dropped,
         "mapping": mapping.describe().splitlines(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "provenance": Provenance.collect(nemo_path, sha256=source_sha, hub=source_hub).to_dict(),
     }, indent=2) + "\n")
     return artifact
 
 
 class _progress:
-    """A rich progress bar over the source tensors, or nothing for small checkpoints."""
+    """A rich progress bar over the source tensors, the caller's, or nothing for small checkpoints."""
 
-    def __init__(self, enabled: bool, total: int, description: str):
+    def __init__(self, enabled: Any, total: int, description: str):
         self.enabled, self.total, self.description = enabled, total, description
 
     def __enter__(self) -> Callable[[], None]:
+        if callable(getattr(self.enabled, "advance", None)):  # the caller's bar
+            steps, self.enabled = self.enabled, False
+            steps.total(self.total)
+            steps.phase(self.description)
+            return lambda: steps.advance()
+        self.enabled = self.enabled and bars_enabled()  # a terminal, and not parity -q
         if not self.enabled:
             return lambda: None
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=Console(stderr=True), transient=True)
+                            console=stderr_console(), transient=True)
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)
         return lambda: self.bar.advance(task)
@@ -345,11 +358,14 @@ class ConversionResult:
 def convert(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "float32", skip_verify: bool = False,
             overwrite: bool = False, reference: Any = None, utterances: Sequence[Any] | None = None,
             att_context_sizes: Sequence[Sequence[int]] | None = None, tolerances_path: str | Path | None = None,
-            progress: Callable[[str], None] | None = None, progress_bar: bool | None = None) -> ConversionResult:
+            progress: Any = None, progress_bar: bool | None = None,
+            source_hub: HubOrigin | None = None) -> ConversionResult:
     """Convert, verify against NeMo (unless ``skip_verify``) and publish ``out_dir`` atomically.
 
     Verification needs ``reference`` (the NeMo backend over ``nemo_path``, or a callable that opens
     it once the conversion succeeded) and ``utterances``; ``parity convert`` passes both.
+    ``progress``: a ``callable(text)``, or a ``harness.system.progress.ProgressBar`` that then also
+    counts the tensors and the verification's streams. ``source_hub``: where the checkpoint came from.
 
     Raises ``ConversionError`` (nothing written at ``out_dir``) or ``VerificationFailed`` (nothing
     written at ``out_dir``; the report is kept at ``failed_report_path(out_dir)``).
@@ -361,19 +377,21 @@ def convert(nemo_path: str | Path, out_dir: str | Path, *, dtype: str = "float32
         raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it after verification")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+    steps = as_progress(progress)
+    bar = progress if progress is steps and progress_bar is None else progress_bar
     try:
-        artifact = write_artifact(nemo_path, staging, dtype=dtype, progress=progress_bar)
-        if progress:
-            progress(f"converted in {artifact.seconds:.1f} s (peak RSS {artifact.peak_rss_mb:.0f} MB)")
+        artifact = write_artifact(nemo_path, staging, dtype=dtype, progress=bar, source_hub=source_hub)
+        steps.phase(f"converted in {artifact.seconds:.1f} s (peak RSS {artifact.peak_rss_mb:.0f} MB)")
         verification = None
         if not skip_verify:
             from backends.mlx.verify import verify_artifact
 
             if callable(reference):
                 reference = reference()
+            steps.phase("verifying against NeMo")
             verification = verify_artifact(staging, nemo_path, reference=reference, utterances=utterances,
                                            att_context_sizes=att_context_sizes, tolerances_path=tolerances_path,
-                                           progress=progress)
+                                           progress=progress, source_hub=source_hub)
             report = verification.to_dict()
             if not verification.passed:
                 failed = failed_report_path(out_dir)

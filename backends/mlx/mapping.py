@@ -16,7 +16,8 @@ field       matches
 Layouts follow parakeet-mlx's conventions (MLX convolutions are channels-last):
 
 - ``conv2d``: ``nn.Conv2d`` OIHW -> OHWI (``transpose(0, 2, 3, 1)``)
-- ``conv1d``: ``nn.Conv1d`` OIK -> OKI (``transpose(0, 2, 1)``)
+- ``conv1d``: ``nn.Conv1d`` OIK -> OKI (``transpose(0, 2, 1)``), the conformer convolutions and a hybrid
+  model's CTC head (``ctc_decoder.decoder_layers.0``)
 - ``lstm bias``: MLX keeps one LSTM bias: ``bias_ih + bias_hh``
 - ``squeeze batch``: the filterbank buffer ``[1, n_mels, bins]`` -> ``[n_mels, bins]``
 
@@ -115,6 +116,11 @@ MAPPING: tuple[Rule, ...] = (
     # layer, outside the encoder in NeMo (SpeakerKernelMixin). Named separately so that a swap of
     # the two ModuleDicts is a mapping fact the detection tools can name.
     rename("speaker kernels (multitalker)", "{speaker}.{n}.{path}", "{speaker}.{n}.{path}"),
+    # Hybrid RNNT-CTC models: the CTC head, ConvASRDecoder's kernel-1 Conv1d(d_model, V + 1), keeps
+    # NeMo's name and becomes an MLX Conv1d (OKI), as parakeet-mlx lays out its CTC decoder.
+    rename("CTC head convolution (hybrid RNNT-CTC)", "ctc_decoder.decoder_layers.{n}.weight",
+           "ctc_decoder.decoder_layers.{n}.weight", layout=CONV1D_OKI),
+    rename("CTC head bias (hybrid RNNT-CTC)", "ctc_decoder.{path}", "ctc_decoder.{path}"),
     # Everything else keeps its name and layout: linear layers, norms, attention biases, embedding,
     # subsampling output projection, joint.
     rename("linear layers, norms, attention biases, embedding", "{part}.{path}", "{part}.{path}"),

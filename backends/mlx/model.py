@@ -32,6 +32,7 @@ import numpy as np
 from harness.interface.frontend import FrontendConfig
 from harness.interface.speakers import SpeakerTargets, reconciled_pair
 from harness.nemo_config import (
+    CtcConfig,
     DecoderConfig,
     EncoderConfig,
     JointConfig,
@@ -85,6 +86,7 @@ class ModelArgs:
     max_symbols: int
     tdt_durations: tuple[int, ...] = ()
     speaker_kernels: SpeakerKernelConfig | None = None  # SpeakerKernelMixin (multitalker models)
+    ctc: CtcConfig | None = None  # hybrid RNNT-CTC models: the aux_ctc ConvASRDecoder head
 
     @classmethod
     def from_nemo_config(cls, config: ModelConfig | Mapping[str, Any],
@@ -104,6 +106,7 @@ class ModelArgs:
             max_symbols=model.decoding.max_symbols,
             tdt_durations=model.tdt_durations,
             speaker_kernels=model.speaker_kernels,
+            ctc=model.ctc,
         )
 
     @property
@@ -816,6 +819,25 @@ def greedy_decode(decoder: RNNTDecoder, joint: RNNTJoint, encoded: mx.array, len
 
 
 # ------------------------------------------------------------------------------------------------
+# Hybrid RNNT-CTC: the auxiliary CTC head, ConvASRDecoder (modules/conv_asr.py)
+# ------------------------------------------------------------------------------------------------
+
+class ConvASRDecoder(nn.Module):
+    """``ConvASRDecoder``: ``decoder_layers = Sequential(Conv1d(feat_in, num_classes + 1, kernel_size=1))``
+    on the encoder output, then ``log_softmax`` over the classes (the blank last). The kernel-1 conv is a
+    matmul on ``[B, T, D]``; the log-softmax is taken in float32, as NeMo computes it."""
+
+    def __init__(self, args: CtcConfig):
+        super().__init__()
+        self.decoder_layers = [PointwiseConv1d(args.feat_in, args.output_size, use_bias=True)]
+
+    def __call__(self, encoded: mx.array) -> mx.array:
+        """``encoded [B, D, T]`` -> log-probabilities ``[B, T, V+1]`` (float32)."""
+        logits = self.decoder_layers[0](encoded.transpose(0, 2, 1)).astype(mx.float32)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
 
@@ -828,7 +850,8 @@ class StreamStepOutput:
 
 
 class StreamingRNNT(nn.Module):
-    """Encoder + RNNT decoder + joint, with NeMo's parameter tree (``encoder.``, ``decoder.``, ``joint.``)."""
+    """Encoder + RNNT decoder + joint, with NeMo's parameter tree (``encoder.``, ``decoder.``, ``joint.``,
+    and ``ctc_decoder.`` for a hybrid RNNT-CTC model)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -836,6 +859,8 @@ class StreamingRNNT(nn.Module):
         self.encoder = ConformerEncoder(args.encoder)
         self.decoder = RNNTDecoder(args.decoder)
         self.joint = RNNTJoint(args.joint)
+        if args.ctc is not None:
+            self.ctc_decoder = ConvASRDecoder(args.ctc)
         speakers = args.speaker_kernels
         if speakers is not None:
             # NeMo's ModuleDicts keyed by layer index: lists with placeholders keep those indices.
@@ -868,6 +893,12 @@ class StreamingRNNT(nn.Module):
             encoded = encoded[:, :, :valid_out_len]
             out_lengths = np.minimum(out_lengths, valid_out_len)
         return StreamStepOutput(encoded=encoded, lengths=out_lengths, cache=out.cache, taps=out.taps)
+
+    def ctc_log_probs(self, encoded: mx.array) -> mx.array:
+        """A hybrid model's CTC head on ``encoded [B, D, T]``: log-probabilities ``[B, T, V+1]``."""
+        if self.args.ctc is None:
+            raise Unsupported("this model has no CTC head (no aux_ctc in its config)")
+        return self.ctc_decoder(encoded)
 
     def initial_greedy_state(self, dtype: mx.Dtype) -> GreedyState:
         shape = (self.args.decoder.pred_rnn_layers, 1, self.args.decoder.pred_hidden)

@@ -30,7 +30,8 @@ class Mutation:
     expect_tap: str | None = None  # the tap the numeric divergence must be localized to
     expect_tensors: tuple[str, ...] = ()  # artifact tensor names that must be blamed
     needs: str | None = None  # context the mutation needs: "source_state" (NeMo tensors) or "tdt_artifact"
-    model: str = "streaming"  # the artifact it corrupts: "streaming" or "multitalker" (speaker kernels)
+    # The artifact it corrupts: "streaming", "multitalker" (speaker kernels) or "hybrid" (a CTC head).
+    model: str = "streaming"
 
 
 def _edit_weights(directory: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> None:
@@ -128,6 +129,24 @@ def _relabel_as_single_speaker(directory: Path, _context) -> None:
     _edit_config(directory, edit)
 
 
+def _ctc_head_blank_first(directory: Path, _context) -> None:
+    """The CTC head's outputs renumbered blank-first (k2's, torchaudio's and sherpa-onnx's CTC convention,
+    blank id 0) while NeMo's blank is last: every row of the weight and the bias moves down one label."""
+    def edit(tensors):
+        for leaf in ("weight", "bias"):
+            name = f"ctc_decoder.decoder_layers.0.{leaf}"
+            tensors[name] = np.ascontiguousarray(np.roll(tensors[name], 1, axis=0))
+    _edit_weights(directory, edit)
+
+
+def _relabel_as_transducer_only(directory: Path, _context) -> None:
+    """Hybrid RNNT-CTC weights published under a transducer-only config (the CTC head would be ignored)."""
+    def edit(config):
+        config["target"] = "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel"
+        config.pop("aux_ctc", None)
+    _edit_config(directory, edit)
+
+
 def _scale(name: str, factor: float):
     return lambda directory, _context: _edit_weights(
         directory, lambda t: t.__setitem__(name, (t[name] * np.float32(factor)).astype(np.float32)))
@@ -209,6 +228,13 @@ CATALOG: tuple[Mutation, ...] = (
     Mutation("multitalker-as-single-speaker", "multitalker weights published under a single-speaker config",
              _relabel_as_single_speaker, expect_contradiction="describes a single-speaker model",
              model="multitalker"),
+    Mutation("ctc-head-blank-first", "a hybrid's CTC head renumbered blank-first (rows rolled by one label)",
+             _ctc_head_blank_first, expect_tap="ctc",
+             expect_tensors=("ctc_decoder.decoder_layers.0.weight", "ctc_decoder.decoder_layers.0.bias"),
+             model="hybrid"),
+    Mutation("hybrid-as-transducer-only", "hybrid RNNT-CTC weights published under a transducer-only config",
+             _relabel_as_transducer_only, expect_contradiction="hybrid RNNT-CTC weights under a transducer-only",
+             model="hybrid"),
 )
 
 

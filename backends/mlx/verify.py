@@ -33,14 +33,36 @@ from harness.interface.backend import TAP_DECODER, TAP_JOINT, Backend
 from harness.interface.chunking import FirstChunkMode
 from harness.judge.compare import PairComparison, TapResult
 from harness.judge.loop import Candidate, LoopProgress, stream_and_compare
-from harness.judge.metrics import token_agreement, token_edit_distance
+from harness.judge.metrics import token_agreement, token_edit_distance, word_error_rate
 from harness.judge.tolerances import Tolerances
 from harness.nemo_file import sha256_file
+from harness.system.provenance import HubOrigin, Provenance
 
 PAIR = "nemo~mlx"
 TOKENS_TAP = "tokens"
 OFFLINE = "offline"
 DEFAULT_MODES = (FirstChunkMode.PLAIN.value,)
+
+
+TAP_GROUPS = ("mel", "pre_encode", "layers", "encoder", "caches", "decoder", "joint")
+
+
+def tap_group(tap: str) -> str:
+    """The column a tap is shown in: every ``layers.N`` in ``layers``, both caches in ``caches``."""
+    if tap.startswith("layers."):
+        return "layers"
+    if tap.startswith("cache_last_") and tap != "cache_last_channel_len":
+        return "caches"
+    return tap
+
+
+def grouped_worst(worst: dict[str, float]) -> dict[str, float]:
+    """``{tap: worst max_abs}`` -> ``{group: worst max_abs}`` (``TAP_GROUPS``, and any other tap as is)."""
+    grouped: dict[str, float] = {}
+    for tap, value in worst.items():
+        group = tap_group(tap)
+        grouped[group] = max(grouped.get(group, 0.0), value)
+    return grouped
 
 
 def same_greedy_decisions(reference_step, candidate_step) -> bool:
@@ -109,6 +131,8 @@ class Verification:
     device: str = ""
     blas: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    source_hub: HubOrigin | None = None  # where the checkpoint came from, when from the hub
+    transcripts: list[dict[str, Any]] = field(default_factory=list)  # every streamed run's text (the loop's)
 
     @property
     def passed(self) -> bool:
@@ -156,6 +180,21 @@ class Verification:
                 item["agreement"] = 1.0 - item["edits"] / max(item["reference_tokens"], 1)
         return summary
 
+    def word_error_rates(self) -> dict[str, dict[str, float]]:
+        """``{lookahead: {backend: WER}}`` over the utterances with a reference text (plain-mode runs);
+        empty when none has one."""
+        rows: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
+        for row in self.transcripts:
+            if not row.get("reference_text") or row.get("mode", "plain") != FirstChunkMode.PLAIN.value \
+                    or row.get("decoder", "rnnt") != "rnnt":  # a hybrid's CTC transcripts: not the model's WER
+                continue
+            references, hypotheses = rows.setdefault(self._context(row["att_context_size"]), {}).setdefault(
+                row["backend"], ([], []))
+            references.append(row["reference_text"])
+            hypotheses.append(row["text"])
+        return {context: {backend: word_error_rate(refs, hyps) for backend, (refs, hyps) in by_backend.items()}
+                for context, by_backend in rows.items()}
+
     def summary(self) -> str:
         total = len(self.entries)
         failed = sum(not e.comparison.passed for e in self.entries)
@@ -175,11 +214,13 @@ class Verification:
                    for name in ("model.safetensors", "frontend.safetensors") if (self.artifact_dir / name).exists()}
         recorded = record.get("files", {})
         tolerance_file = Path(self.tolerances.source)
+        source_sha256 = sha256_file(self.nemo_path)
         return {
             "passed": self.passed,
             "summary": self.summary(),
             "created": self.created,
-            "source": {"name": self.nemo_path.name, "sha256": sha256_file(self.nemo_path)},
+            "source": {"name": self.nemo_path.name, "sha256": source_sha256},
+            "provenance": Provenance.collect(self.nemo_path, sha256=source_sha256, hub=self.source_hub).to_dict(),
             "artifact": {
                 "dtype": self.dtype,
                 "weights_sha256": weights,
@@ -197,6 +238,7 @@ class Verification:
             "worst_cosine": self.worst("cosine"),
             "tokens": self.token_summary(),
             "token_agreement": aggregate_token_agreement([e.comparison for e in self.entries]),
+            "wer": self.word_error_rates(),
             "failures": self.failures(),
             "comparisons": [{"mode": e.mode, **comparison_to_dict(e.comparison)} for e in self.entries],
         }
@@ -206,8 +248,12 @@ def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, referenc
                     utterances: Sequence[Any], att_context_sizes: Sequence[Sequence[int]] | None = None,
                     tolerances_path: str | Path | None = None, modes: Sequence[str] = DEFAULT_MODES,
                     include_offline: bool = True, device: str = "auto",
-                    progress: Callable[[str], None] | None = None) -> Verification:
-    """Judge the MLX artifact against ``reference`` (NeMo over ``nemo_path``) on ``utterances``."""
+                    progress: Callable[[str], None] | LoopProgress | None = None,
+                    source_hub: HubOrigin | None = None) -> Verification:
+    """Judge the MLX artifact against ``reference`` (NeMo over ``nemo_path``) on ``utterances``.
+
+    ``progress``: a ``callable(text)`` per stream, or the loop's callbacks (a
+    ``harness.system.progress.ProgressBar``). ``source_hub``: where the checkpoint came from."""
     from backends.mlx.backend import MLXBackend
     from backends.mlx.blas import status
 
@@ -218,7 +264,8 @@ def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, referenc
     contexts = [(int(c[0]), int(c[1])) for c in (att_context_sizes or candidate.info.att_context_sizes)]
     verification = Verification(artifact_dir=artifact_dir, nemo_path=nemo_path, dtype=candidate.dtype,
                                 tolerances=tolerances, utterances=[u.name for u in utterances],
-                                att_context_sizes=contexts, device=str(candidate.device), blas=status().reason)
+                                att_context_sizes=contexts, device=str(candidate.device), blas=status().reason,
+                                source_hub=source_hub)
 
     def judge(comparison: PairComparison, reference_run, candidate_run) -> PairComparison:
         if candidate.dtype == "float32":
@@ -231,8 +278,10 @@ def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, referenc
         reference, [Candidate.of(candidate, modes=tuple(FirstChunkMode(m).value for m in modes),
                                  compare_offline=include_offline)],
         utterances, contexts, tolerances, include_offline=False, judge=judge,
-        progress=LoopProgress(advance=progress) if progress else None)
+        progress=progress if callable(getattr(progress, "advance", None)) else
+        LoopProgress(advance=progress) if progress else None)
     verification.entries = [Entry(c.mode, c) for c in outcome.results.comparisons]
+    verification.transcripts = list(outcome.results.transcripts)
     candidate.close()
     return verification
 

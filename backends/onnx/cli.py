@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cmd_export_onnx(args) -> int:
     from backends.onnx.export import export_onnx
     from harness.interface.commands import EXIT_OK, parse_contexts
+    from harness.system.progress import ProgressBar
 
-    result = export_onnx(Path(args.model), args.out, att_context_sizes=parse_contexts(args.att_context),
-                         cache_layout=args.cache_layout, int8=args.int8, debug_taps=args.debug_taps,
-                         progress=lambda m: print(m, file=sys.stderr))
+    source = args.context.resolve_source(args.model)
+    with ProgressBar("export-onnx", logger=log) as bar:
+        result = export_onnx(source.path, args.out, att_context_sizes=parse_contexts(args.att_context),
+                             cache_layout=args.cache_layout, int8=args.int8, debug_taps=args.debug_taps,
+                             progress=bar, source_hub=source.hub)
     for graph in result.graphs:
         print(graph)
     return EXIT_OK
@@ -20,7 +25,7 @@ def cmd_export_onnx(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export-onnx", help="export a cache-aware streaming .nemo to ONNX graphs")
-    p.add_argument("model", metavar="MODEL.nemo")
+    p.add_argument("model", metavar="MODEL", help="a .nemo, ORG/NAME[@REVISION] or hf://ORG/NAME[@REVISION]/FILE")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the graphs")
     p.add_argument("--att-context", action="append", metavar="L,R",
                    help="lookahead(s) to export, one graph each (default: all of the model's)")

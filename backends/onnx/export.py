@@ -14,6 +14,10 @@ RNNTDecoderJoint in modules/rnnt.py) and how it is used here:
   transposes around ``forward_for_export`` and is exported with the same exporter settings.
 - ``decoder_joint`` is NeMo's ``RNNTDecoderJoint`` export (its export sets ``log_softmax=False``:
   the graph returns raw logits).
+- A hybrid RNNT-CTC model's CTC head (``ctc_decoder``, NeMo's ``ConvASRDecoder``) is a graph of its
+  own, ``ctc.onnx``: ``encoder_output [B, D, T]`` -> ``logprobs [B, T, V+1]`` (log_softmax included,
+  as NeMo's forward), fed the encoder graph's output. The encoder graphs stay exactly NeMo's
+  cache-aware export (what peer runtimes load), and one CTC graph serves every lookahead.
 - Debug variants add the shared taps as graph outputs, found by module scope
   (``backends.onnx.graph_tools``); int8 variants come from ``onnxruntime.quantization``.
 """
@@ -42,6 +46,7 @@ from backends.onnx.layout import (
     MULTITALKER_CONFIG_FILE,
     CacheShapes,
     GraphInterface,
+    ctc_file,
     decoder_joint_file,
     encode_metadata,
     encoder_file,
@@ -52,8 +57,10 @@ from harness.nemo_config import EncoderConfig, ModelConfig, read_model_config
 from harness.nemo_file import inspect_nemo, sha256_file
 from harness.system.memory import peak_rss_mb
 from harness.system.nemo_quiet import quiet_nemo
+from harness.system.provenance import HubOrigin, Provenance
 
 OPSET = 17
+EXPORT_FILE = "export.json"  # what was exported, from which checkpoint, with what (its provenance)
 # Encoder config keys the runtime needs to rebuild the chunk schedule (harness.interface.chunking).
 STREAMING_ENCODER_KEYS = ("att_context_style", "att_context_size", "subsampling", "subsampling_factor",
                           "causal_downsampling", "n_layers", "d_model", "feat_in", "conv_kernel_size")
@@ -298,6 +305,26 @@ def _export_decoder_joint(model, path: Path, interface: GraphInterface) -> None:
                   (frame.transpose(1, 2).contiguous(), targets, states_1, states_2), path, names_in, names_out, dynamic)
 
 
+def _export_ctc(model, path: Path, interface: GraphInterface) -> None:
+    """The CTC head alone, traced through a wrapper that keeps NeMo's parameter names
+    (``ctc_decoder.decoder_layers.0.weight``) for the initializers, with NeMo's input and output names."""
+    import torch
+
+    class CTCHead(torch.nn.Module):
+        def __init__(self, ctc_decoder):
+            super().__init__()
+            self.ctc_decoder = ctc_decoder
+
+        def forward(self, encoder_output):
+            return self.ctc_decoder(encoder_output=encoder_output)
+
+    torch.manual_seed(0)
+    (example,) = model.ctc_decoder.input_example(max_batch=1, max_dim=16)
+    names_in, names_out = interface.ctc_inputs, interface.ctc_outputs
+    dynamic = {names_in[0]: {0: "B", 2: "T"}, names_out[0]: {0: "B", 1: "T"}}
+    _trace_export(CTCHead(model.ctc_decoder), model.ctc_decoder, (example,), path, names_in, names_out, dynamic)
+
+
 def _finish_graph(path: Path, metadata: dict[str, Any], expected_inputs: Sequence[str],
                   expected_outputs: Sequence[str]) -> None:
     """Check the interface, write metadata, consolidate external data."""
@@ -348,8 +375,12 @@ def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types:
 def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
                 att_context_sizes: Sequence[Sequence[int]] | None = None, cache_layout: str = "batch-first",
                 int8: bool = False, debug_taps: bool = False,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export every requested lookahead's encoder, ``decoder_joint`` and the runtime's side files."""
+                progress: Callable[[str], None] | None = None, source_hub: HubOrigin | None = None) -> ExportResult:
+    """Export every requested lookahead's encoder, ``decoder_joint`` and the runtime's side files.
+
+    ``progress`` is called once per graph (and once at the end); one that has a ``total`` method
+    (``harness.system.progress.ProgressBar``) is told that number first. ``source_hub``: the hub
+    repository and commit the checkpoint came from, for ``export.json``'s provenance."""
     import torch
 
     if cache_layout not in CACHE_LAYOUTS:
@@ -368,6 +399,9 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     for context in contexts:
         if context not in available:
             raise InvalidInput(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
+    if callable(getattr(progress, "total", None)):
+        # one step per encoder (and its int8 graph), decoder_joint, a hybrid's CTC head, the end
+        progress.total(len(contexts) * (1 + int(int8)) + 2 + int(getattr(config, "ctc", None) is not None))
     vocabulary = _vocabulary(model)
     speakers = config.speaker_kernels
     interface = INTERFACES["multitalker" if speakers else "nemo"]
@@ -377,7 +411,9 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     base = {**_model_metadata(model, config, nemo_path, sha256, cache_layout, vocabulary),
             "interface": interface.name,
             "speaker_kernel_layers": list(speakers.layers) if speakers else [],
-            "background_speaker_kernel": bool(speakers and speakers.background)}
+            "background_speaker_kernel": bool(speakers and speakers.background),
+            "ctc_head": None if config.ctc is None else {"file": ctc_file(), "num_classes": len(vocabulary),
+                                                          "feat_in": config.ctc.feat_in}}
     result = ExportResult(out_dir)
     num_layers = base["num_layers"]
 
@@ -416,12 +452,26 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             quantized = out_dir / decoder_joint_file("int8")
             _write_int8(path, quantized, metadata, ("MatMul", "Gemm", "LSTM"))
             result.graphs.append(quantized)
+        if config.ctc is not None:
+            path = out_dir / ctc_file()
+            say(f"CTC head -> {path.name}")
+            _export_ctc(model, path, interface)
+            _finish_graph(path, {**base, "graph": "ctc", "variant": "float32", "debug_taps": []},
+                          interface.ctc_inputs, interface.ctc_outputs)
+            result.graphs.append(path)
 
     _write_side_files(model, archive, out_dir, vocabulary)
     if speakers:
         _write_multitalker_config(model, base, contexts, out_dir)
     result.seconds = time.perf_counter() - started
     result.peak_rss_mb = peak_rss_mb()
+    (out_dir / EXPORT_FILE).write_text(json.dumps({
+        "format": FORMAT, "source_sha256": sha256,
+        "options": {"att_context_sizes": [list(c) for c in contexts], "cache_layout": cache_layout, "int8": int8,
+                    "debug_taps": debug_taps},
+        "graphs": [path.name for path in result.graphs],
+        "provenance": Provenance.collect(nemo_path, sha256=sha256, hub=source_hub).to_dict(),
+    }, indent=2) + "\n")
     say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")
     return result
 
@@ -485,15 +535,16 @@ def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
     if contexts:
         tag += "-" + "-".join(f"{int(c[0])}_{int(c[1])}" for c in contexts)
     target = Path(work_dir) / f"onnx-{sha256[:16]}-{tag}"
-    done = target / "export.json"
+    done = target / EXPORT_FILE
     if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
         return target
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=work_dir))
     try:
         export_onnx(nemo_path, staging, **options)
-        (staging / "export.json").write_text(json.dumps({"source_sha256": sha256, **{
-            k: v for k, v in options.items() if k != "progress"}}, default=list) + "\n")
+        record = json.loads((staging / EXPORT_FILE).read_text())  # export_onnx's record, with its provenance
+        (staging / EXPORT_FILE).write_text(json.dumps({**record, "source_sha256": sha256, **{
+            k: v for k, v in options.items() if k not in ("progress", "source_hub")}}, default=list) + "\n")
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

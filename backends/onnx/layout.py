@@ -8,6 +8,8 @@ nor NeMo. File names in an export directory:
 ``encoder-L_R.debug.onnx``            the same graph plus the shared taps as outputs
 ``encoder-L_R.int8.onnx``             dynamic int8 quantization of the fp32 graph
 ``decoder_joint.onnx`` (+ ``.debug``, ``.int8``)  RNNT prediction net + joint, one step
+``ctc.onnx``                          hybrid RNNT-CTC models: the CTC head on encoder outputs (every
+                                      lookahead and variant; see ``ctc_file``)
 ``*.onnx.data``                       external weights, one file per graph (models > 2 GB)
 ``tokenizer.model``, ``vocab.txt``    SentencePiece model and its pieces, one per line
 ``frontend.npz``, ``frontend.json``   mel filterbank + window, and the front-end settings
@@ -22,14 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadInput, UnsafeArtifact
-from harness.safe_files import check_external_file
+from harness.errors import BadInput
+from harness.safe_files import check_onnx_external_data, load_onnx_graph
 
 FORMAT = "parity-nemo-cache-aware-rnnt/1"
 CACHE_LAYOUTS = ("batch-first", "layers-first")
@@ -52,6 +53,12 @@ MULTITALKER_DECODER_JOINT_INPUTS = ("encoder_outputs", "targets", "input_states_
 MULTITALKER_DECODER_JOINT_OUTPUTS = ("outputs", "prednet_lengths", "states_1", "states_2")
 MULTITALKER_CONFIG_FILE = "multitalker_config.json"
 
+# A hybrid RNNT-CTC model's CTC head (NeMo's ConvASRDecoder: kernel-1 Conv1d, then log_softmax), a graph
+# of its own on the encoder graph's output: NeMo's names (ConvASRDecoder.input_types / output_types),
+# ``encoder_output [B, D, T]`` -> ``logprobs [B, T, V+1]``.
+CTC_INPUTS = ("encoder_output",)
+CTC_OUTPUTS = ("logprobs",)
+
 
 @dataclass(frozen=True)
 class GraphInterface:
@@ -67,6 +74,8 @@ class GraphInterface:
     decoder_joint_inputs: tuple[str, ...]  # encoder frame, targets, [target_length,] states 1, states 2
     decoder_joint_outputs: tuple[str, ...]  # logits, prednet lengths, next states 1, next states 2
     encoder_frame_layout: str  # decoder_joint's encoder_outputs: "BDT" (NeMo) or "BTD"
+    ctc_inputs: tuple[str, ...] = CTC_INPUTS  # a hybrid model's CTC head: encoder output [B, D, T]
+    ctc_outputs: tuple[str, ...] = CTC_OUTPUTS  # its log-probabilities [B, T, V+1]
 
     @property
     def speaker_masks(self) -> bool:
@@ -97,7 +106,7 @@ MODEL_KEYS = (
     "format", "graph", "variant", "source_sha256", "source_name", "cache_layout", "num_layers", "d_model",
     "n_mels", "conv_kernel_size", "subsampling_factor", "att_context_sizes", "vocab_size", "blank_id",
     "pred_rnn_layers", "pred_hidden", "max_symbols", "encoder_config", "debug_taps", "interface",
-    "speaker_kernel_layers", "background_speaker_kernel",
+    "speaker_kernel_layers", "background_speaker_kernel", "ctc_head",
 )
 ENCODER_KEYS = (
     "att_context_size", "lookahead", "chunk_size", "shift_size", "pre_encode_cache_size",
@@ -135,6 +144,13 @@ def decoder_joint_file(variant: str = "float32", debug: bool = False) -> str:
     return _graph_file("decoder_joint", variant, debug)
 
 
+def ctc_file() -> str:
+    """The CTC head's graph. One float32 graph serves every lookahead and the int8 variant too: it is a
+    single projection of the encoder output (ONNX Runtime's CPU ConvInteger takes uint8 weights only, so
+    dynamic quantization would leave its Conv in float32 anyway)."""
+    return "ctc.onnx"
+
+
 def _graph_file(stem: str, variant: str, debug: bool) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown graph variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -159,74 +175,21 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     return decoded
 
 
-# Bytes per element of the ONNX tensor types whose external data can be checked against the shape
-# (onnx.TensorProto.DataType names; strings and sub-byte types are not checked).
-_ONNX_ELEMENT_BYTES = {
-    "FLOAT": 4, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "INT32": 4, "INT64": 8, "BOOL": 1,
-    "FLOAT16": 2, "DOUBLE": 8, "UINT32": 4, "UINT64": 8, "COMPLEX64": 8, "COMPLEX128": 16, "BFLOAT16": 2,
-    "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 1, "FLOAT8E5M2FNUZ": 1,
-}
-
-
-def _graph_tensors(graph) -> Iterator[Any]:
-    """Every TensorProto of a graph: initializers, sparse initializers, node attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("sparse_tensor"):
-                yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
-            for sparse in attribute.sparse_tensors:
-                yield from (sparse.values, sparse.indices)
-            if attribute.HasField("g"):
-                yield from _graph_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _graph_tensors(subgraph)
-
-
 def check_external_data(model, graph_path: Path) -> None:
     """Every tensor stored outside the graph file must lie in the graph's directory and within its file.
 
     ONNX Runtime (and ``onnx.load``) open the file an initializer names relative to the graph and read
     ``length`` bytes at ``offset``: a location with ``..``, an absolute path or a symlink would read
     files outside the export, and an offset or length past the file's end (or a byte count that is not
-    what the tensor's shape needs) is a lie told before any weight is read.
+    what the tensor's shape needs) is a lie told before any weight is read
+    (``harness.safe_files.check_onnx_external_data``).
     """
-    import onnx
-
-    for tensor in _graph_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        what = f"{graph_path}: tensor {tensor.name!r}"
-        fields = {entry.key: entry.value for entry in tensor.external_data}
-        try:
-            offset = int(fields.get("offset") or 0)
-            length = int(fields["length"]) if fields.get("length") else None
-        except ValueError:
-            raise UnsafeArtifact(f"{what}: external data offset {fields.get('offset')!r} or length "
-                                 f"{fields.get('length')!r} is not an integer") from None
-        _, span = check_external_file(graph_path.parent, fields.get("location", ""), offset, length, what=what)
-        element = _ONNX_ELEMENT_BYTES.get(onnx.TensorProto.DataType.Name(tensor.data_type))
-        if element is not None and span != math.prod(tensor.dims) * element:
-            raise UnsafeArtifact(f"{what}: external data of {span} bytes, its shape {list(tensor.dims)} needs "
-                                 f"{math.prod(tensor.dims) * element}")
+    check_onnx_external_data(model, graph_path)
 
 
 def load_graph(path: Path):
     """A graph's ``ModelProto`` without its external weights, after checking where they lie and their sizes."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except DecodeError as error:
-        raise UnsafeArtifact(f"{path}: not a readable ONNX graph ({error})") from None
-    check_external_data(model, Path(path))
-    return model
+    return load_onnx_graph(path)
 
 
 def read_graph_metadata(path: str | Path) -> dict[str, Any]:

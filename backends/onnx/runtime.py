@@ -12,6 +12,10 @@
   the embedding's padding row, as NeMo's SOS), then the joint; a blank ends the frame, a label is
   emitted and only then is the new LSTM state kept. One ``decoder_joint`` call = one prediction-net
   call + one joint call, so the ``decoder`` and ``joint`` taps line up with NeMo's call for call.
+- Hybrid RNNT-CTC exports add ``ctc.onnx``, the CTC head, run on each step's encoder output (both
+  variants: the int8 encoder's output goes through the float32 head): its log-probabilities are the
+  ``ctc`` tap, and its greedy labels continue the previous step's
+  (``harness.interface.backend.ctc_greedy``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from backends.onnx.layout import (
     GraphInterfaceError,
     MissingGraphError,
     SourceMismatchError,
+    ctc_file,
     decoder_joint_file,
     encoder_file,
     interface_of,
@@ -39,6 +44,7 @@ from backends.onnx.layout import (
 )
 from harness.errors import InvalidInput
 from harness.interface.backend import (
+    TAP_CTC,
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
@@ -51,6 +57,7 @@ from harness.interface.backend import (
     ShapeMismatchError,
     StepOutput,
     StreamingState,
+    ctc_greedy,
 )
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.frontend import Frontend
@@ -65,7 +72,7 @@ class CacheLayoutError(ShapeMismatchError):
 class _Graph:
     """One ONNX Runtime session with its metadata and interface checks.
 
-    ``role`` is ``"encoder"`` or ``"decoder_joint"``; the names it must have come from the
+    ``role`` is ``"encoder"``, ``"decoder_joint"`` or ``"ctc"``; the names it must have come from the
     interface the graph's metadata declares (``layout.INTERFACES``).
     """
 
@@ -136,7 +143,7 @@ class OnnxBackend(Backend):
         self.dtype = dtype
         self._options = _session_options(threads)
         self._use_taps = taps and dtype == "float32"
-        self.decoder_joint = self._open(decoder_joint_file, "decoder_joint")
+        self.decoder_joint = self._open_decoder_joint()
         meta = self.decoder_joint.metadata
         self.metadata = meta
         self.interface = self.decoder_joint.interface
@@ -154,6 +161,7 @@ class OnnxBackend(Backend):
             encoder_config=EncoderConfig.from_mapping(meta["encoder_config"]),  # the export's streaming keys
             speaker_kernel_layers=tuple(int(i) for i in meta.get("speaker_kernel_layers") or ()),
             background_speaker_kernel=bool(meta.get("background_speaker_kernel", False)),
+            ctc_head=bool(meta.get("ctc_head")),
         )
         if self.info.multitalker != self.interface.speaker_masks:
             raise GraphInterfaceError(f"{self.directory}: speaker_kernel_layers {list(self.info.speaker_kernel_layers)} "
@@ -165,6 +173,7 @@ class OnnxBackend(Backend):
             self._encoder(context)
         self.frontend = self._read_frontend()
         self._check_decoder_joint()
+        self.ctc_graph = self._open_ctc() if self.info.ctc_head else None
 
     # -- loading and validation ----------------------------------------------------------------------
     def _open(self, file_for, role: str) -> _Graph:
@@ -177,6 +186,13 @@ class OnnxBackend(Backend):
                 return _Graph(path, role, self._options)
         raise MissingGraphError(f"{self.directory}: missing graph {candidates[-1].name} "
                                 f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
+
+    def _open_decoder_joint(self):
+        return self._open(decoder_joint_file, "decoder_joint")
+
+    def _open_encoder(self, context: tuple[int, int]):
+        """The encoder graph of one lookahead (``backends.onnx.foreign`` supplies other files here)."""
+        return self._open(lambda variant, debug: encoder_file(context, variant, debug), "encoder")
 
     def _check_source(self, nemo_path: Path) -> None:
         from harness.nemo_file import sha256_file
@@ -220,6 +236,33 @@ class OnnxBackend(Backend):
             _check_declared(self.decoder_joint, name, (layers, "B", hidden))
         self._targets_dtype = np.int64 if "int64" in self.decoder_joint.inputs["targets"].type else np.int32
 
+    def _open_ctc(self) -> _Graph:
+        """A hybrid model's CTC head (``ctc.onnx``), checked against the export it belongs to."""
+        path = self.directory / ctc_file()
+        if not path.is_file():
+            raise MissingGraphError(f"{self.directory}: missing graph {path.name} (the metadata declares a CTC head; "
+                                    "export with parity export-onnx)")
+        graph = _Graph(path, "ctc", self._options)
+        for key in ("source_sha256", "vocab_size", "d_model", "ctc_head"):
+            if graph.metadata.get(key) != self.metadata.get(key):
+                raise ExportDirError(f"{path.name}: metadata {key} = {graph.metadata.get(key)!r}, but "
+                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
+        return graph
+
+    def _run_ctc(self, encoded: np.ndarray, encoded_len: np.ndarray,
+                 last_labels: list[int]) -> tuple[np.ndarray, list[list[int]], list[int]]:
+        """The CTC head on ``encoded [B, D, T]``: log-probabilities over the valid frames ``[B, T_valid, V+1]``,
+        and per batch item the greedy labels emitted after ``last_labels`` and the last frame's label."""
+        names = self.ctc_graph.interface
+        log_probs = self.ctc_graph.run({names.ctc_inputs[0]: np.ascontiguousarray(encoded, np.float32)})[names.ctc_outputs[0]]
+        lengths = [int(n) for n in encoded_len]
+        emitted, last = [], []
+        for index, length in enumerate(lengths):
+            labels, final = ctc_greedy(log_probs[index], length, self.info.blank_id, last_labels[index])
+            emitted.append(labels)
+            last.append(final)
+        return np.asarray(log_probs[:, :max(lengths, default=0)], np.float32).copy(), emitted, last
+
     def _encoder(self, context: Sequence[int]) -> _Graph:
         context = (int(context[0]), int(context[1]))
         if context in self._encoders:
@@ -228,7 +271,7 @@ class OnnxBackend(Backend):
             raise MissingGraphError(
                 f"{self.directory}: no encoder graph for att_context_size {list(context)}; exported: "
                 f"{[list(c) for c in self.info.att_context_sizes]}")
-        graph = self._open(lambda variant, debug: encoder_file(context, variant, debug), "encoder")
+        graph = self._open_encoder(context)
         meta = graph.metadata
         for key in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
             if meta.get(key) != self.metadata.get(key):
@@ -364,6 +407,7 @@ class OnnxBackend(Backend):
             emitted.append(decoded[1])
             decoder_taps.extend(decoded[2])
             joint_taps.extend(decoded[3])
+        ctc = None if self.ctc_graph is None else self._run_ctc(encoded, encoded_len, self.info.ctc_labels_before(state))
         seconds = time.perf_counter() - started
         taps = {name: out[name] for name in self._encoder(context).taps}
         taps[TAP_ENCODER] = encoded
@@ -373,14 +417,17 @@ class OnnxBackend(Backend):
                            else np.zeros((0, len(self.vocabulary) + 1), np.float32))
         if not self.decoder_joint.taps:
             del taps[TAP_DECODER]  # only the debug decoder_joint exposes the prediction-net output
+        if ctc is not None:
+            taps[TAP_CTC] = ctc[0]
         new_state = replace(
             state,
             cache_last_channel=self._to_graph_layout(out["cache_last_channel_next"]).copy(),
             cache_last_time=self._to_graph_layout(out["cache_last_time_next"]).copy(),
             cache_last_channel_len=out["cache_last_channel_next_len"].astype(np.int64),
-            decoder=decoders, step_index=state.step_index + 1, native=None)
+            decoder=decoders, step_index=state.step_index + 1, native=None,
+            ctc_last_label=None if ctc is None else ctc[2])
         return StepOutput(encoded=encoded, encoded_len=encoded_len, state=new_state, tokens=emitted, taps=taps,
-                          seconds=seconds)
+                          seconds=seconds, ctc_tokens=None if ctc is None else ctc[1])
 
     def _greedy(self, encoded: np.ndarray, length: int, state: DecoderState, forced: ForcedDecisions):
         """NeMo's GreedyRNNTInfer loop over ``encoded`` ``[D, T]`` continuing ``state``."""
@@ -423,3 +470,4 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._encoders.clear()
         self.decoder_joint = None
+        self.ctc_graph = None

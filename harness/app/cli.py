@@ -8,8 +8,9 @@ that name their artifacts (``--onnx DIR``, ``--mlx DIR``) through their registry
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import sys
+import logging
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from harness.interface.commands import (
     one_line,
     parse_contexts,
 )
+from harness.system.progress import ProgressBar
+from harness.system.provenance import ResolvedSource
 
 
 def console():
@@ -36,31 +39,40 @@ def console():
     return Console(stderr=False, highlight=False)
 
 
+log = logging.getLogger("harness.app.cli")
+SOURCE_HELP = "; or ORG/NAME[@REVISION] on the hub"
+
+
 def add_backend_sources(parser: argparse.ArgumentParser) -> None:
-    """``--NAME PATH`` (and dtype flags) for every registered backend that has an artifact format."""
+    """``--NAME SOURCE`` (and dtype flags) for every registered backend that has an artifact format.
+
+    A source is a local path or a hub name (``harness.app.hub``), resolved when the command runs."""
     from backends import REGISTRY
 
     for entry in REGISTRY.values():
         if entry.source_option:
-            parser.add_argument(entry.source_option, dest=f"source_{entry.name}", metavar="PATH", type=Path,
-                                help=entry.source_help)
+            parser.add_argument(entry.source_option, dest=f"source_{entry.name}", metavar="SOURCE",
+                                help=entry.source_help + SOURCE_HELP)
         for flag, dtype in entry.dtype_flags.items():
             parser.add_argument(flag, dest=f"dtype_{entry.name}", action="store_const", const=dtype,
                                 help=f"use the {entry.name} artifact's {dtype} graphs")
 
 
-def named_sources(args) -> list[tuple[str, Path, str | None]]:
-    """``(backend, path, dtype or None)`` for every ``--NAME PATH`` given, in registry order."""
+def named_sources(args) -> list[tuple[str, ResolvedSource, str | None]]:
+    """``(backend, source, dtype or None)`` for every ``--NAME SOURCE`` given, in registry order,
+    each resolved to a local path (a hub name downloads only that backend's files)."""
     from backends import REGISTRY
 
-    return [(name, getattr(args, f"source_{name}"), getattr(args, f"dtype_{name}", None))
+    return [(name, args.context.resolve_source(getattr(args, f"source_{name}"), name),
+             getattr(args, f"dtype_{name}", None))
             for name in REGISTRY if getattr(args, f"source_{name}", None)]
 
 
 def open_candidates(args, nemo_path: Path | None) -> list:
     from backends import get
 
-    return [get(name).load(path, dtype=dtype, nemo_path=nemo_path) for name, path, dtype in named_sources(args)]
+    return [get(name).load(source.path, dtype=dtype, nemo_path=nemo_path)
+            for name, source, dtype in named_sources(args)]
 
 
 def command_context() -> CommandContext:
@@ -68,9 +80,10 @@ def command_context() -> CommandContext:
     from backends import REFERENCE, get
     from harness.app.compare import fixture_utterances
     from harness.app.diagnose import diagnose
+    from harness.app.hub import resolve_source
 
     return CommandContext(load_reference=lambda nemo_path: get(REFERENCE).load(Path(nemo_path)),
-                          default_utterances=fixture_utterances, diagnose=diagnose)
+                          default_utterances=fixture_utterances, diagnose=diagnose, resolve_source=resolve_source)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -82,29 +95,35 @@ def cmd_fixtures(args) -> int:
     for name in names:
         if name not in FIXTURES:
             raise CommandError(f"unknown fixture model {name!r}; known: {', '.join(FIXTURES)}")
-        path = build(name, force=args.rebuild, progress=lambda m: print(m, file=sys.stderr))
-        print(path)
+    with ProgressBar("fixtures", total=len(names), logger=log) as bar:
+        for name in names:
+            bar.phase(name)
+            path = build(name, force=args.rebuild, progress=bar.phase)
+            bar.advance(name)
+            print(path)
     return EXIT_OK
 
 
 def cmd_transcribe(args) -> int:
     from backends import REFERENCE, get
+    from harness.app.hub import parse
     from harness.interface.driver import transcribe
 
     paths = list(args.paths)
-    sources = {name: (path, dtype) for name, path, dtype in named_sources(args)}
+    sources = {name: (source, dtype) for name, source, dtype in named_sources(args)}
     if args.backend in sources:
-        path, dtype = sources[args.backend]
-        backend = get(args.backend).load(path, dtype=dtype)
+        source, dtype = sources[args.backend]
+        backend = get(args.backend).load(source.path, dtype=dtype)
     elif get(args.backend).source_option:
-        raise CommandError(f"--backend {args.backend} needs {get(args.backend).source_option} PATH")
+        raise CommandError(f"--backend {args.backend} needs {get(args.backend).source_option} SOURCE")
     else:
-        if not paths or (args.backend == REFERENCE and not str(paths[0]).endswith(".nemo")):
-            raise CommandError(f"the {args.backend} backend needs MODEL.nemo as the first argument")
-        backend = get(args.backend).load(Path(paths.pop(0)))
+        if not paths or (args.backend == REFERENCE and not (paths[0].endswith(".nemo") or parse(paths[0]))):
+            raise CommandError(f"the {args.backend} backend needs MODEL.nemo (or ORG/NAME on the hub) "
+                               f"as the first argument")
+        backend = get(args.backend).load(args.context.resolve_source(paths.pop(0), args.backend).path)
     if not paths:
         raise CommandError("no audio files given")
-    utterances = load_utterances(args, paths)
+    utterances = load_utterances(args, [Path(p) for p in paths])
     contexts = parse_contexts(args.att_context) or [backend.info.att_context_sizes[0]]
     for utterance in utterances:
         for context in contexts:
@@ -153,20 +172,32 @@ def print_comparisons(report, out=None) -> None:
 
 
 def cmd_compare(args) -> int:
-    from backends import get
+    from backends import REFERENCE, get
     from harness.app.compare import compare_backends, fixture_utterances
+    from harness.app.provenance import artifact_record, reference_record
     from harness.judge.tolerances import Tolerances
+    from harness.nemo_file import sha256_file
 
     tolerances = Tolerances.load(args.tolerances)
-    nemo_path = Path(args.model)
-    reference = get("nemo").load(nemo_path)
-    candidates = open_candidates(args, nemo_path)
     if args.speaker_masks and not args.audio:
         raise CommandError("--speaker-masks needs --audio (the masks describe that audio)")
-    utterances = load_utterances(args, args.audio) if args.audio else fixture_utterances()
-    contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
-    report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
-                              progress=lambda m: print(f"  {m}", file=sys.stderr))
+    model = args.context.resolve_source(args.model)
+    sources = named_sources(args)
+    with ProgressBar("compare", logger=log) as bar:
+        bar.phase(f"loading {REFERENCE} ({model.path.name})")
+        reference = get(REFERENCE).load(model.path)
+        sha256 = sha256_file(model.path)
+        records = [reference_record(model, sha256)]
+        candidates = []
+        for name, source, dtype in sources:
+            bar.phase(f"loading {name} ({source.path.name})")
+            candidate = get(name).load(source.path, dtype=dtype, nemo_path=model.path)
+            candidates.append(candidate)
+            records.append(artifact_record(name, f"{name}:{candidate.dtype}", source, sha256))
+        utterances = load_utterances(args, args.audio) if args.audio else fixture_utterances()
+        contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
+        report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=model.path,
+                                  model_hub=model.hub, backends=records, progress=bar)
     print_comparisons(report)
     if args.json:
         print(f"results written to {report.results.save(args.json)}")
@@ -229,7 +260,7 @@ def cmd_nightly(args) -> int:
 def cmd_mutants(args) -> int:
     from harness.app.mutation import run_mutation_tests, write_mutants
 
-    outcome = run_mutation_tests(workers=args.workers, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    outcome = run_mutation_tests(workers=args.workers, progress=lambda m: log.info("mutants: %s", m))
     path = write_mutants(outcome, args.out)
     totals = ", ".join(f"{count} {status}" for status, count in outcome["totals"].items())
     print(f"{outcome['mutants']} mutants of the judge: {totals}")
@@ -265,7 +296,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parity", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", action="store_true", help="show NeMo's own logging")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug logging, and NeMo's own logging")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     parser.add_argument("--debug", action="store_true",
                         help="print the traceback of an error (exit 2: bad input, exit 3: internal error)")
     parser.add_argument("--threads", type=_positive_int, metavar="N",
@@ -279,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fixtures)
 
     p = sub.add_parser("transcribe", help="stream audio through one backend and print transcripts")
-    p.add_argument("paths", nargs="+", metavar="[MODEL.nemo] AUDIO", type=Path)
+    p.add_argument("paths", nargs="+", metavar="[MODEL] AUDIO",
+                   help="MODEL: a .nemo or ORG/NAME[@REVISION] on the hub (the nemo backend only)")
     p.add_argument("--backend", default="nemo")
     p.add_argument("--att-context", action="append", metavar="L,R")
     add_backend_sources(p)
@@ -287,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("compare", help="compare backends against NeMo (and NeMo streaming against offline)")
-    p.add_argument("model", metavar="MODEL.nemo")
+    p.add_argument("model", metavar="MODEL", help="a .nemo, ORG/NAME[@REVISION] or hf://ORG/NAME[@REVISION]/FILE")
     p.add_argument("--audio", nargs="+", type=Path, help="audio files (default: the fixture speech)")
     p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON here")
@@ -357,6 +391,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROJECT_LOGGERS = ("harness", "backends", "fixtures")
+
+
+@contextlib.contextmanager
+def logging_configured(*, verbose: bool = False, quiet: bool = False):
+    """One rich handler on stderr for the project's loggers while a command runs: debug with ``-v``,
+    warnings only with ``-q`` (which also turns the progress bars off); undone afterwards."""
+    from rich.logging import RichHandler
+
+    from harness.system.progress import make_console, set_bars, use_console
+
+    console = make_console()
+    use_console(console)
+    set_bars(not quiet)
+    handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False,
+                          log_time_format="[%X]")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    saved = {}
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.level, logger.propagate)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for name, (old_level, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
+            logger.propagate = propagate
+        use_console(None)
+        set_bars(True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Positional audio may follow options (`transcribe MODEL.nemo --att-context 70,13 a.wav b.wav`):
@@ -364,9 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unparsed = parser.parse_known_args(argv)
     if unparsed:
         if getattr(args, "command", None) == "transcribe" and not any(u.startswith("-") for u in unparsed):
-            args.paths = [*args.paths, *(Path(u) for u in unparsed)]
+            args.paths = [*args.paths, *unparsed]
         else:
             parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
+    with logging_configured(verbose=args.verbose, quiet=args.quiet):
+        return _run(args)
+
+
+def _run(args) -> int:
     # Exit codes (harness.interface.commands): the project's own input errors derive from BadInput and
     # exit 2; anything else is a bug and exits 3. Both print one line; --debug adds the traceback.
     try:

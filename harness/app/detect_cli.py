@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def cmd_fingerprint(args) -> int:
     from harness.app.diagnose import artifact_readers
+    from harness.app.hub import resolve_any
     from harness.detect.fingerprint import fingerprint
 
-    report = fingerprint(args.path, artifact_readers())
+    report = fingerprint(resolve_any(args.path).path, artifact_readers())
     if not args.tensors:
         report["tensors"] = f"{len(report['tensors'])} tensors (use --tensors for the hash manifest)"
     print(json.dumps(report, indent=2))
@@ -19,7 +19,8 @@ def cmd_fingerprint(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("fingerprint", help="print JSON of what the weights alone say about a model")
-    parser.add_argument("path", type=Path, help="a .nemo, an ONNX export directory or an MLX artifact directory")
+    parser.add_argument("path", help="a .nemo, an ONNX export directory or an MLX artifact directory, "
+                                     "or ORG/NAME[@REVISION] on the hub")
     parser.add_argument("--tensors", action="store_true", help="include the per-tensor shape/dtype/sha256 manifest")
     parser.add_argument("--strict", action="store_true", help="exit 1 when config and weights contradict")
     parser.set_defaults(func=cmd_fingerprint)

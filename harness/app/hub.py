@@ -30,6 +30,9 @@ SCHEME = "hf://"
 # A repository id: ORG/NAME, each part letters, digits, '-', '_', '.'.
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 TRUE = {"1", "ON", "YES", "TRUE"}
+# Names ending like a local file are local paths (a missing audio file is not a hub repository).
+FILE_SUFFIXES = {".nemo", ".wav", ".flac", ".mp3", ".ogg", ".json", ".jsonl", ".npz", ".onnx", ".safetensors",
+                 ".toml", ".yaml", ".yml", ".txt", ".model"}
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def parse(text: str | Path) -> HubName | None:
     """The hub reading of a source argument, or None when it names a local path.
 
     An existing path is always local; ``hf://`` is always the hub; ``ORG/NAME[@REVISION]`` is the hub
-    unless it exists locally or looks like a file name (``x/model.nemo``: a missing local file).
+    unless it exists locally or ends like a file name (``x/model.nemo``, ``x/a.wav``: missing local files).
     """
     text = str(text)
     if Path(text).expanduser().exists():
@@ -67,7 +70,7 @@ def parse(text: str | Path) -> HubName | None:
             raise InvalidInput(f"{text}: a hub file is named {SCHEME}ORG/NAME[@REVISION]/FILE")
         return HubName(repo, revision or None, file)
     repo, at, revision = text.partition("@")
-    if not REPO_ID.fullmatch(repo) or (at and not revision) or repo.endswith(".nemo"):
+    if not REPO_ID.fullmatch(repo) or (at and not revision) or Path(repo).suffix.lower() in FILE_SUFFIXES:
         return None
     return HubName(repo, revision or None)
 
@@ -94,7 +97,7 @@ def offline() -> bool:
 
 
 def download(name: HubName, patterns: tuple[str, ...]) -> Path:
-    """The snapshot folder of ``name`` holding (at least) the files matching ``patterns``."""
+    """The snapshot folder of ``name`` holding (at least) the files matching ``patterns`` (all: none given)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub import utils as hub_utils
     from huggingface_hub.utils import (
@@ -114,7 +117,8 @@ def download(name: HubName, patterns: tuple[str, ...]) -> Path:
         patterns = (name.file, *(f"{name.file}/{p}" for p in patterns))
     log.debug("resolving %s (%s) in %s%s", name, ", ".join(patterns), cache, ", offline" if is_offline else "")
     try:
-        folder = snapshot_download(name.repo, revision=name.revision, allow_patterns=list(patterns),
+        # A backend that declares no patterns gets the whole repository.
+        folder = snapshot_download(name.repo, revision=name.revision, allow_patterns=list(patterns) or None,
                                    cache_dir=cache, local_files_only=is_offline)
     except HFValidationError as error:
         raise InvalidInput(f"{name}: not a hub repository name ({error})") from None
@@ -155,7 +159,8 @@ def resolve(text: str | Path, *, patterns: tuple[str, ...], single_suffix: str |
         if not found:
             raise HubSourceNotFound(f"{name}: no {single_suffix} file in {name.repo} at {commit}")
         if len(found) > 1:
-            choices = ", ".join(f"{SCHEME}{name.repo}/{p.relative_to(folder).as_posix()}" for p in found)
+            at = f"@{name.revision}" if name.revision else ""
+            choices = ", ".join(f"{SCHEME}{name.repo}{at}/{p.relative_to(folder).as_posix()}" for p in found)
             raise InvalidInput(f"{name}: {len(found)} {single_suffix} files in {name.repo}; name one: {choices}")
         path = found[0]
     else:
@@ -167,18 +172,26 @@ def resolve(text: str | Path, *, patterns: tuple[str, ...], single_suffix: str |
 
 
 def resolve_source(text: str | Path, backend: str | None = None) -> ResolvedSource:
-    """A source of ``backend`` (the reference: a ``.nemo``; another backend: its artifact directory),
-    or, without ``backend``, of any registered format (``parity fingerprint``)."""
-    from backends import REFERENCE, REGISTRY, get
+    """A source of ``backend``'s format: without it (or for the reference), a checkpoint (one
+    ``.nemo``); for another backend, its artifact directory (``BackendEntry.hub_patterns``)."""
+    from backends import REFERENCE, get
 
-    if backend is None:
-        patterns = tuple(dict.fromkeys(p for entry in REGISTRY.values() for p in entry.hub_patterns))
-        resolved = resolve(text, patterns=patterns)
-        nemo = sorted(resolved.path.glob("*.nemo")) if resolved.hub and resolved.path.is_dir() else []
-        if len(nemo) == 1:
-            origin = resolved.hub
-            return ResolvedSource(nemo[0], resolved.given, HubOrigin(origin.repo, origin.revision, origin.requested,
-                                                                      nemo[0].name))
+    backend = backend or REFERENCE
+    return resolve(text, patterns=get(backend).hub_patterns, single_suffix=".nemo" if backend == REFERENCE else None)
+
+
+def resolve_any(text: str | Path) -> ResolvedSource:
+    """A source of any registered format (``parity fingerprint``): the repository's single ``.nemo``
+    when it holds one, else the snapshot folder (an artifact)."""
+    from backends import REGISTRY
+
+    patterns = tuple(dict.fromkeys(p for entry in REGISTRY.values() for p in entry.hub_patterns))
+    resolved = resolve(text, patterns=patterns)
+    if resolved.hub is None or not resolved.path.is_dir():
         return resolved
-    entry = get(backend)
-    return resolve(text, patterns=entry.hub_patterns, single_suffix=".nemo" if backend == REFERENCE else None)
+    checkpoints = sorted(resolved.path.glob("*.nemo"))
+    if len(checkpoints) != 1:
+        return resolved
+    origin = resolved.hub
+    file = f"{origin.file}/{checkpoints[0].name}" if origin.file else checkpoints[0].name
+    return ResolvedSource(checkpoints[0], resolved.given, HubOrigin(origin.repo, origin.revision, origin.requested, file))

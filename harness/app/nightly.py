@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.app.compare import fixture_utterances, model_record
+from harness.app.provenance import manifest_provenance
 from harness.errors import InputNotFound, UnknownName
 from harness.interface.backend import Backend
 from harness.interface.utterance import Utterance, long_utterance
@@ -176,8 +177,11 @@ def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path,
         else:
             source, _ = _prepare(*arguments)
         source = Path(source)
+        made = manifest_provenance(planned.backend, source)
         record.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
-                      prepare_seconds=round(time.perf_counter() - started, 2))
+                      prepare_seconds=round(time.perf_counter() - started, 2),
+                      source_sha256=made.source_sha256 if made else None,
+                      made_by=made.made_by() if made and made.harness_version else None)
         return entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)
 
     return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=record)
@@ -301,10 +305,12 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
     ``audio_seconds``: stream the utterances joined into one utterance of at least that length
     instead of the separate utterances. ``bounded_memory``: one model in memory at a time, runs
     spooled to disk (default: for checkpoints over 1 GiB)."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = console or Console(stderr=True, highlight=False)
+    from harness.system.progress import quiet, stderr_console
+
+    console = console or stderr_console()
+    say = (lambda _text: None) if quiet() else console.print  # -q: warnings only
     tolerances = Tolerances.load(tolerances_path)
     plan = plan_candidates(backends)
     if utterances is None:
@@ -313,24 +319,24 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
         utterances = [long_utterance(utterances, audio_seconds)]
     work_dir = Path(work_dir or default_work_dir())
     work_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]{title}[/]: {len(models)} model(s) × "
+    say(f"[bold]{title}[/]: {len(models)} model(s) × "
                   f"{len(att_contexts) if att_contexts else 'every'} lookahead(s) × "
                   f"{len(utterances)} utterance(s); NeMo against "
                   f"{', '.join(c.label for c in plan.candidates) or 'its own offline forward only'}")
     for skipped in plan.unavailable:
-        console.print(f"  [yellow]skipping[/] {skipped['backend']}:{skipped['dtype']} ({skipped['error']})")
+        say(f"  [yellow]skipping[/] {skipped['backend']}:{skipped['dtype']} ({skipped['error']})")
 
     all_results = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, disable=quiet()) as bar:
         for model in models:
-            nemo_path = resolve_model(model, progress=lambda m: bar.console.print(f"  {m}"),
+            nemo_path = resolve_model(model, progress=lambda m: say(f"  {m}"),
                                       in_subprocess=bounded_memory is not False)
             task = bar.add_task(model, total=None)
             def phase(text: str, task=task, model=model) -> None:
                 bar.update(task, description=f"{model}: {text}")
                 if not console.is_terminal:  # CI logs get no live bar: one line per phase instead
-                    bar.console.print(f"  {model}: {text}")
+                    say(f"  {model}: {text}")
 
             progress = LoopProgress(total=lambda units, task=task: bar.update(task, total=units), phase=phase,
                                       advance=lambda _text, task=task: bar.advance(task))

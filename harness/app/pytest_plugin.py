@@ -29,6 +29,7 @@ MARKERS = {
     "mlx": "the MLX converter and backend (skips when mlx cannot be imported)",
     "nightly": "the large matrix run by `parity nightly` / the nightly workflow, not by default",
     "browser": "renders a report in headless Chromium (skips when Chromium is absent)",
+    "sherpa_onnx": "sherpa-onnx's own runtime, a transcript-level peer (skips when sherpa-onnx is absent)",
 }
 
 
@@ -226,9 +227,11 @@ class RunCache:
         backend = self.pool.get(backend_name, dtype)
         key = (backend_name, backend.dtype, utterance.name, tuple(context), str(mode))
         if key not in self._runs:
-            features = backend.features(utterance.audio[None])[0]
+            # A transcript-level peer runtime takes the audio through its own front end (Capabilities.input).
+            audio_input = backend.capabilities.input == "audio"
+            features = None if audio_input else backend.features(utterance.audio[None])[0]
             self._runs[key] = stream(backend, self.mel(utterance), context, mode, dtype=backend.dtype,
-                                     features=features)
+                                     features=features, audio=utterance.audio[None])
         return self._runs[key]
 
 

@@ -12,7 +12,9 @@ from names the config supplies:
   pads (k-1, s-1) so 128 mels -> 65 -> 33 -> 17 bins (4352 for 256 channels), symmetric padding
   gives 64 -> 32 -> 16 (4096)
 - conv kernel from the depthwise conv; conv norm: batch_norm has running statistics, layer_norm not
-- decoder kind from the joint's output width: vocabulary + 1 = RNNT, + durations = TDT
+- decoder kind from the joint's output width: vocabulary + 1 = RNNT, + durations = TDT; a hybrid's
+  CTC head (``ctc_decoder.decoder_layers.0.weight``, a kernel-1 conv of vocabulary + 1 outputs) adds
+  "+ctc"
 - vocabulary from the prediction-net embedding (blank_as_pad adds the blank row)
 - LSTM layers and width; the layers holding target- and background-speaker kernels
 """
@@ -185,10 +187,18 @@ def weight_facts(view: ModelView) -> dict[str, Any]:
     facts["joint_output_width"] = t[joint_out[-1]].shape[0] if joint_out else None
     if facts["vocabulary_size"] is not None and facts["joint_output_width"] is not None:
         extra = facts["joint_output_width"] - (facts["vocabulary_size"] + 1)
-        facts["decoder_kind"] = "rnnt" if extra == 0 else ("tdt" if extra > 0 else "inconsistent")
+        facts["transducer_kind"] = "rnnt" if extra == 0 else ("tdt" if extra > 0 else "inconsistent")
         facts["tdt_durations"] = extra if extra > 0 else 0
     else:
-        facts["decoder_kind"] = None
+        facts["transducer_kind"] = None
+    # A hybrid RNNT-CTC model's CTC head: ConvASRDecoder's Conv1d(d_model, V + 1, 1), pytorch [V+1, D, 1],
+    # mlx [V+1, 1, D]; the blank is its last output, as the joint's.
+    ctc = _find(t, r"(?:^|\.)ctc_decoder\.decoder_layers\.0\.weight$")
+    facts["ctc_head"] = bool(ctc)
+    facts["ctc_output_width"] = t[ctc[0]].shape[0] if ctc else None
+    facts["ctc_input_width"] = (t[ctc[0]].shape[1] if view.layout == "pytorch" else t[ctc[0]].shape[-1]) if ctc else None
+    kind = facts["transducer_kind"]
+    facts["decoder_kind"] = kind if not ctc or kind in (None, "inconsistent") else f"{kind}+ctc"
 
     if view.layout == "pytorch":
         lstm = _find(t, r"decoder\.prediction\.dec_rnn\.lstm\.weight_hh_l\d+$")
@@ -235,12 +245,24 @@ def config_claims(view: ModelView) -> dict[str, Any]:
             "causal" if encoder["causal_downsampling"] else "non-causal"),
         "conv_kernel_size": encoder.get("conv_kernel_size"),
         "conv_norm_type": encoder.get("conv_norm_type"),
-        "decoder_kind": stated.kind,
+        "decoder_kind": stated.decoder_kind,
+        "transducer_kind": stated.kind,
+        **_ctc_claims(stated),
         "vocabulary_size": len(vocabulary) if vocabulary is not None else decoder.get("vocab_size"),
         "lstm_layers": decoder.get("pred_rnn_layers"),
         "lstm_hidden": decoder.get("pred_hidden"),
         **_speaker_claims(stated),
     }
+
+
+def _ctc_claims(stated: StatedConfig) -> dict[str, Any]:
+    """A CTC head is claimed by an ``aux_ctc`` section (NeMo's hybrid models require one) or a hybrid
+    model class; a config that describes no model at all (an export without one) claims nothing."""
+    describes_model = bool(stated.target or stated.encoder or stated.decoder or stated.joint)
+    hybrid = stated.ctc is not None or "HybridRNNTCTC" in str(stated.target or "")
+    ctc = stated.ctc or {}
+    return {"ctc_head": hybrid if describes_model or stated.ctc is not None else None,
+            "ctc_num_classes": ctc.get("num_classes"), "ctc_feat_in": ctc.get("feat_in")}
 
 
 def _speaker_claims(stated: StatedConfig) -> dict[str, Any]:
@@ -257,14 +279,14 @@ def contradictions(view: ModelView, facts: Mapping[str, Any] | None = None,
     facts = facts or weight_facts(view)
     claims = claims or config_claims(view)
     found = []
-    if facts.get("decoder_kind") == "tdt" and claims.get("decoder_kind") == "rnnt":
+    if facts.get("transducer_kind") == "tdt" and claims.get("transducer_kind") == "rnnt":
         found.append(
             f"the joint outputs {facts['joint_output_width']} values for a vocabulary of {facts['vocabulary_size']}: "
             f"{facts['tdt_durations']} extra duration outputs make these TDT weights, but the config describes an "
             f"RNNT model ({claims.get('target')})")
-    if facts.get("decoder_kind") == "rnnt" and claims.get("decoder_kind") == "tdt":
+    if facts.get("transducer_kind") == "rnnt" and claims.get("transducer_kind") == "tdt":
         found.append("the config describes a TDT model but the joint has no duration outputs (RNNT weights)")
-    if facts.get("decoder_kind") == "inconsistent":
+    if facts.get("transducer_kind") == "inconsistent":
         found.append(f"the joint outputs {facts['joint_output_width']} values, fewer than the vocabulary "
                      f"{facts['vocabulary_size']} + blank")
     subsampling = facts.get("subsampling")
@@ -292,6 +314,38 @@ def contradictions(view: ModelView, facts: Mapping[str, Any] | None = None,
                          f"(tokenizer {view.tokenizer_pieces[first:first + 2]} vs vocabulary "
                          f"{view.vocabulary[first:first + 2]})")
     found.extend(_speaker_contradictions(facts, claims))
+    found.extend(_ctc_contradictions(facts, claims))
+    return found
+
+
+def _ctc_contradictions(facts: Mapping[str, Any], claims: Mapping[str, Any]) -> list[str]:
+    """A hybrid's CTC head: claimed by the config and present in the weights alike, over the vocabulary
+    the joint decodes (its width = vocabulary + blank), on the encoder's output."""
+    found = []
+    weights, config = facts.get("ctc_head"), claims.get("ctc_head")
+    if config and weights is False:
+        found.append("the config describes a hybrid RNNT-CTC model (aux_ctc) but the weights hold no CTC head "
+                     "(no ctc_decoder.decoder_layers.0.weight): transducer-only weights under a hybrid config")
+    if weights and config is False:
+        found.append(f"the weights hold a CTC head (ctc_decoder.decoder_layers.0.weight, {facts['ctc_output_width']} "
+                     f"outputs) but the config has no aux_ctc section: hybrid RNNT-CTC weights under a "
+                     f"transducer-only config ({claims.get('target')})")
+    if not weights:
+        return found
+    width, vocabulary = facts.get("ctc_output_width"), facts.get("vocabulary_size")
+    if vocabulary is not None and width != vocabulary + 1:
+        found.append(f"the CTC head outputs {width} values but the prediction-net embedding has {vocabulary} + blank "
+                     f"rows (the joint outputs {facts.get('joint_output_width')}): the two decoders do not share "
+                     f"one vocabulary")
+    claimed = claims.get("ctc_num_classes")
+    if claimed is not None and width != claimed + 1:
+        found.append(f"the config says aux_ctc.decoder.num_classes = {claimed} but the CTC head outputs {width} "
+                     f"values ({width - 1} + blank)")
+    inputs, feat_in, d_model = facts.get("ctc_input_width"), claims.get("ctc_feat_in"), facts.get("d_model")
+    if feat_in is not None and inputs != feat_in:
+        found.append(f"the config says aux_ctc.decoder.feat_in = {feat_in} but the CTC head takes {inputs} inputs")
+    if d_model is not None and inputs != d_model:
+        found.append(f"the CTC head takes {inputs} inputs but the encoder outputs {d_model} values per frame")
     return found
 
 
@@ -343,6 +397,8 @@ def layer_of(name: str) -> str | None:
         return "decoder"
     if name.startswith("joint."):
         return "joint"
+    if name.startswith("ctc_decoder."):
+        return "ctc"
     if name.startswith("preprocessor."):
         return "mel"
     return None

@@ -40,13 +40,13 @@ the label of the frame before, and ``StreamingState.ctc_last_label`` carries the
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.errors import InvalidInput
+from harness.errors import InvalidInput, Unsupported
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.speakers import SpeakerMaskError, SpeakerTargets
 from harness.nemo_config import EncoderConfig, ModelConfig, read_model_config
@@ -106,10 +106,11 @@ class StreamingState:
     """
 
     att_context_size: tuple[int, int]
-    cache_last_channel: np.ndarray  # [L, B, C, D]
-    cache_last_time: np.ndarray  # [L, B, D, K-1]
-    cache_last_channel_len: np.ndarray  # [B] int64
-    decoder: list[DecoderState]  # one per batch item
+    # None for a transcript-level backend (``Capabilities.caches`` false): it exposes no caches.
+    cache_last_channel: np.ndarray | None = None  # [L, B, C, D]
+    cache_last_time: np.ndarray | None = None  # [L, B, D, K-1]
+    cache_last_channel_len: np.ndarray | None = None  # [B] int64
+    decoder: list[DecoderState] = field(default_factory=list)  # one per batch item
     step_index: int = 0
     native: Any = None
     # Hybrid RNNT-CTC models: the CTC greedy label of the last frame so far (the blank id at the start),
@@ -117,11 +118,12 @@ class StreamingState:
     ctc_last_label: list[int] | None = None
 
     def caches(self) -> dict[str, np.ndarray]:
-        return {
+        caches = {
             "cache_last_channel": self.cache_last_channel,
             "cache_last_time": self.cache_last_time,
             "cache_last_channel_len": self.cache_last_channel_len,
         }
+        return {name: value for name, value in caches.items() if value is not None}
 
     def canonical(self) -> StreamingState:
         """A copy without backend-native objects, safe to hand to another backend."""
@@ -249,6 +251,13 @@ class ModelInfo:
             ctc_last_label=[self.blank_id] * batch_size if self.ctc_head else None,
         )
 
+    def ctc_labels_before(self, state: StreamingState) -> list[int]:
+        """The CTC greedy label of the frame before this step, per batch item: the state's, else the
+        blank (a stream's start, or a state made without a CTC head)."""
+        if state.ctc_last_label is not None:
+            return [int(label) for label in state.ctc_last_label]
+        return [self.blank_id] * len(state.decoder)
+
     def check_state(self, state: StreamingState) -> None:
         """Fail loudly when caches handed to a backend contradict the model."""
         batch = state.cache_last_channel_len.shape[0] if state.cache_last_channel_len.ndim == 1 else None
@@ -285,7 +294,10 @@ class Capabilities:
     - ``offline``: whether ``Backend.offline`` is implemented;
     - ``teacher_forcing``: whether ``step`` accepts ``forced_decisions`` (the reference's greedy
       decision at each joint call, fed to its prediction net instead of its own argmax), so that its
-      decoder and joint rows stay comparable after a near-tie (``harness.judge.ties``).
+      decoder and joint rows stay comparable after a near-tie (``harness.judge.ties``);
+    - ``input``: ``"mel"`` (``step`` takes the harness's mel chunks) or ``"audio"`` (a peer runtime with
+      its own front end, chunking and decoding: ``stream_audio`` takes the utterance's samples and
+      yields one ``StepOutput`` per chunk it decoded, its tokens only).
     """
 
     first_chunk_modes: tuple[str, ...] = ("plain", "pad-and-drop")
@@ -293,6 +305,7 @@ class Capabilities:
     caches: bool = True
     offline: bool = True
     teacher_forcing: bool = False
+    input: str = "mel"
 
     @property
     def tensor_level(self) -> bool:
@@ -365,6 +378,27 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: a backend without resources need not override it
         """Release the model (the bounded-memory runs load one backend at a time)."""
+
+    def stream_audio(self, audio: np.ndarray, att_context_size: Sequence[int]) -> Iterator[StepOutput]:
+        """``Capabilities.input == "audio"``: run the utterance ``[1, samples]`` (16 kHz float32) through the
+        backend's own front end, chunking and decoding; yield one ``StepOutput`` per chunk with the tokens
+        it added (no taps, no caches)."""
+        raise Unsupported(f"{self.name} streams the harness's mel chunks (Backend.step), not audio")
+
+    def notes(self) -> list[str]:
+        """Lines saying what was loaded (a detected format, taps that could not be exposed)."""
+        return []
+
+    # A peer runtime (``Capabilities.input == "audio"``) says how it runs, so that its stack can be
+    # rebuilt piece by piece from the harness's own parts (``harness.judge.bisect``).
+    def input_audio(self, audio: np.ndarray, att_context_size: Sequence[int]) -> np.ndarray:
+        """The samples ``stream_audio`` actually decodes for ``audio`` ``[1, samples]`` (its tail padding added)."""
+        return audio
+
+    def own_chunks(self, mel: np.ndarray, att_context_size: Sequence[int]) -> list[Chunk] | None:
+        """The chunks this backend's own streaming cuts from ``mel`` ``[1, n_mels, T]`` (None: the harness's
+        ``ChunkSchedule``)."""
+        return None
 
     def check_speaker_masks(self, speaker_masks: SpeakerTargets | None, batch: int) -> None:
         """Refuse masks for a single-speaker model, and masks of another batch size."""

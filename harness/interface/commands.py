@@ -92,7 +92,7 @@ class CommandContext:
     - ``resolve_source(text, backend)``: a source argument (a local path, ``ORG/NAME[@REVISION]`` or
       ``hf://ORG/NAME[@REVISION]/FILE``) as a ``ResolvedSource``: the local path (downloaded through
       the hub cache when need be) and, for a hub source, the repository and resolved commit.
-      ``backend``: whose format (the reference: a ``.nemo``); None: any registered format.
+      ``backend``: whose artifact format; None: a checkpoint (a ``.nemo``, the reference's source).
     """
 
     load_reference: Callable[[Path], Any]

@@ -58,8 +58,12 @@ class StreamRun:
 def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
                mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *,
                speaker_masks: SpeakerTargets | None = None,
-               forced_decisions: Sequence[Sequence[int]] | None = None) -> Iterator[StepOutput]:
+               forced_decisions: Sequence[Sequence[int]] | None = None,
+               audio: np.ndarray | None = None) -> Iterator[StepOutput]:
     """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend``, yielding each step.
+
+    A backend whose ``Capabilities.input`` is ``"audio"`` (a peer runtime: its own front end and
+    chunking) gets the utterance's ``audio`` ``[1, samples]`` instead and yields its own steps.
 
     ``speaker_masks`` are utterance-level (one value per encoder frame); each step gets the slice
     NeMo's multitalker streaming driver would hand it (``SpeakerTargets.for_step``).
@@ -68,6 +72,13 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
     """
     if forced_decisions is not None and not backend.capabilities.teacher_forcing:
         raise ValueError(f"{backend.name} cannot decode with forced decisions (no teacher forcing)")
+    if backend.capabilities.input == "audio":
+        if audio is None:
+            raise InvalidInput(f"{backend.name} runs its own front end: it needs the utterance's audio, not mel")
+        if speaker_masks is not None:
+            raise InvalidInput(f"{backend.name} takes no speaker masks")
+        yield from backend.stream_audio(np.atleast_2d(np.asarray(audio, np.float32)), att_context_size)
+        return
     schedule = ChunkSchedule(backend.streaming_config(att_context_size), mode)
     state = backend.initial_state(att_context_size, batch_size=mel.shape[0])
     if speaker_masks is not None:
@@ -87,10 +98,10 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
 def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
            mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
            speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None,
-           forced_decisions: Sequence[Sequence[int]] | None = None) -> StreamRun:
+           forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None) -> StreamRun:
     """``iter_steps`` kept in memory as a ``StreamRun`` (``harness.judge.spool`` keeps it on disk instead)."""
     steps = list(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
-                            forced_decisions=forced_decisions))
+                            forced_decisions=forced_decisions, audio=audio))
     return StreamRun(backend=backend.name, dtype=dtype, att_context_size=tuple(att_context_size),
                      mode=FirstChunkMode(mode).value, steps=steps, features=features)
 
@@ -105,8 +116,10 @@ def shared_mode(*backends: Backend) -> FirstChunkMode:
 
 
 def transcribe(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> tuple[str, list[int]]:
-    mel, _ = backend.features(utterance.audio[None])
+    audio_input = backend.capabilities.input == "audio"
+    mel = None if audio_input else backend.features(utterance.audio[None])[0]
     mode = shared_mode(backend)
     run = stream(backend, mel, att_context_size, mode, dtype=backend.dtype,
-                 speaker_masks=utterance.speaker_masks_for(backend, probe=False))
+                 speaker_masks=None if audio_input else utterance.speaker_masks_for(backend, probe=False),
+                 audio=utterance.audio[None])
     return decode_tokens(backend.info.vocabulary, run.tokens), run.tokens

@@ -53,8 +53,9 @@ class RunStore(Protocol):
 
     def record(self, backend: Backend, mel: np.ndarray, context: Context, mode: FirstChunkMode, *, key: str,
                speaker_masks: SpeakerTargets | None, features: np.ndarray | None,
-               forced_decisions: Sequence[Sequence[int]] | None = None) -> Any:
-        """Stream ``mel`` through ``backend`` and keep the run; returns an object ``compare_runs`` reads."""
+               forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None) -> Any:
+        """Stream ``mel`` through ``backend`` (``audio`` for a backend with its own front end) and keep the
+        run; returns an object ``compare_runs`` reads."""
 
     def release(self, run: Any) -> None:
         """Forget a run that is no longer needed."""
@@ -63,9 +64,10 @@ class RunStore(Protocol):
 class MemoryStore:
     """Runs kept in memory as ``StreamRun``s (the tiny fixtures, ``parity compare``, verification)."""
 
-    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None):
+    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
+               audio=None):
         return stream(backend, mel, context, mode, dtype=backend.dtype, speaker_masks=speaker_masks,
-                      features=features, forced_decisions=forced_decisions)
+                      features=features, forced_decisions=forced_decisions, audio=audio)
 
     def release(self, run) -> None:
         pass
@@ -77,11 +79,13 @@ class SpoolStore:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
-    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None):
+    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
+               audio=None):
         from harness.judge.spool import record
 
         return record(backend, mel, context, mode, self.directory / key, dtype=backend.dtype,
-                      speaker_masks=speaker_masks, features=features, forced_decisions=forced_decisions)
+                      speaker_masks=speaker_masks, features=features, forced_decisions=forced_decisions,
+                      audio=audio)
 
     def release(self, run) -> None:
         run.delete()
@@ -231,18 +235,22 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
             progress.phase(f"{candidate.label}: opening")
             backend = candidate.open()
             progress.phase(f"{candidate.label} vs {reference.name}")
+            # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
+            # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
+            audio_input = backend.capabilities.input == "audio"
+            tokens_only = not backend.capabilities.tensor_level
             for utterance in utterances:
-                own_features, _ = backend.features(utterance.audio[None])
-                masks = utterance.speaker_masks_for(backend)
+                own_features = None if audio_input else backend.features(utterance.audio[None])[0]
+                masks = None if audio_input else utterance.speaker_masks_for(backend)
                 mel = mels[utterance.name]
                 for context in contexts:
                     for mode in wanted:
                         reference_run = reference_runs[(utterance.name, context, mode)]
                         run = store.record(backend, mel, context, mode,
                                            key=_key(backend, utterance, context, mode), speaker_masks=masks,
-                                           features=own_features)
+                                           features=own_features, audio=utterance.audio[None])
                         comparison = compare_runs(reference_run, run, tolerances, num_layers=num_layers,
-                                                  utterance=utterance.name)
+                                                  utterance=utterance.name, tokens_only=tokens_only)
                         judged_run = run
                         if backend.capabilities.teacher_forcing and not same_decisions(reference_run, run):
                             # The free run took another greedy decision somewhere: its decoder and joint rows
@@ -304,7 +312,8 @@ def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstCh
 
 
 def _record_run(outcome: LoopOutcome, run: Any, utterance: Utterance, vocabulary: Sequence[str]) -> None:
-    """A run's transcript and step timings, once per (backend, dtype, mode, utterance, lookahead)."""
+    """A run's transcript (and a hybrid model's CTC greedy transcript beside it, ``"decoder": "ctc"``) and
+    step timings, once per (backend, dtype, mode, utterance, lookahead)."""
     key = (f"{run.backend}:{run.dtype}", utterance.name, tuple(run.att_context_size), run.mode)
     if isinstance(run, StreamRun):
         outcome.runs[key] = run
@@ -312,13 +321,17 @@ def _record_run(outcome: LoopOutcome, run: Any, utterance: Utterance, vocabulary
         return
     outcome.recorded.add(key)
     results = outcome.results
-    text = decode_tokens(vocabulary, run.tokens)
-    results.transcripts.append({
-        "utterance": utterance.name, "backend": run.backend, "dtype": run.dtype, "mode": run.mode,
-        "att_context_size": list(run.att_context_size), "text": text, "reference_text": utterance.text,
-        "tokens": run.tokens,
-        "wer": word_error_rate([utterance.text], [text]) if utterance.text else None,
-    })
+    ctc_tokens = getattr(run, "ctc_tokens", None)
+    for decoder, tokens in (("rnnt", run.tokens), ("ctc", ctc_tokens)):
+        if tokens is None:
+            continue  # no CTC head
+        text = decode_tokens(vocabulary, tokens)
+        results.transcripts.append({
+            "utterance": utterance.name, "backend": run.backend, "dtype": run.dtype, "mode": run.mode,
+            "att_context_size": list(run.att_context_size), "text": text, "reference_text": utterance.text,
+            "tokens": tokens, "decoder": decoder,
+            "wer": word_error_rate([utterance.text], [text]) if utterance.text else None,
+        })
     results.timings.append({"backend": run.backend, "dtype": run.dtype, "mode": run.mode,
                             "att_context_size": list(run.att_context_size), "utterance": utterance.name,
                             "step_seconds": list(run.step_seconds)})

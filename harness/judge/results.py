@@ -12,8 +12,10 @@ Schema (``schema_version`` 1)::
       "tolerances": path of the tolerance file applied,
       "comparisons": [PairComparison as dict: reference, candidate, pair, dtype, att_context_size,
                       utterance, passed, first_divergence, reference_tokens, candidate_tokens,
+                      reference_ctc_tokens, candidate_ctc_tokens, ctc_flips (hybrid RNNT-CTC models),
                       taps: [{step, tap, metrics, limits, violations, reference_shape, candidate_shape}]],
-      "transcripts": [{utterance, backend, dtype, att_context_size, text, reference_text, wer}],
+      "transcripts": [{utterance, backend, dtype, att_context_size, text, reference_text, wer,
+                       decoder ("rnnt", or "ctc" for a hybrid model's CTC greedy transcript)}],
       "timings": [{backend, dtype, att_context_size, utterance, step_seconds}],
       "passed": bool
     }
@@ -97,11 +99,15 @@ def comparison_to_dict(comparison: PairComparison) -> dict[str, Any]:
         "mode": comparison.mode,
         "teacher_forced": comparison.teacher_forced,
         "flips": [f.to_dict() for f in comparison.flips],
+        "token_divergence": comparison.token_divergence,
         "first_divergence": None if divergence is None else {"step": divergence.step, "tap": divergence.tap,
                                                               "violations": divergence.violations},
         "summary": comparison.describe_failure(),
         "reference_tokens": comparison.reference_tokens,
         "candidate_tokens": comparison.candidate_tokens,
+        "reference_ctc_tokens": comparison.reference_ctc_tokens,
+        "candidate_ctc_tokens": comparison.candidate_ctc_tokens,
+        "ctc_flips": [f.to_dict() for f in comparison.ctc_flips],
         "order": comparison.order,
         "taps": [asdict(t) for t in comparison.taps],
     })
@@ -115,7 +121,10 @@ def comparison_from_dict(data: dict[str, Any]) -> PairComparison:
         taps=[TapResult(**t) for t in data["taps"]], reference_tokens=data["reference_tokens"],
         candidate_tokens=data["candidate_tokens"], order=data["order"],
         require_token_match=data.get("require_token_match", True), mode=data.get("mode", ""),
-        teacher_forced=data.get("teacher_forced", False), flips=[TokenFlip(**f) for f in data.get("flips", [])])
+        teacher_forced=data.get("teacher_forced", False), flips=[TokenFlip(**f) for f in data.get("flips", [])],
+        reference_ctc_tokens=data.get("reference_ctc_tokens"), candidate_ctc_tokens=data.get("candidate_ctc_tokens"),
+        ctc_flips=[TokenFlip(**f) for f in data.get("ctc_flips", [])],
+        token_divergence=data.get("token_divergence"))
 
 
 @dataclass

@@ -128,7 +128,7 @@ class SpooledRun:
 
 def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], mode: FirstChunkMode | str,
            directory: str | Path, *, dtype: str = "float32", speaker_masks: SpeakerTargets | None = None,
-           features: np.ndarray | None = None, forced_decisions=None) -> SpooledRun:
+           features: np.ndarray | None = None, forced_decisions=None, audio: np.ndarray | None = None) -> SpooledRun:
     """Stream ``mel`` through ``backend`` and write every step to ``directory`` as it is produced."""
     directory = Path(directory)
     if directory.exists():
@@ -137,7 +137,7 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
     run = SpooledRun(backend=backend.name, dtype=dtype, att_context_size=tuple(int(v) for v in att_context_size),
                      mode=FirstChunkMode(mode).value, directory=directory, step_count=0, features=features)
     steps = iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
-                       forced_decisions=forced_decisions)
+                       forced_decisions=forced_decisions, audio=audio)
     for index, step in enumerate(steps):
         _save_step(directory / STEP_FILE.format(index=index), step)
         run.step_count += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InputNotFound, InvalidInput
-from harness.interface.backend import CACHE_TAPS, TAP_JOINT, TENSOR_TAP_KINDS, tap_kind
+from harness.interface.backend import CACHE_TAPS, TAP_CTC, TAP_JOINT, TENSOR_TAP_KINDS, tap_kind
 from harness.judge.metrics import METRIC_BOUND
 
 DEFAULT_TOLERANCES = Path(__file__).resolve().parent / "tolerances.toml"
@@ -27,10 +27,10 @@ DTYPES = ("float32", "int8", "bfloat16", "float16")
 # other greedy decisions (backends/mlx/verify.py); only ``argmax_agreement`` applies to it.
 TOKENS = "tokens"
 TAP_KINDS = (*TENSOR_TAP_KINDS, *CACHE_TAPS, TOKENS)
-# argmax_agreement is measured on logits (the joint) and on token sequences only: a limit on it for
-# any other tap would never be checked.
+# argmax_agreement is measured on logits (the joint, a hybrid's CTC head) and on token sequences only:
+# a limit on it for any other tap would never be checked.
 _AGREEMENT = "argmax_agreement"
-_AGREEMENT_KINDS = (TAP_JOINT, TOKENS)
+_AGREEMENT_KINDS = (TAP_JOINT, TAP_CTC, TOKENS)
 # "reference~candidate", optionally for one lookahead: "streaming~offline@70,0".
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.:+-]*"
 PAIR_RE = re.compile(rf"{_NAME}~{_NAME}(@-?\d+,-?\d+)?")

@@ -73,6 +73,70 @@ def model_fingerprints(results_list: Sequence[Results]) -> list[tuple[str, str]]
     return [(model_name(r), ((r.model or {}).get("sha256") or "?")[:12]) for r in results_list]
 
 
+def _short(digest: Any) -> str:
+    return digest[:12] if isinstance(digest, str) and digest else "?"
+
+
+@dataclass
+class BackendOrigin:
+    """Where one backend's model came from, for the report's header."""
+
+    model: str
+    backend: str  # "nemo" or "mlx:float32"
+    sha256: str  # first 12 hex digits of the checkpoint's or artifact's sha256
+    hub: str | None = None  # ORG/NAME@commit, when it came from the hub
+    made_from: str | None = None  # an artifact: first 12 hex digits of the checkpoint its manifest names
+    made_by: str | None = None  # an artifact: the software its manifest names
+    stale: bool = False  # an artifact made from another checkpoint than the compared one
+
+    def describe(self) -> str:
+        text = f"{self.backend} {self.sha256}"
+        if self.hub:
+            text += f" ({self.hub})"
+        if self.made_from:
+            text += f", made from {self.made_from}" + (" — another checkpoint" if self.stale else "")
+        if self.made_by:
+            text += f" by {self.made_by}"
+        return text
+
+
+def _hub(record: dict[str, Any], prefix: str = "") -> str | None:
+    repo = record.get(f"{prefix}hub_repo")
+    return f"{repo}@{_short(record.get(f'{prefix}hub_revision'))}" if repo else None
+
+
+def backend_origins(results_list: Sequence[Results]) -> list[BackendOrigin]:
+    """Every backend's source per results: the checkpoint, then each candidate's artifact (from the
+    results' ``model.backends``, else from the nightly's candidate records)."""
+    origins = []
+    for results in results_list:
+        model = results.model or {}
+        name, model_sha = model_name(results), model.get("sha256")
+        records = model.get("backends") or [
+            {"backend": "nemo", "sha256": model_sha, "hub_repo": model.get("hub_repo"),
+             "hub_revision": model.get("hub_revision")},
+            *({"backend": f"{c['backend']}:{c['dtype']}", "sha256": c["artifact_sha256"],
+               "source_sha256": c.get("source_sha256"), "made_by": c.get("made_by")}
+              for c in (results.extra or {}).get("candidates", []) if c.get("artifact_sha256"))]
+        for record in records:
+            made_from = record.get("source_sha256")
+            origins.append(BackendOrigin(
+                name, str(record.get("backend")), _short(record.get("sha256")), _hub(record),
+                _short(made_from) if made_from else None, record.get("made_by"),
+                stale=bool(made_from and model_sha and made_from != model_sha)))
+    return origins
+
+
+def harness_origin(results_list: Sequence[Results]) -> str | None:
+    """``streaming-parity 0.1.0 (commit 1234567890ab)`` of the run(s), when recorded."""
+    for results in results_list:
+        env = results.environment or {}
+        if env.get("harness_version"):
+            commit = env.get("git_commit")
+            return f"streaming-parity {env['harness_version']}" + (f" (commit {commit[:12]})" if commit else "")
+    return None
+
+
 def covers_several_models(results_list: Sequence[Results]) -> bool:
     """Whether tables need a model column (one model: it is in the header already)."""
     return len({model_name(r) for r in results_list}) > 1
@@ -187,12 +251,17 @@ def unavailable_candidates(results_list: Sequence[Results]) -> list[dict[str, An
 
 # -- transcripts and WER -------------------------------------------------------------------------------------
 
+def _decoder(row: dict[str, Any]) -> str:
+    """The decoder a transcript row comes from: "rnnt", or "ctc" for a hybrid model's CTC head."""
+    return row.get("decoder", "rnnt")
+
+
 def _transcript_key(row: dict[str, Any]) -> tuple:
-    return (row["utterance"], tuple(row["att_context_size"]), row.get("mode", "plain"))
+    return (row["utterance"], tuple(row["att_context_size"]), row.get("mode", "plain"), _decoder(row))
 
 
 def reference_transcripts(results: Results) -> dict[tuple, dict[str, Any]]:
-    """NeMo's transcript per (utterance, lookahead, first-chunk mode)."""
+    """NeMo's transcript per (utterance, lookahead, first-chunk mode, decoder)."""
     return {_transcript_key(r): r for r in results.transcripts if r["backend"] == REFERENCE_BACKEND}
 
 
@@ -238,11 +307,12 @@ class UtteranceTranscripts:
 
 @dataclass
 class TranscriptGroup:
-    """One model's transcripts at one lookahead."""
+    """One model's transcripts at one lookahead, from one decoder (a hybrid model's CTC head has its own)."""
 
     model: str
     context: tuple[int, int]
     utterances: list[UtteranceTranscripts]
+    decoder: str = "rnnt"
 
     @property
     def differing(self) -> int:
@@ -250,9 +320,9 @@ class TranscriptGroup:
 
 
 def _utterance_transcripts(utterance: str, context: tuple, nemo: dict[tuple, dict[str, Any]],
-                           candidate_rows: Sequence[dict[str, Any]]) -> UtteranceTranscripts:
-    nemo_row = nemo.get((utterance, context, "plain")) or next(
-        (r for k, r in nemo.items() if k[0] == utterance and k[1] == context), None) or {}
+                           candidate_rows: Sequence[dict[str, Any]], decoder: str = "rnnt") -> UtteranceTranscripts:
+    nemo_row = nemo.get((utterance, context, "plain", decoder)) or next(
+        (r for k, r in nemo.items() if k[0] == utterance and k[1] == context and k[3] == decoder), None) or {}
     candidates = []
     for row in candidate_rows:
         against = nemo.get(_transcript_key(row), nemo_row)
@@ -264,20 +334,24 @@ def _utterance_transcripts(utterance: str, context: tuple, nemo: dict[tuple, dic
 
 
 def transcript_groups(results_list: Sequence[Results]) -> list[TranscriptGroup]:
-    """Each candidate's transcript against NeMo's on the same chunks, per model and lookahead (longest first)."""
+    """Each candidate's transcript against NeMo's on the same chunks, per model and lookahead (longest first),
+    and per decoder: a hybrid model's CTC transcripts form groups of their own, after the RNNT ones."""
     groups = []
     for results in results_list:
         nemo = reference_transcripts(results)
         by_context: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
         for row in results.transcripts:
             if row["backend"] != REFERENCE_BACKEND:
-                by_context[tuple(row["att_context_size"])].append(row)
-        for context in sorted({k[1] for k in nemo} | set(by_context), key=lambda c: -c[1]):
-            utterances = sorted({k[0] for k in nemo if k[1] == context} | {r["utterance"] for r in by_context[context]})
+                by_context[(tuple(row["att_context_size"]), _decoder(row))].append(row)
+        keys = {(k[1], k[3]) for k in nemo} | set(by_context)
+        for context, decoder in sorted(keys, key=lambda k: (k[1] != "rnnt", k[1], -k[0][1])):
+            rows = by_context[(context, decoder)]
+            utterances = sorted({k[0] for k in nemo if k[1] == context and k[3] == decoder}
+                                | {r["utterance"] for r in rows})
             groups.append(TranscriptGroup(model_name(results), context, [
-                _utterance_transcripts(utterance, context, nemo,
-                                       [r for r in by_context[context] if r["utterance"] == utterance])
-                for utterance in utterances]))
+                _utterance_transcripts(utterance, context, nemo, [r for r in rows if r["utterance"] == utterance],
+                                       decoder)
+                for utterance in utterances], decoder))
     return groups
 
 
@@ -291,6 +365,7 @@ class WerRow:
     wer_vs_text: float | None  # against the utterances' reference text
     wer_vs_nemo: float | None  # against NeMo's transcript of the same chunks
     mode: str = "plain"  # the first-chunk mode: NeMo has a row per mode its candidates were compared in
+    decoder: str = "rnnt"  # "ctc": a hybrid model's CTC greedy transcripts (against NeMo's CTC transcripts)
 
 
 def wer_rows(results_list: Sequence[Results]) -> list[WerRow]:
@@ -299,8 +374,9 @@ def wer_rows(results_list: Sequence[Results]) -> list[WerRow]:
         nemo = reference_transcripts(results)
         groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
         for row in results.transcripts:
-            groups[(row["backend"], row["dtype"], tuple(row["att_context_size"]), row.get("mode", "plain"))].append(row)
-        for (backend, dtype, context, mode), rows_of in groups.items():
+            groups[(row["backend"], row["dtype"], tuple(row["att_context_size"]), row.get("mode", "plain"),
+                    _decoder(row))].append(row)
+        for (backend, dtype, context, mode, decoder), rows_of in groups.items():
             # One row per backend, dtype, lookahead and first-chunk mode: the pad-and-drop first chunk that
             # ONNX export bakes in costs WER by itself, so NeMo's own figure is shown in each mode.
             with_text = [r for r in rows_of if r.get("reference_text")]
@@ -308,9 +384,10 @@ def wer_rows(results_list: Sequence[Results]) -> list[WerRow]:
                        if with_text else None)
             paired = [(nemo[_transcript_key(r)]["text"], r["text"]) for r in rows_of if _transcript_key(r) in nemo]
             vs_nemo = word_error_rate([a for a, _ in paired], [b for _, b in paired]) if paired else None
-            rows.append(WerRow(model_name(results), backend, dtype, context, len(rows_of), vs_text, vs_nemo, mode))
-    return sorted(rows, key=lambda r: (r.model, r.backend != REFERENCE_BACKEND, r.backend, r.dtype != FP32,
-                                       r.dtype, -r.context[1], r.mode != "plain"))
+            rows.append(WerRow(model_name(results), backend, dtype, context, len(rows_of), vs_text, vs_nemo, mode,
+                               decoder))
+    return sorted(rows, key=lambda r: (r.model, r.decoder != "rnnt", r.backend != REFERENCE_BACKEND, r.backend,
+                                       r.dtype != FP32, r.dtype, -r.context[1], r.mode != "plain"))
 
 
 @dataclass
@@ -333,7 +410,8 @@ class Degradation:
 
 
 def degradation_rows(results_list: Sequence[Results]) -> list[Degradation]:
-    wer = {(r.model, r.backend, r.dtype, r.context): r.wer_vs_text for r in wer_rows(results_list)}
+    wer = {(r.model, r.backend, r.dtype, r.context): r.wer_vs_text for r in wer_rows(results_list)
+           if r.decoder == "rnnt"}
     rows = []
     for summary in pair_summaries(results_list):
         if summary.is_fp32 or summary.is_offline:
@@ -438,11 +516,17 @@ def provenance(results: Results) -> list[ProvenanceRow]:
     env = results.environment or {}
     model = results.model or {}
     rows = [ProvenanceRow("model", model.get("name")), ProvenanceRow("model sha256", model.get("sha256"), code=True),
-            ProvenanceRow("model path", model.get("path"), code=True), ProvenanceRow("created", results.created),
-            ProvenanceRow("device", env.get("device")), ProvenanceRow("platform", env.get("platform")),
-            ProvenanceRow("python", env.get("python")), ProvenanceRow("threads", env.get("threads")),
-            ProvenanceRow("CPUs", env.get("cpus")), ProvenanceRow("tolerances", results.tolerances, code=True)]
+            ProvenanceRow("model path", model.get("path"), code=True)]
+    if model.get("hub_repo"):
+        rows.append(ProvenanceRow("model on the hub", f"{model['hub_repo']}@{model.get('hub_revision')}", code=True))
+    rows += [ProvenanceRow("created", results.created), ProvenanceRow("harness", env.get("harness_version")),
+             ProvenanceRow("git commit", env.get("git_commit"), code=True),
+             ProvenanceRow("device", env.get("device")), ProvenanceRow("platform", env.get("platform")),
+             ProvenanceRow("python", env.get("python")), ProvenanceRow("threads", env.get("threads")),
+             ProvenanceRow("CPUs", env.get("cpus")), ProvenanceRow("tolerances", results.tolerances, code=True)]
     rows += [ProvenanceRow(package, version) for package, version in (env.get("versions") or {}).items()]
     rows += [ProvenanceRow(f"{entry['backend']}:{entry['dtype']} artifact", entry["artifact_sha256"], code=True)
              for entry in (results.extra or {}).get("candidates", []) if entry.get("artifact_sha256")]
+    rows += [ProvenanceRow(f"{entry['backend']} source", entry.get("path"), code=True)
+             for entry in model.get("backends") or [] if entry.get("backend") != "nemo" and entry.get("path")]
     return rows

@@ -9,13 +9,14 @@ terminal, gets no live bar but one log line per phase, as the nightly does.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 _BARS = True
+LOG_WIDTH = 160  # where stderr is no terminal (a CI log): long enough that a log line is one line
+_CONSOLE: Any = None
 
 
 def set_bars(enabled: bool) -> None:
@@ -23,17 +24,33 @@ def set_bars(enabled: bool) -> None:
     _BARS = enabled
 
 
-def bars_enabled() -> bool:
-    stream = sys.stderr
-    return _BARS and bool(getattr(stream, "isatty", lambda: False)())
+def quiet() -> bool:
+    """``parity -q``: warnings only, no bars and no progress lines."""
+    return not _BARS
 
 
-@functools.cache
-def stderr_console():
-    """One console on stderr, shared by the log handler and the bars (so log lines print above a bar)."""
+def use_console(console: Any) -> None:
+    """The console the CLI's log handler writes to, for the bars too (None: a fresh one each time)."""
+    global _CONSOLE
+    _CONSOLE = console
+
+
+def make_console(stream: Any = None):
+    """A console on ``stream`` (default: the current stderr), kept even while a library redirects
+    ``sys.stderr`` (``harness.system.nemo_quiet``); wide enough for one line per message in a log."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    stream = stream or sys.stderr
+    terminal = bool(getattr(stream, "isatty", lambda: False)())
+    return Console(file=stream, highlight=False, width=None if terminal else LOG_WIDTH)
+
+
+def stderr_console():
+    return _CONSOLE or make_console()
+
+
+def bars_enabled() -> bool:
+    return _BARS and stderr_console().is_terminal
 
 
 class ProgressBar:

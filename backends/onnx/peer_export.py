@@ -1,0 +1,333 @@
+"""``parity export-onnx --format sherpa-onnx|nemo|parakeet-rs``: the ONNX files other projects write.
+
+Users of NeMo's cache-aware streaming models mostly run files written by someone else's exporter.
+These writers reproduce three of them from their public sources, so that the harness can build
+those artifacts offline from its own fixtures and check what users actually run:
+
+``sherpa-onnx`` (k2-fsa/sherpa-onnx ``scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py``)
+    Per lookahead: ``set_default_att_context_size([L, R])``, ``set_export_config({"cache_support":
+    True})``, then NeMo's own ``encoder.export("encoder.onnx")``, ``decoder.export("decoder.onnx")`` and
+    ``joint.export("joiner.onnx")`` (batch-first caches, raw logits). The encoder carries the metadata the
+    runtime reads (``window_size`` = chunk_size + pre_encode_cache_size in mel frames, ``chunk_shift`` =
+    chunk_size, ``cache_last_*_dim1..3``, ``normalize_type`` ("" for NA), ...) and is saved with its
+    weights in ``encoder.data``; ``tokens.txt`` holds ``piece id`` lines with ``<blk> V`` last; ``*.int8.onnx``
+    are ``quantize_dynamic(..., weight_type=QuantType.QUInt8)`` copies. The script hard-codes
+    ``subsampling_factor`` 8, ``feat_dim`` 128 and ``model_type`` ``EncDecHybridRNNTCTCBPEModel``; here
+    they are the model's own (the same values for the Nemotron checkpoint).
+``nemo``
+    NeMo's plain ``model.export("model.onnx")`` with cache support: ``encoder-model.onnx`` and
+    ``decoder_joint-model.onnx``, no metadata, no vocabulary (the ``.nemo`` supplies both).
+``parakeet-rs`` (altunenes/parakeet-rs ``scripts/export_nemotron_streaming.py``)
+    The encoder is ``cache_aware_stream_step`` wrapped and traced directly: layers-first caches
+    ``[L, 1, C, D]`` with static shapes, inputs ``processed_signal``, ``processed_signal_length``,
+    ``cache_last_channel``, ``cache_last_time``, ``cache_last_channel_len``, outputs ``encoded``,
+    ``encoded_len``, ``cache_*_next``, ``cache_last_channel_len_next``; weights in ``encoder.onnx.data``;
+    metadata ``chunk_size_output_frames`` and ``pre_encode_cache``. ``decoder_joint.onnx`` is NeMo's own
+    ``decoder_joint`` export. ``config.json`` and ``tokenizer.model`` beside them. (The upstream script
+    writes ``"normalize": "per_feature"`` into ``config.json`` whatever the model uses; this writer writes
+    the model's own value, and ``backends.onnx.foreign`` refuses a directory whose value contradicts the
+    ``.nemo``.)
+
+Several lookaheads go to one subdirectory each (sherpa-onnx: the chunk in milliseconds, ``1120``, as
+its script does; the others: ``70_13``); a single lookahead is written into ``DIR`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from backends.onnx.export import OPSET, ExportResult, _quiet_export, _restore, _vocabulary
+from backends.onnx.layout import context_tag
+from harness.errors import InvalidInput
+from harness.nemo_config import read_model_config
+from harness.nemo_file import inspect_nemo, sha256_file
+from harness.system.memory import peak_rss_mb
+
+PEER_FORMATS = ("sherpa-onnx", "nemo", "parakeet-rs")
+
+SHERPA_TOKENS = "tokens.txt"
+SHERPA_BLANK = "<blk>"
+SHERPA_GRAPHS = ("encoder", "decoder", "joiner")
+NEMO_EXPORT_GRAPHS = ("encoder-model.onnx", "decoder_joint-model.onnx")
+PARAKEET_RS_GRAPHS = ("encoder.onnx", "decoder_joint.onnx")
+PARAKEET_RS_CONFIG = "config.json"
+
+
+def chunk_ms(context: Sequence[int], subsampling_factor: int) -> int:
+    """sherpa-onnx's name for a lookahead: the chunk's audio in ms ((R + 1) encoder frames of 10 ms x factor)."""
+    return (int(context[1]) + 1) * subsampling_factor * 10
+
+
+def lookahead_dir(out_dir: Path, fmt: str, context: Sequence[int], subsampling_factor: int, several: bool) -> Path:
+    if not several:
+        return out_dir
+    name = str(chunk_ms(context, subsampling_factor)) if fmt == "sherpa-onnx" else context_tag(context)
+    return out_dir / name
+
+
+def _pair_last(value: Any) -> int:
+    return int(value[1]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def sherpa_metadata(model, context: Sequence[int], config) -> dict[str, Any]:
+    """The encoder metadata sherpa-onnx's export script writes (values as it computes them)."""
+    cfg = model.encoder.streaming_cfg
+    pre_encode_cache_size = _pair_last(cfg.pre_encode_cache_size)
+    chunk_size = _pair_last(cfg.chunk_size)
+    normalize_type = config.preprocessor.normalize
+    if normalize_type in ("NA", None):
+        normalize_type = ""
+    return {
+        "vocab_size": int(model.decoder.vocab_size),
+        "window_size": chunk_size + pre_encode_cache_size,
+        "chunk_size_ms": chunk_ms(context, config.encoder.subsampling_factor),
+        "chunk_shift": chunk_size,
+        "normalize_type": normalize_type,
+        "cache_last_channel_dim1": len(model.encoder.layers),
+        "cache_last_channel_dim2": int(cfg.last_channel_cache_size),
+        "cache_last_channel_dim3": int(model.encoder.d_model),
+        "cache_last_time_dim1": len(model.encoder.layers),
+        "cache_last_time_dim2": int(model.encoder.d_model),
+        "cache_last_time_dim3": int(model.encoder.conv_context_size[0]),
+        "pred_rnn_layers": int(model.decoder.pred_rnn_layers),
+        "pred_hidden": int(model.decoder.pred_hidden),
+        "subsampling_factor": int(config.encoder.subsampling_factor),
+        "feat_dim": int(config.encoder.feat_in),
+        "model_type": type(model).__name__,
+        "version": "1",
+        "model_author": "NeMo",
+        "url": "",
+        "comment": "Only the transducer branch is exported",
+    }
+
+
+def write_tokens(path: Path, vocabulary: Sequence[str]) -> None:
+    """``tokens.txt`` as sherpa-onnx's script writes it: ``piece id`` per line, ``<blk> V`` last."""
+    lines = [f"{piece} {index}\n" for index, piece in enumerate(vocabulary)]
+    lines.append(f"{SHERPA_BLANK} {len(vocabulary)}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def _set_metadata_external(path: Path, metadata: dict[str, Any], location: str, size_threshold: int = 1024) -> None:
+    """Replace the metadata and save with every weight in one external file (sherpa's ``add_meta_data``)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=size_threshold)
+
+
+def _quantize_quint8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger about optional pre-processing
+    try:
+        quantize_dynamic(model_input=str(source), model_output=str(target), weight_type=QuantType.QUInt8)
+    finally:
+        root.setLevel(level)
+
+
+def _write_sherpa(model, config, context, directory: Path, vocabulary, int8: bool, say) -> list[Path]:
+    encoder, decoder, joiner = (directory / f"{name}.onnx" for name in SHERPA_GRAPHS)
+    model.encoder.export(str(encoder))
+    model.decoder.export(str(decoder))
+    model.joint.export(str(joiner))
+    _set_metadata_external(encoder, sherpa_metadata(model, context, config), "encoder.data")
+    write_tokens(directory / SHERPA_TOKENS, vocabulary)
+    graphs = [encoder, decoder, joiner]
+    if int8:
+        for graph in list(graphs):
+            quantized = graph.with_suffix(".int8.onnx")
+            say(f"  {graph.name} -> {quantized.name} (QUInt8)")
+            _quantize_quint8(graph, quantized)
+            graphs.append(quantized)
+    return graphs
+
+
+def _write_nemo(model, directory: Path) -> list[Path]:
+    model.export(str(directory / "model.onnx"), check_trace=False)
+    return [directory / name for name in NEMO_EXPORT_GRAPHS]
+
+
+def _parakeet_encoder_wrapper(encoder, drop_extra: int):
+    import torch
+
+    class EncoderWrapper(torch.nn.Module):  # parakeet-rs' own wrapper, as its script defines it
+        def __init__(self, inner, drop):
+            super().__init__()
+            self.encoder = inner
+            self.drop_extra = drop
+
+        def forward(self, processed_signal, processed_signal_length, cache_last_channel, cache_last_time,
+                    cache_last_channel_len):
+            return self.encoder.cache_aware_stream_step(
+                processed_signal=processed_signal, processed_signal_length=processed_signal_length,
+                cache_last_channel=cache_last_channel, cache_last_time=cache_last_time,
+                cache_last_channel_len=cache_last_channel_len, keep_all_outputs=False,
+                drop_extra_pre_encoded=self.drop_extra)
+
+    return EncoderWrapper(encoder, drop_extra)
+
+
+def _write_parakeet_rs(model, config, archive, context, directory: Path, say) -> list[Path]:
+    import onnx
+    import torch
+    from nemo.core.classes.common import typecheck
+
+    streaming = model.encoder.streaming_cfg
+    output_frames = int(context[1]) + 1
+    # What the upstream script does after choosing the lookahead (it leaves NeMo's schedule unchanged
+    # for chunked_limited models: chunk and shift of R + 1 encoder frames).
+    model.encoder.setup_streaming_params(chunk_size=output_frames, shift_size=output_frames)
+    drop_extra = int(getattr(streaming, "drop_extra_pre_encoded", 0))
+    pre_encode_cache = _pair_last(streaming.pre_encode_cache_size)
+    channel, time_cache, channel_len = model.encoder.get_initial_cache_state(batch_size=1)
+    frames = pre_encode_cache + _pair_last(streaming.chunk_size)
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(1, config.encoder.feat_in, frames, generator=generator)
+    signal[..., :pre_encode_cache] = 0.0  # the first pad-and-drop chunk, as NeMo's buffer hands it over
+    length = torch.tensor([frames], dtype=torch.int64)
+    names_in = ["processed_signal", "processed_signal_length", "cache_last_channel", "cache_last_time",
+                "cache_last_channel_len"]
+    names_out = ["encoded", "encoded_len", "cache_last_channel_next", "cache_last_time_next",
+                 "cache_last_channel_len_next"]
+    staging = Path(tempfile.mkdtemp(prefix="parakeet-rs-", dir=directory))
+    try:
+        temp = staging / "encoder_temp.onnx"
+        enabled = typecheck.is_typecheck_enabled() if hasattr(typecheck, "is_typecheck_enabled") else True
+        typecheck.set_typecheck_enabled(False)
+        try:
+            torch.onnx.export(_parakeet_encoder_wrapper(model.encoder, drop_extra).eval(),
+                              (signal, length, channel, time_cache, channel_len), str(temp),
+                              input_names=names_in, output_names=names_out, opset_version=OPSET,
+                              dynamic_axes={"processed_signal": {0: "batch", 2: "time"},
+                                            "processed_signal_length": {0: "batch"},
+                                            "encoded": {0: "batch", 1: "time"}, "encoded_len": {0: "batch"}},
+                              dynamo=False)
+        finally:
+            typecheck.set_typecheck_enabled(enabled)
+        graph = onnx.load(str(temp), load_external_data=True)
+        for key, value in (("chunk_size_output_frames", output_frames), ("pre_encode_cache", pre_encode_cache)):
+            graph.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
+        encoder = directory / PARAKEET_RS_GRAPHS[0]
+        onnx.save_model(graph, str(encoder), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="encoder.onnx.data", size_threshold=0)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    decoder_joint = directory / PARAKEET_RS_GRAPHS[1]
+    model.decoder_joint.export(str(decoder_joint), check_trace=False, onnx_opset_version=OPSET)
+    (directory / "tokenizer.model").write_bytes(archive.tokenizer_model_bytes())
+    layers, d_model = len(model.encoder.layers), int(model.encoder.d_model)
+    settings = {
+        "model_name": archive.path.stem,
+        "sample_rate": config.preprocessor.sample_rate,
+        "n_mels": config.encoder.feat_in,
+        "subsampling_factor": config.encoder.subsampling_factor,
+        "att_context_size": list(context),
+        "left_context": int(context[0]),
+        "right_context": int(context[1]),
+        "chunk_size_output_frames": output_frames,
+        "pre_encode_cache": pre_encode_cache,
+        "drop_extra_pre_encoded": drop_extra,
+        "num_encoder_layers": layers,
+        "hidden_dim": d_model,
+        "conv_context": int(time_cache.shape[3]),
+        "vocab_size": int(model.tokenizer.vocab_size),
+        "blank_id": int(model.tokenizer.vocab_size),
+        "preprocessor": {
+            "window_size": config.preprocessor.window_size, "window_stride": config.preprocessor.window_stride,
+            "n_fft": config.preprocessor.n_fft, "normalize": config.preprocessor.normalize,
+            "preemph": config.preprocessor.preemph,
+        },
+        "cache_shapes": {"cache_last_channel": list(channel.shape), "cache_last_time": list(time_cache.shape),
+                         "cache_last_channel_len": list(channel_len.shape)},
+    }
+    (directory / PARAKEET_RS_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+    say(f"  parakeet-rs encoder [{layers}, 1, ...] caches, {output_frames} output frames per chunk")
+    return [encoder, decoder_joint]
+
+
+def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
+                att_context_sizes: Sequence[Sequence[int]] | None = None, int8: bool = False,
+                progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Write ``nemo_path`` as ``fmt`` (one of ``PEER_FORMATS``) into ``out_dir``."""
+    import torch
+
+    if fmt not in PEER_FORMATS:
+        raise InvalidInput(f"--format must be one of parity, {', '.join(PEER_FORMATS)}; not {fmt!r}")
+    if int8 and fmt != "sherpa-onnx":
+        raise InvalidInput(f"--int8: the {fmt} exporter writes no int8 graphs (sherpa-onnx's does)")
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    nemo_path, out_dir = Path(nemo_path), Path(out_dir)
+    archive = inspect_nemo(nemo_path)
+    config = read_model_config(archive.config)
+    if config.speaker_kernels:
+        raise InvalidInput(f"{nemo_path.name}: a multitalker model; --format {fmt} writes single-speaker exports "
+                           "(parity export-onnx writes the multitalker interface)")
+    available = config.encoder.att_context_size
+    contexts = [tuple(int(v) for v in c) for c in (att_context_sizes or available)]
+    for context in contexts:
+        if context not in available:
+            raise InvalidInput(f"att_context_size {list(context)} is not one of the model's "
+                               f"{[list(c) for c in available]}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = _restore(nemo_path)
+    vocabulary = _vocabulary(model)
+    result = ExportResult(out_dir)
+    factor = config.encoder.subsampling_factor
+    with _quiet_export(), torch.inference_mode():
+        for context in contexts:
+            directory = lookahead_dir(out_dir, fmt, context, factor, several=len(contexts) > 1)
+            directory.mkdir(parents=True, exist_ok=True)
+            model.encoder.set_default_att_context_size(list(context))
+            model.set_export_config({"cache_support": True})
+            say(f"{fmt} {list(context)} -> {directory}")
+            if fmt == "sherpa-onnx":
+                result.graphs += _write_sherpa(model, config, context, directory, vocabulary, int8, say)
+            elif fmt == "nemo":
+                result.graphs += _write_nemo(model, directory)
+            else:
+                result.graphs += _write_parakeet_rs(model, config, archive, context, directory, say)
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_mb = peak_rss_mb()
+    say(f"wrote {len(result.graphs)} graphs in {result.seconds:.1f} s")
+    return result
+
+
+def export_peer_cached(nemo_path: Path, work_dir: Path, *, fmt: str,
+                       att_context_sizes: Sequence[Sequence[int]] | None = None, int8: bool = False) -> Path:
+    """``export_peer`` into ``work_dir/<fmt>-<sha256[:16]>-<options>``, reused when already complete."""
+    sha256 = sha256_file(nemo_path)
+    tag = f"{fmt}-{sha256[:16]}{'-int8' if int8 else ''}"
+    if att_context_sizes:
+        tag += "-" + "-".join(context_tag(c) for c in att_context_sizes)
+    target = Path(work_dir) / tag
+    done = target / "peer-export.json"
+    if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
+        return target
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=work_dir))
+    try:
+        export_peer(nemo_path, staging, fmt=fmt, att_context_sizes=att_context_sizes, int8=int8)
+        (staging / "peer-export.json").write_text(json.dumps({"source_sha256": sha256, "format": fmt}) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
