@@ -14,6 +14,15 @@ def cmd_export_onnx(args) -> int:
     from harness.system.progress import ProgressBar
 
     source = args.context.resolve_source(args.model)
+    if args.format != "parity":
+        from backends.onnx.peer_export import export_peer
+
+        with ProgressBar("export-onnx", logger=log) as bar:
+            result = export_peer(source.path, args.out, fmt=args.format, att_context_sizes=parse_contexts(
+                args.att_context), int8=args.int8, progress=bar.phase)
+        for graph in result.graphs:
+            print(graph)
+        return EXIT_OK
     with ProgressBar("export-onnx", logger=log) as bar:
         result = export_onnx(source.path, args.out, att_context_sizes=parse_contexts(args.att_context),
                              cache_layout=args.cache_layout, int8=args.int8, debug_taps=args.debug_taps,
@@ -34,4 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--int8", action="store_true", help="also write dynamic int8 graphs (*.int8.onnx)")
     p.add_argument("--debug-taps", action="store_true",
                    help="also write *.debug.onnx graphs exposing pre_encode and every layer output")
+    p.add_argument("--format", choices=("parity", "sherpa-onnx", "nemo", "parakeet-rs"), default="parity",
+                   help="whose files to write: this project's (default), or as sherpa-onnx's, NeMo's plain or "
+                        "parakeet-rs' exporter writes them (backends/onnx/peer_export.py)")
     p.set_defaults(func=cmd_export_onnx)

@@ -161,10 +161,12 @@ def print_comparisons(report, out=None) -> None:
             layers = max((v for k, v in worst.items() if k.startswith("layers.")), default=None)
             if not comparison.require_token_match:
                 tokens = "n/a"
-            elif comparison.tokens_equal:
+            elif comparison.tokens_equal and comparison.ctc_tokens_equal:  # a hybrid's CTC transcript too
                 tokens = "equal"
             else:
-                tokens = f"{len(comparison.near_ties)} tie(s)" if comparison.tokens_agree else "differ"
+                ties = len(comparison.near_ties) + sum(f.near_tie for f in comparison.ctc_flips)
+                agree = comparison.tokens_agree and comparison.ctc_tokens_agree
+                tokens = f"{ties} tie(s)" if agree else "differ"
             table.add_row(f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}", comparison.utterance,
                           _error(layers), _error(worst.get("encoder")), tokens,
                           "[green]pass[/]" if comparison.passed else "[red]FAIL[/]")
@@ -174,6 +176,7 @@ def print_comparisons(report, out=None) -> None:
 def cmd_compare(args) -> int:
     from backends import REFERENCE, get
     from harness.app.compare import compare_backends, fixture_utterances
+    from harness.app.peers import bisect_peers, candidate_sources, print_bisections, print_notes
     from harness.app.provenance import artifact_record, reference_record
     from harness.judge.tolerances import Tolerances
     from harness.nemo_file import sha256_file
@@ -182,7 +185,7 @@ def cmd_compare(args) -> int:
     if args.speaker_masks and not args.audio:
         raise CommandError("--speaker-masks needs --audio (the masks describe that audio)")
     model = args.context.resolve_source(args.model)
-    sources = named_sources(args)
+    sources = named_sources(args) + candidate_sources(args)
     with ProgressBar("compare", logger=log) as bar:
         bar.phase(f"loading {REFERENCE} ({model.path.name})")
         reference = get(REFERENCE).load(model.path)
@@ -193,12 +196,16 @@ def cmd_compare(args) -> int:
             bar.phase(f"loading {name} ({source.path.name})")
             candidate = get(name).load(source.path, dtype=dtype, nemo_path=model.path)
             candidates.append(candidate)
+            print_notes(candidate)
             records.append(artifact_record(name, f"{name}:{candidate.dtype}", source, sha256))
         utterances = load_utterances(args, args.audio) if args.audio else fixture_utterances()
         contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
         report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=model.path,
                                   model_hub=model.hub, backends=records, progress=bar)
+        bisect_peers(reference, [(source.path, c) for (_, source, _), c in zip(sources, candidates)], utterances,
+                     contexts, tolerances, report.results, nemo_path=model.path, progress=bar.phase)
     print_comparisons(report)
+    print_bisections(report.results)
     if args.json:
         print(f"results written to {report.results.save(args.json)}")
     failures = [c for c in report.results.comparisons if not c.passed]
@@ -327,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON here")
     p.add_argument("--tolerances", type=Path, help="tolerance file (default: harness/judge/tolerances.toml)")
     add_backend_sources(p)
+    from harness.app.peers import add_candidate_option
+
+    add_candidate_option(p)
     add_audio_options(p)
     p.set_defaults(func=cmd_compare)
 

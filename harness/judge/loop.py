@@ -44,6 +44,7 @@ from harness.judge.ties import decisions
 from harness.judge.tolerances import Tolerances
 
 Context = tuple[int, int]
+SAMPLE_RATE = 16000
 
 
 # -- run stores --------------------------------------------------------------------------------------
@@ -332,6 +333,10 @@ def _record_run(outcome: LoopOutcome, run: Any, utterance: Utterance, vocabulary
             "tokens": tokens, "decoder": decoder,
             "wer": word_error_rate([utterance.text], [text]) if utterance.text else None,
         })
+    # The emission rate beside every timing: greedy decoding runs once per label, so a model that
+    # emits nothing would be timed without it.
+    audio_seconds = len(utterance.audio) / SAMPLE_RATE
     results.timings.append({"backend": run.backend, "dtype": run.dtype, "mode": run.mode,
                             "att_context_size": list(run.att_context_size), "utterance": utterance.name,
-                            "step_seconds": list(run.step_seconds)})
+                            "step_seconds": list(run.step_seconds), "labels": len(run.tokens),
+                            "audio_seconds": round(audio_seconds, 3)})

@@ -433,19 +433,26 @@ class TimingRow:
     steps: int
     mean_ms: float
     p95_ms: float
+    labels_per_second: float | None = None  # emission rate of the runs timed (None: not recorded)
 
 
 def timing_rows(results_list: Sequence[Results]) -> list[TimingRow]:
     grouped: dict[tuple, list[float]] = defaultdict(list)
+    emitted: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])  # labels, audio seconds
     for results in results_list:
         for row in results.timings:
             key = (model_name(results), row["backend"], row["dtype"], tuple(row["att_context_size"]))
             grouped[key].extend(row["step_seconds"])
+            if "labels" in row and row.get("audio_seconds"):
+                emitted[key][0] += row["labels"]
+                emitted[key][1] += row["audio_seconds"]
     rows = []
     for key, seconds in grouped.items():
         ordered = sorted(seconds)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan")
-        rows.append(TimingRow(*key, len(seconds), 1000 * sum(seconds) / max(len(seconds), 1), 1000 * p95))
+        labels, audio = emitted.get(key, (0.0, 0.0))
+        rows.append(TimingRow(*key, len(seconds), 1000 * sum(seconds) / max(len(seconds), 1), 1000 * p95,
+                              labels / audio if audio else None))
     return sorted(rows, key=lambda r: (r.model, r.backend != REFERENCE_BACKEND, r.backend, r.dtype, -r.context[1]))
 
 

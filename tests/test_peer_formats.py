@@ -1,0 +1,270 @@
+"""Files other exporters write (sherpa-onnx, NeMo's plain export, parakeet-rs), read without this project's
+metadata and driven by the harness's ONNX Runtime driver, against NeMo on tiny-streaming.
+
+Each directory is built offline by ``backends.onnx.peer_export`` (two lookaheads, one subdirectory each);
+NeMo's pad-and-drop runs are shared with the parity suites (``run_cache``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from backends.onnx.foreign import (  # noqa: E402
+    FOREIGN_FORMATS,
+    NEMO_EXPORT,
+    PARAKEET_RS,
+    SHERPA_ONNX,
+    ArtifactContradiction,
+    ForeignOnnxBackend,
+    detect,
+)
+from backends.onnx.peer_export import PEER_FORMATS  # noqa: E402
+from harness.errors import UnsafeArtifact  # noqa: E402
+from harness.interface.chunking import FirstChunkMode  # noqa: E402
+from harness.interface.driver import stream  # noqa: E402
+from harness.judge.compare import compare_runs  # noqa: E402
+
+pytestmark = pytest.mark.onnx
+
+PAD = FirstChunkMode.PAD_AND_DROP
+CONTEXTS = [(70, 13), (70, 1)]
+DETECTED = {"sherpa-onnx": SHERPA_ONNX, "nemo": NEMO_EXPORT, "parakeet-rs": PARAKEET_RS}
+
+
+@pytest.fixture(scope="session")
+def peer_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
+    from backends.onnx.peer_export import export_peer_cached
+
+    return {fmt: export_peer_cached(tiny_nemo, work_dir / "peers", fmt=fmt, att_context_sizes=CONTEXTS)
+            for fmt in PEER_FORMATS}
+
+
+@pytest.fixture(scope="session")
+def two_utterances(utterances):
+    return sorted(utterances, key=lambda u: len(u.audio))[:2]
+
+
+def _lookahead(peer_dirs, fmt: str, context=(70, 13)) -> Path:
+    """One lookahead's subdirectory, copied (so a test may change it)."""
+    from backends.onnx.peer_export import lookahead_dir
+
+    return lookahead_dir(peer_dirs[fmt], fmt, context, 8, several=True)
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def _set_metadata(graph: Path, **values) -> None:
+    """Rewrite some metadata of a graph, keeping its weights where they are (external data untouched)."""
+    model = onnx.load(str(graph), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({k: str(v) for k, v in values.items()})
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(graph))
+
+
+# -- detection ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", PEER_FORMATS)
+def test_each_format_is_detected_from_file_names(peer_dirs, fmt):
+    from harness.app.peers import detect_backend, parse_candidate
+
+    assert detect(peer_dirs[fmt]) == DETECTED[fmt]
+    assert detect(_lookahead(peer_dirs, fmt)) == DETECTED[fmt]
+    assert detect_backend(peer_dirs[fmt]) == ("onnx", DETECTED[fmt])
+    assert parse_candidate(f"onnx:int8:{peer_dirs[fmt]}") == ("onnx", "int8", peer_dirs[fmt])
+    assert parse_candidate(str(peer_dirs[fmt])) == (None, None, peer_dirs[fmt])
+
+
+def test_own_export_and_unknown_directories(backend_pool, tmp_path):
+    assert detect(backend_pool.source("onnx")) == "parity"
+    assert detect(tmp_path) is None
+    from harness.app.peers import detect_backend
+    from harness.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="no backend recognises it"):
+        detect_backend(tmp_path)
+
+
+# -- parity through the harness's driver -------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", PEER_FORMATS)
+def test_foreign_directory_matches_nemo_tap_by_tap(fmt, peer_dirs, tiny_nemo, run_cache, two_utterances, tolerances):
+    """Every lookahead found by probing the graphs, every tap found by graph surgery, fp32 tolerances."""
+    backend = ForeignOnnxBackend(peer_dirs[fmt], nemo_path=tiny_nemo)
+    try:
+        assert backend.format == DETECTED[fmt]
+        assert set(backend.info.att_context_sizes) == set(CONTEXTS)
+        assert backend.notes()[-1] == "taps unavailable: none"
+        expected_layout = "layers-first" if fmt == "parakeet-rs" else "batch-first"
+        assert backend.cache_layout == expected_layout
+        num_layers = backend.info.num_layers
+        every_tap = {"mel", "pre_encode", *(f"layers.{i}" for i in range(num_layers)), "encoder", "decoder",
+                     "joint", "cache_last_channel", "cache_last_time", "cache_last_channel_len"}
+        for utterance in two_utterances:
+            features = backend.features(utterance.audio[None])[0]
+            for context in CONTEXTS:
+                reference = run_cache.run("nemo", utterance, context, PAD)
+                candidate = stream(backend, run_cache.mel(utterance), context, PAD, features=features)
+                comparison = compare_runs(reference, candidate, tolerances, num_layers=num_layers,
+                                          utterance=utterance.name)
+                assert every_tap <= {t.tap for t in comparison.taps}, sorted(every_tap - {t.tap for t in comparison.taps})
+                assert comparison.passed, comparison.describe_failure()
+                assert comparison.tokens_equal
+    finally:
+        backend.close()
+
+
+def test_graph_without_layer_scopes_still_compares_what_it_has(peer_dirs, tiny_nemo, run_cache, two_utterances,
+                                                                tolerances, tmp_path):
+    """A layer whose node names carry no module scope: that tap is reported unavailable, the rest compared."""
+    directory = _copy(_lookahead(peer_dirs, "nemo"), tmp_path / "renamed")
+    graph_path = directory / "encoder-model.onnx"
+    model = onnx.load(str(graph_path))
+    for node in model.graph.node:
+        node.name = node.name.replace("/layers.1/", "/anonymous/")
+    onnx.save(model, str(graph_path))
+    backend = ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    try:
+        assert "layers.1" in backend.unavailable_taps and "layers.0" not in backend.unavailable_taps
+        assert "layers.1 (tap 'layers.1': no node in module scope" in backend.notes()[-1]
+        utterance = two_utterances[0]
+        reference = run_cache.run("nemo", utterance, (70, 13), PAD)
+        candidate = stream(backend, run_cache.mel(utterance), (70, 13), PAD)
+        comparison = compare_runs(reference, candidate, tolerances, num_layers=backend.info.num_layers)
+        taps = {t.tap for t in comparison.taps}
+        assert "layers.1" not in taps and {"layers.0", "layers.2", "encoder", "joint", "decoder"} <= taps
+        assert comparison.passed, comparison.describe_failure()
+    finally:
+        backend.close()
+
+
+# -- contradictions with the .nemo: one line naming the key and both values ---------------------------
+
+@pytest.mark.parametrize(("key", "value", "stated"), [
+    ("cache_last_channel_dim2", 56, "cache_last_channel_dim2 (left context) = 56 contradicts the .nemo's "
+                                    "encoder.att_context_size left = 70"),
+    ("cache_last_channel_dim1", 24, "cache_last_channel_dim1 = 24 contradicts the .nemo's encoder.n_layers = 3"),
+    ("cache_last_time_dim3", 4, "cache_last_time_dim3 = 4 contradicts the .nemo's encoder.conv_kernel_size - 1 = 8"),
+    ("window_size", 112, "window_size = 112 contradicts the .nemo's chunk_size + pre_encode_cache_size at [70, 13] "
+                         "= 121"),
+    ("chunk_shift", 121, "chunk_shift = 121 contradicts the .nemo's chunk_size at [70, 13] = 112"),
+    ("normalize_type", "per_feature", "normalize_type = 'per_feature' contradicts the .nemo's "
+                                      "preprocessor.normalize = 'NA'"),
+    ("feat_dim", 80, "feat_dim = 80 contradicts the .nemo's encoder.feat_in = 128"),
+    ("vocab_size", 1024, "vocab_size = 1024 contradicts the .nemo's vocabulary size = 128"),
+    ("subsampling_factor", 4, "subsampling_factor = 4 contradicts the .nemo's encoder.subsampling_factor = 8"),
+])
+def test_sherpa_metadata_that_lies_is_refused(peer_dirs, tiny_nemo, tmp_path, key, value, stated):
+    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "lying")
+    _set_metadata(directory / "encoder.onnx", **{key: value})
+    with pytest.raises(ArtifactContradiction) as caught:
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    message = str(caught.value)
+    assert "\n" not in message and stated in message
+
+
+def test_parakeet_config_and_tokens_that_lie_are_refused(peer_dirs, tiny_nemo, tmp_path):
+    directory = _copy(_lookahead(peer_dirs, "parakeet-rs"), tmp_path / "parakeet")
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["preprocessor"]["normalize"] = "per_feature"  # what parakeet-rs' exporter hard-codes
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ArtifactContradiction, match="preprocessor.normalize = 'per_feature' contradicts the "
+                                                    "\\.nemo's preprocessor.normalize = 'NA'"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    config["preprocessor"]["normalize"] = "NA"
+    config["att_context_size"] = [70, 6]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ArtifactContradiction, match=r"att_context_size = \[70, 6\] contradicts the \.nemo's the "
+                                                    r"encoder graph \(probed\) = \[70, 13\]"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+
+    sherpa = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "tokens")
+    lines = (sherpa / "tokens.txt").read_text(encoding="utf-8").splitlines()
+    lines[5] = f"▁lie {lines[5].rsplit(' ', 1)[1]}"
+    (sherpa / "tokens.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ArtifactContradiction, match="tokens.txt: id 5 = '▁lie' contradicts the .nemo's tokenizer "
+                                                    "piece 5"):
+        ForeignOnnxBackend(sherpa, nemo_path=tiny_nemo)
+
+
+def test_foreign_directory_needs_its_nemo(peer_dirs):
+    from backends.onnx.foreign import ForeignArtifactError
+
+    with pytest.raises(ForeignArtifactError, match="read against the .nemo they were exported from"):
+        ForeignOnnxBackend(peer_dirs["nemo"])
+
+
+# -- untrusted files -----------------------------------------------------------------------------------
+
+def test_external_data_outside_the_directory_is_refused(peer_dirs, tiny_nemo, tmp_path):
+    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "escape" / "inner")
+    shutil.move(directory / "encoder.data", tmp_path / "escape" / "encoder.data")
+    model = onnx.load(str(directory / "encoder.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../encoder.data"
+    onnx.save(model, str(directory / "encoder.onnx"))
+    with pytest.raises(UnsafeArtifact, match="'../encoder.data' leaves the model's directory"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+
+
+def test_declared_tensor_larger_than_its_file_is_refused(peer_dirs, tiny_nemo, tmp_path):
+    directory = _copy(_lookahead(peer_dirs, "parakeet-rs"), tmp_path / "truncated")
+    data = directory / "encoder.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(UnsafeArtifact, match="lies past the end of 'encoder.onnx.data'"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+
+
+@pytest.mark.parametrize(("edit", "error"), [
+    (lambda lines: lines[:3] + [lines[3].rsplit(" ", 1)[0] + " 2"] + lines[4:], "id 2 appears twice"),
+    (lambda lines: lines[:3] + lines[4:], r"ids \[3\] are missing"),
+    (lambda lines: lines[:-1], "is '.*', not the blank '<blk>'"),
+])
+def test_token_tables_with_duplicate_or_missing_ids_are_refused(peer_dirs, tiny_nemo, tmp_path, edit, error):
+    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "tokens")
+    path = directory / "tokens.txt"
+    path.write_text("\n".join(edit(path.read_text(encoding="utf-8").splitlines())) + "\n", encoding="utf-8")
+    with pytest.raises(UnsafeArtifact, match=error):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+
+
+def test_writers_output_the_peers_own_interfaces(peer_dirs):
+    """What each peer's runtime reads, checked on the written files (names, layouts, metadata)."""
+    from backends.onnx.foreign import GraphIO
+
+    sherpa = _lookahead(peer_dirs, "sherpa-onnx")
+    encoder = GraphIO.read(sherpa / "encoder.onnx")
+    assert list(encoder.inputs) == ["audio_signal", "length", "cache_last_channel", "cache_last_time",
+                                    "cache_last_channel_len"]
+    assert {k: encoder.metadata[k] for k in ("window_size", "chunk_shift", "chunk_size_ms", "normalize_type",
+                                             "cache_last_channel_dim2", "vocab_size")} == {
+        "window_size": "121", "chunk_shift": "112", "chunk_size_ms": "1120", "normalize_type": "",
+        "cache_last_channel_dim2": "70", "vocab_size": "128"}
+    tokens = (sherpa / "tokens.txt").read_text(encoding="utf-8").splitlines()
+    assert tokens[-1] == "<blk> 128" and len(tokens) == 129
+    assert (sherpa / "encoder.data").is_file()  # sherpa-onnx's script saves the encoder's weights outside
+    parakeet = GraphIO.read(_lookahead(peer_dirs, "parakeet-rs") / "encoder.onnx")
+    assert list(parakeet.outputs)[:2] == ["encoded", "encoded_len"]
+    assert parakeet.inputs["cache_last_channel"] == (3, 1, 70, 64)  # layers-first, static
+    assert parakeet.metadata["chunk_size_output_frames"] == "14"
+    nemo = _lookahead(peer_dirs, "nemo")
+    assert sorted(p.name for p in nemo.glob("*.onnx")) == ["decoder_joint-model.onnx", "encoder-model.onnx"]
+    assert FOREIGN_FORMATS == (SHERPA_ONNX, NEMO_EXPORT, PARAKEET_RS)
+    assert np.isfinite(float(len(tokens)))
