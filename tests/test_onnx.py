@@ -67,7 +67,7 @@ def nemo_runs(run_cache, utterances, att_contexts):
 def _partial_copy(source: Path, target: Path, *, contexts=((70, 13),), decoder_joint=True) -> Path:
     target.mkdir(parents=True)
     names = ["vocab.txt", "tokenizer.model", "frontend.npz", "frontend.json"]
-    names += [encoder_file(c) for c in contexts]
+    names += [encoder_file(c) for c in contexts] + (["encoder.weights"] if contexts else [])
     if decoder_joint:
         names.append(decoder_joint_file())
     for name in names:
@@ -325,3 +325,27 @@ def test_taps_are_found_by_scope_and_missing_ones_fail_loudly():
         from backends.onnx.graph_tools import encoder_tap_tensors
 
         encoder_tap_tensors(graph, num_layers=4)
+
+
+def test_every_lookahead_reads_the_encoder_weights_from_one_file_per_precision(onnx_dir):
+    """The encoder graphs of one model (one per lookahead, and their tap graphs) share one weight file per
+    precision: the weights are written once, not once per lookahead."""
+    import json
+
+    import onnx
+
+    graphs = sorted(onnx_dir.glob("encoder-*.onnx"))
+    contexts = {p.name.split(".")[0] for p in graphs}
+    assert len(contexts) >= 2
+    for graph in graphs:
+        model = onnx.load(str(graph), load_external_data=False)
+        locations = {entry.value for t in model.graph.initializer for entry in t.external_data
+                     if entry.key == "location"}
+        expected = "encoder.int8.weights" if ".int8." in graph.name else "encoder.weights"
+        assert locations == {expected}, (graph.name, locations)
+    shared = json.loads((onnx_dir / "export.json").read_text())["shared_weights"]
+    for name, sizes in shared.items():
+        assert (onnx_dir / name).stat().st_size >= sizes["stored_bytes"]
+        # Each lookahead refers to the same payloads (the tap graphs refer to the fp32 ones once more).
+        assert sizes["referenced_bytes"] >= len(contexts) * sizes["stored_bytes"]
+    assert not list(onnx_dir.glob("*.onnx.data"))

@@ -8,9 +8,10 @@ from backends.mlx.artifact import CONFIG_FILE, FRONTEND_FILE, MODEL_FILE
 
 
 def detect(path: Path) -> str | None:
-    """``mlx`` for this project's artifact (``parity convert``), ``parakeet-mlx`` for a directory in
-    parakeet-mlx's layout (``config.json`` + ``model.safetensors``, no stored front end); None otherwise."""
+    """``mlx`` for this project's artifact (``parity convert``); None otherwise. A directory in parakeet-mlx's
+    layout (``config.json`` + ``model.safetensors`` without the stored front end) is not one this backend
+    loads: parakeet-mlx has no causal subsampling, so no cache-aware streaming model is written that way."""
     path = Path(path)
-    if not (path.is_dir() and (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file()):
-        return None
-    return "mlx" if (path / FRONTEND_FILE).is_file() else "parakeet-mlx"
+    if path.is_dir() and all((path / name).is_file() for name in (MODEL_FILE, CONFIG_FILE, FRONTEND_FILE)):
+        return "mlx"
+    return None

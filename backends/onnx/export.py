@@ -44,6 +44,8 @@ from backends.onnx.layout import (
     FORMAT,
     INTERFACES,
     MULTITALKER_CONFIG_FILE,
+    SHARED_ENCODER_WEIGHTS,
+    SHARED_ENCODER_WEIGHTS_INT8,
     CacheShapes,
     GraphInterface,
     ctc_file,
@@ -326,11 +328,15 @@ def _export_ctc(model, path: Path, interface: GraphInterface) -> None:
 
 
 def _finish_graph(path: Path, metadata: dict[str, Any], expected_inputs: Sequence[str],
-                  expected_outputs: Sequence[str]) -> None:
-    """Check the interface, write metadata, consolidate external data."""
+                  expected_outputs: Sequence[str], weights: graph_tools.SharedWeights | None = None) -> None:
+    """Check the interface, write metadata, and gather the weights: into ``weights`` (shared by the
+    graphs of every lookahead), else into one external file of its own when the graph needs one."""
     import onnx
 
-    graph_tools.consolidate_external_data(path)
+    if weights is not None:
+        weights.absorb(path)
+    else:
+        graph_tools.consolidate_external_data(path)
     model = onnx.load(str(path), load_external_data=False)
     inputs, outputs = graph_tools.graph_io_names(model)
     if list(inputs) != list(expected_inputs) or list(outputs)[:len(expected_outputs)] != list(expected_outputs):
@@ -350,7 +356,8 @@ def _write_debug(path: Path, debug_path: Path, taps: Callable, metadata: dict[st
     graph_tools.save_graph(model, debug_path)
 
 
-def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types: Sequence[str]) -> None:
+def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types: Sequence[str],
+               weights: graph_tools.SharedWeights | None = None) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -366,7 +373,10 @@ def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types:
                          op_types_to_quantize=list(op_types), use_external_data_format=large)
     finally:
         root.setLevel(level)
-    graph_tools.consolidate_external_data(int8_path)
+    if weights is not None:
+        weights.absorb(int8_path)
+    else:
+        graph_tools.consolidate_external_data(int8_path)
     model = onnx.load(str(int8_path), load_external_data=False)
     graph_tools.set_metadata(model, encode_metadata({**metadata, "variant": "int8"}))
     graph_tools.save_graph(model, int8_path)
@@ -417,6 +427,9 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     result = ExportResult(out_dir)
     num_layers = base["num_layers"]
 
+    # The encoder graphs of every lookahead hold the same weights: written once per precision.
+    shared = graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS)
+    shared_int8 = graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS_INT8) if int8 else None
     with _quiet_export(), torch.inference_mode():
         model.set_export_config({"cache_support": True})
         for context in contexts:
@@ -426,7 +439,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             metadata = {**base, "graph": "encoder", "variant": "float32", "debug_taps": [],
                         **_encoder_metadata(model, config.encoder, context, cache_layout)}
             _export_encoder(model, config.encoder, path, cache_layout, interface)
-            _finish_graph(path, metadata, interface.encoder_inputs, interface.encoder_outputs)
+            _finish_graph(path, metadata, interface.encoder_inputs, interface.encoder_outputs, shared)
             result.graphs.append(path)
             if debug_taps:
                 debug = out_dir / encoder_file(context, debug=True)
@@ -435,7 +448,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             if int8:
                 quantized = out_dir / encoder_file(context, "int8")
                 say(f"encoder {list(context)} int8 -> {quantized.name}")
-                _write_int8(path, quantized, metadata, ("MatMul", "Gemm"))
+                _write_int8(path, quantized, metadata, ("MatMul", "Gemm"), shared_int8)
                 result.graphs.append(quantized)
 
         path = out_dir / decoder_joint_file()
@@ -470,6 +483,9 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         "options": {"att_context_sizes": [list(c) for c in contexts], "cache_layout": cache_layout, "int8": int8,
                     "debug_taps": debug_taps},
         "graphs": [path.name for path in result.graphs],
+        "shared_weights": {weights.path.name: {"stored_bytes": weights.stored_bytes,
+                                               "referenced_bytes": weights.referenced_bytes}
+                           for weights in (shared, shared_int8) if weights is not None},
         "provenance": Provenance.collect(nemo_path, sha256=sha256, hub=source_hub).to_dict(),
     }, indent=2) + "\n")
     say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")

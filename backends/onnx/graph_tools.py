@@ -9,6 +9,7 @@ hard-coded, and a scope that is missing or has more than one way out is an error
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -160,6 +161,68 @@ def consolidate_external_data(path: str | Path) -> Path | None:
             source.unlink()
     os.replace(staging, target)
     return target
+
+
+class SharedWeights:
+    """One external-data file shared by several graphs of the same weights (one per lookahead).
+
+    Every lookahead's encoder graph holds the same weights; written once per graph they cost one
+    checkpoint of disk each (2.5 GB at full size). ``absorb(graph)`` moves a graph's external
+    tensors, and its inline ones of at least ``threshold`` bytes, into the shared file, storing a
+    payload only the first time its bytes are seen (sha256), and removes the graph's own data
+    files. One tensor is held in memory at a time. ONNX Runtime reads each graph's tensors from
+    the shared file at their offsets; every session still holds its own copy in memory.
+    """
+
+    def __init__(self, path: str | Path, threshold: int = 1024):
+        self.path = Path(path)
+        self.threshold = threshold
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self.stored_bytes = 0
+        self.referenced_bytes = 0
+        self.path.unlink(missing_ok=True)
+
+    def _store(self, payload: bytes) -> tuple[int, int]:
+        digest = hashlib.sha256(payload).hexdigest()
+        self.referenced_bytes += len(payload)
+        if digest not in self._offsets:
+            with open(self.path, "ab") as out:
+                out.write(b"\0" * ((-out.tell()) % EXTERNAL_ALIGNMENT))
+                self._offsets[digest] = (out.tell(), len(payload))
+                out.write(payload)
+            self.stored_bytes += len(payload)
+        return self._offsets[digest]
+
+    def absorb(self, graph: str | Path) -> None:
+        graph = Path(graph)
+        directory = graph.parent
+        if directory.resolve() != self.path.parent.resolve():
+            raise ValueError(f"{graph}: a shared weight file serves graphs of its own directory only")
+        model = onnx.load(str(graph), load_external_data=False)
+        scattered: set[Path] = set()
+        for tensor in _tensors_with_data(model):
+            if tensor.data_location == TensorProto.EXTERNAL:
+                entries = _external_entries(tensor)
+                source = directory / entries["location"]
+                with open(source, "rb") as handle:
+                    handle.seek(int(entries.get("offset", 0)))
+                    payload = handle.read(int(entries["length"])) if "length" in entries else handle.read()
+                if source.resolve() != self.path.resolve():
+                    scattered.add(source)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= self.threshold:
+                payload = tensor.raw_data
+            else:
+                continue
+            offset, length = self._store(payload)
+            del tensor.external_data[:]
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        onnx.save(model, str(graph))
+        for source in scattered:
+            source.unlink(missing_ok=True)
 
 
 def save_graph(model: onnx.ModelProto, path: str | Path) -> Path:

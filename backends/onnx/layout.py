@@ -10,7 +10,8 @@ nor NeMo. File names in an export directory:
 ``decoder_joint.onnx`` (+ ``.debug``, ``.int8``)  RNNT prediction net + joint, one step
 ``ctc.onnx``                          hybrid RNNT-CTC models: the CTC head on encoder outputs (every
                                       lookahead and variant; see ``ctc_file``)
-``*.onnx.data``                       external weights, one file per graph (models > 2 GB)
+``encoder.weights``, ``encoder.int8.weights``  the encoder weights, once per precision, shared by every lookahead
+``*.onnx.data``                       external weights of another graph (models > 2 GB)
 ``tokenizer.model``, ``vocab.txt``    SentencePiece model and its pieces, one per line
 ``frontend.npz``, ``frontend.json``   mel filterbank + window, and the front-end settings
 ``multitalker_config.json``           multitalker exports: model dimensions and speaker-kernel layers
@@ -134,6 +135,11 @@ class GraphInterfaceError(ExportDirError):
 
 def context_tag(att_context_size: Sequence[int]) -> str:
     return f"{int(att_context_size[0])}_{int(att_context_size[1])}"
+
+
+# The encoder weights, written once per precision and read by every lookahead's graph (and tap graph).
+SHARED_ENCODER_WEIGHTS = "encoder.weights"
+SHARED_ENCODER_WEIGHTS_INT8 = "encoder.int8.weights"
 
 
 def encoder_file(att_context_size: Sequence[int], variant: str = "float32", debug: bool = False) -> str:

@@ -45,7 +45,7 @@ from typing import Any
 
 from backends.onnx.export import OPSET, ExportResult, _quiet_export, _restore, _vocabulary
 from backends.onnx.layout import context_tag
-from harness.errors import InvalidInput
+from harness.errors import InvalidInput, Unsupported
 from harness.nemo_config import read_model_config
 from harness.nemo_file import inspect_nemo, sha256_file
 from harness.system.memory import peak_rss_mb
@@ -276,7 +276,7 @@ def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
     archive = inspect_nemo(nemo_path)
     config = read_model_config(archive.config)
     if config.speaker_kernels:
-        raise InvalidInput(f"{nemo_path.name}: a multitalker model; --format {fmt} writes single-speaker exports "
+        raise Unsupported(f"{nemo_path.name}: a multitalker model; --format {fmt} writes single-speaker exports "
                            "(parity export-onnx writes the multitalker interface)")
     available = config.encoder.att_context_size
     contexts = [tuple(int(v) for v in c) for c in (att_context_sizes or available)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from harness.app.compare import fixture_utterances, model_record
 from harness.app.provenance import manifest_provenance
-from harness.errors import InputNotFound, UnknownName
+from harness.errors import InputNotFound, UnknownName, Unsupported
 from harness.interface.backend import Backend
 from harness.interface.utterance import Utterance, long_utterance
 from harness.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore, stream_and_compare
@@ -191,6 +191,10 @@ def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException
     """The loop's failure hook: one broken candidate is recorded and must not hide the others' results."""
 
     def hook(candidate: Candidate, error: BaseException) -> None:
+        if isinstance(error, Unsupported):  # the backend does not run this model (a peer without speaker masks)
+            candidate.record.update(status="unavailable", error=f"{type(error).__name__}: {error}")
+            progress.phase(f"{candidate.label} does not run this model: {error}")
+            return
         candidate.record.update(status="error", error=f"{type(error).__name__}: {error}",
                                 traceback=traceback.format_exc(limit=8))
         progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")

@@ -46,6 +46,7 @@ class StackVariant:
     wer: float | None
     first_word_errors: int
     same_as_runtime: int  # utterances whose tokens equal the runtime's exactly
+    token_error: float = 0.0  # token edit distance to the reference's tokens / the reference's token count
     tokens: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -74,6 +75,7 @@ class Bisection:
     wer_against: str  # "references" or the reference backend's transcripts
     reference_wer: float | None
     runtime_wer: float | None
+    runtime_token_error: float
     reference_first_word_errors: int
     runtime_first_word_errors: int
     export_passed: bool | None
@@ -101,7 +103,8 @@ class Bisection:
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
         context = f"[{self.context[0]},{self.context[1]}]"
         out = [f"{self.candidate} {context}, {self.utterances} utterances, WER against {self.wer_against}: "
-               f"runtime {pct(self.runtime_wer)}, reference {pct(self.reference_wer)}; first word wrong in "
+               f"runtime {pct(self.runtime_wer)}, reference {pct(self.reference_wer)}; runtime token error vs reference "
+               f"{pct(self.runtime_token_error)}; first word wrong in "
                f"{self.runtime_first_word_errors} vs {self.reference_first_word_errors}"]
         out.append(f"  (a) export: {self.export_summary}")
         if self.front_end is not None:
@@ -112,9 +115,9 @@ class Bisection:
         for fact in self.chunking_facts:
             out.append(f"  (c) chunking: {fact}")
         for variant in self.variants:
-            out.append(f"      harness driver, {variant.label}: WER {pct(variant.wer)}, first word wrong in "
-                       f"{variant.first_word_errors}, tokens identical to the runtime's in "
-                       f"{variant.same_as_runtime}/{self.utterances}")
+            out.append(f"      harness driver, {variant.label}: WER {pct(variant.wer)}, token error vs reference "
+                       f"{pct(variant.token_error)}, first word wrong in {variant.first_word_errors}, tokens identical "
+                       f"to the runtime's in {variant.same_as_runtime}/{self.utterances}")
         if self.lead_in_ms:
             out.append(f"      the runtime itself with {self.lead_in_ms} ms of silence before each utterance: WER "
                        f"{pct(self.lead_in_wer)}")
@@ -169,6 +172,14 @@ def _aggregate(comparisons: Sequence[FrontEndComparison]) -> FrontEndComparison 
         max_abs=max(c.max_abs for c in comparisons), mean_abs=float(np.mean([c.mean_abs for c in comparisons])),
         rel_l2=max(c.rel_l2 for c in comparisons), edge_mean_abs=float(np.mean([c.edge_mean_abs for c in comparisons])),
         best_shift=max(set(shifts), key=shifts.count))
+
+
+def _token_error(reference: dict[str, list[int]], candidate: dict[str, list[int]]) -> float:
+    from harness.judge.metrics import token_edit_distance
+
+    total = sum(len(tokens) for tokens in reference.values())
+    distance = sum(token_edit_distance(reference[name], candidate.get(name, [])) for name in reference)
+    return distance / total if total else float(distance > 0)
 
 
 def _first_word_errors(references: Sequence[str], hypotheses: Sequence[str]) -> int:
@@ -278,6 +289,7 @@ def bisect_peer(reference: Backend, driver: Backend, peer: Backend, utterances: 
     truth = [texts.get(u.name) or reference_texts.get(u.name, "") for u in utterances]
     runtime_text = [decode_tokens(vocabulary, [t for s in runtime_steps[u.name] for t in s]) for u in utterances]
     runtime_tokens = {u.name: [t for s in runtime_steps[u.name] for t in s] for u in utterances}
+    reference_tokens = {u.name: [t for s in reference_steps.get(u.name, []) for t in s] for u in utterances}
     reference_hyp = [reference_texts.get(u.name, "") for u in utterances]
 
     variants = []
@@ -288,7 +300,8 @@ def bisect_peer(reference: Backend, driver: Backend, peer: Backend, utterances: 
         variants.append(StackVariant(
             front_end=front, chunking=chunking, wer=word_error_rate(truth, hypotheses),
             first_word_errors=_first_word_errors(truth, hypotheses),
-            same_as_runtime=sum(tokens[u.name] == runtime_tokens[u.name] for u in utterances), tokens=tokens))
+            same_as_runtime=sum(tokens[u.name] == runtime_tokens[u.name] for u in utterances),
+            token_error=_token_error(reference_tokens, tokens), tokens=tokens))
 
     divergence, divergence_text = None, "the runtime's tokens equal the reference's at every step"
     for utterance in utterances:
@@ -306,6 +319,7 @@ def bisect_peer(reference: Backend, driver: Backend, peer: Backend, utterances: 
     bisection = Bisection(
         candidate=f"{peer.name}:{peer.dtype}", context=context, utterances=len(utterances), wer_against=against,
         reference_wer=reference_wer, runtime_wer=runtime_wer,
+        runtime_token_error=_token_error(reference_tokens, runtime_tokens),
         reference_first_word_errors=_first_word_errors(truth, reference_hyp),
         runtime_first_word_errors=_first_word_errors(truth, runtime_text),
         export_passed=export_passed, export_summary=export_summary, front_end=front_end, variants=variants,
@@ -336,42 +350,46 @@ def _skipped_frames(reference_chunks: Sequence[Chunk], runtime_chunks: Sequence[
 
 
 def state_cause(bisection: Bisection) -> str:
-    """The swap that accounts for the runtime's extra errors, in one sentence with its figures."""
+    """The swap that accounts for the runtime's departure from the reference, in one sentence with its
+    figures. Swaps are weighed by their token error against the reference's tokens (WER saturates on a
+    model that knows no words); WER is quoted where the utterances have references."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     by_swap = {(v.front_end, v.chunking): v for v in bisection.variants}
     base = by_swap.get(("reference", "reference"))
     if bisection.export_passed is False:
         return "the exported graphs themselves: " + bisection.export_summary
-    if base is None or bisection.runtime_wer is None or base.wer is None:
+    if base is None:
         return "not determined (the harness could not rebuild the runtime's stack)"
-    gap = bisection.runtime_wer - base.wer
-    if abs(gap) < 0.005 and bisection.runtime_wer - (bisection.reference_wer or 0.0) < 0.01:
-        return (f"none: the runtime's WER {pct(bisection.runtime_wer)} is the harness driver's {pct(base.wer)} on the "
-                "same graphs")
+    gap = bisection.runtime_token_error - base.token_error
+    if gap <= 0.005:
+        return (f"none: the runtime's tokens differ from the reference's by {pct(bisection.runtime_token_error)}, "
+                f"the harness driver's on the same graphs by {pct(base.token_error)}")
     swaps = {"the front end": by_swap.get(("runtime", "reference")), "the chunking": by_swap.get(("reference", "runtime"))}
-    shares = {name: (v.wer - base.wer) for name, v in swaps.items() if v is not None and v.wer is not None}
+    shares = {name: v.token_error - base.token_error for name, v in swaps.items() if v is not None}
     if not shares:
         return "not determined (the runtime declares neither its front end nor its chunking)"
-    name, share = max(shares.items(), key=lambda item: item[1])
+    ranked = sorted(shares.items(), key=lambda item: -item[1])
+    name, share = ranked[0]
     if share <= 0.005:
-        return (f"not one swap: the harness's driver on the same graphs reads {pct(base.wer)}, the runtime "
-                f"{pct(bisection.runtime_wer)}, and neither the runtime's front end nor its chunking alone moves the "
-                "driver's WER; compare the decoding loops")
-    tied = [n for n, s in shares.items() if n != name and share - s < 0.005]
-    if tied:
-        name = f"{name} and {tied[0]} alike"
-    others = "".join(f"; the runtime's {n[4:]} alone {pct(base.wer + s)}" for n, s in shares.items()
-                     if not name.startswith(n))
-    emulated = by_swap.get(("runtime", "runtime"))
-    both = "" if emulated is None else (f"; both together {pct(emulated.wer)}, the runtime's exact tokens on "
-                                        f"{emulated.same_as_runtime}/{bisection.utterances} utterances")
+        return (f"not one swap: neither the runtime's front end nor its chunking alone moves the harness driver's "
+                f"tokens, while the runtime's differ by {pct(bisection.runtime_token_error)}; compare the decoding loops")
+
+    def figures(variant: StackVariant) -> str:
+        wer = f"WER {pct(variant.wer)}, " if bisection.wer_against == "references" else ""
+        return f"{wer}tokens {pct(variant.token_error)} off the reference's"
+
+    if len(ranked) > 1 and ranked[1][1] > 0.5 * share:
+        name = f"{name} and {ranked[1][0]} together"
     detail = ""
     if name.startswith("the chunking") and len(bisection.chunking_facts) > 1 and bisection.chunking_facts[1].startswith("so "):
         detail = " (" + bisection.chunking_facts[1][3:] + ")"
+    parts = [f"the harness's driver on the same graphs: {figures(base)}"]
+    parts += [f"with the runtime's {n[4:]} alone: {figures(swaps[n])}" for n, _ in ranked]
+    emulated = by_swap.get(("runtime", "runtime"))
+    if emulated is not None:
+        parts.append(f"with both: {figures(emulated)}, the runtime's exact tokens on "
+                     f"{emulated.same_as_runtime}/{bisection.utterances} utterances")
     if "chunking" in name and bisection.lead_in_ms:
-        both += (f"; the runtime itself with {bisection.lead_in_ms} ms of silence before each utterance "
-                 f"{pct(bisection.lead_in_wer)}")
-    return (f"{name}{detail}: the harness's driver on the same graphs reads {pct(base.wer)}, with the runtime's "
-            f"{name[4:].replace(' alike', '')} alone {pct(base.wer + share)}"
-            + (f", {100 * share / gap:.0f} % of the runtime's extra {100 * gap:.1f} points" if gap > 0 else "")
-            + f"{others}{both}")
+        parts.append(f"the runtime itself with {bisection.lead_in_ms} ms of silence before each utterance: WER "
+                     f"{pct(bisection.lead_in_wer)}")
+    return f"{name}{detail}; " + "; ".join(parts)

@@ -8,6 +8,7 @@ re-judges against another tolerance file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -137,7 +138,8 @@ class PairComparison:
         worst: dict[str, float] = {}
         for result in self.taps:
             if metric in result.metrics:
-                worst[result.tap] = max(worst.get(result.tap, 0.0), result.metrics[metric])
+                value = result.metrics[metric]  # a NaN is the worst value of all (max() would drop it)
+                worst[result.tap] = value if math.isnan(value) else max(worst.get(result.tap, 0.0), value)
         return worst
 
     def describe_failure(self) -> str:
@@ -175,7 +177,7 @@ def judge_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray,
     ref_shape, cand_shape = list(reference.shape), list(candidate.shape)
     if ref_shape != cand_shape:
         shape = [f"shape {ref_shape} vs {cand_shape}"]
-        return TapResult(step, tap, {}, limits, shape, ref_shape, cand_shape, structural=shape)
+        return TapResult(step, tap, {}, limits, shape, ref_shape, cand_shape, structural=list(shape))
     metrics = all_metrics(reference, candidate, logits=tap in LOGIT_TAPS)
     violations = [v.describe() for v in tolerances.check(metrics, limits)]
     return TapResult(step, tap, metrics, limits, violations, ref_shape, cand_shape)

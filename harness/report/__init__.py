@@ -92,6 +92,8 @@ def _summary_context(results_list: Sequence[Results], history: History | None, t
         "total": sum(len(s.comparisons) for s in summaries),
         "summaries": summaries,
         "candidate_errors": candidate_errors(results_list),
+        # A peer runtime's stack bisection (harness.judge.bisect), as parity compare recorded it.
+        "peer_bisections": [row for r in results_list for row in (r.extra or {}).get("peer_bisection", [])],
         "degradation_rows": degradation_rows(results_list),
         "history": history,
     }
