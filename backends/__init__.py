@@ -149,6 +149,8 @@ register(BackendEntry(
     marker="sherpa_onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), taps=(), caches=False,
                                                     offline=False, teacher_forcing=False, input="audio"),
     detector="backends.sherpa_onnx:detect", prepare_with="onnx", prepare_options={"format": "sherpa-onnx"},
+    source_option="--sherpa-onnx", source_help="a sherpa-onnx directory (parity export-onnx --format sherpa-onnx)",
+    hub_patterns=("*.onnx", "*.data", "tokens.txt"),
     description="sherpa-onnx's own OnlineRecognizer (its front end, chunking and greedy decoding) on a "
                 "sherpa-onnx export: tokens per chunk"))
 

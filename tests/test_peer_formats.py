@@ -268,3 +268,38 @@ def test_writers_output_the_peers_own_interfaces(peer_dirs):
     assert sorted(p.name for p in nemo.glob("*.onnx")) == ["decoder_joint-model.onnx", "encoder-model.onnx"]
     assert FOREIGN_FORMATS == (SHERPA_ONNX, NEMO_EXPORT, PARAKEET_RS)
     assert np.isfinite(float(len(tokens)))
+
+
+def test_multitalker_graphs_in_parakeet_rs_naming(multitalker_nemo, tmp_path):
+    """parakeet-rs' multitalker naming (spk_targets, bg_spk_targets; batch-first caches) without any
+    metadata of ours: the same outputs as this project's runtime on the same graphs, every tap found."""
+    from backends.onnx.export import export_onnx
+    from backends.onnx.runtime import OnnxBackend
+    from harness.app.compare import fixture_utterances
+    from harness.interface.speakers import SpeakerTargets
+
+    own = tmp_path / "own"
+    export_onnx(multitalker_nemo, own, att_context_sizes=[(70, 13)])
+    bare = tmp_path / "parakeet-rs"
+    bare.mkdir()
+    shutil.copy(own / "encoder-70_13.onnx", bare / "encoder.onnx")
+    shutil.copy(own / "decoder_joint.onnx", bare / "decoder_joint.onnx")
+    for data in own.iterdir():
+        if not data.name.endswith((".onnx", ".json", ".npz", ".txt", ".model")):
+            shutil.copy(data, bare / data.name)  # external weights, where the graphs name them
+    assert detect(bare) == PARAKEET_RS
+    ours, foreign = OnnxBackend(own), ForeignOnnxBackend(bare, nemo_path=multitalker_nemo)
+    try:
+        assert foreign.cache_layout == "batch-first" and foreign.interface.speaker_masks
+        assert foreign.notes()[-1] == "taps unavailable: none"
+        utterance = fixture_utterances()[1]
+        mel = ours.features(utterance.audio[None])[0]
+        masks = SpeakerTargets.turns(utterance.encoder_frames)
+        a = stream(ours, mel, (70, 13), PAD, speaker_masks=masks)
+        b = stream(foreign, mel, (70, 13), PAD, speaker_masks=masks)
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(a.encoded, b.encoded)
+        assert {"pre_encode", "layers.0", "layers.2", "decoder", "joint"} <= set(b.steps[0].taps)
+    finally:
+        ours.close()
+        foreign.close()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -699,7 +700,8 @@ class ForeignOnnxBackend(OnnxBackend):
         self.artifact = read_foreign(path, nemo_path, options)
         self.format = self.artifact.format
         self.unavailable_taps: dict[str, str] = {}
-        self._scratch = Path(tempfile.mkdtemp(prefix="parity-foreign-"))
+        self._scratch = Path(tempfile.mkdtemp(prefix="parity-foreign-"))  # the tap copies of the graphs
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)
         facts = self.artifact.nemo
         config = facts.config
         encoder = config.encoder
@@ -721,7 +723,7 @@ class ForeignOnnxBackend(OnnxBackend):
         try:
             super().__init__(path, dtype=dtype, nemo_path=nemo_path, taps=taps, threads=threads)
         except BaseException:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._cleanup()
             raise
 
     # -- the hooks OnnxBackend reads its export directory through ------------------------------------
@@ -792,7 +794,7 @@ class ForeignOnnxBackend(OnnxBackend):
 
     def close(self) -> None:
         super().close()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._cleanup()
 
 
 class _LazyNemoFrontend:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class Lookahead:
     window: int  # mel frames handed to the encoder per chunk
     shift: int  # mel frames the stream advances per chunk
     metadata: dict[str, int]
+    feature_dim: int  # the encoder input's axis 1, which sherpa-onnx reads as its feature dimension
 
 
 def _read_lookahead(directory: Path, dtype: str) -> Lookahead:
@@ -85,6 +86,10 @@ def _read_lookahead(directory: Path, dtype: str) -> Lookahead:
         model = load_onnx_graph(path)  # external data inside the directory, sizes within the files
         if graph == "encoder":
             props = {p.key: p.value for p in model.metadata_props}
+            initializers = {init.name for init in model.graph.initializer}
+            signal = next(i for i in model.graph.input if i.name not in initializers)
+            dims = signal.type.tensor_type.shape.dim
+            feature_dim = dims[1].dim_value if len(dims) == 3 and dims[1].HasField("dim_value") else 0
     metadata = {}
     for key in METADATA_KEYS:
         try:
@@ -103,7 +108,10 @@ def _read_lookahead(directory: Path, dtype: str) -> Lookahead:
     if metadata["window_size"] <= 0 or not 0 < metadata["chunk_shift"] <= metadata["window_size"]:
         raise UnsafeArtifact(f"{directory}: window_size {metadata['window_size']} / chunk_shift "
                              f"{metadata['chunk_shift']} cannot cut a stream")
-    return Lookahead(directory, context, metadata["window_size"], metadata["chunk_shift"], metadata)
+    if feature_dim <= 0:
+        raise UnsafeArtifact(f"{directory / ('encoder' + suffix)}: its first input has no static feature axis "
+                             "(sherpa-onnx reads the feature dimension from it)")
+    return Lookahead(directory, context, metadata["window_size"], metadata["chunk_shift"], metadata, feature_dim)
 
 
 class SherpaOnnxBackend(Backend):
@@ -163,10 +171,9 @@ class SherpaOnnxBackend(Backend):
             if unknown:
                 raise UnsafeArtifact(f"{self.directory}: lookahead(s) {unknown} are not among the .nemo's "
                                      f"att_context_size {[list(c) for c in info.att_context_sizes]}")
-            return ModelInfo(**{**info.__dict__, "att_context_sizes": tuple(
-                c for c in info.att_context_sizes if c in self.lookaheads)})
+            return replace(info, att_context_sizes=tuple(c for c in info.att_context_sizes if c in self.lookaheads))
         return ModelInfo(num_layers=first["cache_last_channel_dim1"], d_model=first["cache_last_channel_dim3"],
-                         n_mels=0, conv_kernel_size=first["cache_last_time_dim3"] + 1,
+                         n_mels=next(iter(self.lookaheads.values())).feature_dim, conv_kernel_size=first["cache_last_time_dim3"] + 1,
                          subsampling_factor=first["subsampling_factor"], att_context_sizes=contexts,
                          vocabulary=tuple(self.vocabulary), blank_id=len(self.vocabulary),
                          pred_layers=first["pred_rnn_layers"], pred_hidden=first["pred_hidden"], max_symbols=10)
@@ -193,7 +200,7 @@ class SherpaOnnxBackend(Backend):
 
     @property
     def feature_dim(self) -> int:
-        return self.info.n_mels or 128
+        return next(iter(self.lookaheads.values())).feature_dim
 
     # -- what a user's run is made of ----------------------------------------------------------------
     def input_audio(self, audio: np.ndarray, att_context_size: Sequence[int]) -> np.ndarray:
