@@ -130,7 +130,7 @@ register(BackendEntry(
     cli="backends.onnx.cli", reader="backends.onnx.layout:read_view", detector="backends.onnx.foreign:detect",
     source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
     dtype_flags={"--onnx-int8": "int8"},
-    hub_patterns=("*.onnx", "*.onnx.data", "tokenizer.model", "vocab.txt", "frontend.npz", "*.json"),
+    hub_patterns=("*.onnx", "*.onnx.data", "*.weights", "tokenizer.model", "vocab.txt", "frontend.npz", "*.json"),
     manifest="export.json",
     description="ONNX Runtime over NeMo's cache-aware encoder + decoder_joint export (pad-and-drop graphs)"))
 

@@ -138,7 +138,10 @@ def check_external_file(directory: str | Path, location: str, offset: int, lengt
             raise UnsafeArtifact(f"{what}: external data location {location!r} leaves the model's directory")
     base = Path(directory).resolve()
     target = (base / location).resolve()
-    if not target.is_relative_to(base):
+    # huggingface_hub's cache keeps a snapshot's files as links into the repository's blobs folder
+    # (<repo>/snapshots/<commit>/<file> -> <repo>/blobs/<hash>): a target there is the repository's own.
+    roots = [base, base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [base]
+    if not any(target.is_relative_to(root) for root in roots):
         raise UnsafeArtifact(f"{what}: external data location {location!r} resolves to {target}, outside the "
                              f"model's directory {base}")
     if not target.is_file():

@@ -25,6 +25,9 @@ from harness.interface.speakers import (
 )
 from harness.judge.compare import compare_runs
 
+# Drives Backend.step with mel chunks: a transcript-level peer runtime (it takes audio) is skipped.
+pytestmark = pytest.mark.streams_mel
+
 torch = pytest.importorskip("torch", reason="the reference backend needs torch")
 
 

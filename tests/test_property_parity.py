@@ -16,6 +16,9 @@ from harness.app.compare import fixture_utterances
 from harness.interface.driver import shared_mode, stream
 from harness.judge.compare import compare_runs
 
+# Drives Backend.step with mel chunks: a transcript-level peer runtime (it takes audio) is skipped.
+pytestmark = pytest.mark.streams_mel
+
 SAMPLE_RATE = 16000
 SPEECH = np.concatenate([u.audio for u in fixture_utterances()])
 

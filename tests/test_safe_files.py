@@ -335,3 +335,21 @@ def test_members_read_whole_have_a_size_limit(tmp_path):
     assert archive.read_member("tokenizer.model") == b"x" * 2000
     with pytest.raises(UnsafeNemoFile, match="'tokenizer.model' declares 2000 bytes, more than the 1000"):
         archive.read_member("tokenizer.model", limit=1000)
+
+
+def test_a_hub_snapshot_link_into_its_own_blobs_is_accepted_and_one_elsewhere_is_not(tmp_path):
+    """huggingface_hub's cache keeps a snapshot's files as links into the repository's blobs folder."""
+    from harness.errors import UnsafeArtifact
+    from harness.safe_files import check_external_file
+
+    repo = tmp_path / "models--acme--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_bytes(b"\0" * 64)
+    (snapshot / "encoder.weights").symlink_to(repo / "blobs" / "f00d")
+    assert check_external_file(snapshot, "encoder.weights", 0, 64, what="t")[1] == 64
+    (tmp_path / "elsewhere.bin").write_bytes(b"\0" * 64)
+    (snapshot / "other.weights").symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(UnsafeArtifact, match="outside the model's directory"):
+        check_external_file(snapshot, "other.weights", 0, 64, what="t")

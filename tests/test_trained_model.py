@@ -162,6 +162,7 @@ def trained_pool(tmp_path_factory):
     return BackendPool(NEMO_PATH, tmp_path_factory.mktemp("trained"))
 
 
+@pytest.mark.streams_mel
 def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_entries, tolerances):
     """Transcript agreement on a model whose transcripts mean something: every pair of fp32 backends
     gives the same token sequences on the held-out subset, at the largest and the zero lookahead,

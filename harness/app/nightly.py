@@ -384,7 +384,8 @@ def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "
 
 def fp32_failures(results_list: Sequence[Results]) -> list[str]:
     """One line per failing fp32 comparison or fp32 candidate that could not run."""
-    lines = [c.describe_failure() for r in results_list for c in r.comparisons if c.dtype == FP32 and not c.passed]
+    lines = [c.describe_failure() for r in results_list for c in r.comparisons
+             if c.dtype == FP32 and c.gating and not c.passed]
     for results in results_list:
         for entry in results.extra.get("candidates", []):
             if entry.get("status") == "error" and entry.get("dtype") == FP32:

@@ -30,6 +30,8 @@ MARKERS = {
     "nightly": "the large matrix run by `parity nightly` / the nightly workflow, not by default",
     "browser": "renders a report in headless Chromium (skips when Chromium is absent)",
     "sherpa_onnx": "sherpa-onnx's own runtime, a transcript-level peer (skips when sherpa-onnx is absent)",
+    "streams_mel": "drives Backend.step with the harness's mel chunks: a transcript-level backend that takes "
+                   "audio (a peer runtime) is skipped, with the reason",
 }
 
 
@@ -147,10 +149,14 @@ def _selected_backends(config) -> list[str]:
     return names
 
 
-def _backend_param(names: tuple[str, ...], *, candidate_only: bool = False):
+def _backend_param(names: tuple[str, ...], *, streams_mel: bool = False):
     from backends import REGISTRY
 
     marks = [getattr(pytest.mark, REGISTRY[n].marker) for n in dict.fromkeys(names)]
+    takes_audio = [n for n in names if REGISTRY[n].capabilities.input == "audio"]
+    if streams_mel and takes_audio:
+        marks.append(pytest.mark.skip(reason=f"{', '.join(takes_audio)}: a transcript-level backend (its own front "
+                                             "end and chunking, it takes audio); this test streams mel chunks"))
     missing = {n: REGISTRY[n].missing_requirements() for n in names}
     missing = {n: m for n, m in missing.items() if m}
     if missing:
@@ -163,14 +169,20 @@ def pytest_generate_tests(metafunc):
     """``backend_name`` runs a test on every backend; ``backend_pair`` on reference~candidate pairs."""
     from backends import REFERENCE
 
+    from backends import REGISTRY
+
     names = _selected_backends(metafunc.config)
+    streams_mel = metafunc.definition.get_closest_marker("streams_mel") is not None
     if "backend_name" in metafunc.fixturenames:
-        metafunc.parametrize("backend_name", [_backend_param((n,)) for n in names])
+        metafunc.parametrize("backend_name", [_backend_param((n,), streams_mel=streams_mel) for n in names])
     if "backend_pair" in metafunc.fixturenames:
         candidates = [n for n in names if n != REFERENCE]
+        # Candidates are also compared with each other where both produce tensors; a transcript-level
+        # backend (a peer runtime) is compared with the reference only.
+        tensor_level = [n for n in candidates if REGISTRY[n].capabilities.tensor_level]
         pairs = [(REFERENCE, c) for c in candidates] + [
-            (a, b) for i, a in enumerate(candidates) for b in candidates[i + 1:]]
-        metafunc.parametrize("backend_pair", [_backend_param(p) for p in pairs])
+            (a, b) for i, a in enumerate(tensor_level) for b in tensor_level[i + 1:]]
+        metafunc.parametrize("backend_pair", [_backend_param(p, streams_mel=streams_mel) for p in pairs])
 
 
 class BackendPool:

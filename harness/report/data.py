@@ -176,6 +176,11 @@ class PairSummary:
     def is_fp32(self) -> bool:
         return self.dtype == FP32
 
+    @property
+    def gating(self) -> bool:
+        """fp32 and this project's artifact: a peer runtime's comparisons are reported, not gating."""
+        return self.is_fp32 and all(c.gating for c in self.comparisons)
+
     def _worst(self, prefix: str) -> float | None:
         values = [v for c in self.comparisons for tap, v in c.worst("max_abs").items()
                   if tap == prefix or tap.startswith(prefix + ".")]
@@ -229,7 +234,8 @@ def pair_summaries(results_list: Sequence[Results]) -> list[PairSummary]:
 
 
 def overall_passed(results_list: Sequence[Results], *, fp32_only: bool = False) -> bool:
-    return all(c.passed for r in results_list for c in r.comparisons if not fp32_only or c.dtype == FP32) and not (
+    return all(c.passed for r in results_list for c in r.comparisons
+               if not fp32_only or (c.dtype == FP32 and c.gating)) and not (
         candidate_errors(results_list, fp32_only=fp32_only))
 
 
