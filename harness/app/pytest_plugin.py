@@ -167,9 +167,7 @@ def _backend_param(names: tuple[str, ...], *, streams_mel: bool = False):
 
 def pytest_generate_tests(metafunc):
     """``backend_name`` runs a test on every backend; ``backend_pair`` on reference~candidate pairs."""
-    from backends import REFERENCE
-
-    from backends import REGISTRY
+    from backends import REFERENCE, REGISTRY
 
     names = _selected_backends(metafunc.config)
     streams_mel = metafunc.definition.get_closest_marker("streams_mel") is not None
