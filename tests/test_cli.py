@@ -19,6 +19,15 @@ def test_transcribe_prints_one_line_per_utterance_and_lookahead(tiny_nemo, capsy
     assert [line.split("\t")[:2] for line in lines] == [["utt02.wav", "[70,13]"], ["utt02.wav", "[70,1]"]]
 
 
+def test_transcribe_takes_options_anywhere_among_its_arguments(tiny_nemo, capsys):
+    other = SPEECH.with_name("utt04.wav")
+    assert main(["transcribe", str(tiny_nemo), "--att-context", "70,13", str(SPEECH), str(other)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["utt02.wav", "[70,13]"], ["utt04.wav", "[70,13]"]]
+    with pytest.raises(SystemExit):  # an unknown option is still refused, wherever it stands
+        main(["transcribe", str(tiny_nemo), "--att-context", "70,13", str(SPEECH), "--no-such-option"])
+
+
 def test_compare_passes_writes_results_and_fails_on_a_stricter_file(tiny_nemo, tmp_path, capsys):
     results = tmp_path / "results.json"
     code = main(["compare", str(tiny_nemo), "--audio", str(SPEECH), "--att-context", "70,6", "--json", str(results)])
