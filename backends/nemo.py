@@ -37,7 +37,7 @@ from harness.interface.backend import (
     OfflineOutput,
     StepOutput,
     StreamingState,
-    ctc_greedy,
+    ctc_step,
     layer_tap,
 )
 from harness.interface.chunking import Chunk
@@ -219,13 +219,7 @@ class NemoBackend(Backend):
         ``[B, T_valid, V+1]``, and per batch item the greedy labels emitted after ``last_labels`` and the
         last frame's label."""
         log_probs = self.model.ctc_decoder(encoder_output=encoded).float().cpu().numpy()
-        lengths = [int(n) for n in encoded_len]
-        emitted, last = [], []
-        for index, length in enumerate(lengths):
-            labels, final = ctc_greedy(log_probs[index], length, self.info.blank_id, last_labels[index])
-            emitted.append(labels)
-            last.append(final)
-        return log_probs[:, :max(lengths, default=0)].copy(), emitted, last
+        return ctc_step(log_probs, encoded_len, self.info.blank_id, last_labels)
 
     # -- Backend interface -------------------------------------------------------------------------
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

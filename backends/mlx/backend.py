@@ -38,7 +38,7 @@ from harness.interface.backend import (
     OfflineOutput,
     StepOutput,
     StreamingState,
-    ctc_greedy,
+    ctc_step,
 )
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.speakers import SpeakerTargets
@@ -147,13 +147,7 @@ class MLXBackend(Backend):
              last_labels: list[int]) -> tuple[np.ndarray, list[list[int]], list[int]]:
         """A hybrid model's CTC head: log-probabilities over the valid frames ``[B, T_valid, V+1]``, and per
         batch item the greedy labels emitted after ``last_labels`` and the last frame's label."""
-        log_probs = _numpy(self.model.ctc_log_probs(encoded))
-        emitted, last = [], []
-        for index, length in enumerate(int(n) for n in lengths):
-            labels, final = ctc_greedy(log_probs[index], length, self.info.blank_id, last_labels[index])
-            emitted.append(labels)
-            last.append(final)
-        return log_probs[:, :max((int(n) for n in lengths), default=0)].copy(), emitted, last
+        return ctc_step(_numpy(self.model.ctc_log_probs(encoded)), lengths, self.info.blank_id, last_labels)
 
     def _rows(self, rows: list[mx.array], width: int) -> np.ndarray:
         return _numpy(mx.concatenate(rows, axis=0)) if rows else np.zeros((0, width), np.float32)

@@ -542,6 +542,28 @@ def _write_multitalker_config(model, base: dict[str, Any], contexts, out_dir: Pa
     (out_dir / MULTITALKER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def cached_directory(target: Path, record_name: str, sha256: str, write: Callable[[Path], dict]) -> Path:
+    """``target`` when it already holds a finished export of the checkpoint ``sha256`` (its record
+    ``record_name`` says so), else ``write(staging)`` into a sibling staging directory, which is
+    renamed to ``target`` only once complete: an interrupted export never looks finished.
+    ``write`` returns the record to store, ``source_sha256`` added."""
+    done = target / record_name
+    if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        record = write(staging)
+        (staging / record_name).write_text(json.dumps({**record, "source_sha256": sha256}, default=list) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
     """Export into ``work_dir/onnx-<sha256[:16]>-<options>``, reusing a finished export of the same ``.nemo``."""
     sha256 = sha256_file(nemo_path)
@@ -550,21 +572,10 @@ def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
     contexts = options.get("att_context_sizes")
     if contexts:
         tag += "-" + "-".join(f"{int(c[0])}_{int(c[1])}" for c in contexts)
-    target = Path(work_dir) / f"onnx-{sha256[:16]}-{tag}"
-    done = target / EXPORT_FILE
-    if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
-        return target
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=work_dir))
-    try:
+
+    def write(staging: Path) -> dict:
         export_onnx(nemo_path, staging, **options)
         record = json.loads((staging / EXPORT_FILE).read_text())  # export_onnx's record, with its provenance
-        (staging / EXPORT_FILE).write_text(json.dumps({**record, "source_sha256": sha256, **{
-            k: v for k, v in options.items() if k not in ("progress", "source_hub")}}, default=list) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return {**record, **{k: v for k, v in options.items() if k not in ("progress", "source_hub")}}
+
+    return cached_directory(Path(work_dir) / f"onnx-{sha256[:16]}-{tag}", EXPORT_FILE, sha256, write)

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from backends.onnx.export import OPSET, ExportResult, _quiet_export, _restore, _vocabulary
+from backends.onnx.export import OPSET, ExportResult, _quiet_export, _restore, _vocabulary, cached_directory
 from backends.onnx.layout import context_tag
 from harness.errors import InvalidInput, Unsupported
 from harness.nemo_config import read_model_config
@@ -315,19 +315,9 @@ def export_peer_cached(nemo_path: Path, work_dir: Path, *, fmt: str,
     tag = f"{fmt}-{sha256[:16]}{'-int8' if int8 else ''}"
     if att_context_sizes:
         tag += "-" + "-".join(context_tag(c) for c in att_context_sizes)
-    target = Path(work_dir) / tag
-    done = target / "peer-export.json"
-    if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
-        return target
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=work_dir))
-    try:
+
+    def write(staging: Path) -> dict:
         export_peer(nemo_path, staging, fmt=fmt, att_context_sizes=att_context_sizes, int8=int8)
-        (staging / "peer-export.json").write_text(json.dumps({"source_sha256": sha256, "format": fmt}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return {"format": fmt}
+
+    return cached_directory(Path(work_dir) / tag, "peer-export.json", sha256, write)

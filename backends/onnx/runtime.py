@@ -57,7 +57,7 @@ from harness.interface.backend import (
     ShapeMismatchError,
     StepOutput,
     StreamingState,
-    ctc_greedy,
+    ctc_step,
 )
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.frontend import Frontend
@@ -255,13 +255,7 @@ class OnnxBackend(Backend):
         and per batch item the greedy labels emitted after ``last_labels`` and the last frame's label."""
         names = self.ctc_graph.interface
         log_probs = self.ctc_graph.run({names.ctc_inputs[0]: np.ascontiguousarray(encoded, np.float32)})[names.ctc_outputs[0]]
-        lengths = [int(n) for n in encoded_len]
-        emitted, last = [], []
-        for index, length in enumerate(lengths):
-            labels, final = ctc_greedy(log_probs[index], length, self.info.blank_id, last_labels[index])
-            emitted.append(labels)
-            last.append(final)
-        return np.asarray(log_probs[:, :max(lengths, default=0)], np.float32).copy(), emitted, last
+        return ctc_step(log_probs, encoded_len, self.info.blank_id, last_labels)
 
     def _encoder(self, context: Sequence[int]) -> _Graph:
         context = (int(context[0]), int(context[1]))

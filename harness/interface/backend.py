@@ -168,6 +168,20 @@ def ctc_greedy(log_probs: np.ndarray, length: int, blank_id: int, last_label: in
     return emitted, previous
 
 
+def ctc_step(log_probs: np.ndarray, lengths, blank_id: int,
+             last_labels: list[int]) -> tuple[np.ndarray, list[list[int]], list[int]]:
+    """A step's CTC head output ``[B, T, V+1]`` with each item's valid ``lengths``: the ``ctc`` tap over
+    the valid frames ``[B, T_valid, V+1]``, per item the labels emitted after ``last_labels`` and the
+    label of its last frame (``ctc_greedy``)."""
+    lengths = [int(n) for n in lengths]
+    emitted, last = [], []
+    for index, length in enumerate(lengths):
+        labels, final = ctc_greedy(log_probs[index], length, blank_id, last_labels[index])
+        emitted.append(labels)
+        last.append(final)
+    return np.asarray(log_probs[:, :max(lengths, default=0)], np.float32).copy(), emitted, last
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the harness needs to know about a model, independent of the backend that runs it."""
