@@ -61,20 +61,8 @@ def read_artifact_dtype(directory: Path) -> str:
 
 
 def recorded_provenance(directory: Path) -> Provenance | None:
-    """What ``artifact.json`` says the artifact was converted from (None: no readable record; an
-    older record without provenance gives its source name and sha256 alone)."""
-    record = Path(directory) / ARTIFACT_FILE
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    provenance = Provenance.from_dict(data.get("provenance"))
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    if provenance is None and source.get("sha256"):
-        provenance = Provenance(source_name=source.get("name"), source_sha256=source["sha256"])
-    return provenance
+    """What ``artifact.json`` says the artifact was converted from (``Provenance.from_manifest``)."""
+    return Provenance.from_manifest(Path(directory) / ARTIFACT_FILE)
 
 
 def iter_tensors(directory: Path, file: str = MODEL_FILE) -> Iterable[tuple[str, np.ndarray]]:

@@ -8,7 +8,6 @@ through the registry (``BackendEntry.manifest``).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,7 @@ def manifest_provenance(backend: str, path: Path) -> Provenance | None:
     manifest = Path(path) / name if name and Path(path).is_dir() else None
     if manifest is None or not manifest.is_file():
         return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    recorded = Provenance.from_dict(data.get("provenance"))
-    if recorded is not None:
-        return recorded
-    source = data.get("source") if isinstance(data.get("source"), dict) else {}
-    sha256 = source.get("sha256") or data.get("source_sha256")
-    return Provenance(source_name=source.get("name"), source_sha256=sha256) if sha256 else None
+    return Provenance.from_manifest(manifest)
 
 
 def hub_fields(hub: HubOrigin | None) -> dict[str, Any]:

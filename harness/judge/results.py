@@ -24,7 +24,6 @@ Schema (``schema_version`` 1)::
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from typing import Any
 from harness.errors import InputNotFound, InvalidInput
 from harness.judge.compare import PairComparison, TapResult
 from harness.judge.ties import TokenFlip
-from harness.system.provenance import git_commit, harness_version
+from harness.system.provenance import git_commit, harness_version, library_versions
 from harness.system.threads import requested_threads
 
 SCHEMA_VERSION = 1
@@ -44,14 +43,8 @@ VERSIONED_PACKAGES = ("torch", "nemo_toolkit", "onnx", "onnxruntime", "mlx", "nu
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return {
-        "versions": versions,
+        "versions": library_versions(VERSIONED_PACKAGES),
         "harness_version": harness_version(),
         "git_commit": git_commit(),  # None unless running from a git checkout
         "device": "cpu",

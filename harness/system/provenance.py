@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,6 +135,24 @@ class Provenance:
         known = {name: data.get(name) for name in cls.__dataclass_fields__ if name != "versions"}
         versions = data.get("versions")
         return cls(**known, versions=dict(versions) if isinstance(versions, dict) else {})
+
+    @classmethod
+    def from_manifest(cls, manifest: Path) -> Provenance | None:
+        """What an artifact's manifest (``artifact.json``, ``export.json``) says it was made from. None
+        when there is no readable manifest; an older one without provenance gives its source name and
+        sha256 alone (``source.sha256`` or ``source_sha256``)."""
+        try:
+            data = json.loads(Path(manifest).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        recorded = cls.from_dict(data.get("provenance"))
+        if recorded is not None:
+            return recorded
+        source = data.get("source") if isinstance(data.get("source"), dict) else {}
+        sha256 = source.get("sha256") or data.get("source_sha256")
+        return cls(source_name=source.get("name"), source_sha256=sha256) if sha256 else None
 
     def source_label(self) -> str:
         """``sha256 <hex> (ORG/NAME@<commit>)``, the hub part only when known."""
