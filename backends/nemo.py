@@ -12,6 +12,11 @@
   tap), and its greedy labels continue the previous step's (``harness.interface.backend.ctc_greedy``):
   what NeMo's ``conformer_stream_step`` with the CTC decoder gives once ``CTCDecoding`` collapses the
   concatenated labels. The RNNT decoder stays NeMo's default (``cur_decoder`` "rnnt").
+- Prompt-conditioned models (``EncDecRNNTBPEModelWithPrompt``): each step does what
+  ``conformer_stream_step`` does after the encoder, ``_apply_prompt_to_encoded`` with the index NeMo's
+  ``set_inference_prompt(locale)`` set (``PromptStreamingMixin``), before decoding; the result is the
+  ``prompt`` tap. Offline is NeMo's ``forward(..., prompt_indices=...)``. A stream without a locale is
+  NeMo's without ``set_inference_prompt``: the prompt is bypassed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from harness.interface.backend import (
     TAP_ENCODER,
     TAP_JOINT,
     TAP_PRE_ENCODE,
+    TAP_PROMPT,
     Backend,
     DecoderState,
     ModelInfo,
@@ -240,6 +246,17 @@ class NemoBackend(Backend):
         masks = speaker_masks or SpeakerTargets(None, None)
         self.model.set_speaker_targets(as_tensor(masks.target), as_tensor(masks.background))
 
+    def _apply_prompt(self, encoded, locale: str | None):
+        """``conformer_stream_step``'s ``_apply_prompt_to_encoded`` on ``encoded`` ``[B, D, T]`` with the
+        index ``set_inference_prompt(locale)`` sets; without a locale, NeMo's bypass (encoded unchanged)."""
+        if not self.info.prompted:
+            return encoded
+        if self.info.prompt_index(locale) is None:
+            return encoded
+        with quiet_nemo():
+            self.model.set_inference_prompt(locale)
+        return self.model._apply_prompt_to_encoded(encoded)
+
     def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None,
              forced_decisions: Sequence[int] | None = None) -> StepOutput:
         if forced_decisions is not None:
@@ -264,17 +281,21 @@ class NemoBackend(Backend):
                 keep_all_outputs=chunk.keep_all_outputs,
                 drop_extra_pre_encoded=chunk.drop_extra_pre_encoded,
             )
+            decoded_from = self._apply_prompt(encoded, state.prompt)
             hypotheses = self.model.decoding.rnnt_decoder_predictions_tensor(
-                encoder_output=encoded, encoded_lengths=encoded_len, return_hypotheses=True,
+                encoder_output=decoded_from, encoded_lengths=encoded_len, return_hypotheses=True,
                 partial_hypotheses=previous)
             if self.info.ctc_head:
-                ctc_taps, ctc_emitted, ctc_last = self._ctc(encoded, encoded_len, self.info.ctc_labels_before(state))
+                ctc_taps, ctc_emitted, ctc_last = self._ctc(decoded_from, encoded_len,
+                                                            self.info.ctc_labels_before(state))
         seconds = time.perf_counter() - started
         encoded_np = encoded.numpy().copy()
         new_decoder = self._decoder_states(hypotheses)
         emitted = [new.tokens[len(old.tokens):] for new, old in zip(new_decoder, state.decoder)]
         taps = recorder.taps(len(self.vocabulary) + 1, self.info.pred_hidden)
         taps[TAP_ENCODER] = encoded_np
+        if self.info.prompted:
+            taps[TAP_PROMPT] = decoded_from.numpy().copy()
         new_state = StreamingState(
             att_context_size=state.att_context_size,
             cache_last_channel=channel.numpy().copy(),
@@ -284,6 +305,7 @@ class NemoBackend(Backend):
             step_index=state.step_index + 1,
             native=copy.deepcopy(hypotheses),
             ctc_last_label=ctc_last if self.info.ctc_head else None,
+            prompt=state.prompt,
         )
         if self.info.ctc_head:
             taps[TAP_CTC] = ctc_taps
@@ -292,22 +314,39 @@ class NemoBackend(Backend):
                           ctc_tokens=ctc_emitted if self.info.ctc_head else None)
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
         torch = self._torch
+        prompt_index = self.info.prompt_index(prompt)
         self.check_speaker_masks(speaker_masks, mel.shape[0])
         self._set_speaker_targets(speaker_masks)
         self._ensure_eval()
         self._use_context(att_context_size)
         with torch.inference_mode(), _TapRecorder(self.model) as recorder:
-            encoded, encoded_len = self.model.encoder(audio_signal=torch.from_numpy(mel),
-                                                      length=torch.from_numpy(np.asarray(length, np.int64)))
+            mel_t, length_t = torch.from_numpy(mel), torch.from_numpy(np.asarray(length, np.int64))
+            if prompt_index is None:
+                encoded, encoded_len = self.model.encoder(audio_signal=mel_t, length=length_t)
+                decoded_from = encoded
+            else:
+                # NeMo's own offline path (EncDecRNNTBPEModelWithPrompt.forward): encoder, one-hot prompt
+                # concatenated, prompt_kernel. The encoder's own output is taken from a hook.
+                seen = []
+                hook = self.model.encoder.register_forward_hook(lambda _m, _i, out: seen.append(out[0]))
+                try:
+                    decoded_from, encoded_len = self.model.forward(
+                        processed_signal=mel_t, processed_signal_length=length_t,
+                        prompt_indices=torch.full((mel.shape[0],), prompt_index, dtype=torch.long))
+                finally:
+                    hook.remove()
+                encoded = seen[0]
             hypotheses = self.model.decoding.rnnt_decoder_predictions_tensor(
-                encoder_output=encoded, encoded_lengths=encoded_len, return_hypotheses=True)
+                encoder_output=decoded_from, encoded_lengths=encoded_len, return_hypotheses=True)
             ctc_tokens = None
             if self.info.ctc_head:
-                ctc_taps, ctc_tokens, _ = self._ctc(encoded, encoded_len, [self.info.blank_id] * mel.shape[0])
+                ctc_taps, ctc_tokens, _ = self._ctc(decoded_from, encoded_len, [self.info.blank_id] * mel.shape[0])
         taps = recorder.taps(len(self.vocabulary) + 1, self.info.pred_hidden)
         taps[TAP_ENCODER] = encoded.numpy().copy()
+        if self.info.prompted:
+            taps[TAP_PROMPT] = decoded_from.numpy().copy()
         if ctc_tokens is not None:
             taps[TAP_CTC] = ctc_taps
         tokens = [[int(t) for t in h.y_sequence.tolist()] for h in hypotheses]

@@ -619,6 +619,54 @@ class CtcConfig(_Reader):
         return replace(read, feat_in=read.feat_in or feat_out)
 
 
+def _prompt_dictionary(key: str, value: Any) -> tuple[tuple[str, int], ...]:
+    """``model_defaults.prompt_dictionary`` (locale -> one-hot index) as sorted (locale, index) pairs."""
+    if not hasattr(value, "items"):
+        raise NemoConfigError(f"{key} = {value!r} is not a mapping of locale to prompt index")
+    pairs = tuple(sorted((str(locale), _int(f"{key}.{locale}", index)) for locale, index in value.items()))
+    return pairs
+
+
+@dataclass(frozen=True)
+class PromptConfig(_Reader):
+    """Nemotron-3.5's language-ID prompt (``EncDecRNNTBPEModelWithPrompt``, ``PromptStreamingMixin`` in
+    parts/mixins/mixins.py): ``model_defaults.num_prompts`` (NeMo's default 128) one-hot columns appended
+    to the encoder output ``[B, T, D]``, fused back to ``D`` by ``prompt_kernel`` = Linear(D + P, 2D),
+    ReLU, Linear(2D, D). NeMo builds the kernel only when ``model_defaults.initialize_prompt_feature``
+    is true; ``prompt_dictionary`` maps a locale to its column. Keys under ``model_defaults``."""
+
+    SECTION: ClassVar[str] = "model_defaults"
+
+    initialize: bool = False
+    num_prompts: int = 128
+    dictionary: tuple[tuple[str, int], ...] = ()
+    hidden: int = 0  # model_defaults.enc_hidden (the kernel's width D), else the encoder's d_model
+
+    KEYS: ClassVar[dict[str, tuple[tuple[str, ...], Converter]]] = {
+        "initialize": (("initialize_prompt_feature",), _bool),
+        "num_prompts": (("num_prompts",), _int),
+        "dictionary": (("prompt_dictionary",), _prompt_dictionary),
+        "hidden": (("enc_hidden",), _optional(_int)),
+    }
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise NemoConfigError(f"model_defaults.num_prompts = {self.num_prompts}: a prompt model needs at least one")
+        for locale, index in self.dictionary:
+            if not 0 <= index < self.num_prompts:
+                raise NemoConfigError(f"model_defaults.prompt_dictionary.{locale} = {index} is outside the "
+                                      f"{self.num_prompts} prompts (model_defaults.num_prompts)")
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any], encoder: EncoderConfig) -> PromptConfig | None:
+        """The prompt of ``config`` (the whole model config); None when NeMo builds no prompt kernel."""
+        defaults = _lookup(config, "model_defaults")
+        if defaults is _ABSENT or not cls._values(defaults, lenient=False).get("initialize", False):
+            return None
+        read = cls._read(defaults)
+        return replace(read, hidden=read.hidden or encoder.d_model)
+
+
 DECODER_KINDS = ("rnnt", "tdt", "rnnt+ctc", "tdt+ctc")
 
 
@@ -652,6 +700,7 @@ class ModelConfig:
     tdt_durations: tuple[int, ...] = ()  # model_defaults.tdt_durations
     kind: str = "rnnt"  # "rnnt" or "tdt" (transducer_kind)
     ctc: CtcConfig | None = None  # a hybrid RNNT-CTC model's CTC head (aux_ctc.decoder)
+    prompt: PromptConfig | None = None  # a prompt-conditioned model's language-ID prompt
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> ModelConfig:
@@ -672,6 +721,7 @@ class ModelConfig:
             tdt_durations=_int_tuple("model_defaults.tdt_durations", None if durations is _ABSENT else durations),
             kind=transducer_kind(config),
             ctc=CtcConfig.from_model_config(config, encoder),
+            prompt=PromptConfig.from_model_config(config, encoder),
         )
 
     @property
@@ -714,6 +764,7 @@ class StatedConfig:
     speaker_kernel_layers: tuple[int, ...]  # empty for a single-speaker config
     background_speaker_kernel: bool
     ctc: dict[str, Any] | None = None  # aux_ctc.decoder's stated keys; None without an aux_ctc section
+    prompt: dict[str, Any] = field(default_factory=dict)  # model_defaults' prompt keys it states
 
     @property
     def decoder_kind(self) -> str:
@@ -735,5 +786,6 @@ def stated_config(config: Mapping[str, Any]) -> StatedConfig:
         speaker_kernel_layers=tuple(sorted(speakers.get("layers", (0,)))) if multitalker else (),
         background_speaker_kernel=multitalker and speakers.get("background", True),
         ctc=None if _lookup(config, "aux_ctc") is _ABSENT else CtcConfig.stated(_lookup(config, "aux_ctc.decoder")),
+        prompt=PromptConfig.stated(config.get("model_defaults")),
     )
 

@@ -10,7 +10,7 @@ import pytest
 from harness.judge import metrics
 from harness.judge.compare import PairComparison, judge_tap, rejudge
 from harness.judge.results import Results
-from harness.judge.tolerances import DEFAULT_TOLERANCES, MissingToleranceError, Tolerances, tap_kind
+from harness.judge.tolerances import DEFAULT_TOLERANCES, MissingToleranceError, ToleranceFileError, Tolerances, tap_kind
 
 
 def test_metric_definitions():
@@ -175,8 +175,22 @@ def test_lookahead_pair_lookup_names_every_table_searched():
     tol = Tolerances({"float32": {"streaming~offline": {"encoder": {"max_abs": 1.0}}}})
     assert tol.limits("streaming~offline@70,0", "float32", "encoder") == {"max_abs": 1.0}
     with pytest.raises(MissingToleranceError, match=r'\[float32\."\*"\.mel\], \[float32\."streaming~offline"\.mel\], '
+                                                     r'\[float32\."streaming~offline@\*,0"\.mel\], '
                                                      r'\[float32\."streaming~offline@70,0"\.mel\]'):
         tol.limits("streaming~offline@70,0", "float32", "mel")
+
+
+def test_right_context_table_applies_at_any_left_context_below_an_exact_one():
+    """``@*,0`` (lookahead 0 at any left context: Nemotron-3.5's 56 frames as well as 70) overrides the plain
+    pair, and an exact ``@L,R`` table overrides it in turn."""
+    tol = Tolerances({"float32": {"streaming~offline": {"encoder": {"max_abs": 1.0, "rel_l2": 1.0}},
+                                  "streaming~offline@*,0": {"encoder": {"max_abs": 2.0}},
+                                  "streaming~offline@70,0": {"encoder": {"rel_l2": 3.0}}}})
+    assert tol.limits("streaming~offline@56,0", "float32", "encoder") == {"max_abs": 2.0, "rel_l2": 1.0}
+    assert tol.limits("streaming~offline@70,0", "float32", "encoder") == {"max_abs": 2.0, "rel_l2": 3.0}
+    assert tol.limits("streaming~offline@56,13", "float32", "encoder") == {"max_abs": 1.0, "rel_l2": 1.0}
+    with pytest.raises(ToleranceFileError, match="malformed pair"):
+        Tolerances({"float32": {"streaming~offline@*,*": {"encoder": {"max_abs": 1.0}}}})
 
 
 def test_tolerance_file_missing_or_not_toml_is_bad_input(tmp_path):

@@ -235,7 +235,10 @@ class SherpaOnnxBackend(Backend):
         mels = [fbank(row, self.feature_dim) for row in audio]
         return np.stack(mels), np.array([m.shape[-1] for m in mels], np.int64)
 
-    def stream_audio(self, audio: np.ndarray, att_context_size: Sequence[int]) -> Iterator[StepOutput]:
+    def stream_audio(self, audio: np.ndarray, att_context_size: Sequence[int], *,
+                     prompt: str | None = None) -> Iterator[StepOutput]:
+        if prompt is not None:
+            raise Unsupported(f"sherpa-onnx: its NeMo transducer recognizer takes no language prompt ({prompt!r})")
         if audio.shape[0] != 1:
             raise InvalidInput(f"sherpa-onnx: one utterance at a time, not a batch of {audio.shape[0]}")
         context = (int(att_context_size[0]), int(att_context_size[1]))

@@ -24,6 +24,8 @@ Tap names shared by all backends (all float32 numpy arrays, batch first):
                      (the layer's own output: a multitalker speaker kernel feeding layer
                      ``i + 1`` is added after it and shows in ``layers.{i+1}``)
 - ``encoder``        final encoder output after streaming post-processing ``[B, D, T_valid]``
+- ``prompt``         prompt-conditioned models only: the encoder output after ``prompt_kernel`` fused the
+                     stream's locale into it, what the decoder and joint read ``[B, D, T_valid]``
 - ``decoder``        prediction-net output of every decoder call in the step, in call order ``[N, H]``
 - ``joint``          joint logits (before log-softmax) of every joint call, in call order ``[N, V+1]``
 - ``ctc``            hybrid RNNT-CTC models only: the CTC head's log-probabilities (NeMo's
@@ -35,6 +37,13 @@ A hybrid model's CTC greedy transcript is carried the way NeMo's streaming CTC d
 repeats and drops blanks): each step emits the labels of its frames that are neither the blank nor
 the label of the frame before, and ``StreamingState.ctc_last_label`` carries the last frame's label
 (blank included) into the next step (``ctc_greedy``).
+
+A prompt-conditioned model (Nemotron-3.5, ``EncDecRNNTBPEModelWithPrompt``) takes a locale per stream
+(``StreamingState.prompt``, set by ``initial_state(..., prompt=...)``; ``offline(..., prompt=...)``).
+Each backend maps it to a one-hot column through its own copy of the model's ``prompt_dictionary``,
+so a converted artifact with a shifted dictionary shows at the ``prompt`` tap. ``None`` means the
+prompt was never set: NeMo's ``_apply_prompt_to_encoded`` then passes the encoder output through
+unchanged (``set_inference_prompt`` skipped), and the ``prompt`` tap equals the ``encoder`` tap.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ TAP_ENCODER = "encoder"
 TAP_DECODER = "decoder"
 TAP_JOINT = "joint"
 TAP_CTC = "ctc"
+TAP_PROMPT = "prompt"
 
 
 def layer_tap(index: int) -> str:
@@ -116,6 +126,9 @@ class StreamingState:
     # Hybrid RNNT-CTC models: the CTC greedy label of the last frame so far (the blank id at the start),
     # per batch item; None for a model without a CTC head.
     ctc_last_label: list[int] | None = None
+    # Prompt-conditioned models: the stream's locale (every batch item's, as NeMo's
+    # ``set_inference_prompt`` sets one index per model); None: never set, the prompt is bypassed.
+    prompt: str | None = None
 
     def caches(self) -> dict[str, np.ndarray]:
         caches = {
@@ -205,6 +218,10 @@ class ModelInfo:
     background_speaker_kernel: bool = False
     # Hybrid RNNT-CTC models: a CTC head (``aux_ctc``) over the same vocabulary, blank id included.
     ctc_head: bool = False
+    # Prompt-conditioned models: the one-hot width and the locale -> column map (sorted pairs); 0 and
+    # empty for a model without a prompt kernel.
+    num_prompts: int = 0
+    prompt_dictionary: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.encoder_config is not None and not isinstance(self.encoder_config, EncoderConfig):
@@ -232,11 +249,47 @@ class ModelInfo:
             speaker_kernel_layers=speakers.layers if speakers else (),
             background_speaker_kernel=speakers.background if speakers else False,
             ctc_head=model.ctc is not None,
+            num_prompts=model.prompt.num_prompts if model.prompt else 0,
+            prompt_dictionary=model.prompt.dictionary if model.prompt else (),
         )
 
     @property
     def multitalker(self) -> bool:
         return bool(self.speaker_kernel_layers)
+
+    @property
+    def prompted(self) -> bool:
+        """Whether the model has a prompt kernel (and so takes a locale per stream)."""
+        return self.num_prompts > 0
+
+    @property
+    def default_prompt(self) -> str | None:
+        """The locale a stream gets when nobody names one: en-US, the fixture speech's language (NeMo has
+        no default: its transcribe raises without ``target_lang``). None for a model without a prompt."""
+        if not self.prompted:
+            return None
+        locales = dict(self.prompt_dictionary)
+        if "en-US" not in locales:
+            raise InvalidInput(f"the model's prompt_dictionary has no en-US; name a locale "
+                               f"(one of {sorted(locales)[:20]})")
+        return "en-US"
+
+    def prompt_index(self, locale: str | None) -> int | None:
+        """The one-hot column of ``locale`` (NeMo's ``set_inference_prompt``); None for None (never set).
+        A locale on a model without a prompt, or one the dictionary lacks, is refused."""
+        if locale is None:
+            return None
+        if not self.prompted:
+            raise InvalidInput(f"prompt {locale!r} given to a model without a prompt kernel")
+        locales = dict(self.prompt_dictionary)
+        if locale not in locales:
+            raise InvalidInput(f"unknown prompt locale {locale!r}; the model's prompt_dictionary has "
+                               f"{sorted(locales)[:20]}{' ...' if len(locales) > 20 else ''}")
+        return locales[locale]
+
+    def prompt_locale(self, index: int) -> str | None:
+        """The locale whose column is ``index`` (None when the dictionary names none)."""
+        return next((locale for locale, column in self.prompt_dictionary if column == index), None)
 
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
         self.check_att_context(att_context_size)
@@ -252,9 +305,12 @@ class ModelInfo:
                                f"{[list(c) for c in self.att_context_sizes]}")
         return context
 
-    def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1) -> StreamingState:
-        """Zero caches, as NeMo's ``get_initial_cache_state`` returns them (layers-first)."""
+    def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1, *,
+                      prompt: str | None = None) -> StreamingState:
+        """Zero caches, as NeMo's ``get_initial_cache_state`` returns them (layers-first), and the stream's
+        prompt locale (checked against the model's dictionary)."""
         streaming = self.streaming_config(att_context_size)
+        self.prompt_index(prompt)
         return StreamingState(
             att_context_size=tuple(att_context_size),
             cache_last_channel=np.zeros(
@@ -263,6 +319,7 @@ class ModelInfo:
             cache_last_channel_len=np.zeros((batch_size,), np.int64),
             decoder=[DecoderState.start(self.blank_id, self.pred_layers, self.pred_hidden) for _ in range(batch_size)],
             ctc_last_label=[self.blank_id] * batch_size if self.ctc_head else None,
+            prompt=prompt,
         )
 
     def ctc_labels_before(self, state: StreamingState) -> list[int]:
@@ -284,7 +341,7 @@ class ModelInfo:
 
 
 TAP_LAYERS = "layers"  # the tap kind of every ``layers.{i}`` tap
-TENSOR_TAP_KINDS = (TAP_MEL, TAP_PRE_ENCODE, TAP_LAYERS, TAP_ENCODER, TAP_DECODER, TAP_JOINT, TAP_CTC)
+TENSOR_TAP_KINDS = (TAP_MEL, TAP_PRE_ENCODE, TAP_LAYERS, TAP_ENCODER, TAP_PROMPT, TAP_DECODER, TAP_JOINT, TAP_CTC)
 # The caches, compared like taps after every step under these names (``StreamingState.caches``).
 CACHE_TAPS = ("cache_last_channel", "cache_last_time", "cache_last_channel_len")
 
@@ -303,7 +360,8 @@ class Capabilities:
       pad-and-drop into its graph);
     - ``taps``: the tap kinds it returns (``TENSOR_TAP_KINDS`` or a subset; empty for a
       transcript-level backend, e.g. a peer runtime that only gives tokens); ``ctc`` is returned
-      only for a model that has a CTC head (``Capabilities.for_model``, ``Backend.produced_taps``);
+      only for a model that has a CTC head and ``prompt`` only for a prompt-conditioned model
+      (``Capabilities.for_model``, ``Backend.produced_taps``);
     - ``caches``: whether its ``StreamingState`` carries the encoder caches in canonical layout;
     - ``offline``: whether ``Backend.offline`` is implemented;
     - ``teacher_forcing``: whether ``step`` accepts ``forced_decisions`` (the reference's greedy
@@ -329,8 +387,9 @@ class Capabilities:
         return tap_kind(tap) in self.taps
 
     def for_model(self, info: ModelInfo) -> Capabilities:
-        """What the backend produces for one model: ``ctc`` only when the model has a CTC head."""
-        absent = () if info.ctc_head else (TAP_CTC,)
+        """What the backend produces for one model: ``ctc`` only when the model has a CTC head, ``prompt``
+        only when it has a prompt kernel."""
+        absent = (() if info.ctc_head else (TAP_CTC,)) + (() if info.prompted else (TAP_PROMPT,))
         return replace(self, taps=tuple(kind for kind in self.taps if kind not in absent))
 
 
@@ -362,8 +421,9 @@ class Backend(abc.ABC):
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1) -> StreamingState:
-        return self.info.initial_state(att_context_size, batch_size)
+    def initial_state(self, att_context_size: Sequence[int], batch_size: int = 1, *,
+                      prompt: str | None = None) -> StreamingState:
+        return self.info.initial_state(att_context_size, batch_size, prompt=prompt)
 
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
         return self.info.streaming_config(att_context_size)
@@ -387,16 +447,18 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
-        """Whole-utterance forward with the attention mask of ``att_context_size``, then greedy decoding."""
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
+        """Whole-utterance forward with the attention mask of ``att_context_size``, then greedy decoding;
+        ``prompt``: a prompt-conditioned model's locale (None: bypassed, as in streaming)."""
 
     def close(self) -> None:  # noqa: B027 - optional: a backend without resources need not override it
         """Release the model (the bounded-memory runs load one backend at a time)."""
 
-    def stream_audio(self, audio: np.ndarray, att_context_size: Sequence[int]) -> Iterator[StepOutput]:
+    def stream_audio(self, audio: np.ndarray, att_context_size: Sequence[int], *,
+                     prompt: str | None = None) -> Iterator[StepOutput]:
         """``Capabilities.input == "audio"``: run the utterance ``[1, samples]`` (16 kHz float32) through the
-        backend's own front end, chunking and decoding; yield one ``StepOutput`` per chunk with the tokens
-        it added (no taps, no caches)."""
+        backend's own front end, chunking and decoding (with ``prompt``, a prompt-conditioned model's
+        locale); yield one ``StepOutput`` per chunk with the tokens it added and the taps it exposes."""
         raise Unsupported(f"{self.name} streams the harness's mel chunks (Backend.step), not audio")
 
     def notes(self) -> list[str]:

@@ -59,7 +59,7 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
                mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *,
                speaker_masks: SpeakerTargets | None = None,
                forced_decisions: Sequence[Sequence[int]] | None = None,
-               audio: np.ndarray | None = None) -> Iterator[StepOutput]:
+               audio: np.ndarray | None = None, prompt: str | None = None) -> Iterator[StepOutput]:
     """Feed the chunk schedule of ``mel`` ``[1, n_mels, T]`` through ``backend``, yielding each step.
 
     A backend whose ``Capabilities.input`` is ``"audio"`` (a peer runtime: its own front end and
@@ -68,7 +68,8 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
     ``speaker_masks`` are utterance-level (one value per encoder frame); each step gets the slice
     NeMo's multitalker streaming driver would hand it (``SpeakerTargets.for_step``).
     ``forced_decisions``: teacher forcing, the reference's greedy decision at every joint call, per
-    step (``Capabilities.teacher_forcing``).
+    step (``Capabilities.teacher_forcing``). ``prompt``: a prompt-conditioned model's locale for the
+    stream (None: never set, NeMo's bypass).
     """
     if forced_decisions is not None and not backend.capabilities.teacher_forcing:
         raise ValueError(f"{backend.name} cannot decode with forced decisions (no teacher forcing)")
@@ -77,10 +78,11 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
             raise InvalidInput(f"{backend.name} runs its own front end: it needs the utterance's audio, not mel")
         if speaker_masks is not None:
             raise InvalidInput(f"{backend.name} takes no speaker masks")
-        yield from backend.stream_audio(np.atleast_2d(np.asarray(audio, np.float32)), att_context_size)
+        yield from backend.stream_audio(np.atleast_2d(np.asarray(audio, np.float32)), att_context_size,
+                                        prompt=prompt)
         return
     schedule = ChunkSchedule(backend.streaming_config(att_context_size), mode)
-    state = backend.initial_state(att_context_size, batch_size=mel.shape[0])
+    state = backend.initial_state(att_context_size, batch_size=mel.shape[0], prompt=prompt)
     if speaker_masks is not None:
         speaker_masks.check_batch(mel.shape[0])
     for index, chunk in enumerate(schedule.chunks(mel)):
@@ -98,10 +100,11 @@ def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int
 def stream(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],
            mode: FirstChunkMode | str = FirstChunkMode.PLAIN, *, dtype: str = "float32",
            speaker_masks: SpeakerTargets | None = None, features: np.ndarray | None = None,
-           forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None) -> StreamRun:
+           forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None,
+           prompt: str | None = None) -> StreamRun:
     """``iter_steps`` kept in memory as a ``StreamRun`` (``harness.judge.spool`` keeps it on disk instead)."""
     steps = list(iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
-                            forced_decisions=forced_decisions, audio=audio))
+                            forced_decisions=forced_decisions, audio=audio, prompt=prompt))
     return StreamRun(backend=backend.name, dtype=dtype, att_context_size=tuple(att_context_size),
                      mode=FirstChunkMode(mode).value, steps=steps, features=features)
 
@@ -121,5 +124,5 @@ def transcribe(backend: Backend, utterance: Utterance, att_context_size: Sequenc
     mode = shared_mode(backend)
     run = stream(backend, mel, att_context_size, mode, dtype=backend.dtype,
                  speaker_masks=None if audio_input else utterance.speaker_masks_for(backend, probe=False),
-                 audio=utterance.audio[None])
+                 audio=utterance.audio[None], prompt=utterance.prompt_for(backend.info))
     return decode_tokens(backend.info.vocabulary, run.tokens), run.tokens

@@ -1,4 +1,5 @@
-"""An utterance: 16 kHz mono audio with its reference text and, for multitalker models, who speaks when."""
+"""An utterance: 16 kHz mono audio with its reference text and, for multitalker models, who speaks when;
+for prompt-conditioned models, its locale."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.interface.audio import load_audio
-from harness.interface.backend import Backend
+from harness.interface.backend import Backend, ModelInfo
 from harness.interface.speakers import SpeakerTargets
 
 
@@ -20,6 +21,9 @@ class Utterance:
     text: str | None = None
     # Multitalker models: who speaks when, per 80 ms encoder frame. None: NeMo's single-speaker mode.
     speaker_targets: SpeakerTargets | None = None
+    # Prompt-conditioned models: the locale the stream is given (a key of the model's prompt_dictionary).
+    # None: the model's default (``ModelInfo.default_prompt``).
+    prompt: str | None = None
 
     @property
     def encoder_frames(self) -> int:
@@ -39,11 +43,19 @@ class Utterance:
             return SpeakerTargets.turns(self.encoder_frames)
         return SpeakerTargets.single_speaker(1, self.encoder_frames)
 
+    def prompt_for(self, info: ModelInfo) -> str | None:
+        """The locale this utterance streams with on a model described by ``info``: its own (a model without
+        a prompt kernel then refuses it), else the model's default; None for a model without a prompt."""
+        if self.prompt is not None:
+            info.prompt_index(self.prompt)
+            return self.prompt
+        return info.default_prompt
+
     @classmethod
     def from_file(cls, path: str | Path, text: str | None = None, *, speaker_targets: SpeakerTargets | None = None,
-                  **load_options) -> Utterance:
+                  prompt: str | None = None, **load_options) -> Utterance:
         return cls(name=Path(path).name, audio=load_audio(path, **load_options), text=text,
-                   speaker_targets=speaker_targets)
+                   speaker_targets=speaker_targets, prompt=prompt)
 
 
 def long_utterance(utterances: Sequence[Utterance], seconds: float, *, gap_seconds: float = 0.3,
@@ -60,5 +72,7 @@ def long_utterance(utterances: Sequence[Utterance], seconds: float, *, gap_secon
         texts.append(utterance.text or "")
         total = sum(len(p) for p in parts)
         index += 1
+    prompts = {utterance.prompt for utterance in utterances}
     return Utterance(name=f"fixture-speech-{seconds:g}s", audio=np.concatenate(parts),
-                     text=" ".join(t for t in texts if t) or None)
+                     text=" ".join(t for t in texts if t) or None,
+                     prompt=prompts.pop() if len(prompts) == 1 else None)

@@ -21,6 +21,7 @@ from harness.interface.backend import (
     TAP_ENCODER,
     TAP_JOINT,
     TAP_MEL,
+    TAP_PROMPT,
     TAP_PRE_ENCODE,
     OfflineOutput,
     layer_tap,
@@ -38,7 +39,7 @@ AGREEMENT = "argmax_agreement"
 def comparison_order(num_layers: int) -> list[str]:
     """Taps in model order; the first divergence is the first failing entry of the earliest step."""
     return [TAP_MEL, TAP_PRE_ENCODE, *(layer_tap(i) for i in range(num_layers)), TAP_ENCODER,
-            *CACHE_TAPS, TAP_CTC, TAP_DECODER, TAP_JOINT]
+            *CACHE_TAPS, TAP_PROMPT, TAP_CTC, TAP_DECODER, TAP_JOINT]
 
 
 @dataclass

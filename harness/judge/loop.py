@@ -54,7 +54,8 @@ class RunStore(Protocol):
 
     def record(self, backend: Backend, mel: np.ndarray, context: Context, mode: FirstChunkMode, *, key: str,
                speaker_masks: SpeakerTargets | None, features: np.ndarray | None,
-               forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None) -> Any:
+               forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None,
+               prompt: str | None = None) -> Any:
         """Stream ``mel`` through ``backend`` (``audio`` for a backend with its own front end) and keep the
         run; returns an object ``compare_runs`` reads."""
 
@@ -66,9 +67,9 @@ class MemoryStore:
     """Runs kept in memory as ``StreamRun``s (the tiny fixtures, ``parity compare``, verification)."""
 
     def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
-               audio=None):
+               audio=None, prompt=None):
         return stream(backend, mel, context, mode, dtype=backend.dtype, speaker_masks=speaker_masks,
-                      features=features, forced_decisions=forced_decisions, audio=audio)
+                      features=features, forced_decisions=forced_decisions, audio=audio, prompt=prompt)
 
     def release(self, run) -> None:
         pass
@@ -81,12 +82,12 @@ class SpoolStore:
         self.directory = Path(directory)
 
     def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
-               audio=None):
+               audio=None, prompt=None):
         from harness.judge.spool import record
 
         return record(backend, mel, context, mode, self.directory / key, dtype=backend.dtype,
                       speaker_masks=speaker_masks, features=features, forced_decisions=forced_decisions,
-                      audio=audio)
+                      audio=audio, prompt=prompt)
 
     def release(self, run) -> None:
         run.delete()
@@ -99,6 +100,9 @@ class SpoolStore:
 
 # -- candidates, hooks, progress ---------------------------------------------------------------------
 
+# ``Candidate.prompt`` default: the candidate streams with the reference's locale.
+SAME_PROMPT = "<the reference's prompt>"
+
 @dataclass
 class Candidate:
     """A backend to compare against the reference, opened only when its turn comes.
@@ -108,6 +112,9 @@ class Candidate:
     backend declares; the loop plans the reference's first-chunk modes from it before opening any
     candidate. ``modes``: the first-chunk modes to compare (default: the one it shares with the
     reference, plain where possible). ``compare_offline``: also compare both offline forwards.
+    ``prompt``: a prompt-conditioned model's locale for this candidate's streams instead of the
+    reference's (``None``: never set, a runtime that skips ``set_inference_prompt``); by default each
+    utterance's, the one the reference streams with.
     """
 
     label: str
@@ -116,6 +123,7 @@ class Candidate:
     keep_open: bool = False
     modes: tuple[str, ...] | None = None
     compare_offline: bool = False
+    prompt: str | None = SAME_PROMPT
     record: dict[str, Any] = field(default_factory=dict)  # status, artifact, timings: filled by the caller
 
     @classmethod
@@ -204,10 +212,11 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
             mel, _ = reference.features(utterance.audio[None])
             mels[utterance.name] = mel
             masks = utterance.speaker_masks_for(reference)
+            prompt = utterance.prompt_for(info)
             for context in contexts:
                 for mode in modes:
                     run = store.record(reference, mel, context, mode, key=_key(reference, utterance, context, mode),
-                                       speaker_masks=masks, features=mel)
+                                       speaker_masks=masks, features=mel, prompt=prompt)
                     reference_runs[(utterance.name, context, mode)] = run
                     _record_run(outcome, run, utterance, info.vocabulary)
                 if include_offline or keep_offline:
@@ -216,7 +225,7 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                     # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
                     # encoder frame. The offline forward therefore sees exactly the streamed input.
                     offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
-                                                speaker_masks=masks)
+                                                speaker_masks=masks, prompt=prompt)
                     if include_offline:
                         results.comparisons.append(compare_streaming_to_offline(
                             reference_runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
@@ -243,13 +252,14 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
             for utterance in utterances:
                 own_features = None if audio_input else backend.features(utterance.audio[None])[0]
                 masks = None if audio_input else utterance.speaker_masks_for(backend)
+                prompt = utterance.prompt_for(info) if candidate.prompt == SAME_PROMPT else candidate.prompt
                 mel = mels[utterance.name]
                 for context in contexts:
                     for mode in wanted:
                         reference_run = reference_runs[(utterance.name, context, mode)]
                         run = store.record(backend, mel, context, mode,
                                            key=_key(backend, utterance, context, mode), speaker_masks=masks,
-                                           features=own_features, audio=utterance.audio[None])
+                                           features=own_features, audio=utterance.audio[None], prompt=prompt)
                         comparison = compare_runs(reference_run, run, tolerances, num_layers=num_layers,
                                                   utterance=utterance.name, tokens_only=tokens_only)
                         judged_run = run
@@ -259,7 +269,7 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                             # the taps are judged on that run, the transcript stays the free run's.
                             judged_run = store.record(
                                 backend, mel, context, mode, key=_key(backend, utterance, context, mode) + "-forced",
-                                speaker_masks=masks, features=own_features,
+                                speaker_masks=masks, features=own_features, prompt=prompt,
                                 forced_decisions=reference_decisions(reference_run))
                             comparison = judge_teacher_forced(comparison, reference_run, judged_run, tolerances,
                                                               num_layers=num_layers)
@@ -270,7 +280,7 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                             store.release(judged_run)
                     if candidate.compare_offline:
                         offline = backend.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
-                                                  speaker_masks=masks)
+                                                  speaker_masks=masks, prompt=prompt)
                         comparison = compare_offline_outputs(
                             reference_offline[(utterance.name, context)], offline, tolerances,
                             reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,

@@ -38,7 +38,7 @@ def _save_step(path: Path, step: StepOutput) -> None:
     meta = {"tokens": step.tokens, "seconds": step.seconds, "step_index": step.state.step_index,
             "att_context_size": list(step.state.att_context_size),
             "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder],
-            "ctc_tokens": step.ctc_tokens, "ctc_last_label": step.state.ctc_last_label}
+            "ctc_tokens": step.ctc_tokens, "ctc_last_label": step.state.ctc_last_label, "prompt": step.state.prompt}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     staged = path.with_suffix(".tmp.npz")
     np.savez(staged, **arrays)
@@ -54,7 +54,8 @@ def _load_step(path: Path) -> StepOutput:
     decoders = [DecoderState(last_token=int(d["last_token"]), h=arrays[f"decoder/{i}/h"], c=arrays[f"decoder/{i}/c"],
                              tokens=[int(t) for t in d["tokens"]]) for i, d in enumerate(meta["decoder"])]
     state = StreamingState(att_context_size=tuple(meta["att_context_size"]), decoder=decoders,
-                           step_index=int(meta["step_index"]), ctc_last_label=meta.get("ctc_last_label"), **caches)
+                           step_index=int(meta["step_index"]), ctc_last_label=meta.get("ctc_last_label"),
+                           prompt=meta.get("prompt"), **caches)
     ctc = meta.get("ctc_tokens")
     return StepOutput(encoded=arrays["encoded"], encoded_len=arrays["encoded_len"], state=state,
                       tokens=[[int(t) for t in row] for row in meta["tokens"]], taps=taps, seconds=float(meta["seconds"]),
@@ -128,7 +129,8 @@ class SpooledRun:
 
 def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], mode: FirstChunkMode | str,
            directory: str | Path, *, dtype: str = "float32", speaker_masks: SpeakerTargets | None = None,
-           features: np.ndarray | None = None, forced_decisions=None, audio: np.ndarray | None = None) -> SpooledRun:
+           features: np.ndarray | None = None, forced_decisions=None, audio: np.ndarray | None = None,
+           prompt: str | None = None) -> SpooledRun:
     """Stream ``mel`` through ``backend`` and write every step to ``directory`` as it is produced."""
     directory = Path(directory)
     if directory.exists():
@@ -137,7 +139,7 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
     run = SpooledRun(backend=backend.name, dtype=dtype, att_context_size=tuple(int(v) for v in att_context_size),
                      mode=FirstChunkMode(mode).value, directory=directory, step_count=0, features=features)
     steps = iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
-                       forced_decisions=forced_decisions, audio=audio)
+                       forced_decisions=forced_decisions, audio=audio, prompt=prompt)
     for index, step in enumerate(steps):
         _save_step(directory / STEP_FILE.format(index=index), step)
         run.step_count += 1

@@ -31,9 +31,10 @@ TAP_KINDS = (*TENSOR_TAP_KINDS, *CACHE_TAPS, TOKENS)
 # a limit on it for any other tap would never be checked.
 _AGREEMENT = "argmax_agreement"
 _AGREEMENT_KINDS = (TAP_JOINT, TAP_CTC, TOKENS)
-# "reference~candidate", optionally for one lookahead: "streaming~offline@70,0".
+# "reference~candidate", optionally for one lookahead: "streaming~offline@70,0", or for a right context at
+# any left context: "streaming~offline@*,0".
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.:+-]*"
-PAIR_RE = re.compile(rf"{_NAME}~{_NAME}(@-?\d+,-?\d+)?")
+PAIR_RE = re.compile(rf"{_NAME}~{_NAME}(@(-?\d+|\*),-?\d+)?")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -99,7 +100,7 @@ class Tolerances:
         if dtype not in DTYPES:
             raise self._error(keys, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
         if pair is not None and pair != WILDCARD and not PAIR_RE.fullmatch(pair):
-            raise self._error(keys, f"malformed pair {pair!r} (expected \"*\", \"A~B\" or \"A~B@L,R\")")
+            raise self._error(keys, f"malformed pair {pair!r} (expected \"*\", \"A~B\", \"A~B@L,R\" or \"A~B@*,R\")")
         if kind is not None and kind not in TAP_KINDS:
             raise self._error(keys, f"unknown tap kind {kind!r} (known: {', '.join(TAP_KINDS)})")
         for metric, limit in limits.items():
@@ -129,13 +130,15 @@ class Tolerances:
     def limits(self, pair: str, dtype: str, tap: str) -> dict[str, float]:
         """Limits for a tap: the ``*`` table, overridden metric by metric by the pair's own.
 
-        ``pair`` may carry a lookahead suffix (``streaming~offline@70,0``), which overrides the plain pair.
+        ``pair`` may carry a lookahead suffix (``streaming~offline@70,0``), which overrides the plain pair;
+        a table for the right context at any left context (``streaming~offline@*,0``) sits between them.
         Raises ``MissingToleranceError`` when no table gives the tap a limit.
         """
         kind = tap_kind(tap)
         by_pair = self.table.get(dtype, {})
-        base = pair.split("@", 1)[0]
-        searched = [WILDCARD, *([base] if base != pair else []), pair]
+        base, _, context = pair.partition("@")
+        any_left = f"{base}@*,{context.split(',', 1)[1]}" if context else None
+        searched = [WILDCARD, *([base] if base != pair else []), *([any_left] if any_left else []), pair]
         limits: dict[str, float] = {}
         for key in searched:
             limits.update(by_pair.get(key, {}).get(kind, {}))
