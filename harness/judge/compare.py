@@ -21,8 +21,8 @@ from harness.interface.backend import (
     TAP_ENCODER,
     TAP_JOINT,
     TAP_MEL,
-    TAP_PROMPT,
     TAP_PRE_ENCODE,
+    TAP_PROMPT,
     OfflineOutput,
     layer_tap,
 )
