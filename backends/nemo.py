@@ -39,6 +39,7 @@ from harness.interface.backend import (
     TAP_PROMPT,
     Backend,
     DecoderState,
+    PromptKernel,
     ModelInfo,
     OfflineOutput,
     StepOutput,
@@ -256,6 +257,14 @@ class NemoBackend(Backend):
         with quiet_nemo():
             self.model.set_inference_prompt(locale)
         return self.model._apply_prompt_to_encoded(encoded)
+
+    def prompt_kernel(self) -> PromptKernel | None:
+        if not self.info.prompted:
+            return None
+        kernel = self.model.prompt_kernel  # Sequential(Linear, ReLU, Linear)
+        array = lambda t: t.detach().float().cpu().numpy().copy()  # noqa: E731
+        return PromptKernel(array(kernel[0].weight), array(kernel[0].bias), array(kernel[2].weight),
+                            array(kernel[2].bias))
 
     def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks: SpeakerTargets | None = None,
              forced_decisions: Sequence[int] | None = None) -> StepOutput:

@@ -340,6 +340,34 @@ class ModelInfo:
         expect_shape("cache_last_channel_len", state.cache_last_channel_len, (batch,))
 
 
+@dataclass(frozen=True)
+class PromptKernel:
+    """A prompt-conditioned model's ``prompt_kernel`` (Linear(D + P, 2D), ReLU, Linear(2D, D)) as numpy
+    arrays in PyTorch's ``[out, in]`` layout: enough to say which prompt index, if any, a candidate's
+    ``prompt`` tap was computed with (``harness.judge.prompts``)."""
+
+    weight_in: np.ndarray  # [2D, D + P]
+    bias_in: np.ndarray  # [2D]
+    weight_out: np.ndarray  # [D, 2D]
+    bias_out: np.ndarray  # [D]
+
+    @property
+    def num_prompts(self) -> int:
+        return self.weight_in.shape[1] - self.weight_out.shape[0]
+
+    def apply(self, encoded: np.ndarray, index: int | None) -> np.ndarray:
+        """``_apply_prompt_to_encoded`` on ``encoded`` ``[B, D, T]`` with one-hot column ``index`` (float64);
+        None: the bypass (``encoded`` unchanged)."""
+        if index is None:
+            return np.asarray(encoded, np.float64)
+        features = np.swapaxes(np.asarray(encoded, np.float64), 1, 2)  # [B, T, D]
+        one_hot = np.zeros(features.shape[:2] + (self.num_prompts,), np.float64)
+        one_hot[..., index] = 1.0
+        hidden = np.concatenate([features, one_hot], axis=-1) @ self.weight_in.T.astype(np.float64) + self.bias_in
+        fused = np.maximum(hidden, 0.0) @ self.weight_out.T.astype(np.float64) + self.bias_out
+        return np.swapaxes(fused, 1, 2)
+
+
 TAP_LAYERS = "layers"  # the tap kind of every ``layers.{i}`` tap
 TENSOR_TAP_KINDS = (TAP_MEL, TAP_PRE_ENCODE, TAP_LAYERS, TAP_ENCODER, TAP_PROMPT, TAP_DECODER, TAP_JOINT, TAP_CTC)
 # The caches, compared like taps after every step under these names (``StreamingState.caches``).
@@ -464,6 +492,11 @@ class Backend(abc.ABC):
     def notes(self) -> list[str]:
         """Lines saying what was loaded (a detected format, taps that could not be exposed)."""
         return []
+
+    def prompt_kernel(self) -> PromptKernel | None:
+        """The model's prompt kernel weights, where the backend can give them (the reference does), so that a
+        candidate's ``prompt`` divergence can be explained; None otherwise."""
+        return None
 
     # A peer runtime (``Capabilities.input == "audio"``) says how it runs, so that its stack can be
     # rebuilt piece by piece from the harness's own parts (``harness.judge.bisect``).

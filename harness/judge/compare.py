@@ -92,6 +92,9 @@ class PairComparison:
     # False for a transcript-level candidate (a peer runtime): judged and reported with the bisection of its
     # stack, but its failures do not gate the fp32 verdict of a nightly run (it is not this project's artifact).
     gating: bool = True
+    # Causes named beyond the tolerance verdict (``harness.judge.prompts``: a bypassed prompt, a prompt index
+    # off by one), each a sentence; they explain a failure, never change the verdict.
+    causes: list[str] = field(default_factory=list)
 
     @property
     def tokens_equal(self) -> bool:
@@ -152,7 +155,7 @@ class PairComparison:
         if divergence is not None:
             where = "utterance" if divergence.step < 0 else f"step {divergence.step}"
             return head + (f"first divergent tap {divergence.tap} at {where}: "
-                           + "; ".join(divergence.violations))
+                           + "; ".join(divergence.violations)) + "".join(f"; cause: {c}" for c in self.causes)
         if self.require_token_match and not self.tokens_agree:
             real = [f for f in self.flips if not f.near_tie]
             if real:

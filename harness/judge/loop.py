@@ -39,6 +39,7 @@ from harness.judge.compare import (
     judge_teacher_forced,
 )
 from harness.judge.metrics import word_error_rate
+from harness.judge.prompts import explain_prompt_divergence
 from harness.judge.results import Results
 from harness.judge.ties import decisions
 from harness.judge.tolerances import Tolerances
@@ -193,6 +194,8 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
     outcome = LoopOutcome(results)
     info = reference.info
     num_layers = info.num_layers
+    # Kept before the reference may close: it explains a candidate's prompt divergence (harness.judge.prompts).
+    prompt_kernel = reference.prompt_kernel() if info.prompted else None
     reference_caps = reference.capabilities
     plans = [(candidate, candidate_modes(reference_caps, candidate)) for candidate in candidates]
     # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
@@ -273,6 +276,11 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                                 forced_decisions=reference_decisions(reference_run))
                             comparison = judge_teacher_forced(comparison, reference_run, judged_run, tolerances,
                                                               num_layers=num_layers)
+                        if prompt_kernel is not None and not tokens_only:
+                            cause = explain_prompt_divergence(comparison, reference_run, judged_run, prompt_kernel,
+                                                              info, utterance.prompt_for(info), tolerances)
+                            if cause:
+                                comparison.causes.append(cause)
                         results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
                         _record_run(outcome, run, utterance, backend.info.vocabulary)
                         store.release(run)

@@ -94,6 +94,7 @@ def comparison_to_dict(comparison: PairComparison) -> dict[str, Any]:
         "flips": [f.to_dict() for f in comparison.flips],
         "token_divergence": comparison.token_divergence,
         "gating": comparison.gating,
+        "causes": list(comparison.causes),
         "first_divergence": None if divergence is None else {"step": divergence.step, "tap": divergence.tap,
                                                               "violations": divergence.violations},
         "summary": comparison.describe_failure(),
@@ -118,7 +119,8 @@ def comparison_from_dict(data: dict[str, Any]) -> PairComparison:
         teacher_forced=data.get("teacher_forced", False), flips=[TokenFlip(**f) for f in data.get("flips", [])],
         reference_ctc_tokens=data.get("reference_ctc_tokens"), candidate_ctc_tokens=data.get("candidate_ctc_tokens"),
         ctc_flips=[TokenFlip(**f) for f in data.get("ctc_flips", [])],
-        token_divergence=data.get("token_divergence"), gating=data.get("gating", True))
+        token_divergence=data.get("token_divergence"), gating=data.get("gating", True),
+        causes=list(data.get("causes", [])))
 
 
 @dataclass
