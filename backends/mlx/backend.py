@@ -5,7 +5,10 @@ numpy and the artifact. Taps have NeMo's semantics (``backends/nemo.py``): ``pre
 ``drop_extra_pre_encoded``, every conformer layer's output for all frames of the chunk, the
 post-processed encoder output, one decoder/joint row per NeMo call in call order, and for a hybrid
 RNNT-CTC model the CTC head's log-probabilities over the step's valid frames (``ctc``) with its greedy
-labels carried across steps (``harness.interface.backend.ctc_greedy``).
+labels carried across steps (``harness.interface.backend.ctc_greedy``). A prompt-conditioned model's
+stream locale (``StreamingState.prompt``, ``offline(prompt=)``) becomes a one-hot column through the
+artifact's own ``prompt_dictionary`` (``ModelInfo.prompt_index``); the encoder output after the prompt
+kernel is the ``prompt`` tap and what the decoder, joint and CTC head read (None: bypassed, as NeMo).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
+    TAP_PROMPT,
     Backend,
     Capabilities,
     DecoderState,
@@ -152,9 +156,12 @@ class MLXBackend(Backend):
     def _rows(self, rows: list[mx.array], width: int) -> np.ndarray:
         return _numpy(mx.concatenate(rows, axis=0)) if rows else np.zeros((0, width), np.float32)
 
-    def _taps(self, encoder_taps: dict[str, mx.array], encoded: mx.array, decoder_rows, joint_rows):
+    def _taps(self, encoder_taps: dict[str, mx.array], encoded: mx.array, prompted: mx.array, decoder_rows,
+              joint_rows):
         taps = {name: _numpy(value) for name, value in encoder_taps.items()}
         taps[TAP_ENCODER] = _numpy(encoded)
+        if self.info.prompted:
+            taps[TAP_PROMPT] = _numpy(prompted)
         taps[TAP_DECODER] = self._rows(decoder_rows, self.info.pred_hidden)
         taps[TAP_JOINT] = self._rows(joint_rows, len(self.info.vocabulary) + 1)
         return taps
@@ -170,6 +177,7 @@ class MLXBackend(Backend):
         self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = self._check_context(state.att_context_size)
         self.info.check_state(state)
+        prompt_index = self.info.prompt_index(state.prompt)  # the artifact's own dictionary
         streaming = self.streaming_config(context)
         started = time.perf_counter()
         with mx.stream(self.device):
@@ -183,14 +191,16 @@ class MLXBackend(Backend):
                 att_context_size=context, valid_out_len=streaming.valid_out_len,
                 keep_all_outputs=chunk.keep_all_outputs, drop_extra_pre_encoded=chunk.drop_extra_pre_encoded,
                 record_taps=self.record_taps, speaker_masks=speaker_masks)
-            mx.eval(out.encoded, out.cache.channel, out.cache.time, *out.taps.values())
+            # conformer_stream_step: the prompt after the encoder's step, before decoding and the CTC head.
+            decoded_from = self.model.apply_prompt(out.encoded, prompt_index)
+            mx.eval(out.encoded, decoded_from, out.cache.channel, out.cache.time, *out.taps.values())
             results, decoder_rows, joint_rows = self._decode_batch(
-                out.encoded, out.lengths, [self._greedy_state(d) for d in state.decoder],
+                decoded_from, out.lengths, [self._greedy_state(d) for d in state.decoder],
                 ForcedDecisions(forced_decisions, self.name))
             mx.eval(*[r.state.h for r in results], *[r.state.c for r in results])
-            ctc = self._ctc(out.encoded, out.lengths, self.info.ctc_labels_before(state)) if self.info.ctc_head else None
+            ctc = self._ctc(decoded_from, out.lengths, self.info.ctc_labels_before(state)) if self.info.ctc_head else None
             seconds = time.perf_counter() - started
-            taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}
+            taps = self._taps(out.taps, out.encoded, decoded_from, decoder_rows, joint_rows) if self.record_taps else {}
             if ctc is not None and self.record_taps:
                 taps[TAP_CTC] = ctc[0]
             encoded = _numpy(out.encoded)
@@ -202,25 +212,29 @@ class MLXBackend(Backend):
                 decoder=[self._decoder_state(r.state) for r in results],
                 step_index=state.step_index + 1,
                 ctc_last_label=None if ctc is None else ctc[2],
+                prompt=state.prompt,
             )
         return StepOutput(encoded=encoded, encoded_len=np.asarray(out.lengths, np.int64), state=new_state,
                           tokens=[r.emitted for r in results], taps=taps, seconds=seconds,
                           ctc_tokens=None if ctc is None else ctc[1])
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
         context = self._check_context(att_context_size)
+        prompt_index = self.info.prompt_index(prompt)
         self.check_speaker_masks(speaker_masks, mel.shape[0])
         with mx.stream(self.device):
             out = self.model.encoder(mx.array(np.asarray(mel, np.float32)).astype(self.compute_dtype),
                                      np.asarray(length, np.int64), context, record_taps=self.record_taps,
                                      inject=self.model.speaker_injection(speaker_masks))
+            # EncDecRNNTBPEModelWithPrompt.forward: the prompt kernel over every encoder frame.
+            decoded_from = self.model.apply_prompt(out.encoded, prompt_index)
             start = [self.model.initial_greedy_state(self.compute_dtype) for _ in range(mel.shape[0])]
-            results, decoder_rows, joint_rows = self._decode_batch(out.encoded, out.lengths, start)
-            taps = self._taps(out.taps, out.encoded, decoder_rows, joint_rows) if self.record_taps else {}
+            results, decoder_rows, joint_rows = self._decode_batch(decoded_from, out.lengths, start)
+            taps = self._taps(out.taps, out.encoded, decoded_from, decoder_rows, joint_rows) if self.record_taps else {}
             ctc = None
             if self.info.ctc_head:
-                ctc = self._ctc(out.encoded, out.lengths, [self.info.blank_id] * mel.shape[0])
+                ctc = self._ctc(decoded_from, out.lengths, [self.info.blank_id] * mel.shape[0])
                 if self.record_taps:
                     taps[TAP_CTC] = ctc[0]
             return OfflineOutput(encoded=_numpy(out.encoded), encoded_len=np.asarray(out.lengths, np.int64),

@@ -121,6 +121,10 @@ MAPPING: tuple[Rule, ...] = (
     rename("CTC head convolution (hybrid RNNT-CTC)", "ctc_decoder.decoder_layers.{n}.weight",
            "ctc_decoder.decoder_layers.{n}.weight", layout=CONV1D_OKI),
     rename("CTC head bias (hybrid RNNT-CTC)", "ctc_decoder.{path}", "ctc_decoder.{path}"),
+    # Prompt-conditioned models (Nemotron-3.5): prompt_kernel = Sequential(Linear, ReLU, Linear) on the
+    # encoder output and the locale's one-hot, top-level in NeMo (PromptStreamingMixin); Linears keep
+    # torch's [out, in] layout in MLX, as every other Linear here.
+    rename("prompt kernel (prompt-conditioned)", "prompt_kernel.{n}.{path}", "prompt_kernel.{n}.{path}"),
     # Everything else keeps its name and layout: linear layers, norms, attention biases, embedding,
     # subsampling output projection, joint.
     rename("linear layers, norms, attention biases, embedding", "{part}.{path}", "{part}.{path}"),

@@ -37,6 +37,7 @@ from harness.nemo_config import (
     EncoderConfig,
     JointConfig,
     ModelConfig,
+    PromptConfig,
     SpeakerKernelConfig,
     read_model_config,
     require_one_of,
@@ -66,6 +67,10 @@ def check_supported(config: ModelConfig) -> None:
         ("decoder.blank_as_pad", config.decoder.blank_as_pad, (True,)),
     ):
         require_one_of(key, value, supported)
+    if config.prompt is not None:
+        # The prompt kernel reads the encoder output concatenated with the one-hot: NeMo sizes it from
+        # model_defaults.enc_hidden, which must therefore be the encoder's width.
+        require_one_of("model_defaults.enc_hidden", config.prompt.hidden, (encoder.d_model,))
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class ModelArgs:
     tdt_durations: tuple[int, ...] = ()
     speaker_kernels: SpeakerKernelConfig | None = None  # SpeakerKernelMixin (multitalker models)
     ctc: CtcConfig | None = None  # hybrid RNNT-CTC models: the aux_ctc ConvASRDecoder head
+    prompt: PromptConfig | None = None  # prompt-conditioned models (PromptStreamingMixin): the prompt kernel
 
     @classmethod
     def from_nemo_config(cls, config: ModelConfig | Mapping[str, Any],
@@ -107,6 +113,7 @@ class ModelArgs:
             tdt_durations=model.tdt_durations,
             speaker_kernels=model.speaker_kernels,
             ctc=model.ctc,
+            prompt=model.prompt,
         )
 
     @property
@@ -838,6 +845,30 @@ class ConvASRDecoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# Prompt-conditioned models (Nemotron-3.5): PromptStreamingMixin (parts/mixins/mixins.py)
+# ------------------------------------------------------------------------------------------------
+
+def prompt_kernel(args: PromptConfig) -> list:
+    """``PromptStreamingMixin.initialize_prompt_feature``: ``Sequential(Linear(D + P, 2D), ReLU, Linear(2D, D))``;
+    a list keeps NeMo's indices (``prompt_kernel.0`` and ``.2``) in the parameter names."""
+    return [nn.Linear(args.hidden + args.num_prompts, 2 * args.hidden), nn.ReLU(),
+            nn.Linear(2 * args.hidden, args.hidden)]
+
+
+def apply_prompt_kernel(kernel: list, encoded: mx.array, index: int, num_prompts: int) -> mx.array:
+    """NeMo's ``_apply_prompt_to_encoded``: the one-hot column ``index`` (of ``num_prompts``) appended to every
+    frame of ``encoded [B, D, T]``, through ``kernel``, back to ``[B, D, T]`` in ``encoded``'s dtype (the
+    one-hot is built in it and the result cast back, as NeMo's ``.to(out_dtype)``)."""
+    if not 0 <= index < num_prompts:
+        raise ValueError(f"prompt index {index} is outside the model's {num_prompts} prompts")
+    x = encoded.transpose(0, 2, 1)  # [B, T, D]
+    batch, frames, _ = x.shape
+    one_hot = mx.broadcast_to((mx.arange(num_prompts) == index).astype(x.dtype), (batch, frames, num_prompts))
+    x = _apply_kernel(kernel, mx.concatenate([x, one_hot], axis=-1))
+    return x.astype(encoded.dtype).transpose(0, 2, 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------------
 
@@ -851,7 +882,7 @@ class StreamStepOutput:
 
 class StreamingRNNT(nn.Module):
     """Encoder + RNNT decoder + joint, with NeMo's parameter tree (``encoder.``, ``decoder.``, ``joint.``,
-    and ``ctc_decoder.`` for a hybrid RNNT-CTC model)."""
+    ``ctc_decoder.`` for a hybrid RNNT-CTC model, ``prompt_kernel.`` for a prompt-conditioned one)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -861,6 +892,8 @@ class StreamingRNNT(nn.Module):
         self.joint = RNNTJoint(args.joint)
         if args.ctc is not None:
             self.ctc_decoder = ConvASRDecoder(args.ctc)
+        if args.prompt is not None:
+            self.prompt_kernel = prompt_kernel(args.prompt)
         speakers = args.speaker_kernels
         if speakers is not None:
             # NeMo's ModuleDicts keyed by layer index: lists with placeholders keep those indices.
@@ -893,6 +926,16 @@ class StreamingRNNT(nn.Module):
             encoded = encoded[:, :, :valid_out_len]
             out_lengths = np.minimum(out_lengths, valid_out_len)
         return StreamStepOutput(encoded=encoded, lengths=out_lengths, cache=out.cache, taps=out.taps)
+
+    def apply_prompt(self, encoded: mx.array, index: int | None) -> mx.array:
+        """``_apply_prompt_to_encoded`` (PromptStreamingMixin) on the encoder output ``[B, D, T]``, what the
+        decoder, joint and CTC head then read. ``index`` None (no ``set_inference_prompt``): the encoder
+        output unchanged, as NeMo bypasses it."""
+        if index is None:
+            return encoded
+        if self.args.prompt is None:
+            raise Unsupported("this model has no prompt kernel (model_defaults.initialize_prompt_feature)")
+        return apply_prompt_kernel(self.prompt_kernel, encoded, index, self.args.prompt.num_prompts)
 
     def ctc_log_probs(self, encoded: mx.array) -> mx.array:
         """A hybrid model's CTC head on ``encoded [B, D, T]``: log-probabilities ``[B, T, V+1]``."""
