@@ -24,7 +24,17 @@ def hybrid_pool(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_nemo, multitalker_pool, hybrid_pool, tmp_path_factory):
+def prompt_pool(tmp_path_factory):
+    """The tiny-prompt fixture (Nemotron-3.5's language-ID prompt, joint dropout 0), its NeMo backend and MLX
+    artifact."""
+    from fixtures.models import build
+    from harness.app.pytest_plugin import BackendPool
+
+    return BackendPool(build("tiny-prompt", progress=lambda _m: None), tmp_path_factory.mktemp("prompt"))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_nemo, multitalker_pool, hybrid_pool, prompt_pool, tmp_path_factory):
     """Correct fp32 artifacts of tiny-streaming, tiny-multitalker, tiny-hybrid and tiny-tdt (for the
     mislabel case)."""
     from backends import get
@@ -34,15 +44,16 @@ def artifacts(tiny_nemo, multitalker_pool, hybrid_pool, tmp_path_factory):
     streaming = get("mlx").prepare(tiny_nemo, work / "streaming")
     tdt = get("mlx").prepare(build("tiny-tdt", progress=lambda _m: None), work / "tdt")
     return {"streaming": streaming, "tdt": tdt, "multitalker": multitalker_pool.source("mlx"),
-            "hybrid": hybrid_pool.source("mlx")}
+            "hybrid": hybrid_pool.source("mlx"), "prompt": prompt_pool.source("mlx")}
 
 
 @pytest.fixture(scope="module")
-def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool, hybrid_pool):
+def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool, hybrid_pool, prompt_pool):
     """Per mutation target: the source .nemo and its NeMo reference backend."""
     return {"streaming": (tiny_nemo, nemo_backend),
             "multitalker": (multitalker_nemo, multitalker_pool.get("nemo")),
-            "hybrid": (hybrid_pool.nemo_path, hybrid_pool.get("nemo"))}
+            "hybrid": (hybrid_pool.nemo_path, hybrid_pool.get("nemo")),
+            "prompt": (prompt_pool.nemo_path, prompt_pool.get("nemo"))}
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +77,8 @@ def test_correct_artifacts_pass(artifacts, tiny_nemo, nemo_backend, utterances):
     assert tdt.passed, "\n".join(tdt.sentences())
 
 
-@pytest.mark.parametrize("model", ["multitalker", "hybrid"])
-def test_correct_multitalker_and_hybrid_artifacts_pass(model, artifacts, models, utterances):
+@pytest.mark.parametrize("model", ["multitalker", "hybrid", "prompt"])
+def test_correct_multitalker_hybrid_and_prompt_artifacts_pass(model, artifacts, models, utterances):
     nemo_path, reference = models[model]
     diagnosis = diagnose(artifacts[model], nemo_path, utterances=utterances[:1], reference=reference)
     assert diagnosis.passed, "\n".join(diagnosis.sentences())
@@ -87,7 +98,7 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, models, source_st
         assert any(mutation.expect_contradiction in c for c in diagnosis.contradictions), diagnosis.contradictions
         return
 
-    diagnosis = diagnose(mutated, nemo_path, utterances=shortest, att_context_sizes=[(70, 13)],
+    diagnosis = diagnose(mutated, nemo_path, utterances=shortest, att_context_sizes=[reference.info.att_context_sizes[0]],
                          reference=reference)
     report = "\n".join(diagnosis.sentences())
     assert not diagnosis.passed, f"{mutation.name} was not caught"
@@ -95,6 +106,9 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, models, source_st
     assert diagnosis.first_divergence is not None, f"{mutation.name}: no numeric divergence\n{report}"
     assert diagnosis.first_divergence["tap"] == mutation.expect_tap, report
     assert set(mutation.expect_tensors) <= set(diagnosis.suspects), report
+    if mutation.expect_cause:
+        assert any(mutation.expect_cause in cause for cause in diagnosis.first_divergence["causes"]), report
+        assert mutation.expect_cause in report
 
 
 def test_verify_cli_names_contradictions_and_localizes(artifacts, tiny_nemo, source_state, tmp_path, capsys):

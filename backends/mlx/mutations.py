@@ -29,8 +29,10 @@ class Mutation:
     expect_contradiction: str | None = None  # a phrase of the contradiction sentence
     expect_tap: str | None = None  # the tap the numeric divergence must be localized to
     expect_tensors: tuple[str, ...] = ()  # artifact tensor names that must be blamed
+    expect_cause: str | None = None  # a phrase of the cause named at the first divergence (PairComparison.causes)
     needs: str | None = None  # context the mutation needs: "source_state" (NeMo tensors) or "tdt_artifact"
-    # The artifact it corrupts: "streaming", "multitalker" (speaker kernels) or "hybrid" (a CTC head).
+    # The artifact it corrupts: "streaming", "multitalker" (speaker kernels), "hybrid" (a CTC head) or
+    # "prompt" (a prompt-conditioned Nemotron-3.5 model, joint dropout 0).
     model: str = "streaming"
 
 
@@ -147,6 +149,48 @@ def _relabel_as_transducer_only(directory: Path, _context) -> None:
     _edit_config(directory, edit)
 
 
+def _relabel_joint_output(directory: Path, _context) -> None:
+    """The joint's output layer written under the other ``joint_net`` index than the config builds (a
+    converter assuming the released checkpoints' dropout; mlx-audio expects ``joint_net.2``)."""
+    def edit(tensors):
+        names = [n for n in tensors if n.startswith("joint.joint_net.")]
+        indices = {n.split(".")[2] for n in names}
+        if len(indices) != 1:
+            raise ValueError(f"joint output layer under several indices: {sorted(names)}")
+        index = indices.pop()
+        other = "2" if index == "1" else "1"
+        for name in names:
+            tensors[name.replace(f"joint_net.{index}.", f"joint_net.{other}.")] = tensors.pop(name)
+    _edit_weights(directory, edit)
+
+
+def _swap_prompt_concat_order(directory: Path, _context) -> None:
+    """``prompt_kernel.0`` written for ``cat([one_hot, encoded])`` while the runtime concatenates
+    ``cat([encoded, one_hot])`` as NeMo does: its input columns rotated by the number of prompts."""
+    def edit(tensors):
+        weight = tensors["prompt_kernel.0.weight"]  # [2D, D + P]
+        d_model = tensors["prompt_kernel.2.weight"].shape[0]
+        tensors["prompt_kernel.0.weight"] = np.ascontiguousarray(
+            np.concatenate([weight[:, d_model:], weight[:, :d_model]], axis=1))
+    _edit_weights(directory, edit)
+
+
+def _shift_prompt_dictionary(directory: Path, _context) -> None:
+    """Every locale's prompt index moved up by one (a prompt_dictionary from another release)."""
+    def edit(config):
+        defaults = config["model_defaults"]
+        count = int(defaults.get("num_prompts", 128))
+        defaults["prompt_dictionary"] = {locale: (int(index) + 1) % count
+                                         for locale, index in defaults["prompt_dictionary"].items()}
+    _edit_config(directory, edit)
+
+
+def _drop_prompt_feature(directory: Path, _context) -> None:
+    """A prompt model's config published without ``initialize_prompt_feature``: NeMo (and any runtime
+    reading the config) builds no prompt kernel and ignores the locale."""
+    _edit_config(directory, lambda config: config["model_defaults"].pop("initialize_prompt_feature"))
+
+
 def _scale(name: str, factor: float):
     return lambda directory, _context: _edit_weights(
         directory, lambda t: t.__setitem__(name, (t[name] * np.float32(factor)).astype(np.float32)))
@@ -235,6 +279,16 @@ CATALOG: tuple[Mutation, ...] = (
     Mutation("hybrid-as-transducer-only", "hybrid RNNT-CTC weights published under a transducer-only config",
              _relabel_as_transducer_only, expect_contradiction="hybrid RNNT-CTC weights under a transducer-only",
              model="hybrid"),
+    Mutation("joint-output-relabeled", "the joint's output layer written as joint_net.2 for a dropout-0 joint "
+             "(joint_net.1)", _relabel_joint_output, expect_contradiction="leaves the joint output layer randomly",
+             model="prompt"),
+    Mutation("prompt-concat-order-swapped", "prompt_kernel.0's input columns ordered [one-hot, encoder] instead of "
+             "NeMo's [encoder, one-hot]", _swap_prompt_concat_order, expect_tap="prompt",
+             expect_tensors=("prompt_kernel.0.weight",), expect_cause="matches no prompt index", model="prompt"),
+    Mutation("prompt-dictionary-shifted", "every locale's prompt index moved up by one in the config",
+             _shift_prompt_dictionary, expect_tap="prompt", expect_cause="off by +1", model="prompt"),
+    Mutation("prompt-feature-dropped", "a prompt model's config without initialize_prompt_feature",
+             _drop_prompt_feature, expect_contradiction="the prompt would be bypassed", model="prompt"),
 )
 
 

@@ -58,6 +58,7 @@ class Diagnosis:
             lines.append(f"first divergence: step {d['step']}, tap {d['tap']} "
                          f"([{d['att_context_size'][0]},{d['att_context_size'][1]}], {d['utterance']}): "
                          + "; ".join(d["violations"]))
+            lines.extend(f"cause: {cause}" for cause in d.get("causes", []))
         if self.suspects:
             lines.append("most likely responsible: " + ", ".join(self.suspects))
         return lines
@@ -121,7 +122,8 @@ def first_divergence(comparisons: Sequence[PairComparison]) -> dict[str, Any] | 
         return None
     first = min(failing, key=lambda c: (c.first_divergence().step if c.first_divergence() else 1 << 30))
     divergence = first.first_divergence()
-    where = {"att_context_size": list(first.att_context_size), "utterance": first.utterance}
+    where = {"att_context_size": list(first.att_context_size), "utterance": first.utterance,
+             "causes": list(first.causes)}
     if divergence is not None:
         return {"step": divergence.step, "tap": divergence.tap, **where, "violations": divergence.violations}
     return {"step": -1, "tap": "tokens", **where, "violations": [first.describe_failure()]}

@@ -17,6 +17,10 @@ from names the config supplies:
   "+ctc"
 - vocabulary from the prediction-net embedding (blank_as_pad adds the blank row)
 - LSTM layers and width; the layers holding target- and background-speaker kernels
+- the joint's output layer index (``joint_net.2`` after a Dropout, ``joint_net.1`` without), which the
+  config's ``jointnet.dropout`` decides: a loader matching names non-strictly leaves the other one random
+- a prompt-conditioned model's ``prompt_kernel`` (Linear(D + P, 2D), ReLU, Linear(2D, D)): its shapes and
+  the number of prompts P = the first layer's input width - the second's output width
 """
 
 from __future__ import annotations
@@ -185,6 +189,7 @@ def weight_facts(view: ModelView) -> dict[str, Any]:
     facts["vocabulary_size"] = t[embed[0]].shape[0] - 1 if embed else None  # the blank_as_pad row
     joint_out = [n for n in _find(t, r"joint\.joint_net\.\d+\.weight$")]
     facts["joint_output_width"] = t[joint_out[-1]].shape[0] if joint_out else None
+    facts["joint_output_index"] = int(joint_out[-1].rsplit(".", 2)[-2]) if joint_out else None
     if facts["vocabulary_size"] is not None and facts["joint_output_width"] is not None:
         extra = facts["joint_output_width"] - (facts["vocabulary_size"] + 1)
         facts["transducer_kind"] = "rnnt" if extra == 0 else ("tdt" if extra > 0 else "inconsistent")
@@ -213,7 +218,17 @@ def weight_facts(view: ModelView) -> dict[str, Any]:
                for kind in ("spk_kernels", "bg_spk_kernels")}
     facts["speaker_kernel_layers"] = kernels["spk_kernels"]
     facts["background_speaker_kernel_layers"] = kernels["bg_spk_kernels"]
+    facts.update(_prompt_facts(t))
     return facts
+
+
+def _prompt_facts(t: Mapping[str, TensorInfo]) -> dict[str, Any]:
+    """``prompt_kernel.{0,2}.weight`` (``[out, in]`` in PyTorch and MLX alike): the kernel's shapes and P."""
+    shapes = {name: list(t[name].shape) for name in sorted(_find(t, r"(?:^|\.)prompt_kernel\.\d+\.(weight|bias)$"))}
+    first = next((s for n, s in shapes.items() if n.endswith("0.weight")), None)
+    last = next((s for n, s in shapes.items() if n.endswith("2.weight")), None)
+    num_prompts = first[1] - last[0] if first and last and len(first) == 2 and len(last) == 2 else None
+    return {"prompt_kernel": shapes or None, "num_prompts": num_prompts}
 
 
 def _n_mels(view: ModelView) -> int:
@@ -252,7 +267,20 @@ def config_claims(view: ModelView) -> dict[str, Any]:
         "lstm_layers": decoder.get("pred_rnn_layers"),
         "lstm_hidden": decoder.get("pred_hidden"),
         **_speaker_claims(stated),
+        "joint_output_index": None if "dropout" not in stated.joint else (2 if stated.joint["dropout"] > 0 else 1),
+        **_prompt_claims(stated),
     }
+
+
+def _prompt_claims(stated: StatedConfig) -> dict[str, Any]:
+    """A prompt kernel is claimed by ``model_defaults.initialize_prompt_feature`` (NeMo builds none without
+    it), with ``num_prompts`` (NeMo's default 128) and the locales of ``prompt_dictionary``."""
+    prompt = stated.prompt
+    if not prompt.get("initialize"):
+        return {"prompted": False if "initialize" in prompt else None, "num_prompts": None, "prompt_locales": None}
+    dictionary = dict(prompt.get("dictionary", ()))
+    return {"prompted": True, "num_prompts": prompt.get("num_prompts", 128), "prompt_locales": len(dictionary),
+            "prompt_max_index": max(dictionary.values(), default=None)}
 
 
 def _ctc_claims(stated: StatedConfig) -> dict[str, Any]:
@@ -315,6 +343,37 @@ def contradictions(view: ModelView, facts: Mapping[str, Any] | None = None,
                          f"{view.vocabulary[first:first + 2]})")
     found.extend(_speaker_contradictions(facts, claims))
     found.extend(_ctc_contradictions(facts, claims))
+    found.extend(_joint_index_contradictions(facts, claims))
+    found.extend(_prompt_contradictions(facts, claims))
+    return found
+
+
+def _joint_index_contradictions(facts: Mapping[str, Any], claims: Mapping[str, Any]) -> list[str]:
+    weights, config = facts.get("joint_output_index"), claims.get("joint_output_index")
+    if weights is None or config is None or weights == config:
+        return []
+    return [f"the joint's output layer is stored as joint.joint_net.{weights} but the config's jointnet.dropout "
+            f"builds it as joint_net.{config}: a loader matching names non-strictly (mlx-audio's strict=False) "
+            f"leaves the joint output layer randomly initialised"]
+
+
+def _prompt_contradictions(facts: Mapping[str, Any], claims: Mapping[str, Any]) -> list[str]:
+    kernel, prompted = facts.get("prompt_kernel"), claims.get("prompted")
+    if prompted and not kernel:
+        return ["the config describes a prompt-conditioned model (model_defaults.initialize_prompt_feature) but "
+                "the weights hold no prompt_kernel: the locale would be ignored"]
+    if kernel and prompted is False or (kernel and prompted is None and claims.get("target")):
+        return [f"the weights hold a prompt_kernel ({facts.get('num_prompts')} prompts) but the config builds "
+                "none (no model_defaults.initialize_prompt_feature): the prompt would be bypassed"]
+    found = []
+    weights_p, config_p = facts.get("num_prompts"), claims.get("num_prompts")
+    if kernel and config_p is not None and weights_p is not None and weights_p != config_p:
+        found.append(f"the config says model_defaults.num_prompts = {config_p} but the prompt_kernel takes "
+                     f"{weights_p} one-hot columns")
+    top = claims.get("prompt_max_index")
+    if kernel and top is not None and weights_p is not None and top >= weights_p:
+        found.append(f"the config's prompt_dictionary uses index {top}, outside the prompt_kernel's {weights_p} "
+                     "prompts")
     return found
 
 
@@ -399,6 +458,8 @@ def layer_of(name: str) -> str | None:
         return "joint"
     if name.startswith("ctc_decoder."):
         return "ctc"
+    if name.startswith("prompt_kernel."):
+        return "prompt"
     if name.startswith("preprocessor."):
         return "mel"
     return None
