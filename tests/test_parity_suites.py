@@ -133,7 +133,7 @@ def test_streaming_matches_offline(backend_name, backend_pool, run_cache, uttera
         mel = run_cache.mel(utterance)
         for context in att_contexts:
             run = run_cache.run(backend_name, utterance, context, FirstChunkMode.PLAIN)
-            offline = backend.offline(mel, np.array([mel.shape[-1]]), context)
+            offline = backend.offline(mel, np.array([mel.shape[-1]]), context, prompt=utterance.prompt_for(backend.info))
             comparison = compare_streaming_to_offline(run, offline, tolerances,
                                                       num_layers=backend.info.num_layers, utterance=utterance.name)
             if not comparison.passed:

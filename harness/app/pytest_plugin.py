@@ -241,7 +241,8 @@ class RunCache:
             audio_input = backend.capabilities.input == "audio"
             features = None if audio_input else backend.features(utterance.audio[None])[0]
             self._runs[key] = stream(backend, self.mel(utterance), context, mode, dtype=backend.dtype,
-                                     features=features, audio=utterance.audio[None])
+                                     features=features, audio=utterance.audio[None],
+                                     prompt=utterance.prompt_for(self.pool.get("nemo").info))
         return self._runs[key]
 
 
