@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import logging
 import traceback
@@ -198,7 +199,8 @@ def cmd_compare(args) -> int:
             candidates.append(candidate)
             print_notes(candidate)
             records.append(artifact_record(name, f"{name}:{candidate.dtype}", source, sha256))
-        utterances = load_utterances(args, args.audio) if args.audio else fixture_utterances()
+        utterances = load_utterances(args, args.audio) if args.audio else [
+            dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
         contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
         report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=model.path,
                                   model_hub=model.hub, backends=records, progress=bar)

@@ -64,10 +64,13 @@ def add_audio_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speaker-masks", type=Path, metavar="MASKS.npz",
                         help="multitalker models: spk_targets (and optionally bg_spk_targets), one value per "
                              "80 ms encoder frame, applied to every audio file given")
+    parser.add_argument("--prompt", metavar="LOCALE",
+                        help="prompt-conditioned models (Nemotron-3.5): the locale every stream is given, a key of "
+                             "the model's prompt_dictionary (default: en-US)")
 
 
 def load_utterances(args: argparse.Namespace, paths: Sequence[Path]) -> list:
-    """Audio files as utterances, with ``--speaker-masks`` attached when given."""
+    """Audio files as utterances, with ``--speaker-masks`` and ``--prompt`` attached when given."""
     from harness.interface.speakers import SpeakerMaskError, load_speaker_masks
     from harness.interface.utterance import Utterance
 
@@ -77,8 +80,8 @@ def load_utterances(args: argparse.Namespace, paths: Sequence[Path]) -> list:
             masks = load_speaker_masks(args.speaker_masks)
         except (OSError, SpeakerMaskError) as error:
             raise CommandError(str(error)) from None
-    return [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample, speaker_targets=masks)
-            for p in paths]
+    return [Utterance.from_file(p, mix_to_mono=args.mix_to_mono, resample=args.resample, speaker_targets=masks,
+                                prompt=getattr(args, "prompt", None)) for p in paths]
 
 
 @dataclass(frozen=True)
