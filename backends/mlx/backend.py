@@ -40,6 +40,7 @@ from harness.interface.backend import (
     ForcedDecisions,
     ModelInfo,
     OfflineOutput,
+    PromptKernel,
     StepOutput,
     StreamingState,
     ctc_step,
@@ -240,6 +241,14 @@ class MLXBackend(Backend):
             return OfflineOutput(encoded=_numpy(out.encoded), encoded_len=np.asarray(out.lengths, np.int64),
                                  tokens=[r.state.tokens for r in results], taps=taps,
                                  ctc_tokens=None if ctc is None else ctc[1])
+
+    def prompt_kernel(self) -> PromptKernel | None:
+        """The artifact's prompt kernel weights as float32 numpy (None for a model without a prompt)."""
+        if not self.info.prompted:
+            return None
+        first, _, last = self.model.prompt_kernel
+        return PromptKernel(weight_in=_numpy(first.weight), bias_in=_numpy(first.bias),
+                            weight_out=_numpy(last.weight), bias_out=_numpy(last.bias))
 
     def close(self) -> None:
         self.model = None

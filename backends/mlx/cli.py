@@ -62,6 +62,11 @@ def _print_verification(verification) -> None:
                for mode, worst in by_mode.items() if "ctc" in worst]
         if ctc:
             console.print("ctc head worst max_abs: " + ", ".join(ctc))
+        # A prompt-conditioned model's encoder output after prompt_kernel: likewise one line.
+        prompt = [f"{'pad+drop' if mode == 'pad-and-drop' else mode} {worst['prompt']:.1e}"
+                  for mode, worst in by_mode.items() if "prompt" in worst]
+        if prompt:
+            console.print("prompt kernel worst max_abs: " + ", ".join(prompt))
     for failure in verification.failures()[:20]:
         console.print(f"FAIL {failure}")
     console.print(("[green]PASS[/] " if verification.passed else "[red]FAIL[/] ") + verification.summary())

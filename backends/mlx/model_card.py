@@ -39,6 +39,10 @@ TEMPLATE = """---
 a cache-aware streaming FastConformer-RNNT speech recognizer for Apple silicon (and MLX on Linux),
 with the weights in `model.safetensors`, the checkpoint's own mel front end in `frontend.safetensors`,
 its NeMo config in `config.json` and its tokenizer in `tokenizer.model`.
+{% if prompt_text %}
+
+{{ prompt_text }}
+{% endif %}
 {% if parity %}
 
 Converted and checked by streaming-parity against NeMo itself: the same audio, chunked the same
@@ -123,6 +127,23 @@ def front_matter(provenance: Provenance | None, config: dict[str, Any]) -> dict[
     return data
 
 
+def prompt_text(config: dict[str, Any]) -> str | None:
+    """A prompt-conditioned model's language-ID prompt (``model_defaults``: num_prompts, prompt_dictionary),
+    in a sentence; None for any other model, or a config that cannot be read."""
+    from harness.nemo_config import read_model_config
+
+    try:
+        prompt = read_model_config(config).prompt
+    except Exception:  # noqa: BLE001 - the card is written whatever the config; it then says nothing more
+        return None
+    if prompt is None:
+        return None
+    locales = ", ".join(f"`{locale}` ({index})" for locale, index in sorted(prompt.dictionary, key=lambda p: p[1]))
+    return (f"Prompt-conditioned (NeMo's `EncDecRNNTBPEModelWithPrompt`): each stream is given a locale, a one-hot "
+            f"column of {prompt.num_prompts} fused into the encoder output by `prompt_kernel`; the locales of "
+            f"`model_defaults.prompt_dictionary` (column in brackets): {locales or 'none'}.")
+
+
 def verify_command(artifact_ref: str, provenance: Provenance | None, parity: dict[str, Any] | None) -> str:
     """The ``parity verify`` command that repeats the check: the artifact, the checkpoint it came from
     (at the recorded hub commit when it came from the hub), the lookaheads the check ran."""
@@ -192,6 +213,7 @@ def render(directory: str | Path, *, artifact_ref: str | None = None) -> str:
     return environment.from_string(TEMPLATE).render(
         front_matter=yaml.safe_dump(front_matter(provenance, config), sort_keys=False, allow_unicode=True),
         marker=MARKER, title=f"{base} (MLX, {dtype})", source_text=source_text, dtype=dtype, parity=parity,
+        prompt_text=prompt_text(config),
         parity_table=parity_table(parity) if parity else [], wer_table=wer_table(parity),
         verify_command=verify_command(artifact_ref or str(directory), provenance, parity),
         provenance_table=table(["", ""], [[label, str(value)] for label, value in rows]))
