@@ -18,6 +18,13 @@ RNNTDecoderJoint in modules/rnnt.py) and how it is used here:
   own, ``ctc.onnx``: ``encoder_output [B, D, T]`` -> ``logprobs [B, T, V+1]`` (log_softmax included,
   as NeMo's forward), fed the encoder graph's output. The encoder graphs stay exactly NeMo's
   cache-aware export (what peer runtimes load), and one CTC graph serves every lookahead.
+- A prompt-conditioned model's ``prompt_kernel`` (``EncDecRNNTBPEModelWithPrompt``, NeMo's
+  ``PromptStreamingMixin._apply_prompt_to_encoded``) is ``prompt.onnx`` the same way:
+  ``encoder_output [B, D, T]`` and ``prompt_index [B]`` -> ``prompted_encoder_output [B, D, T]``, the one-hot
+  column built inside the graph; the runtime feeds it between the encoder and ``decoder_joint`` (and a
+  hybrid's CTC head). It is built node by node from the kernel's weights, which keep NeMo's names and
+  layout (``graph_tools.prompt_kernel_graph``); its int8 variant quantizes both ``MatMul`` weights. The
+  model's ``num_prompts`` and ``prompt_dictionary`` are written into every graph's metadata.
 - Debug variants add the shared taps as graph outputs, found by module scope
   (``backends.onnx.graph_tools``); int8 variants come from ``onnxruntime.quantization``.
 """
@@ -52,6 +59,7 @@ from backends.onnx.layout import (
     decoder_joint_file,
     encode_metadata,
     encoder_file,
+    prompt_file,
 )
 from harness.errors import InvalidInput
 from harness.interface.chunking import StreamingConfig
@@ -327,6 +335,49 @@ def _export_ctc(model, path: Path, interface: GraphInterface) -> None:
     _trace_export(CTCHead(model.ctc_decoder), model.ctc_decoder, (example,), path, names_in, names_out, dynamic)
 
 
+def _prompt_kernel_arrays(model, config: ModelConfig):
+    """The model's ``prompt_kernel`` = Linear(D + P, 2D), ReLU, Linear(2D, D) as float32 numpy arrays in
+    NeMo's ``[out, in]`` layout, checked against the config's ``num_prompts``."""
+    import torch
+
+    kernel = getattr(model, "prompt_kernel", None)
+    if config.prompt is None:
+        if isinstance(kernel, torch.nn.Module):
+            raise InvalidInput("the model has a prompt_kernel but its config does not set "
+                               "model_defaults.initialize_prompt_feature: its prompt cannot be exported")
+        return None
+    layers = list(kernel) if isinstance(kernel, torch.nn.Sequential) else []
+    if [type(layer) for layer in layers] != [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]:
+        raise InvalidInput(f"prompt_kernel is {type(kernel).__name__ if kernel is not None else 'missing'}; "
+                           "expected NeMo's Sequential(Linear, ReLU, Linear) (PromptStreamingMixin)")
+    array = lambda t: t.detach().float().cpu().numpy().copy()  # noqa: E731
+    arrays = (array(layers[0].weight), array(layers[0].bias), array(layers[2].weight), array(layers[2].bias))
+    width = arrays[0].shape[1] - arrays[2].shape[0]
+    if width != config.prompt.num_prompts or getattr(model, "num_prompts", width) != width:
+        raise InvalidInput(f"prompt_kernel.0.weight {list(arrays[0].shape)} takes {width} prompt columns, the "
+                           f"config's model_defaults.num_prompts is {config.prompt.num_prompts}")
+    return arrays
+
+
+def _export_prompt(arrays, path: Path, interface: GraphInterface) -> None:
+    model = graph_tools.prompt_kernel_graph(*arrays, opset=OPSET, inputs=tuple(interface.prompt_inputs),
+                                            output=interface.prompt_outputs[0])
+    graph_tools.save_graph(model, path)
+
+
+def _write_prompt_int8(path: Path, int8_path: Path, metadata: dict[str, Any]) -> None:
+    """Dynamic int8 of ``prompt.onnx`` like the other graphs (QInt8 ``MatMul`` weights), from a copy whose
+    weight transposes are folded (the quantizer reads only a ``MatMul`` fed an initializer directly)."""
+    import onnx
+
+    folded = path.with_name(path.stem + ".folded.onnx")
+    try:
+        onnx.save(graph_tools.fold_weight_transposes(onnx.load(str(path))), str(folded))
+        _write_int8(folded, int8_path, metadata, ("MatMul",))
+    finally:
+        folded.unlink(missing_ok=True)
+
+
 def _finish_graph(path: Path, metadata: dict[str, Any], expected_inputs: Sequence[str],
                   expected_outputs: Sequence[str], weights: graph_tools.SharedWeights | None = None) -> None:
     """Check the interface, write metadata, and gather the weights: into ``weights`` (shared by the
@@ -411,7 +462,8 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             raise InvalidInput(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
     if callable(getattr(progress, "total", None)):
         # one step per encoder (and its int8 graph), decoder_joint, a hybrid's CTC head, the end
-        progress.total(len(contexts) * (1 + int(int8)) + 2 + int(getattr(config, "ctc", None) is not None))
+        progress.total(len(contexts) * (1 + int(int8)) + 2 + int(getattr(config, "ctc", None) is not None)
+                       + int(getattr(config, "prompt", None) is not None) * (1 + int(int8)))
     vocabulary = _vocabulary(model)
     speakers = config.speaker_kernels
     interface = INTERFACES["multitalker" if speakers else "nemo"]
@@ -423,7 +475,10 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             "speaker_kernel_layers": list(speakers.layers) if speakers else [],
             "background_speaker_kernel": bool(speakers and speakers.background),
             "ctc_head": None if config.ctc is None else {"file": ctc_file(), "num_classes": len(vocabulary),
-                                                          "feat_in": config.ctc.feat_in}}
+                                                          "feat_in": config.ctc.feat_in},
+            "num_prompts": config.prompt.num_prompts if config.prompt else 0,
+            "prompt_dictionary": dict(config.prompt.dictionary) if config.prompt else {}}
+    prompt_arrays = _prompt_kernel_arrays(model, config)
     result = ExportResult(out_dir)
     num_layers = base["num_layers"]
 
@@ -465,6 +520,18 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             quantized = out_dir / decoder_joint_file("int8")
             _write_int8(path, quantized, metadata, ("MatMul", "Gemm", "LSTM"))
             result.graphs.append(quantized)
+        if prompt_arrays is not None:
+            path = out_dir / prompt_file()
+            say(f"prompt kernel -> {path.name}")
+            metadata = {**base, "graph": "prompt", "variant": "float32", "debug_taps": []}
+            _export_prompt(prompt_arrays, path, interface)
+            _finish_graph(path, metadata, interface.prompt_inputs, interface.prompt_outputs)
+            result.graphs.append(path)
+            if int8:
+                quantized = out_dir / prompt_file("int8")
+                say(f"prompt kernel int8 -> {quantized.name}")
+                _write_prompt_int8(path, quantized, metadata)
+                result.graphs.append(quantized)
         if config.ctc is not None:
             path = out_dir / ctc_file()
             say(f"CTC head -> {path.name}")
@@ -542,14 +609,18 @@ def _write_multitalker_config(model, base: dict[str, Any], contexts, out_dir: Pa
     (out_dir / MULTITALKER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def cached_directory(target: Path, record_name: str, sha256: str, write: Callable[[Path], dict]) -> Path:
+def cached_directory(target: Path, record_name: str, sha256: str, write: Callable[[Path], dict], *,
+                     fmt: str | None = None) -> Path:
     """``target`` when it already holds a finished export of the checkpoint ``sha256`` (its record
-    ``record_name`` says so), else ``write(staging)`` into a sibling staging directory, which is
-    renamed to ``target`` only once complete: an interrupted export never looks finished.
-    ``write`` returns the record to store, ``source_sha256`` added."""
+    ``record_name`` says so, and, given ``fmt``, that it was written in that format version), else
+    ``write(staging)`` into a sibling staging directory, which is renamed to ``target`` only once
+    complete: an interrupted export never looks finished. ``write`` returns the record to store,
+    ``source_sha256`` added."""
     done = target / record_name
-    if done.is_file() and json.loads(done.read_text()).get("source_sha256") == sha256:
-        return target
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record.get("source_sha256") == sha256 and (fmt is None or record.get("format") == fmt):
+            return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -578,4 +649,5 @@ def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
         record = json.loads((staging / EXPORT_FILE).read_text())  # export_onnx's record, with its provenance
         return {**record, **{k: v for k, v in options.items() if k not in ("progress", "source_hub")}}
 
-    return cached_directory(Path(work_dir) / f"onnx-{sha256[:16]}-{tag}", EXPORT_FILE, sha256, write)
+    # An export of an older format version is written again (a /1 export of a prompted model has no prompt graph).
+    return cached_directory(Path(work_dir) / f"onnx-{sha256[:16]}-{tag}", EXPORT_FILE, sha256, write, fmt=FORMAT)

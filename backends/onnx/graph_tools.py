@@ -235,3 +235,101 @@ def save_graph(model: onnx.ModelProto, path: str | Path) -> Path:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=path.name + ".data", size_threshold=1024)
     return path
+
+
+# -- the prompt kernel, built node by node ---------------------------------------------------------
+
+def prompt_kernel_graph(weight_in, bias_in, weight_out, bias_out, *, opset: int, inputs: tuple[str, str],
+                        output: str) -> onnx.ModelProto:
+    """``PromptStreamingMixin._apply_prompt_to_encoded`` as a graph, on numpy weights in NeMo's layout.
+
+    ``inputs``: the encoder output ``[B, D, T]`` (float) and the prompt index ``[B]`` (int64); ``output``:
+    ``[B, D, T]``. As NeMo: transpose to ``[B, T, D]``, concatenate the index's one-hot column over every
+    frame (``OneHot`` then ``Expand``: NeMo's ``zeros().scatter_`` values), ``Linear(D + P, 2D)``, ReLU,
+    ``Linear(2D, D)``, transpose back. The weights keep NeMo's names and ``[out, in]`` layout (a
+    ``Transpose`` feeds each ``MatMul``; ONNX Runtime folds it once when the session starts), so the
+    initializers read as the checkpoint's tensors; ``fold_weight_transposes`` makes the copy that
+    dynamic quantization can read.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    hidden2, width = weight_in.shape
+    d_model = weight_out.shape[0]
+    num_prompts = width - d_model
+    if weight_out.shape != (d_model, hidden2) or bias_in.shape != (hidden2,) or bias_out.shape != (d_model,) \
+            or num_prompts < 1:
+        raise ValueError(f"prompt_kernel shapes {weight_in.shape}, {bias_in.shape}, {weight_out.shape}, "
+                         f"{bias_out.shape} are not Linear(D + P, 2D), Linear(2D, D)")
+    encoded, index = inputs
+    names = ("prompt_kernel.0.weight", "prompt_kernel.0.bias", "prompt_kernel.2.weight", "prompt_kernel.2.bias")
+    initializers = [numpy_helper.from_array(np.ascontiguousarray(a, np.float32), name)
+                    for a, name in zip((weight_in, bias_in, weight_out, bias_out), names)]
+    initializers += [
+        numpy_helper.from_array(np.array(num_prompts, np.int64), "/prompt/depth"),
+        numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "/prompt/off_on"),
+        numpy_helper.from_array(np.array([1], np.int64), "/prompt/one"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Transpose", [encoded], ["/prompt/encoded_btd"], perm=[0, 2, 1], name="/prompt/Transpose_in"),
+        node("OneHot", [index, "/prompt/depth", "/prompt/off_on"], ["/prompt/one_hot"], axis=-1,
+             name="/prompt/OneHot"),
+        node("Unsqueeze", ["/prompt/one_hot", "/prompt/one"], ["/prompt/one_hot_b1p"], name="/prompt/Unsqueeze"),
+        node("Shape", [encoded], ["/prompt/frames"], start=2, end=3, name="/prompt/Shape"),
+        node("Concat", ["/prompt/one", "/prompt/frames", "/prompt/one"], ["/prompt/expand_to"], axis=0,
+             name="/prompt/Concat_shape"),
+        node("Expand", ["/prompt/one_hot_b1p", "/prompt/expand_to"], ["/prompt/one_hot_btp"], name="/prompt/Expand"),
+        node("Concat", ["/prompt/encoded_btd", "/prompt/one_hot_btp"], ["/prompt/concat"], axis=-1,
+             name="/prompt/Concat"),
+        node("Transpose", [names[0]], ["/prompt_kernel/0/weight_t"], perm=[1, 0], name="/prompt_kernel/0/Transpose"),
+        node("MatMul", ["/prompt/concat", "/prompt_kernel/0/weight_t"], ["/prompt_kernel/0/MatMul_out"],
+             name="/prompt_kernel/0/MatMul"),
+        node("Add", ["/prompt_kernel/0/MatMul_out", names[1]], ["/prompt_kernel/0/out"], name="/prompt_kernel/0/Add"),
+        node("Relu", ["/prompt_kernel/0/out"], ["/prompt_kernel/1/out"], name="/prompt_kernel/1/Relu"),
+        node("Transpose", [names[2]], ["/prompt_kernel/2/weight_t"], perm=[1, 0], name="/prompt_kernel/2/Transpose"),
+        node("MatMul", ["/prompt_kernel/1/out", "/prompt_kernel/2/weight_t"], ["/prompt_kernel/2/MatMul_out"],
+             name="/prompt_kernel/2/MatMul"),
+        node("Add", ["/prompt_kernel/2/MatMul_out", names[3]], ["/prompt_kernel/2/out"], name="/prompt_kernel/2/Add"),
+        node("Transpose", ["/prompt_kernel/2/out"], [output], perm=[0, 2, 1], name="/prompt/Transpose_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "prompt_kernel",
+        [helper.make_tensor_value_info(encoded, TensorProto.FLOAT, ["B", d_model, "T"]),
+         helper.make_tensor_value_info(index, TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["B", d_model, "T"])],
+        initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="parity")
+    model.ir_version = 8  # what opset 17's TorchScript exports carry: readable by older runtimes too
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose ``Transpose`` nodes of an initializer are replaced by the transposed initializer (named
+    after the node's output), so that ``MatMul`` reads a weight directly, as dynamic quantization needs."""
+    from onnx import numpy_helper
+
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    initializers = {init.name: init for init in folded.graph.initializer}
+    kept = []
+    for node in folded.graph.node:
+        if node.op_type == "Transpose" and len(node.input) == 1 and node.input[0] in initializers:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = numpy_helper.to_array(initializers[node.input[0]])
+            folded.graph.initializer.append(numpy_helper.from_array(array.transpose(perm).copy(), node.output[0]))
+            continue
+        kept.append(onnx.NodeProto())
+        kept[-1].CopyFrom(node)
+    del folded.graph.node[:]
+    folded.graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    remaining = []
+    for init in folded.graph.initializer:
+        if init.name in used:
+            remaining.append(onnx.TensorProto())
+            remaining[-1].CopyFrom(init)
+    del folded.graph.initializer[:]
+    folded.graph.initializer.extend(remaining)
+    return folded

@@ -10,6 +10,8 @@ nor NeMo. File names in an export directory:
 ``decoder_joint.onnx`` (+ ``.debug``, ``.int8``)  RNNT prediction net + joint, one step
 ``ctc.onnx``                          hybrid RNNT-CTC models: the CTC head on encoder outputs (every
                                       lookahead and variant; see ``ctc_file``)
+``prompt.onnx`` (+ ``.int8``)         prompt-conditioned models: ``prompt_kernel`` fusing the stream's
+                                      locale into the encoder output (every lookahead; ``prompt_file``)
 ``encoder.weights``, ``encoder.int8.weights``  the encoder weights, once per precision, shared by every lookahead
 ``*.onnx.data``                       external weights of another graph (models > 2 GB)
 ``tokenizer.model``, ``vocab.txt``    SentencePiece model and its pieces, one per line
@@ -18,7 +20,12 @@ nor NeMo. File names in an export directory:
 ====================================  ==================================================
 
 Every graph's ``metadata_props`` hold JSON-encoded values under the ``METADATA_KEYS`` below: what a
-runtime needs to stream without NeMo, and the sha256 of the ``.nemo`` it came from.
+runtime needs to stream without NeMo, and the sha256 of the ``.nemo`` it came from. A prompt-conditioned
+model's ``num_prompts`` and ``prompt_dictionary`` (locale -> one-hot column) are among them: the runtime
+maps a stream's locale to the ``prompt_index`` it feeds ``prompt.onnx`` through the export's own copy.
+
+Format history: ``/2`` added ``num_prompts``, ``prompt_dictionary`` and ``prompt.onnx``; a ``/1`` export
+of a prompt-conditioned model has no prompt graph (and would bypass the prompt), so it is not read.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from typing import Any
 from harness.errors import BadInput
 from harness.safe_files import check_onnx_external_data, load_onnx_graph
 
-FORMAT = "parity-nemo-cache-aware-rnnt/1"
+FORMAT = "parity-nemo-cache-aware-rnnt/2"
+FORMAT_FAMILY = "parity-nemo-cache-aware-rnnt/"  # older versions: "export again"
 CACHE_LAYOUTS = ("batch-first", "layers-first")
 VARIANTS = ("float32", "int8")
 
@@ -60,6 +68,14 @@ MULTITALKER_CONFIG_FILE = "multitalker_config.json"
 CTC_INPUTS = ("encoder_output",)
 CTC_OUTPUTS = ("logprobs",)
 
+# A prompt-conditioned model's prompt kernel (``PromptStreamingMixin._apply_prompt_to_encoded``), a graph of
+# its own on the encoder graph's output: ``encoder_output [B, D, T]`` and ``prompt_index [B]`` (int64, the
+# locale's one-hot column, built inside the graph) -> ``prompted_encoder_output [B, D, T]``. Its weights keep
+# NeMo's names and layout (``prompt_kernel.0.weight [2D, D + P]``, ``prompt_kernel.2.weight [D, 2D]``).
+PROMPT_INPUTS = ("encoder_output", "prompt_index")
+PROMPT_OUTPUTS = ("prompted_encoder_output",)
+PROMPT_WEIGHTS = ("prompt_kernel.0.weight", "prompt_kernel.0.bias", "prompt_kernel.2.weight", "prompt_kernel.2.bias")
+
 
 @dataclass(frozen=True)
 class GraphInterface:
@@ -77,6 +93,8 @@ class GraphInterface:
     encoder_frame_layout: str  # decoder_joint's encoder_outputs: "BDT" (NeMo) or "BTD"
     ctc_inputs: tuple[str, ...] = CTC_INPUTS  # a hybrid model's CTC head: encoder output [B, D, T]
     ctc_outputs: tuple[str, ...] = CTC_OUTPUTS  # its log-probabilities [B, T, V+1]
+    prompt_inputs: tuple[str, ...] = PROMPT_INPUTS  # a prompted model's kernel: encoder output, prompt index
+    prompt_outputs: tuple[str, ...] = PROMPT_OUTPUTS  # the prompted encoder output [B, D, T]
 
     @property
     def speaker_masks(self) -> bool:
@@ -107,7 +125,7 @@ MODEL_KEYS = (
     "format", "graph", "variant", "source_sha256", "source_name", "cache_layout", "num_layers", "d_model",
     "n_mels", "conv_kernel_size", "subsampling_factor", "att_context_sizes", "vocab_size", "blank_id",
     "pred_rnn_layers", "pred_hidden", "max_symbols", "encoder_config", "debug_taps", "interface",
-    "speaker_kernel_layers", "background_speaker_kernel", "ctc_head",
+    "speaker_kernel_layers", "background_speaker_kernel", "ctc_head", "num_prompts", "prompt_dictionary",
 )
 ENCODER_KEYS = (
     "att_context_size", "lookahead", "chunk_size", "shift_size", "pre_encode_cache_size",
@@ -157,6 +175,12 @@ def ctc_file() -> str:
     return "ctc.onnx"
 
 
+def prompt_file(variant: str = "float32") -> str:
+    """A prompt-conditioned model's prompt kernel graph: one per precision, serving every lookahead (no
+    debug variant: its one output is the ``prompt`` tap)."""
+    return _graph_file("prompt", variant, False)
+
+
 def _graph_file(stem: str, variant: str, debug: bool) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown graph variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -164,6 +188,29 @@ def _graph_file(stem: str, variant: str, debug: bool) -> str:
         raise ValueError("debug (tap) graphs are exported for float32 only")
     suffix = ".int8" if variant == "int8" else (".debug" if debug else "")
     return f"{stem}{suffix}.onnx"
+
+
+def prompt_settings(metadata: Mapping[str, Any], where: str) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """``num_prompts`` and the ``prompt_dictionary`` as sorted (locale, column) pairs from a graph's decoded
+    metadata (0 and empty for a model without a prompt kernel); an index outside the one-hot width, or a
+    dictionary without prompts, is refused naming ``where``."""
+    try:
+        num_prompts = int(metadata.get("num_prompts") or 0)
+    except (TypeError, ValueError):
+        raise GraphInterfaceError(f"{where}: metadata num_prompts {metadata.get('num_prompts')!r} is not a "
+                                  "number") from None
+    dictionary = metadata.get("prompt_dictionary") or {}
+    if not isinstance(dictionary, Mapping):
+        raise GraphInterfaceError(f"{where}: metadata prompt_dictionary is not a mapping of locale to index")
+    pairs = []
+    for locale, index in dictionary.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_prompts:
+            raise GraphInterfaceError(f"{where}: metadata prompt_dictionary[{locale!r}] = {index!r} is not a "
+                                      f"one-hot column of the {num_prompts} prompts (num_prompts)")
+        pairs.append((str(locale), index))
+    if num_prompts < 0 or (pairs and not num_prompts):
+        raise GraphInterfaceError(f"{where}: metadata num_prompts {num_prompts} with a prompt_dictionary")
+    return num_prompts, tuple(sorted(pairs))
 
 
 def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
@@ -261,4 +308,14 @@ def read_view(directory: Path):
     pieces = tokenizer_pieces(tokenizer.read_bytes()) if tokenizer.exists() else None
     view = ModelView("onnx", directory, "pytorch", tensors, config, vocabulary=vocabulary, tokenizer_pieces=pieces)
     view.config.setdefault("onnx_metadata", metadata)
+    # A prompt-conditioned export states its prompt as NeMo's config does (``model_defaults``), so the
+    # fingerprint compares it with the prompt kernel's weights (prompt.onnx keeps their names and shapes).
+    try:
+        num_prompts, dictionary = prompt_settings(decode_metadata(metadata), str(directory))
+    except GraphInterfaceError as error:
+        view.notes.append(str(error))
+        num_prompts, dictionary = 0, ()
+    if num_prompts:
+        view.config.setdefault("model_defaults", {
+            "initialize_prompt_feature": True, "num_prompts": num_prompts, "prompt_dictionary": dict(dictionary)})
     return view

@@ -16,6 +16,11 @@
   variants: the int8 encoder's output goes through the float32 head): its log-probabilities are the
   ``ctc`` tap, and its greedy labels continue the previous step's
   (``harness.interface.backend.ctc_greedy``).
+- Prompt-conditioned exports add ``prompt.onnx`` (``prompt.int8.onnx`` for int8), NeMo's
+  ``_apply_prompt_to_encoded``: run on each step's encoder output with the stream's locale mapped to its
+  one-hot column through the export's own ``prompt_dictionary`` (metadata), before decoding and the CTC
+  head; its output is the ``prompt`` tap. A stream without a locale bypasses it, as NeMo does when
+  ``set_inference_prompt`` was never called (the ``prompt`` tap is then the encoder output).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from backends.onnx.layout import (
     ENCODER_OUTPUTS,
     FORMAT,
+    FORMAT_FAMILY,
     CacheShapes,
     ExportDirError,
     GraphInterfaceError,
@@ -40,6 +46,9 @@ from backends.onnx.layout import (
     decoder_joint_file,
     encoder_file,
     interface_of,
+    load_graph,
+    prompt_file,
+    prompt_settings,
     read_graph_metadata,
 )
 from harness.errors import InvalidInput
@@ -48,6 +57,7 @@ from harness.interface.backend import (
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
+    TAP_PROMPT,
     Backend,
     Capabilities,
     DecoderState,
@@ -58,6 +68,7 @@ from harness.interface.backend import (
     StepOutput,
     StreamingState,
     ctc_step,
+    expect_shape,
 )
 from harness.interface.chunking import Chunk, StreamingConfig
 from harness.interface.frontend import Frontend
@@ -72,7 +83,7 @@ class CacheLayoutError(ShapeMismatchError):
 class _Graph:
     """One ONNX Runtime session with its metadata and interface checks.
 
-    ``role`` is ``"encoder"``, ``"decoder_joint"`` or ``"ctc"``; the names it must have come from the
+    ``role`` is ``"encoder"``, ``"decoder_joint"``, ``"ctc"`` or ``"prompt"``; the names it must have come from the
     interface the graph's metadata declares (``layout.INTERFACES``).
     """
 
@@ -81,9 +92,12 @@ class _Graph:
 
         self.path = path
         self.metadata = read_graph_metadata(path)
-        if self.metadata.get("format") != FORMAT:
-            raise GraphInterfaceError(f"{path.name}: metadata format {self.metadata.get('format')!r}, "
-                                      f"expected {FORMAT!r} (not exported by parity export-onnx?)")
+        found = self.metadata.get("format")
+        if found != FORMAT:
+            older = isinstance(found, str) and found.startswith(FORMAT_FAMILY)
+            raise GraphInterfaceError(f"{path.name}: metadata format {found!r}, expected {FORMAT!r} " + (
+                "(written by an older parity export-onnx: export again)" if older
+                else "(not exported by parity export-onnx?)"))
         self.interface = interface_of(self.metadata)
         inputs = getattr(self.interface, f"{role}_inputs")
         outputs = getattr(self.interface, f"{role}_outputs")
@@ -152,6 +166,8 @@ class OnnxBackend(Backend):
             self._check_source(Path(nemo_path))
         self.vocabulary = self._read_vocabulary(int(meta["vocab_size"]))
         exported = self._exported_contexts(meta)
+        # The export's own copy of the locale -> one-hot column map (a shifted copy shows at the prompt tap).
+        num_prompts, prompt_dictionary = prompt_settings(meta, self.decoder_joint.path.name)
         self.info = ModelInfo(
             num_layers=int(meta["num_layers"]), d_model=int(meta["d_model"]), n_mels=int(meta["n_mels"]),
             conv_kernel_size=int(meta["conv_kernel_size"]), subsampling_factor=int(meta["subsampling_factor"]),
@@ -162,6 +178,7 @@ class OnnxBackend(Backend):
             speaker_kernel_layers=tuple(int(i) for i in meta.get("speaker_kernel_layers") or ()),
             background_speaker_kernel=bool(meta.get("background_speaker_kernel", False)),
             ctc_head=bool(meta.get("ctc_head")),
+            num_prompts=num_prompts, prompt_dictionary=prompt_dictionary,
         )
         if self.info.multitalker != self.interface.speaker_masks:
             raise GraphInterfaceError(f"{self.directory}: speaker_kernel_layers {list(self.info.speaker_kernel_layers)} "
@@ -174,6 +191,7 @@ class OnnxBackend(Backend):
         self.frontend = self._read_frontend()
         self._check_decoder_joint()
         self.ctc_graph = self._open_ctc() if self.info.ctc_head else None
+        self.prompt_graph = self._open_prompt() if self.info.prompted else None
 
     # -- loading and validation ----------------------------------------------------------------------
     def _open(self, file_for, role: str) -> _Graph:
@@ -248,6 +266,54 @@ class OnnxBackend(Backend):
                 raise ExportDirError(f"{path.name}: metadata {key} = {graph.metadata.get(key)!r}, but "
                                      f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
         return graph
+
+    def _open_prompt(self) -> _Graph:
+        """A prompt-conditioned model's ``prompt.onnx`` (``prompt.int8.onnx`` for int8), checked against the
+        export it belongs to: the same source, width, one-hot width and dictionary, and a kernel whose weights
+        have the shapes those imply."""
+        path = self.directory / prompt_file(self.dtype)
+        if not path.is_file():
+            raise MissingGraphError(
+                f"{self.directory}: missing graph {path.name}: {self.decoder_joint.path.name} declares a prompt-"
+                f"conditioned model ({self.info.num_prompts} prompts) and its prompt kernel runs in {path.name} "
+                f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
+        graph = _Graph(path, "prompt", self._options)
+        for key in ("source_sha256", "d_model", "num_prompts", "prompt_dictionary"):
+            if graph.metadata.get(key) != self.metadata.get(key):
+                raise ExportDirError(f"{path.name}: metadata {key} = {graph.metadata.get(key)!r}, but "
+                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
+        d_model, num_prompts = self.info.d_model, self.info.num_prompts
+        _check_declared(graph, graph.interface.prompt_inputs[0], ("B", d_model, "T"))
+        _check_declared(graph, graph.interface.prompt_inputs[1], ("B",))
+        if self.dtype == "float32":  # the int8 graph's weights are quantized (and renamed) by ONNX Runtime
+            shapes = {init.name: list(init.dims) for init in load_graph(path).graph.initializer}
+            expected = {"prompt_kernel.0.weight": [2 * d_model, d_model + num_prompts],
+                        "prompt_kernel.2.weight": [d_model, 2 * d_model]}
+            for name, shape in expected.items():
+                if shapes.get(name) != shape:
+                    raise GraphInterfaceError(
+                        f"{path.name}: {name} has shape {shapes.get(name)}, but d_model {d_model} and num_prompts "
+                        f"{num_prompts} (metadata) need {shape}")
+        return graph
+
+    def run_prompt(self, encoded: np.ndarray, locale: str | None) -> np.ndarray:
+        """NeMo's ``_apply_prompt_to_encoded`` on ``encoded`` ``[B, D, T]`` for ``locale`` (this export's
+        ``prompt_dictionary`` gives its column): ``prompt.onnx``'s output; ``encoded`` itself for None (never
+        set: the bypass). A locale for a model without a prompt kernel, or one the dictionary lacks, is refused."""
+        index = self.info.prompt_index(locale)  # InvalidInput for a non-prompt model or an unknown locale
+        if index is None:
+            return encoded
+        if self.prompt_graph is None:
+            raise InvalidInput(f"onnx: prompt {locale!r} given, but {self.directory} has no prompt graph")
+        names = self.prompt_graph.interface
+        expect_shape(f"{self.prompt_graph.path.name} input {names.prompt_inputs[0]}", encoded,
+                     (None, self.info.d_model, None))
+        batch = encoded.shape[0]
+        out = self.prompt_graph.run({names.prompt_inputs[0]: np.ascontiguousarray(encoded, np.float32),
+                                     names.prompt_inputs[1]: np.full((batch,), index, np.int64)})
+        prompted = out[names.prompt_outputs[0]]
+        expect_shape(f"{self.prompt_graph.path.name} output {names.prompt_outputs[0]}", prompted, encoded.shape)
+        return prompted
 
     def _run_ctc(self, encoded: np.ndarray, encoded_len: np.ndarray,
                  last_labels: list[int]) -> tuple[np.ndarray, list[list[int]], list[int]]:
@@ -391,20 +457,24 @@ class OnnxBackend(Backend):
         out = self.run_encoder(context, chunk.mel, chunk.length, self._to_graph_layout(state.cache_last_channel),
                                self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len, masks)
         encoded, encoded_len = out["outputs"], out["encoded_lengths"].astype(np.int64)
+        decoded_from = self.run_prompt(encoded, state.prompt)  # what the decoder, joint and CTC head read
         decoders, emitted, decoder_taps, joint_taps = [], [], [], []
         if forced_decisions is not None and len(state.decoder) != 1:
             raise ValueError(f"onnx: teacher forcing runs batch 1, not {len(state.decoder)}")
         for index, previous in enumerate(state.decoder):
-            decoded = self._greedy(encoded[index], int(encoded_len[index]), previous,
+            decoded = self._greedy(decoded_from[index], int(encoded_len[index]), previous,
                                    ForcedDecisions(forced_decisions, self.name))
             decoders.append(decoded[0])
             emitted.append(decoded[1])
             decoder_taps.extend(decoded[2])
             joint_taps.extend(decoded[3])
-        ctc = None if self.ctc_graph is None else self._run_ctc(encoded, encoded_len, self.info.ctc_labels_before(state))
+        ctc = None if self.ctc_graph is None else self._run_ctc(decoded_from, encoded_len,
+                                                                self.info.ctc_labels_before(state))
         seconds = time.perf_counter() - started
         taps = {name: out[name] for name in self._encoder(context).taps}
         taps[TAP_ENCODER] = encoded
+        if self.info.prompted:
+            taps[TAP_PROMPT] = decoded_from
         taps[TAP_DECODER] = (np.concatenate(decoder_taps, axis=0) if decoder_taps
                              else np.zeros((0, self.info.pred_hidden), np.float32))
         taps[TAP_JOINT] = (np.concatenate(joint_taps, axis=0) if joint_taps
@@ -419,7 +489,7 @@ class OnnxBackend(Backend):
             cache_last_time=self._to_graph_layout(out["cache_last_time_next"]).copy(),
             cache_last_channel_len=out["cache_last_channel_next_len"].astype(np.int64),
             decoder=decoders, step_index=state.step_index + 1, native=None,
-            ctc_last_label=None if ctc is None else ctc[2])
+            ctc_last_label=None if ctc is None else ctc[2], prompt=state.prompt)
         return StepOutput(encoded=encoded, encoded_len=encoded_len, state=new_state, tokens=emitted, taps=taps,
                           seconds=seconds, ctc_tokens=None if ctc is None else ctc[1])
 
@@ -457,7 +527,7 @@ class OnnxBackend(Backend):
         return DecoderState(last_token=last, h=h, c=c, tokens=tokens), emitted, decoder_taps, joint_taps
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
         raise NotImplementedError("the ONNX export holds streaming (cache-aware) encoder graphs only; "
                                   "compare ONNX against NeMo streaming, not offline")
 
@@ -465,3 +535,4 @@ class OnnxBackend(Backend):
         self._encoders.clear()
         self.decoder_joint = None
         self.ctc_graph = None
+        self.prompt_graph = None
