@@ -344,8 +344,9 @@ def test_rebound_judges_saved_flips_by_the_new_bound():
 # -- PairComparison: order, messages, worst -------------------------------------------------------------------
 
 def test_comparison_order_is_model_order():
+    # The prompt kernel fuses the encoder output before the CTC head, the decoder and the joint read it.
     assert comparison_order(2) == [TAP_MEL, TAP_PRE_ENCODE, "layers.0", "layers.1", TAP_ENCODER, *CACHE_TAPS,
-                                   TAP_CTC, TAP_DECODER, TAP_JOINT]
+                                   "prompt", TAP_CTC, TAP_DECODER, TAP_JOINT]
 
 
 def _tap(step: int, tap: str, violations=(), **metric_values) -> TapResult:

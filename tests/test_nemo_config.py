@@ -61,11 +61,17 @@ def test_every_fixture_config_reads(name):
     assert config.decoder.pred_hidden == config.joint.pred_hidden == spec.transducer["model_defaults"]["pred_hidden"]
     assert config.decoder.pred_rnn_layers == 2 and config.decoder.blank_as_pad
     assert config.joint.encoder_hidden == encoder.d_model
-    assert config.joint.output_index == 2  # the fixtures' joint dropout is 0.2, as in released checkpoints
+    # The fixtures' joint dropout is 0.2, as in released checkpoints; tiny-prompt's is 0 (joint_net.1).
+    assert config.joint.output_index == (1 if name == "tiny-prompt" else 2)
     assert config.decoding.max_symbols == 10
     assert config.kind == ("tdt" if name == "tiny-tdt" else "rnnt")
     if name == "tiny-tdt":
         assert config.tdt_durations == (0, 1, 2, 3, 4) and config.joint.num_extra_outputs == 5
+    prompt = spec.extra_config.get("model_defaults", {})
+    assert (config.prompt is not None) == bool(prompt.get("initialize_prompt_feature"))
+    if config.prompt is not None:
+        assert config.prompt.num_prompts == prompt["num_prompts"] and config.prompt.hidden == encoder.d_model
+        assert dict(config.prompt.dictionary) == prompt["prompt_dictionary"]
     speakers = spec.extra_config.get("spk_kernel_layers")
     assert config.multitalker == bool(speakers)
     if speakers:
