@@ -155,6 +155,19 @@ register(BackendEntry(
                 "sherpa-onnx export: tokens per chunk"))
 
 
+# A peer runtime: mlx-audio's own Nemotron-3.5 streaming ASR (its converter, loader, front end and streaming
+# generation), fed audio and a prompt locale; its encoder output per chunk, before and after the prompt kernel.
+register(BackendEntry(
+    name="mlx-audio", module="backends.mlxaudio", requires=("mlx_audio", "mlx"), dtypes=("float32",),
+    marker="mlx_audio", capabilities=Capabilities(first_chunk_modes=("plain",), taps=("encoder", "prompt"),
+                                                  caches=False, offline=False, teacher_forcing=False, input="audio"),
+    detector="backends.mlxaudio:detect", source_option="--mlx-audio",
+    source_help="a directory written by mlx-audio's converter (python -m mlx_audio.stt.models.nemotron_asr.convert)",
+    hub_patterns=("config.json", "model.safetensors", "tokenizer.model", "vocab.txt"),
+    description="mlx-audio's own nemotron_asr (its converter, strict=False load, front end and streaming "
+                "generation) on a prompt-conditioned Nemotron-3.5 checkpoint: tokens and encoder output per chunk"))
+
+
 def get(name: str) -> BackendEntry:
     try:
         return REGISTRY[name]
