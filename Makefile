@@ -26,6 +26,8 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all]'
+	# mlx-audio's nemotron_asr (a peer backend): without its declared dependencies (see pyproject's mlx-audio extra).
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt mlx-audio==0.6.2
 	touch $(STAMP)
 
 install: $(STAMP)

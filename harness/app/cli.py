@@ -177,7 +177,14 @@ def print_comparisons(report, out=None) -> None:
 def cmd_compare(args) -> int:
     from backends import REFERENCE, get
     from harness.app.compare import compare_backends, fixture_utterances
-    from harness.app.peers import bisect_peers, candidate_sources, print_bisections, print_notes
+    from harness.app.peers import (
+        bisect_peers,
+        candidate_sources,
+        diagnose_peers,
+        print_bisections,
+        print_diagnoses,
+        print_notes,
+    )
     from harness.app.provenance import artifact_record, reference_record
     from harness.judge.tolerances import Tolerances
     from harness.nemo_file import sha256_file
@@ -206,8 +213,11 @@ def cmd_compare(args) -> int:
                                   model_hub=model.hub, backends=records, progress=bar)
         bisect_peers(reference, [(source.path, c) for (_, source, _), c in zip(sources, candidates)], utterances,
                      contexts, tolerances, report.results, nemo_path=model.path, progress=bar.phase)
+        diagnose_peers(reference, [(source.path, c) for (_, source, _), c in zip(sources, candidates)], utterances,
+                       contexts, tolerances, report.results, nemo_path=model.path, progress=bar.phase)
     print_comparisons(report)
     print_bisections(report.results)
+    print_diagnoses(report.results)
     if args.json:
         print(f"results written to {report.results.save(args.json)}")
     failures = [c for c in report.results.comparisons if not c.passed]

@@ -146,3 +146,41 @@ def print_bisections(results: Results, out=None) -> None:
     for row in rows:
         for line in row.get("lines", []):
             print(line, file=out or sys.stdout)
+
+
+# -- peer runtimes that describe themselves: diagnosis ----------------------------------------------------------
+
+DIAGNOSIS_KEY = "peer_diagnosis"
+
+
+def diagnose_peers(reference: Backend, candidates: Sequence[tuple[Path, Backend]], utterances: Sequence[Utterance],
+                   contexts: Sequence[Sequence[int]], tolerances: Tolerances, results: Results, *, nemo_path: Path,
+                   prompt: str | None = None, progress: Callable[[str], None] | None = None) -> list[list[str]]:
+    """Diagnose every audio-input candidate that can say how it loaded and what it computes differently
+    (``harness.judge.peer_audit``): its parameters against the checkpoint's tensors, its front end and its
+    encoder fed the reference's mel. Records each in ``results.extra["peer_diagnosis"]``; returns the lines."""
+    from harness.judge.peer_audit import diagnose_peer
+    from harness.nemo_file import inspect_nemo, load_state_dict
+
+    printed = []
+    checkpoint = None
+    for _path, peer in candidates:
+        if peer.capabilities.input != "audio" or not hasattr(peer, "encode_mel"):
+            continue
+        if checkpoint is None:
+            checkpoint = {name: value.numpy() for name, value in load_state_dict(inspect_nemo(nemo_path)).items()
+                          if hasattr(value, "numpy")}
+        diagnosis = diagnose_peer(reference, peer, utterances, contexts, tolerances, checkpoint=checkpoint,
+                                  prompt=prompt, progress=progress)
+        results.extra.setdefault(DIAGNOSIS_KEY, []).append({**diagnosis.to_dict(), "lines": diagnosis.lines()})
+        printed.append(diagnosis.lines())
+    return printed
+
+
+def print_diagnoses(results: Results, out=None) -> None:
+    rows = results.extra.get(DIAGNOSIS_KEY) or []
+    if rows:
+        print("\ndiagnosis of the peer runtime(s):", file=out or sys.stdout)
+    for row in rows:
+        for line in row.get("lines", []):
+            print(line, file=out or sys.stdout)
