@@ -371,11 +371,12 @@ def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "
     for results, file_name in zip(all_results, results_file_names(models)):
         results.extra["date"] = date
         files.append(results.save(night_dir / file_name))
-    peer_results = run_peer_check(plan_candidates(matrix_options.get("backends")), tolerances=Tolerances.load(
-        matrix_options.get("tolerances_path")), work_dir=Path(matrix_options.get("work_dir") or default_work_dir()))
-    if peer_results is not None:
+    for peer_results in run_peer_check(plan_candidates(matrix_options.get("backends")), tolerances=Tolerances.load(
+            matrix_options.get("tolerances_path")), work_dir=Path(matrix_options.get("work_dir") or default_work_dir())):
         peer_results.extra["date"] = date
-        files.append(peer_results.save(night_dir / "results-peers.json"))
+        model = peer_results.extra["model"]
+        name = "results-peers.json" if model == PEER_CHECK_MODELS[0] else f"results-peers-{model}.json"
+        files.append(peer_results.save(night_dir / name))
         all_results.append(peer_results)
     mutants = None
     if mutation_testing:
@@ -388,49 +389,71 @@ def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "
     return NightlyOutcome(night_dir, files, report, all_results)
 
 
-PEER_CHECK_MODEL = "trained-streaming"  # the model whose transcripts mean something: its WER is the finding
+# The models every peer runtime is checked on, each where the peer runs it (a peer refusing a model at
+# preparation, ``Unsupported``, skips it): the trained fixture, whose transcripts mean something (its WER
+# is the finding), and the prompt-conditioned family (Nemotron-3.5, which mlx-audio runs).
+PEER_CHECK_MODELS = ("trained-streaming", "tiny-prompt")
 PEER_CHECK_UTTERANCES = 40
 
 
+def _peer_check_utterances(model: str) -> list:
+    from harness.interface.utterance import Utterance
+
+    if model == "trained-streaming":
+        from fixtures.trained.evaluate import test_entries
+
+        return [Utterance.from_file(e["audio_filepath"], e["text"]) for e in test_entries()[:PEER_CHECK_UTTERANCES]]
+    from harness.app.compare import fixture_utterances
+
+    return fixture_utterances()[:PEER_CHECK_UTTERANCES]
+
+
 def run_peer_check(plan: MatrixPlan, *, work_dir: Path, tolerances: Tolerances,
-                   progress: Callable[[str], None] = lambda _m: None) -> Results | None:
-    """Every planned peer runtime (a transcript-level candidate that takes audio) on the trained
-    fixture's held-out utterances at every lookahead: its WER next to NeMo's, and, where its tokens
-    leave NeMo's, the stack bisection that says why (``harness.app.peers``)."""
+                   progress: Callable[[str], None] = lambda _m: None) -> list[Results]:
+    """Every planned peer runtime (a candidate that takes audio) on each of ``PEER_CHECK_MODELS`` it runs, at
+    every lookahead: its WER next to NeMo's and, where it leaves NeMo, why: the stack bisection
+    (``harness.app.peers.bisect_peers``) and the diagnosis of how it loaded and what it computes differently
+    (``diagnose_peers``). One ``Results`` per model."""
     from backends import REFERENCE, get
     from fixtures.models import build
     from harness.app.compare import compare_backends
-    from harness.app.peers import bisect_peers
-    from harness.interface.utterance import Utterance
+    from harness.app.peers import bisect_peers, diagnose_peers
 
     peers = [c for c in plan.candidates if get(c.backend).capabilities.input == "audio"]
-    if not peers:
-        return None
-    nemo_path = build(PEER_CHECK_MODEL, progress=progress)
-    from fixtures.trained.evaluate import test_entries
-
-    utterances = [Utterance.from_file(e["audio_filepath"], e["text"]) for e in test_entries()[:PEER_CHECK_UTTERANCES]]
-    reference = get(REFERENCE).load(nemo_path)
-    contexts = list(reference.info.att_context_sizes)
-    opened = []
-    try:
-        for planned in peers:
-            entry = get(planned.backend)
-            progress(f"peer check: preparing {planned.label} for {PEER_CHECK_MODEL}")
-            source = entry.prepare(nemo_path, work_dir, dtype=planned.dtype, att_context_sizes=contexts)
-            opened.append((source, entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)))
-        progress(f"peer check: {', '.join(p.label for p in peers)} on {len(utterances)} held-out utterances")
-        outcome = compare_backends(reference, [backend for _, backend in opened], utterances, contexts, tolerances,
-                                   model_path=nemo_path, include_offline=False)
-        bisect_peers(reference, opened, utterances, contexts, tolerances, outcome.results, nemo_path=nemo_path,
-                     progress=progress)
-    finally:
-        for _, backend in opened:
-            backend.close()
-        reference.close()
-    outcome.results.extra.update({"kind": "peer-check", "utterances": [u.name for u in utterances],
-                                  "lookaheads": [list(c) for c in contexts]})
-    return outcome.results
+    checked = []
+    for model in PEER_CHECK_MODELS if peers else ():
+        nemo_path = build(model, progress=progress)
+        utterances = _peer_check_utterances(model)
+        reference = get(REFERENCE).load(nemo_path)
+        contexts = list(reference.info.att_context_sizes)
+        opened = []
+        try:
+            for planned in peers:
+                entry = get(planned.backend)
+                progress(f"peer check: preparing {planned.label} for {model}")
+                try:
+                    source = entry.prepare(nemo_path, work_dir, dtype=planned.dtype, att_context_sizes=contexts)
+                except Unsupported as error:
+                    progress(f"peer check: {planned.label} does not run {model}: {error}")
+                    continue
+                opened.append((source, entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)))
+            if not opened:
+                continue
+            progress(f"peer check: {', '.join(b.name for _, b in opened)} on {model}, {len(utterances)} utterances")
+            outcome = compare_backends(reference, [backend for _, backend in opened], utterances, contexts,
+                                       tolerances, model_path=nemo_path, include_offline=False)
+            bisect_peers(reference, opened, utterances, contexts, tolerances, outcome.results, nemo_path=nemo_path,
+                         progress=progress)
+            diagnose_peers(reference, opened, utterances[:2], contexts, tolerances, outcome.results,
+                           nemo_path=nemo_path, progress=progress)
+        finally:
+            for _, backend in opened:
+                backend.close()
+            reference.close()
+        outcome.results.extra.update({"kind": "peer-check", "model": model, "utterances": [u.name for u in utterances],
+                                      "lookaheads": [list(c) for c in contexts]})
+        checked.append(outcome.results)
+    return checked
 
 
 def fp32_failures(results_list: Sequence[Results]) -> list[str]:

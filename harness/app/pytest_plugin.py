@@ -178,7 +178,8 @@ def pytest_generate_tests(metafunc):
         candidates = [n for n in names if n != REFERENCE]
         # Candidates are also compared with each other where both produce tensors; a transcript-level
         # backend (a peer runtime) is compared with the reference only.
-        tensor_level = [n for n in candidates if REGISTRY[n].capabilities.tensor_level]
+        tensor_level = [n for n in candidates if REGISTRY[n].capabilities.tensor_level
+                        and REGISTRY[n].capabilities.input == "mel"]
         pairs = [(REFERENCE, c) for c in candidates] + [
             (a, b) for i, a in enumerate(tensor_level) for b in tensor_level[i + 1:]]
         metafunc.parametrize("backend_pair", [_backend_param(p, streams_mel=streams_mel) for p in pairs])

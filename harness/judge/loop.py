@@ -281,6 +281,9 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                                                               info, utterance.prompt_for(info), tolerances)
                             if cause:
                                 comparison.causes.append(cause)
+                        if audio_input:
+                            # A peer runtime is judged and reported, never this project's verdict.
+                            comparison.gating = False
                         results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
                         _record_run(outcome, run, utterance, backend.info.vocabulary)
                         store.release(run)

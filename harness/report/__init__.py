@@ -94,6 +94,8 @@ def _summary_context(results_list: Sequence[Results], history: History | None, t
         "candidate_errors": candidate_errors(results_list),
         # A peer runtime's stack bisection (harness.judge.bisect), as parity compare recorded it.
         "peer_bisections": [row for r in results_list for row in (r.extra or {}).get("peer_bisection", [])],
+        # A peer runtime's diagnosis (harness.judge.peer_audit): what it did not load, its front end and encoder.
+        "peer_diagnoses": [row for r in results_list for row in (r.extra or {}).get("peer_diagnosis", [])],
         "degradation_rows": degradation_rows(results_list),
         "history": history,
     }
