@@ -191,3 +191,27 @@ def test_audit_on_another_shape():
     assert kinds == {("differs", ("enc.w",)), ("initial", ("extra.scale",))}
     assert audit.loaded == 3
     assert any("extra.scale [9] left at its initial value" in line for line in audit.lines())
+
+
+def test_nightly_peer_check_runs_mlx_audio_on_the_prompt_family_and_the_report_names_both_findings(
+        work, utterances, tmp_path, monkeypatch):
+    """The nightly's peer check takes mlx-audio to the prompt fixture (it refuses the trained fixture, which has
+    no prompt), and the report names the silent random joint and the reflect-padded front end."""
+    from harness.app import nightly
+    from harness.report import write_report
+
+    shortest = sorted(utterances, key=lambda u: len(u.audio))[:1]
+    monkeypatch.setattr(nightly, "_peer_check_utterances", lambda _model: shortest)
+    plan = nightly.MatrixPlan([nightly.PlannedCandidate("mlx-audio", "float32")], [])
+    checked = nightly.run_peer_check(plan, work_dir=work, tolerances=Tolerances.load())
+    assert [r.extra["model"] for r in checked] == ["tiny-prompt"]  # trained-streaming skipped: no prompt
+    (results,) = checked
+    assert results.comparisons and all(not c.gating and not c.passed for c in results.comparisons)
+    (diagnosis,) = results.extra["peer_diagnosis"]
+    text = "\n".join(diagnosis["lines"])
+    assert "joint.joint_net.1.{bias,weight} [129, 64] not loaded" in text and "strict=False" in text
+    assert "reflect padding" in text and "first divergence: tap mel, frame 0" in text
+    report = write_report([results], tmp_path, title="peers")
+    markdown = (tmp_path / "report.md").read_text()
+    assert "What a peer runtime computes differently" in markdown and "joint_net.1" in markdown
+    assert report is not None
