@@ -323,3 +323,41 @@ def test_reduced_precision_prompt_within_its_table(dtype, prompt_nemo, nemo, art
     assert verification.passed, verification.failures()
     worst = max(t.metrics["rel_l2"] for t in prompt_results)
     print(f"nemo~mlx {dtype} tiny-prompt prompt tap worst rel_l2 {worst:.1e}")
+
+
+def test_parity_verify_prints_the_prompt_line(prompt_nemo, artifacts, utterances, capsys):
+    from fixtures.models import SPEECH_DIR
+    from harness.app.cli import EXIT_OK, main
+
+    code = main(["verify", str(artifacts("float32")), "--nemo", str(prompt_nemo), "--audio",
+                 str(SPEECH_DIR / utterances[0].name), "--att-context", "56,13"])
+    out = capsys.readouterr()
+    assert code == EXIT_OK, out.out + out.err
+    assert "prompt kernel worst max_abs: plain" in out.out
+
+
+# -- another shape: 16 prompts --------------------------------------------------------------------------
+
+def test_sixteen_prompts_match_nemo(prompt_nemo, utterances, tolerances, tmp_path):
+    """``num_prompts`` 16 (the kernel's first Linear 80 + 16 wide) through a rewritten checkpoint."""
+    from backends import get
+    from backends.mlx.convert import convert
+
+    def sixteen(config: dict) -> None:
+        config["model_defaults"]["num_prompts"] = 16
+        if "num_prompts" in config:
+            config["num_prompts"] = 16
+
+    narrowed = _rewrite_config(prompt_nemo, tmp_path / "sixteen.nemo", sixteen, lambda state: {
+        **state, PROMPT_WEIGHT: state[PROMPT_WEIGHT][:, :80 + 16].clone()})
+    artifact = convert(narrowed, tmp_path / "sixteen", skip_verify=True).published
+    chinese = _with_prompt(utterances[:1], "zh-CN")
+    with get("nemo").load(narrowed) as nemo, get("mlx").load(artifact) as mlx:
+        assert nemo.info.num_prompts == mlx.info.num_prompts == 16
+        assert mlx.prompt_kernel().weight_in.shape == (160, 96)
+        outcome = _compare(nemo, Candidate.of(mlx, modes=("plain",), compare_offline=True), chinese, tolerances,
+                           [(56, 0)])
+    assert len(outcome.results.comparisons) == 2
+    for comparison in outcome.results.comparisons:
+        assert comparison.passed, comparison.describe_failure()
+        assert any(t.tap == TAP_PROMPT for t in comparison.taps)
