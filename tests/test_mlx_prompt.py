@@ -325,15 +325,26 @@ def test_reduced_precision_prompt_within_its_table(dtype, prompt_nemo, nemo, art
     print(f"nemo~mlx {dtype} tiny-prompt prompt tap worst rel_l2 {worst:.1e}")
 
 
-def test_parity_verify_prints_the_prompt_line(prompt_nemo, artifacts, utterances, capsys):
+def test_parity_verify_prints_the_prompt_line(prompt_nemo, artifacts, utterances, capsys, tmp_path):
     from fixtures.models import SPEECH_DIR
     from harness.app.cli import EXIT_OK, main
 
     code = main(["verify", str(artifacts("float32")), "--nemo", str(prompt_nemo), "--audio",
-                 str(SPEECH_DIR / utterances[0].name), "--att-context", "56,13"])
+                 str(SPEECH_DIR / utterances[0].name), "--att-context", "56,13", "--json", str(tmp_path / "en.json")])
     out = capsys.readouterr()
     assert code == EXIT_OK, out.out + out.err
     assert "prompt kernel worst max_abs: plain" in out.out
+    # --prompt: the locale every stream is given (both backends map it through their own dictionary).
+    code = main(["verify", str(artifacts("float32")), "--nemo", str(prompt_nemo), "--audio",
+                 str(SPEECH_DIR / utterances[0].name), "--att-context", "56,13", "--prompt", "de-DE",
+                 "--json", str(tmp_path / "de.json")])
+    out = capsys.readouterr()
+    assert code == EXIT_OK, out.out + out.err
+    english, german = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("en", "de"))
+    assert german["passed"]
+    (en_plain, *_), (de_plain, *_) = english["comparisons"], german["comparisons"]
+    assert en_plain["mode"] == de_plain["mode"] == "plain"
+    assert de_plain["candidate_tokens"] == de_plain["reference_tokens"] != en_plain["reference_tokens"]
 
 
 # -- another shape: 16 prompts --------------------------------------------------------------------------

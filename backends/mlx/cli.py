@@ -7,6 +7,7 @@ works without MLX installed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,9 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def _utterances(args):
-    """The ``--audio`` files, else the application's default utterances (the fixture speech)."""
+    """The ``--audio`` files, else the application's default utterances (the fixture speech), with the
+    ``--prompt`` locale (prompt-conditioned models) when given."""
     if not args.audio:
-        return args.context.default_utterances()
+        utterances = args.context.default_utterances()
+        prompt = getattr(args, "prompt", None)
+        return [dataclasses.replace(u, prompt=prompt) for u in utterances] if prompt else utterances
     from harness.interface.commands import load_utterances
 
     return load_utterances(args, args.audio)
