@@ -313,3 +313,42 @@ def test_older_exports_are_refused_and_not_reused(export, prompt_nemo, tmp_path)
     assert len(written) == 1  # an older format's record: written again, not reused
     cached_directory(older, "export.json", "abc", write, fmt=FORMAT)
     assert len(written) == 1  # the current format's: reused
+
+
+# -- another shape --------------------------------------------------------------------------------------
+
+def test_another_prompt_width_and_dictionary(prompt_nemo, utterances, tmp_path):
+    """16 prompts (the kernel's first 16 one-hot columns) and another dictionary: exported, read and matched."""
+    import io
+    import tarfile
+
+    import yaml
+
+    from backends import get
+    from backends.onnx.export import export_cached
+    from fixtures.models import rewrite_checkpoint
+
+    d_model, width, locales = 80, 16, {"en-US": 3, "de-DE": 15}
+    sliced = rewrite_checkpoint(prompt_nemo, tmp_path / "sliced.nemo", lambda state: {
+        **state, "prompt_kernel.0.weight": state["prompt_kernel.0.weight"][:, :d_model + width].clone()})
+    narrow = tmp_path / "narrow.nemo"
+    with tarfile.open(sliced) as source, tarfile.open(narrow, "w") as target:
+        for info in source.getmembers():
+            data = source.extractfile(info).read() if info.isfile() else None
+            if info.name.lstrip("./") == "model_config.yaml":
+                config = yaml.safe_load(data)
+                config["num_prompts"] = width
+                config["model_defaults"].update(num_prompts=width, prompt_dictionary=locales)
+                data = yaml.safe_dump(config).encode()
+                info.size = len(data)
+            target.addfile(info, io.BytesIO(data) if data is not None else None)
+    context = (56, 6)
+    export = export_cached(narrow, tmp_path / "onnx", att_context_sizes=[context], debug_taps=True)
+    assert read_graph_metadata(export / prompt_file())["prompt_dictionary"] == locales
+    with get("nemo").load(narrow) as nemo, get("onnx").load(export, nemo_path=narrow) as onnx:
+        assert onnx.info.num_prompts == nemo.info.num_prompts == width
+        assert onnx.info.prompt_dictionary == nemo.info.prompt_dictionary
+        german = [replace(utterances[0], prompt="de-DE")]
+        outcome = _compare(nemo, Candidate.of(onnx), german, [context])
+        assert outcome.passed, _failures(outcome)
+        assert any(t.tap == TAP_PROMPT for t in outcome.results.comparisons[0].taps)
