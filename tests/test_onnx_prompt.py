@@ -352,3 +352,21 @@ def test_another_prompt_width_and_dictionary(prompt_nemo, utterances, tmp_path):
         outcome = _compare(nemo, Candidate.of(onnx), german, [context])
         assert outcome.passed, _failures(outcome)
         assert any(t.tap == TAP_PROMPT for t in outcome.results.comparisons[0].taps)
+
+
+def test_peer_formats_refuse_a_prompt_model_instead_of_bypassing_its_prompt(prompt_nemo, tmp_path):
+    """sherpa-onnx's, NeMo's and parakeet-rs' exporters export the encoder and decoder_joint modules only: a
+    Nemotron-3.5 model written that way would ignore its locale. Writing one is refused, and such files (here
+    a NeMo-format export of tiny-streaming) checked against a prompt .nemo are refused, each naming why."""
+    from backends.onnx.foreign import ArtifactContradiction, read_foreign
+    from backends.onnx.peer_export import export_peer
+    from fixtures.models import build
+    from harness.errors import Unsupported
+
+    for fmt in ("sherpa-onnx", "nemo", "parakeet-rs"):
+        with pytest.raises(Unsupported, match="bypass prompt_kernel and ignore the locale"):
+            export_peer(prompt_nemo, tmp_path / fmt, fmt=fmt)
+    plain = export_peer(build("tiny-streaming", progress=lambda _m: None), tmp_path / "plain", fmt="nemo",
+                        att_context_sizes=[(70, 13)])
+    with pytest.raises(ArtifactContradiction, match="has no prompt graph, but tiny-prompt.nemo is prompt-conditioned"):
+        read_foreign(plain.out_dir, prompt_nemo)

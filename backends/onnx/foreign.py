@@ -572,6 +572,11 @@ def read_foreign(path: str | Path, nemo_path: str | Path, options=None) -> Forei
                                    "subdirectory per lookahead of one of them)")
     fmt, directories = found
     facts = NemoFacts.read(Path(nemo_path))
+    if facts.config.prompt is not None:
+        # These exporters export the encoder and decoder_joint modules; prompt_kernel belongs to the model.
+        raise ArtifactContradiction(
+            f"{path}: a {fmt} directory has no prompt graph, but {facts.path.name} is prompt-conditioned "
+            "(model_defaults.initialize_prompt_feature): its files bypass prompt_kernel and ignore the locale")
     options = options or _session_options(1)
     lookaheads: dict[tuple[int, int], ForeignLookahead] = {}
     for directory in directories:

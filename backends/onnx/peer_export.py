@@ -278,6 +278,12 @@ def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
     if config.speaker_kernels:
         raise Unsupported(f"{nemo_path.name}: a multitalker model; --format {fmt} writes single-speaker exports "
                            "(parity export-onnx writes the multitalker interface)")
+    if config.prompt is not None:
+        # The peers' exporters export the encoder and decoder_joint modules; prompt_kernel is an attribute of
+        # the model (PromptStreamingMixin), so their files would ignore the locale: a silent bypass.
+        raise Unsupported(f"{nemo_path.name}: a prompt-conditioned model (Nemotron-3.5); --format {fmt} exports the "
+                          "encoder and decoder_joint only, so its files would bypass prompt_kernel and ignore the "
+                          "locale (parity export-onnx writes prompt.onnx)")
     available = config.encoder.att_context_size
     contexts = [tuple(int(v) for v in c) for c in (att_context_sizes or available)]
     for context in contexts:
