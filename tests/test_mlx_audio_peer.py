@@ -27,13 +27,6 @@ CONTEXT = (56, 13)
 
 
 @pytest.fixture(scope="module")
-def prompt_nemo():
-    from fixtures.models import build
-
-    return build("tiny-prompt")
-
-
-@pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("mlx-audio")
 
@@ -49,12 +42,8 @@ def peer(prompt_nemo, work):
 
 
 @pytest.fixture(scope="module")
-def reference(prompt_nemo):
-    from backends import get
-
-    backend = get("nemo").load(prompt_nemo)
-    yield backend
-    backend.close()
+def reference(prompt_reference):
+    return prompt_reference
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,6 @@ def hybrid_pool(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prompt_pool(tmp_path_factory):
-    """The tiny-prompt fixture (Nemotron-3.5's language-ID prompt, joint dropout 0), its NeMo backend and MLX
-    artifact."""
-    from fixtures.models import build
-    from harness.app.pytest_plugin import BackendPool
-
-    return BackendPool(build("tiny-prompt", progress=lambda _m: None), tmp_path_factory.mktemp("prompt"))
-
-
-@pytest.fixture(scope="module")
 def artifacts(tiny_nemo, multitalker_pool, hybrid_pool, prompt_pool, tmp_path_factory):
     """Correct fp32 artifacts of tiny-streaming, tiny-multitalker, tiny-hybrid and tiny-tdt (for the
     mislabel case)."""

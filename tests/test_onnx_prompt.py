@@ -55,19 +55,8 @@ AUDIO = _shortest(2)  # the two shortest fixture utterances
 
 
 @pytest.fixture(scope="module")
-def prompt_nemo() -> Path:
-    from fixtures.models import build
-
-    return build("tiny-prompt", progress=lambda _m: None)
-
-
-@pytest.fixture(scope="module")
-def nemo(prompt_nemo):
-    from backends import get
-
-    backend = get("nemo").load(prompt_nemo)
-    yield backend
-    backend.close()
+def nemo(prompt_reference):
+    return prompt_reference
 
 
 @pytest.fixture(scope="module")

@@ -95,18 +95,13 @@ def test_identify_prompt_names_the_index_or_the_bypass(d_model, num_prompts, fra
 # -- NeMo, the reference ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def prompt_nemo():
-    pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
-    from backends.nemo import NemoBackend
-    from fixtures.models import build
-
-    path = build("tiny-prompt", progress=lambda _m: None)
-    return path, NemoBackend(path)
+def prompt_models(prompt_nemo, prompt_reference):
+    return prompt_nemo, prompt_reference
 
 
 @pytest.mark.nemo
-def test_nemo_reads_the_prompt_model_and_produces_the_prompt_tap(prompt_nemo):
-    _path, nemo = prompt_nemo
+def test_nemo_reads_the_prompt_model_and_produces_the_prompt_tap(prompt_models):
+    _path, nemo = prompt_models
     assert type(nemo.model).__name__ == "EncDecRNNTBPEModelWithPrompt"
     assert nemo.info.num_prompts == 128 and dict(nemo.info.prompt_dictionary)["de-DE"] == 2
     assert nemo.info.att_context_sizes == ((56, 13), (56, 6), (56, 1), (56, 0))
@@ -116,13 +111,13 @@ def test_nemo_reads_the_prompt_model_and_produces_the_prompt_tap(prompt_nemo):
 
 
 @pytest.mark.nemo
-def test_nemo_stream_with_the_prompt_unset_does_not_match_one_with_it_set(prompt_nemo, utterances):
+def test_nemo_stream_with_the_prompt_unset_does_not_match_one_with_it_set(prompt_models, utterances):
     """NeMo's ``_apply_prompt_to_encoded`` is a no-op until ``set_inference_prompt``: the bypassed stream's
     prompt tap is its encoder output, and it differs from the prompted stream's, tokens included (otherwise
     a bypass could not be caught on this fixture)."""
     from harness.interface.driver import stream
 
-    _path, nemo = prompt_nemo
+    _path, nemo = prompt_models
     utterance = utterances[0]
     mel, _ = nemo.features(utterance.audio[None])
     prompted = stream(nemo, mel, (56, 13), prompt="en-US")
@@ -139,13 +134,13 @@ def test_nemo_stream_with_the_prompt_unset_does_not_match_one_with_it_set(prompt
 
 
 @pytest.mark.nemo
-def test_nemo_offline_is_nemo_forward_with_prompt_indices(prompt_nemo, utterances):
+def test_nemo_offline_is_nemo_forward_with_prompt_indices(prompt_models, utterances):
     """The offline path is ``EncDecRNNTBPEModelWithPrompt.forward(prompt_indices=...)``; streaming with the same
     locale matches it at every lookahead (the streaming~offline bounds, [56,0] included)."""
     from harness.interface.driver import stream
     from harness.judge.compare import compare_streaming_to_offline
 
-    _path, nemo = prompt_nemo
+    _path, nemo = prompt_models
     tolerances = Tolerances.load()
     utterance = utterances[1]
     mel, _ = nemo.features(utterance.audio[None])
@@ -167,14 +162,14 @@ def test_nemo_offline_is_nemo_forward_with_prompt_indices(prompt_nemo, utterance
     ("de-DE", "prompt_kernel at index 2 ('de-DE'), not 'en-US' (index 0): its prompt index is off by +2"),
     ("en-GB", "index 1 ('en-GB'), not 'en-US' (index 0): its prompt index is off by +1"),
 ])
-def test_a_bypassed_or_shifted_prompt_is_caught_at_the_prompt_tap_and_named(prompt_nemo, utterances,
+def test_a_bypassed_or_shifted_prompt_is_caught_at_the_prompt_tap_and_named(prompt_models, utterances,
                                                                           candidate_prompt, cause):
     """A candidate streamed without the locale, or with another index, against the reference with en-US:
     the first divergence is the prompt tap at step 0 (the encoder before it agrees), and the cause is named."""
     from backends.nemo import NemoBackend
     from harness.judge.loop import Candidate, stream_and_compare
 
-    path, nemo = prompt_nemo
+    path, nemo = prompt_models
     with NemoBackend(path) as candidate:
         outcome = stream_and_compare(nemo, [Candidate.of(candidate, prompt=candidate_prompt)], utterances[:1],
                                      [(56, 6)], Tolerances.load(), include_offline=False)
@@ -188,12 +183,12 @@ def test_a_bypassed_or_shifted_prompt_is_caught_at_the_prompt_tap_and_named(prom
 
 
 @pytest.mark.nemo
-def test_the_same_prompt_passes_and_names_no_cause(prompt_nemo, utterances):
+def test_the_same_prompt_passes_and_names_no_cause(prompt_models, utterances):
     from backends.nemo import NemoBackend
     from harness.judge.loop import Candidate, stream_and_compare
     from harness.judge.results import Results
 
-    path, nemo = prompt_nemo
+    path, nemo = prompt_models
     with NemoBackend(path) as candidate:
         outcome = stream_and_compare(nemo, [Candidate.of(candidate)], utterances[:1], nemo.info.att_context_sizes,
                                      Tolerances.load(), include_offline=False)
@@ -205,10 +200,10 @@ def test_the_same_prompt_passes_and_names_no_cause(prompt_nemo, utterances):
 
 
 @pytest.mark.nemo
-def test_fingerprint_reports_the_prompt_kernel(prompt_nemo):
+def test_fingerprint_reports_the_prompt_kernel(prompt_models):
     from harness.detect.fingerprint import fingerprint
 
-    path, _nemo = prompt_nemo
+    path, _nemo = prompt_models
     report = fingerprint(path)
     assert report["weights"]["num_prompts"] == 128
     assert report["weights"]["prompt_kernel"]["prompt_kernel.0.weight"] == [160, 208]

@@ -259,6 +259,26 @@ def run_cache(backend_pool) -> RunCache:
 
 
 @pytest.fixture(scope="session")
+def prompt_nemo() -> Path:
+    """The ``tiny-prompt`` fixture: Nemotron-3.5's language-ID prompt (128 prompts, 8 locales), left context 56."""
+    pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
+    from fixtures.models import build
+
+    return build("tiny-prompt", progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def prompt_pool(prompt_nemo, tmp_path_factory) -> BackendPool:
+    return BackendPool(prompt_nemo, tmp_path_factory.mktemp("prompt"))
+
+
+@pytest.fixture(scope="session")
+def prompt_reference(prompt_pool):
+    """NeMo on ``tiny-prompt``, loaded once for every prompt suite."""
+    return prompt_pool.get("nemo")
+
+
+@pytest.fixture(scope="session")
 def multitalker_nemo() -> Path:
     """The ``tiny-multitalker`` fixture: speaker kernels at layer 0 (pre-hook) and layer 2 (post-hook)."""
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
