@@ -26,19 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.errors import InputNotFound, InvalidInput, Unsupported
+from harness.errors import InputNotFound, InvalidInput
 from harness.interface.backend import (
     TAP_ENCODER,
     TAP_PROMPT,
-    Backend,
+    AudioInputBackend,
     Capabilities,
     DecoderState,
     ModelInfo,
-    OfflineOutput,
     StepOutput,
     StreamingState,
 )
-from harness.interface.chunking import Chunk
 from harness.interface.peer import PART_ENCODER, PART_FRONT_END, Correction, LoadedParameters
 
 CAPABILITIES = Capabilities(first_chunk_modes=("plain",), taps=(TAP_ENCODER, TAP_PROMPT), caches=False,
@@ -77,7 +75,7 @@ def checkpoint_layout(array: np.ndarray) -> np.ndarray:
     return array
 
 
-class MlxAudioBackend(Backend):
+class MlxAudioBackend(AudioInputBackend):
     name = "mlx-audio"
     capabilities = CAPABILITIES
 
@@ -244,13 +242,6 @@ class MlxAudioBackend(Backend):
                                 artifact={name: checkpoint_names(name) for name in written}, parameters=parameters)
 
     # -- Backend interface ---------------------------------------------------------------------------
-    def step(self, chunk: Chunk, state: StreamingState, **_options) -> StepOutput:
-        raise Unsupported("mlx-audio runs its own front end and chunking: it takes audio (stream_audio), "
-                          "not the harness's mel chunks")
-
-    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], **_options) -> OfflineOutput:
-        raise Unsupported("mlx-audio decodes one utterance through its streaming encoder (generate); see encode_mel")
-
     def notes(self) -> list[str]:
         default = self.model.default_language
         fallback = "" if default in self.info.prompt_dictionary else (

@@ -26,11 +26,10 @@ import numpy as np
 from backends.sherpa_onnx.frontend import SAMPLE_RATE, fbank
 from harness.errors import InputNotFound, InvalidInput, UnsafeArtifact, Unsupported
 from harness.interface.backend import (
-    Backend,
+    AudioInputBackend,
     Capabilities,
     DecoderState,
     ModelInfo,
-    OfflineOutput,
     StepOutput,
     StreamingState,
 )
@@ -114,7 +113,7 @@ def _read_lookahead(directory: Path, dtype: str) -> Lookahead:
     return Lookahead(directory, context, metadata["window_size"], metadata["chunk_shift"], metadata, feature_dim)
 
 
-class SherpaOnnxBackend(Backend):
+class SherpaOnnxBackend(AudioInputBackend):
     name = "sherpa-onnx"
     capabilities = CAPABILITIES
 
@@ -274,13 +273,6 @@ class SherpaOnnxBackend(Backend):
             return self._ids[piece]
         except KeyError:
             raise RuntimeError(f"sherpa-onnx returned a token {piece!r} that is not in tokens.txt") from None
-
-    def step(self, chunk: Chunk, state: StreamingState, **_options) -> StepOutput:
-        raise Unsupported("sherpa-onnx runs its own front end and chunking: it takes audio (stream_audio), "
-                          "not the harness's mel chunks")
-
-    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], **_options) -> OfflineOutput:
-        raise Unsupported("sherpa-onnx's online recognizer has no offline forward")
 
     def notes(self) -> list[str]:
         lookaheads = ", ".join(f"[{c[0]},{c[1]}] window {la.window} / shift {la.shift} frames"

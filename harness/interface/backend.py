@@ -521,6 +521,19 @@ class Backend(abc.ABC):
         speaker_masks.check_batch(batch)
 
 
+class AudioInputBackend(Backend):
+    """A peer runtime with its own front end, chunking and decoding (``Capabilities.input == "audio"``): it
+    implements ``features`` and ``stream_audio``; the harness's mel chunks and an offline forward are refused."""
+
+    def step(self, chunk: Chunk, state: StreamingState, **_options) -> StepOutput:
+        raise Unsupported(f"{self.name} runs its own front end and chunking: it takes audio (stream_audio), "
+                          "not the harness's mel chunks")
+
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int],
+                **_options) -> OfflineOutput:
+        raise Unsupported(f"{self.name} is run as its users run it, streaming audio: no offline forward")
+
+
 def decode_tokens(vocabulary: Sequence[str], tokens: Sequence[int]) -> str:
     """SentencePiece detokenisation from the embedded vocabulary ("▁" starts a word)."""
     text = "".join(vocabulary[t] for t in tokens if 0 <= t < len(vocabulary))
