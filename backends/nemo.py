@@ -50,7 +50,7 @@ from harness.interface.backend import (
 from harness.interface.chunking import Chunk
 from harness.interface.speakers import SpeakerTargets
 from harness.nemo_config import read_model_config
-from harness.nemo_file import inspect_nemo
+from harness.nemo_file import inspect_nemo, mapped_weights_connector
 from harness.system.nemo_quiet import quiet_nemo
 
 
@@ -100,30 +100,6 @@ class _TapRecorder:
         taps.setdefault(TAP_DECODER, np.zeros((0, pred_hidden), np.float32))
         taps.setdefault(TAP_JOINT, np.zeros((0, num_classes), np.float32))
         return taps
-
-
-def mapped_weights_connector():
-    """A ``SaveRestoreConnector`` that restores without a second copy of the weights.
-
-    NeMo's own restore instantiates the model (randomly initialised), ``torch.load``s the whole
-    state dict, and copies it in: two copies of the weights at the peak (about 5 GB for the 0.6B
-    models). Here the checkpoint is memory-mapped and the parameters are replaced by the mapped
-    tensors (``load_state_dict(assign=True)``), so the initial weights are freed and the peak is
-    one copy. The values are the checkpoint's, bit for bit.
-    """
-    import torch
-    from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
-
-    class MappedWeightsConnector(SaveRestoreConnector):
-        @staticmethod
-        def _load_state_dict_from_disk(model_weights, map_location="cpu"):
-            return torch.load(model_weights, map_location=map_location, mmap=True, weights_only=True)
-
-        def load_instance_with_state_dict(self, instance, state_dict, strict):
-            instance.load_state_dict(state_dict, strict=strict, assign=True)
-            instance._set_model_restore_state(is_being_restored=False)
-
-    return MappedWeightsConnector()
 
 
 class NemoBackend(Backend):

@@ -113,3 +113,31 @@ def test_reference_runs_in_eval_mode_after_nemo_transcribe(nemo_backend, utteran
     assert not nemo_backend.model.encoder.training
     np.testing.assert_array_equal(before.encoded, after.encoded)
     assert before.tokens == after.tokens
+
+
+@pytest.mark.parametrize("fixture", ["tiny-streaming", "tiny-prompt"])
+def test_restore_without_initialisers_gives_nemos_own_model(fixture):
+    """The reference restores with its weights memory-mapped and its initialisers skipped
+    (``harness.nemo_file.mapped_weights_connector``): every parameter and buffer, the computed ones
+    (positional encoding, mel filterbank) included, equals NeMo's own restore, bit for bit; the
+    initialisers are back afterwards."""
+    import torch
+    from nemo.collections.asr.models import ASRModel
+
+    from fixtures.models import build
+    from harness.nemo_file import mapped_weights_connector
+    from harness.system.nemo_quiet import quiet_nemo
+
+    path = str(build(fixture, progress=lambda _m: None))
+    initialiser = torch.nn.init.kaiming_uniform_
+    with quiet_nemo():
+        ours = ASRModel.restore_from(path, map_location="cpu", save_restore_connector=mapped_weights_connector())
+        nemos = ASRModel.restore_from(path, map_location="cpu")
+    assert torch.nn.init.kaiming_uniform_ is initialiser
+    ours_state = dict(ours.named_parameters()) | dict(ours.named_buffers())
+    nemos_state = dict(nemos.named_parameters()) | dict(nemos.named_buffers())
+    assert ours_state.keys() == nemos_state.keys()
+    differing = [name for name, tensor in nemos_state.items()
+                 if tensor.shape != ours_state[name].shape or not torch.equal(tensor, ours_state[name])]
+    assert not differing, differing
+    assert any(name.endswith("pos_enc.pe") for name in ours_state)  # a non-persistent, computed buffer

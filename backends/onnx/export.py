@@ -32,6 +32,8 @@ RNNTDecoderJoint in modules/rnnt.py) and how it is used here:
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import json
 import logging
 import shutil
@@ -64,8 +66,8 @@ from backends.onnx.layout import (
 from harness.errors import InvalidInput
 from harness.interface.chunking import StreamingConfig
 from harness.nemo_config import EncoderConfig, ModelConfig, read_model_config
-from harness.nemo_file import inspect_nemo, sha256_file
-from harness.system.memory import peak_rss_mb
+from harness.nemo_file import inspect_nemo, mapped_weights_connector, sha256_file
+from harness.system.memory import peak_rss_mb, trim
 from harness.system.nemo_quiet import quiet_nemo
 from harness.system.provenance import HubOrigin, Provenance
 
@@ -102,7 +104,9 @@ def _restore(nemo_path: Path):
     with quiet_nemo():
         from nemo.collections.asr.models import ASRModel
 
-        model = ASRModel.restore_from(str(nemo_path), map_location=torch.device("cpu"))
+        # Memory-mapped weights: one copy at the peak instead of NeMo's two (initialised, then loaded).
+        model = ASRModel.restore_from(str(nemo_path), map_location=torch.device("cpu"),
+                                      save_restore_connector=mapped_weights_connector())
         model.eval()
         model.preprocessor.featurizer.dither = 0.0
         model.preprocessor.featurizer.pad_to = 0
@@ -485,6 +489,9 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     # The encoder graphs of every lookahead hold the same weights: written once per precision.
     shared = graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS)
     shared_int8 = graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS_INT8) if int8 else None
+    # Graphs made from written graphs (int8, debug taps) load a whole fp32 graph each: they are written
+    # once the NeMo model is released, so that the two never share the peak.
+    derived: list[tuple[str | None, Callable[[], None]]] = []  # (progress line, or None: not a counted step)
     with _quiet_export(), torch.inference_mode():
         model.set_export_config({"cache_support": True})
         for context in contexts:
@@ -498,12 +505,13 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             result.graphs.append(path)
             if debug_taps:
                 debug = out_dir / encoder_file(context, debug=True)
-                _write_debug(path, debug, lambda g: graph_tools.encoder_tap_tensors(g, num_layers), metadata)
+                derived.append((None, functools.partial(
+                    _write_debug, path, debug, lambda g: graph_tools.encoder_tap_tensors(g, num_layers), metadata)))
                 result.graphs.append(debug)
             if int8:
                 quantized = out_dir / encoder_file(context, "int8")
-                say(f"encoder {list(context)} int8 -> {quantized.name}")
-                _write_int8(path, quantized, metadata, ("MatMul", "Gemm"), shared_int8)
+                derived.append((f"encoder {list(context)} int8 -> {quantized.name}", functools.partial(
+                    _write_int8, path, quantized, metadata, ("MatMul", "Gemm"), shared_int8)))
                 result.graphs.append(quantized)
 
         path = out_dir / decoder_joint_file()
@@ -514,11 +522,13 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         result.graphs.append(path)
         if debug_taps:
             debug = out_dir / decoder_joint_file(debug=True)
-            _write_debug(path, debug, graph_tools.decoder_joint_tap_tensors, metadata)
+            derived.append((None, functools.partial(
+                _write_debug, path, debug, graph_tools.decoder_joint_tap_tensors, metadata)))
             result.graphs.append(debug)
         if int8:
             quantized = out_dir / decoder_joint_file("int8")
-            _write_int8(path, quantized, metadata, ("MatMul", "Gemm", "LSTM"))
+            derived.append((f"decoder_joint int8 -> {quantized.name}", functools.partial(
+                _write_int8, path, quantized, metadata, ("MatMul", "Gemm", "LSTM"))))
             result.graphs.append(quantized)
         if prompt_arrays is not None:
             path = out_dir / prompt_file()
@@ -543,6 +553,13 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
     _write_side_files(model, archive, out_dir, vocabulary)
     if speakers:
         _write_multitalker_config(model, base, contexts, out_dir)
+    del model
+    gc.collect()
+    trim()
+    for text, write in derived:
+        if text:
+            say(text)
+        write()
     result.seconds = time.perf_counter() - started
     result.peak_rss_mb = peak_rss_mb()
     (out_dir / EXPORT_FILE).write_text(json.dumps({
