@@ -127,7 +127,8 @@ def test_bounded_memory_matrix_equals_the_in_memory_one(tiny_nemo, tolerances, t
     plan = MatrixPlan([PlannedCandidate("onnx", "float32"), PlannedCandidate("mlx", "float32")], [])
     contexts = [(70, 13), (70, 0)]
     work = tmp_path / "work"
-    in_memory = run_model_matrix(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work)
+    in_memory = run_model_matrix(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work,
+                                 single_reference_pass=True)
     spool = tmp_path / "spool"
     bounded = run_model_matrix(tiny_nemo, plan, chosen, contexts, tolerances, work_dir=work, bounded=True,
                                spool_dir=spool)
@@ -151,4 +152,11 @@ def test_bounded_memory_matrix_equals_the_in_memory_one(tiny_nemo, tolerances, t
                                    for t in results.transcripts)
     assert texts(bounded) == texts(in_memory)
     assert bounded.passed and bounded.extra["bounded_memory"] is True
+    # One reference pass: every candidate in pad-and-drop, NeMo streaming~offline at the fewest-step lookahead.
+    assert {c.mode for c in bounded.comparisons if not c.pair.startswith("streaming~offline")} == {"pad-and-drop"}
+    assert {c.att_context_size for c in bounded.comparisons if c.pair.startswith("streaming~offline")} == {(70, 13)}
+    assert {(t["backend"], t["mode"]) for t in bounded.transcripts if t["backend"] == "nemo"} == {
+        ("nemo", "plain"), ("nemo", "pad-and-drop")}
+    plain = {tuple(t["att_context_size"]) for t in bounded.transcripts if t["mode"] == "plain"}
+    assert plain == {(70, 13)}, "NeMo streamed plain mode where no comparison needed it"
     assert set(bounded.extra["peak_rss_mb"]) == {"nemo", "onnx:float32", "mlx:float32"}

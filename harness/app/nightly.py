@@ -27,6 +27,7 @@ from harness.app.compare import fixture_utterances, model_record
 from harness.app.provenance import manifest_provenance
 from harness.errors import InputNotFound, UnknownName, Unsupported
 from harness.interface.backend import Backend
+from harness.interface.chunking import FirstChunkMode
 from harness.interface.utterance import Utterance, long_utterance
 from harness.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore, stream_and_compare
 from harness.judge.results import Results
@@ -207,13 +208,17 @@ def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException
 def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
                      att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
                      work_dir: Path, bounded: bool = False, spool_dir: Path | None = None,
-                     progress: LoopProgress | None = None) -> Results:
+                     single_reference_pass: bool | None = None, progress: LoopProgress | None = None) -> Results:
     """NeMo streaming against offline, then each candidate against NeMo, for one model.
 
     ``bounded``: one model in memory at a time. NeMo's runs are spooled to disk (under
     ``spool_dir``) in every first-chunk mode a candidate needs and NeMo is closed; each candidate
     is prepared in a spawned process, loaded, streamed step by step against the spool, and closed.
     Memory: the largest single backend plus two steps of tensors, whatever the audio length.
+    ``single_reference_pass`` (default: ``bounded``): every candidate that runs pad-and-drop (the mode the
+    ONNX graphs bake in) is compared in it, so NeMo streams each lookahead once; NeMo's streaming~offline
+    (which needs plain mode) runs at the lookahead with the fewest steps. Plain mode at every lookahead
+    is the tiny fixtures' to check; at full size this halves the reference's time.
     """
     from backends import REFERENCE, get
 
@@ -229,10 +234,17 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
         for candidate in candidates:
             candidate.open = memory.before(candidate.label, candidate.open)
     store = SpoolStore(spool_dir) if bounded else MemoryStore()
+    offline_contexts = None
+    if bounded if single_reference_pass is None else single_reference_pass:
+        pad_and_drop = FirstChunkMode.PAD_AND_DROP.value
+        for candidate in candidates:
+            if pad_and_drop in candidate.capabilities.first_chunk_modes:
+                candidate.modes = (pad_and_drop,)
+        offline_contexts = [max(contexts, key=lambda context: context[1])]
     try:
         stream_and_compare(reference, candidates, utterances, contexts, tolerances, store=store,
-                           close_reference=True, on_failure=record_failure(progress), results=results,
-                           progress=progress)
+                           offline_contexts=offline_contexts, close_reference=True,
+                           on_failure=record_failure(progress), results=results, progress=progress)
     finally:
         reference.close()
     results.environment["device"] = device_description()

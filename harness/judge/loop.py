@@ -176,14 +176,16 @@ class LoopOutcome:
 
 def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utterances: Sequence[Utterance],
                        contexts: Sequence[Sequence[int]], tolerances: Tolerances, *,
-                       store: RunStore | None = None, include_offline: bool = True, close_reference: bool = False,
+                       store: RunStore | None = None, include_offline: bool = True,
+                       offline_contexts: Sequence[Sequence[int]] | None = None, close_reference: bool = False,
                        judge: JudgeHook | None = None, on_failure: FailureHook | None = None,
                        results: Results | None = None, progress: LoopProgress | None = None) -> LoopOutcome:
     """Stream every utterance at every lookahead through the reference, then each candidate in turn.
 
     The mel is computed once per utterance by the reference front end and the identical chunks go
     to every backend; each candidate's own front end is compared as the ``mel`` tap.
-    ``include_offline``: NeMo streaming against NeMo offline, per utterance and lookahead.
+    ``include_offline``: NeMo streaming against NeMo offline, per utterance and lookahead (only at
+    ``offline_contexts`` when given: the plain-mode reference run it needs is then streamed there alone).
     ``judge`` may re-judge each candidate comparison (reduced precision). ``on_failure`` records a
     candidate that fails to open or run and goes on; without it, the failure propagates.
     """
@@ -198,9 +200,15 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
     prompt_kernel = reference.prompt_kernel() if info.prompted else None
     reference_caps = reference.capabilities
     plans = [(candidate, candidate_modes(reference_caps, candidate)) for candidate in candidates]
-    # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
-    modes = sorted({m for _, wanted in plans for m in wanted} | ({FirstChunkMode.PLAIN} if include_offline else set()),
-                   key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
+    offline_at = set() if not include_offline else set(contexts) if offline_contexts is None else {
+        (int(c[0]), int(c[1])) for c in offline_contexts}
+    wanted_modes = {m for _, wanted in plans for m in wanted}
+
+    def reference_modes(context: Context) -> list[FirstChunkMode]:
+        # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
+        return sorted(wanted_modes | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
+                      key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
+
     units = len(utterances) * len(contexts)
     progress.total(units * (1 + len(plans)))
 
@@ -217,19 +225,19 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
             masks = utterance.speaker_masks_for(reference)
             prompt = utterance.prompt_for(info)
             for context in contexts:
-                for mode in modes:
+                for mode in reference_modes(context):
                     run = store.record(reference, mel, context, mode, key=_key(reference, utterance, context, mode),
                                        speaker_masks=masks, features=mel, prompt=prompt)
                     reference_runs[(utterance.name, context, mode)] = run
                     _record_run(outcome, run, utterance, info.vocabulary)
-                if include_offline or keep_offline:
+                if context in offline_at or keep_offline:
                     # NeMo's streaming buffer streams the whole mel tensor, including the frame past
                     # seq_len (= samples // hop) that the front end masks to zero; with seq_len as the
                     # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
                     # encoder frame. The offline forward therefore sees exactly the streamed input.
                     offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
                                                 speaker_masks=masks, prompt=prompt)
-                    if include_offline:
+                    if context in offline_at:
                         results.comparisons.append(compare_streaming_to_offline(
                             reference_runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
                             num_layers=num_layers, utterance=utterance.name))
