@@ -155,9 +155,26 @@ def test_all_metrics_measure_argmax_agreement_on_logits_only():
     assert "argmax_agreement" not in metrics.all_metrics(ref, cand)
     assert metrics.all_metrics(ref, cand, logits=True)["argmax_agreement"] == pytest.approx(1 / 3)
     encoder = judge_tap(0, TAP_ENCODER, ref, ref, TOL, "a~b", "float32")
-    assert set(encoder.metrics) == set(METRIC_BOUND) - {"argmax_agreement"}
+    assert set(encoder.metrics) == set(METRIC_BOUND) - {"argmax_agreement", "power_rel"}
     for logits in (TAP_JOINT, TAP_CTC):
         assert judge_tap(0, logits, ref, cand, TOL, "a~b", "float32").metrics["argmax_agreement"] == pytest.approx(1 / 3)
+
+
+def test_power_rel_is_measured_on_the_mel_only_and_sees_frames_not_the_log_guard():
+    """A log-mel's quiet bins (near NeMo's log guard, 2^-24) differ in the log by rounding; in power relative to
+    the frame's loudest bin they do not. A frame whose loud bins move is seen at once."""
+    loud, quiet = 10.0, np.log(2.0 ** -24)
+    reference = np.array([[[loud, loud], [quiet, quiet]]])  # [B, n_mels, T]
+    rounding = reference + np.array([[[0.0, 0.0], [5e-3, -5e-3]]])  # 5e-3 at the guard, as float32 FFT noise
+    moved = reference + np.array([[[0.1, 0.0], [0.0, 0.0]]])  # one loud bin of one frame moved by 10 %
+    assert metrics.max_abs(reference, rounding) == pytest.approx(5e-3)
+    assert metrics.power_rel(reference, rounding) < 1e-12
+    assert metrics.power_rel(reference, moved) == pytest.approx(np.exp(0.1) - 1)
+    assert "power_rel" in judge_tap(-1, TAP_MEL, reference, rounding, TOL, "a~b", "float32").metrics
+    with pytest.raises(ToleranceFileError, match="power_rel is never measured for encoder"):
+        Tolerances({"float32": {"*": {"encoder": {"power_rel": 1.0}}}})
+    with pytest.raises(ValueError, match="power_rel needs"):
+        metrics.power_rel(np.zeros(3), np.zeros(3))
 
 
 @cache

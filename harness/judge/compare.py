@@ -185,7 +185,7 @@ def judge_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray,
     if ref_shape != cand_shape:
         shape = [f"shape {ref_shape} vs {cand_shape}"]
         return TapResult(step, tap, {}, limits, shape, ref_shape, cand_shape, structural=list(shape))
-    metrics = all_metrics(reference, candidate, logits=tap in LOGIT_TAPS)
+    metrics = all_metrics(reference, candidate, logits=tap in LOGIT_TAPS, spectrogram=tap == TAP_MEL)
     violations = [v.describe() for v in tolerances.check(metrics, limits)]
     return TapResult(step, tap, metrics, limits, violations, ref_shape, cand_shape)
 

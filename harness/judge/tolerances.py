@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import InputNotFound, InvalidInput
-from harness.interface.backend import CACHE_TAPS, TAP_CTC, TAP_JOINT, TENSOR_TAP_KINDS, tap_kind
+from harness.interface.backend import CACHE_TAPS, TAP_CTC, TAP_JOINT, TAP_MEL, TENSOR_TAP_KINDS, tap_kind
 from harness.judge.metrics import METRIC_BOUND
 
 DEFAULT_TOLERANCES = Path(__file__).resolve().parent / "tolerances.toml"
@@ -31,6 +31,8 @@ TAP_KINDS = (*TENSOR_TAP_KINDS, *CACHE_TAPS, TOKENS)
 # a limit on it for any other tap would never be checked.
 _AGREEMENT = "argmax_agreement"
 _AGREEMENT_KINDS = (TAP_JOINT, TAP_CTC, TOKENS)
+# power_rel is measured on the log-mel spectrogram only (harness.judge.metrics.power_rel).
+_POWER = "power_rel"
 # "reference~candidate", optionally for one lookahead: "streaming~offline@70,0", or for a right context at
 # any left context: "streaming~offline@*,0".
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.:+-]*"
@@ -111,6 +113,8 @@ class Tolerances:
             if metric == _AGREEMENT and kind not in _AGREEMENT_KINDS:
                 raise self._error(keys, f"{metric} is never measured for {kind} "
                                         f"(only for {' and '.join(_AGREEMENT_KINDS)})")
+            if metric == _POWER and kind != TAP_MEL:
+                raise self._error(keys, f"{metric} is never measured for {kind} (only for {TAP_MEL})")
             if not isinstance(limit, int | float) or isinstance(limit, bool) or math.isnan(limit):
                 raise self._error(keys, f"{metric} = {limit!r} is not a number")
 
