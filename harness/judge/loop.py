@@ -101,8 +101,14 @@ class SpoolStore:
 
 # -- candidates, hooks, progress ---------------------------------------------------------------------
 
-# ``Candidate.prompt`` default: the candidate streams with the reference's locale.
-SAME_PROMPT = "<the reference's prompt>"
+class _SamePrompt:
+    """``Candidate.prompt``'s default: the candidate streams with the reference's locale."""
+
+    def __repr__(self) -> str:
+        return "SAME_PROMPT"
+
+
+SAME_PROMPT = _SamePrompt()
 
 @dataclass
 class Candidate:
@@ -124,7 +130,7 @@ class Candidate:
     keep_open: bool = False
     modes: tuple[str, ...] | None = None
     compare_offline: bool = False
-    prompt: str | None = SAME_PROMPT
+    prompt: str | None | _SamePrompt = SAME_PROMPT
     record: dict[str, Any] = field(default_factory=dict)  # status, artifact, timings: filled by the caller
 
     @classmethod
@@ -263,7 +269,7 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
             for utterance in utterances:
                 own_features = None if audio_input else backend.features(utterance.audio[None])[0]
                 masks = None if audio_input else utterance.speaker_masks_for(backend)
-                prompt = utterance.prompt_for(info) if candidate.prompt == SAME_PROMPT else candidate.prompt
+                prompt = utterance.prompt_for(info) if candidate.prompt is SAME_PROMPT else candidate.prompt
                 mel = mels[utterance.name]
                 for context in contexts:
                     for mode in wanted:
