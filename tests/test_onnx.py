@@ -349,3 +349,22 @@ def test_every_lookahead_reads_the_encoder_weights_from_one_file_per_precision(o
         # Each lookahead refers to the same payloads (the tap graphs refer to the fp32 ones once more).
         assert sizes["referenced_bytes"] >= len(contexts) * sizes["stored_bytes"]
     assert not list(onnx_dir.glob("*.onnx.data"))
+
+
+def test_one_open_encoder_session_at_a_time_gives_the_same_runs(onnx_dir, onnx_backend, mels, utterances, tiny_nemo):
+    """Each ONNX Runtime session holds its own copy of the weights, so a large export keeps one encoder session
+    open (``max_open_encoders``): switching lookaheads reopens it, with bit-identical steps."""
+    from backends.onnx.runtime import OnnxBackend
+
+    utterance = utterances[0]
+    contexts = list(onnx_backend.info.att_context_sizes)
+    with OnnxBackend(onnx_dir, nemo_path=tiny_nemo, max_open_encoders=1) as single:
+        assert len(single._encoders) == 1  # every encoder was opened and checked at load, one kept
+        for context in contexts + contexts[:1]:  # and back to the first: reopened
+            ours = stream(single, mels[utterance.name], context, PAD)
+            theirs = stream(onnx_backend, mels[utterance.name], context, PAD)
+            assert len(single._encoders) == 1 and next(iter(single._encoders)) == tuple(context)
+            assert ours.tokens == theirs.tokens
+            for mine, other in zip(ours.steps, theirs.steps, strict=True):
+                np.testing.assert_array_equal(mine.encoded, other.encoded)
+    assert len(onnx_backend._encoders) == len(contexts)  # a small export keeps every lookahead open

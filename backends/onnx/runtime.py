@@ -133,6 +133,14 @@ def _session_options(threads: int | None):
     return options
 
 
+# An export above this size keeps one encoder session open at a time (OnnxBackend, max_open_encoders).
+LARGE_EXPORT_BYTES = 1 << 30
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
+
+
 def _check_declared(graph: _Graph, name: str, expected: Sequence[Any]) -> None:
     """The graph's declared input shape must agree with the metadata on every static axis."""
     declared = graph.declared_shape(name)
@@ -148,7 +156,7 @@ class OnnxBackend(Backend):
     capabilities = Capabilities(first_chunk_modes=("pad-and-drop",), offline=False, teacher_forcing=True)
 
     def __init__(self, export_dir: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
-                 taps: bool = True, threads: int | None = None):
+                 taps: bool = True, threads: int | None = None, max_open_encoders: int | None = None):
         if dtype not in ("float32", "int8"):
             raise InvalidInput(f"onnx backend runs float32 or int8, not {dtype}")
         self.directory = Path(export_dir)
@@ -184,8 +192,13 @@ class OnnxBackend(Backend):
             raise GraphInterfaceError(f"{self.directory}: speaker_kernel_layers {list(self.info.speaker_kernel_layers)} "
                                       f"contradict the {self.interface.name} interface")
         self._max_symbols = meta["max_symbols"]  # None: no per-frame limit (NeMo's max_symbols=None)
-        self._encoders: dict[tuple[int, int], _Graph] = {}
+        self._encoders: dict[tuple[int, int], _Graph] = {}  # open sessions, least recently used first
         self._streaming: dict[tuple[int, int], StreamingConfig] = {}
+        # Every ONNX Runtime session holds its own copy of the weights, even where the lookaheads' graphs
+        # share one file (measured at full size: four open encoders, 10.7 GB). A large export keeps one
+        # encoder session open at a time (reopened when the lookahead changes); a small one keeps all.
+        self._max_open_encoders = max_open_encoders or (
+            1 if _directory_bytes(self.directory) > LARGE_EXPORT_BYTES else len(exported))
         for context in exported:  # open every encoder now: a broken export fails before anything runs
             self._encoder(context)
         self.frontend = self._read_frontend()
@@ -326,6 +339,7 @@ class OnnxBackend(Backend):
     def _encoder(self, context: Sequence[int]) -> _Graph:
         context = (int(context[0]), int(context[1]))
         if context in self._encoders:
+            self._encoders[context] = self._encoders.pop(context)  # most recently used last
             return self._encoders[context]
         if context not in self.info.att_context_sizes:
             raise MissingGraphError(
@@ -345,6 +359,8 @@ class OnnxBackend(Backend):
         _check_declared(graph, "cache_last_time", shapes.time)
         self._streaming[context] = self._streaming_from_metadata(graph)
         self._encoders[context] = graph
+        while len(self._encoders) > self._max_open_encoders:
+            del self._encoders[next(iter(self._encoders))]  # its session and its copy of the weights go
         return graph
 
     def _cache_shapes(self, meta: dict[str, Any]) -> CacheShapes:
