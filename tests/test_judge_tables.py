@@ -35,7 +35,7 @@ from harness.judge.tolerances import TOKENS, WILDCARD, Tolerances
 
 SHIPPED = Tolerances.load()
 PERFECT = {"max_abs": 0.0, "max_rel": 0.0, "max_abs_scaled": 0.0, "rel_l2": 0.0, "cosine": 1.0,
-           "snr_db": math.inf, "argmax_agreement": 1.0}
+           "snr_db": math.inf, "argmax_agreement": 1.0, "power_rel": 0.0}
 
 
 def rows(kinds: Callable[[str], bool] = lambda kind: True) -> list:
@@ -109,6 +109,9 @@ def reference(scale: float) -> np.ndarray:
 def oracle(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     """The metrics, computed here independently of harness.judge.metrics."""
     diff = cand - ref
+    with np.errstate(over="ignore"):  # a candidate far above its frame: power_rel is inf, as the judge's
+        power = [float(np.max(np.abs(np.exp(ref[:, j] - ref[:, j].max()) - np.exp(cand[:, j] - ref[:, j].max()))))
+                 for j in range(ref.shape[1])]
     noise, signal = math.sqrt(float(np.sum(diff * diff))), math.sqrt(float(np.sum(ref * ref)))
     return {
         "max_abs": float(np.max(np.abs(diff))),
@@ -118,6 +121,8 @@ def oracle(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
         "cosine": float(np.sum(ref * cand)) / (signal * math.sqrt(float(np.sum(cand * cand)))),
         "snr_db": math.inf if noise == 0 else 20 * math.log10(signal / noise),
         "argmax_agreement": float(np.mean(np.argmax(ref, -1) == np.argmax(cand, -1))),
+        # a log-mel [n_mels, T]: power relative to each frame's (column's) loudest bin
+        "power_rel": max(power),
     }
 
 
@@ -126,6 +131,13 @@ def _orthogonal(ref: np.ndarray) -> np.ndarray:
     signs = np.where(np.arange(ref.size).reshape(ref.shape) % 2 == 0, 1.0, -1.0) * np.abs(ref)
     direction = signs - np.sum(signs * ref) / np.sum(ref * ref) * ref
     return direction * np.linalg.norm(ref) / np.linalg.norm(direction)
+
+
+def _quiet(scale: float) -> np.ndarray:
+    """A log-mel whose first bin (row) sits 40 below every frame's loudest, as bins at NeMo's log guard do."""
+    ref = reference(scale)
+    ref[0] = ref.min() - 40.0
+    return ref
 
 
 def _near_ties(scale: float) -> np.ndarray:
@@ -154,6 +166,9 @@ RECIPES: dict[str, Callable[[float, float], tuple[np.ndarray, np.ndarray]]] = {
     "orthogonal": lambda s, t: (reference(s), reference(s) + t * _orthogonal(reference(s))),
     # near-tied rows whose two largest entries swap: argmax agreement 1 - t / rows, errors ~1e-9
     "flip": _flip_rows,
+    # a log-mel's quiet bins moved (rounding at the log guard): max_abs or rel_l2 = t, power_rel ~ e^-40 t
+    "guard-spike": lambda s, t: (_quiet(s), _quiet(s) + np.pad([[t]], ((0, ROWS - 1), (0, COLS - 1)))),
+    "guard-shift": lambda s, t: (_quiet(s), _quiet(s) + np.pad(np.full((1, COLS), t), ((0, ROWS - 1), (0, 0)))),
 }
 SCALES = (1e-3, 1.0, 1e3)
 

@@ -67,9 +67,9 @@ def power_rel(reference: np.ndarray, candidate: np.ndarray) -> float:
         return 0.0
     if ref.ndim < 2:
         raise ValueError(f"power_rel needs [..., n_mels, T], got shape {ref.shape}")
-    power = np.exp(ref)
-    peak = np.maximum(power.max(axis=-2, keepdims=True), _TINY)
-    return float(np.max(np.abs(power - np.exp(cand)) / peak))
+    peak = ref.max(axis=-2, keepdims=True)  # in the log: exp(x - peak) is power relative to the loudest bin
+    with np.errstate(over="ignore"):
+        return float(np.max(np.abs(np.exp(ref - peak) - np.exp(cand - peak))))
 
 
 def rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
