@@ -226,9 +226,7 @@ class NemoBackend(Backend):
     def _apply_prompt(self, encoded, locale: str | None):
         """``conformer_stream_step``'s ``_apply_prompt_to_encoded`` on ``encoded`` ``[B, D, T]`` with the
         index ``set_inference_prompt(locale)`` sets; without a locale, NeMo's bypass (encoded unchanged)."""
-        if not self.info.prompted:
-            return encoded
-        if self.info.prompt_index(locale) is None:
+        if self.info.prompt_index(locale) is None:  # no locale (a model without a prompt never has one)
             return encoded
         with quiet_nemo():
             self.model.set_inference_prompt(locale)

@@ -316,8 +316,6 @@ class OnnxBackend(Backend):
         index = self.info.prompt_index(locale)  # InvalidInput for a non-prompt model or an unknown locale
         if index is None:
             return encoded
-        if self.prompt_graph is None:
-            raise InvalidInput(f"onnx: prompt {locale!r} given, but {self.directory} has no prompt graph")
         names = self.prompt_graph.interface
         expect_shape(f"{self.prompt_graph.path.name} input {names.prompt_inputs[0]}", encoded,
                      (None, self.info.d_model, None))

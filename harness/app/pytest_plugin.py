@@ -258,13 +258,18 @@ def run_cache(backend_pool) -> RunCache:
     return RunCache(backend_pool)
 
 
-@pytest.fixture(scope="session")
-def prompt_nemo() -> Path:
-    """The ``tiny-prompt`` fixture: Nemotron-3.5's language-ID prompt (128 prompts, 8 locales), left context 56."""
+def _fixture_model(name: str) -> Path:
+    """A fixture ``.nemo``, built once (skipped where NeMo cannot be imported)."""
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
     from fixtures.models import build
 
-    return build("tiny-prompt", progress=lambda _m: None)
+    return build(name, progress=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def prompt_nemo() -> Path:
+    """The ``tiny-prompt`` fixture: Nemotron-3.5's language-ID prompt (128 prompts, 8 locales), left context 56."""
+    return _fixture_model("tiny-prompt")
 
 
 @pytest.fixture(scope="session")
@@ -281,10 +286,7 @@ def prompt_reference(prompt_pool):
 @pytest.fixture(scope="session")
 def multitalker_nemo() -> Path:
     """The ``tiny-multitalker`` fixture: speaker kernels at layer 0 (pre-hook) and layer 2 (post-hook)."""
-    pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
-    from fixtures.models import build
-
-    return build("tiny-multitalker", progress=lambda _m: None)
+    return _fixture_model("tiny-multitalker")
 
 
 @pytest.fixture(scope="session")

@@ -362,7 +362,7 @@ def _prompt_contradictions(facts: Mapping[str, Any], claims: Mapping[str, Any]) 
     if prompted and not kernel:
         return ["the config describes a prompt-conditioned model (model_defaults.initialize_prompt_feature) but "
                 "the weights hold no prompt_kernel: the locale would be ignored"]
-    if kernel and prompted is False or (kernel and prompted is None and claims.get("target")):
+    if kernel and (prompted is False or (prompted is None and claims.get("target"))):
         return [f"the weights hold a prompt_kernel ({facts.get('num_prompts')} prompts) but the config builds "
                 "none (no model_defaults.initialize_prompt_feature): the prompt would be bypassed"]
     found = []

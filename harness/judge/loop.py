@@ -269,7 +269,8 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
             for utterance in utterances:
                 own_features = None if audio_input else backend.features(utterance.audio[None])[0]
                 masks = None if audio_input else utterance.speaker_masks_for(backend)
-                prompt = utterance.prompt_for(info) if candidate.prompt is SAME_PROMPT else candidate.prompt
+                reference_prompt = utterance.prompt_for(info)
+                prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
                 mel = mels[utterance.name]
                 for context in contexts:
                     for mode in wanted:
@@ -292,7 +293,7 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                                                               num_layers=num_layers)
                         if prompt_kernel is not None and not tokens_only:
                             cause = explain_prompt_divergence(comparison, reference_run, judged_run, prompt_kernel,
-                                                              info, utterance.prompt_for(info), tolerances)
+                                                              info, reference_prompt, tolerances)
                             if cause:
                                 comparison.causes.append(cause)
                         if audio_input:

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from harness.interface.backend import TAP_ENCODER, Backend
-from harness.interface.chunking import ChunkSchedule, FirstChunkMode
+from harness.interface.chunking import FirstChunkMode
+from harness.interface.driver import iter_steps
 from harness.interface.peer import PART_ENCODER, PART_FRONT_END, LoadedParameters
 from harness.interface.utterance import Utterance
 from harness.judge.tolerances import Tolerances
@@ -231,11 +232,8 @@ def compare_frames(part: str, utterance: str, reference: np.ndarray, runtime: np
 def reference_streaming_encoder(reference: Backend, mel: np.ndarray, context) -> tuple[np.ndarray, list[int]]:
     """The reference's streaming encoder output over ``mel`` (the harness's plain schedule, as NeMo's buffer
     cuts it), concatenated ``[D, T]``, and the frames of each step."""
-    state = reference.initial_state(context)
     outputs, frames = [], []
-    for chunk in ChunkSchedule(reference.streaming_config(context), FirstChunkMode.PLAIN).chunks(mel):
-        step = reference.step(chunk, state)
-        state = step.state
+    for step in iter_steps(reference, mel, context, FirstChunkMode.PLAIN):
         valid = int(step.encoded_len[0])
         outputs.append(step.encoded[0, :, :valid])
         frames.append(valid)
@@ -278,7 +276,7 @@ def diagnose_peer(reference: Backend, peer: Backend, utterances: Sequence[Uttera
     """(a)-(d) above for ``peer`` (a backend that offers ``loaded_parameters``, ``corrections``, ``features(...,
     corrections=)`` and ``encode_mel``) against ``reference`` on ``utterances``."""
     say = progress or (lambda _m: None)
-    pair, dtype = f"{reference.name}~{peer.name}", peer.dtype if peer.dtype in ("float32",) else "float32"
+    pair, dtype = f"{reference.name}~{peer.name}", "float32"  # fp32 limits: the peer runs its converter's fp32
     mel_limit = tolerances.limits(pair, dtype, "mel").get("max_abs", 1e-3)
     encoder_limit = tolerances.limits(pair, dtype, TAP_ENCODER).get("max_abs", 1e-4)
     contexts = [(int(c[0]), int(c[1])) for c in contexts]
