@@ -285,6 +285,36 @@ def test_onnx_masks_are_inputs_not_constants(multitalker_pool, mt_runs, utteranc
 
 
 @pytest.mark.onnx
+def test_fingerprint_reads_the_multitalker_export_as_multitalker(multitalker_pool, tmp_path):
+    """The export's graphs state its speaker kernels (metadata, beside the spk_targets inputs): the
+    fingerprint finds them where the weights hold them, and a graph claiming other layers contradicts."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    from harness.app.diagnose import artifact_readers
+    from harness.detect.fingerprint import fingerprint
+
+    directory = multitalker_pool.source("onnx")
+    report = fingerprint(directory, artifact_readers())
+    assert report["weights"]["speaker_kernel_layers"] == [0, 2]
+    assert report["config"]["speaker_kernel_layers"] == [0, 2]
+    assert report["config"]["background_speaker_kernel_layers"] == [0, 2]
+    assert not report["contradictions"], report["contradictions"]
+
+    # The claim is the export's own, not read back from the weights: graphs stating layer 2 alone contradict.
+    relabeled = tmp_path / "relabeled"
+    shutil.copytree(directory, relabeled)
+    for path in relabeled.glob("*.onnx"):
+        model = onnx.load(str(path), load_external_data=False)
+        for prop in model.metadata_props:
+            if prop.key == "speaker_kernel_layers":
+                prop.value = json.dumps([2])
+        onnx.save(model, str(path))
+    found = fingerprint(relabeled, artifact_readers())["contradictions"]
+    assert any("the config puts speaker kernels at layers [2]" in c and "layers [0, 2]" in c for c in found), found
+
+
+@pytest.mark.onnx
 def test_multitalker_export_refuses_layers_first(multitalker_nemo, tmp_path):
     from backends.onnx.export import export_onnx
 

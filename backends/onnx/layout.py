@@ -308,10 +308,20 @@ def read_view(directory: Path):
     pieces = tokenizer_pieces(tokenizer.read_bytes()) if tokenizer.exists() else None
     view = ModelView("onnx", directory, "pytorch", tensors, config, vocabulary=vocabulary, tokenizer_pieces=pieces)
     view.config.setdefault("onnx_metadata", metadata)
+    decoded = decode_metadata(metadata)
+    # A multitalker export states its speaker kernels in every graph's metadata (what the runtime streams
+    # with, beside the spk_targets / bg_spk_targets inputs); stated as NeMo's config does
+    # (SpeakerKernelMixin's top-level keys), so the fingerprint compares them with the kernels' weights
+    # rather than reading a config without them as a single-speaker claim.
+    layers = decoded.get("speaker_kernel_layers") or []
+    if layers:
+        for key, value in (("spk_kernel_type", "ff"), ("spk_kernel_layers", [int(i) for i in layers]),
+                           ("add_bg_spk_kernel", bool(decoded.get("background_speaker_kernel")))):
+            view.config.setdefault(key, value)
     # A prompt-conditioned export states its prompt as NeMo's config does (``model_defaults``), so the
     # fingerprint compares it with the prompt kernel's weights (prompt.onnx keeps their names and shapes).
     try:
-        num_prompts, dictionary = prompt_settings(decode_metadata(metadata), str(directory))
+        num_prompts, dictionary = prompt_settings(decoded, str(directory))
     except GraphInterfaceError as error:
         view.notes.append(str(error))
         num_prompts, dictionary = 0, ()
