@@ -38,11 +38,13 @@ from harness.judge.compare import (
     compare_streaming_to_offline,
     judge_teacher_forced,
 )
+from harness.judge.int8 import INT8, explain_int8_excess
 from harness.judge.metrics import word_error_rate
 from harness.judge.prompts import explain_prompt_divergence
 from harness.judge.results import Results
 from harness.judge.ties import decisions
 from harness.judge.tolerances import Tolerances
+from harness.system.cpu import int8_kernel_path
 
 Context = tuple[int, int]
 SAMPLE_RATE = 16000
@@ -294,6 +296,10 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                         if prompt_kernel is not None and not tokens_only:
                             cause = explain_prompt_divergence(comparison, reference_run, judged_run, prompt_kernel,
                                                               info, reference_prompt, tolerances)
+                            if cause:
+                                comparison.causes.append(cause)
+                        if backend.dtype == INT8 and not comparison.passed:
+                            cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
                             if cause:
                                 comparison.causes.append(cause)
                         if audio_input:

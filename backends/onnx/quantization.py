@@ -1,0 +1,115 @@
+"""What an int8 ONNX graph's quantization is, read from the graph itself, and the scheme exports use.
+
+``onnxruntime.quantization.quantize_dynamic`` always quantizes activations to u8 at run time
+(``DynamicQuantizeLinear``); the weights' type and range are the export's choice, stored as
+initializers that feed ``MatMulInteger``, ``DynamicQuantizeMatMul`` or ``DynamicQuantizeLSTM``. Reading
+them back tells any int8 file's kind, ours of any version or a peer's, without trusting its metadata:
+
+- s8 weights at full range (|w - zero point| up to 127) with u8 activations are the saturating kind:
+  on x86 CPUs without VNNI MLAS sums pairs of u8 x s8 products into int16 with saturation
+  (``harness.system.cpu``);
+- s8 weights within 7 bits (``reduce_range``) cannot reach int16's limit (2 x 255 x 64 = 32,640);
+- u8 weights run MLAS's U8U8 kernels, exact on every CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from harness.interface.backend import Int8Quantization
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """The ``quantize_dynamic`` choices that decide an int8 graph's arithmetic."""
+
+    weight_type: str  # "QInt8" or "QUInt8"
+    per_channel: bool = False
+    reduce_range: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.weight_type + "".join(f" {flag}" for flag, on in (("per_channel", self.per_channel),
+                                                                       ("reduce_range", self.reduce_range)) if on)
+
+    def options(self) -> dict:
+        """``quantize_dynamic`` keyword arguments."""
+        from onnxruntime.quantization import QuantType
+
+        return {"weight_type": getattr(QuantType, self.weight_type), "per_channel": self.per_channel,
+                "reduce_range": self.reduce_range}
+
+    def recorded(self) -> Int8Quantization:
+        """What ``export.json`` and the graphs' metadata record for this scheme."""
+        return Int8Quantization(weight_type=self.weight_type, activation_type="QUInt8",
+                                weight_bits=7 if self.reduce_range else 8, per_channel=self.per_channel,
+                                read_from="export")
+
+
+# The scheme of this project's int8 exports, chosen from bench/int8_quantization.py's measurements
+# (docs/int8.md): every op it quantizes is exact on every CPU ONNX Runtime runs on.
+EXPORT_SCHEME = QuantScheme("QInt8", reduce_range=True)
+
+
+def read_quantization(paths: Iterable[str | Path]) -> Int8Quantization | None:
+    """The quantization of the int8 graphs at ``paths`` (weights read, not metadata); None when no graph
+    holds quantized weights. Graphs that disagree (one u8, one s8) are described by the riskier one."""
+    found: list[Int8Quantization] = []
+    for path in paths:
+        scheme = _graph_quantization(Path(path))
+        if scheme is not None:
+            found.append(scheme)
+    if not found:
+        return None
+    # The saturating kind wins: it is what can make the verdict depend on the CPU.
+    return max(found, key=lambda s: (s.saturation_prone, s.weight_type == "QInt8", s.weight_bits))
+
+
+def _graph_quantization(path: Path) -> Int8Quantization | None:
+    model = onnx.load(str(path), load_external_data=True)
+    initializers = {t.name: t for t in model.graph.initializer}
+    types: set[str] = set()
+    widest = 0
+    per_channel = False
+    for node in model.graph.node:
+        positions = _WEIGHT_INPUTS.get(node.op_type)
+        if not positions:
+            continue
+        for position in positions:
+            if position >= len(node.input) or node.input[position] not in initializers:
+                continue
+            tensor = initializers[node.input[position]]
+            if tensor.data_type not in _TYPES:
+                continue
+            types.add(_TYPES[tensor.data_type])
+            weights = numpy_helper.to_array(tensor).astype(np.int32)
+            zero_index = (_LSTM_ZERO_POINTS.get(position) if node.op_type == "DynamicQuantizeLSTM"
+                          else _ZERO_POINT_INPUT.get(node.op_type))
+            zero = np.zeros(1, np.int32)
+            if zero_index is not None and zero_index < len(node.input) and node.input[zero_index] in initializers:
+                zero = numpy_helper.to_array(initializers[node.input[zero_index]]).astype(np.int32)
+                per_channel |= zero.size > 1
+            centred = weights - (zero.reshape(-1) if zero.size == 1 else _channel_zero(zero, weights, node.op_type))
+            widest = max(widest, int(np.abs(centred).max()) if centred.size else 0)
+    if not types:
+        return None
+    weight_type = "QInt8" if "QInt8" in types else "QUInt8"
+    # 7-bit weights (reduce_range) stay within [-64, 64] around their zero point; 8-bit ones use up to 127/128.
+    return Int8Quantization(weight_type=weight_type, activation_type="QUInt8", weight_bits=7 if widest <= 64 else 8,
+                            per_channel=per_channel, read_from=path.name, widest_weight=widest)
+
+
+def _channel_zero(zero: np.ndarray, weights: np.ndarray, op_type: str) -> np.ndarray:
+    """A per-channel zero point broadcast against its weights: output channels are the last axis of a
+    ``MatMulInteger`` B ``[K, N]`` and the first of a ``ConvInteger`` weight or an LSTM's ``[D, 4H]`` rows."""
+    if op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and weights.ndim == 2:
+        return zero.reshape(1, -1)
+    if op_type == "DynamicQuantizeLSTM":
+        return zero.reshape(zero.shape[0], 1, -1)
+    return zero.reshape(-1, *([1] * (weights.ndim - 1)))
