@@ -142,7 +142,7 @@ def measure(args: argparse.Namespace) -> dict:
             worst: dict[str, dict[str, float]] = {}
             identical, seconds = 0, []
             with OnnxBackend(out_dir, dtype="int8", threads=args.threads) as int8:
-                for (name, context), (mel, ref_run) in runs.items():
+                for (_utterance, context), (mel, ref_run) in runs.items():
                     free = stream(int8, mel, context, "pad-and-drop", dtype="int8", prompt=prompt)
                     forced = stream(int8, mel, context, "pad-and-drop", dtype="int8", prompt=prompt,
                                     forced_decisions=reference_decisions(ref_run))

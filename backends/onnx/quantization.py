@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from harness.interface.backend import Int8Quantization
 
@@ -55,6 +55,15 @@ class QuantScheme:
 # The scheme of this project's int8 exports, chosen from bench/int8_quantization.py's measurements
 # (docs/int8.md): every op it quantizes is exact on every CPU ONNX Runtime runs on.
 EXPORT_SCHEME = QuantScheme("QInt8", reduce_range=True)
+
+
+# op type -> the input positions that hold quantized weights
+_WEIGHT_INPUTS = {"MatMulInteger": (1,), "DynamicQuantizeMatMul": (1,), "DynamicQuantizeLSTM": (1, 2),
+                  "ConvInteger": (1,)}
+# op type -> the input position of the weights' zero point
+_ZERO_POINT_INPUT = {"MatMulInteger": 3, "DynamicQuantizeMatMul": 3, "ConvInteger": 3}
+_LSTM_ZERO_POINTS = {1: 10, 2: 12}  # DynamicQuantizeLSTM: W_zero_point, R_zero_point
+_TYPES = {TensorProto.INT8: "QInt8", TensorProto.UINT8: "QUInt8"}
 
 
 def read_quantization(paths: Iterable[str | Path]) -> Int8Quantization | None:
