@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.onnx import graph_tools
+from backends.onnx import graph_tools, quantization
 from backends.onnx.layout import (
     CACHE_LAYOUTS,
     ENCODER_INPUTS,
@@ -412,19 +412,25 @@ def _write_debug(path: Path, debug_path: Path, taps: Callable, metadata: dict[st
 
 
 def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types: Sequence[str],
-               weights: graph_tools.SharedWeights | None = None) -> None:
+               weights: graph_tools.SharedWeights | None = None,
+               scheme: quantization.QuantScheme = quantization.EXPORT_SCHEME) -> None:
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     large = any(t.data_location == onnx.TensorProto.EXTERNAL
                 for t in onnx.load(str(path), load_external_data=False).graph.initializer)
-    # MatMul/Gemm (and the prediction LSTM) carry nearly all weights; convolutions stay fp32
-    # because ORT's CPU ConvInteger accepts uint8 weights only.
+    # MatMul/Gemm (and the prediction LSTM) carry nearly all weights; convolutions stay fp32 (the
+    # depthwise and subsampling convolutions are a small share of the weights and of the time).
+    # The weights are s8 within 7 bits (``quantization.EXPORT_SCHEME``, reduce_range): a pair of u8 x s8
+    # products stays within int16 (2 x 255 x 64 < 32,767), so the arithmetic is exact on every int8
+    # kernel path, the saturating x86 ones without VNNI included (harness.system.cpu), and VNNI/AMX
+    # keep their u8 x s8 kernels. u8 weights would not cover the LSTM: ONNX Runtime's LSTM quantizer
+    # writes s8 weights whatever weight_type says.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger about optional pre-processing
     try:
-        quantize_dynamic(str(path), str(int8_path), weight_type=QuantType.QInt8,
+        quantize_dynamic(str(path), str(int8_path), **scheme.options(),
                          op_types_to_quantize=list(op_types), use_external_data_format=large)
     finally:
         root.setLevel(level)
@@ -433,7 +439,8 @@ def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types:
     else:
         graph_tools.consolidate_external_data(int8_path)
     model = onnx.load(str(int8_path), load_external_data=False)
-    graph_tools.set_metadata(model, encode_metadata({**metadata, "variant": "int8"}))
+    graph_tools.set_metadata(model, encode_metadata({**metadata, "variant": "int8",
+                                                      "int8_quantization": scheme.recorded().to_dict()}))
     graph_tools.save_graph(model, int8_path)
 
 
@@ -566,6 +573,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         "format": FORMAT, "source_sha256": sha256,
         "options": {"att_context_sizes": [list(c) for c in contexts], "cache_layout": cache_layout, "int8": int8,
                     "debug_taps": debug_taps},
+        "int8_quantization": quantization.EXPORT_SCHEME.recorded().to_dict() if int8 else None,
         "graphs": [path.name for path in result.graphs],
         "shared_weights": {weights.path.name: {"stored_bytes": weights.stored_bytes,
                                                "referenced_bytes": weights.referenced_bytes}
@@ -656,7 +664,11 @@ def export_cached(nemo_path: Path, work_dir: Path, **options: Any) -> Path:
     """Export into ``work_dir/onnx-<sha256[:16]>-<options>``, reusing a finished export of the same ``.nemo``."""
     sha256 = sha256_file(nemo_path)
     layout = options.get("cache_layout", "batch-first")
-    tag = f"{layout}{'-int8' if options.get('int8') else ''}{'-taps' if options.get('debug_taps') else ''}"
+    # The int8 scheme is in the name: an export quantized another way (full-range QInt8, before) is written
+    # again rather than reused.
+    scheme = quantization.EXPORT_SCHEME
+    int8_tag = f"-int8-{scheme.weight_type.lower()}{'-rr' if scheme.reduce_range else ''}" if options.get("int8") else ""
+    tag = f"{layout}{int8_tag}{'-taps' if options.get('debug_taps') else ''}"
     contexts = options.get("att_context_sizes")
     if contexts:
         tag += "-" + "-".join(f"{int(c[0])}_{int(c[1])}" for c in contexts)

@@ -62,6 +62,7 @@ from harness.interface.backend import (
     Capabilities,
     DecoderState,
     ForcedDecisions,
+    Int8Quantization,
     ModelInfo,
     OfflineOutput,
     ShapeMismatchError,
@@ -163,6 +164,7 @@ class OnnxBackend(Backend):
         if not self.directory.is_dir():
             raise MissingGraphError(f"{self.directory}: ONNX export directory not found")
         self.dtype = dtype
+        self._int8_quantization: Int8Quantization | None = None
         self._options = _session_options(threads)
         self._use_taps = taps and dtype == "float32"
         self.decoder_joint = self._open_decoder_joint()
@@ -544,6 +546,34 @@ class OnnxBackend(Backend):
                 speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
         raise NotImplementedError("the ONNX export holds streaming (cache-aware) encoder graphs only; "
                                   "compare ONNX against NeMo streaming, not offline")
+
+    def int8_graph_paths(self) -> list[Path]:
+        """The int8 graphs this backend runs: every lookahead's encoder, ``decoder_joint`` and a prompt graph."""
+        if self.dtype != "int8":
+            return []
+        paths = [self.directory / encoder_file(c, variant="int8") for c in self.info.att_context_sizes]
+        paths.append(self.directory / decoder_joint_file("int8"))
+        if self.info.prompted:
+            paths.append(self.directory / prompt_file("int8"))
+        return [path for path in paths if path.is_file()]
+
+    def int8_quantization(self) -> Int8Quantization | None:
+        """The export's recorded scheme (``int8_quantization`` in the int8 graphs' metadata); an export written
+        before the scheme was recorded is read from its weights (``backends.onnx.quantization``)."""
+        if self.dtype != "int8":
+            return None
+        if self._int8_quantization is None:
+            from backends.onnx.quantization import read_quantization
+
+            recorded = self.decoder_joint.metadata.get("int8_quantization") if self.decoder_joint else None
+            self._int8_quantization = (
+                Int8Quantization.from_dict(recorded, f"{decoder_joint_file('int8')} metadata") if recorded
+                else read_quantization(self.int8_graph_paths()))
+        return self._int8_quantization
+
+    def notes(self) -> list[str]:
+        scheme = self.int8_quantization()
+        return [f"int8: {scheme.describe()} (read from {scheme.read_from})"] if scheme else []
 
     def close(self) -> None:
         self._encoders.clear()
