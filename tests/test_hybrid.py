@@ -144,7 +144,25 @@ def test_nemo_ctc_tokens_are_nemos_ctc_decoding(nemo, utterances):
             assert nemo.model.tokenizer.ids_to_text(offline.ctc_tokens[0]) == hypothesis.text
 
 
-# -- the command line: convert, export-onnx, compare, verify, report ----------------------------------
+# -- the command line: transcribe, convert, export-onnx, compare, verify, report ----------------------
+
+def test_transcribe_prints_the_rnnt_and_the_ctc_transcript(hybrid_nemo, nemo, utterances, capsys):
+    """``parity transcribe`` on a hybrid model: one line per decoder, named, each the streamed run's own
+    greedy transcript (the CTC one collapsed across steps)."""
+    from harness.interface.backend import decode_tokens
+    from harness.interface.driver import shared_mode, stream
+
+    code, out = _cli(capsys, "transcribe", hybrid_nemo, AUDIO[0], "--att-context", "70,13", "--att-context", "70,1")
+    assert code == EXIT_OK, out
+    lines = [line.split("\t") for line in out.strip().splitlines()]
+    assert [line[:3] for line in lines] == [[AUDIO[0].name, "[70,13]", "rnnt"], [AUDIO[0].name, "[70,13]", "ctc"],
+                                           [AUDIO[0].name, "[70,1]", "rnnt"], [AUDIO[0].name, "[70,1]", "ctc"]]
+    mel, _ = nemo.features(utterances[0].audio[None])
+    for (_, context, decoder, text) in lines:
+        run = stream(nemo, mel, tuple(int(c) for c in context.strip("[]").split(",")), shared_mode(nemo))
+        tokens = run.tokens if decoder == "rnnt" else run.ctc_tokens
+        assert tokens and text == decode_tokens(nemo.info.vocabulary, tokens), (context, decoder)
+
 
 @pytest.fixture(scope="module")
 def artifact(hybrid_nemo, work):

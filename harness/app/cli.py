@@ -108,7 +108,7 @@ def cmd_fixtures(args) -> int:
 def cmd_transcribe(args) -> int:
     from backends import REFERENCE, get
     from harness.app.hub import parse
-    from harness.interface.driver import transcribe
+    from harness.interface.driver import transcripts
 
     paths = list(args.paths)
     sources = {name: (source, dtype) for name, source, dtype in named_sources(args)}
@@ -128,8 +128,13 @@ def cmd_transcribe(args) -> int:
     contexts = parse_contexts(args.att_context) or [backend.info.att_context_sizes[0]]
     for utterance in utterances:
         for context in contexts:
-            text, _ = transcribe(backend, utterance, context)
-            print(f"{utterance.name}\t[{context[0]},{context[1]}]\t{text}")
+            texts = transcripts(backend, utterance, context)
+            if len(texts) == 1:
+                print(f"{utterance.name}\t[{context[0]},{context[1]}]\t{texts['rnnt']}")
+                continue
+            # A hybrid RNNT-CTC model: one line per decoder, its name in a column of its own.
+            for decoder, text in texts.items():
+                print(f"{utterance.name}\t[{context[0]},{context[1]}]\t{decoder}\t{text}")
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.errors import InvalidInput
-from harness.interface.backend import Backend, StepOutput, decode_tokens
+from harness.interface.backend import TAP_CTC, Backend, StepOutput, decode_tokens
 from harness.interface.chunking import ChunkSchedule, FirstChunkMode, shared_first_chunk_mode
 from harness.interface.speakers import SpeakerTargets
 from harness.interface.utterance import Utterance
@@ -118,11 +118,32 @@ def shared_mode(*backends: Backend) -> FirstChunkMode:
                          + ", ".join(f"{b.name}: {'/'.join(b.first_chunk_modes)}" for b in backends)) from None
 
 
-def transcribe(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> tuple[str, list[int]]:
+def stream_utterance(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> StreamRun:
+    """One utterance through one backend in its own first-chunk mode, with the utterance's speaker masks
+    and prompt (what ``transcribe`` and ``transcripts`` decode)."""
     audio_input = backend.capabilities.input == "audio"
     mel = None if audio_input else backend.features(utterance.audio[None])[0]
     mode = shared_mode(backend)
-    run = stream(backend, mel, att_context_size, mode, dtype=backend.dtype,
-                 speaker_masks=None if audio_input else utterance.speaker_masks_for(backend, probe=False),
-                 audio=utterance.audio[None], prompt=utterance.prompt_for(backend.info))
+    return stream(backend, mel, att_context_size, mode, dtype=backend.dtype,
+                  speaker_masks=None if audio_input else utterance.speaker_masks_for(backend, probe=False),
+                  audio=utterance.audio[None], prompt=utterance.prompt_for(backend.info))
+
+
+def transcribe(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> tuple[str, list[int]]:
+    run = stream_utterance(backend, utterance, att_context_size)
     return decode_tokens(backend.info.vocabulary, run.tokens), run.tokens
+
+
+def transcripts(backend: Backend, utterance: Utterance, att_context_size: Sequence[int]) -> dict[str, str]:
+    """Every transcript of one streamed run, by decoder: ``rnnt`` (the transducer's greedy), and ``ctc``
+    (the CTC head's greedy, over the same vocabulary) for a hybrid RNNT-CTC model."""
+    run = stream_utterance(backend, utterance, att_context_size)
+    texts = {"rnnt": decode_tokens(backend.info.vocabulary, run.tokens)}
+    # A backend that declares the ``ctc`` tap for this model owes its greedy labels at every step; one that
+    # does not (a transcript-level peer running only the transducer) has no CTC transcript to give.
+    if TAP_CTC in backend.produced_taps():
+        if run.ctc_tokens is None:
+            raise InvalidInput(f"{backend.name}: the model has a CTC head but a step of the run carries no "
+                               "CTC labels")
+        texts["ctc"] = decode_tokens(backend.info.vocabulary, run.ctc_tokens)
+    return texts
