@@ -297,7 +297,10 @@ class NemoBackend(Backend):
                           ctc_tokens=ctc_emitted if self.info.ctc_head else None)
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None,
+                forced_decisions: Sequence[int] | None = None) -> OfflineOutput:
+        if forced_decisions is not None:
+            raise ValueError("nemo: the reference decodes freely (no teacher forcing)")
         torch = self._torch
         prompt_index = self.info.prompt_index(prompt)
         self.check_speaker_masks(speaker_masks, mel.shape[0])

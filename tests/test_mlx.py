@@ -6,6 +6,7 @@ fixture utterance x every lookahead x both first-chunk modes, plus both offline 
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from backends.mlx.verify import (  # noqa: E402
 )
 from harness.interface.backend import layer_tap  # noqa: E402
 from harness.interface.chunking import FirstChunkMode  # noqa: E402
-from harness.judge.compare import compare_offline_outputs, compare_runs  # noqa: E402
+from harness.judge.forcing import judge_offline  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_UTTERANCES = ("utt04.wav", "utt07.wav")  # the two shortest fixture utterances (1.3 s, 1.6 s)
@@ -69,10 +70,9 @@ def reference(nemo_backend, utterances, run_cache):
 
 
 def _compare(reference, run_cache, dtype, name, context, mode, tolerances, num_layers):
-    ref_run = reference.run(name, context, mode)
-    cand_run = run_cache.run("mlx", reference.utterance(name), tuple(context), mode, dtype=dtype)
-    comparison = compare_runs(ref_run, cand_run, tolerances, num_layers=num_layers, utterance=name, pair=PAIR)
-    return ref_run, cand_run, comparison
+    # Judged as parity compare judges (teacher-forced where a near-tie moved a decision).
+    return run_cache.judge("nemo", "mlx", reference.utterance(name), tuple(context), mode, tolerances, dtype=dtype,
+                           pair=PAIR)
 
 
 def _assert_every_tap_judged(comparison, num_steps: int, num_layers: int) -> None:
@@ -114,10 +114,11 @@ def test_offline_forward_matches_nemo_fp32(reference, mlx_backends, nemo_backend
     for context in att_contexts:
         for name in reference.names:
             mel, length = reference.mel(name)
-            comparison = compare_offline_outputs(
+            comparison = judge_offline(
                 nemo_backend.offline(mel, length, context), backend.offline(mel, length, context), tolerances,
                 reference_name=nemo_backend.name, candidate_name=backend.name, dtype=backend.dtype,
-                context=context, utterance=name, num_layers=nemo_backend.info.num_layers)
+                context=context, utterance=name, num_layers=nemo_backend.info.num_layers,
+                rerun=functools.partial(backend.offline, mel, length, context))
             assert comparison.passed, comparison.describe_failure()
             assert {"pre_encode", "encoder", "decoder", "joint"} <= {t.tap for t in comparison.taps}
 

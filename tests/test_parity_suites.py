@@ -12,7 +12,7 @@ import pytest
 
 from harness.interface.backend import decode_tokens
 from harness.interface.driver import shared_mode
-from harness.judge.compare import compare_runs, compare_streaming_to_offline
+from harness.judge.compare import compare_streaming_to_offline
 from harness.judge.metrics import word_error_rate
 from harness.judge.results import Results
 
@@ -24,11 +24,9 @@ def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_con
     comparisons = []
     for utterance in utterances:
         for context in att_contexts:
-            ref_run = run_cache.run(reference_name, utterance, context, mode)
-            cand_run = run_cache.run(candidate_name, utterance, context, mode)
-            comparisons.append((utterance, ref_run, cand_run, compare_runs(
-                ref_run, cand_run, tolerances, num_layers=reference.info.num_layers, utterance=utterance.name,
-                tokens_only=not candidate.capabilities.tensor_level)))
+            # Judged as parity compare judges (teacher-forced where a near-tie moved a decision).
+            comparisons.append((utterance, *run_cache.judge(reference_name, candidate_name, utterance, context,
+                                                            mode, tolerances)))
     return comparisons
 
 

@@ -220,7 +220,8 @@ class MLXBackend(Backend):
                           ctc_tokens=None if ctc is None else ctc[1])
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None,
+                forced_decisions: Sequence[int] | None = None) -> OfflineOutput:
         context = self._check_context(att_context_size)
         prompt_index = self.info.prompt_index(prompt)
         self.check_speaker_masks(speaker_masks, mel.shape[0])
@@ -231,7 +232,8 @@ class MLXBackend(Backend):
             # EncDecRNNTBPEModelWithPrompt.forward: the prompt kernel over every encoder frame.
             decoded_from = self.model.apply_prompt(out.encoded, prompt_index)
             start = [self.model.initial_greedy_state(self.compute_dtype) for _ in range(mel.shape[0])]
-            results, decoder_rows, joint_rows = self._decode_batch(decoded_from, out.lengths, start)
+            results, decoder_rows, joint_rows = self._decode_batch(decoded_from, out.lengths, start,
+                                                                   ForcedDecisions(forced_decisions, self.name))
             taps = self._taps(out.taps, out.encoded, decoded_from, decoder_rows, joint_rows) if self.record_taps else {}
             ctc = None
             if self.info.ctc_head:

@@ -202,8 +202,17 @@ class Verification:
         agreement = aggregate_token_agreement([e.comparison for e in self.entries])
         worst_layer = max((v for by_mode in self.worst().values() for taps in by_mode.values()
                            for k, v in taps.items() if k.startswith("layers.") or k == "encoder"), default=float("nan"))
+        tied = [e.comparison for e in self.entries if e.comparison.near_ties]
+        ties = ""
+        if tied:
+            # A near-tie is where the two correct decoders may part: named, so that "identical tokens in 39/40"
+            # never hides which comparison met one and why it still passed.
+            first = tied[0]
+            where = (f"{first.pair} [{first.att_context_size[0]},{first.att_context_size[1]}] {first.utterance} "
+                     f"{first.mode}: {first.near_ties[0].describe()}")
+            ties = f", near-ties met in {len(tied)} ({where}{'; ...' if len(tied) > 1 else ''})"
         return (f"{total - failed}/{total} comparisons within tolerance, identical tokens in {identical}/{total} "
-                f"(token agreement {agreement:.3f}), worst encoder-side max_abs {worst_layer:.2e} ({self.dtype})")
+                f"(token agreement {agreement:.3f}){ties}, worst encoder-side max_abs {worst_layer:.2e} ({self.dtype})")
 
     def to_dict(self) -> dict[str, Any]:
         from harness.judge.results import comparison_to_dict, environment

@@ -543,7 +543,8 @@ class OnnxBackend(Backend):
         return DecoderState(last_token=last, h=h, c=c, tokens=tokens), emitted, decoder_taps, joint_taps
 
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None,
+                forced_decisions: Sequence[int] | None = None) -> OfflineOutput:
         raise NotImplementedError("the ONNX export holds streaming (cache-aware) encoder graphs only; "
                                   "compare ONNX against NeMo streaming, not offline")
 

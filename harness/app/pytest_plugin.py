@@ -252,6 +252,28 @@ class RunCache:
                                      prompt=utterance.prompt_for(self.pool.get("nemo").info))
         return self._runs[key]
 
+    def judge(self, reference_name: str, candidate_name: str, utterance, context, mode, tolerances, *,
+              dtype: str | None = None, pair: str | None = None):
+        """The candidate's run against the reference's, judged as ``parity compare`` judges it
+        (``harness.judge.forcing.judge_stream``: teacher-forced where a decision left the reference's).
+        Returns ``(reference run, candidate run, comparison)``."""
+        from functools import partial
+
+        from harness.interface.driver import stream
+        from harness.judge.forcing import judge_stream
+
+        reference = self.run(reference_name, utterance, context, mode)
+        candidate = self.run(candidate_name, utterance, context, mode, dtype=dtype)
+        backend = self.pool.get(candidate_name, dtype)
+        tokens_only = not backend.capabilities.tensor_level
+        rerun = partial(stream, backend, self.mel(utterance), context, mode, dtype=backend.dtype,
+                        features=candidate.features, prompt=utterance.prompt_for(self.pool.get("nemo").info))
+        comparison, _ = judge_stream(reference, candidate, tolerances,
+                                     num_layers=self.pool.get(reference_name).info.num_layers,
+                                     utterance=utterance.name, pair=pair, tokens_only=tokens_only,
+                                     rerun=rerun if backend.capabilities.teacher_forcing else None)
+        return reference, candidate, comparison
+
 
 @pytest.fixture(scope="session")
 def run_cache(backend_pool) -> RunCache:

@@ -530,9 +530,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
-                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None) -> OfflineOutput:
+                speaker_masks: SpeakerTargets | None = None, prompt: str | None = None,
+                forced_decisions: Sequence[int] | None = None) -> OfflineOutput:
         """Whole-utterance forward with the attention mask of ``att_context_size``, then greedy decoding;
-        ``prompt``: a prompt-conditioned model's locale (None: bypassed, as in streaming)."""
+        ``prompt``: a prompt-conditioned model's locale (None: bypassed, as in streaming).
+        ``forced_decisions`` (backends declaring ``teacher_forcing``; batch 1): the decision at every joint call
+        of the whole decode, in call order, instead of the argmax, as in ``step``."""
 
     def close(self) -> None:  # noqa: B027 - optional: a backend without resources need not override it
         """Release the model (the bounded-memory runs load one backend at a time)."""

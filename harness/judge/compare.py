@@ -356,6 +356,24 @@ def judge_teacher_forced(free: PairComparison, reference_run, forced_run, tolera
                              "candidate_ctc_tokens": free.candidate_ctc_tokens})
 
 
+def judge_teacher_forced_offline(free: PairComparison, reference: OfflineOutput, forced: OfflineOutput,
+                                 tolerances: Tolerances, *, num_layers: int) -> PairComparison:
+    """``judge_teacher_forced`` for the offline forwards: a candidate whose offline greedy decode left the
+    reference's at some joint call is judged on its decode with the reference's decisions (every decoder and
+    joint row comparable), its flips classified by the tie rule, its transcript kept from ``free``."""
+    names = dict(reference_name=free.reference.removesuffix("-offline"),
+                 candidate_name=free.candidate.removesuffix("-offline"))
+    judged = compare_offline_outputs(reference, forced, tolerances, dtype=free.dtype, context=free.att_context_size,
+                                     utterance=free.utterance, num_layers=num_layers, **names)
+    flips = [replace(flip, step=-1) for flip in find_flips(
+        [_Rows(TAP_JOINT, reference.taps[TAP_JOINT])], [_Rows(TAP_JOINT, forced.taps[TAP_JOINT])],
+        tolerances.limits(free.pair, free.dtype, TAP_JOINT))]
+    return PairComparison(**{**judged.__dict__, "taps": exempt_near_ties(judged.taps, [*flips, *judged.ctc_flips],
+                                                                         tolerances),
+                             "candidate_tokens": free.candidate_tokens, "teacher_forced": True, "flips": flips,
+                             "candidate_ctc_tokens": free.candidate_ctc_tokens})
+
+
 def exempt_near_ties(taps: list[TapResult], flips: list[TokenFlip], tolerances: Tolerances) -> list[TapResult]:
     """The ``argmax_agreement`` limit of the joint (or of a hybrid's ``ctc`` tap) counts every flip; at a
     step whose flips on that tap are all near-ties it is judged by the tie rule instead (every other

@@ -17,6 +17,7 @@ in memory at a time. A reference step therefore runs once, however many candidat
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,23 +27,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from harness.errors import InvalidInput
-from harness.interface.backend import TAP_JOINT, Backend, Capabilities, OfflineOutput, decode_tokens
+from harness.interface.backend import Backend, Capabilities, OfflineOutput, decode_tokens
 from harness.interface.chunking import FirstChunkMode, shared_first_chunk_mode
 from harness.interface.driver import StreamRun, stream
 from harness.interface.speakers import SpeakerTargets
 from harness.interface.utterance import Utterance
-from harness.judge.compare import (
-    PairComparison,
-    compare_offline_outputs,
-    compare_runs,
-    compare_streaming_to_offline,
-    judge_teacher_forced,
-)
+from harness.judge.compare import PairComparison, compare_streaming_to_offline
+from harness.judge.forcing import judge_offline, judge_stream
+from harness.judge.forcing import reference_decisions as reference_decisions  # re-exported for callers
 from harness.judge.int8 import INT8, explain_int8_excess
 from harness.judge.metrics import word_error_rate
 from harness.judge.prompts import explain_prompt_divergence
 from harness.judge.results import Results
-from harness.judge.ties import decisions
 from harness.judge.tolerances import Tolerances
 from harness.system.cpu import int8_kernel_path
 
@@ -280,19 +276,17 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                         run = store.record(backend, mel, context, mode,
                                            key=_key(backend, utterance, context, mode), speaker_masks=masks,
                                            features=own_features, audio=utterance.audio[None], prompt=prompt)
-                        comparison = compare_runs(reference_run, run, tolerances, num_layers=num_layers,
-                                                  utterance=utterance.name, tokens_only=tokens_only)
-                        judged_run = run
-                        if backend.capabilities.teacher_forcing and not same_decisions(reference_run, run):
-                            # The free run took another greedy decision somewhere: its decoder and joint rows
-                            # no longer match the reference's. Decode again with the reference's decisions;
-                            # the taps are judged on that run, the transcript stays the free run's.
-                            judged_run = store.record(
-                                backend, mel, context, mode, key=_key(backend, utterance, context, mode) + "-forced",
-                                speaker_masks=masks, features=own_features, prompt=prompt,
-                                forced_decisions=reference_decisions(reference_run))
-                            comparison = judge_teacher_forced(comparison, reference_run, judged_run, tolerances,
-                                                              num_layers=num_layers)
+                        # Where the free run took another greedy decision somewhere, its decoder and joint rows
+                        # no longer match the reference's: it is decoded again with the reference's decisions,
+                        # the taps judged on that run, the transcript kept from the free run.
+                        rerun = functools.partial(
+                            store.record, backend, mel, context, mode,
+                            key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
+                            features=own_features, prompt=prompt)
+                        comparison, judged_run = judge_stream(
+                            reference_run, run, tolerances, num_layers=num_layers, utterance=utterance.name,
+                            tokens_only=tokens_only,
+                            rerun=rerun if backend.capabilities.teacher_forcing else None)
                         if prompt_kernel is not None and not tokens_only:
                             cause = explain_prompt_divergence(comparison, reference_run, judged_run, prompt_kernel,
                                                               info, reference_prompt, tolerances)
@@ -313,10 +307,14 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                     if candidate.compare_offline:
                         offline = backend.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
                                                   speaker_masks=masks, prompt=prompt)
-                        comparison = compare_offline_outputs(
+                        # The whole-utterance decode may meet a near-tie too: decoded again with the reference's decisions.
+                        rerun_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
+                                                          context, speaker_masks=masks, prompt=prompt)
+                        comparison = judge_offline(
                             reference_offline[(utterance.name, context)], offline, tolerances,
                             reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
-                            context=context, utterance=utterance.name, num_layers=num_layers)
+                            context=context, utterance=utterance.name, num_layers=num_layers,
+                            rerun=rerun_offline if backend.capabilities.teacher_forcing else None)
                         results.comparisons.append(judge(comparison, None, None) if judge else comparison)
                     progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
         except Exception as error:
@@ -329,25 +327,6 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
     for run in reference_runs.values():
         store.release(run)
     return outcome
-
-
-def reference_decisions(run: Any) -> list[list[int]]:
-    """The reference's greedy decision at every joint call, per step (from its joint tap)."""
-    return [decisions(step.taps[TAP_JOINT]) if TAP_JOINT in step.taps else [] for step in run.steps]
-
-
-def same_decisions(reference_run: Any, candidate_run: Any) -> bool:
-    """Whether both runs took the same greedy decision at every joint call: equal tokens are not
-    enough, a near-tie can move an emission by a frame within a step (blank-then-label vs label-then-blank)."""
-    if reference_run.tokens != candidate_run.tokens or len(reference_run.steps) != len(candidate_run.steps):
-        return False
-    for reference, candidate in zip(reference_run.steps, candidate_run.steps, strict=True):
-        ref_joint, cand_joint = reference.taps.get(TAP_JOINT), candidate.taps.get(TAP_JOINT)
-        if ref_joint is None or cand_joint is None:
-            continue
-        if ref_joint.shape != cand_joint.shape or decisions(ref_joint) != decisions(cand_joint):
-            return False
-    return True
 
 
 def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:
