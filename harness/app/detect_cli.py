@@ -9,8 +9,11 @@ def cmd_fingerprint(args) -> int:
     from harness.app.diagnose import artifact_readers
     from harness.app.hub import resolve_any
     from harness.detect.fingerprint import fingerprint
+    from harness.system.cpu import int8_kernel_path
 
     report = fingerprint(resolve_any(args.path).path, artifact_readers())
+    # What an int8 file's figures measured here depend on (harness.system.cpu), beside what the file says.
+    report["int8_kernel_path"] = int8_kernel_path().to_dict()
     if not args.tensors:
         report["tensors"] = f"{len(report['tensors'])} tensors (use --tensors for the hash manifest)"
     print(json.dumps(report, indent=2))

@@ -8,7 +8,7 @@ Schema (``schema_version`` 1)::
       "model": {"path", "sha256", "name", "hub_repo", "hub_revision",
                 "backends": [{backend, path, sha256, hub_repo, hub_revision, source_sha256, made_by...}]},
       "environment": {"versions": {package: version}, "harness_version", "git_commit", "device", "platform",
-                      "cpus", "threads"},
+                      "cpus", "threads", "int8_kernel_path": {name, machine, flags, saturates_u8s8}},
       "tolerances": path of the tolerance file applied,
       "comparisons": [PairComparison as dict: reference, candidate, pair, dtype, att_context_size,
                       utterance, passed, first_divergence, reference_tokens, candidate_tokens,
@@ -35,6 +35,7 @@ from typing import Any
 from harness.errors import InputNotFound, InvalidInput
 from harness.judge.compare import PairComparison, TapResult
 from harness.judge.ties import TokenFlip
+from harness.system.cpu import int8_kernel_path
 from harness.system.provenance import git_commit, harness_version, library_versions
 from harness.system.threads import requested_threads
 
@@ -53,6 +54,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "threads": requested_threads() or os.cpu_count(),  # the limit set with --threads, else the libraries' default
+        # Which int8 kernel ONNX Runtime runs here (harness.system.cpu): a saturating export's figures depend on it.
+        "int8_kernel_path": int8_kernel_path().to_dict(),
     }
 
 

@@ -524,6 +524,26 @@ class ProvenanceRow:
     code: bool = False  # hashes and paths: shown monospaced
 
 
+def int8_path_label(results: Results) -> str | None:
+    """The CPU's int8 kernel path a run recorded (``environment.int8_kernel_path``), as one phrase; None for a
+    results file written before it was recorded."""
+    path = (results.environment or {}).get("int8_kernel_path")
+    if not path:
+        return None
+    kind = "saturating u8 x s8" if path.get("saturates_u8s8") else "exact u8 x s8"
+    return f"{path.get('name')} ({kind}, {path.get('machine')})"
+
+
+def int8_paths(results_list: Sequence[Results]) -> list[str]:
+    """Every int8 kernel path the runs were made on, in order, each once (the report's header)."""
+    seen: dict[str, None] = {}
+    for results in results_list:
+        label = int8_path_label(results)
+        if label:
+            seen.setdefault(label)
+    return list(seen)
+
+
 def provenance(results: Results) -> list[ProvenanceRow]:
     """Where one run's numbers come from: model file, machine, library versions and candidate artifacts."""
     env = results.environment or {}
@@ -536,7 +556,8 @@ def provenance(results: Results) -> list[ProvenanceRow]:
              ProvenanceRow("git commit", env.get("git_commit"), code=True),
              ProvenanceRow("device", env.get("device")), ProvenanceRow("platform", env.get("platform")),
              ProvenanceRow("python", env.get("python")), ProvenanceRow("threads", env.get("threads")),
-             ProvenanceRow("CPUs", env.get("cpus")), ProvenanceRow("tolerances", results.tolerances, code=True)]
+             ProvenanceRow("CPUs", env.get("cpus")), ProvenanceRow("int8 kernel path", int8_path_label(results)),
+             ProvenanceRow("tolerances", results.tolerances, code=True)]
     rows += [ProvenanceRow(package, version) for package, version in (env.get("versions") or {}).items()]
     rows += [ProvenanceRow(f"{entry['backend']}:{entry['dtype']} artifact", entry["artifact_sha256"], code=True)
              for entry in (results.extra or {}).get("candidates", []) if entry.get("artifact_sha256")]
