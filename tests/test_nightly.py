@@ -100,6 +100,54 @@ def test_demo_prints_the_table_and_the_report_path(tmp_path, capsys):
     assert Path(tmp_path / "demo" / "results.json").is_file()
 
 
+def _demo_sample() -> Results:
+    """A demo run's results, as the matrix records them: NeMo against offline, a float32 candidate whose
+    name is wider than NeMo's row, and an int8 candidate over its limits (degraded)."""
+    from harness.judge.compare import PairComparison, TapResult
+
+    def comparison(candidate, pair, dtype, value, mode):
+        taps = [TapResult(0, tap, {"max_abs": value}, {"max_abs": 1e-4}, [] if value <= 1e-4 else [f"{tap} over"])
+                for tap in ("layers.0", "encoder")]
+        return PairComparison("nemo", candidate, pair, dtype, (70, 13), "utt01", taps, [1, 2], [1, 2], [], mode=mode)
+
+    runs = (("nemo", "float32", "plain"), ("nemo", "float32", "pad-and-drop"),
+            ("sherpa_onnx", "float32", "pad-and-drop"), ("onnx", "int8", "pad-and-drop"))
+    return Results(model={"name": "sample"}, tolerances="t", comparisons=[
+        comparison("nemo", "streaming~offline@70,13", "float32", 1e-6, "plain"),
+        comparison("sherpa_onnx", "nemo~sherpa_onnx", "float32", 2e-6, "pad-and-drop"),
+        comparison("onnx", "nemo~onnx", "int8", 3e-1, "pad-and-drop")],
+        transcripts=[{"backend": b, "dtype": d, "att_context_size": [70, 13], "mode": m, "utterance": "utt01",
+                      "text": "the cat sat down", "reference_text": "the cat sat on it", "tokens": [1, 2]}
+                     for b, d, m in runs],
+        timings=[{"backend": b, "dtype": d, "att_context_size": [70, 13], "step_seconds": [0.0123, 0.0456]}
+                 for b, d, m in runs if (b, m) != ("nemo", "pad-and-drop")])
+
+
+def test_demo_table_piped_to_a_file_keeps_every_cell_whole(monkeypatch, tmp_path):
+    """Not a terminal (``make demo > log``): no column is cut, however wide the table."""
+    import io
+
+    from rich.console import Console
+
+    from harness.app import demo
+
+    results = _demo_sample()
+    monkeypatch.setattr(demo, "run_matrix", lambda *args, **kwargs: [results])
+    console = Console(file=io.StringIO(), width=80, highlight=False)
+    assert not console.is_terminal
+    demo.run_demo(out_dir=tmp_path, model="sample", console=console)
+    out = console.file.getvalue()
+    assert "…" not in out, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and ":" in line.split()[0]}
+    assert rows["sherpa_onnx:float32"][-1] == "pass" and rows["onnx:int8"][-1] == "degraded", out
+    assert "nemo (vs offline)" in out and "encoder err" in out and "ms/chunk" in out
+
+    # A terminal keeps its own width: the reader can widen the window.
+    terminal = Console(file=io.StringIO(), width=80, force_terminal=True)
+    demo.print_tables(terminal, demo.demo_tables(results))
+    assert terminal.width == 80
+
+
 @pytest.mark.nightly
 def test_full_nightly_matrix(tmp_path):
     """Every default fixture × every lookahead × every available backend and dtype (the nightly job's run)."""

@@ -31,6 +31,8 @@ from harness.report import (
 )
 
 DEMO_MODEL = "trained-streaming"
+# The width a table is measured at when nothing bounds it (its content's natural width is far below).
+UNBOUNDED_WIDTH = 1 << 14
 
 
 def demo_tables(results: Results):
@@ -77,6 +79,20 @@ def demo_tables(results: Results):
     return tables
 
 
+def print_tables(console, tables) -> None:
+    """Each table whole: a console that is not a terminal (a file, a CI log) is widened to the widest
+    table's content, since there no reader can widen a window and rich would cut the columns that do not
+    fit (the result column first: "degraded" printed as "degrad…")."""
+    from rich.measure import Measurement
+
+    if not console.is_terminal and tables:
+        unbounded = console.options.update(width=UNBOUNDED_WIDTH, max_width=UNBOUNDED_WIDTH)
+        widest = max(Measurement.get(console, unbounded, table).maximum for table in tables)
+        console.width = max(console.width, widest)
+    for table in tables:
+        console.print(table)
+
+
 def run_demo(out_dir: Path = Path("reports"), model: str = DEMO_MODEL, *, utterances: int | None = None,
              att_contexts: Sequence[Sequence[int]] | None = None, backends: Sequence[str] | None = None,
              console=None) -> int:
@@ -94,8 +110,7 @@ def run_demo(out_dir: Path = Path("reports"), model: str = DEMO_MODEL, *, uttera
         if record["status"] == "ok":
             console.print(f"prepared {record['backend']}:{record['dtype']} in {record.get('prepare_seconds', 0):.1f} s: "
                           f"{record.get('artifact')}")
-    for table in demo_tables(results):
-        console.print(table)
+    print_tables(console, demo_tables(results))
     demo_dir = Path(out_dir) / "demo"
     results_path = results.save(demo_dir / "results.json")
     report = write_report([results], demo_dir, title=f"Parity demo ({model})")
