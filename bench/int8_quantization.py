@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -76,33 +75,8 @@ def _model_path(name: str) -> Path:
     return build(name, progress=lambda text: print(f"  {text}", file=sys.stderr))
 
 
-def _quantize(fp32_dir: Path, out_dir: Path, scheme, contexts) -> None:
-    """A copy of the fp32 export with every int8 graph written under ``scheme``."""
-    from backends.onnx import export as onnx_export
-    from backends.onnx.layout import decoder_joint_file, encoder_file, prompt_file, read_graph_metadata
-
-    shutil.copytree(fp32_dir, out_dir)
-    for path in list(out_dir.glob("*.int8.*")):
-        path.unlink()
-    jobs = [(encoder_file(c), encoder_file(c, "int8"), ("MatMul", "Gemm")) for c in contexts]
-    jobs.append((decoder_joint_file(), decoder_joint_file("int8"), ("MatMul", "Gemm", "LSTM")))
-    for source, target, ops in jobs:
-        metadata = read_graph_metadata(out_dir / source)
-        onnx_export._write_int8(out_dir / source, out_dir / target, metadata, ops, scheme=scheme)
-    if (out_dir / prompt_file()).is_file():
-        from backends.onnx import graph_tools
-
-        metadata = read_graph_metadata(out_dir / prompt_file())
-        import onnx
-
-        folded = out_dir / "prompt.folded.onnx"
-        graph_tools.save_graph(graph_tools.fold_weight_transposes(onnx.load(str(out_dir / prompt_file()))), folded)
-        onnx_export._write_int8(folded, out_dir / prompt_file("int8"), metadata, ("MatMul",), scheme=scheme)
-        folded.unlink()
-
-
 def measure(args: argparse.Namespace) -> dict:
-    from backends.onnx.export import export_cached
+    from backends.onnx.export import export_cached, write_int8_variant
     from backends.onnx.quantization import QuantScheme
     from backends.onnx.runtime import OnnxBackend
     from fixtures.models import speech_manifest
@@ -138,7 +112,7 @@ def measure(args: argparse.Namespace) -> dict:
             scheme = QuantScheme(weight_type, per_channel=per_channel, reduce_range=reduce_range)
             print(f"{scheme.label}: quantizing and streaming", file=sys.stderr)
             out_dir = Path(scratch) / key
-            _quantize(fp32_dir, out_dir, scheme, contexts)
+            write_int8_variant(fp32_dir, out_dir, scheme)
             worst: dict[str, dict[str, float]] = {}
             identical, seconds = 0, []
             with OnnxBackend(out_dir, dtype="int8", threads=args.threads) as int8:

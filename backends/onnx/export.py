@@ -369,15 +369,16 @@ def _export_prompt(arrays, path: Path, interface: GraphInterface) -> None:
     graph_tools.save_graph(model, path)
 
 
-def _write_prompt_int8(path: Path, int8_path: Path, metadata: dict[str, Any]) -> None:
-    """Dynamic int8 of ``prompt.onnx`` like the other graphs (QInt8 ``MatMul`` weights), from a copy whose
+def _write_prompt_int8(path: Path, int8_path: Path, metadata: dict[str, Any],
+                       scheme: quantization.QuantScheme = quantization.EXPORT_SCHEME) -> None:
+    """Dynamic int8 of ``prompt.onnx`` like the other graphs (its ``MatMul`` weights), from a copy whose
     weight transposes are folded (the quantizer reads only a ``MatMul`` fed an initializer directly)."""
     import onnx
 
     folded = path.with_name(path.stem + ".folded.onnx")
     try:
         onnx.save(graph_tools.fold_weight_transposes(onnx.load(str(path))), str(folded))
-        _write_int8(folded, int8_path, metadata, ("MatMul",))
+        _write_int8(folded, int8_path, metadata, ("MatMul",), scheme=scheme)
     finally:
         folded.unlink(missing_ok=True)
 
@@ -442,6 +443,29 @@ def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types:
     graph_tools.set_metadata(model, encode_metadata({**metadata, "variant": "int8",
                                                       "int8_quantization": scheme.recorded().to_dict()}))
     graph_tools.save_graph(model, int8_path)
+
+
+def write_int8_variant(export_dir: str | Path, out_dir: str | Path, scheme: quantization.QuantScheme) -> Path:
+    """A copy of an export in ``out_dir`` whose int8 graphs are quantized under ``scheme`` from its float32
+    graphs, as the export would have written them (the encoders' int8 weights shared again): what
+    ``bench/int8_quantization.py`` measures, and how the tests make an export of another scheme (an older
+    full-range QInt8 one) without NeMo."""
+    from backends.onnx.layout import read_graph_metadata
+
+    source, target = Path(export_dir), Path(out_dir)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.int8.onnx", SHARED_ENCODER_WEIGHTS_INT8))
+    shared = graph_tools.SharedWeights(target / SHARED_ENCODER_WEIGHTS_INT8)
+    for fp32 in sorted(target.glob("encoder-*.onnx")):
+        if ".debug." not in fp32.name:
+            _write_int8(fp32, target / fp32.name.replace(".onnx", ".int8.onnx"), read_graph_metadata(fp32),
+                        ("MatMul", "Gemm"), shared, scheme=scheme)
+    fp32 = target / decoder_joint_file()
+    _write_int8(fp32, target / decoder_joint_file("int8"), read_graph_metadata(fp32), ("MatMul", "Gemm", "LSTM"),
+                scheme=scheme)
+    if (target / prompt_file()).is_file():
+        _write_prompt_int8(target / prompt_file(), target / prompt_file("int8"),
+                           read_graph_metadata(target / prompt_file()), scheme=scheme)
+    return target
 
 
 def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,

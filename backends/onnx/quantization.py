@@ -81,44 +81,33 @@ def read_quantization(paths: Iterable[str | Path]) -> Int8Quantization | None:
 
 
 def _graph_quantization(path: Path) -> Int8Quantization | None:
+    """The weights' integer type and width, from the raw integers the kernels multiply: MLAS multiplies the
+    stored values as they are and corrects for the zero point afterwards (column sums), so whether a pair
+    of u8 x s8 products can pass int16 depends on the largest stored |s8 weight|, not on the zero point."""
     model = onnx.load(str(path), load_external_data=True)
     initializers = {t.name: t for t in model.graph.initializer}
-    types: set[str] = set()
-    widest = 0
+    widest: dict[str, int] = {}  # weight type -> the largest |stored value|
     per_channel = False
     for node in model.graph.node:
-        positions = _WEIGHT_INPUTS.get(node.op_type)
-        if not positions:
-            continue
-        for position in positions:
+        for position in _WEIGHT_INPUTS.get(node.op_type, ()):
             if position >= len(node.input) or node.input[position] not in initializers:
                 continue
             tensor = initializers[node.input[position]]
             if tensor.data_type not in _TYPES:
                 continue
-            types.add(_TYPES[tensor.data_type])
-            weights = numpy_helper.to_array(tensor).astype(np.int32)
+            values = numpy_helper.to_array(tensor).astype(np.int32)
+            kind = _TYPES[tensor.data_type]
+            widest[kind] = max(widest.get(kind, 0), int(np.abs(values).max()) if values.size else 0)
             zero_index = (_LSTM_ZERO_POINTS.get(position) if node.op_type == "DynamicQuantizeLSTM"
                           else _ZERO_POINT_INPUT.get(node.op_type))
-            zero = np.zeros(1, np.int32)
             if zero_index is not None and zero_index < len(node.input) and node.input[zero_index] in initializers:
-                zero = numpy_helper.to_array(initializers[node.input[zero_index]]).astype(np.int32)
-                per_channel |= zero.size > 1
-            centred = weights - (zero.reshape(-1) if zero.size == 1 else _channel_zero(zero, weights, node.op_type))
-            widest = max(widest, int(np.abs(centred).max()) if centred.size else 0)
-    if not types:
+                per_channel |= int(np.prod(initializers[node.input[zero_index]].dims)) > 1
+    if not widest:
         return None
-    weight_type = "QInt8" if "QInt8" in types else "QUInt8"
-    # 7-bit weights (reduce_range) stay within [-64, 64] around their zero point; 8-bit ones use up to 127/128.
-    return Int8Quantization(weight_type=weight_type, activation_type="QUInt8", weight_bits=7 if widest <= 64 else 8,
-                            per_channel=per_channel, read_from=path.name, widest_weight=widest)
-
-
-def _channel_zero(zero: np.ndarray, weights: np.ndarray, op_type: str) -> np.ndarray:
-    """A per-channel zero point broadcast against its weights: output channels are the last axis of a
-    ``MatMulInteger`` B ``[K, N]`` and the first of a ``ConvInteger`` weight or an LSTM's ``[D, 4H]`` rows."""
-    if op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and weights.ndim == 2:
-        return zero.reshape(1, -1)
-    if op_type == "DynamicQuantizeLSTM":
-        return zero.reshape(zero.shape[0], 1, -1)
-    return zero.reshape(-1, *([1] * (weights.ndim - 1)))
+    # s8 weights decide saturation wherever there are any (the riskier kind); 7-bit s8 stays within +-64,
+    # 7-bit u8 within 0..127 (reduce_range).
+    weight_type = "QInt8" if "QInt8" in widest else "QUInt8"
+    limit = 64 if weight_type == "QInt8" else 127
+    return Int8Quantization(weight_type=weight_type, activation_type="QUInt8",
+                            weight_bits=7 if widest[weight_type] <= limit else 8, per_channel=per_channel,
+                            read_from=path.name, widest_weight=widest[weight_type])

@@ -384,7 +384,7 @@ class Int8Quantization:
     weight_bits: int = 8
     per_channel: bool = False
     read_from: str = ""  # "export" (the export's record) or the graph file the weights were read from
-    widest_weight: int | None = None  # the largest |weight - zero point| found, when read from the weights
+    widest_weight: int | None = None  # the largest |stored integer weight| found, when read from the weights
 
     @property
     def saturation_prone(self) -> bool:
@@ -406,6 +406,11 @@ class Int8Quantization:
         return {"weight_type": self.weight_type, "activation_type": self.activation_type,
                 "weight_bits": self.weight_bits, "per_channel": self.per_channel, "read_from": self.read_from,
                 "widest_weight": self.widest_weight, "saturation_prone": self.saturation_prone}
+
+    def same_scheme(self, other: Int8Quantization) -> bool:
+        """The same arithmetic (where the description was read from aside)."""
+        return (self.weight_type, self.activation_type, self.weight_bits, self.per_channel) == (
+            other.weight_type, other.activation_type, other.weight_bits, other.per_channel)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], read_from: str) -> Int8Quantization:
