@@ -282,6 +282,43 @@ def test_shape_surprises_are_refused(onnx, export, prompt_nemo, tmp_path):
         get("onnx").load(outside, nemo_path=prompt_nemo)
 
 
+def test_int8_prompt_weight_shapes_are_checked_at_load(export, prompt_nemo, tmp_path):
+    """The quantizer renames prompt.int8.onnx's weights, so they are found as its matrix products' weights
+    ([in, out]): each against the kernel's shapes, whatever its element type."""
+    import onnx
+    from onnx import numpy_helper
+
+    from backends import get
+    from backends.onnx.graph_tools import matmul_weights
+
+    # The fp32 graph reads NeMo's weights through transposes: the same [in, out] shapes, under NeMo's names.
+    fp32 = matmul_weights(onnx.load(str(export / prompt_file()), load_external_data=False).graph)
+    assert fp32 == [("prompt_kernel.0.weight", [208, 160]), ("prompt_kernel.2.weight", [160, 80])]
+    int8 = matmul_weights(onnx.load(str(export / prompt_file("int8")), load_external_data=False).graph)
+    assert [shape for _, shape in int8] == [[208, 160], [160, 80]]
+    assert not {name for name, _ in int8} & {name for name, _ in fp32}  # renamed: no name to look up
+    get("onnx").load(export, dtype="int8", nemo_path=prompt_nemo).close()
+
+    # Metadata claiming another one-hot width than the quantized kernel takes.
+    narrowed = _copy(export, tmp_path / "narrowed")
+    _rewrite_metadata(narrowed, lambda _metadata: {"num_prompts": 127})
+    with pytest.raises(GraphInterfaceError, match=rf"prompt.int8.onnx: {int8[0][0]} \(quantized prompt_kernel.0.weight, "
+                                                  r"\[in, out\]\) has shape \[208, 160\].*need \[207, 160\]"):
+        get("onnx").load(narrowed, dtype="int8", nemo_path=prompt_nemo)
+
+    # A quantized weight cut short (its output layer one column narrower than d_model).
+    cut = _copy(export, tmp_path / "cut")
+    model = onnx.load(str(cut / prompt_file("int8")))
+    for index, init in enumerate(model.graph.initializer):
+        if init.name == int8[1][0]:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:, :79],
+                                                                            init.name))
+    onnx.save(model, str(cut / prompt_file("int8")))
+    with pytest.raises(GraphInterfaceError, match=rf"{int8[1][0]} \(quantized prompt_kernel.2.weight, \[in, out\]\) "
+                                                  r"has shape \[160, 79\], but d_model 80 .* need \[160, 80\]"):
+        get("onnx").load(cut, dtype="int8", nemo_path=prompt_nemo)
+
+
 def test_older_exports_are_refused_and_not_reused(export, prompt_nemo, tmp_path):
     from backends import get
     from backends.onnx.export import cached_directory

@@ -333,3 +333,57 @@ def fold_weight_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     del folded.graph.initializer[:]
     folded.graph.initializer.extend(remaining)
     return folded
+
+
+# Matrix products and the input that holds their right-hand (weight) operand, float or quantized: what ONNX
+# Runtime's quantizer turns a ``MatMul`` into (QOperator and fused forms alike).
+MATMUL_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "DynamicQuantizeMatMul": 1,
+                       "MatMulIntegerToFloat": 1, "QLinearMatMul": 3}
+# Nodes a weight may pass through between its initializer and the product (QDQ form, a kept transpose).
+_WEIGHT_PASSTHROUGH = {"DequantizeLinear", "Cast", "Identity", "Transpose"}
+
+
+def matmul_weights(graph: onnx.GraphProto) -> list[tuple[str, list[int]]]:
+    """Each matrix product's weight, in graph order: the initializer it reads (through dequantization, a
+    cast or a transpose) and the shape the product sees, ``[in, out]``; products of two activations are
+    left out. Shapes only: the element type is the quantizer's choice (int8, uint8, float)."""
+    initializers = {init.name: list(init.dims) for init in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    found = []
+    for node in graph.node:
+        index = MATMUL_WEIGHT_INPUT.get(node.op_type)
+        if index is None or len(node.input) <= index:
+            continue
+        name, transposes = node.input[index], []  # the product's side first
+        while name not in initializers and name in producers and producers[name].op_type in _WEIGHT_PASSTHROUGH:
+            producer = producers[name]
+            if producer.op_type == "Transpose":
+                transposes.append(next((list(a.ints) for a in producer.attribute if a.name == "perm"), None))
+            name = producer.input[0]
+        if name not in initializers:
+            continue
+        shape = initializers[name]
+        for perm in reversed(transposes):  # from the initializer out; no perm: the axes reversed
+            shape = shape[::-1] if perm is None else [shape[i] for i in perm]
+        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            shape = shape[::-1]
+        found.append((name, shape))
+    return found
+
+
+def check_product_weights(graph: onnx.GraphProto, expected: Mapping[str, list[int]], where: str,
+                          because: str) -> None:
+    """The weights of ``graph``'s matrix products, in graph order, against ``expected``'s ``[out, in]``
+    (PyTorch Linear) shapes, also in order: for a graph whose weights were renamed by ONNX Runtime's
+    quantizer (``*_quantized``, MatMul's ``[in, out]``), whatever their element type. A count or a shape
+    that differs is refused naming the tensor and both shapes."""
+    from backends.onnx.layout import GraphInterfaceError
+
+    found = matmul_weights(graph)
+    if len(found) != len(expected):
+        raise GraphInterfaceError(f"{where}: {len(found)} matrix-product weights {found}, but {len(expected)} "
+                                  f"expected ({', '.join(expected)})")
+    for (name, shape), (source, source_shape) in zip(found, expected.items()):
+        if shape != list(source_shape)[::-1]:
+            raise GraphInterfaceError(f"{where}: {name} (quantized {source}, [in, out]) has shape {shape}, but "
+                                      f"{because} need {list(source_shape)[::-1]}")

@@ -300,15 +300,20 @@ class OnnxBackend(Backend):
         d_model, num_prompts = self.info.d_model, self.info.num_prompts
         _check_declared(graph, graph.interface.prompt_inputs[0], ("B", d_model, "T"))
         _check_declared(graph, graph.interface.prompt_inputs[1], ("B",))
-        if self.dtype == "float32":  # the int8 graph's weights are quantized (and renamed) by ONNX Runtime
+        expected = {"prompt_kernel.0.weight": [2 * d_model, d_model + num_prompts],
+                    "prompt_kernel.2.weight": [d_model, 2 * d_model]}
+        if self.dtype == "float32":
             shapes = {init.name: list(init.dims) for init in load_graph(path).graph.initializer}
-            expected = {"prompt_kernel.0.weight": [2 * d_model, d_model + num_prompts],
-                        "prompt_kernel.2.weight": [d_model, 2 * d_model]}
             for name, shape in expected.items():
                 if shapes.get(name) != shape:
                     raise GraphInterfaceError(
                         f"{path.name}: {name} has shape {shapes.get(name)}, but d_model {d_model} and num_prompts "
                         f"{num_prompts} (metadata) need {shape}")
+        else:  # ONNX Runtime's quantizer renames the weights: found as the graph's matrix products' weights
+            from backends.onnx.graph_tools import check_product_weights
+
+            check_product_weights(load_graph(path).graph, expected, path.name,
+                                  f"d_model {d_model} and num_prompts {num_prompts} (metadata)")
         return graph
 
     def run_prompt(self, encoded: np.ndarray, locale: str | None) -> np.ndarray:
