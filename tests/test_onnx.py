@@ -144,6 +144,59 @@ def test_int8_agreement_with_fp32(onnx_dir, nemo_runs, mels, tolerances, att_con
     assert token_error < 0.2
 
 
+def test_both_quantizations_through_the_judge(onnx_dir, nemo_backend, utterances, tolerances, tmp_path):
+    """The export's int8 scheme keeps every tap within the int8 table on every CPU. A full-range QInt8 export (what
+    this project wrote before, and what other exporters write) is judged by the same loop: where this CPU's int8
+    kernel saturates (x86 without VNNI) it exceeds the table and the failure names saturation; where it does not,
+    its taps stay within the table (the table was first measured on such a CPU) and no saturation is named."""
+    import onnx
+
+    from backends import get
+    from backends.onnx import graph_tools
+    from backends.onnx.export import write_int8_variant
+    from backends.onnx.layout import decode_metadata, encode_metadata
+    from backends.onnx.quantization import QuantScheme
+    from harness.judge.loop import Candidate, stream_and_compare
+    from harness.system.cpu import int8_kernel_path
+
+    path = int8_kernel_path()
+    full_range = write_int8_variant(onnx_dir, tmp_path / "full-range", QuantScheme("QInt8"))
+    # An export written before the scheme was recorded: the int8 graphs carry no int8_quantization key.
+    for graph in full_range.glob("*.int8.onnx"):
+        model = onnx.load(str(graph), load_external_data=False)
+        metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
+        del metadata["int8_quantization"]
+        del model.metadata_props[:]
+        graph_tools.set_metadata(model, encode_metadata(metadata))
+        graph_tools.save_graph(model, graph)
+    chosen, older = get("onnx").load(onnx_dir, dtype="int8"), get("onnx").load(full_range, dtype="int8")
+    # The older export is described for what it is, read from its weights.
+    scheme = older.int8_quantization()
+    assert (scheme.weight_type, scheme.weight_bits, scheme.saturation_prone) == ("QInt8", 8, True), scheme
+    assert scheme.read_from.endswith(".int8.onnx") and "saturates on x86 CPUs without VNNI" in older.notes()[0]
+    assert not chosen.int8_quantization().saturation_prone and "metadata" in chosen.int8_quantization().read_from
+
+    context = (70, 13)
+    outcome = stream_and_compare(nemo_backend, [Candidate.of(chosen), Candidate.of(older)], utterances[:3], [context],
+                                 tolerances, include_offline=False)
+    comparisons = outcome.results.comparisons
+    assert len(comparisons) == 6
+    for comparison in comparisons[:3]:  # the export's scheme: within the table wherever it runs
+        assert all(t.passed for t in comparison.taps), comparison.describe_failure()
+    over = [c for c in comparisons[3:] if not all(t.passed for t in c.taps)]
+    print(f"int8 kernel path {path.name}: full-range QInt8 over its table in {len(over)}/3")
+    for comparison in over[:1]:
+        print(comparison.describe_failure())
+    if path.saturates_u8s8:
+        assert len(over) == 3
+        for comparison in over:
+            assert comparison.causes and comparison.causes[0].startswith("int8 saturation:"), comparison.causes
+            assert f"int8 kernel path is {path.name}" in comparison.describe_failure()
+    else:
+        assert not over, [c.describe_failure() for c in over]
+        assert not any(c.startswith("int8 saturation") for cmp in comparisons for c in cmp.causes)
+
+
 # -- command line -----------------------------------------------------------------------------------
 
 def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):

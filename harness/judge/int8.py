@@ -18,10 +18,11 @@ INT8 = "int8"
 
 def explain_int8_excess(comparison: PairComparison, scheme: Int8Quantization | None,
                         path: Int8KernelPath) -> str | None:
-    """A cause for a failing int8 comparison (None when it passed, is not int8, or nothing is known of the
-    candidate's quantization): whether its weights are the saturating kind, and whether this CPU saturates."""
-    if comparison.dtype != INT8 or comparison.passed or scheme is None:
-        return None
+    """A cause for an int8 comparison with a tap beyond its table (None when every tap is within it, the
+    comparison is not int8, or nothing is known of the candidate's quantization): whether its weights are the
+    saturating kind, and whether this CPU saturates."""
+    if comparison.dtype != INT8 or scheme is None or all(tap.passed for tap in comparison.taps):
+        return None  # a flipped label alone is no excess: int8 transcripts are reported as an agreement rate
     where = f"{scheme.describe()} (read from {scheme.read_from})" if scheme.read_from else scheme.describe()
     if scheme.saturates_on(path):
         return (f"int8 saturation: the candidate's {where}; this CPU's int8 kernel path is {path.name}, without "
