@@ -117,10 +117,12 @@ def test_batch_first_graph_refuses_layers_first_caches(onnx_backend, mels):
 def test_int8_agreement_with_fp32(onnx_dir, nemo_runs, mels, tolerances, att_contexts):
     """int8 against NeMo fp32: encoder and caches within the int8 table; token agreement reported."""
     from backends import get
+    from harness.system.cpu import int8_kernel_path
 
     int8 = get("onnx").load(onnx_dir, dtype="int8")  # int8 runs carry no taps: compared here, not in the suites
     references, hypotheses, identical, violations = [], [], 0, []
     lowest: dict[str, float] = {}
+    highest: dict[str, float] = {}
     for (name, context), reference in nemo_runs.items():
         candidate = stream(int8, mels[name], context, PAD, dtype="int8")
         for tap, ref, cand in [("encoder", reference.encoded, candidate.encoded),
@@ -129,6 +131,8 @@ def test_int8_agreement_with_fp32(onnx_dir, nemo_runs, mels, tolerances, att_con
                                  for cache in ("cache_last_channel", "cache_last_time")]]:
             metrics = all_metrics(ref, cand)
             lowest[tap] = min(lowest.get(tap, 1.0), metrics["cosine"])
+            for metric in ("rel_l2", "max_abs"):
+                highest[f"{tap} {metric}"] = max(highest.get(f"{tap} {metric}", 0.0), metrics[metric])
             limits = tolerances.limits("nemo~onnx", "int8", tap)
             assert limits, f"no int8 tolerance for {tap}"
             violations += [f"{name} {context} {tap}: {v.describe()}" for v in tolerances.check(metrics, limits)]
@@ -136,7 +140,8 @@ def test_int8_agreement_with_fp32(onnx_dir, nemo_runs, mels, tolerances, att_con
         references.append(" ".join(map(str, reference.tokens)))
         hypotheses.append(" ".join(map(str, candidate.tokens)))
     token_error = word_error_rate(references, hypotheses)
-    print(f"int8 vs NeMo fp32: lowest cosine {lowest}; token error rate {token_error:.3f}; "
+    print(f"int8 vs NeMo fp32 (int8 kernel path {int8_kernel_path().name}): lowest cosine {lowest}; highest {highest}; "
+          f"token error rate {token_error:.3f}; "
           f"identical sequences {identical}/{len(nemo_runs)}")
     assert not violations, "\n".join(violations)
     # The fixture's joint is random and its argmax margins are small, so int8 flips some labels

@@ -27,8 +27,8 @@ def explain_int8_excess(comparison: PairComparison, scheme: Int8Quantization | N
     if scheme.saturates_on(path):
         return (f"int8 saturation: the candidate's {where}; this CPU's int8 kernel path is {path.name}, without "
                 "VNNI, where ONNX Runtime sums pairs of u8 x s8 products into int16 with saturation (vpmaddubsw). "
-                "The same file measures within its table on a VNNI CPU; quantize with QUInt8 weights or "
-                "reduce_range for a verdict that holds on every CPU")
+                "The same file measures within its table on a VNNI CPU; quantize with reduce_range (7-bit s8 "
+                "weights, as parity export-onnx does) for a verdict that holds on every CPU")
     if scheme.saturation_prone:
         return (f"not int8 saturation: the candidate's {where}, but this CPU's int8 kernel path ({path.name}) "
                 "accumulates u8 x s8 in 32 bits, so the excess is the quantization itself or the conversion")
