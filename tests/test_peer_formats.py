@@ -26,7 +26,7 @@ from backends.onnx.foreign import (  # noqa: E402
     ForeignOnnxBackend,
     detect,
 )
-from backends.onnx.peer_export import PEER_FORMATS  # noqa: E402
+from backends.onnx.peer_export import PEER_FORMATS, SHERPA_SCRIPTS  # noqa: E402
 from harness.errors import UnsafeArtifact  # noqa: E402
 from harness.interface.chunking import FirstChunkMode  # noqa: E402
 from harness.interface.driver import stream  # noqa: E402
@@ -64,10 +64,11 @@ def _copy(source: Path, target: Path) -> Path:
     return target
 
 
-def _set_metadata(graph: Path, **values) -> None:
-    """Rewrite some metadata of a graph, keeping its weights where they are (external data untouched)."""
+def _set_metadata(graph: Path, drop: tuple[str, ...] = (), **values) -> None:
+    """Rewrite some metadata of a graph (``drop``: keys removed), keeping its weights where they are
+    (external data untouched)."""
     model = onnx.load(str(graph), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
+    props = {p.key: p.value for p in model.metadata_props if p.key not in drop}
     props.update({k: str(v) for k, v in values.items()})
     del model.metadata_props[:]
     for key, value in props.items():
@@ -303,3 +304,193 @@ def test_multitalker_graphs_in_parakeet_rs_naming(multitalker_nemo, tmp_path):
     finally:
         ours.close()
         foreign.close()
+
+
+# -- every version of sherpa-onnx's export script ------------------------------------------------------
+
+# The encoder metadata each version writes, in its order (k2-fsa/sherpa-onnx: the FastConformer script
+# scripts/nemo/fast-conformer-hybrid-transducer-ctc/export-onnx-transducer.py, the Nemotron script
+# scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py, at the commits SHERPA_SCRIPTS names).
+_FAST_CONFORMER_KEYS = ["vocab_size", "window_size", "chunk_shift", "normalize_type", "cache_last_channel_dim1",
+                        "cache_last_channel_dim2", "cache_last_channel_dim3", "cache_last_time_dim1",
+                        "cache_last_time_dim2", "cache_last_time_dim3", "pred_rnn_layers", "pred_hidden",
+                        "subsampling_factor", "model_type", "version", "model_author", "url", "comment"]
+_WITH_FEAT_DIM = [*_FAST_CONFORMER_KEYS[:13], "feat_dim", *_FAST_CONFORMER_KEYS[13:]]
+SCRIPT_METADATA = {
+    # name: (keys, normalize_type for a model whose normalize is "NA", weights in encoder.data, int8 copies)
+    "fast-conformer-2024-05": (_FAST_CONFORMER_KEYS, "None", False, False),
+    "fast-conformer": (_FAST_CONFORMER_KEYS, "", False, True),
+    "nemotron-2026-01": (_WITH_FEAT_DIM, "", True, True),
+    "nemotron": ([*_WITH_FEAT_DIM[:2], "chunk_size_ms", *_WITH_FEAT_DIM[2:]], "", True, True),
+}
+OLDER = ("fast-conformer-2024-05", "fast-conformer")
+
+
+@pytest.fixture(scope="session")
+def script_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
+    """[70,13] written by each version of sherpa-onnx's script (with its int8 copies where it writes them)."""
+    from backends.onnx.peer_export import export_peer_cached
+
+    return {name: export_peer_cached(tiny_nemo, work_dir / "scripts", fmt="sherpa-onnx", att_context_sizes=[(70, 13)],
+                                     int8=script.int8, script=name)
+            for name, script in SHERPA_SCRIPTS.items()}
+
+
+def test_every_script_version_is_described():
+    assert set(SCRIPT_METADATA) == set(SHERPA_SCRIPTS)
+
+
+@pytest.mark.parametrize("name", list(SCRIPT_METADATA))
+def test_each_script_version_writes_its_metadata_and_loads(script_dirs, tiny_nemo, name):
+    """What each version writes (keys, the spelling of "no normalisation", where the weights go) is read
+    back without a complaint, at the lookahead the graph runs."""
+    from backends.onnx.foreign import GraphIO
+
+    keys, normalize, encoder_data, int8 = SCRIPT_METADATA[name]
+    directory = script_dirs[name]
+    encoder = GraphIO.read(directory / "encoder.onnx")
+    assert list(encoder.metadata) == keys
+    assert encoder.metadata["normalize_type"] == normalize
+    assert (directory / "encoder.data").is_file() == encoder_data
+    assert (directory / "encoder.int8.onnx").is_file() == int8
+    if int8:
+        assert GraphIO.read(directory / "encoder.int8.onnx").metadata["window_size"] == "121"
+    assert detect(directory) == SHERPA_ONNX
+    backend = ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    try:
+        assert backend.artifact.contexts == ((70, 13),)
+        assert sorted(backend.artifact.lookaheads[(70, 13)].encoder) == (["float32", "int8"] if int8 else ["float32"])
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("name", OLDER)
+def test_older_script_directory_matches_nemo_and_a_corrupted_graph_is_caught(
+        name, script_dirs, tiny_nemo, run_cache, two_utterances, tolerances, tmp_path):
+    """The FastConformer script writes neither chunk_size_ms nor feat_dim (its first version "None" for
+    normalize_type): the directory passes fp32 parity tap by tap; the same directory with one weight of
+    layers.1 scaled fails at layers.1, and with a cache shape that contradicts the .nemo is refused."""
+    directory = script_dirs[name]
+    metadata = onnx.load(str(directory / "encoder.onnx"), load_external_data=False).metadata_props
+    assert not {"chunk_size_ms", "feat_dim"} & {p.key for p in metadata}
+    backend = ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    try:
+        assert backend.notes()[-1] == "taps unavailable: none"
+        num_layers = backend.info.num_layers
+        for utterance in two_utterances:
+            reference = run_cache.run("nemo", utterance, (70, 13), PAD)
+            candidate = stream(backend, run_cache.mel(utterance), (70, 13), PAD)
+            comparison = compare_runs(reference, candidate, tolerances, num_layers=num_layers,
+                                      utterance=utterance.name)
+            assert {"pre_encode", "layers.0", "encoder", "decoder", "joint"} <= {t.tap for t in comparison.taps}
+            assert comparison.passed, comparison.describe_failure()
+            assert comparison.tokens_equal
+    finally:
+        backend.close()
+
+    corrupted = _copy(directory, tmp_path / "corrupted")
+    graph = onnx.load(str(corrupted / "encoder.onnx"))
+    weight = next(t for t in graph.graph.initializer if t.name == "layers.1.conv.pointwise_conv1.weight")
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.1, weight.name))
+    onnx.save(graph, str(corrupted / "encoder.onnx"))
+    backend = ForeignOnnxBackend(corrupted, nemo_path=tiny_nemo)
+    try:
+        utterance = two_utterances[0]
+        reference = run_cache.run("nemo", utterance, (70, 13), PAD)
+        candidate = stream(backend, run_cache.mel(utterance), (70, 13), PAD)
+        comparison = compare_runs(reference, candidate, tolerances, num_layers=backend.info.num_layers)
+        assert not comparison.passed
+        assert comparison.first_divergence().tap == "layers.1", comparison.describe_failure()
+    finally:
+        backend.close()
+
+    reshaped = _copy(directory, tmp_path / "reshaped")
+    graph = onnx.load(str(reshaped / "encoder.onnx"))
+    channel = next(i for i in graph.graph.input if i.name == "cache_last_channel")
+    channel.type.tensor_type.shape.dim[1].dim_value = 4
+    onnx.save(graph, str(reshaped / "encoder.onnx"))
+    with pytest.raises(ArtifactContradiction, match=r"encoder\.onnx: cache_last_channel layers \(axis 1\) = 4 "
+                                                    r"contradicts the \.nemo's encoder\.n_layers = 3"):
+        ForeignOnnxBackend(reshaped, nemo_path=tiny_nemo)
+
+
+def test_int8_directory_as_the_run_scripts_leave_it(script_dirs, tiny_nemo, tmp_path):
+    """run-transducer.sh (and the Nemotron release workflow) move the int8 copies into a directory of their
+    own with tokens.txt: it is recognised, runs as int8, and names what it holds when float32 is asked for.
+    Each variant's encoder is checked: a lying int8 encoder beside a sound float32 one is refused."""
+    from backends.onnx.layout import MissingGraphError
+
+    source = script_dirs["fast-conformer"]
+    int8 = tmp_path / "sherpa-onnx-int8"
+    int8.mkdir()
+    for name in ("encoder.int8.onnx", "decoder.int8.onnx", "joiner.int8.onnx", "tokens.txt"):
+        shutil.copy(source / name, int8 / name)
+    assert detect(int8) == SHERPA_ONNX
+    backend = ForeignOnnxBackend(int8, dtype="int8", nemo_path=tiny_nemo)
+    try:
+        assert backend.artifact.contexts == ((70, 13),)
+        assert sorted(backend.artifact.lookaheads[(70, 13)].encoder) == ["int8"]
+    finally:
+        backend.close()
+    with pytest.raises(MissingGraphError, match=r"no float32 decoder graph \(sherpa-onnx directory with int8 "
+                                                r"graphs: --candidate onnx:int8:"):
+        ForeignOnnxBackend(int8, nemo_path=tiny_nemo)
+
+    both = _copy(source, tmp_path / "both")
+    _set_metadata(both / "encoder.int8.onnx", window_size=17)
+    with pytest.raises(ArtifactContradiction, match=r"encoder\.int8\.onnx: window_size = 17 contradicts the "
+                                                    r"\.nemo's chunk_size \+ pre_encode_cache_size at \[70, 13\] = 121"):
+        ForeignOnnxBackend(both, nemo_path=tiny_nemo)
+    (both / "joiner.int8.onnx").unlink()
+    with pytest.raises(MissingGraphError, match="encoder.int8.onnx, decoder.int8.onnx without joiner.int8.onnx"):
+        ForeignOnnxBackend(both, nemo_path=tiny_nemo)
+
+
+def test_nemotron_script_layout_with_tokens_one_level_up(peer_dirs, tiny_nemo, tmp_path):
+    """The Nemotron script writes tokens.txt once and moves each lookahead's graphs into <ms>/."""
+    root = _copy(peer_dirs["sherpa-onnx"], tmp_path / "nemotron")
+    lookaheads = sorted(p for p in root.iterdir() if p.is_dir())
+    shutil.move(lookaheads[0] / "tokens.txt", root / "tokens.txt")
+    for directory in lookaheads[1:]:
+        (directory / "tokens.txt").unlink()
+    assert detect(root) == SHERPA_ONNX and detect(lookaheads[0]) == SHERPA_ONNX
+    backend = ForeignOnnxBackend(root, nemo_path=tiny_nemo)
+    try:
+        assert set(backend.artifact.contexts) == set(CONTEXTS)
+    finally:
+        backend.close()
+    (root / "tokens.txt").unlink()
+    assert detect(root) is None
+
+
+@pytest.mark.parametrize("spelling", ["None", "", "NA", None])
+def test_each_spelling_of_no_normalisation_is_read(peer_dirs, tiny_nemo, tmp_path, spelling):
+    """"" and "NA" (the newer scripts, the runtime's own mapping), "None" (the first FastConformer script)
+    and an absent key (the runtime reads it as "") all state what the .nemo's "NA" means."""
+    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "normalize")
+    if spelling is None:
+        _set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
+    else:
+        _set_metadata(directory / "encoder.onnx", normalize_type=spelling)
+    backend = ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    try:
+        assert backend.artifact.contexts == ((70, 13),)
+    finally:
+        backend.close()
+    _set_metadata(directory / "encoder.onnx", normalize_type="per_feature")
+    with pytest.raises(ArtifactContradiction, match="normalize_type = 'per_feature' contradicts"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+
+
+@pytest.mark.parametrize("key", ["window_size", "chunk_shift", "vocab_size", "subsampling_factor", "pred_hidden",
+                                 "cache_last_channel_dim2", "cache_last_time_dim3"])
+def test_a_key_the_runtime_reads_cannot_be_missing(peer_dirs, tiny_nemo, tmp_path, key):
+    from backends.onnx.foreign import ForeignArtifactError
+
+    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "missing")
+    _set_metadata(directory / "encoder.onnx", drop=(key, "chunk_size_ms", "feat_dim"))
+    with pytest.raises(ForeignArtifactError, match=f"encoder.onnx: metadata key '{key}' missing"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
+    _set_metadata(directory / "encoder.onnx", **{key: ""})  # sherpa-onnx reads an empty value as absent
+    with pytest.raises(ForeignArtifactError, match=f"encoder.onnx: metadata key '{key}' missing"):
+        ForeignOnnxBackend(directory, nemo_path=tiny_nemo)

@@ -4,8 +4,10 @@ Three layouts are recognised, each per lookahead (a directory may hold one looka
 subdirectory per lookahead):
 
 =================  ===========================================================================
-``sherpa-onnx``    ``encoder.onnx``, ``decoder.onnx``, ``joiner.onnx``, ``tokens.txt`` (and ``*.int8.onnx``);
-                   NeMo's own encoder export (batch-first caches) with sherpa-onnx's metadata keys
+``sherpa-onnx``    ``encoder.onnx``, ``decoder.onnx``, ``joiner.onnx`` and/or their ``*.int8.onnx`` copies,
+                   ``tokens.txt`` (beside them or one level up); NeMo's own encoder export (batch-first
+                   caches) with the metadata keys sherpa-onnx's runtime reads, as any version of its
+                   export scripts writes them
 ``nemo-export``    ``encoder-<name>.onnx``, ``decoder_joint-<name>.onnx`` (NeMo's ``model.export``); no metadata
 ``parakeet-rs``    ``encoder.onnx``, ``decoder_joint.onnx`` (+ ``config.json``, ``tokenizer.model``): an encoder
                    wrapping ``cache_aware_stream_step`` (``processed_signal`` ... ``encoded``; layers-first caches),
@@ -96,13 +98,39 @@ def _own_format(directory: Path) -> bool:
     return (directory / "frontend.json").is_file() and any(directory.glob("encoder-*_*.onnx"))
 
 
+# The graphs sherpa-onnx's scripts write per lookahead, by variant. Every script writes the float32
+# ones; the int8 copies come from scripts/nemo/fast-conformer-hybrid-transducer-ctc/export-onnx-transducer.py
+# (since 6122a678f) and scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py. The FastConformer
+# run script (fast-conformer-hybrid-transducer-ctc/run-transducer.sh) and the Nemotron release workflow
+# (.github/workflows/export-nemotron-speech-streaming-en-0.6b.yaml) move the int8 copies into a directory
+# of their own (``...-int8``) with tokens.txt and no float32 graph.
+SHERPA_GRAPHS = ("encoder", "decoder", "joiner")
+SHERPA_SUFFIXES = {"float32": ".onnx", "int8": ".int8.onnx"}
+SHERPA_TOKENS = "tokens.txt"
+
+
+def _sherpa_tokens(directory: Path) -> Path | None:
+    """``tokens.txt`` beside the graphs, else one level up: the Nemotron script (415b8c2aa on) writes it
+    once, then moves each lookahead's graphs into a directory of their own (``mv *.onnx <ms>``)."""
+    for candidate in (directory / SHERPA_TOKENS, directory.parent / SHERPA_TOKENS):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _sherpa_variants(names: set[str]) -> list[str]:
+    """The variants whose three graphs are all among ``names``."""
+    return [variant for variant, suffix in SHERPA_SUFFIXES.items()
+            if all(f"{graph}{suffix}" in names for graph in SHERPA_GRAPHS)]
+
+
 def lookahead_format(directory: Path) -> str | None:
     """The format of one lookahead's directory, from its file names."""
     directory = Path(directory)
     if not directory.is_dir() or _own_format(directory):
         return None
     names = {p.name for p in directory.iterdir() if p.is_file()}
-    if {"encoder.onnx", "decoder.onnx", "joiner.onnx", "tokens.txt"} <= names:
+    if _sherpa_variants(names) and _sherpa_tokens(directory) is not None:
         return SHERPA_ONNX
     if {"encoder.onnx", "decoder_joint.onnx"} <= names:
         return PARAKEET_RS
@@ -372,64 +400,145 @@ def _variants(directory: Path, stem: str) -> dict[str, Path]:
     return found
 
 
-def _read_sherpa(directory: Path, facts: NemoFacts, options) -> ForeignLookahead:
-    encoder_io = GraphIO.read(directory / "encoder.onnx")
-    interface, implied = _encoder_interface(encoder_io, SHERPA_ONNX)
-    layout = _cache_layout(encoder_io, implied, facts)
-    _check_encoder_shapes(encoder_io, layout, facts)
-    where = encoder_io.path
-    meta = lambda key: _int_metadata(encoder_io, key)  # noqa: E731
+# The keys sherpa-onnx's runtime cannot run without: OnlineTransducerNeMoModel::Impl::InitEncoder
+# (sherpa-onnx/csrc/online-transducer-nemo-model.cc) reads each with SHERPA_ONNX_READ_META_DATA
+# (sherpa-onnx/csrc/macros.h), which exits when the key is absent or empty. Every version of both export
+# scripts writes them. (The runtime picks this model class from decoder.onnx's output count, in
+# sherpa-onnx/csrc/online-recognizer-impl.cc, so model_type is never read.)
+SHERPA_REQUIRED = ("vocab_size", "window_size", "chunk_shift", "subsampling_factor", "pred_rnn_layers",
+                   "pred_hidden", "cache_last_channel_dim1", "cache_last_channel_dim2", "cache_last_channel_dim3",
+                   "cache_last_time_dim1", "cache_last_time_dim2", "cache_last_time_dim3")
+# "No normalisation" as the scripts and the runtime spell it: "" (the scripts map NeMo's "NA" to it:
+# fast-conformer-hybrid-transducer-ctc/export-onnx-transducer.py since 5ed3ec1c0, both Nemotron scripts),
+# "NA" (InitEncoder maps it to ""), and "None" (the FastConformer script as first written, 68b25abf2,
+# wrote that literal whatever the model used; the later scripts write str(None) for a null normalize).
+SHERPA_NO_NORMALIZATION = ("", "NA", "None")
+NEMO_NO_NORMALIZATION = ("NA", None, "None", "none", "")
+
+
+def _sherpa_graphs(directory: Path) -> dict[str, dict[str, Path]]:
+    """variant -> graph -> path, float32 first; a variant with one or two of its three graphs is refused."""
+    found: dict[str, dict[str, Path]] = {}
+    for variant, suffix in SHERPA_SUFFIXES.items():
+        paths = {graph: directory / f"{graph}{suffix}" for graph in SHERPA_GRAPHS}
+        present = [p.name for p in paths.values() if p.is_file()]
+        if present and len(present) != len(paths):
+            missing = [p.name for p in paths.values() if not p.is_file()]
+            raise MissingGraphError(f"{directory}: {', '.join(present)} without {', '.join(missing)} (sherpa-onnx "
+                                    f"writes the {variant} encoder, decoder and joiner together)")
+        if present:
+            found[variant] = paths
+    if not found:
+        raise MissingGraphError(f"{directory}: no sherpa-onnx graphs (encoder.onnx, decoder.onnx, joiner.onnx or "
+                                "their .int8.onnx copies)")
+    return found
+
+
+def _check_sherpa_metadata(graph: GraphIO, facts: NemoFacts) -> int:
+    """The metadata that does not depend on the lookahead, against the .nemo; returns the left context
+    (``cache_last_channel_dim2``)."""
+    where = graph.path
+    missing = [key for key in SHERPA_REQUIRED if not graph.metadata.get(key, "").strip()]
+    if missing:
+        raise ForeignArtifactError(f"{where}: metadata key{'s' if len(missing) > 1 else ''} "
+                                   f"{', '.join(repr(k) for k in missing)} missing (sherpa-onnx's runtime reads "
+                                   "every one of them: online-transducer-nemo-model.cc, InitEncoder)")
+    required = lambda key: _int_metadata(graph, key)  # noqa: E731
+    optional = lambda key: _int_metadata(graph, key, required=False)  # noqa: E731
     config = facts.config
     encoder = config.encoder
-    # Keys the runtime reads, each against the .nemo (before anything runs).
-    _check(where, "feat_dim", meta("feat_dim"), "encoder.feat_in", encoder.feat_in)
-    _check(where, "subsampling_factor", meta("subsampling_factor"), "encoder.subsampling_factor",
+    # The online runtime takes the feature dimension from the encoder input's axis 1 (InitEncoder:
+    # GetInputTypeInfo(0)...GetShape()[1]), not from metadata: that axis must be static (its value is
+    # checked against encoder.feat_in with the other shapes).
+    signal = next(iter(graph.inputs))
+    if graph.static(signal, 1) is None:
+        raise ForeignArtifactError(f"{where}: {signal} axis 1 is {graph.inputs[signal][1]!r}, not a static feature "
+                                   "dimension (sherpa-onnx's runtime reads the feature dimension from it)")
+    # feat_dim: written only by the Nemotron scripts (scripts/nemo/nemotron-speech-streaming-en-0.6b/
+    # export_onnx.py, hard-coded 128); the FastConformer script never writes it.
+    _check(where, "feat_dim", optional("feat_dim"), "encoder.feat_in", encoder.feat_in)
+    _check(where, "subsampling_factor", required("subsampling_factor"), "encoder.subsampling_factor",
            encoder.subsampling_factor)
-    _check(where, "vocab_size", meta("vocab_size"), "vocabulary size", len(facts.vocabulary))
-    _check(where, "pred_rnn_layers", meta("pred_rnn_layers"), "decoder.prednet.pred_rnn_layers",
+    _check(where, "vocab_size", required("vocab_size"), "vocabulary size", len(facts.vocabulary))
+    _check(where, "pred_rnn_layers", required("pred_rnn_layers"), "decoder.prednet.pred_rnn_layers",
            config.decoder.pred_rnn_layers)
-    _check(where, "pred_hidden", meta("pred_hidden"), "decoder.prednet.pred_hidden", config.decoder.pred_hidden)
+    _check(where, "pred_hidden", required("pred_hidden"), "decoder.prednet.pred_hidden", config.decoder.pred_hidden)
     for axis, expected, key in ((1, encoder.n_layers, "encoder.n_layers"), (3, encoder.d_model, "encoder.d_model")):
-        _check(where, f"cache_last_channel_dim{axis}", meta(f"cache_last_channel_dim{axis}"), key, expected)
+        _check(where, f"cache_last_channel_dim{axis}", required(f"cache_last_channel_dim{axis}"), key, expected)
     for axis, expected, key in ((1, encoder.n_layers, "encoder.n_layers"), (2, encoder.d_model, "encoder.d_model"),
                                 (3, encoder.conv_kernel_size - 1, "encoder.conv_kernel_size - 1")):
-        _check(where, f"cache_last_time_dim{axis}", meta(f"cache_last_time_dim{axis}"), key, expected)
-    left = meta("cache_last_channel_dim2")
+        _check(where, f"cache_last_time_dim{axis}", required(f"cache_last_time_dim{axis}"), key, expected)
+    left = required("cache_last_channel_dim2")
     if left not in facts.left_contexts:
         raise _contradiction(where, "cache_last_channel_dim2 (left context)", left, "encoder.att_context_size left",
                              _one_or_all(facts.left_contexts))
-    normalize = encoder_io.metadata.get("normalize_type")
-    if normalize is None:
-        raise ForeignArtifactError(f"{where}: metadata key 'normalize_type' is missing")
-    expected_normalize = config.preprocessor.normalize
-    as_sherpa = "" if expected_normalize in ("NA", None, "None", "none", "") else str(expected_normalize)
-    if ("" if normalize.strip() == "NA" else normalize.strip()) != as_sherpa:
-        raise _contradiction(where, "normalize_type", normalize, "preprocessor.normalize", expected_normalize)
-    probed_left, lookahead = probe_lookahead(encoder_io, interface, layout, facts, [left], options)
-    context = (probed_left, lookahead)
-    if context not in encoder.att_context_size:
-        raise ArtifactContradiction(f"{where}: the encoder returns {lookahead + 1} frames per chunk (lookahead "
-                                    f"{lookahead}), not one of the .nemo's att_context_size "
-                                    f"{[list(c) for c in encoder.att_context_size]}")
+    # normalize_type: read with SHERPA_ONNX_READ_META_DATA_STR_ALLOW_EMPTY (absent reads as ""). The
+    # streaming front end never applies it (only offline-stream.cc reads nemo_normalize_type), but it
+    # states what the model expects, so it is held to the .nemo.
+    normalize = graph.metadata.get("normalize_type")
+    stated = "" if normalize is None else normalize.strip()
+    expected = config.preprocessor.normalize
+    stated_none, expected_none = stated in SHERPA_NO_NORMALIZATION, expected in NEMO_NO_NORMALIZATION
+    if stated_none != expected_none or (not stated_none and stated != str(expected)):
+        key = "normalize_type" if normalize is not None else "normalize_type (absent, read as '')"
+        raise _contradiction(where, key, stated if normalize is None else normalize, "preprocessor.normalize",
+                             expected)
+    return left
+
+
+def _check_sherpa_lookahead(graph: GraphIO, context: tuple[int, int], facts: NemoFacts) -> None:
+    """The metadata that depends on the lookahead, against the one the graph was probed to run."""
+    where = graph.path
+    encoder = facts.config.encoder
+    lookahead = context[1]
     streaming = facts.streaming(context)
-    stated_ms = meta("chunk_size_ms")
+    # chunk_size_ms: written only by the Nemotron script from 415b8c2aa on (its lookahead loop names each
+    # directory by it); sherpa-onnx's runtime never reads it.
     expected_ms = (lookahead + 1) * encoder.subsampling_factor * 10
-    _check(where, "chunk_size_ms", stated_ms, f"lookahead {lookahead} ({lookahead + 1} x {encoder.subsampling_factor}"
-           f" x 10 ms)", expected_ms)
-    _check(where, "window_size", meta("window_size"),
+    _check(where, "chunk_size_ms", _int_metadata(graph, "chunk_size_ms", required=False),
+           f"lookahead {lookahead} ({lookahead + 1} x {encoder.subsampling_factor} x 10 ms)", expected_ms)
+    _check(where, "window_size", _int_metadata(graph, "window_size"),
            f"chunk_size + pre_encode_cache_size at {list(context)}",
            streaming.chunk_size[1] + streaming.pre_encode_cache_size[1])
-    _check(where, "chunk_shift", meta("chunk_shift"), f"chunk_size at {list(context)}", streaming.chunk_size[1])
-    tokens = read_tokens(directory / "tokens.txt")
-    _check_vocabulary(directory / "tokens.txt", tokens, facts)
-    decoder_io = GraphIO.read(directory / "decoder.onnx")
-    joiner_io = GraphIO.read(directory / "joiner.onnx")
-    _check_prediction_net(decoder_io, list(decoder_io.inputs)[2:4], facts)
-    joiner_output = next(iter(joiner_io.outputs))
-    _check(joiner_io.path, f"{joiner_output} (last axis)", joiner_io.static(joiner_output, -1),
-           "vocabulary size + blank", len(facts.vocabulary) + 1)
-    return ForeignLookahead(context, directory, _variants(directory, "encoder"), _variants(directory, "decoder"),
-                            _variants(directory, "joiner"), interface, layout)
+    _check(where, "chunk_shift", _int_metadata(graph, "chunk_shift"), f"chunk_size at {list(context)}",
+           streaming.chunk_size[1])
+
+
+def _read_sherpa(directory: Path, facts: NemoFacts, options) -> ForeignLookahead:
+    """One lookahead of a sherpa-onnx directory, every variant's graphs checked against the .nemo."""
+    graphs = _sherpa_graphs(directory)
+    tokens_path = _sherpa_tokens(directory)
+    if tokens_path is None:
+        raise MissingGraphError(f"{directory}: {SHERPA_TOKENS} found neither here nor in {directory.parent}")
+    found: tuple[tuple[int, int], GraphInterface, str, Path] | None = None
+    for files in graphs.values():
+        encoder_io = GraphIO.read(files["encoder"])
+        interface, implied = _encoder_interface(encoder_io, SHERPA_ONNX)
+        layout = _cache_layout(encoder_io, implied, facts)
+        _check_encoder_shapes(encoder_io, layout, facts)
+        left = _check_sherpa_metadata(encoder_io, facts)
+        context = probe_lookahead(encoder_io, interface, layout, facts, [left], options)
+        if context not in facts.config.encoder.att_context_size:
+            raise ArtifactContradiction(f"{encoder_io.path}: the encoder returns {context[1] + 1} frames per chunk "
+                                        f"(lookahead {context[1]}), not one of the .nemo's att_context_size "
+                                        f"{[list(c) for c in facts.config.encoder.att_context_size]}")
+        _check_sherpa_lookahead(encoder_io, context, facts)
+        if found is not None and (context, layout) != (found[0], found[2]):
+            raise ArtifactContradiction(f"{encoder_io.path}: lookahead {list(context)} ({layout} caches) contradicts "
+                                        f"{found[3].name}'s {list(found[0])} ({found[2]} caches)")
+        found = found or (context, interface, layout, encoder_io.path)
+        decoder_io = GraphIO.read(files["decoder"])
+        joiner_io = GraphIO.read(files["joiner"])
+        _check_prediction_net(decoder_io, list(decoder_io.inputs)[2:4], facts)
+        joiner_output = next(iter(joiner_io.outputs))
+        _check(joiner_io.path, f"{joiner_output} (last axis)", joiner_io.static(joiner_output, -1),
+               "vocabulary size + blank", len(facts.vocabulary) + 1)
+    tokens = read_tokens(tokens_path)
+    _check_vocabulary(tokens_path, tokens, facts)
+    context, interface, layout, _ = found
+    return ForeignLookahead(context, directory, {v: f["encoder"] for v, f in graphs.items()},
+                            {v: f["decoder"] for v, f in graphs.items()}, {v: f["joiner"] for v, f in graphs.items()},
+                            interface, layout)
 
 
 def _check_vocabulary(path: Path, tokens: Sequence[str], facts: NemoFacts) -> None:
@@ -734,7 +843,9 @@ class ForeignOnnxBackend(OnnxBackend):
     # -- the hooks OnnxBackend reads its export directory through ------------------------------------
     def _lookahead_file(self, files: dict[str, Path], what: str) -> Path:
         if self.dtype not in files:
-            raise MissingGraphError(f"{self.directory}: no {self.dtype} {what} graph ({self.format} directory)")
+            held = ", ".join(sorted(files))
+            raise MissingGraphError(f"{self.directory}: no {self.dtype} {what} graph ({self.format} directory with "
+                                    f"{held} graphs: --candidate onnx:{sorted(files)[0]}:{self.directory})")
         return files[self.dtype]
 
     def _open_decoder_joint(self):

@@ -4,16 +4,19 @@ Users of NeMo's cache-aware streaming models mostly run files written by someone
 These writers reproduce three of them from their public sources, so that the harness can build
 those artifacts offline from its own fixtures and check what users actually run:
 
-``sherpa-onnx`` (k2-fsa/sherpa-onnx ``scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py``)
+``sherpa-onnx`` (k2-fsa/sherpa-onnx, one of ``SHERPA_SCRIPTS``; by default the newest,
+``scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py``)
     Per lookahead: ``set_default_att_context_size([L, R])``, ``set_export_config({"cache_support":
     True})``, then NeMo's own ``encoder.export("encoder.onnx")``, ``decoder.export("decoder.onnx")`` and
     ``joint.export("joiner.onnx")`` (batch-first caches, raw logits). The encoder carries the metadata the
     runtime reads (``window_size`` = chunk_size + pre_encode_cache_size in mel frames, ``chunk_shift`` =
-    chunk_size, ``cache_last_*_dim1..3``, ``normalize_type`` ("" for NA), ...) and is saved with its
-    weights in ``encoder.data``; ``tokens.txt`` holds ``piece id`` lines with ``<blk> V`` last; ``*.int8.onnx``
-    are ``quantize_dynamic(..., weight_type=QuantType.QUInt8)`` copies. The script hard-codes
-    ``subsampling_factor`` 8, ``feat_dim`` 128 and ``model_type`` ``EncDecHybridRNNTCTCBPEModel``; here
-    they are the model's own (the same values for the Nemotron checkpoint).
+    chunk_size, ``cache_last_*_dim1..3``, ``normalize_type`` ("" for NA), ...), plus the keys only some
+    versions of the script write (``feat_dim``, ``chunk_size_ms``); the Nemotron scripts save its weights
+    in ``encoder.data``, the older FastConformer script inside ``encoder.onnx``. ``tokens.txt`` holds
+    ``piece id`` lines with ``<blk> V`` last; ``*.int8.onnx`` are ``quantize_dynamic(...,
+    weight_type=QuantType.QUInt8)`` copies. The scripts hard-code ``subsampling_factor`` 8, ``feat_dim``
+    128 and ``model_type`` ``EncDecHybridRNNTCTCBPEModel``; here they are the model's own (the same values
+    for the checkpoints the scripts were written for).
 ``nemo``
     NeMo's plain ``model.export("model.onnx")`` with cache support: ``encoder-model.onnx`` and
     ``decoder_joint-model.onnx``, no metadata, no vocabulary (the ``.nemo`` supplies both).
@@ -40,6 +43,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +80,74 @@ def _pair_last(value: Any) -> int:
     return int(value[1]) if isinstance(value, (list, tuple)) else int(value)
 
 
-def sherpa_metadata(model, context: Sequence[int], config) -> dict[str, Any]:
-    """The encoder metadata sherpa-onnx's export script writes (values as it computes them)."""
+@dataclass(frozen=True)
+class SherpaScript:
+    """One version of sherpa-onnx's export script for cache-aware NeMo transducers: what it writes.
+
+    Every version writes the keys sherpa-onnx's runtime reads (``vocab_size``, ``window_size``,
+    ``chunk_shift``, ``normalize_type``, ``cache_last_*_dim1..3``, ``pred_rnn_layers``, ``pred_hidden``,
+    ``subsampling_factor``); they differ in the keys only some write, in how they spell "no
+    normalisation" and in where the encoder's weights go."""
+
+    name: str
+    source: str  # the script, by path and commit in k2-fsa/sherpa-onnx
+    normalize_literal: str | None  # written whatever the model uses; None: the model's own ("" for NA)
+    feat_dim: bool  # writes "feat_dim"
+    chunk_size_ms: bool  # writes "chunk_size_ms"
+    encoder_data: bool  # saves the encoder's weights in encoder.data (else inside encoder.onnx)
+    int8: bool  # writes the *.int8.onnx copies
+
+
+FAST_CONFORMER_SCRIPT = "scripts/nemo/fast-conformer-hybrid-transducer-ctc/export-onnx-transducer.py"
+NEMOTRON_SCRIPT = "scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py"
+SHERPA_SCRIPTS = {script.name: script for script in (
+    # The script behind the stt_en_fastconformer_hybrid_large_streaming_* releases, as first written
+    # (68b25abf2): the literal "None" for normalize_type; no feat_dim, no chunk_size_ms; add_meta_data
+    # saves the encoder with its weights inside; no int8 copies.
+    SherpaScript("fast-conformer-2024-05", f"{FAST_CONFORMER_SCRIPT} @ 68b25abf2", "None", feat_dim=False,
+                 chunk_size_ms=False, encoder_data=False, int8=False),
+    # The same script from 5ed3ec1c0 on: the model's normalize ("" for NA); int8 copies since 6122a678f.
+    SherpaScript("fast-conformer", f"{FAST_CONFORMER_SCRIPT} @ 5ed3ec1c0, 6122a678f", None, feat_dim=False,
+                 chunk_size_ms=False, encoder_data=False, int8=True),
+    # The first Nemotron script (4fa889824): adds feat_dim (hard-coded 128) and saves the encoder's
+    # weights in encoder.data; one lookahead, the model's default.
+    SherpaScript("nemotron-2026-01", f"{NEMOTRON_SCRIPT} @ 4fa889824", None, feat_dim=True, chunk_size_ms=False,
+                 encoder_data=True, int8=True),
+    # The Nemotron script from 415b8c2aa on: adds chunk_size_ms and loops over the lookaheads, one
+    # directory per chunk in ms (it leaves tokens.txt beside those directories, its release workflow
+    # copies it into each).
+    SherpaScript("nemotron", f"{NEMOTRON_SCRIPT} @ 415b8c2aa", None, feat_dim=True, chunk_size_ms=True,
+                 encoder_data=True, int8=True),
+)}
+SHERPA_SCRIPT = "nemotron"
+
+
+def sherpa_script(name: str | None) -> SherpaScript:
+    """The script version called ``name`` (None: the newest)."""
+    chosen = SHERPA_SCRIPT if name is None else name
+    if chosen not in SHERPA_SCRIPTS:
+        raise InvalidInput(f"sherpa-onnx script version {chosen!r} is not one of {', '.join(SHERPA_SCRIPTS)}")
+    return SHERPA_SCRIPTS[chosen]
+
+
+def sherpa_metadata(model, context: Sequence[int], config, script: SherpaScript | None = None) -> dict[str, Any]:
+    """The encoder metadata ``script`` writes (values as it computes them, keys in its order)."""
+    script = script or SHERPA_SCRIPTS[SHERPA_SCRIPT]
     cfg = model.encoder.streaming_cfg
     pre_encode_cache_size = _pair_last(cfg.pre_encode_cache_size)
     chunk_size = _pair_last(cfg.chunk_size)
-    normalize_type = config.preprocessor.normalize
-    if normalize_type in ("NA", None):
-        normalize_type = ""
-    return {
+    normalize_type = script.normalize_literal
+    if normalize_type is None:
+        normalize = config.preprocessor.normalize
+        # The scripts map "NA" to "" and write anything else with str(): a null normalize becomes "None".
+        normalize_type = "" if normalize == "NA" else str(normalize)
+    metadata: dict[str, Any] = {
         "vocab_size": int(model.decoder.vocab_size),
         "window_size": chunk_size + pre_encode_cache_size,
-        "chunk_size_ms": chunk_ms(context, config.encoder.subsampling_factor),
+    }
+    if script.chunk_size_ms:
+        metadata["chunk_size_ms"] = chunk_ms(context, config.encoder.subsampling_factor)
+    metadata.update({
         "chunk_shift": chunk_size,
         "normalize_type": normalize_type,
         "cache_last_channel_dim1": len(model.encoder.layers),
@@ -99,13 +159,17 @@ def sherpa_metadata(model, context: Sequence[int], config) -> dict[str, Any]:
         "pred_rnn_layers": int(model.decoder.pred_rnn_layers),
         "pred_hidden": int(model.decoder.pred_hidden),
         "subsampling_factor": int(config.encoder.subsampling_factor),
-        "feat_dim": int(config.encoder.feat_in),
+    })
+    if script.feat_dim:
+        metadata["feat_dim"] = int(config.encoder.feat_in)
+    metadata.update({
         "model_type": type(model).__name__,
         "version": "1",
         "model_author": "NeMo",
         "url": "",
         "comment": "Only the transducer branch is exported",
-    }
+    })
+    return metadata
 
 
 def write_tokens(path: Path, vocabulary: Sequence[str]) -> None:
@@ -115,8 +179,9 @@ def write_tokens(path: Path, vocabulary: Sequence[str]) -> None:
     path.write_text("".join(lines), encoding="utf-8")
 
 
-def _set_metadata_external(path: Path, metadata: dict[str, Any], location: str, size_threshold: int = 1024) -> None:
-    """Replace the metadata and save with every weight in one external file (sherpa's ``add_meta_data``)."""
+def _set_metadata(path: Path, metadata: dict[str, Any], location: str | None, size_threshold: int = 1024) -> None:
+    """Replace the metadata and save (sherpa's ``add_meta_data``): with every weight in one external file
+    ``location``, or (None) inside the graph."""
     import onnx
 
     model = onnx.load(str(path))
@@ -124,8 +189,11 @@ def _set_metadata_external(path: Path, metadata: dict[str, Any], location: str, 
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, str(value)
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
-              size_threshold=size_threshold)
+    if location is None:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+                  size_threshold=size_threshold)
 
 
 def _quantize_quint8(source: Path, target: Path) -> None:
@@ -140,12 +208,16 @@ def _quantize_quint8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def _write_sherpa(model, config, context, directory: Path, vocabulary, int8: bool, say) -> list[Path]:
+def _write_sherpa(model, config, context, directory: Path, vocabulary, int8: bool, say,
+                  script: SherpaScript) -> list[Path]:
     encoder, decoder, joiner = (directory / f"{name}.onnx" for name in SHERPA_GRAPHS)
+    # The FastConformer script also passes {"decoder_type": "rnnt"} to set_export_config (the hybrid
+    # models' transducer branch for model.export); the module exports below do not depend on it.
     model.encoder.export(str(encoder))
     model.decoder.export(str(decoder))
     model.joint.export(str(joiner))
-    _set_metadata_external(encoder, sherpa_metadata(model, context, config), "encoder.data")
+    _set_metadata(encoder, sherpa_metadata(model, context, config, script),
+                  "encoder.data" if script.encoder_data else None)
     write_tokens(directory / SHERPA_TOKENS, vocabulary)
     graphs = [encoder, decoder, joiner]
     if int8:
@@ -262,14 +334,20 @@ def _write_parakeet_rs(model, config, archive, context, directory: Path, say) ->
 
 def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
                 att_context_sizes: Sequence[Sequence[int]] | None = None, int8: bool = False,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Write ``nemo_path`` as ``fmt`` (one of ``PEER_FORMATS``) into ``out_dir``."""
+                progress: Callable[[str], None] | None = None, script: str | None = None) -> ExportResult:
+    """Write ``nemo_path`` as ``fmt`` (one of ``PEER_FORMATS``) into ``out_dir``; ``script`` chooses the
+    version of sherpa-onnx's export script (one of ``SHERPA_SCRIPTS``; None: the newest)."""
     import torch
 
     if fmt not in PEER_FORMATS:
         raise InvalidInput(f"--format must be one of parity, {', '.join(PEER_FORMATS)}; not {fmt!r}")
     if int8 and fmt != "sherpa-onnx":
         raise InvalidInput(f"--int8: the {fmt} exporter writes no int8 graphs (sherpa-onnx's does)")
+    if script is not None and fmt != "sherpa-onnx":
+        raise InvalidInput(f"a script version ({script!r}) chooses among sherpa-onnx's export scripts, not {fmt}'s")
+    sherpa = sherpa_script(script)
+    if int8 and not sherpa.int8:
+        raise InvalidInput(f"--int8: sherpa-onnx's {sherpa.name} script ({sherpa.source}) writes no int8 graphs")
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     nemo_path, out_dir = Path(nemo_path), Path(out_dir)
@@ -303,7 +381,7 @@ def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
             model.set_export_config({"cache_support": True})
             say(f"{fmt} {list(context)} -> {directory}")
             if fmt == "sherpa-onnx":
-                result.graphs += _write_sherpa(model, config, context, directory, vocabulary, int8, say)
+                result.graphs += _write_sherpa(model, config, context, directory, vocabulary, int8, say, sherpa)
             elif fmt == "nemo":
                 result.graphs += _write_nemo(model, directory)
             else:
@@ -315,15 +393,16 @@ def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
 
 
 def export_peer_cached(nemo_path: Path, work_dir: Path, *, fmt: str,
-                       att_context_sizes: Sequence[Sequence[int]] | None = None, int8: bool = False) -> Path:
-    """``export_peer`` into ``work_dir/<fmt>-<sha256[:16]>-<options>``, reused when already complete."""
+                       att_context_sizes: Sequence[Sequence[int]] | None = None, int8: bool = False,
+                       script: str | None = None) -> Path:
+    """``export_peer`` into ``work_dir/<fmt>[-<script>]-<sha256[:16]>-<options>``, reused when already complete."""
     sha256 = sha256_file(nemo_path)
-    tag = f"{fmt}-{sha256[:16]}{'-int8' if int8 else ''}"
+    tag = f"{fmt}{'-' + script if script else ''}-{sha256[:16]}{'-int8' if int8 else ''}"
     if att_context_sizes:
         tag += "-" + "-".join(context_tag(c) for c in att_context_sizes)
 
     def write(staging: Path) -> dict:
-        export_peer(nemo_path, staging, fmt=fmt, att_context_sizes=att_context_sizes, int8=int8)
-        return {"format": fmt}
+        export_peer(nemo_path, staging, fmt=fmt, att_context_sizes=att_context_sizes, int8=int8, script=script)
+        return {"format": fmt, **({"script": script} if script else {})}
 
     return cached_directory(Path(work_dir) / tag, "peer-export.json", sha256, write)
