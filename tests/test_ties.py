@@ -132,20 +132,23 @@ def test_find_flips_ignores_calls_where_the_candidate_agrees(tolerances):
 
 # -- end to end: a real checkpoint with two labels tied, through conversion and verification --------
 
-def _tied_pair(nemo_backend, utterance):
+def _tied_pair(nemo_backend, utterance, modes=("plain",)):
     """The label NeMo emits most on ``utterance`` and a higher-numbered label to tie it with (on an
     exact tie every argmax picks the lower index, so the reference keeps its label)."""
     from harness.interface.driver import stream
 
     mel, _ = nemo_backend.features(utterance.audio[None])
-    tokens = stream(nemo_backend, mel, (70, 13), "plain").tokens
-    assert tokens, "the fixture emits no label on this utterance: nothing to tie"
-    label = max(set(tokens), key=tokens.count)
+    runs = [stream(nemo_backend, mel, (70, 13), mode).tokens for mode in modes]
+    shared = set.intersection(*map(set, runs))  # a label every first-chunk mode emits: the tie is met in each
+    assert shared, f"the fixture emits no label in {' and '.join(modes)} on this utterance: nothing to tie"
+    tokens = [t for run in runs for t in run]
+    label = max(shared, key=tokens.count)
     vocabulary = len(nemo_backend.info.vocabulary)
     return label, next(t for t in range(label + 1, vocabulary) if t not in tokens)
 
 
-def _verify_with_tie(tiny_nemo, nemo_backend, utterance, tmp_path, *, reference_gap: float, candidate_gap: float):
+def _verify_with_tie(tiny_nemo, nemo_backend, utterance, tmp_path, *, reference_gap: float, candidate_gap: float,
+                     include_offline: bool = False, modes: tuple[str, ...] = ("plain",)):
     """Joint output rows of ``label`` and ``other`` made equal; the checkpoint puts ``other``'s bias
     ``reference_gap`` below, the converted artifact ``candidate_gap`` above ``label``'s."""
     mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
@@ -156,7 +159,7 @@ def _verify_with_tie(tiny_nemo, nemo_backend, utterance, tmp_path, *, reference_
     from backends.nemo import NemoBackend
     from fixtures.models import rewrite_checkpoint
 
-    label, other = _tied_pair(nemo_backend, utterance)
+    label, other = _tied_pair(nemo_backend, utterance, modes)
     prefix = "joint.joint_net.2."
 
     def tie(state):
@@ -177,7 +180,7 @@ def _verify_with_tie(tiny_nemo, nemo_backend, utterance, tmp_path, *, reference_
     mx.save_safetensors(str(artifact / "model.safetensors"), weights)
     del torch
     return verify_artifact(artifact, tied, reference=NemoBackend(tied), utterances=[utterance],
-                           att_context_sizes=[(70, 13)], include_offline=False), (label, other)
+                           att_context_sizes=[(70, 13)], include_offline=include_offline, modes=modes), (label, other)
 
 
 @pytest.mark.nemo
@@ -196,6 +199,31 @@ def test_a_converted_checkpoint_with_tied_labels_verifies_with_the_ties_reported
     # Teacher forcing kept every decoder and joint row comparable: all of them were judged, and passed.
     joint_steps = {t.step for t in comparison.taps if t.tap == "joint"}
     assert joint_steps >= {f.step for f in comparison.flips}
+
+
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_a_tie_is_classified_in_every_mode_offline_included(tiny_nemo, nemo_backend, utterances, tmp_path):
+    """The same tie met by the plain and the pad-and-drop streams and by the whole-utterance decode: each
+    comparison is teacher-forced, names the tie and passes, and the verification's summary says where."""
+    # utt03: the random fixture emits labels 11, 22 and 51 in both first-chunk modes (the shortest emits none
+    # in common).
+    utterance = next(u for u in utterances if u.name == "utt03.wav")
+    verification, (label, other) = _verify_with_tie(tiny_nemo, nemo_backend, utterance, tmp_path,
+                                                    reference_gap=2e-6, candidate_gap=2e-6, include_offline=True,
+                                                    modes=("plain", "pad-and-drop"))
+    by_mode = {entry.mode: entry.comparison for entry in verification.entries}
+    assert set(by_mode) == {"plain", "pad-and-drop", "offline"}, sorted(by_mode)
+    for mode, comparison in by_mode.items():
+        assert comparison.teacher_forced and comparison.near_ties, f"{mode}: the tie was not met or not classified"
+        assert all((f.reference_label, f.candidate_label) == (label, other) for f in comparison.near_ties), mode
+        assert comparison.passed, comparison.describe_failure()
+    offline = by_mode["offline"]
+    assert {t.tap for t in offline.taps} >= {"encoder", "decoder", "joint"}
+    assert all(f.step == -1 for f in offline.flips)  # utterance level, as the offline taps
+    assert verification.passed, verification.failures()
+    summary = verification.summary()
+    assert "near-ties met in 3" in summary and "near-tie at" in summary, summary
 
 
 @pytest.mark.nemo
