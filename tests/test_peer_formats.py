@@ -430,6 +430,11 @@ def test_int8_directory_as_the_run_scripts_leave_it(script_dirs, tiny_nemo, tmp_
     try:
         assert backend.artifact.contexts == ((70, 13),)
         assert sorted(backend.artifact.lookaheads[(70, 13)].encoder) == ["int8"]
+        # The script's QUInt8 reaches MatMul and Gather only: ONNX Runtime's LSTM quantizer writes the prediction
+        # net's weights as full-range s8 whatever weight_type says, the kind that saturates without VNNI.
+        scheme = backend.int8_quantization()
+        assert (scheme.weight_type, scheme.weight_bits, scheme.read_from) == ("QInt8", 8, "decoder.int8.onnx"), scheme
+        assert scheme.saturation_prone and any("int8: QInt8 weights" in line for line in backend.notes())
     finally:
         backend.close()
     with pytest.raises(MissingGraphError, match=r"no float32 decoder graph \(sherpa-onnx directory with int8 "

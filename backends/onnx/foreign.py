@@ -900,9 +900,17 @@ class ForeignOnnxBackend(OnnxBackend):
     def _read_frontend(self) -> Frontend:
         return _LazyNemoFrontend(self.artifact.nemo)
 
+    def int8_graph_paths(self) -> list[Path]:
+        """The peer's int8 files this backend runs (sherpa-onnx's ``*.int8.onnx``: encoder, decoder, joiner)."""
+        if self.dtype != "int8":
+            return []
+        return [files["int8"] for lookahead in self.artifact.lookaheads.values()
+                for files in (lookahead.encoder, lookahead.decoder, lookahead.joiner) if "int8" in files]
+
     # -- what the loader reports ---------------------------------------------------------------------
     def notes(self) -> list[str]:
         lines = [f"{self.directory}: {self.artifact.describe()}, driven by the harness's ONNX Runtime driver"]
+        lines += super().notes()  # an int8 directory: its quantization, read from the weights
         if self._use_taps:
             lines.append("taps unavailable: " + ("none" if not self.unavailable_taps else "; ".join(
                 f"{tap} ({reason})" for tap, reason in self.unavailable_taps.items())))
