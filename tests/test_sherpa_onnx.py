@@ -134,6 +134,157 @@ def test_unsafe_sherpa_directories_are_refused(sherpa_dir, tmp_path):
         SherpaOnnxBackend(truncated)
 
 
+# The FastConformer script's versions: neither writes chunk_size_ms nor feat_dim (the first writes the
+# literal "None" for normalize_type); sherpa-onnx's runtime reads neither key.
+OLDER_SCRIPTS = ("fast-conformer-2024-05", "fast-conformer")
+
+
+@pytest.fixture(scope="session")
+def older_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
+    """[70,13] as each older version of sherpa-onnx's script writes it (cached where tests/test_peer_formats.py
+    writes the same directories)."""
+    from backends.onnx.peer_export import SHERPA_SCRIPTS, export_peer_cached
+
+    return {name: export_peer_cached(tiny_nemo, work_dir / "scripts", fmt="sherpa-onnx", att_context_sizes=[CONTEXT],
+                                     int8=SHERPA_SCRIPTS[name].int8, script=name)
+            for name in OLDER_SCRIPTS}
+
+
+def _set_metadata(graph: Path, drop: tuple[str, ...] = (), **values) -> None:
+    """Rewrite some of a graph's metadata (``drop``: keys removed), its weights left where they are."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props if p.key not in drop}
+    props.update({key: str(value) for key, value in values.items()})
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(graph))
+
+
+@pytest.mark.parametrize("script", OLDER_SCRIPTS)
+def test_older_script_directory_runs_as_the_newest(script, older_dirs, runtime, tiny_nemo, nemo_backend,
+                                                   short_utterances, tolerances):
+    """A directory without chunk_size_ms: its lookahead comes from the graph (14 encoder frames per window,
+    [70,13]); the runtime gives the newest script's directory's tokens step for step, the driver on the
+    same files gives NeMo's tokens, and the bisection rebuilds the runtime token for token."""
+    import onnx
+
+    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+    from harness.app.peers import tensor_driver_for
+    from harness.judge.bisect import bisect_peer
+
+    directory = older_dirs[script]
+    metadata = {p.key for p in onnx.load(str(directory / "encoder.onnx"), load_external_data=False).metadata_props}
+    assert not {"chunk_size_ms", "feat_dim"} & metadata
+    older = SherpaOnnxBackend(directory, nemo_path=tiny_nemo)
+    driver = tensor_driver_for(directory, _Peer(), tiny_nemo)
+    try:
+        assert older.info.att_context_sizes == (CONTEXT,)
+        lookahead = older.lookaheads[CONTEXT]
+        assert (lookahead.window, lookahead.shift, lookahead.frames) == (121, 112, 14)
+        for utterance in short_utterances:
+            ours = [list(s.tokens[0]) for s in older.stream_audio(utterance.audio[None], CONTEXT)]
+            newest = [list(s.tokens[0]) for s in runtime.stream_audio(utterance.audio[None], CONTEXT)]
+            assert ours == newest and any(ours), utterance.name
+        bisection = bisect_peer(nemo_backend, driver, older, short_utterances[:2], CONTEXT, tolerances)
+        assert bisection.export_passed is True and bisection.reproduced
+        by_swap = {(v.front_end, v.chunking): v for v in bisection.variants}
+        assert by_swap[("reference", "reference")].token_error == 0.0  # the files give NeMo's tokens
+        assert bisection.lead_in_ms == 90
+    finally:
+        driver.close()
+        older.close()
+
+
+def test_older_script_directory_through_the_cli(tiny_nemo, older_dirs, tmp_path, capsys):
+    """``--candidate sherpa-onnx:DIR`` takes the first FastConformer script's directory, as it takes the newest."""
+    from harness.app.cli import main
+
+    directory = older_dirs["fast-conformer-2024-05"]
+    results = tmp_path / "results.json"
+    code = main(["compare", str(tiny_nemo), "--candidate", f"sherpa-onnx:{directory}", "--audio",
+                 str(REPO / "fixtures/speech/utt02.wav"), "--att-context", "70,13", "--json", str(results)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err  # the runtime's first window, as with the newest script's directory
+    assert f"candidate {directory}: sherpa-onnx, run by the sherpa-onnx backend" in captured.err
+    assert "FAIL nemo~sherpa-onnx [70,13] utt02.wav: tokens leave the reference's at step" in captured.out
+    saved = json.loads(results.read_text())
+    assert saved["extra"]["peer_bisection"][0]["reproduced"] is True
+    assert saved["extra"]["peer_bisection"][0]["export_passed"] is True
+
+
+@pytest.mark.parametrize("edit, stated", [
+    ({"chunk_size_ms": 560}, "chunk_size_ms = 560 contradicts the graph's 1120 (14 encoder frames per chunk x 8 x "
+                             "10 ms)"),
+    ({"feat_dim": 80}, "feat_dim = 80 contradicts the graph's feature dimension 128"),
+    # A consistent description of [70,1] on the [70,13] graph: the graph, not the metadata, has the last word.
+    ({"window_size": 25, "chunk_shift": 16, "chunk_size_ms": 160},
+     "window_size = 25 contradicts the graph, whose chunk is longer: it returns 2 encoder frames for 25 mel frames "
+     "and 3 for 33"),
+    ({"chunk_shift": 104}, "chunk_shift = 104 contradicts the graph, which returns 14 encoder frames per chunk (14 x "
+                           "subsampling_factor 8 = 112 mel frames)"),
+    ({"drop": ("window_size",)}, "metadata key 'window_size' missing"),
+    ({"cache_last_time_dim1": ""}, "metadata key 'cache_last_time_dim1' missing"),
+    ({"cache_last_channel_dim3": 32}, "cache_last_channel_dim3 = 32 contradicts the graph's cache_last_channel axis "
+                                      "3 = 64"),
+])
+def test_metadata_that_contradicts_the_graph_is_refused(sherpa_dir, tmp_path, edit, stated):
+    """Without the .nemo, what the encoder's metadata states is held to the graph itself."""
+    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+
+    directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "lying")
+    _set_metadata(directory / "encoder.onnx", **edit)
+    with pytest.raises(UnsafeArtifact) as caught:
+        SherpaOnnxBackend(directory)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{directory / 'encoder.onnx'}: ") and stated in message
+
+
+@pytest.mark.parametrize("edit, stated", [
+    ({"chunk_size_ms": 560}, "chunk_size_ms = 560 contradicts the graph's 1120"),
+    ({"window_size": 112}, "window_size = 112 contradicts the .nemo's chunk_size + pre_encode_cache_size at [70, 13] "
+                           "= 121"),
+    ({"chunk_shift": 104}, "chunk_shift = 104 contradicts the .nemo's chunk_size (112 at [70, 13], 56 at [70, 6], 16 "
+                           "at [70, 1], 8 at [70, 0])"),
+    ({"cache_last_channel_dim2": 64}, "cache_last_channel_dim2 (left context) = 64 contradicts the .nemo's "
+                                      "encoder.att_context_size left = 70"),
+    ({"pred_hidden": 32}, "pred_hidden = 32 contradicts the .nemo's decoder.prednet.pred_hidden = 64"),
+    ({"normalize_type": "per_feature"}, "normalize_type = 'per_feature' contradicts the .nemo's "
+                                        "preprocessor.normalize = 'NA'"),
+])
+def test_metadata_that_contradicts_the_nemo_is_refused(sherpa_dir, tiny_nemo, tmp_path, edit, stated):
+    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+
+    directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "lying")
+    _set_metadata(directory / "encoder.onnx", **edit)
+    with pytest.raises(UnsafeArtifact) as caught:
+        SherpaOnnxBackend(directory, nemo_path=tiny_nemo)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{directory / 'encoder.onnx'}: ") and stated in message
+
+
+@pytest.mark.parametrize("spelling", ["None", "", "NA", None])
+def test_each_spelling_of_no_normalisation_is_read(sherpa_dir, tiny_nemo, tmp_path, spelling):
+    """The spellings the scripts write for the .nemo's "NA", and an absent key (the runtime reads it as "")."""
+    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+
+    directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "normalize")
+    if spelling is None:
+        _set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
+    else:
+        _set_metadata(directory / "encoder.onnx", normalize_type=spelling)
+    backend = SherpaOnnxBackend(directory, nemo_path=tiny_nemo)
+    assert backend.info.att_context_sizes == (CONTEXT,) and len(backend.notes()) == 1
+    # Without the .nemo a normalisation is not a contradiction, but the runtime's streaming front end
+    # ignores it, and the notes say so.
+    _set_metadata(directory / "encoder.onnx", normalize_type="per_feature")
+    assert "normalize_type 'per_feature': sherpa-onnx's streaming front end does not apply it" in \
+        SherpaOnnxBackend(directory).notes()[-1]
+
+
 def test_parity_compare_detects_and_bisects(tiny_nemo, sherpa_dir, tmp_path, capsys):
     from harness.app.cli import main
 
