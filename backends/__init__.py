@@ -145,7 +145,9 @@ register(BackendEntry(
 
 # A peer runtime: transcript-level (no taps, no caches), fed audio; its files come from the ONNX exporter.
 register(BackendEntry(
-    name="sherpa-onnx", module="backends.sherpa_onnx", requires=("sherpa_onnx",), dtypes=("float32", "int8"),
+    # onnx and onnxruntime: the backend reads the directory's metadata and probes its encoder's lookahead.
+    name="sherpa-onnx", module="backends.sherpa_onnx", requires=("sherpa_onnx", "onnx", "onnxruntime"),
+    dtypes=("float32", "int8"),
     marker="sherpa_onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), taps=(), caches=False,
                                                     offline=False, teacher_forcing=False, input="audio"),
     detector="backends.sherpa_onnx:detect", prepare_with="onnx", prepare_options={"format": "sherpa-onnx"},
