@@ -126,13 +126,15 @@ register(BackendEntry(
 
 register(BackendEntry(
     name="onnx", module="backends.onnx", requires=("onnxruntime", "onnx"), dtypes=("float32", "int8"),
-    marker="onnx", capabilities=Capabilities(first_chunk_modes=("pad-and-drop",), offline=False, teacher_forcing=True),
+    marker="onnx", capabilities=Capabilities(first_chunk_modes=("plain", "pad-and-drop"), offline=False,
+                                             teacher_forcing=True),
     cli="backends.onnx.cli", reader="backends.onnx.layout:read_view", detector="backends.onnx.foreign:detect",
     source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
     dtype_flags={"--onnx-int8": "int8"},
     hub_patterns=("*.onnx", "*.onnx.data", "*.weights", "tokenizer.model", "vocab.txt", "frontend.npz", "*.json"),
     manifest="export.json",
-    description="ONNX Runtime over NeMo's cache-aware encoder + decoder_joint export (pad-and-drop graphs)"))
+    description="ONNX Runtime over NeMo's cache-aware encoder + decoder_joint export (plain first-chunk and "
+                "steady graphs)"))
 
 register(BackendEntry(
     name="mlx", module="backends.mlx", requires=("mlx",), dtypes=("float32", "bfloat16", "float16"), marker="mlx",

@@ -260,25 +260,56 @@ def _trace_export(wrapper, exportable_root, example, path: Path, input_names, ou
         exportable_root._export_teardown()
 
 
-def _encoder_example(model):
+def _encoder_example(model, first: bool = False):
+    """NeMo's own example (a later chunk: ``chunk_size[1]`` frames after the pre-encode cache's), or for the
+    first-chunk graph the plain first chunk alone (``chunk_size[0]`` frames, no cache prefix)."""
     import torch
 
     torch.manual_seed(0)
     example = list(model.encoder.input_example(max_batch=1))  # batch-first caches, from NeMo
+    if first:
+        chunk = model.encoder.streaming_cfg.chunk_size
+        example[0] = example[0][..., : int(chunk[0] if isinstance(chunk, (list, tuple)) else chunk)].contiguous()
     example[1] = torch.full_like(example[1], example[0].shape[-1])  # a full chunk
     return example
 
 
-def _export_encoder(model, encoder_config: EncoderConfig, path: Path, layout: str, interface: GraphInterface) -> None:
+@contextlib.contextmanager
+def _keeping_pre_encoded(encoder):
+    """The encoder traced as ``cache_aware_stream_step(drop_extra_pre_encoded=0)`` runs it for NeMo's plain first
+    chunk: ``forward_internal`` drops ``streaming_cfg.drop_extra_pre_encoded`` frames after pre-encoding, a
+    Python int read at trace time, which NeMo's own stream step sets and restores the same way."""
+    kept = encoder.streaming_cfg.drop_extra_pre_encoded
+    encoder.streaming_cfg.drop_extra_pre_encoded = 0
+    try:
+        yield
+    finally:
+        encoder.streaming_cfg.drop_extra_pre_encoded = kept
+
+
+def _export_encoder(model, encoder_config: EncoderConfig, path: Path, layout: str, interface: GraphInterface, *,
+                    first: bool = False) -> None:
+    """One lookahead's encoder graph (the default set by ``set_default_att_context_size``); ``first``: the
+    plain first chunk's graph, which keeps every pre-encoded frame."""
+    if first:
+        with _keeping_pre_encoded(model.encoder):
+            _export_encoder_graph(model, encoder_config, path, layout, interface, first=True)
+    else:
+        _export_encoder_graph(model, encoder_config, path, layout, interface, first=False)
+
+
+def _export_encoder_graph(model, encoder_config: EncoderConfig, path: Path, layout: str, interface: GraphInterface,
+                          *, first: bool) -> None:
     encoder = model.encoder
-    example = _encoder_example(model)
+    example = _encoder_example(model, first)
     if interface.speaker_masks:
         import torch
 
         # Masks as long as the layer input, so solve_length_mismatch traces no pad or slice: the
         # runtime reconciles lengths before feeding (harness.interface.speakers.reconcile).
         frames = StreamingConfig.from_encoder_config(encoder_config, model.encoder.att_context_size
-                                                     ).layer_input_frames(example[0].shape[-1])
+                                                     ).layer_input_frames(example[0].shape[-1],
+                                                                          0 if first else None)
         generator = torch.Generator().manual_seed(0)
         masks = [(torch.rand(1, frames, generator=generator) > 0.5).float() for _ in range(2)]
         names_in, names_out = interface.encoder_inputs, interface.encoder_outputs
@@ -445,6 +476,11 @@ def _write_int8(path: Path, int8_path: Path, metadata: dict[str, Any], op_types:
     graph_tools.save_graph(model, int8_path)
 
 
+# Both of NeMo's first-chunk modes: plain (its default; the first-chunk graphs) and pad-and-drop (the steady
+# graphs alone, as every peer export).
+FIRST_CHUNK_MODES = ("plain", "pad-and-drop")
+
+
 def write_int8_variant(export_dir: str | Path, out_dir: str | Path, scheme: quantization.QuantScheme) -> Path:
     """A copy of an export in ``out_dir`` whose int8 graphs are quantized under ``scheme`` from its float32
     graphs, as the export would have written them (the encoders' int8 weights shared again): what
@@ -497,7 +533,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
             raise InvalidInput(f"att_context_size {list(context)} is not one of the model's {[list(c) for c in available]}")
     if callable(getattr(progress, "total", None)):
         # one step per encoder (and its int8 graph), decoder_joint, a hybrid's CTC head, the end
-        progress.total(len(contexts) * (1 + int(int8)) + 2 + int(getattr(config, "ctc", None) is not None)
+        progress.total(2 * len(contexts) * (1 + int(int8)) + 2 + int(getattr(config, "ctc", None) is not None)
                        + int(getattr(config, "prompt", None) is not None) * (1 + int(int8)))
     vocabulary = _vocabulary(model)
     speakers = config.speaker_kernels
@@ -506,7 +542,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         raise InvalidInput("a multitalker model is exported with the multitalker interface, whose caches are "
                          f"batch-first; --cache-layout {cache_layout} is not available for it")
     base = {**_model_metadata(model, config, nemo_path, sha256, cache_layout, vocabulary),
-            "interface": interface.name,
+            "interface": interface.name, "first_chunk_modes": list(FIRST_CHUNK_MODES),
             "speaker_kernel_layers": list(speakers.layers) if speakers else [],
             "background_speaker_kernel": bool(speakers and speakers.background),
             "ctc_head": None if config.ctc is None else {"file": ctc_file(), "num_classes": len(vocabulary),
@@ -543,6 +579,25 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
                 quantized = out_dir / encoder_file(context, "int8")
                 derived.append((f"encoder {list(context)} int8 -> {quantized.name}", functools.partial(
                     _write_int8, path, quantized, metadata, ("MatMul", "Gemm"), shared_int8)))
+                result.graphs.append(quantized)
+            # NeMo's default (plain) first chunk: its own size, every pre-encoded frame kept. Its graph shares
+            # the weights file with the steady one (SharedWeights stores each payload once).
+            first = out_dir / encoder_file(context, first=True)
+            say(f"encoder {list(context)} first chunk ({cache_layout}) -> {first.name}")
+            first_metadata = {**metadata, "first_chunk": True}
+            _export_encoder(model, config.encoder, first, cache_layout, interface, first=True)
+            _finish_graph(first, first_metadata, interface.encoder_inputs, interface.encoder_outputs, shared)
+            result.graphs.append(first)
+            if debug_taps:
+                debug = out_dir / encoder_file(context, debug=True, first=True)
+                derived.append((None, functools.partial(
+                    _write_debug, first, debug, lambda g: graph_tools.encoder_tap_tensors(g, num_layers),
+                    first_metadata)))
+                result.graphs.append(debug)
+            if int8:
+                quantized = out_dir / encoder_file(context, "int8", first=True)
+                derived.append((f"encoder {list(context)} first chunk int8 -> {quantized.name}", functools.partial(
+                    _write_int8, first, quantized, first_metadata, ("MatMul", "Gemm"), shared_int8)))
                 result.graphs.append(quantized)
 
         path = out_dir / decoder_joint_file()
@@ -597,6 +652,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         "format": FORMAT, "source_sha256": sha256,
         "options": {"att_context_sizes": [list(c) for c in contexts], "cache_layout": cache_layout, "int8": int8,
                     "debug_taps": debug_taps},
+        "first_chunk_modes": list(FIRST_CHUNK_MODES),
         "int8_quantization": quantization.EXPORT_SCHEME.recorded().to_dict() if int8 else None,
         "graphs": [path.name for path in result.graphs],
         "shared_weights": {weights.path.name: {"stored_bytes": weights.stored_bytes,

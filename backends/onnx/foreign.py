@@ -870,7 +870,9 @@ class ForeignOnnxBackend(OnnxBackend):
             self.unavailable_taps.update(missing)
         return ForeignGraph(path, session_path, metadata, first.interface, taps, self._options)
 
-    def _open_encoder(self, context: tuple[int, int]):
+    def _open_encoder(self, context: tuple[int, int], first: bool = False):
+        if first:  # not reached: the instance's capabilities say pad-and-drop only (no first_chunk_modes key)
+            raise MissingGraphError(f"{self.directory}: a {self.format} directory has no plain first-chunk graph")
         lookahead = self.artifact.lookaheads[context]
         path = self._lookahead_file(lookahead.encoder, "encoder")
         streaming = self.artifact.nemo.streaming(context)

@@ -7,6 +7,7 @@ nor NeMo. File names in an export directory:
 ``encoder-L_R.onnx``                  cache-aware encoder for att_context_size [L, R]
 ``encoder-L_R.debug.onnx``            the same graph plus the shared taps as outputs
 ``encoder-L_R.int8.onnx``             dynamic int8 quantization of the fp32 graph
+``encoder-L_R.first.onnx``            the plain first chunk's graph (+ ``.debug``, ``.int8``; ``encoder_file``)
 ``decoder_joint.onnx`` (+ ``.debug``, ``.int8``)  RNNT prediction net + joint, one step
 ``ctc.onnx``                          hybrid RNNT-CTC models: the CTC head on encoder outputs (every
                                       lookahead and variant; see ``ctc_file``)
@@ -26,6 +27,8 @@ maps a stream's locale to the ``prompt_index`` it feeds ``prompt.onnx`` through 
 
 Format history: ``/2`` added ``num_prompts``, ``prompt_dictionary`` and ``prompt.onnx``; a ``/1`` export
 of a prompt-conditioned model has no prompt graph (and would bypass the prompt), so it is not read.
+``/3`` added the plain first-chunk graphs (``first_chunk_modes`` says which modes an export streams) and the
+int8 scheme (``int8_quantization``); a ``/2`` export is still read, pad-and-drop only.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ from typing import Any
 from harness.errors import BadInput
 from harness.safe_files import check_onnx_external_data, load_onnx_graph
 
-FORMAT = "parity-nemo-cache-aware-rnnt/2"
+FORMAT = "parity-nemo-cache-aware-rnnt/3"
 FORMAT_FAMILY = "parity-nemo-cache-aware-rnnt/"  # older versions: "export again"
+# /2 wrote no plain first-chunk graphs (and, before its scheme was recorded, full-range QInt8 int8 graphs):
+# its exports still load, pad-and-drop only. /1 exports lack the prompt graph: export again.
+READABLE_FORMATS = (FORMAT, "parity-nemo-cache-aware-rnnt/2")
 CACHE_LAYOUTS = ("batch-first", "layers-first")
 VARIANTS = ("float32", "int8")
 
@@ -126,11 +132,12 @@ MODEL_KEYS = (
     "n_mels", "conv_kernel_size", "subsampling_factor", "att_context_sizes", "vocab_size", "blank_id",
     "pred_rnn_layers", "pred_hidden", "max_symbols", "encoder_config", "debug_taps", "interface",
     "speaker_kernel_layers", "background_speaker_kernel", "ctc_head", "num_prompts", "prompt_dictionary",
+    "first_chunk_modes", "int8_quantization",
 )
 ENCODER_KEYS = (
     "att_context_size", "lookahead", "chunk_size", "shift_size", "pre_encode_cache_size",
     "drop_extra_pre_encoded", "valid_out_len", "last_channel_cache_size", "cache_drop_size", "sampling_frames",
-    "cache_last_channel_shape", "cache_last_time_shape",
+    "cache_last_channel_shape", "cache_last_time_shape", "first_chunk",
 )
 METADATA_KEYS = MODEL_KEYS + ENCODER_KEYS
 
@@ -160,8 +167,13 @@ SHARED_ENCODER_WEIGHTS = "encoder.weights"
 SHARED_ENCODER_WEIGHTS_INT8 = "encoder.int8.weights"
 
 
-def encoder_file(att_context_size: Sequence[int], variant: str = "float32", debug: bool = False) -> str:
-    return _graph_file(f"encoder-{context_tag(att_context_size)}", variant, debug)
+def encoder_file(att_context_size: Sequence[int], variant: str = "float32", debug: bool = False, *,
+                 first: bool = False) -> str:
+    """An encoder graph's file. ``first``: the plain first chunk's graph (``encoder-L_R.first.onnx``): NeMo's
+    default streaming gives the first chunk its own size (``chunk_size[0]`` mel frames, no pre-encode cache)
+    and keeps every pre-encoded frame (``drop_extra_pre_encoded`` 0), where every later chunk drops the two
+    frames its cache prefix adds; the two graphs share their weights file."""
+    return _graph_file(f"encoder-{context_tag(att_context_size)}{'.first' if first else ''}", variant, debug)
 
 
 def decoder_joint_file(variant: str = "float32", debug: bool = False) -> str:

@@ -37,6 +37,7 @@ from backends.onnx.layout import (
     ENCODER_OUTPUTS,
     FORMAT,
     FORMAT_FAMILY,
+    READABLE_FORMATS,
     CacheShapes,
     ExportDirError,
     GraphInterfaceError,
@@ -94,7 +95,7 @@ class _Graph:
         self.path = path
         self.metadata = read_graph_metadata(path)
         found = self.metadata.get("format")
-        if found != FORMAT:
+        if found not in READABLE_FORMATS:
             older = isinstance(found, str) and found.startswith(FORMAT_FAMILY)
             raise GraphInterfaceError(f"{path.name}: metadata format {found!r}, expected {FORMAT!r} " + (
                 "(written by an older parity export-onnx: export again)" if older
@@ -154,7 +155,9 @@ def _check_declared(graph: _Graph, name: str, expected: Sequence[Any]) -> None:
 
 class OnnxBackend(Backend):
     name = "onnx"
-    capabilities = Capabilities(first_chunk_modes=("pad-and-drop",), offline=False, teacher_forcing=True)
+    # What an export of this format streams; an instance states what its own export holds (an older export,
+    # or a peer's files, has no plain first-chunk graph: pad-and-drop only).
+    capabilities = Capabilities(first_chunk_modes=("plain", "pad-and-drop"), offline=False, teacher_forcing=True)
 
     def __init__(self, export_dir: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
                  taps: bool = True, threads: int | None = None, max_open_encoders: int | None = None):
@@ -194,15 +197,22 @@ class OnnxBackend(Backend):
             raise GraphInterfaceError(f"{self.directory}: speaker_kernel_layers {list(self.info.speaker_kernel_layers)} "
                                       f"contradict the {self.interface.name} interface")
         self._max_symbols = meta["max_symbols"]  # None: no per-frame limit (NeMo's max_symbols=None)
-        self._encoders: dict[tuple[int, int], _Graph] = {}  # open sessions, least recently used first
+        modes = self._first_chunk_modes(meta)
+        if tuple(modes) != type(self).capabilities.first_chunk_modes:
+            self.capabilities = replace(type(self).capabilities, first_chunk_modes=tuple(modes))
+        # (lookahead, first-chunk graph) -> open session, least recently used first
+        self._encoders: dict[tuple[tuple[int, int], bool], _Graph] = {}
         self._streaming: dict[tuple[int, int], StreamingConfig] = {}
+        graphs = [(context, first) for context in exported for first in (False, True)
+                  if not first or "plain" in modes]
         # Every ONNX Runtime session holds its own copy of the weights, even where the lookaheads' graphs
         # share one file (measured at full size: four open encoders, 10.7 GB). A large export keeps one
-        # encoder session open at a time (reopened when the lookahead changes); a small one keeps all.
+        # encoder session open at a time (reopened when the lookahead or the first-chunk graph changes); a
+        # small one keeps all.
         self._max_open_encoders = max_open_encoders or (
-            1 if _directory_bytes(self.directory) > LARGE_EXPORT_BYTES else len(exported))
-        for context in exported:  # open every encoder now: a broken export fails before anything runs
-            self._encoder(context)
+            1 if _directory_bytes(self.directory) > LARGE_EXPORT_BYTES else len(graphs))
+        for context, first in graphs:  # open every encoder now: a broken export fails before anything runs
+            self._encoder(context, first=first)
         self.frontend = self._read_frontend()
         self._check_decoder_joint()
         self.ctc_graph = self._open_ctc() if self.info.ctc_head else None
@@ -223,9 +233,19 @@ class OnnxBackend(Backend):
     def _open_decoder_joint(self):
         return self._open(decoder_joint_file, "decoder_joint")
 
-    def _open_encoder(self, context: tuple[int, int]):
-        """The encoder graph of one lookahead (``backends.onnx.foreign`` supplies other files here)."""
-        return self._open(lambda variant, debug: encoder_file(context, variant, debug), "encoder")
+    def _open_encoder(self, context: tuple[int, int], first: bool = False):
+        """The encoder graph of one lookahead, or its plain first chunk's (``backends.onnx.foreign`` supplies other
+        files here)."""
+        return self._open(lambda variant, debug: encoder_file(context, variant, debug, first=first), "encoder")
+
+    def _first_chunk_modes(self, meta: dict[str, Any]) -> tuple[str, ...]:
+        """The modes the export states it streams (``first_chunk_modes``; a ``/2`` export: pad-and-drop only)."""
+        modes = tuple(meta.get("first_chunk_modes") or ("pad-and-drop",))
+        unknown = [m for m in modes if m not in ("plain", "pad-and-drop")]
+        if unknown or "pad-and-drop" not in modes:
+            raise GraphInterfaceError(f"{self.decoder_joint.path.name}: metadata first_chunk_modes {list(modes)}: "
+                                      "expected pad-and-drop, and plain where the export has first-chunk graphs")
+        return modes
 
     def _check_source(self, nemo_path: Path) -> None:
         from harness.nemo_file import sha256_file
@@ -341,17 +361,26 @@ class OnnxBackend(Backend):
         log_probs = self.ctc_graph.run({names.ctc_inputs[0]: np.ascontiguousarray(encoded, np.float32)})[names.ctc_outputs[0]]
         return ctc_step(log_probs, encoded_len, self.info.blank_id, last_labels)
 
-    def _encoder(self, context: Sequence[int]) -> _Graph:
+    def _encoder(self, context: Sequence[int], *, first: bool = False) -> _Graph:
         context = (int(context[0]), int(context[1]))
-        if context in self._encoders:
-            self._encoders[context] = self._encoders.pop(context)  # most recently used last
-            return self._encoders[context]
+        key = (context, first)
+        if key in self._encoders:
+            self._encoders[key] = self._encoders.pop(key)  # most recently used last
+            return self._encoders[key]
         if context not in self.info.att_context_sizes:
             raise MissingGraphError(
                 f"{self.directory}: no encoder graph for att_context_size {list(context)}; exported: "
                 f"{[list(c) for c in self.info.att_context_sizes]}")
-        graph = self._open_encoder(context)
+        if first and "plain" not in self.capabilities.first_chunk_modes:
+            raise MissingGraphError(
+                f"{self.directory}: no plain first-chunk graph (this export streams "
+                f"{', '.join(self.capabilities.first_chunk_modes)} only): compare it in pad-and-drop mode, or export "
+                "again with parity export-onnx")
+        graph = self._open_encoder(context, first)
         meta = graph.metadata
+        if bool(meta.get("first_chunk", False)) != first:
+            raise ExportDirError(f"{graph.path.name}: metadata first_chunk = {meta.get('first_chunk', False)!r}, "
+                                 f"but it was opened as the {'first' if first else 'later'} chunks' graph")
         for key in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
             if meta.get(key) != self.metadata.get(key):
                 raise ExportDirError(f"{graph.path.name}: metadata {key} = {meta.get(key)!r}, but "
@@ -362,8 +391,11 @@ class OnnxBackend(Backend):
         shapes = self._cache_shapes(meta)
         _check_declared(graph, "cache_last_channel", shapes.channel)
         _check_declared(graph, "cache_last_time", shapes.time)
-        self._streaming[context] = self._streaming_from_metadata(graph)
-        self._encoders[context] = graph
+        streaming = self._streaming_from_metadata(graph)
+        if self._streaming.setdefault(context, streaming) != streaming:
+            raise ExportDirError(f"{graph.path.name}: streaming metadata {streaming.as_dict()} differs from the "
+                                 f"other graph of {list(context)}: {self._streaming[context].as_dict()}")
+        self._encoders[key] = graph
         while len(self._encoders) > self._max_open_encoders:
             del self._encoders[next(iter(self._encoders))]  # its session and its copy of the weights go
         return graph
@@ -395,21 +427,25 @@ class OnnxBackend(Backend):
 
     # -- Backend interface ---------------------------------------------------------------------------
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
-        self._encoder(att_context_size)
-        return self._streaming[(int(att_context_size[0]), int(att_context_size[1]))]
+        context = (int(att_context_size[0]), int(att_context_size[1]))
+        if context not in self._streaming:  # read from the graph's metadata when it is first opened
+            self._encoder(context)
+        return self._streaming[context]
 
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.frontend(np.atleast_2d(np.asarray(audio, np.float32)))
 
     def run_encoder(self, context: Sequence[int], mel: np.ndarray, length: np.ndarray, cache_last_channel: np.ndarray,
                     cache_last_time: np.ndarray, cache_last_channel_len: np.ndarray,
-                    speaker_masks: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """One encoder graph call with caches in the graph's own layout (checked against its metadata).
+                    speaker_masks: tuple[np.ndarray, np.ndarray] | None = None, *,
+                    first: bool = False) -> dict[str, np.ndarray]:
+        """One encoder graph call with caches in the graph's own layout (checked against its metadata);
+        ``first``: the plain first chunk's graph.
 
         Outputs are returned under the ``nemo`` interface's names whatever the graph calls them;
         ``speaker_masks`` (target, background), already reconciled, go to a multitalker graph.
         """
-        graph = self._encoder(context)
+        graph = self._encoder(context, first=first)
         batch = mel.shape[0]
         shapes = self._cache_shapes(graph.metadata)
         channel_shape, time_shape = shapes.concrete(batch)
@@ -458,7 +494,7 @@ class OnnxBackend(Backend):
                 f"onnx: without target-speaker masks NeMo skips the speaker kernels of layers {later} (its "
                 f"post-hooks return early) but still applies layer 0's; the exported graph always applies "
                 f"them all, so give explicit masks (SpeakerTargets.single_speaker for NeMo's single-speaker mode)")
-        frames = self.streaming_config(context).layer_input_frames(chunk.mel.shape[-1])
+        frames = self.streaming_config(context).layer_input_frames(chunk.mel.shape[-1], chunk.drop_extra_pre_encoded)
         return reconciled_pair(speaker_masks, frames, chunk.mel.shape[0])
 
     def _to_graph_layout(self, array: np.ndarray) -> np.ndarray:
@@ -469,14 +505,18 @@ class OnnxBackend(Backend):
         self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = state.att_context_size
         streaming = self.streaming_config(context)
-        if chunk.drop_extra_pre_encoded != streaming.drop_extra_pre_encoded:
+        # NeMo's plain first chunk keeps every pre-encoded frame and has no cache prefix: its own graph. Every
+        # other chunk (and pad-and-drop's first) drops what the steady graph bakes in.
+        first = chunk.is_first and chunk.drop_extra_pre_encoded == 0 and chunk.cache_frames == 0
+        if not first and chunk.drop_extra_pre_encoded != streaming.drop_extra_pre_encoded:
             raise ValueError(f"onnx: chunk {chunk.index} drops {chunk.drop_extra_pre_encoded} pre-encoded frames, "
-                             f"the graph bakes {streaming.drop_extra_pre_encoded} (pad-and-drop mode only)")
+                             f"the graph bakes {streaming.drop_extra_pre_encoded}")
         self.info.check_state(state)  # canonical layers-first shapes
         started = time.perf_counter()
         masks = self._speaker_masks(context, chunk, speaker_masks)
         out = self.run_encoder(context, chunk.mel, chunk.length, self._to_graph_layout(state.cache_last_channel),
-                               self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len, masks)
+                               self._to_graph_layout(state.cache_last_time), state.cache_last_channel_len, masks,
+                               first=first)
         encoded, encoded_len = out["outputs"], out["encoded_lengths"].astype(np.int64)
         decoded_from = self.run_prompt(encoded, state.prompt)  # what the decoder, joint and CTC head read
         decoders, emitted, decoder_taps, joint_taps = [], [], [], []
@@ -492,7 +532,7 @@ class OnnxBackend(Backend):
         ctc = None if self.ctc_graph is None else self._run_ctc(decoded_from, encoded_len,
                                                                 self.info.ctc_labels_before(state))
         seconds = time.perf_counter() - started
-        taps = {name: out[name] for name in self._encoder(context).taps}
+        taps = {name: out[name] for name in self._encoder(context, first=first).taps}
         taps[TAP_ENCODER] = encoded
         if self.info.prompted:
             taps[TAP_PROMPT] = decoded_from
@@ -557,7 +597,8 @@ class OnnxBackend(Backend):
         """The int8 graphs this backend runs: every lookahead's encoder, ``decoder_joint`` and a prompt graph."""
         if self.dtype != "int8":
             return []
-        paths = [self.directory / encoder_file(c, variant="int8") for c in self.info.att_context_sizes]
+        paths = [self.directory / encoder_file(c, variant="int8", first=first) for c in self.info.att_context_sizes
+                 for first in (False, True)]
         paths.append(self.directory / decoder_joint_file("int8"))
         if self.info.prompted:
             paths.append(self.directory / prompt_file("int8"))

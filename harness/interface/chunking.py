@@ -127,11 +127,12 @@ class StreamingConfig:
             length = math.floor((length + paddings - kernel) / stride + 1)
         return max(length, 0)
 
-    def layer_input_frames(self, mel_frames: int) -> int:
+    def layer_input_frames(self, mel_frames: int, drop_extra_pre_encoded: int | None = None) -> int:
         """Frames the conformer layers see for a chunk ``mel_frames`` wide: the subsampled width minus
-        the ``drop_extra_pre_encoded`` frames (pad-and-drop, as ``forward_for_export`` does). This is the
-        length a multitalker graph's speaker masks must have."""
-        return self.subsampled_length(mel_frames) - self.drop_extra_pre_encoded
+        the frames dropped (``drop_extra_pre_encoded``, as ``forward_for_export`` does; 0 for the plain first
+        chunk, which keeps them all). This is the length a multitalker graph's speaker masks must have."""
+        drop = self.drop_extra_pre_encoded if drop_extra_pre_encoded is None else drop_extra_pre_encoded
+        return self.subsampled_length(mel_frames) - drop
 
     def valid_output_frames(self, chunk: Chunk) -> int:
         """Encoder frames a streaming step returns for ``chunk`` (batch item 0).
