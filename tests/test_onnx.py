@@ -64,10 +64,11 @@ def nemo_runs(run_cache, utterances, att_contexts):
     return {(u.name, tuple(c)): run_cache.run("nemo", u, c, PAD) for u in utterances for c in att_contexts}
 
 
-def _partial_copy(source: Path, target: Path, *, contexts=((70, 13),), decoder_joint=True) -> Path:
+def _partial_copy(source: Path, target: Path, *, contexts=((70, 13),), decoder_joint=True, first=True) -> Path:
     target.mkdir(parents=True)
     names = ["vocab.txt", "tokenizer.model", "frontend.npz", "frontend.json"]
     names += [encoder_file(c) for c in contexts] + (["encoder.weights"] if contexts else [])
+    names += [encoder_file(c, first=True) for c in contexts if first]
     if decoder_joint:
         names.append(decoder_joint_file())
     for name in names:
@@ -76,7 +77,40 @@ def _partial_copy(source: Path, target: Path, *, contexts=((70, 13),), decoder_j
 
 
 # -- parity -----------------------------------------------------------------------------------------
-# Every tap, cache and token against NeMo at every step: tests/test_parity_suites.py (nemo~onnx).
+# Every tap, cache and token against NeMo at every step: tests/test_parity_suites.py (nemo~onnx) in NeMo's
+# default plain mode; pad-and-drop, the mode every peer export runs, here.
+
+def test_pad_and_drop_streaming_matches_nemo_fp32(run_cache, utterances, att_contexts, tolerances, nemo_backend):
+    """Every fixture utterance at every lookahead in pad-and-drop: every tap and both caches at every step within
+    the float32 limits, identical tokens (teacher-forced where a near-tie moved a decision)."""
+    num_layers = nemo_backend.info.num_layers
+    failures, judged = [], set()
+    for utterance in utterances:
+        for context in att_contexts:
+            reference, _, comparison = run_cache.judge("nemo", "onnx", utterance, tuple(context), PAD, tolerances)
+            if not comparison.passed:
+                failures.append(comparison.describe_failure())
+            judged |= {t.tap for t in comparison.taps if t.step == 0}
+            assert {t.step for t in comparison.taps if t.tap == "encoder"} == set(range(len(reference.steps)))
+    assert not failures, "\n".join(failures)
+    assert {"pre_encode", "encoder", "decoder", "joint", "cache_last_channel", "cache_last_time",
+            *(f"layers.{i}" for i in range(num_layers))} <= judged
+
+
+def test_plain_mode_uses_the_first_chunk_graph(onnx_backend, mels, att_contexts):
+    """NeMo's plain first chunk (chunk_size[0] frames, nothing dropped) runs the first-chunk graph; every later
+    chunk, and pad-and-drop's first, the steady one. The two first chunks differ, and so do their outputs."""
+    from harness.interface.chunking import ChunkSchedule
+
+    assert onnx_backend.capabilities.first_chunk_modes == ("plain", "pad-and-drop")
+    for context in att_contexts:
+        config = onnx_backend.streaming_config(context)
+        plain = ChunkSchedule(config, FirstChunkMode.PLAIN).chunks(mels["utt02.wav"])
+        padded = ChunkSchedule(config, PAD).chunks(mels["utt02.wav"])
+        assert plain[0].mel.shape[-1] == config.chunk_size[0] and plain[0].drop_extra_pre_encoded == 0
+        assert padded[0].drop_extra_pre_encoded == config.drop_extra_pre_encoded
+        first = stream(onnx_backend, mels["utt02.wav"], context, FirstChunkMode.PLAIN).steps[0]
+        assert first.encoded.shape[-1] == config.valid_out_len  # 1 + lookahead frames from the first chunk alone
 
 def test_cache_layouts_give_identical_results(onnx_backend, layers_first_dir, mels, att_contexts):
     from backends import get
@@ -229,7 +263,9 @@ def test_transcribe_cli(onnx_dir, onnx_backend, mels, capsys):
     wav = REPO / "fixtures" / "speech" / "utt01.wav"
     assert main(["transcribe", "--backend", "onnx", "--onnx", str(onnx_dir), "--att-context", "70,6", str(wav)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    expected = decode_tokens(onnx_backend.vocabulary, stream(onnx_backend, mels["utt01.wav"], (70, 6), PAD).tokens)
+    # NeMo's default first chunk (plain), as every backend that streams it is transcribed.
+    plain = stream(onnx_backend, mels["utt01.wav"], (70, 6), FirstChunkMode.PLAIN)
+    expected = decode_tokens(onnx_backend.vocabulary, plain.tokens)
     assert line == f"utt01.wav\t[70,6]\t{expected}"
 
 
@@ -329,13 +365,36 @@ def test_graph_without_expected_input_is_refused(onnx_dir, tmp_path):
         OnnxBackend(target)
 
 
-def test_plain_first_chunk_is_refused(onnx_backend, mels):
+def test_an_export_without_first_chunk_graphs_streams_pad_and_drop_only(onnx_dir, mels, tmp_path):
+    """A format /2 export (no first-chunk graphs, no first_chunk_modes key) still loads: pad-and-drop only, and a
+    plain first chunk is refused with the reason. A /3 export missing its first-chunk graph is refused at load."""
+    from backends.onnx import graph_tools
+    from backends.onnx.layout import decode_metadata, encode_metadata
+    from backends.onnx.runtime import OnnxBackend
     from harness.interface.chunking import ChunkSchedule
 
-    context = onnx_backend.info.att_context_sizes[0]
-    chunk = ChunkSchedule(onnx_backend.streaming_config(context), FirstChunkMode.PLAIN).chunks(mels["utt02.wav"])[0]
-    with pytest.raises(ValueError, match="pad-and-drop mode only"):
-        onnx_backend.step(chunk, onnx_backend.initial_state(context))
+    missing = _partial_copy(onnx_dir, tmp_path / "missing", first=False)
+    with pytest.raises(MissingGraphError, match=r"encoder-70_13\.first\.onnx"):
+        OnnxBackend(missing)
+
+    older = _partial_copy(onnx_dir, tmp_path / "older", first=False)
+
+    def as_format_2(model):
+        metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
+        metadata.pop("first_chunk_modes", None)
+        metadata["format"] = "parity-nemo-cache-aware-rnnt/2"
+        del model.metadata_props[:]
+        graph_tools.set_metadata(model, encode_metadata(metadata))
+
+    for graph in (encoder_file((70, 13)), decoder_joint_file()):
+        _edit_graph(older / graph, as_format_2)
+    backend = OnnxBackend(older)
+    assert backend.capabilities.first_chunk_modes == ("pad-and-drop",)
+    context = (70, 13)
+    chunk = ChunkSchedule(backend.streaming_config(context), FirstChunkMode.PLAIN).chunks(mels["utt02.wav"])[0]
+    with pytest.raises(MissingGraphError, match="no plain first-chunk graph"):
+        backend.step(chunk, backend.initial_state(context))
+    assert stream(backend, mels["utt02.wav"], context, PAD).tokens is not None
 
 
 # -- graph tools ------------------------------------------------------------------------------------
@@ -421,8 +480,8 @@ def test_one_open_encoder_session_at_a_time_gives_the_same_runs(onnx_dir, onnx_b
         for context in contexts + contexts[:1]:  # and back to the first: reopened
             ours = stream(single, mels[utterance.name], context, PAD)
             theirs = stream(onnx_backend, mels[utterance.name], context, PAD)
-            assert len(single._encoders) == 1 and next(iter(single._encoders)) == tuple(context)
+            assert len(single._encoders) == 1 and next(iter(single._encoders)) == (tuple(context), False)
             assert ours.tokens == theirs.tokens
             for mine, other in zip(ours.steps, theirs.steps, strict=True):
                 np.testing.assert_array_equal(mine.encoded, other.encoded)
-    assert len(onnx_backend._encoders) == len(contexts)  # a small export keeps every lookahead open
+    assert len(onnx_backend._encoders) == 2 * len(contexts)  # a small export keeps every graph open (and the first)

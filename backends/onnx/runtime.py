@@ -381,10 +381,10 @@ class OnnxBackend(Backend):
         if bool(meta.get("first_chunk", False)) != first:
             raise ExportDirError(f"{graph.path.name}: metadata first_chunk = {meta.get('first_chunk', False)!r}, "
                                  f"but it was opened as the {'first' if first else 'later'} chunks' graph")
-        for key in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
-            if meta.get(key) != self.metadata.get(key):
-                raise ExportDirError(f"{graph.path.name}: metadata {key} = {meta.get(key)!r}, but "
-                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
+        for name in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
+            if meta.get(name) != self.metadata.get(name):
+                raise ExportDirError(f"{graph.path.name}: metadata {name} = {meta.get(name)!r}, but "
+                                     f"{self.decoder_joint.path.name} has {self.metadata.get(name)!r}")
         if tuple(meta.get("att_context_size", ())) != context:
             raise ExportDirError(f"{graph.path.name}: metadata att_context_size {meta.get('att_context_size')}, "
                                  f"file name says {list(context)}")

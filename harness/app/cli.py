@@ -179,6 +179,26 @@ def print_comparisons(report, out=None) -> None:
         (out or console()).print(table)
 
 
+def print_first_chunk_cost(results, out=None) -> None:
+    """What a candidate that cannot run NeMo's plain first chunk (a peer's pad-and-drop export) costs by that
+    alone: NeMo's own WER in each mode on the same utterances, per lookahead (where they have texts)."""
+    from harness.report import REFERENCE_BACKEND, wer_rows
+
+    rows = [r for r in wer_rows([results]) if r.decoder == "rnnt" and r.wer_vs_text is not None]
+    padded_only = sorted({f"{r.backend}:{r.dtype}" for r in rows if r.backend != REFERENCE_BACKEND}
+                         - {f"{r.backend}:{r.dtype}" for r in rows if r.backend != REFERENCE_BACKEND and r.mode == "plain"})
+    if not padded_only:
+        return
+    nemo = {(r.context, r.mode): r.wer_vs_text for r in rows if r.backend == REFERENCE_BACKEND}
+    for context in sorted({c for c, _ in nemo}, key=lambda c: -c[1]):
+        plain, padded = nemo.get((context, "plain")), nemo.get((context, "pad-and-drop"))
+        if plain is None or padded is None:
+            continue
+        (out or console()).print(
+            f"first chunk [{context[0]},{context[1]}]: {', '.join(padded_only)} run(s) pad-and-drop only; NeMo on these "
+            f"utterances: WER {100 * plain:.1f} % plain (its default), {100 * padded:.1f} % pad-and-drop")
+
+
 def cmd_compare(args) -> int:
     from backends import REFERENCE, get
     from harness.app.compare import compare_backends, fixture_utterances
@@ -221,6 +241,7 @@ def cmd_compare(args) -> int:
         diagnose_peers(reference, [(source.path, c) for (_, source, _), c in zip(sources, candidates)], utterances,
                        contexts, tolerances, report.results, nemo_path=model.path, progress=bar.phase)
     print_comparisons(report)
+    print_first_chunk_cost(report.results)
     print_bisections(report.results)
     print_diagnoses(report.results)
     if args.json:

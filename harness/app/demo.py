@@ -47,7 +47,6 @@ def demo_tables(results: Results):
     summaries = pair_summaries([results])
     wer = {(r.backend, r.dtype, r.context, r.mode): r for r in wer_rows([results])}
     timing = {(r.backend, r.dtype, r.context): r for r in timing_rows([results])}
-    modes = {(t["backend"], t["dtype"]): t["mode"] for t in results.transcripts}
     contexts = sorted({s.context for s in summaries}, key=lambda c: -c[1])
     tables = []
     for context in contexts:
@@ -60,7 +59,7 @@ def demo_tables(results: Results):
         for summary in (s for s in summaries if s.context == context):
             offline = summary.pair == OFFLINE_PAIR
             backend, dtype = (REFERENCE_BACKEND, FP32) if offline else (summary.candidate, summary.dtype)
-            mode = "plain" if offline else modes.get((backend, dtype), "plain")
+            mode = "plain" if offline or summary.mode in ("", "offline") else summary.mode
             wer_row = wer.get((backend, dtype, context, mode))
             time_row = timing.get((backend, dtype, context))
             result = ("[green]pass[/]" if summary.passed

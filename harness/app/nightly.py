@@ -185,7 +185,11 @@ def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path,
                       made_by=made.made_by() if made and made.harness_version else None)
         return entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)
 
-    return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=record)
+    # Every first-chunk mode the backend shares with NeMo: NeMo's default (plain) beside pad-and-drop, the mode
+    # every peer export runs, so that a run shows what the padded first chunk costs.
+    modes = tuple(mode for mode in ("plain", "pad-and-drop") if mode in entry.capabilities.first_chunk_modes)
+    return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=record,
+                     modes=modes if entry.capabilities.input == "mel" else None)
 
 
 def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException], None]:
