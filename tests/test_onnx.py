@@ -283,7 +283,9 @@ def test_compare_cli_passes_then_names_the_corrupted_layer(onnx_dir, tiny_nemo, 
 
     corrupted = tmp_path / "corrupted"
     shutil.copytree(onnx_dir, corrupted)
-    for path in (corrupted / encoder_file((70, 6)), corrupted / encoder_file((70, 6), debug=True)):
+    # Every float32 graph of the lookahead: the steady one and the plain first chunk's, each with its taps.
+    for path in (corrupted / encoder_file((70, 6), debug=debug, first=first)
+                 for debug in (False, True) for first in (False, True)):
         model = onnx.load(str(path))
         # the scale of layer 1's first LayerNorm, located by scope like the taps
         norm = next(node for node in model.graph.node
