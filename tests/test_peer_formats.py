@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from graph_metadata import set_metadata
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -62,19 +63,6 @@ def _lookahead(peer_dirs, fmt: str, context=(70, 13)) -> Path:
 def _copy(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
-
-
-def _set_metadata(graph: Path, drop: tuple[str, ...] = (), **values) -> None:
-    """Rewrite some metadata of a graph (``drop``: keys removed), keeping its weights where they are
-    (external data untouched)."""
-    model = onnx.load(str(graph), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props if p.key not in drop}
-    props.update({k: str(v) for k, v in values.items()})
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(graph))
 
 
 # -- detection ---------------------------------------------------------------------------------------
@@ -171,7 +159,7 @@ def test_graph_without_layer_scopes_still_compares_what_it_has(peer_dirs, tiny_n
 ])
 def test_sherpa_metadata_that_lies_is_refused(peer_dirs, tiny_nemo, tmp_path, key, value, stated):
     directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "lying")
-    _set_metadata(directory / "encoder.onnx", **{key: value})
+    set_metadata(directory / "encoder.onnx", **{key: value})
     with pytest.raises(ArtifactContradiction) as caught:
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
     message = str(caught.value)
@@ -442,7 +430,7 @@ def test_int8_directory_as_the_run_scripts_leave_it(script_dirs, tiny_nemo, tmp_
         ForeignOnnxBackend(int8, nemo_path=tiny_nemo)
 
     both = _copy(source, tmp_path / "both")
-    _set_metadata(both / "encoder.int8.onnx", window_size=17)
+    set_metadata(both / "encoder.int8.onnx", window_size=17)
     with pytest.raises(ArtifactContradiction, match=r"encoder\.int8\.onnx: window_size = 17 contradicts the "
                                                     r"\.nemo's chunk_size \+ pre_encode_cache_size at \[70, 13\] = 121"):
         ForeignOnnxBackend(both, nemo_path=tiny_nemo)
@@ -474,15 +462,15 @@ def test_each_spelling_of_no_normalisation_is_read(peer_dirs, tiny_nemo, tmp_pat
     and an absent key (the runtime reads it as "") all state what the .nemo's "NA" means."""
     directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "normalize")
     if spelling is None:
-        _set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
+        set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
     else:
-        _set_metadata(directory / "encoder.onnx", normalize_type=spelling)
+        set_metadata(directory / "encoder.onnx", normalize_type=spelling)
     backend = ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
     try:
         assert backend.artifact.contexts == ((70, 13),)
     finally:
         backend.close()
-    _set_metadata(directory / "encoder.onnx", normalize_type="per_feature")
+    set_metadata(directory / "encoder.onnx", normalize_type="per_feature")
     with pytest.raises(ArtifactContradiction, match="normalize_type = 'per_feature' contradicts"):
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
 
@@ -493,9 +481,9 @@ def test_a_key_the_runtime_reads_cannot_be_missing(peer_dirs, tiny_nemo, tmp_pat
     from backends.onnx.foreign import ForeignArtifactError
 
     directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "missing")
-    _set_metadata(directory / "encoder.onnx", drop=(key, "chunk_size_ms", "feat_dim"))
+    set_metadata(directory / "encoder.onnx", drop=(key, "chunk_size_ms", "feat_dim"))
     with pytest.raises(ForeignArtifactError, match=f"encoder.onnx: metadata key '{key}' missing"):
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
-    _set_metadata(directory / "encoder.onnx", **{key: ""})  # sherpa-onnx reads an empty value as absent
+    set_metadata(directory / "encoder.onnx", **{key: ""})  # sherpa-onnx reads an empty value as absent
     with pytest.raises(ForeignArtifactError, match=f"encoder.onnx: metadata key '{key}' missing"):
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from graph_metadata import set_metadata
 
 sherpa_onnx = pytest.importorskip("sherpa_onnx", reason="sherpa-onnx is not installed (pip install '.[peers]')")
 pytest.importorskip("kaldi_native_fbank", reason="kaldi-native-fbank is not installed (pip install '.[peers]')")
@@ -150,20 +151,6 @@ def older_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
             for name in OLDER_SCRIPTS}
 
 
-def _set_metadata(graph: Path, drop: tuple[str, ...] = (), **values) -> None:
-    """Rewrite some of a graph's metadata (``drop``: keys removed), its weights left where they are."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props if p.key not in drop}
-    props.update({key: str(value) for key, value in values.items()})
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(graph))
-
-
 @pytest.mark.parametrize("script", OLDER_SCRIPTS)
 def test_older_script_directory_runs_as_the_newest(script, older_dirs, runtime, tiny_nemo, nemo_backend,
                                                    short_utterances, tolerances):
@@ -236,7 +223,7 @@ def test_metadata_that_contradicts_the_graph_is_refused(sherpa_dir, tmp_path, ed
     from backends.sherpa_onnx.backend import SherpaOnnxBackend
 
     directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "lying")
-    _set_metadata(directory / "encoder.onnx", **edit)
+    set_metadata(directory / "encoder.onnx", **edit)
     with pytest.raises(UnsafeArtifact) as caught:
         SherpaOnnxBackend(directory)
     message = str(caught.value)
@@ -259,7 +246,7 @@ def test_metadata_that_contradicts_the_nemo_is_refused(sherpa_dir, tiny_nemo, tm
     from backends.sherpa_onnx.backend import SherpaOnnxBackend
 
     directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "lying")
-    _set_metadata(directory / "encoder.onnx", **edit)
+    set_metadata(directory / "encoder.onnx", **edit)
     with pytest.raises(UnsafeArtifact) as caught:
         SherpaOnnxBackend(directory, nemo_path=tiny_nemo)
     message = str(caught.value)
@@ -273,14 +260,14 @@ def test_each_spelling_of_no_normalisation_is_read(sherpa_dir, tiny_nemo, tmp_pa
 
     directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "normalize")
     if spelling is None:
-        _set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
+        set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
     else:
-        _set_metadata(directory / "encoder.onnx", normalize_type=spelling)
+        set_metadata(directory / "encoder.onnx", normalize_type=spelling)
     backend = SherpaOnnxBackend(directory, nemo_path=tiny_nemo)
     assert backend.info.att_context_sizes == (CONTEXT,) and len(backend.notes()) == 1
     # Without the .nemo a normalisation is not a contradiction, but the runtime's streaming front end
     # ignores it, and the notes say so.
-    _set_metadata(directory / "encoder.onnx", normalize_type="per_feature")
+    set_metadata(directory / "encoder.onnx", normalize_type="per_feature")
     assert "normalize_type 'per_feature': sherpa-onnx's streaming front end does not apply it" in \
         SherpaOnnxBackend(directory).notes()[-1]
 
