@@ -148,11 +148,12 @@ def test_runtime_reads_the_prompt_from_the_export(onnx, nemo):
 def test_fp32_matches_nemo_at_every_step_of_every_lookahead(nemo, onnx, utterances):
     contexts = nemo.info.att_context_sizes
     assert len(contexts) == 4
-    outcome = _compare(nemo, Candidate.of(onnx), utterances, contexts)
+    # NeMo's default first chunk (plain, the export's first-chunk graph) and pad-and-drop.
+    outcome = _compare(nemo, Candidate.of(onnx, modes=("plain", PAD)), utterances, contexts)
     assert outcome.passed, _failures(outcome)
     comparisons = outcome.results.comparisons
-    assert {(c.utterance, tuple(c.att_context_size)) for c in comparisons} == {
-        (u.name, tuple(c)) for u in utterances for c in contexts}
+    assert {(c.utterance, tuple(c.att_context_size), c.mode) for c in comparisons} == {
+        (u.name, tuple(c), mode) for u in utterances for c in contexts for mode in ("plain", PAD)}
     for comparison in comparisons:
         steps = {t.step for t in comparison.taps if t.tap == TAP_ENCODER}
         assert steps and {t.step for t in comparison.taps if t.tap == TAP_PROMPT} == steps
