@@ -97,6 +97,26 @@ def test_pad_and_drop_streaming_matches_nemo_fp32(run_cache, utterances, att_con
             *(f"layers.{i}" for i in range(num_layers))} <= judged
 
 
+def test_both_modes_on_a_shape_no_fixture_has(work_dir, utterances, tolerances):
+    """4 layers, d_model 96, lookaheads [70,6] and [70,1] (a seeded random model no suite fixture has): exported
+    with its first-chunk graphs, it matches NeMo at every tap and step in both first-chunk modes."""
+    from backends import get
+    from fixtures.models import build
+    from harness.judge.loop import Candidate, stream_and_compare
+
+    nemo_path = build("unseen-4x96", progress=lambda _m: None)
+    reference = get("nemo").load(nemo_path)
+    candidate = get("onnx").load(get("onnx").prepare(nemo_path, work_dir / "unseen"), nemo_path=nemo_path)
+    shortest = sorted(utterances, key=lambda u: len(u.audio))[:3]
+    outcome = stream_and_compare(reference, [Candidate.of(candidate, modes=("plain", "pad-and-drop"))], shortest,
+                                 reference.info.att_context_sizes, tolerances, include_offline=False)
+    assert {(c.mode, c.att_context_size) for c in outcome.results.comparisons} == {
+        (mode, context) for mode in ("plain", "pad-and-drop") for context in ((70, 6), (70, 1))}
+    assert outcome.passed, [c.describe_failure() for c in outcome.results.comparisons if not c.passed]
+    reference.close()
+    candidate.close()
+
+
 def test_plain_mode_uses_the_first_chunk_graph(onnx_backend, mels, att_contexts):
     """NeMo's plain first chunk (chunk_size[0] frames, nothing dropped) runs the first-chunk graph; every later
     chunk, and pad-and-drop's first, the steady one. The two first chunks differ, and so do their outputs."""
