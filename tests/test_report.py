@@ -212,3 +212,32 @@ def test_real_report_renders_in_headless_chromium(tiny_nemo, nemo_backend, backe
     assert len(images) >= 4, "heat maps, cache drift, timing and history plots"
     for section in ("layers", "cache", "transcripts", "wer", "history", "environment"):
         assert f'<section id="{section}">' in dom
+
+
+def test_the_int8_kernel_path_heads_the_report_and_its_provenance():
+    """Each run names the CPU's int8 kernel path (an int8 figure depends on it); a results file from before it
+    was recorded renders without the line."""
+    from harness.report import render_html, render_markdown
+    from harness.system.cpu import int8_kernel_path
+
+    results = synthetic_results()
+    path = int8_kernel_path()
+    assert results.environment["int8_kernel_path"]["name"] == path.name  # recorded by Results' environment
+    for page in (render_markdown([results]), render_html([results])):
+        assert f"int8 kernel path: {path.name} (" in page
+    assert "int8 kernel path</td><td>" + path.name in render_html([results])
+    results.environment.pop("int8_kernel_path")
+    assert "int8 kernel path" not in render_markdown([results])
+
+
+def test_a_candidate_compared_in_both_first_chunk_modes_has_a_row_for_each():
+    from dataclasses import replace
+
+    from harness.report.data import pair_summaries
+
+    results = synthetic_results()
+    plain, = (c for c in results.comparisons if c.dtype == "float32")
+    plain.mode = "plain"
+    results.comparisons.append(replace(plain, mode="pad-and-drop", taps=list(plain.taps)))
+    labels = [s.label for s in pair_summaries([results]) if s.dtype == "float32"]
+    assert labels == ["nemo~onnx (float32)", "nemo~onnx (float32, pad-and-drop)"]
