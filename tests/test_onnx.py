@@ -507,3 +507,12 @@ def test_one_open_encoder_session_at_a_time_gives_the_same_runs(onnx_dir, onnx_b
             for mine, other in zip(ours.steps, theirs.steps, strict=True):
                 np.testing.assert_array_equal(mine.encoded, other.encoded)
     assert len(onnx_backend._encoders) == 2 * len(contexts)  # a small export keeps every graph open (and the first)
+
+
+def test_fingerprint_names_the_int8_kernel_path(onnx_dir, capsys):
+    from harness.app.cli import main
+    from harness.system.cpu import int8_kernel_path
+
+    assert main(["fingerprint", str(onnx_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["int8_kernel_path"] == int8_kernel_path().to_dict()
