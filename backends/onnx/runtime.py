@@ -470,7 +470,7 @@ class OnnxBackend(Backend):
         if graph.interface.speaker_masks:
             if speaker_masks is None:
                 raise SpeakerMaskError(f"{graph.path.name}: this graph takes {names[5]} and {names[6]}; none were given")
-            frames = self.streaming_config(context).layer_input_frames(mel.shape[-1])
+            frames = self.streaming_config(context).layer_input_frames(mel.shape[-1], 0 if first else None)
             for name, mask in zip(names[5:], speaker_masks):
                 if mask.shape != (batch, frames):
                     raise ShapeMismatchError(f"{name}: expected shape ({batch}, {frames}) (the chunk's encoder "
