@@ -83,7 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
     from harness.interface.driver import stream
     from harness.interface.utterance import Utterance
     from harness.judge.compare import compare_runs
-    from harness.judge.loop import reference_decisions
+    from harness.judge.forcing import reference_decisions
     from harness.judge.tolerances import Tolerances
     from harness.system.cpu import int8_kernel_path
 

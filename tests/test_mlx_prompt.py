@@ -227,7 +227,7 @@ def test_a_shifted_prompt_dictionary_fails_at_the_prompt_tap(nemo, artifacts, wo
 
 def test_teacher_forcing_keeps_the_prompt(nemo, mlx, utterances):
     from harness.interface.driver import stream
-    from harness.judge.loop import reference_decisions
+    from harness.judge.forcing import reference_decisions
 
     mel, _ = nemo.features(utterances[1].audio[None])
     reference = stream(nemo, mel, (56, 1), "plain", prompt="de-DE")

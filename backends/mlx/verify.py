@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from harness.interface.backend import TAP_DECODER, TAP_JOINT, Backend
 from harness.interface.chunking import FirstChunkMode
 from harness.judge.compare import PairComparison, TapResult
+from harness.judge.forcing import same_joint_decisions
 from harness.judge.loop import Candidate, LoopProgress, stream_and_compare
 from harness.judge.metrics import token_agreement, token_edit_distance, word_error_rate
 from harness.judge.tolerances import Tolerances
@@ -65,25 +64,11 @@ def grouped_worst(worst: dict[str, float]) -> dict[str, float]:
     return grouped
 
 
-def same_greedy_decisions(reference_step, candidate_step) -> bool:
-    """Whether two steps took the same greedy decision at every joint call (blank or which label).
-
-    Equal tokens are not enough: a near-tie can move an emission by a frame within the step
-    (blank-then-label vs label-then-blank), after which the rows no longer correspond.
-    """
-    if reference_step.tokens != candidate_step.tokens:
-        return False
-    ref, cand = reference_step.taps.get(TAP_JOINT), candidate_step.taps.get(TAP_JOINT)
-    if ref is None or cand is None:
-        return True
-    return ref.shape == cand.shape and bool(np.array_equal(ref.argmax(-1), cand.argmax(-1)))
-
-
 def judge_reduced_precision(comparison: PairComparison, reference_steps, candidate_steps,
                             tolerances: Tolerances) -> PairComparison:
     """Decoder/joint rows up to the first divergent step; tokens judged by agreement (see module doc)."""
     divergent_step = next((i for i, (r, c) in enumerate(zip(reference_steps, candidate_steps))
-                           if not same_greedy_decisions(r, c)), None)
+                           if r.tokens != c.tokens or not same_joint_decisions(r, c)), None)
     taps = [t for t in comparison.taps
             if not (divergent_step is not None and t.tap in (TAP_DECODER, TAP_JOINT) and t.step >= divergent_step)]
     agreement = token_agreement(comparison.reference_tokens, comparison.candidate_tokens)

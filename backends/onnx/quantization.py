@@ -5,7 +5,7 @@
 initializers that feed ``MatMulInteger``, ``DynamicQuantizeMatMul`` or ``DynamicQuantizeLSTM``. Reading
 them back tells any int8 file's kind, ours of any version or a peer's, without trusting its metadata:
 
-- s8 weights at full range (|w - zero point| up to 127) with u8 activations are the saturating kind:
+- s8 weights at full range (stored values up to 127 in magnitude) with u8 activations are the saturating kind:
   on x86 CPUs without VNNI MLAS sums pairs of u8 x s8 products into int16 with saturation
   (``harness.system.cpu``);
 - s8 weights within 7 bits (``reduce_range``) cannot reach int16's limit (2 x 255 x 64 = 32,640);

@@ -357,14 +357,14 @@ def judge_teacher_forced(free: PairComparison, reference_run, forced_run, tolera
 
 
 def judge_teacher_forced_offline(free: PairComparison, reference: OfflineOutput, forced: OfflineOutput,
-                                 tolerances: Tolerances, *, num_layers: int) -> PairComparison:
+                                 tolerances: Tolerances, *, reference_name: str, candidate_name: str,
+                                 num_layers: int) -> PairComparison:
     """``judge_teacher_forced`` for the offline forwards: a candidate whose offline greedy decode left the
     reference's at some joint call is judged on its decode with the reference's decisions (every decoder and
     joint row comparable), its flips classified by the tie rule, its transcript kept from ``free``."""
-    names = dict(reference_name=free.reference.removesuffix("-offline"),
-                 candidate_name=free.candidate.removesuffix("-offline"))
-    judged = compare_offline_outputs(reference, forced, tolerances, dtype=free.dtype, context=free.att_context_size,
-                                     utterance=free.utterance, num_layers=num_layers, **names)
+    judged = compare_offline_outputs(reference, forced, tolerances, reference_name=reference_name,
+                                     candidate_name=candidate_name, dtype=free.dtype, context=free.att_context_size,
+                                     utterance=free.utterance, num_layers=num_layers)
     flips = [replace(flip, step=-1) for flip in find_flips(
         [_Rows(TAP_JOINT, reference.taps[TAP_JOINT])], [_Rows(TAP_JOINT, forced.taps[TAP_JOINT])],
         tolerances.limits(free.pair, free.dtype, TAP_JOINT))]

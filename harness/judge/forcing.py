@@ -39,18 +39,21 @@ def offline_decisions(output: OfflineOutput) -> list[int] | None:
     return None if joint is None or len(output.tokens) != 1 else decisions(joint)
 
 
+def same_joint_decisions(reference_step: Any, candidate_step: Any) -> bool:
+    """Whether two steps took the same greedy decision at every joint call (true where a side has no joint tap):
+    equal tokens are not enough, a near-tie can move an emission by a frame within a step (blank-then-label vs
+    label-then-blank), after which the rows no longer correspond."""
+    ref_joint, cand_joint = reference_step.taps.get(TAP_JOINT), candidate_step.taps.get(TAP_JOINT)
+    if ref_joint is None or cand_joint is None:
+        return True
+    return ref_joint.shape == cand_joint.shape and decisions(ref_joint) == decisions(cand_joint)
+
+
 def same_decisions(reference_run: Any, candidate_run: Any) -> bool:
-    """Whether both runs took the same greedy decision at every joint call: equal tokens are not
-    enough, a near-tie can move an emission by a frame within a step (blank-then-label vs label-then-blank)."""
+    """Whether both runs emitted the same tokens and took the same greedy decision at every joint call."""
     if reference_run.tokens != candidate_run.tokens or len(reference_run.steps) != len(candidate_run.steps):
         return False
-    for reference, candidate in zip(reference_run.steps, candidate_run.steps, strict=True):
-        ref_joint, cand_joint = reference.taps.get(TAP_JOINT), candidate.taps.get(TAP_JOINT)
-        if ref_joint is None or cand_joint is None:
-            continue
-        if ref_joint.shape != cand_joint.shape or decisions(ref_joint) != decisions(cand_joint):
-            return False
-    return True
+    return all(same_joint_decisions(r, c) for r, c in zip(reference_run.steps, candidate_run.steps, strict=True))
 
 
 def judge_stream(reference_run: Any, candidate_run: Any, tolerances: Tolerances, *, num_layers: int,
@@ -79,4 +82,5 @@ def judge_offline(reference: OfflineOutput, candidate: OfflineOutput, tolerances
     if rerun is None or wanted is None or taken is None or taken == wanted:
         return comparison
     return judge_teacher_forced_offline(comparison, reference, rerun(forced_decisions=wanted), tolerances,
+                                        reference_name=reference_name, candidate_name=candidate_name,
                                         num_layers=num_layers)

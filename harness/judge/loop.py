@@ -34,7 +34,6 @@ from harness.interface.speakers import SpeakerTargets
 from harness.interface.utterance import Utterance
 from harness.judge.compare import PairComparison, compare_streaming_to_offline
 from harness.judge.forcing import judge_offline, judge_stream
-from harness.judge.forcing import reference_decisions as reference_decisions  # re-exported for callers
 from harness.judge.int8 import INT8, explain_int8_excess
 from harness.judge.metrics import word_error_rate
 from harness.judge.prompts import explain_prompt_divergence
@@ -305,16 +304,15 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                         if judged_run is not run:
                             store.release(judged_run)
                     if candidate.compare_offline:
-                        offline = backend.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
-                                                  speaker_masks=masks, prompt=prompt)
-                        # The whole-utterance decode may meet a near-tie too: decoded again with the reference's decisions.
-                        rerun_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
-                                                          context, speaker_masks=masks, prompt=prompt)
+                        # The whole-utterance decode may meet a near-tie too: then decoded again with the
+                        # reference's decisions (the same call, forced_decisions given).
+                        run_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
+                                                        context, speaker_masks=masks, prompt=prompt)
                         comparison = judge_offline(
-                            reference_offline[(utterance.name, context)], offline, tolerances,
+                            reference_offline[(utterance.name, context)], run_offline(), tolerances,
                             reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
                             context=context, utterance=utterance.name, num_layers=num_layers,
-                            rerun=rerun_offline if backend.capabilities.teacher_forcing else None)
+                            rerun=run_offline if backend.capabilities.teacher_forcing else None)
                         results.comparisons.append(judge(comparison, None, None) if judge else comparison)
                     progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
         except Exception as error:

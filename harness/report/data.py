@@ -547,12 +547,7 @@ def int8_path_label(results: Results) -> str | None:
 
 def int8_paths(results_list: Sequence[Results]) -> list[str]:
     """Every int8 kernel path the runs were made on, in order, each once (the report's header)."""
-    seen: dict[str, None] = {}
-    for results in results_list:
-        label = int8_path_label(results)
-        if label:
-            seen.setdefault(label)
-    return list(seen)
+    return list(dict.fromkeys(label for label in map(int8_path_label, results_list) if label))
 
 
 def provenance(results: Results) -> list[ProvenanceRow]:
