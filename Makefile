@@ -54,7 +54,7 @@ fixtures: $(STAMP)
 
 # Regenerates the committed speech fixtures (needs Debian's espeak-ng and sox).
 speech: $(STAMP)
-	$(PY) -m fixtures.make_speech
+	$(PY) -m streaming_parity.fixtures.make_speech
 
 clean:
 	rm -rf .cache .pytest_cache .hypothesis

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from harness.system.threads import limit_threads  # noqa: E402
+from streaming_parity.core.system.threads import limit_threads  # noqa: E402
 
 SAMPLE_RATE = 16000
 
@@ -65,8 +65,8 @@ def _limit_threads(threads: int) -> None:
 def prepare_one(spec, nemo_path: str, work_dir: str, contexts, threads: int) -> dict:
     """Child process: export/convert one backend; time and peak memory of that alone."""
     _limit_threads(threads)
-    from backends import get
-    from harness.system.memory import peak_rss_mb
+    from streaming_parity.core.system.memory import peak_rss_mb
+    from streaming_parity.interface.registry import get
 
     started = time.perf_counter()
     source = get(spec[0]).prepare(Path(nemo_path), Path(work_dir), dtype=spec[1], att_context_sizes=contexts)
@@ -77,9 +77,9 @@ def prepare_one(spec, nemo_path: str, work_dir: str, contexts, threads: int) -> 
 def time_one(spec, source: str, mels, contexts, mode: str, repeat: int, threads: int, audio_seconds: float) -> dict:
     """Child process: load one backend, warm it up, then time ``repeat`` passes per lookahead."""
     _limit_threads(threads)
-    from backends import get
-    from harness.interface.driver import stream
-    from harness.system.memory import peak_rss_mb
+    from streaming_parity.core.system.memory import peak_rss_mb
+    from streaming_parity.interface.driver import stream
+    from streaming_parity.interface.registry import get
 
     options = {"taps": False, "threads": threads} if spec[0] == "onnx" else (
         {"taps": False} if spec[0] == "mlx" else {})
@@ -114,9 +114,9 @@ def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, thr
     """Child process: one ``parity compare`` run (taps, comparison, recording) through the loop; each
     backend's own compute (the sum of its ``StepOutput.seconds``) against the wall time of the run."""
     _limit_threads(threads)
-    from backends import get
-    from harness.app.compare import compare_backends
-    from harness.judge.tolerances import Tolerances
+    from streaming_parity.app.session import compare_backends
+    from streaming_parity.interface.registry import get
+    from streaming_parity.judge.tolerances import Tolerances
 
     reference = get("nemo").load(Path(nemo_path))
     candidates = [get(name).load(Path(sources[f"{name}:{dtype}"]), dtype=dtype, nemo_path=Path(nemo_path))
@@ -219,18 +219,18 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from backends import get
-    from harness.app.compare import fixture_utterances
-    from harness.interface.chunking import parse_att_context
-    from harness.interface.utterance import long_utterance
-    from harness.judge.results import environment
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.interface.chunking import parse_att_context
+    from streaming_parity.interface.registry import get
+    from streaming_parity.interface.utterance import long_utterance
+    from streaming_parity.judge.results import environment
 
     limit_threads(args.threads)  # inherited by the spawned processes
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     if args.model:
         nemo_path = args.model
     else:
-        from fixtures.models import build
+        from streaming_parity.fixtures.models import build
 
         nemo_path = build("full-0.6b" if args.full else "tiny-streaming",
                           progress=lambda m: console.print(f"[dim]{m}[/]"))

@@ -7,7 +7,7 @@
 NeMo's default streaming gives the first chunk its own size and keeps every pre-encoded frame (plain);
 pad-and-drop pads it with the pre-encode cache's zeros and drops the extra frames, so every chunk has
 one shape, which is what every peer ONNX export bakes in. This runs the parity matrix
-(``harness.app.nightly.run_matrix``) on the trained fixture in both modes for every candidate and
+(``streaming_parity.app.nightly.run_matrix``) on the trained fixture in both modes for every candidate and
 prints, per lookahead, each backend's WER against the reference texts in each mode, and the time of
 the first chunk beside the median of the later ones (ms; ``StepOutput.seconds``: encoder step and
 greedy decoding, measured inside the backend). Nothing is asserted.
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from harness.system.threads import limit_threads  # noqa: E402
+from streaming_parity.core.system.threads import limit_threads  # noqa: E402
 
 MODEL = "trained-streaming"
 
@@ -44,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def utterances(subset: bool):
-    from fixtures.trained.evaluate import test_entries
-    from harness.app.compare import held_out_utterances
-    from harness.interface.utterance import Utterance
+    from streaming_parity.app.session import held_out_utterances
+    from streaming_parity.fixtures.trained.evaluate import test_entries
+    from streaming_parity.interface.utterance import Utterance
 
     if subset:
         return held_out_utterances()
@@ -54,7 +54,7 @@ def utterances(subset: bool):
 
 
 def figures(results) -> dict:
-    from harness.report import wer_rows
+    from streaming_parity.report import wer_rows
 
     wer = {}
     for row in wer_rows([results]):
@@ -92,7 +92,7 @@ def print_table(found: dict, contexts) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     limit_threads(args.threads)
-    from harness.app.nightly import run_matrix
+    from streaming_parity.app.nightly import run_matrix
 
     chosen = utterances(args.subset)
     contexts = [tuple(int(v) for v in c.split(",")) for c in args.att_context] if args.att_context else None

@@ -14,7 +14,7 @@ comparable after a flipped label. Token agreement is the free-running transcript
 
 What it prints per scheme: the worst step of each tap (lowest cosine, highest rel_l2 and max_abs),
 identical transcripts, the median time per chunk, and the int8 kernel path of this CPU
-(``harness.system.cpu``): the figures of a saturating scheme differ between paths, those of an exact
+(``streaming_parity.core.system.cpu``): the figures of a saturating scheme differ between paths, those of an exact
 one do not. Nothing is asserted; ``--json`` keeps the figures with the machine's description.
 """
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from harness.system.threads import limit_threads  # noqa: E402
+from streaming_parity.core.system.threads import limit_threads  # noqa: E402
 
 SCHEMES = {
     "qint8": ("QInt8", False, False),
@@ -70,22 +70,22 @@ def _model_path(name: str) -> Path:
         if not path.is_file():
             raise SystemExit(f"{path}: no such .nemo")
         return path
-    from fixtures.models import build
+    from streaming_parity.fixtures.models import build
 
     return build(name, progress=lambda text: print(f"  {text}", file=sys.stderr))
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from backends.onnx.export import export_cached, write_int8_variant
-    from backends.onnx.quantization import QuantScheme
-    from backends.onnx.runtime import OnnxBackend
-    from fixtures.models import speech_manifest
-    from harness.interface.driver import stream
-    from harness.interface.utterance import Utterance
-    from harness.judge.compare import compare_runs
-    from harness.judge.forcing import reference_decisions
-    from harness.judge.tolerances import Tolerances
-    from harness.system.cpu import int8_kernel_path
+    from streaming_parity.backends.onnx.export import export_cached, write_int8_variant
+    from streaming_parity.backends.onnx.quantization import QuantScheme
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
+    from streaming_parity.core.system.cpu import int8_kernel_path
+    from streaming_parity.fixtures.models import speech_manifest
+    from streaming_parity.interface.driver import stream
+    from streaming_parity.interface.utterance import Utterance
+    from streaming_parity.judge.compare import compare_runs
+    from streaming_parity.judge.forcing import reference_decisions
+    from streaming_parity.judge.tolerances import Tolerances
 
     nemo = _model_path(args.model)
     contexts = [tuple(int(v) for v in c.split(",")) for c in args.att_context] if args.att_context else None
@@ -148,7 +148,7 @@ def matmul_speed(args: argparse.Namespace, shapes=((120, 1024, 4096), (120, 4096
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from backends.onnx.quantization import QuantScheme
+    from streaming_parity.backends.onnx.quantization import QuantScheme
 
     rng = np.random.default_rng(0)
     options = ort.SessionOptions()

@@ -3,7 +3,7 @@
     python bench/mlx_layer_profile.py                    # full-size dimensions (d_model 1024), [70,13] chunk
     python bench/mlx_layer_profile.py --d-model 64       # the tiny fixtures' width
 
-Builds one ``backends.mlx.model.ConformerLayer`` with random weights at the given width, feeds it
+Builds one ``streaming_parity.backends.mlx.model.ConformerLayer`` with random weights at the given width, feeds it
 one streaming chunk (``--frames`` new frames against a ``--cache`` frame channel cache and the
 8-frame conv cache) and times the whole layer and each part, warm, median of ``--repeat`` runs.
 It answers whether MLX's CPU depthwise convolution (much slower than torch's in isolation) matters
@@ -32,13 +32,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args(argv)
 
-    from backends.mlx.blas import status, use_optimized_blas
+    from streaming_parity.backends.mlx.blas import status, use_optimized_blas
 
     use_optimized_blas()  # before mlx.core
     import mlx.core as mx
 
-    from backends.mlx.model import ConformerLayer, relative_positions
-    from harness.nemo_config import EncoderConfig
+    from streaming_parity.backends.mlx.model import ConformerLayer, relative_positions
+    from streaming_parity.core.nemo_config import EncoderConfig
 
     encoder = EncoderConfig(feat_in=128, n_layers=1, d_model=args.d_model, n_heads=args.heads, conv_kernel_size=9,
                             conv_norm_type="layer_norm", conv_context_size="causal", att_context_size=((70, 13),),

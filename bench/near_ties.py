@@ -1,7 +1,7 @@
 """How often do correct float32 conversions take another greedy decision at a near-tie?
 
 Streams each model's utterances through NeMo and every fp32 candidate (teacher-forced where the
-free-running decisions differ, ``harness.judge.ties``) and counts, per model and pair, the joint
+free-running decisions differ, ``streaming_parity.judge.ties``) and counts, per model and pair, the joint
 calls where the candidate chose differently: near-ties (within the tolerance file's bound) and real
 flips. Prints a table and writes JSON.
 
@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends import REFERENCE, get  # noqa: E402
-from fixtures.models import build  # noqa: E402
-from harness.app.compare import fixture_utterances  # noqa: E402
-from harness.judge.loop import Candidate, stream_and_compare  # noqa: E402
-from harness.judge.tolerances import Tolerances  # noqa: E402
-from harness.system.threads import limit_threads  # noqa: E402
+from streaming_parity.app.session import fixture_utterances  # noqa: E402
+from streaming_parity.core.system.threads import limit_threads  # noqa: E402
+from streaming_parity.fixtures.models import build  # noqa: E402
+from streaming_parity.interface.registry import REFERENCE, get  # noqa: E402
+from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402
+from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 
 FP32_CANDIDATES = ("onnx", "mlx")
 
@@ -32,8 +32,8 @@ FP32_CANDIDATES = ("onnx", "mlx")
 def utterances_for(model: str):
     # The trained model is judged on its whole held-out set; the random fixtures on the fixture speech.
     if model == "trained-streaming":
-        from fixtures.trained.evaluate import test_entries
-        from harness.interface.utterance import Utterance
+        from streaming_parity.fixtures.trained.evaluate import test_entries
+        from streaming_parity.interface.utterance import Utterance
 
         return [Utterance.from_file(e["audio_filepath"], e["text"]) for e in test_entries()]
     return fixture_utterances()

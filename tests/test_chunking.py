@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.models import FIXTURES, STREAMING_CONTEXTS
-from harness.interface.chunking import ChunkSchedule, FirstChunkMode, StreamingConfig, parse_att_context
+from streaming_parity.fixtures.models import FIXTURES, STREAMING_CONTEXTS
+from streaming_parity.interface.chunking import ChunkSchedule, FirstChunkMode, StreamingConfig, parse_att_context
 
 ENCODER = FIXTURES["tiny-streaming"].encoder
 HOP = 160  # 10 ms at 16 kHz
@@ -100,7 +100,7 @@ def test_streaming_config_equals_nemo_for_every_lookahead(nemo_backend):
        mode=st.sampled_from(list(FirstChunkMode)))
 def test_schedule_arithmetic_matches_nemo_encoded_lengths(nemo_backend, samples, context, mode):
     """The valid-frame arithmetic used above is what NeMo's streaming step really returns."""
-    from harness.interface.driver import stream
+    from streaming_parity.interface.driver import stream
 
     audio = np.random.default_rng(samples).standard_normal(samples).astype(np.float32) * 0.1
     mel, _ = nemo_backend.features(audio[None])

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.app.cli import EXIT_OK, EXIT_VIOLATION, main
+from streaming_parity.app.cli import EXIT_OK, EXIT_VIOLATION, main
 
 pytestmark = pytest.mark.nemo
-SPEECH = Path(__file__).resolve().parent.parent / "fixtures" / "speech" / "utt02.wav"
+SPEECH = Path(__file__).resolve().parent.parent / "streaming_parity" / "fixtures" / "speech" / "utt02.wav"
 
 
 def test_transcribe_prints_one_line_per_utterance_and_lookahead(tiny_nemo, capsys):
@@ -51,13 +51,13 @@ def test_judge_reapplies_tolerances_without_rerunning(tiny_nemo, tmp_path, capsy
     assert main(["compare", str(tiny_nemo), "--audio", str(SPEECH), "--att-context", "70,13",
                  "--json", str(results)]) == EXIT_OK
     capsys.readouterr()
-    import backends.nemo
+    import streaming_parity.backends.nemo
 
     def never(*args, **kwargs):
         raise AssertionError("judge must not run a model")
 
-    monkeypatch.setattr(backends.nemo, "NemoBackend", never)
-    default = Path(__file__).resolve().parent.parent / "harness" / "judge" / "tolerances.toml"
+    monkeypatch.setattr(streaming_parity.backends.nemo, "NemoBackend", never)
+    default = Path(__file__).resolve().parent.parent / "streaming_parity" / "judge" / "tolerances.toml"
     assert main(["judge", str(results), "--tolerances", str(default)]) == EXIT_OK
     strict = tmp_path / "strict.toml"
     strict.write_text('[float32."streaming~offline".encoder]\nmax_abs = 1e-9\n')
@@ -69,12 +69,12 @@ def test_judge_reapplies_tolerances_without_rerunning(tiny_nemo, tmp_path, capsy
 
 THREADS_PROBE = """
 import json
-from harness.app.cli import main
+from streaming_parity.app.cli import main
 main(["--threads", "2", "fixtures", "--model", "nonexistent"])  # the limit applies before the command runs
 import torch
 from threadpoolctl import threadpool_info
-from backends.onnx.runtime import _session_options
-from harness.judge.results import environment
+from streaming_parity.backends.onnx.runtime import _session_options
+from streaming_parity.judge.results import environment
 print(json.dumps({"torch": torch.get_num_threads(), "onnxruntime": _session_options(None).intra_op_num_threads,
                   "blas": sorted({pool["num_threads"] for pool in threadpool_info()}),
                   "recorded": environment()["threads"]}))
@@ -89,7 +89,7 @@ def test_threads_option_limits_every_library_and_is_recorded():
     import sys
 
     pytest.importorskip("onnxruntime")
-    from harness.system.threads import LIBRARY_VARIABLES, PROJECT_VARIABLE
+    from streaming_parity.core.system.threads import LIBRARY_VARIABLES, PROJECT_VARIABLE
 
     env = {k: v for k, v in os.environ.items() if k not in (*LIBRARY_VARIABLES, PROJECT_VARIABLE)}
     probe = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True, env=env,

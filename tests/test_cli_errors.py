@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 import yaml
 
-from harness.app.cli import EXIT_USAGE, main
+from streaming_parity.app.cli import EXIT_USAGE, main
 
-SPEECH = Path(__file__).resolve().parent.parent / "fixtures" / "speech" / "utt02.wav"
+SPEECH = Path(__file__).resolve().parent.parent / "streaming_parity" / "fixtures" / "speech" / "utt02.wav"
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -79,7 +79,7 @@ def test_stereo_and_8k_pass_with_their_flags(tmp_path, capsys, tiny_nemo):
 
 
 def test_audio_loader_refuses_without_cli(tmp_path):
-    from harness.interface.audio import AudioError, load_audio
+    from streaming_parity.interface.audio import AudioError, load_audio
 
     for _label, path, fragment in bad_audio_cases(tmp_path):
         with pytest.raises(AudioError, match=fragment.replace("-", r"\-")):
@@ -161,7 +161,7 @@ def test_hostile_nemo_refused_before_nemo_sees_it(tmp_path, capsys, tiny_nemo, m
 def test_weights_are_read_without_unpickling_code(tmp_path):
     """The project's own checkpoint reads refuse pickled code (torch.load weights_only=True)."""
     torch = pytest.importorskip("torch")
-    from harness.nemo_file import NemoArchive, UnsafeNemoFile, load_state_dict
+    from streaming_parity.core.nemo_file import NemoArchive, UnsafeNemoFile, load_state_dict
 
     class Payload:
         def __reduce__(self):
@@ -176,7 +176,7 @@ def test_weights_are_read_without_unpickling_code(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    from harness.nemo_file import inspect_nemo
+    from streaming_parity.core.nemo_file import inspect_nemo
 
     archive = inspect_nemo(path)
     assert isinstance(archive, NemoArchive)
@@ -196,7 +196,7 @@ def test_unknown_fixture_and_bad_context(capsys):
                                    FileNotFoundError("boom.json"), MemoryError()])
 def test_a_bug_exits_3_with_one_line(capsys, monkeypatch, error):
     """A plain ValueError or KeyError used to be reported as bad input (exit 2), hiding the bug."""
-    import harness.app.cli as cli
+    import streaming_parity.app.cli as cli
 
     def broken(args):
         raise error
@@ -211,7 +211,7 @@ def test_a_bug_exits_3_with_one_line(capsys, monkeypatch, error):
 
 
 def test_debug_prints_the_traceback(capsys, monkeypatch):
-    import harness.app.cli as cli
+    import streaming_parity.app.cli as cli
 
     def broken(args):
         raise RuntimeError("boom\nsecond line")
@@ -228,8 +228,8 @@ def test_debug_prints_the_traceback(capsys, monkeypatch):
 
 
 def test_bad_input_still_exits_2(tmp_path, capsys):
-    from harness.judge.results import Results
-    from harness.judge.tolerances import DEFAULT_TOLERANCES
+    from streaming_parity.judge.results import Results
+    from streaming_parity.judge.tolerances import DEFAULT_TOLERANCES
 
     results = Results(model={"path": None, "sha256": None, "name": "m"}, tolerances="t").save(tmp_path / "r.json")
     typo = tmp_path / "typo.toml"
@@ -255,7 +255,7 @@ def test_bad_input_still_exits_2(tmp_path, capsys):
 
 
 def test_bad_lookahead_text_is_a_command_error():
-    from harness.interface.commands import CommandError, parse_contexts
+    from streaming_parity.interface.commands import CommandError, parse_contexts
 
     assert parse_contexts(["70,13", "70,0"]) == [(70, 13), (70, 0)]
     with pytest.raises(CommandError, match="att context must look like 70,13"):
@@ -263,8 +263,8 @@ def test_bad_lookahead_text_is_a_command_error():
 
 
 def test_a_lookahead_the_model_lacks_is_bad_input():
-    from harness.errors import BadInput
-    from harness.interface.backend import ModelInfo
+    from streaming_parity.core.errors import BadInput
+    from streaming_parity.interface.backend import ModelInfo
 
     info = ModelInfo(num_layers=1, d_model=4, n_mels=80, conv_kernel_size=9, subsampling_factor=8,
                      att_context_sizes=((70, 13),), vocabulary=("a",), blank_id=1, pred_layers=1, pred_hidden=4,
@@ -275,12 +275,19 @@ def test_a_lookahead_the_model_lacks_is_bad_input():
 
 def test_the_project_input_errors_are_bad_input():
     """Every input-error type derives from BadInput (exit 2) and keeps the built-in type callers catch."""
-    from harness.errors import BadInput, InputNotFound, InvalidInput, UnknownName, UnsafeArtifact, Unsupported
-    from harness.interface.audio import AudioError
-    from harness.interface.commands import CommandError
-    from harness.interface.speakers import SpeakerMaskError
-    from harness.judge.tolerances import MissingToleranceError, ToleranceFileError
-    from harness.nemo_file import UnsafeNemoFile
+    from streaming_parity.core.errors import (
+        BadInput,
+        InputNotFound,
+        InvalidInput,
+        UnknownName,
+        UnsafeArtifact,
+        Unsupported,
+    )
+    from streaming_parity.core.nemo_file import UnsafeNemoFile
+    from streaming_parity.interface.audio import AudioError
+    from streaming_parity.interface.commands import CommandError
+    from streaming_parity.interface.speakers import SpeakerMaskError
+    from streaming_parity.judge.tolerances import MissingToleranceError, ToleranceFileError
 
     expected = {CommandError: Exception, AudioError: ValueError, SpeakerMaskError: ValueError,
                 UnsafeNemoFile: ValueError, UnsafeArtifact: ValueError, ToleranceFileError: ValueError,
@@ -289,19 +296,19 @@ def test_the_project_input_errors_are_bad_input():
     for error_type, builtin in expected.items():
         assert issubclass(error_type, BadInput) and issubclass(error_type, builtin), error_type
     assert str(UnknownName("unknown backend 'x'")) == "unknown backend 'x'"  # not quoted as a KeyError is
-    from harness.interface.backend import ShapeMismatchError
+    from streaming_parity.interface.backend import ShapeMismatchError
 
     assert not issubclass(ShapeMismatchError, BadInput)  # a backend breaking the interface is a bug
 
 
 def test_backend_input_errors_are_bad_input():
-    from harness.errors import BadInput
+    from streaming_parity.core.errors import BadInput
 
-    onnx_layout = pytest.importorskip("backends.onnx.layout")
+    onnx_layout = pytest.importorskip("streaming_parity.backends.onnx.layout")
     for error_type in (onnx_layout.ExportDirError, onnx_layout.MissingGraphError, onnx_layout.SourceMismatchError,
                        onnx_layout.GraphInterfaceError):
         assert issubclass(error_type, BadInput), error_type
-    from backends.mlx.convert import ConversionError, VerificationFailed
+    from streaming_parity.backends.mlx.convert import ConversionError, VerificationFailed
 
     assert issubclass(ConversionError, BadInput)
     assert not issubclass(VerificationFailed, BadInput)  # a parity violation: exit 1

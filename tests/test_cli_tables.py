@@ -6,10 +6,10 @@ import io
 
 from rich.console import Console
 
-from harness.app.cli import print_comparisons
-from harness.judge.compare import PairComparison, TapResult
-from harness.judge.loop import LoopOutcome
-from harness.judge.results import Results
+from streaming_parity.app.cli import print_comparisons
+from streaming_parity.judge.compare import PairComparison, TapResult
+from streaming_parity.judge.loop import LoopOutcome
+from streaming_parity.judge.results import Results
 
 
 def _comparison(pair: str, utterance: str, taps: list[TapResult], *, require_token_match: bool = True):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.models import FIXTURES, SPEECH_MANIFEST, speech_manifest
+from streaming_parity.fixtures.models import FIXTURES, SPEECH_MANIFEST, speech_manifest
 
 
 def test_speech_fixtures_are_committed_and_described():
@@ -35,7 +35,7 @@ def test_full_model_is_defined_but_not_built_by_default():
 
 @pytest.mark.nemo
 def test_tiny_streaming_weights_are_perturbed_and_named_like_real_checkpoints(tiny_nemo):
-    from harness.nemo_file import inspect_nemo, load_state_dict
+    from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
 
     archive = inspect_nemo(tiny_nemo)
     state = load_state_dict(archive)
@@ -59,7 +59,7 @@ def test_tiny_streaming_weights_are_perturbed_and_named_like_real_checkpoints(ti
 
 @pytest.mark.nemo
 def test_fixtures_cli_prints_the_cached_path(tiny_nemo, capsys):
-    from harness.app.cli import main
+    from streaming_parity.app.cli import main
 
     assert main(["fixtures", "--model", "tiny-streaming"]) == 0
     assert Path(capsys.readouterr().out.strip()) == tiny_nemo

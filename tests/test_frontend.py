@@ -1,16 +1,16 @@
-"""The numpy front end (harness.interface.frontend) against NeMo's AudioToMelSpectrogramPreprocessor."""
+"""The numpy front end (streaming_parity.interface.frontend) against NeMo's AudioToMelSpectrogramPreprocessor."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from harness.interface.frontend import Frontend, FrontendConfig
+from streaming_parity.interface.frontend import Frontend, FrontendConfig
 
 
 @pytest.fixture(scope="module")
 def frontend(nemo_backend):
-    from harness.interface.frontend import frontend_from_featurizer
+    from streaming_parity.interface.frontend import frontend_from_featurizer
 
     return frontend_from_featurizer(nemo_backend.model.preprocessor.featurizer)
 
@@ -52,8 +52,8 @@ def test_masking_and_lengths_follow_nemo_rules():
 
 def test_config_from_the_nemo_config_equals_the_live_featurizers(nemo_backend, tiny_nemo):
     """One description of NeMo's front end: resolved from the config (MLX) or read off NeMo (ONNX export)."""
-    from harness.interface.frontend import FrontendConfig, frontend_from_featurizer
-    from harness.nemo_file import inspect_nemo
+    from streaming_parity.core.nemo_file import inspect_nemo
+    from streaming_parity.interface.frontend import FrontendConfig, frontend_from_featurizer
 
     from_config = FrontendConfig.from_nemo_config(inspect_nemo(tiny_nemo).config["preprocessor"])
     assert from_config == frontend_from_featurizer(nemo_backend.model.preprocessor.featurizer).config

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from hub_cache import seed, seed_directory
 
-from harness.app import hub
-from harness.app.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, main
-from harness.errors import InvalidInput
+from streaming_parity.app import hub
+from streaming_parity.app.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, main
+from streaming_parity.core.errors import InvalidInput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SPEECH = REPO_ROOT / "fixtures" / "speech" / "utt02.wav"
-SHORT_AUDIO = REPO_ROOT / "fixtures" / "speech" / "utt04.wav"
+SPEECH = REPO_ROOT / "streaming_parity" / "fixtures" / "speech" / "utt02.wav"
+SHORT_AUDIO = REPO_ROOT / "streaming_parity" / "fixtures" / "speech" / "utt04.wav"
 REPO, OTHER = "acme/tiny-streaming", "acme/tiny-streaming-b"
 
 
@@ -58,7 +58,7 @@ def test_hub_names_and_local_paths(tmp_path, monkeypatch):
 def test_only_the_files_a_command_needs_are_asked_for(offline_cache, monkeypatch, tmp_path):
     import huggingface_hub
 
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     calls = []
     snapshot = offline_cache / "models--acme--x" / "snapshots" / ("c" * 40)
@@ -141,7 +141,7 @@ def converted(tiny_nemo, tmp_path_factory):
 @pytest.mark.nemo
 @pytest.mark.mlx
 def test_convert_at_a_revision_records_the_hub_source(converted, tiny_nemo):
-    from harness.nemo_file import sha256_file
+    from streaming_parity.core.nemo_file import sha256_file
 
     out, commit = converted["artifact"], converted["commit"]
     record = json.loads((out / "artifact.json").read_text())["provenance"]
@@ -160,8 +160,8 @@ def test_convert_at_a_revision_records_the_hub_source(converted, tiny_nemo):
 @pytest.mark.nemo
 @pytest.mark.mlx
 def test_verify_against_the_hub_checkpoint_and_refuse_another(converted, tiny_nemo, tmp_path, capsys, monkeypatch):
-    from fixtures.models import rewrite_checkpoint
-    from harness.nemo_file import sha256_file
+    from streaming_parity.core.nemo_file import sha256_file
+    from streaming_parity.fixtures.models import rewrite_checkpoint
 
     monkeypatch.setenv("HF_HUB_CACHE", str(converted["cache"]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -193,7 +193,7 @@ def test_without_a_manifest_the_weights_tell_another_checkpoint(converted, tiny_
     named checkpoint means another checkpoint."""
     import mlx.core as mx
 
-    from fixtures.models import rewrite_checkpoint
+    from streaming_parity.fixtures.models import rewrite_checkpoint
 
     bare = tmp_path / "bare"
     shutil.copytree(converted["artifact"], bare)

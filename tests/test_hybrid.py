@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures.models import SPEECH_DIR
-from harness.app.cli import EXIT_OK, EXIT_VIOLATION, main
-from harness.interface.backend import TAP_CTC, StepOutput, StreamingState, ctc_greedy
-from harness.interface.driver import StreamRun
-from harness.judge.compare import compare_runs
-from harness.judge.tolerances import Tolerances
+from streaming_parity.app.cli import EXIT_OK, EXIT_VIOLATION, main
+from streaming_parity.fixtures.models import SPEECH_DIR
+from streaming_parity.interface.backend import TAP_CTC, StepOutput, StreamingState, ctc_greedy
+from streaming_parity.interface.driver import StreamRun
+from streaming_parity.judge.compare import compare_runs
+from streaming_parity.judge.tolerances import Tolerances
 
 pytestmark = [pytest.mark.nemo]
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
@@ -42,14 +42,14 @@ def _audio_args() -> list:
 
 @pytest.fixture(scope="module")
 def hybrid_nemo() -> Path:
-    from fixtures.models import build
+    from streaming_parity.fixtures.models import build
 
     return build("tiny-hybrid", progress=lambda _m: None)
 
 
 @pytest.fixture(scope="module")
 def nemo(hybrid_nemo):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     backend = get("nemo").load(hybrid_nemo)
     yield backend
@@ -63,7 +63,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def utterances():
-    from harness.interface.utterance import Utterance
+    from streaming_parity.interface.utterance import Utterance
 
     return [Utterance.from_file(path) for path in AUDIO]
 
@@ -71,8 +71,8 @@ def utterances():
 # -- the model and its config ---------------------------------------------------------------------
 
 def test_nemo_restores_the_hybrid_class_and_reads_its_ctc_head(hybrid_nemo, nemo):
-    from harness.nemo_config import read_model_config
-    from harness.nemo_file import inspect_nemo
+    from streaming_parity.core.nemo_config import read_model_config
+    from streaming_parity.core.nemo_file import inspect_nemo
 
     assert type(nemo.model).__name__ == "EncDecHybridRNNTCTCBPEModel"
     config = read_model_config(inspect_nemo(hybrid_nemo).config)
@@ -84,15 +84,15 @@ def test_nemo_restores_the_hybrid_class_and_reads_its_ctc_head(hybrid_nemo, nemo
     # is produced only with a CTC head.
     from dataclasses import replace
 
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     assert get("nemo").capabilities == nemo.capabilities and TAP_CTC in nemo.capabilities.taps
     assert TAP_CTC not in nemo.capabilities.for_model(replace(nemo.info, ctc_head=False)).taps
 
 
 def test_ctc_config_defaults_and_reading():
-    from fixtures.models import FIXTURES
-    from harness.nemo_config import CtcConfig, read_model_config, stated_config
+    from streaming_parity.core.nemo_config import CtcConfig, read_model_config, stated_config
+    from streaming_parity.fixtures.models import FIXTURES
 
     spec = read_model_config(FIXTURES["tiny-hybrid"].config("tokenizer"))
     # Before NeMo builds the model: feat_in from the encoder, num_classes (-1) and vocabulary ([]) unset.
@@ -126,7 +126,7 @@ def test_nemo_ctc_tokens_are_nemos_ctc_decoding(nemo, utterances):
     labels (as ``conformer_stream_step`` with the CTC decoder builds them); offline likewise."""
     import torch
 
-    from harness.interface.driver import stream
+    from streaming_parity.interface.driver import stream
 
     decode = nemo.model.ctc_decoding.ctc_decoder_predictions_tensor
     for utterance in utterances:
@@ -149,8 +149,8 @@ def test_nemo_ctc_tokens_are_nemos_ctc_decoding(nemo, utterances):
 def test_transcribe_prints_the_rnnt_and_the_ctc_transcript(hybrid_nemo, nemo, utterances, capsys):
     """``parity transcribe`` on a hybrid model: one line per decoder, named, each the streamed run's own
     greedy transcript (the CTC one collapsed across steps)."""
-    from harness.interface.backend import decode_tokens
-    from harness.interface.driver import shared_mode, stream
+    from streaming_parity.interface.backend import decode_tokens
+    from streaming_parity.interface.driver import shared_mode, stream
 
     code, out = _cli(capsys, "transcribe", hybrid_nemo, AUDIO[0], "--att-context", "70,13", "--att-context", "70,1")
     assert code == EXIT_OK, out
@@ -178,8 +178,8 @@ def export(hybrid_nemo, work):
 
 @pytest.mark.mlx
 def test_convert_maps_and_verifies_the_ctc_head(hybrid_nemo, artifact, capsys):
-    from backends.mlx import mapping, tensors_as_source
-    from harness.detect.diagnose import compare_tensors_to_source, source_state
+    from streaming_parity.backends.mlx import mapping, tensors_as_source
+    from streaming_parity.detect.diagnose import compare_tensors_to_source, source_state
 
     code, out = _cli(capsys, "convert", hybrid_nemo, "--out", artifact, *_audio_args())
     assert code == EXIT_OK, out
@@ -197,7 +197,7 @@ def test_convert_maps_and_verifies_the_ctc_head(hybrid_nemo, artifact, capsys):
 
 @pytest.mark.onnx
 def test_export_onnx_writes_the_ctc_graph(hybrid_nemo, export, capsys):
-    from backends.onnx.layout import CTC_INPUTS, CTC_OUTPUTS, ctc_file, read_graph_metadata
+    from streaming_parity.backends.onnx.layout import CTC_INPUTS, CTC_OUTPUTS, ctc_file, read_graph_metadata
 
     code, out = _cli(capsys, "export-onnx", hybrid_nemo, "--out", export, "--int8")
     assert code == EXIT_OK, out
@@ -216,7 +216,7 @@ def test_export_onnx_writes_the_ctc_graph(hybrid_nemo, export, capsys):
 @pytest.mark.onnx
 @pytest.mark.mlx
 def test_compare_nemo_onnx_mlx_judges_ctc_taps_and_transcripts(hybrid_nemo, export, artifact, work, capsys):
-    from harness.judge.results import Results
+    from streaming_parity.judge.results import Results
 
     results = work / "results.json"
     code, out = _cli(capsys, "compare", hybrid_nemo, "--onnx", export, "--mlx", artifact, *_audio_args(),
@@ -255,8 +255,8 @@ def test_compare_nemo_onnx_mlx_judges_ctc_taps_and_transcripts(hybrid_nemo, expo
 @pytest.mark.onnx
 @pytest.mark.mlx
 def test_report_shows_the_ctc_transcripts(export, artifact, work, capsys):
-    from harness.judge.results import Results
-    from harness.report.data import transcript_groups, wer_rows
+    from streaming_parity.judge.results import Results
+    from streaming_parity.report.data import transcript_groups, wer_rows
 
     results = work / "results.json"
     if not results.exists():
@@ -299,8 +299,8 @@ def test_verify_passes_and_finds_a_corrupted_ctc_head(hybrid_nemo, artifact, wor
 
 @pytest.mark.onnx
 def test_int8_ctc_within_its_table(hybrid_nemo, export, nemo, utterances):
-    from backends import get
-    from harness.interface.driver import stream
+    from streaming_parity.interface.driver import stream
+    from streaming_parity.interface.registry import get
 
     if not (export / "encoder-70_13.int8.onnx").exists():
         pytest.skip("needs the export test's graphs")
@@ -318,8 +318,8 @@ def test_int8_ctc_within_its_table(hybrid_nemo, export, nemo, utterances):
 
 
 def test_spooled_runs_keep_the_ctc_transcript(nemo, utterances, tmp_path):
-    from harness.interface.driver import stream
-    from harness.judge.spool import record
+    from streaming_parity.interface.driver import stream
+    from streaming_parity.judge.spool import record
 
     mel, _ = nemo.features(utterances[0].audio[None])
     memory = stream(nemo, mel, (70, 1), "plain")
@@ -345,8 +345,8 @@ def _run(backend: str, rows_per_step: list[np.ndarray], blank: int) -> StreamRun
 
 
 def test_a_ctc_flip_at_a_near_tie_passes_and_a_real_one_fails():
-    from harness.judge.compare import rejudge
-    from harness.judge.results import comparison_from_dict, comparison_to_dict
+    from streaming_parity.judge.compare import rejudge
+    from streaming_parity.judge.results import comparison_from_dict, comparison_to_dict
 
     tolerances = Tolerances.load()
     blank = 3
@@ -384,8 +384,8 @@ def test_a_ctc_flip_at_a_near_tie_passes_and_a_real_one_fails():
 # -- fingerprint: the decoder kind and contradictions ------------------------------------------------
 
 def test_fingerprint_names_rnnt_ctc_in_every_format(hybrid_nemo, export, artifact, capsys):
-    from harness.app.diagnose import artifact_readers
-    from harness.detect.fingerprint import fingerprint
+    from streaming_parity.app.diagnose_path import artifact_readers
+    from streaming_parity.detect.fingerprint import fingerprint
 
     report = fingerprint(hybrid_nemo, artifact_readers())
     assert report["weights"]["decoder_kind"] == report["config"]["decoder_kind"] == "rnnt+ctc"
@@ -405,8 +405,8 @@ def test_fingerprint_contradicts_a_claimed_ctc_head_the_weights_lack(hybrid_nemo
 
     import yaml
 
-    from fixtures.models import rewrite_checkpoint
-    from harness.detect.fingerprint import contradictions, view_nemo
+    from streaming_parity.detect.fingerprint import contradictions, view_nemo
+    from streaming_parity.fixtures.models import rewrite_checkpoint
 
     stripped = rewrite_checkpoint(hybrid_nemo, tmp_path / "stripped.nemo",
                                   lambda state: {k: v for k, v in state.items() if not k.startswith("ctc_decoder.")})

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.errors import InvalidInput
-from harness.interface.backend import Int8Quantization
-from harness.judge.compare import PairComparison, TapResult
-from harness.judge.int8 import explain_int8_excess
-from harness.system.cpu import KNOWN_PATHS, int8_kernel_path, kernel_path_from_flags
+from streaming_parity.core.errors import InvalidInput
+from streaming_parity.core.system.cpu import KNOWN_PATHS, int8_kernel_path, kernel_path_from_flags
+from streaming_parity.interface.backend import Int8Quantization
+from streaming_parity.judge.compare import PairComparison, TapResult
+from streaming_parity.judge.int8 import explain_int8_excess
 
 # -- the kernel path MLAS's dispatch takes --------------------------------------------------------------
 
@@ -80,7 +80,7 @@ def _graph(tmp_path, rows: int = 16, inner: int = 64, cols: int = 48, hidden: in
 def test_quantization_is_read_from_the_weights(tmp_path, weight_type, per_channel, reduce_range, expected):
     from onnxruntime.quantization import quantize_dynamic
 
-    from backends.onnx.quantization import QuantScheme, read_quantization
+    from streaming_parity.backends.onnx.quantization import QuantScheme, read_quantization
 
     scheme = QuantScheme(weight_type, per_channel=per_channel, reduce_range=reduce_range)
     quantized = tmp_path / "int8.onnx"
@@ -95,7 +95,7 @@ def test_quantization_is_read_from_the_weights(tmp_path, weight_type, per_channe
 def test_u8_weights_alone_are_not_saturation_prone(tmp_path):
     from onnxruntime.quantization import quantize_dynamic
 
-    from backends.onnx.quantization import QuantScheme, read_quantization
+    from streaming_parity.backends.onnx.quantization import QuantScheme, read_quantization
 
     quantized = tmp_path / "int8.onnx"
     quantize_dynamic(str(_graph(tmp_path)), str(quantized), op_types_to_quantize=["MatMul"],
@@ -106,13 +106,13 @@ def test_u8_weights_alone_are_not_saturation_prone(tmp_path):
 
 
 def test_a_graph_without_quantized_weights_reads_as_none(tmp_path):
-    from backends.onnx.quantization import read_quantization
+    from streaming_parity.backends.onnx.quantization import read_quantization
 
     assert read_quantization([_graph(tmp_path)]) is None
 
 
 def test_the_export_scheme_is_exact_on_every_path():
-    from backends.onnx.quantization import EXPORT_SCHEME
+    from streaming_parity.backends.onnx.quantization import EXPORT_SCHEME
 
     recorded = EXPORT_SCHEME.recorded()
     for flags in (AVX2_ONLY, AVX2_ONLY + " avx512bw avx512dq avx512vl"):

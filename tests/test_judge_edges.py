@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.interface.backend import (
+from streaming_parity.interface.backend import (
     CACHE_TAPS,
     TAP_CTC,
     TAP_DECODER,
@@ -29,9 +29,9 @@ from harness.interface.backend import (
     StepOutput,
     StreamingState,
 )
-from harness.interface.driver import StreamRun
-from harness.judge import metrics
-from harness.judge.compare import (
+from streaming_parity.interface.driver import StreamRun
+from streaming_parity.judge import metrics
+from streaming_parity.judge.compare import (
     PairComparison,
     TapResult,
     compare_offline_outputs,
@@ -43,9 +43,15 @@ from harness.judge.compare import (
     judge_teacher_forced,
     rejudge,
 )
-from harness.judge.metrics import METRIC_BOUND
-from harness.judge.ties import TokenFlip, decisions, find_flips, rebound, top_two
-from harness.judge.tolerances import TAP_KINDS, MissingToleranceError, ToleranceFileError, Tolerances, Violation
+from streaming_parity.judge.metrics import METRIC_BOUND
+from streaming_parity.judge.ties import TokenFlip, decisions, find_flips, rebound, top_two
+from streaming_parity.judge.tolerances import (
+    TAP_KINDS,
+    MissingToleranceError,
+    ToleranceFileError,
+    Tolerances,
+    Violation,
+)
 
 # Limits chosen so that every value below is exact in binary floating point: a joint or CTC logit may
 # move by 0.25, so two logits within 0.5 of each other are tied (ties.tie_bound: twice the allowed error).

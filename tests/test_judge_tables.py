@@ -1,12 +1,12 @@
 """The judge tested against the tolerance file itself.
 
-Every limit of the shipped ``harness/judge/tolerances.toml``, one row each (dtype, pair, tap kind,
+Every limit of the shipped ``streaming_parity/judge/tolerances.toml``, one row each (dtype, pair, tap kind,
 metric and its bound direction), is exceeded on its own, and held just inside:
 
 - as metric values handed to ``Tolerances.check``: exactly that metric is a violation, and nothing is
   one just inside the limit;
-- as reference/candidate arrays judged by ``harness.judge.compare.judge_tap`` (metrics computed by
-  ``harness.judge.metrics``): the arrays are built so that, by an independent computation in this
+- as reference/candidate arrays judged by ``streaming_parity.judge.compare.judge_tap`` (metrics computed by
+  ``streaming_parity.judge.metrics``): the arrays are built so that, by an independent computation in this
   file, only that metric crosses its limit; the judge must name exactly it, and pass the arrays built
   just inside. A limit that cannot be crossed alone (a cosine bound implied by the table's rel_l2
   bound) must be named together with the limit that implies it;
@@ -27,11 +27,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.interface.backend import TAP_CTC, TAP_JOINT, TAP_LAYERS
-from harness.judge import metrics
-from harness.judge.compare import PairComparison, TapResult, judge_tap
-from harness.judge.metrics import METRIC_BOUND
-from harness.judge.tolerances import TOKENS, WILDCARD, Tolerances
+from streaming_parity.interface.backend import TAP_CTC, TAP_JOINT, TAP_LAYERS
+from streaming_parity.judge import metrics
+from streaming_parity.judge.compare import PairComparison, TapResult, judge_tap
+from streaming_parity.judge.metrics import METRIC_BOUND
+from streaming_parity.judge.tolerances import TOKENS, WILDCARD, Tolerances
 
 SHIPPED = Tolerances.load()
 PERFECT = {"max_abs": 0.0, "max_rel": 0.0, "max_abs_scaled": 0.0, "rel_l2": 0.0, "cosine": 1.0,
@@ -107,7 +107,7 @@ def reference(scale: float) -> np.ndarray:
 
 
 def oracle(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
-    """The metrics, computed here independently of harness.judge.metrics."""
+    """The metrics, computed here independently of streaming_parity.judge.metrics."""
     diff = cand - ref
     with np.errstate(over="ignore"):  # a candidate far above its frame: power_rel is inf, as the judge's
         power = [float(np.max(np.abs(np.exp(ref[:, j] - ref[:, j].max()) - np.exp(cand[:, j] - ref[:, j].max()))))

@@ -7,10 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from harness.judge import metrics
-from harness.judge.compare import PairComparison, judge_tap, rejudge
-from harness.judge.results import Results
-from harness.judge.tolerances import DEFAULT_TOLERANCES, MissingToleranceError, ToleranceFileError, Tolerances, tap_kind
+from streaming_parity.judge import metrics
+from streaming_parity.judge.compare import PairComparison, judge_tap, rejudge
+from streaming_parity.judge.results import Results
+from streaming_parity.judge.tolerances import (
+    DEFAULT_TOLERANCES,
+    MissingToleranceError,
+    ToleranceFileError,
+    Tolerances,
+    tap_kind,
+)
 
 
 def test_metric_definitions():
@@ -145,8 +151,8 @@ def test_shipped_tolerance_file_loads_and_bounds_every_tap_kind_it_names():
     ('float32 = 1\n', "top level", "float32 = 1 where a dtype table belongs"),
 ])
 def test_tolerance_file_typos_are_errors_naming_the_table(tmp_path, text, table, message):
-    from harness.errors import BadInput
-    from harness.judge.tolerances import ToleranceFileError
+    from streaming_parity.core.errors import BadInput
+    from streaming_parity.judge.tolerances import ToleranceFileError
 
     path = tmp_path / "tolerances.toml"
     path.write_text(text)
@@ -194,7 +200,7 @@ def test_right_context_table_applies_at_any_left_context_below_an_exact_one():
 
 
 def test_tolerance_file_missing_or_not_toml_is_bad_input(tmp_path):
-    from harness.errors import BadInput
+    from streaming_parity.core.errors import BadInput
 
     with pytest.raises(BadInput, match="tolerance file not found"):
         Tolerances.load(tmp_path / "absent.toml")
@@ -205,8 +211,8 @@ def test_tolerance_file_missing_or_not_toml_is_bad_input(tmp_path):
 
 
 def test_cache_tap_names_agree_between_interface_and_judge():
-    from harness.interface.backend import CACHE_TAPS, StreamingState
-    from harness.judge import compare
+    from streaming_parity.interface.backend import CACHE_TAPS, StreamingState
+    from streaming_parity.judge import compare
 
     assert tuple(compare.CACHE_TAPS) == CACHE_TAPS
     state = StreamingState((70, 13), np.zeros(1), np.zeros(1), np.zeros(1), [])
@@ -215,7 +221,7 @@ def test_cache_tap_names_agree_between_interface_and_judge():
 
 def test_known_dtypes_are_the_registered_backends_dtypes():
     """The judge may not import the registry; this keeps its list of dtypes in step with it."""
-    from backends import REGISTRY
-    from harness.judge.tolerances import DTYPES
+    from streaming_parity.interface.registry import REGISTRY
+    from streaming_parity.judge.tolerances import DTYPES
 
     assert set(DTYPES) == {dtype for entry in REGISTRY.values() for dtype in entry.dtypes}

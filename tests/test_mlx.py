@@ -19,15 +19,15 @@ import pytest
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
-from backends.mlx.verify import (  # noqa: E402
+from streaming_parity.app.verify import (  # noqa: E402
     PAIR,
     aggregate_token_agreement,
     judge_reduced_precision,
     token_agreement_violations,
 )
-from harness.interface.backend import layer_tap  # noqa: E402
-from harness.interface.chunking import FirstChunkMode  # noqa: E402
-from harness.judge.forcing import judge_offline  # noqa: E402
+from streaming_parity.interface.backend import layer_tap  # noqa: E402
+from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
+from streaming_parity.judge.forcing import judge_offline  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHORT_UTTERANCES = ("utt04.wav", "utt07.wav")  # the two shortest fixture utterances (1.3 s, 1.6 s)
@@ -84,7 +84,7 @@ def _assert_every_tap_judged(comparison, num_steps: int, num_layers: int) -> Non
     assert any(t.tap == "mel" for t in comparison.taps), "the front end (mel) was not compared"
 
 
-# -- float32: within the shared "*" limits of harness/judge/tolerances.toml, identical tokens -------------
+# -- float32: within the shared "*" limits of streaming_parity/judge/tolerances.toml, identical tokens -------------
 # Plain mode is the nemo~mlx pair of tests/test_parity_suites.py (same runs, through run_cache); the
 # pad-and-drop first chunk, which only MLX and ONNX share with NeMo, is checked here.
 
@@ -125,7 +125,7 @@ def test_offline_forward_matches_nemo_fp32(reference, mlx_backends, nemo_backend
 
 def test_state_from_nemo_continues_in_mlx(reference, mlx_backends, nemo_backend, att_contexts, tolerances):
     """Caches and decoder state are canonical: NeMo's state after step k continues correctly in MLX."""
-    from harness.interface.chunking import ChunkSchedule
+    from streaming_parity.interface.chunking import ChunkSchedule
 
     backend = mlx_backends("float32")
     context = (70, 1) if (70, 1) in att_contexts else tuple(att_contexts[0])
@@ -142,13 +142,13 @@ def test_state_from_nemo_continues_in_mlx(reference, mlx_backends, nemo_backend,
         state = output.state
 
 
-# -- bfloat16 / float16: measured against the dtype tables in harness/judge/tolerances.toml ---------------
+# -- bfloat16 / float16: measured against the dtype tables in streaming_parity/judge/tolerances.toml ---------------
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reduced_precision_within_measured_bounds(dtype, reference, mlx_backends, run_cache, nemo_backend,
                                                   att_contexts, tolerances, record_property):
     """Taps by cosine and relative L2, tokens by aggregate agreement (limits and their measured
-    figures: the bfloat16/float16 tables of harness/judge/tolerances.toml)."""
+    figures: the bfloat16/float16 tables of streaming_parity/judge/tolerances.toml)."""
     backend = mlx_backends(dtype)
     assert backend.dtype == dtype
     comparisons = []
@@ -172,7 +172,7 @@ def test_reduced_precision_within_measured_bounds(dtype, reference, mlx_backends
 # -- the backend itself ------------------------------------------------------------------------------
 
 def test_dtype_comes_from_the_artifact(mlx_artifacts):
-    from backends.mlx import load
+    from streaming_parity.backends.mlx import load
 
     with pytest.raises(ValueError, match="holds float32 weights, bfloat16 was requested"):
         load(mlx_artifacts("float32"), dtype="bfloat16")
@@ -180,8 +180,8 @@ def test_dtype_comes_from_the_artifact(mlx_artifacts):
 
 
 def test_device_flag(mlx_artifacts):
-    from backends.mlx import load
-    from backends.mlx.backend import default_device
+    from streaming_parity.backends.mlx import load
+    from streaming_parity.backends.mlx.backend import default_device
 
     assert load(mlx_artifacts("float32"), device="cpu").device == mx.Device(mx.cpu)
     if not mx.is_available(mx.gpu):
@@ -192,14 +192,14 @@ def test_device_flag(mlx_artifacts):
 
 def test_transcribe_with_the_artifact_alone(mlx_artifacts, mlx_backends, utterances, tmp_path):
     """``parity transcribe --backend mlx`` in a fresh interpreter imports neither torch nor NeMo."""
-    from harness.interface.driver import transcribe
+    from streaming_parity.interface.driver import transcribe
 
     artifact = mlx_artifacts("float32")
     utterance = next(u for u in utterances if u.name == SHORT_UTTERANCES[1])
-    audio = Path(REPO_ROOT / "fixtures" / "speech" / utterance.name)
+    audio = Path(REPO_ROOT / "streaming_parity" / "fixtures" / "speech" / utterance.name)
     script = textwrap.dedent(f"""
         import sys
-        from harness.app.cli import main
+        from streaming_parity.app.cli import main
         code = main(["transcribe", "--backend", "mlx", "--mlx", {str(artifact)!r}, {str(audio)!r},
                      "--att-context", "70,13"])
         heavy = sorted(m for m in ("torch", "nemo", "lightning", "pytorch_lightning") if m in sys.modules)
@@ -217,7 +217,7 @@ def test_transcribe_with_the_artifact_alone(mlx_artifacts, mlx_backends, utteran
 
 def test_optimized_blas_is_used_and_correct():
     """On Linux with OpenBLAS installed, MLX matmuls are served by it: much faster, same results."""
-    from backends.mlx.blas import status
+    from streaming_parity.backends.mlx.blas import status
 
     blas = status()
     if not sys.platform.startswith("linux"):
@@ -230,7 +230,7 @@ def test_optimized_blas_is_used_and_correct():
 
     probe = textwrap.dedent("""
         import time
-        from backends.mlx.blas import use_optimized_blas
+        from streaming_parity.backends.mlx.blas import use_optimized_blas
         use_optimized_blas()
         import mlx.core as mx
         a = mx.random.normal((768, 768)); b = mx.random.normal((768, 768)); mx.eval(a, b)

@@ -17,9 +17,9 @@ pytest.importorskip("mlx", reason="mlx is not installed (pip install '.[mlx]')")
 pytest.importorskip("mlx_audio", reason="mlx-audio is not installed (pip install --no-deps mlx-audio==0.6.2 miniaudio)")
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
 
-from harness.interface.peer import LoadedParameters  # noqa: E402
-from harness.judge.peer_audit import audit_parameters, diagnose_peer  # noqa: E402
-from harness.judge.tolerances import Tolerances  # noqa: E402
+from streaming_parity.interface.peer import LoadedParameters  # noqa: E402
+from streaming_parity.judge.peer_audit import audit_parameters, diagnose_peer  # noqa: E402
+from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 
 pytestmark = pytest.mark.mlx_audio
 
@@ -33,7 +33,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def peer(prompt_nemo, work):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     entry = get("mlx-audio")
     backend = entry.load(entry.prepare(prompt_nemo, work), nemo_path=prompt_nemo)
@@ -48,20 +48,20 @@ def reference(prompt_reference):
 
 @pytest.fixture(scope="module")
 def checkpoint(prompt_nemo):
-    from harness.nemo_file import inspect_nemo, load_state_dict
+    from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
 
     return {name: value.numpy() for name, value in load_state_dict(inspect_nemo(prompt_nemo)).items()}
 
 
 @pytest.fixture(scope="module")
 def short_utterance():
-    from harness.app.compare import fixture_utterances
+    from streaming_parity.app.session import fixture_utterances
 
     return min(fixture_utterances(), key=lambda u: len(u.audio))
 
 
 def test_converter_runs_and_is_cached(prompt_nemo, work):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     entry = get("mlx-audio")
     directory = entry.prepare(prompt_nemo, work)
@@ -76,7 +76,7 @@ def test_converter_runs_and_is_cached(prompt_nemo, work):
 
 
 def test_streams_audio_with_the_prompt_locale(peer, short_utterance):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     assert get("mlx-audio").capabilities == peer.capabilities
     assert peer.info.num_prompts == 128 and peer.info.prompt_dictionary["de-DE"] == 2
@@ -113,7 +113,7 @@ def test_silent_random_joint_is_named(peer, checkpoint):
 
 
 def test_front_end_and_streaming_encoder_named_with_figures(reference, peer, checkpoint, short_utterance):
-    from harness.judge.results import Results
+    from streaming_parity.judge.results import Results
 
     diagnosis = diagnose_peer(reference, peer, [short_utterance], [CONTEXT], Tolerances.load(),
                               checkpoint=checkpoint, prompt="en-US")
@@ -136,10 +136,10 @@ def test_front_end_and_streaming_encoder_named_with_figures(reference, peer, che
 def test_with_joint_fixed_and_nemo_mel_encoder_agrees(reference, prompt_nemo, work, short_utterance):
     """A checkpoint whose joint output layer is named as mlx-audio expects loads completely; fed NeMo's mel, its
     encoder matches NeMo's offline, and streaming once its input scaling is applied."""
-    from backends import get
-    from fixtures.models import rewrite_checkpoint
-    from harness.judge.peer_audit import compare_frames, reference_streaming_encoder
-    from harness.nemo_file import inspect_nemo, load_state_dict
+    from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
+    from streaming_parity.fixtures.models import rewrite_checkpoint
+    from streaming_parity.interface.registry import get
+    from streaming_parity.judge.peer_audit import compare_frames, reference_streaming_encoder
 
     def rename(state):
         return {k.replace("joint.joint_net.1.", "joint.joint_net.2."): v for k, v in state.items()}
@@ -186,8 +186,8 @@ def test_nightly_peer_check_runs_mlx_audio_on_the_prompt_family_and_the_report_n
         work, utterances, tmp_path, monkeypatch):
     """The nightly's peer check takes mlx-audio to the prompt fixture (it refuses the trained fixture, which has
     no prompt), and the report names the silent random joint and the reflect-padded front end."""
-    from harness.app import nightly
-    from harness.report import write_report
+    from streaming_parity.app import nightly
+    from streaming_parity.report import write_report
 
     shortest = sorted(utterances, key=lambda u: len(u.audio))[:1]
     monkeypatch.setattr(nightly, "_peer_check_utterances", lambda _model: shortest)

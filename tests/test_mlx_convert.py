@@ -11,19 +11,20 @@ import pytest
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
-from backends.mlx import artifact, mapping  # noqa: E402
-from backends.mlx import convert as converter  # noqa: E402
-from backends.mlx.convert import ConversionError, VerificationFailed, convert, failed_report_path  # noqa: E402
-from fixtures.models import rewrite_checkpoint  # noqa: E402
-from harness.nemo_file import inspect_nemo, load_state_dict, sha256_file  # noqa: E402
+from streaming_parity.app.verify import verifier  # noqa: E402
+from streaming_parity.backends.mlx import artifact, mapping  # noqa: E402
+from streaming_parity.backends.mlx import convert as converter  # noqa: E402
+from streaming_parity.backends.mlx.convert import ConversionError, VerificationFailed, convert, failed_report_path  # noqa: E402
+from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict, sha256_file  # noqa: E402
+from streaming_parity.fixtures.models import rewrite_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHORT_AUDIO = REPO_ROOT / "fixtures" / "speech" / "utt04.wav"
+SHORT_AUDIO = REPO_ROOT / "streaming_parity" / "fixtures" / "speech" / "utt04.wav"
 
 
 @pytest.fixture(scope="session")
 def fp32_artifact(tiny_nemo, work_dir) -> Path:
-    from backends.mlx import prepare
+    from streaming_parity.backends.mlx import prepare
 
     return prepare(tiny_nemo, work_dir, dtype="float32")
 
@@ -125,7 +126,7 @@ def test_half_an_lstm_bias_is_named(tiny_nemo, tmp_path):
 # -- verified, atomic publication ---------------------------------------------------------------------
 
 def _cli(*argv) -> int:
-    from harness.app.cli import main
+    from streaming_parity.app.cli import main
 
     return main([str(a) for a in argv])
 
@@ -189,13 +190,14 @@ def test_existing_artifact_is_never_half_overwritten(tiny_nemo, nemo_backend, tm
     original = converter._apply
     monkeypatch.setattr(converter, "_apply", lambda rule, s, t, target, e: original(rule, s, t, target, e) * 1.01)
     with pytest.raises(VerificationFailed):
-        convert(tiny_nemo, out, overwrite=True, reference=nemo_backend, utterances=_short_utterances(),
-                att_context_sizes=[(70, 13)])
+        convert(tiny_nemo, out, overwrite=True, verify=verifier(tiny_nemo, reference=nemo_backend,
+                                                                utterances=_short_utterances(),
+                                                                att_context_sizes=[(70, 13)]))
     assert {p.name: sha256_file(p) for p in out.iterdir()} == before
 
 
 def _short_utterances():
-    from harness.interface.utterance import Utterance
+    from streaming_parity.interface.utterance import Utterance
 
     return [Utterance.from_file(SHORT_AUDIO)]
 
@@ -218,8 +220,8 @@ def test_non_causal_tdt_artifact_loads_in_parakeet_mlx(tmp_path):
     pytest.importorskip("nemo", reason="building the tiny-tdt fixture needs NeMo")
     from parakeet_mlx.utils import from_config
 
-    from backends.mlx.model import ModelArgs, StreamingRNNT
-    from fixtures.models import build
+    from streaming_parity.backends.mlx.model import ModelArgs, StreamingRNNT
+    from streaming_parity.fixtures.models import build
 
     nemo = build("tiny-tdt", progress=lambda _m: None)
     out = tmp_path / "tdt"

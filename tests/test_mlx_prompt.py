@@ -24,10 +24,10 @@ pytestmark = [pytest.mark.nemo, pytest.mark.mlx]
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
-from harness.errors import InvalidInput  # noqa: E402
-from harness.interface.backend import TAP_ENCODER, TAP_PROMPT, layer_tap  # noqa: E402
-from harness.judge.loop import Candidate, stream_and_compare  # noqa: E402
-from harness.judge.tolerances import Tolerances  # noqa: E402
+from streaming_parity.core.errors import InvalidInput  # noqa: E402
+from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, layer_tap  # noqa: E402
+from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402
+from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 
 SHORT_UTTERANCES = ("utt04.wav", "utt07.wav")  # the two shortest fixture utterances (1.3 s, 1.6 s)
 MODES = ("plain", "pad-and-drop")
@@ -47,7 +47,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def artifacts(prompt_nemo, work):
     """The converted artifact per dtype (unverified: the tests compare it themselves)."""
-    from backends.mlx.convert import convert
+    from streaming_parity.backends.mlx.convert import convert
 
     made: dict[str, Path] = {}
 
@@ -61,7 +61,7 @@ def artifacts(prompt_nemo, work):
 
 @pytest.fixture(scope="module")
 def mlx(artifacts):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     backend = get("mlx").load(artifacts("float32"))
     yield backend
@@ -70,8 +70,8 @@ def mlx(artifacts):
 
 @pytest.fixture(scope="module")
 def utterances():
-    from fixtures.models import speech_manifest
-    from harness.interface.utterance import Utterance
+    from streaming_parity.fixtures.models import speech_manifest
+    from streaming_parity.interface.utterance import Utterance
 
     entries = {Path(e["audio_filepath"]).name: e for e in speech_manifest()}
     return [Utterance.from_file(entries[name]["audio_filepath"], entries[name]["text"]) for name in SHORT_UTTERANCES]
@@ -95,10 +95,10 @@ def _compare(nemo, candidate: Candidate, utterances, tolerances, contexts=None):
 
 def _rewrite_config(source: Path, destination: Path, edit, state_edit=None) -> Path:
     """A copy of ``source`` whose model_config.yaml went through ``edit(config)`` (and the weights through
-    ``state_edit``, as ``fixtures.models.rewrite_checkpoint`` does)."""
+    ``state_edit``, as ``streaming_parity.fixtures.models.rewrite_checkpoint`` does)."""
     import yaml
 
-    from fixtures.models import rewrite_checkpoint
+    from streaming_parity.fixtures.models import rewrite_checkpoint
 
     if state_edit is not None:
         source = rewrite_checkpoint(source, destination.with_suffix(".weights.nemo"), state_edit)
@@ -117,9 +117,9 @@ def _rewrite_config(source: Path, destination: Path, edit, state_edit=None) -> P
 # -- the model, the mapping, the artifact ---------------------------------------------------------------
 
 def test_the_artifact_keeps_the_prompt_and_maps_its_kernel_exactly(prompt_nemo, nemo, artifacts, mlx):
-    from backends.mlx import mapping, tensors_as_source
-    from backends.mlx.artifact import read_config
-    from harness.detect.diagnose import compare_tensors_to_source, source_state
+    from streaming_parity.backends.mlx import mapping, tensors_as_source
+    from streaming_parity.backends.mlx.artifact import read_config
+    from streaming_parity.detect.diagnose import compare_tensors_to_source, source_state
 
     artifact = artifacts("float32")
     defaults = read_config(artifact)["model_defaults"]
@@ -140,7 +140,7 @@ def test_the_artifact_keeps_the_prompt_and_maps_its_kernel_exactly(prompt_nemo, 
 
 
 def test_the_model_card_names_the_prompt(artifacts):
-    from backends.mlx import model_card
+    from streaming_parity.app import model_card
 
     card = model_card.render(artifacts("float32"))
     assert "Prompt-conditioned" in card and "column of 128" in card and "`de-DE` (2)" in card
@@ -203,7 +203,7 @@ def test_a_bypassed_prompt_fails_at_the_prompt_tap_at_step_0(nemo, mlx, utteranc
 
 
 def test_a_shifted_prompt_dictionary_fails_at_the_prompt_tap(nemo, artifacts, work, utterances, tolerances):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     shifted = work / "mlx-shifted-dictionary"
     shutil.copytree(artifacts("float32"), shifted)
@@ -226,8 +226,8 @@ def test_a_shifted_prompt_dictionary_fails_at_the_prompt_tap(nemo, artifacts, wo
 # -- the backend's inputs: teacher forcing, refusals ----------------------------------------------------
 
 def test_teacher_forcing_keeps_the_prompt(nemo, mlx, utterances):
-    from harness.interface.driver import stream
-    from harness.judge.forcing import reference_decisions
+    from streaming_parity.interface.driver import stream
+    from streaming_parity.judge.forcing import reference_decisions
 
     mel, _ = nemo.features(utterances[1].audio[None])
     reference = stream(nemo, mel, (56, 1), "plain", prompt="de-DE")
@@ -249,8 +249,8 @@ def _without_prompt(config: dict) -> None:
 
 
 def test_the_converter_refuses_missing_or_unexpected_prompt_weights(prompt_nemo, tmp_path):
-    from backends.mlx.convert import ConversionError, convert
-    from fixtures.models import rewrite_checkpoint
+    from streaming_parity.backends.mlx.convert import ConversionError, convert
+    from streaming_parity.fixtures.models import rewrite_checkpoint
 
     stripped = rewrite_checkpoint(prompt_nemo, tmp_path / "stripped.nemo",
                                   lambda state: {k: v for k, v in state.items() if not k.startswith("prompt_kernel.")})
@@ -268,8 +268,8 @@ def test_the_converter_refuses_missing_or_unexpected_prompt_weights(prompt_nemo,
 
 def test_a_prompt_on_a_model_without_one_is_refused(prompt_nemo, tmp_path):
     """The same checkpoint without its prompt (config and weights): it converts, and a locale is refused."""
-    from backends import get
-    from backends.mlx.convert import convert
+    from streaming_parity.backends.mlx.convert import convert
+    from streaming_parity.interface.registry import get
 
     plain = _rewrite_config(prompt_nemo, tmp_path / "plain.nemo", _without_prompt,
                             lambda state: {k: v for k, v in state.items() if not k.startswith("prompt_kernel.")})
@@ -289,7 +289,7 @@ def test_a_prompt_on_a_model_without_one_is_refused(prompt_nemo, tmp_path):
 # -- verification, reduced precision --------------------------------------------------------------------
 
 def test_verification_compares_the_prompt_tap(prompt_nemo, nemo, artifacts, utterances):
-    from backends.mlx.verify import verify_artifact
+    from streaming_parity.app.verify import verify_artifact
 
     verification = verify_artifact(artifacts("float32"), prompt_nemo, reference=nemo, utterances=utterances[:1],
                                    att_context_sizes=[(56, 6)], device="cpu")
@@ -302,7 +302,7 @@ def test_verification_compares_the_prompt_tap(prompt_nemo, nemo, artifacts, utte
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_reduced_precision_prompt_within_its_table(dtype, prompt_nemo, nemo, artifacts, utterances):
     """Verification at bfloat16/float16: the prompt tap against its ``[<dtype>."nemo~mlx".prompt]`` table."""
-    from backends.mlx.verify import verify_artifact
+    from streaming_parity.app.verify import verify_artifact
 
     verification = verify_artifact(artifacts(dtype), prompt_nemo, reference=nemo, utterances=utterances,
                                    modes=MODES, device="cpu")
@@ -315,8 +315,8 @@ def test_reduced_precision_prompt_within_its_table(dtype, prompt_nemo, nemo, art
 
 
 def test_parity_verify_prints_the_prompt_line(prompt_nemo, artifacts, utterances, capsys, tmp_path):
-    from fixtures.models import SPEECH_DIR
-    from harness.app.cli import EXIT_OK, main
+    from streaming_parity.app.cli import EXIT_OK, main
+    from streaming_parity.fixtures.models import SPEECH_DIR
 
     code = main(["verify", str(artifacts("float32")), "--nemo", str(prompt_nemo), "--audio",
                  str(SPEECH_DIR / utterances[0].name), "--att-context", "56,13", "--json", str(tmp_path / "en.json")])
@@ -340,8 +340,8 @@ def test_parity_verify_prints_the_prompt_line(prompt_nemo, artifacts, utterances
 
 def test_sixteen_prompts_match_nemo(prompt_nemo, utterances, tolerances, tmp_path):
     """``num_prompts`` 16 (the kernel's first Linear 80 + 16 wide) through a rewritten checkpoint."""
-    from backends import get
-    from backends.mlx.convert import convert
+    from streaming_parity.backends.mlx.convert import convert
+    from streaming_parity.interface.registry import get
 
     def sixteen(config: dict) -> None:
         config["model_defaults"]["num_prompts"] = 16

@@ -14,16 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.models import STREAMING_CONTEXTS
-from harness.interface.driver import shared_mode, stream
-from harness.interface.speakers import (
+from streaming_parity.fixtures.models import STREAMING_CONTEXTS
+from streaming_parity.interface.driver import shared_mode, stream
+from streaming_parity.interface.speakers import (
     BACKGROUND_DEFAULT,
     TARGET_DEFAULT,
     SpeakerMaskError,
     SpeakerTargets,
     reconcile,
 )
-from harness.judge.compare import compare_runs
+from streaming_parity.judge.compare import compare_runs
 
 # Drives Backend.step with mel chunks: a transcript-level peer runtime (it takes audio) is skipped.
 pytestmark = pytest.mark.streams_mel
@@ -195,7 +195,7 @@ def test_unset_masks_follow_nemo(multitalker_pool, utterance, tolerances):
         np.testing.assert_array_equal(a.taps["layers.1"], b.taps["layers.1"])
     assert max(np.abs(a.taps["layers.2"] - b.taps["layers.2"]).max() for a, b in zip(unset.steps, single.steps)) > 1e-2
 
-    from backends import REGISTRY
+    from streaming_parity.interface.registry import REGISTRY
 
     if REGISTRY["mlx"].available():
         mlx = multitalker_pool.get("mlx")
@@ -291,8 +291,8 @@ def test_fingerprint_reads_the_multitalker_export_as_multitalker(multitalker_poo
     import shutil
 
     onnx = pytest.importorskip("onnx")
-    from harness.app.diagnose import artifact_readers
-    from harness.detect.fingerprint import fingerprint
+    from streaming_parity.app.diagnose_path import artifact_readers
+    from streaming_parity.detect.fingerprint import fingerprint
 
     directory = multitalker_pool.source("onnx")
     report = fingerprint(directory, artifact_readers())
@@ -316,15 +316,15 @@ def test_fingerprint_reads_the_multitalker_export_as_multitalker(multitalker_poo
 
 @pytest.mark.onnx
 def test_multitalker_export_refuses_layers_first(multitalker_nemo, tmp_path):
-    from backends.onnx.export import export_onnx
+    from streaming_parity.backends.onnx.export import export_onnx
 
     with pytest.raises(ValueError, match="caches are batch-first"):
         export_onnx(multitalker_nemo, tmp_path / "out", cache_layout="layers-first", att_context_sizes=[(70, 13)])
 
 
 def test_cli_takes_speaker_masks(multitalker_nemo, tiny_nemo, utterance, tmp_path, capsys):
-    from fixtures.models import SPEECH_DIR
-    from harness.app.cli import EXIT_OK, main
+    from streaming_parity.app.cli import EXIT_OK, main
+    from streaming_parity.fixtures.models import SPEECH_DIR
 
     audio = SPEECH_DIR / utterance.name
     masks = tmp_path / "masks.npz"

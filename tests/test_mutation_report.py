@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from harness.app.mutation import load_mutants, parse_results, run_mutation_tests, write_mutants
-from harness.judge.compare import PairComparison, TapResult
-from harness.judge.results import Results
-from harness.report import render_html, render_markdown
+from streaming_parity.app.mutation import load_mutants, parse_results, run_mutation_tests, write_mutants
+from streaming_parity.judge.compare import PairComparison, TapResult
+from streaming_parity.judge.results import Results
+from streaming_parity.report import render_html, render_markdown
 
 
 def test_mutmut_result_lines_are_parsed():
-    text = ("    harness.judge.compare.x_comparison_order__mutmut_1: survived\n"
-            "    harness.judge.ties.x_tie_bound__mutmut_3: killed\n"
-            "    harness.judge.compare.xǁPairComparisonǁworst__mutmut_2: no tests\n")
-    assert parse_results(text) == {"harness.judge.compare.x_comparison_order__mutmut_1": "survived",
-                                   "harness.judge.ties.x_tie_bound__mutmut_3": "killed",
-                                   "harness.judge.compare.xǁPairComparisonǁworst__mutmut_2": "no tests"}
+    text = ("    streaming_parity.judge.compare.x_comparison_order__mutmut_1: survived\n"
+            "    streaming_parity.judge.ties.x_tie_bound__mutmut_3: killed\n"
+            "    streaming_parity.judge.compare.xǁPairComparisonǁworst__mutmut_2: no tests\n")
+    assert parse_results(text) == {"streaming_parity.judge.compare.x_comparison_order__mutmut_1": "survived",
+                                   "streaming_parity.judge.ties.x_tie_bound__mutmut_3": "killed",
+                                   "streaming_parity.judge.compare.xǁPairComparisonǁworst__mutmut_2": "no tests"}
 
 
 def test_survivors_are_listed_in_the_report(tmp_path):
     outcome = {"tool": "mutmut", "seconds": 181.0, "mutants": 3, "totals": {"killed": 2, "survived": 1},
-               "survived": [{"name": "harness.judge.ties.x_tie_bound__mutmut_7",
+               "survived": [{"name": "streaming_parity.judge.ties.x_tie_bound__mutmut_7",
                              "diff": "-    return 2.0 * min(finite)\n+    return 3.0 * min(finite)"}],
                "no_tests": []}
     write_mutants(outcome, tmp_path)

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from backends.mlx.mutations import CATALOG
-from fixtures.models import SPEECH_DIR
-from harness.app.diagnose import diagnose
+from streaming_parity.app.diagnose_path import diagnose_path
+from streaming_parity.backends.mlx.mutations import CATALOG
+from streaming_parity.fixtures.models import SPEECH_DIR
 
 pytestmark = [pytest.mark.mlx]
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
@@ -17,8 +17,8 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '
 @pytest.fixture(scope="module")
 def hybrid_pool(tmp_path_factory):
     """The tiny-hybrid fixture (a CTC head beside the transducer), its NeMo backend and MLX artifact."""
-    from fixtures.models import build
-    from harness.app.pytest_plugin import BackendPool
+    from streaming_parity.app.pytest_plugin import BackendPool
+    from streaming_parity.fixtures.models import build
 
     return BackendPool(build("tiny-hybrid", progress=lambda _m: None), tmp_path_factory.mktemp("hybrid"))
 
@@ -27,8 +27,8 @@ def hybrid_pool(tmp_path_factory):
 def artifacts(tiny_nemo, multitalker_pool, hybrid_pool, prompt_pool, tmp_path_factory):
     """Correct fp32 artifacts of tiny-streaming, tiny-multitalker, tiny-hybrid and tiny-tdt (for the
     mislabel case)."""
-    from backends import get
-    from fixtures.models import build
+    from streaming_parity.fixtures.models import build
+    from streaming_parity.interface.registry import get
 
     work = tmp_path_factory.mktemp("mutations")
     streaming = get("mlx").prepare(tiny_nemo, work / "streaming")
@@ -48,7 +48,7 @@ def models(tiny_nemo, nemo_backend, multitalker_nemo, multitalker_pool, hybrid_p
 
 @pytest.fixture(scope="module")
 def source_state(tiny_nemo):
-    from harness.detect.diagnose import source_state
+    from streaming_parity.detect.diagnose import source_state
 
     return source_state(tiny_nemo)
 
@@ -60,17 +60,17 @@ def shortest(utterances):
 
 def test_correct_artifacts_pass(artifacts, tiny_nemo, nemo_backend, utterances):
     """Zero false alarms: a correct artifact passes every check, at every lookahead."""
-    diagnosis = diagnose(artifacts["streaming"], tiny_nemo, utterances=utterances[:2], reference=nemo_backend)
+    diagnosis = diagnose_path(artifacts["streaming"], tiny_nemo, utterances=utterances[:2], reference=nemo_backend)
     assert diagnosis.passed, "\n".join(diagnosis.sentences())
     assert diagnosis.numeric_checked
-    tdt = diagnose(artifacts["tdt"])  # no source: contradictions only (our runtime does not decode TDT)
+    tdt = diagnose_path(artifacts["tdt"])  # no source: contradictions only (our runtime does not decode TDT)
     assert tdt.passed, "\n".join(tdt.sentences())
 
 
 @pytest.mark.parametrize("model", ["multitalker", "hybrid", "prompt"])
 def test_correct_multitalker_hybrid_and_prompt_artifacts_pass(model, artifacts, models, utterances):
     nemo_path, reference = models[model]
-    diagnosis = diagnose(artifacts[model], nemo_path, utterances=utterances[:1], reference=reference)
+    diagnosis = diagnose_path(artifacts[model], nemo_path, utterances=utterances[:1], reference=reference)
     assert diagnosis.passed, "\n".join(diagnosis.sentences())
     assert diagnosis.numeric_checked
 
@@ -83,12 +83,12 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, models, source_st
     mutation.apply(mutated, {"source_state": source_state, "tdt_artifact": artifacts["tdt"]})
 
     if mutation.expect_contradiction:
-        diagnosis = diagnose(mutated)  # caught from the artifact alone, no source needed
+        diagnosis = diagnose_path(mutated)  # caught from the artifact alone, no source needed
         assert not diagnosis.passed, f"{mutation.name} was not caught"
         assert any(mutation.expect_contradiction in c for c in diagnosis.contradictions), diagnosis.contradictions
         return
 
-    diagnosis = diagnose(mutated, nemo_path, utterances=shortest, att_context_sizes=[reference.info.att_context_sizes[0]],
+    diagnosis = diagnose_path(mutated, nemo_path, utterances=shortest, att_context_sizes=[reference.info.att_context_sizes[0]],
                          reference=reference)
     report = "\n".join(diagnosis.sentences())
     assert not diagnosis.passed, f"{mutation.name} was not caught"
@@ -102,8 +102,8 @@ def test_mutation_is_caught_and_localized(mutation, artifacts, models, source_st
 
 
 def test_verify_cli_names_contradictions_and_localizes(artifacts, tiny_nemo, source_state, tmp_path, capsys):
-    from backends.mlx.mutations import by_name
-    from harness.app.cli import EXIT_OK, EXIT_VIOLATION, main
+    from streaming_parity.app.cli import EXIT_OK, EXIT_VIOLATION, main
+    from streaming_parity.backends.mlx.mutations import by_name
 
     assert main(["verify", str(artifacts["streaming"])]) == EXIT_OK
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""The NeMo config reader (harness.nemo_config): NeMo's defaults, one-line errors naming the key, and
+"""The NeMo config reader (streaming_parity.core.nemo_config): NeMo's defaults, one-line errors naming the key, and
 the typed values every consumer (ModelInfo, the chunk schedule, the front end, the MLX model) reads."""
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures.models import FIXTURES
-from harness.interface.backend import ModelInfo
-from harness.interface.chunking import StreamingConfig
-from harness.nemo_config import (
+from streaming_parity.core.nemo_config import (
     DecoderConfig,
     EncoderConfig,
     JointConfig,
@@ -26,6 +23,9 @@ from harness.nemo_config import (
     read_model_config,
     stated_config,
 )
+from streaming_parity.fixtures.models import FIXTURES
+from streaming_parity.interface.backend import ModelInfo
+from streaming_parity.interface.chunking import StreamingConfig
 
 
 def minimal_config() -> dict:
@@ -93,7 +93,7 @@ def test_streaming_fixture_gives_the_model_info_the_harness_has_always_used():
 def test_a_built_nemo_reads_as_its_spec(tiny_nemo):
     """The ``.nemo``'s model_config.yaml (what NeMo saved) reads as the config the fixture was built from,
     plus the vocabulary fields NeMo fills in from the tokenizer."""
-    from harness.nemo_file import inspect_nemo
+    from streaming_parity.core.nemo_file import inspect_nemo
 
     saved = read_model_config(inspect_nemo(tiny_nemo).config)
     spec = read_model_config(FIXTURES["tiny-streaming"].config("tokenizer"))
@@ -230,7 +230,7 @@ def test_invalid_values_are_named(edit, message):
 
 def test_consumers_keep_their_refusals():
     """The MLX port and the numpy front end refuse what they do not implement, naming the key."""
-    from harness.interface.frontend import FrontendConfig
+    from streaming_parity.interface.frontend import FrontendConfig
 
     with pytest.raises(NotImplementedError, match="preprocessor.frame_splicing"):
         FrontendConfig.from_nemo_config({"frame_splicing": 2})
@@ -258,7 +258,7 @@ def test_stated_config_claims_only_what_the_config_says():
 
 
 def test_att_context_forms_and_the_name_kept_in_chunking():
-    from harness.interface import chunking
+    from streaming_parity.interface import chunking
 
     assert chunking.normalize_att_context_sizes is normalize_att_context_sizes
     assert normalize_att_context_sizes(None) == normalize_att_context_sizes([]) == ((-1, -1),)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.interface.chunking import FirstChunkMode
-from harness.interface.driver import stream
-from harness.judge.compare import compare_streaming_to_offline
+from streaming_parity.interface.chunking import FirstChunkMode
+from streaming_parity.interface.driver import stream
+from streaming_parity.judge.compare import compare_streaming_to_offline
 
 pytestmark = pytest.mark.nemo
 
@@ -48,7 +48,7 @@ def test_zero_lookahead_deviation_is_real_and_bounded(streamed, tolerances):
     """[70,0] deviates (NeMo's behaviour) but stays inside its recorded bound; the others do not."""
     limits = tolerances.limits("streaming~offline@70,0", "float32", "encoder")
     general = tolerances.limits("streaming~offline@70,13", "float32", "encoder")
-    from harness.judge import metrics
+    from streaming_parity.judge import metrics
 
     deviations, scaled = [], []
     for (_name, context), (run, offline) in streamed.items():
@@ -91,7 +91,7 @@ def test_initial_state_is_zero_and_cache_length_grows_by_valid_frames(nemo_backe
 
 def test_nemo_refuses_speaker_masks(nemo_backend, utterances):
     mel, _ = nemo_backend.features(utterances[0].audio[None])
-    from harness.interface.chunking import ChunkSchedule
+    from streaming_parity.interface.chunking import ChunkSchedule
 
     chunk = ChunkSchedule(nemo_backend.streaming_config((70, 13))).chunks(mel)[0]
     with pytest.raises(ValueError, match="speaker masks"):
@@ -101,7 +101,7 @@ def test_nemo_refuses_speaker_masks(nemo_backend, utterances):
 def test_reference_runs_in_eval_mode_after_nemo_transcribe(nemo_backend, utterances):
     """NeMo's transcribe() leaves encoder/decoder/joint in train mode (unfreeze() calls train());
     the reference backend must not stream with dropout and a randomly sampled attention context."""
-    from harness.interface.driver import stream
+    from streaming_parity.interface.driver import stream
 
     mel, _ = nemo_backend.features(utterances[0].audio[None])
     before = stream(nemo_backend, mel, (70, 13), "plain")
@@ -118,15 +118,15 @@ def test_reference_runs_in_eval_mode_after_nemo_transcribe(nemo_backend, utteran
 @pytest.mark.parametrize("fixture", ["tiny-streaming", "tiny-prompt"])
 def test_restore_without_initialisers_gives_nemos_own_model(fixture):
     """The reference restores with its weights memory-mapped and its initialisers skipped
-    (``harness.nemo_file.mapped_weights_connector``): every parameter and buffer, the computed ones
+    (``streaming_parity.core.nemo_file.mapped_weights_connector``): every parameter and buffer, the computed ones
     (positional encoding, mel filterbank) included, equals NeMo's own restore, bit for bit; the
     initialisers are back afterwards."""
     import torch
     from nemo.collections.asr.models import ASRModel
 
-    from fixtures.models import build
-    from harness.nemo_file import mapped_weights_connector
-    from harness.system.nemo_quiet import quiet_nemo
+    from streaming_parity.core.nemo_file import mapped_weights_connector
+    from streaming_parity.core.system.nemo_quiet import quiet_nemo
+    from streaming_parity.fixtures.models import build
 
     path = str(build(fixture, progress=lambda _m: None))
     initialiser = torch.nn.init.kaiming_uniform_

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backends import REGISTRY, BackendEntry
-from harness.app.cli import EXIT_OK, main
-from harness.app.nightly import (
+from streaming_parity.app.cli import EXIT_OK, main
+from streaming_parity.app.nightly import (
     PlannedCandidate,
     fp32_failures,
     matrix_candidate,
@@ -17,8 +16,9 @@ from harness.app.nightly import (
     record_failure,
     results_file_names,
 )
-from harness.judge.loop import LoopProgress
-from harness.judge.results import Results
+from streaming_parity.interface.registry import REGISTRY, BackendEntry
+from streaming_parity.judge.loop import LoopProgress
+from streaming_parity.judge.results import Results
 
 
 def test_plan_takes_every_dtype_of_the_chosen_backends_and_never_nemo_as_candidate():
@@ -83,7 +83,7 @@ def test_nightly_cli_writes_the_night_and_reads_history(tiny_nemo, tmp_path, cap
 
     # A second night sees the first in its history (the report reads results only).
     Results.load(night / "results.json").save(reports / "2025-01-02" / "results.json")
-    from harness.report import load_results, write_report
+    from streaming_parity.report import load_results, write_report
 
     files = write_report(load_results([reports / "2025-01-02" / "results.json"]), reports / "2025-01-02",
                          reports_dir=reports, date="2025-01-02")
@@ -103,7 +103,7 @@ def test_demo_prints_the_table_and_the_report_path(tmp_path, capsys):
 def _demo_sample() -> Results:
     """A demo run's results, as the matrix records them: NeMo against offline, a float32 candidate whose
     name is wider than NeMo's row, and an int8 candidate over its limits (degraded)."""
-    from harness.judge.compare import PairComparison, TapResult
+    from streaming_parity.judge.compare import PairComparison, TapResult
 
     def comparison(candidate, pair, dtype, value, mode):
         taps = [TapResult(0, tap, {"max_abs": value}, {"max_abs": 1e-4}, [] if value <= 1e-4 else [f"{tap} over"])
@@ -129,7 +129,7 @@ def test_demo_table_piped_to_a_file_keeps_every_cell_whole(monkeypatch, tmp_path
 
     from rich.console import Console
 
-    from harness.app import demo
+    from streaming_parity.app import demo
 
     results = _demo_sample()
     monkeypatch.setattr(demo, "run_matrix", lambda *args, **kwargs: [results])
@@ -151,7 +151,7 @@ def test_demo_table_piped_to_a_file_keeps_every_cell_whole(monkeypatch, tmp_path
 @pytest.mark.nightly
 def test_full_nightly_matrix(tmp_path):
     """Every default fixture × every lookahead × every available backend and dtype (the nightly job's run)."""
-    from harness.app.nightly import run_nightly
+    from streaming_parity.app.nightly import run_nightly
 
     outcome = run_nightly(out_root=tmp_path / "reports")
     assert outcome.report.html.is_file()
@@ -163,9 +163,9 @@ def test_full_nightly_matrix(tmp_path):
 def test_bounded_memory_matrix_equals_the_in_memory_one(tiny_nemo, tolerances, tmp_path):
     """Spooling every run to disk, one model in memory at a time and preparation in a subprocess,
     gives exactly the comparisons, metrics and transcripts of the in-memory matrix."""
-    from harness.app.compare import fixture_utterances
-    from harness.app.nightly import MatrixPlan, run_model_matrix
-    from harness.interface.utterance import long_utterance
+    from streaming_parity.app.nightly import MatrixPlan, run_model_matrix
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.interface.utterance import long_utterance
 
     for name in ("onnx", "mlx"):
         if not REGISTRY[name].available():

@@ -18,17 +18,17 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from backends.onnx.layout import (  # noqa: E402
+from streaming_parity.backends.onnx.layout import (  # noqa: E402
     GraphInterfaceError,
     MissingGraphError,
     SourceMismatchError,
     decoder_joint_file,
     encoder_file,
 )
-from harness.interface.backend import ShapeMismatchError  # noqa: E402
-from harness.interface.chunking import FirstChunkMode  # noqa: E402
-from harness.interface.driver import stream  # noqa: E402
-from harness.judge.metrics import all_metrics, word_error_rate  # noqa: E402
+from streaming_parity.interface.backend import ShapeMismatchError  # noqa: E402
+from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
+from streaming_parity.interface.driver import stream  # noqa: E402
+from streaming_parity.judge.metrics import all_metrics, word_error_rate  # noqa: E402
 
 pytestmark = pytest.mark.onnx
 
@@ -43,7 +43,7 @@ def onnx_dir(backend_pool) -> Path:
 
 @pytest.fixture(scope="session")
 def layers_first_dir(tiny_nemo, work_dir) -> Path:
-    from backends.onnx.export import export_cached
+    from streaming_parity.backends.onnx.export import export_cached
 
     return export_cached(tiny_nemo, work_dir, cache_layout="layers-first")
 
@@ -100,9 +100,9 @@ def test_pad_and_drop_streaming_matches_nemo_fp32(run_cache, utterances, att_con
 def test_both_modes_on_a_shape_no_fixture_has(work_dir, utterances, tolerances):
     """4 layers, d_model 96, lookaheads [70,6] and [70,1] (a seeded random model no suite fixture has): exported
     with its first-chunk graphs, it matches NeMo at every tap and step in both first-chunk modes."""
-    from backends import get
-    from fixtures.models import build
-    from harness.judge.loop import Candidate, stream_and_compare
+    from streaming_parity.fixtures.models import build
+    from streaming_parity.interface.registry import get
+    from streaming_parity.judge.loop import Candidate, stream_and_compare
 
     nemo_path = build("unseen-4x96", progress=lambda _m: None)
     reference = get("nemo").load(nemo_path)
@@ -120,7 +120,7 @@ def test_both_modes_on_a_shape_no_fixture_has(work_dir, utterances, tolerances):
 def test_plain_mode_uses_the_first_chunk_graph(onnx_backend, mels, att_contexts):
     """NeMo's plain first chunk (chunk_size[0] frames, nothing dropped) runs the first-chunk graph; every later
     chunk, and pad-and-drop's first, the steady one. The two first chunks differ, and so do their outputs."""
-    from harness.interface.chunking import ChunkSchedule
+    from streaming_parity.interface.chunking import ChunkSchedule
 
     assert onnx_backend.capabilities.first_chunk_modes == ("plain", "pad-and-drop")
     for context in att_contexts:
@@ -133,7 +133,7 @@ def test_plain_mode_uses_the_first_chunk_graph(onnx_backend, mels, att_contexts)
         assert first.encoded.shape[-1] == config.valid_out_len  # 1 + lookahead frames from the first chunk alone
 
 def test_cache_layouts_give_identical_results(onnx_backend, layers_first_dir, mels, att_contexts):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     layers_first = get("onnx").load(layers_first_dir)
     assert layers_first.cache_layout == "layers-first" and onnx_backend.cache_layout == "batch-first"
@@ -149,7 +149,7 @@ def test_cache_layouts_give_identical_results(onnx_backend, layers_first_dir, me
 
 
 def test_batch_first_graph_refuses_layers_first_caches(onnx_backend, mels):
-    from backends.onnx.runtime import CacheLayoutError
+    from streaming_parity.backends.onnx.runtime import CacheLayoutError
 
     context = onnx_backend.info.att_context_sizes[0]
     state = onnx_backend.initial_state(context)  # canonical: layers-first
@@ -160,7 +160,7 @@ def test_batch_first_graph_refuses_layers_first_caches(onnx_backend, mels):
     # and a batch-first array handed in as canonical state is refused before anything runs
     from dataclasses import replace
 
-    from harness.interface.chunking import ChunkSchedule
+    from streaming_parity.interface.chunking import ChunkSchedule
 
     chunk = ChunkSchedule(onnx_backend.streaming_config(context), PAD).chunks(mels["utt01.wav"])[0]
     wrong = replace(state, cache_last_channel=np.swapaxes(state.cache_last_channel, 0, 1).copy())
@@ -170,8 +170,8 @@ def test_batch_first_graph_refuses_layers_first_caches(onnx_backend, mels):
 
 def test_int8_agreement_with_fp32(onnx_dir, nemo_runs, mels, tolerances, att_contexts):
     """int8 against NeMo fp32: encoder and caches within the int8 table; token agreement reported."""
-    from backends import get
-    from harness.system.cpu import int8_kernel_path
+    from streaming_parity.core.system.cpu import int8_kernel_path
+    from streaming_parity.interface.registry import get
 
     int8 = get("onnx").load(onnx_dir, dtype="int8")  # int8 runs carry no taps: compared here, not in the suites
     references, hypotheses, identical, violations = [], [], 0, []
@@ -210,13 +210,13 @@ def test_both_quantizations_through_the_judge(onnx_dir, nemo_backend, utterances
     its taps stay within the table (the table was first measured on such a CPU) and no saturation is named."""
     import onnx
 
-    from backends import get
-    from backends.onnx import graph_tools
-    from backends.onnx.export import write_int8_variant
-    from backends.onnx.layout import decode_metadata, encode_metadata
-    from backends.onnx.quantization import QuantScheme
-    from harness.judge.loop import Candidate, stream_and_compare
-    from harness.system.cpu import int8_kernel_path
+    from streaming_parity.backends.onnx import graph_tools
+    from streaming_parity.backends.onnx.export import write_int8_variant
+    from streaming_parity.backends.onnx.layout import decode_metadata, encode_metadata
+    from streaming_parity.backends.onnx.quantization import QuantScheme
+    from streaming_parity.core.system.cpu import int8_kernel_path
+    from streaming_parity.interface.registry import get
+    from streaming_parity.judge.loop import Candidate, stream_and_compare
 
     path = int8_kernel_path()
     full_range = write_int8_variant(onnx_dir, tmp_path / "full-range", QuantScheme("QInt8"))
@@ -259,12 +259,12 @@ def test_both_quantizations_through_the_judge(onnx_dir, nemo_backend, utterances
 # -- command line -----------------------------------------------------------------------------------
 
 def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):
-    wav = REPO / "fixtures" / "speech" / "utt02.wav"
+    wav = REPO / "streaming_parity" / "fixtures" / "speech" / "utt02.wav"
     code = (
         "import sys\n"
-        "from backends import get\n"
-        "from harness.interface.driver import transcribe\n"
-        "from harness.interface.utterance import Utterance\n"
+        "from streaming_parity.interface.registry import get\n"
+        "from streaming_parity.interface.driver import transcribe\n"
+        "from streaming_parity.interface.utterance import Utterance\n"
         f"backend = get('onnx').load({str(onnx_dir)!r})\n"
         f"text, tokens = transcribe(backend, Utterance.from_file({str(wav)!r}), backend.info.att_context_sizes[0])\n"
         "assert tokens, 'no tokens'\n"
@@ -277,10 +277,10 @@ def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):
 
 
 def test_transcribe_cli(onnx_dir, onnx_backend, mels, capsys):
-    from harness.app.cli import main
-    from harness.interface.backend import decode_tokens
+    from streaming_parity.app.cli import main
+    from streaming_parity.interface.backend import decode_tokens
 
-    wav = REPO / "fixtures" / "speech" / "utt01.wav"
+    wav = REPO / "streaming_parity" / "fixtures" / "speech" / "utt01.wav"
     assert main(["transcribe", "--backend", "onnx", "--onnx", str(onnx_dir), "--att-context", "70,6", str(wav)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     # NeMo's default first chunk (plain), as every backend that streams it is transcribed.
@@ -292,10 +292,10 @@ def test_transcribe_cli(onnx_dir, onnx_backend, mels, capsys):
 def test_compare_cli_passes_then_names_the_corrupted_layer(onnx_dir, tiny_nemo, tmp_path, capsys):
     import onnx
 
-    from backends.onnx import graph_tools
-    from harness.app.cli import main
+    from streaming_parity.app.cli import main
+    from streaming_parity.backends.onnx import graph_tools
 
-    wav = str(REPO / "fixtures" / "speech" / "utt04.wav")  # the shortest
+    wav = str(REPO / "streaming_parity" / "fixtures" / "speech" / "utt04.wav")  # the shortest
     args = ["compare", str(tiny_nemo), "--audio", wav, "--att-context", "70,6"]
     assert main([*args, "--onnx", str(onnx_dir)]) == 0
     out = capsys.readouterr().out
@@ -322,7 +322,7 @@ def test_compare_cli_passes_then_names_the_corrupted_layer(onnx_dir, tiny_nemo, 
 # -- clear errors, nothing run ------------------------------------------------------------------------
 
 def test_missing_graphs_are_named(onnx_dir, tmp_path):
-    from backends.onnx.runtime import OnnxBackend
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     no_joint = _partial_copy(onnx_dir, tmp_path / "no_joint", decoder_joint=False)
     with pytest.raises(MissingGraphError, match="decoder_joint.onnx"):
@@ -338,7 +338,7 @@ def test_missing_graphs_are_named(onnx_dir, tmp_path):
 
 
 def test_source_sha256_mismatch_is_refused(onnx_dir, tmp_path):
-    from backends.onnx.runtime import OnnxBackend
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     other = tmp_path / "other.nemo"
     other.write_bytes(b"not the exported model")
@@ -349,7 +349,7 @@ def test_source_sha256_mismatch_is_refused(onnx_dir, tmp_path):
 def _edit_graph(path: Path, edit) -> None:
     import onnx
 
-    from backends.onnx import graph_tools
+    from streaming_parity.backends.onnx import graph_tools
 
     model = onnx.load(str(path))
     edit(model)
@@ -357,8 +357,8 @@ def _edit_graph(path: Path, edit) -> None:
 
 
 def test_cache_shapes_contradicting_metadata_are_refused(onnx_dir, tmp_path):
-    from backends.onnx import graph_tools
-    from backends.onnx.runtime import OnnxBackend
+    from streaming_parity.backends.onnx import graph_tools
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     target = _partial_copy(onnx_dir, tmp_path / "lying")
 
@@ -371,7 +371,7 @@ def test_cache_shapes_contradicting_metadata_are_refused(onnx_dir, tmp_path):
 
 
 def test_graph_without_expected_input_is_refused(onnx_dir, tmp_path):
-    from backends.onnx.runtime import OnnxBackend
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     target = _partial_copy(onnx_dir, tmp_path / "renamed")
 
@@ -390,10 +390,10 @@ def test_graph_without_expected_input_is_refused(onnx_dir, tmp_path):
 def test_an_export_without_first_chunk_graphs_streams_pad_and_drop_only(onnx_dir, mels, tmp_path):
     """A format /2 export (no first-chunk graphs, no first_chunk_modes key) still loads: pad-and-drop only, and a
     plain first chunk is refused with the reason. A /3 export missing its first-chunk graph is refused at load."""
-    from backends.onnx import graph_tools
-    from backends.onnx.layout import decode_metadata, encode_metadata
-    from backends.onnx.runtime import OnnxBackend
-    from harness.interface.chunking import ChunkSchedule
+    from streaming_parity.backends.onnx import graph_tools
+    from streaming_parity.backends.onnx.layout import decode_metadata, encode_metadata
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
+    from streaming_parity.interface.chunking import ChunkSchedule
 
     missing = _partial_copy(onnx_dir, tmp_path / "missing", first=False)
     with pytest.raises(MissingGraphError, match=r"encoder-70_13\.first\.onnx"):
@@ -439,7 +439,7 @@ def test_scattered_external_data_is_consolidated_into_one_file(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from backends.onnx.graph_tools import consolidate_external_data
+    from streaming_parity.backends.onnx.graph_tools import consolidate_external_data
 
     path = tmp_path / "g.onnx"
     onnx.save(_small_graph(), str(path), save_as_external_data=True, all_tensors_to_one_file=False,
@@ -453,7 +453,7 @@ def test_scattered_external_data_is_consolidated_into_one_file(tmp_path):
 
 
 def test_taps_are_found_by_scope_and_missing_ones_fail_loudly():
-    from backends.onnx.graph_tools import TapNotFoundError, find_tap
+    from streaming_parity.backends.onnx.graph_tools import TapNotFoundError, find_tap
 
     graph = _small_graph().graph
     assert find_tap(graph, "layers.1", "layers.1") == "h1"
@@ -461,7 +461,7 @@ def test_taps_are_found_by_scope_and_missing_ones_fail_loudly():
     with pytest.raises(TapNotFoundError, match="no node in module scope 'layers.7/'"):
         find_tap(graph, "layers.7", "layers.7")
     with pytest.raises(TapNotFoundError, match="pre_encode"):
-        from backends.onnx.graph_tools import encoder_tap_tensors
+        from streaming_parity.backends.onnx.graph_tools import encoder_tap_tensors
 
         encoder_tap_tensors(graph, num_layers=4)
 
@@ -493,7 +493,7 @@ def test_every_lookahead_reads_the_encoder_weights_from_one_file_per_precision(o
 def test_one_open_encoder_session_at_a_time_gives_the_same_runs(onnx_dir, onnx_backend, mels, utterances, tiny_nemo):
     """Each ONNX Runtime session holds its own copy of the weights, so a large export keeps one encoder session
     open (``max_open_encoders``): switching lookaheads reopens it, with bit-identical steps."""
-    from backends.onnx.runtime import OnnxBackend
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     utterance = utterances[0]
     contexts = list(onnx_backend.info.att_context_sizes)
@@ -510,8 +510,8 @@ def test_one_open_encoder_session_at_a_time_gives_the_same_runs(onnx_dir, onnx_b
 
 
 def test_fingerprint_names_the_int8_kernel_path(onnx_dir, capsys):
-    from harness.app.cli import main
-    from harness.system.cpu import int8_kernel_path
+    from streaming_parity.app.cli import main
+    from streaming_parity.core.system.cpu import int8_kernel_path
 
     assert main(["fingerprint", str(onnx_dir)]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
 
-from backends.onnx.layout import (  # noqa: E402
+from streaming_parity.backends.onnx.layout import (  # noqa: E402
     PROMPT_INPUTS,
     PROMPT_OUTPUTS,
     GraphInterfaceError,
@@ -30,13 +30,13 @@ from backends.onnx.layout import (  # noqa: E402
     prompt_file,
     read_graph_metadata,
 )
-from harness.errors import InvalidInput  # noqa: E402
-from harness.interface.backend import TAP_ENCODER, TAP_PROMPT, ShapeMismatchError  # noqa: E402
-from harness.interface.driver import stream  # noqa: E402
-from harness.interface.utterance import Utterance  # noqa: E402
-from harness.judge.compare import compare_runs  # noqa: E402
-from harness.judge.loop import Candidate, stream_and_compare  # noqa: E402
-from harness.judge.tolerances import Tolerances  # noqa: E402
+from streaming_parity.core.errors import InvalidInput  # noqa: E402
+from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, ShapeMismatchError  # noqa: E402
+from streaming_parity.interface.driver import stream  # noqa: E402
+from streaming_parity.interface.utterance import Utterance  # noqa: E402
+from streaming_parity.judge.compare import compare_runs  # noqa: E402
+from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402
+from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 
 pytestmark = [pytest.mark.onnx, pytest.mark.nemo]
 
@@ -45,7 +45,7 @@ LOCALES = {"en-US": 0, "en-GB": 1, "de-DE": 2, "es-ES": 3, "fr-FR": 4, "it-IT": 
 
 
 def _shortest(count: int) -> list[Path]:
-    from fixtures.models import speech_manifest
+    from streaming_parity.fixtures.models import speech_manifest
 
     entries = sorted(speech_manifest(), key=lambda entry: entry["duration"])[:count]
     return [Path(entry["audio_filepath"]) for entry in entries]
@@ -61,14 +61,14 @@ def nemo(prompt_reference):
 
 @pytest.fixture(scope="module")
 def export(prompt_nemo, tmp_path_factory) -> Path:
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     return get("onnx").prepare(prompt_nemo, tmp_path_factory.mktemp("onnx-prompt"))  # fp32 + taps + int8
 
 
 @pytest.fixture(scope="module")
 def onnx(export, prompt_nemo):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     backend = get("onnx").load(export, nemo_path=prompt_nemo)
     yield backend
@@ -89,8 +89,8 @@ def _rewrite_metadata(directory: Path, edit) -> None:
     """``edit(decoded metadata) -> changed keys`` applied to every graph of an export directory."""
     import onnx
 
-    from backends.onnx import graph_tools
-    from backends.onnx.layout import decode_metadata, encode_metadata
+    from streaming_parity.backends.onnx import graph_tools
+    from streaming_parity.backends.onnx.layout import decode_metadata, encode_metadata
 
     for path in sorted(directory.glob("*.onnx")):
         model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
@@ -112,7 +112,7 @@ def _failures(outcome) -> list[str]:
 def test_export_writes_the_prompt_graph_and_the_dictionary(export, nemo):
     import onnx
 
-    from backends.onnx.layout import read_view
+    from streaming_parity.backends.onnx.layout import read_view
 
     metadata = read_graph_metadata(export / prompt_file())
     assert metadata["graph"] == "prompt" and metadata["num_prompts"] == 128
@@ -192,7 +192,7 @@ def test_a_bypassed_prompt_fails_first_at_the_prompt_tap(nemo, onnx, utterances)
 
 
 def test_a_shifted_dictionary_fails_at_the_prompt_tap(nemo, export, prompt_nemo, utterances, tmp_path):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     shifted = _copy(export, tmp_path / "shifted")
 
@@ -214,7 +214,7 @@ def test_a_shifted_dictionary_fails_at_the_prompt_tap(nemo, export, prompt_nemo,
 
 
 def test_int8_prompt_tap_within_its_table(nemo, export, prompt_nemo, utterances):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     tolerances = Tolerances.load()
     limits = tolerances.limits("nemo~onnx", "int8", TAP_PROMPT)
@@ -246,7 +246,7 @@ def test_a_prompt_for_a_model_without_one_is_refused(backend_pool, utterances):
     context = plain.info.att_context_sizes[0]
     with pytest.raises(InvalidInput, match="without a prompt kernel"):
         plain.initial_state(context, prompt="en-US")
-    from harness.interface.chunking import ChunkSchedule
+    from streaming_parity.interface.chunking import ChunkSchedule
 
     mel, _ = plain.features(utterances[0].audio[None])
     chunk = ChunkSchedule(plain.streaming_config(context), PAD).chunks(mel)[0]
@@ -257,7 +257,7 @@ def test_a_prompt_for_a_model_without_one_is_refused(backend_pool, utterances):
 
 
 def test_an_export_without_the_prompt_graph_is_refused(export, prompt_nemo, tmp_path):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     for dtype in ("float32", "int8"):
         missing = _copy(export, tmp_path / dtype, without=(prompt_file(dtype),))
@@ -266,7 +266,7 @@ def test_an_export_without_the_prompt_graph_is_refused(export, prompt_nemo, tmp_
 
 
 def test_shape_surprises_are_refused(onnx, export, prompt_nemo, tmp_path):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     wrong = np.zeros((1, 79, 5), np.float32)
     with pytest.raises(ShapeMismatchError, match=r"prompt.onnx input encoder_output: expected shape \('\*', 80, '\*'\), got \(1, 79, 5\)"):
@@ -289,8 +289,8 @@ def test_int8_prompt_weight_shapes_are_checked_at_load(export, prompt_nemo, tmp_
     import onnx
     from onnx import numpy_helper
 
-    from backends import get
-    from backends.onnx.graph_tools import matmul_weights
+    from streaming_parity.backends.onnx.graph_tools import matmul_weights
+    from streaming_parity.interface.registry import get
 
     # The fp32 graph reads NeMo's weights through transposes: the same [in, out] shapes, under NeMo's names.
     fp32 = matmul_weights(onnx.load(str(export / prompt_file()), load_external_data=False).graph)
@@ -321,9 +321,9 @@ def test_int8_prompt_weight_shapes_are_checked_at_load(export, prompt_nemo, tmp_
 
 
 def test_older_exports_are_refused_and_not_reused(export, prompt_nemo, tmp_path):
-    from backends import get
-    from backends.onnx.export import cached_directory
-    from backends.onnx.layout import FORMAT
+    from streaming_parity.backends.onnx.export import cached_directory
+    from streaming_parity.backends.onnx.layout import FORMAT
+    from streaming_parity.interface.registry import get
 
     older = _copy(export, tmp_path / "older")
     _rewrite_metadata(older, lambda _metadata: {"format": "parity-nemo-cache-aware-rnnt/1"})
@@ -351,9 +351,9 @@ def test_another_prompt_width_and_dictionary(prompt_nemo, utterances, tmp_path):
 
     import yaml
 
-    from backends import get
-    from backends.onnx.export import export_cached
-    from fixtures.models import rewrite_checkpoint
+    from streaming_parity.backends.onnx.export import export_cached
+    from streaming_parity.fixtures.models import rewrite_checkpoint
+    from streaming_parity.interface.registry import get
 
     d_model, width, locales = 80, 16, {"en-US": 3, "de-DE": 15}
     sliced = rewrite_checkpoint(prompt_nemo, tmp_path / "sliced.nemo", lambda state: {
@@ -385,10 +385,10 @@ def test_peer_formats_refuse_a_prompt_model_instead_of_bypassing_its_prompt(prom
     """sherpa-onnx's, NeMo's and parakeet-rs' exporters export the encoder and decoder_joint modules only: a
     Nemotron-3.5 model written that way would ignore its locale. Writing one is refused, and such files (here
     a NeMo-format export of tiny-streaming) checked against a prompt .nemo are refused, each naming why."""
-    from backends.onnx.foreign import ArtifactContradiction, read_foreign
-    from backends.onnx.peer_export import export_peer
-    from fixtures.models import build
-    from harness.errors import Unsupported
+    from streaming_parity.backends.onnx.foreign import ArtifactContradiction, read_foreign
+    from streaming_parity.backends.onnx.peer_export import export_peer
+    from streaming_parity.core.errors import Unsupported
+    from streaming_parity.fixtures.models import build
 
     for fmt in ("sherpa-onnx", "nemo", "parakeet-rs"):
         with pytest.raises(Unsupported, match="bypass prompt_kernel and ignore the locale"):

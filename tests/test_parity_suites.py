@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.interface.backend import decode_tokens
-from harness.interface.driver import shared_mode
-from harness.judge.compare import compare_streaming_to_offline
-from harness.judge.metrics import word_error_rate
-from harness.judge.results import Results
+from streaming_parity.interface.backend import decode_tokens
+from streaming_parity.interface.driver import shared_mode
+from streaming_parity.judge.compare import compare_streaming_to_offline
+from streaming_parity.judge.metrics import word_error_rate
+from streaming_parity.judge.results import Results
 
 
 def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances):
@@ -33,7 +33,7 @@ def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_con
 def _save(results_dir, name, comparisons, nemo_path, tolerances, transcripts=()):
     if results_dir is None:
         return
-    from harness.nemo_file import sha256_file
+    from streaming_parity.core.nemo_file import sha256_file
 
     results = Results(model={"path": str(nemo_path), "sha256": sha256_file(nemo_path), "name": nemo_path.stem},
                       tolerances=tolerances.source, comparisons=list(comparisons), transcripts=list(transcripts))
@@ -138,7 +138,7 @@ def test_cache_invariants(backend_name, backend_pool, run_cache, utterances, att
 
 def test_streaming_matches_offline(backend_name, backend_pool, run_cache, utterances, att_contexts, tolerances):
     """Each backend's own streaming output against its own offline forward ([70,0] has its own bound)."""
-    from harness.interface.chunking import FirstChunkMode
+    from streaming_parity.interface.chunking import FirstChunkMode
 
     backend = backend_pool.get(backend_name)
     if not backend.capabilities.offline:
@@ -160,6 +160,6 @@ def test_streaming_matches_offline(backend_name, backend_pool, run_cache, uttera
 
 def test_registry_knows_each_backends_first_chunk_modes(backend_name, backend_pool):
     """The bounded-memory matrix plans reference runs from the registry before loading any candidate."""
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     assert get(backend_name).capabilities == backend_pool.get(backend_name).capabilities

@@ -1,7 +1,7 @@
 """Files other exporters write (sherpa-onnx, NeMo's plain export, parakeet-rs), read without this project's
 metadata and driven by the harness's ONNX Runtime driver, against NeMo on tiny-streaming.
 
-Each directory is built offline by ``backends.onnx.peer_export`` (two lookaheads, one subdirectory each);
+Each directory is built offline by ``streaming_parity.backends.onnx.peer_export`` (two lookaheads, one subdirectory each);
 NeMo's pad-and-drop runs are shared with the parity suites (``run_cache``).
 """
 
@@ -18,7 +18,7 @@ from graph_metadata import set_metadata
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from backends.onnx.foreign import (  # noqa: E402
+from streaming_parity.backends.onnx.foreign import (  # noqa: E402
     FOREIGN_FORMATS,
     NEMO_EXPORT,
     PARAKEET_RS,
@@ -27,11 +27,11 @@ from backends.onnx.foreign import (  # noqa: E402
     ForeignOnnxBackend,
     detect,
 )
-from backends.onnx.peer_export import PEER_FORMATS, SHERPA_SCRIPTS  # noqa: E402
-from harness.errors import UnsafeArtifact  # noqa: E402
-from harness.interface.chunking import FirstChunkMode  # noqa: E402
-from harness.interface.driver import stream  # noqa: E402
-from harness.judge.compare import compare_runs  # noqa: E402
+from streaming_parity.backends.onnx.peer_export import PEER_FORMATS, SHERPA_SCRIPTS  # noqa: E402
+from streaming_parity.core.errors import UnsafeArtifact  # noqa: E402
+from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
+from streaming_parity.interface.driver import stream  # noqa: E402
+from streaming_parity.judge.compare import compare_runs  # noqa: E402
 
 pytestmark = pytest.mark.onnx
 
@@ -42,7 +42,7 @@ DETECTED = {"sherpa-onnx": SHERPA_ONNX, "nemo": NEMO_EXPORT, "parakeet-rs": PARA
 
 @pytest.fixture(scope="session")
 def peer_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
-    from backends.onnx.peer_export import export_peer_cached
+    from streaming_parity.backends.onnx.peer_export import export_peer_cached
 
     return {fmt: export_peer_cached(tiny_nemo, work_dir / "peers", fmt=fmt, att_context_sizes=CONTEXTS)
             for fmt in PEER_FORMATS}
@@ -55,7 +55,7 @@ def two_utterances(utterances):
 
 def _lookahead(peer_dirs, fmt: str, context=(70, 13)) -> Path:
     """One lookahead's subdirectory, copied (so a test may change it)."""
-    from backends.onnx.peer_export import lookahead_dir
+    from streaming_parity.backends.onnx.peer_export import lookahead_dir
 
     return lookahead_dir(peer_dirs[fmt], fmt, context, 8, several=True)
 
@@ -69,7 +69,7 @@ def _copy(source: Path, target: Path) -> Path:
 
 @pytest.mark.parametrize("fmt", PEER_FORMATS)
 def test_each_format_is_detected_from_file_names(peer_dirs, fmt):
-    from harness.app.peers import detect_backend, parse_candidate
+    from streaming_parity.app.peers import detect_backend, parse_candidate
 
     assert detect(peer_dirs[fmt]) == DETECTED[fmt]
     assert detect(_lookahead(peer_dirs, fmt)) == DETECTED[fmt]
@@ -81,8 +81,8 @@ def test_each_format_is_detected_from_file_names(peer_dirs, fmt):
 def test_own_export_and_unknown_directories(backend_pool, tmp_path):
     assert detect(backend_pool.source("onnx")) == "parity"
     assert detect(tmp_path) is None
-    from harness.app.peers import detect_backend
-    from harness.errors import InvalidInput
+    from streaming_parity.app.peers import detect_backend
+    from streaming_parity.core.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match="no backend recognises it"):
         detect_backend(tmp_path)
@@ -192,7 +192,7 @@ def test_parakeet_config_and_tokens_that_lie_are_refused(peer_dirs, tiny_nemo, t
 
 
 def test_foreign_directory_needs_its_nemo(peer_dirs):
-    from backends.onnx.foreign import ForeignArtifactError
+    from streaming_parity.backends.onnx.foreign import ForeignArtifactError
 
     with pytest.raises(ForeignArtifactError, match="read against the .nemo they were exported from"):
         ForeignOnnxBackend(peer_dirs["nemo"])
@@ -236,7 +236,7 @@ def test_token_tables_with_duplicate_or_missing_ids_are_refused(peer_dirs, tiny_
 
 def test_writers_output_the_peers_own_interfaces(peer_dirs):
     """What each peer's runtime reads, checked on the written files (names, layouts, metadata)."""
-    from backends.onnx.foreign import GraphIO
+    from streaming_parity.backends.onnx.foreign import GraphIO
 
     sherpa = _lookahead(peer_dirs, "sherpa-onnx")
     encoder = GraphIO.read(sherpa / "encoder.onnx")
@@ -262,10 +262,10 @@ def test_writers_output_the_peers_own_interfaces(peer_dirs):
 def test_multitalker_graphs_in_parakeet_rs_naming(multitalker_nemo, tmp_path):
     """parakeet-rs' multitalker naming (spk_targets, bg_spk_targets; batch-first caches) without any
     metadata of ours: the same outputs as this project's runtime on the same graphs, every tap found."""
-    from backends.onnx.export import export_onnx
-    from backends.onnx.runtime import OnnxBackend
-    from harness.app.compare import fixture_utterances
-    from harness.interface.speakers import SpeakerTargets
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.backends.onnx.export import export_onnx
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
+    from streaming_parity.interface.speakers import SpeakerTargets
 
     own = tmp_path / "own"
     export_onnx(multitalker_nemo, own, att_context_sizes=[(70, 13)])
@@ -317,7 +317,7 @@ OLDER = ("fast-conformer-2024-05", "fast-conformer")
 @pytest.fixture(scope="session")
 def script_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
     """[70,13] written by each version of sherpa-onnx's script (with its int8 copies where it writes them)."""
-    from backends.onnx.peer_export import export_peer_cached
+    from streaming_parity.backends.onnx.peer_export import export_peer_cached
 
     return {name: export_peer_cached(tiny_nemo, work_dir / "scripts", fmt="sherpa-onnx", att_context_sizes=[(70, 13)],
                                      int8=script.int8, script=name)
@@ -332,7 +332,7 @@ def test_every_script_version_is_described():
 def test_each_script_version_writes_its_metadata_and_loads(script_dirs, tiny_nemo, name):
     """What each version writes (keys, the spelling of "no normalisation", where the weights go) is read
     back without a complaint, at the lookahead the graph runs."""
-    from backends.onnx.foreign import GraphIO
+    from streaming_parity.backends.onnx.foreign import GraphIO
 
     keys, normalize, encoder_data, int8 = SCRIPT_METADATA[name]
     directory = script_dirs[name]
@@ -406,7 +406,7 @@ def test_int8_directory_as_the_run_scripts_leave_it(script_dirs, tiny_nemo, tmp_
     """run-transducer.sh (and the Nemotron release workflow) move the int8 copies into a directory of their
     own with tokens.txt: it is recognised, runs as int8, and names what it holds when float32 is asked for.
     Each variant's encoder is checked: a lying int8 encoder beside a sound float32 one is refused."""
-    from backends.onnx.layout import MissingGraphError
+    from streaming_parity.backends.onnx.layout import MissingGraphError
 
     source = script_dirs["fast-conformer"]
     int8 = tmp_path / "sherpa-onnx-int8"
@@ -478,7 +478,7 @@ def test_each_spelling_of_no_normalisation_is_read(peer_dirs, tiny_nemo, tmp_pat
 @pytest.mark.parametrize("key", ["window_size", "chunk_shift", "vocab_size", "subsampling_factor", "pred_hidden",
                                  "cache_last_channel_dim2", "cache_last_time_dim3"])
 def test_a_key_the_runtime_reads_cannot_be_missing(peer_dirs, tiny_nemo, tmp_path, key):
-    from backends.onnx.foreign import ForeignArtifactError
+    from streaming_parity.backends.onnx.foreign import ForeignArtifactError
 
     directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "missing")
     set_metadata(directory / "encoder.onnx", drop=(key, "chunk_size_ms", "feat_dim"))

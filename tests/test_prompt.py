@@ -8,17 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.errors import InvalidInput
-from harness.interface.backend import TAP_ENCODER, TAP_PROMPT, ModelInfo, PromptKernel
-from harness.judge.prompts import BYPASSED, identify_prompt
-from harness.judge.tolerances import Tolerances
-from harness.nemo_config import NemoConfigError, read_model_config
+from streaming_parity.core.errors import InvalidInput
+from streaming_parity.core.nemo_config import NemoConfigError, read_model_config
+from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, ModelInfo, PromptKernel
+from streaming_parity.judge.prompts import BYPASSED, identify_prompt
+from streaming_parity.judge.tolerances import Tolerances
 
 LOCALES = {"en-US": 0, "en-GB": 1, "de-DE": 2}
 
 
 def _config(**model_defaults):
-    from fixtures.models import FIXTURES
+    from streaming_parity.fixtures.models import FIXTURES
 
     config = FIXTURES["tiny-prompt"].config("tokenizer")
     config["model_defaults"].update(model_defaults)
@@ -115,7 +115,7 @@ def test_nemo_stream_with_the_prompt_unset_does_not_match_one_with_it_set(prompt
     """NeMo's ``_apply_prompt_to_encoded`` is a no-op until ``set_inference_prompt``: the bypassed stream's
     prompt tap is its encoder output, and it differs from the prompted stream's, tokens included (otherwise
     a bypass could not be caught on this fixture)."""
-    from harness.interface.driver import stream
+    from streaming_parity.interface.driver import stream
 
     _path, nemo = prompt_models
     utterance = utterances[0]
@@ -137,8 +137,8 @@ def test_nemo_stream_with_the_prompt_unset_does_not_match_one_with_it_set(prompt
 def test_nemo_offline_is_nemo_forward_with_prompt_indices(prompt_models, utterances):
     """The offline path is ``EncDecRNNTBPEModelWithPrompt.forward(prompt_indices=...)``; streaming with the same
     locale matches it at every lookahead (the streaming~offline bounds, [56,0] included)."""
-    from harness.interface.driver import stream
-    from harness.judge.compare import compare_streaming_to_offline
+    from streaming_parity.interface.driver import stream
+    from streaming_parity.judge.compare import compare_streaming_to_offline
 
     _path, nemo = prompt_models
     tolerances = Tolerances.load()
@@ -166,8 +166,8 @@ def test_a_bypassed_or_shifted_prompt_is_caught_at_the_prompt_tap_and_named(prom
                                                                           candidate_prompt, cause):
     """A candidate streamed without the locale, or with another index, against the reference with en-US:
     the first divergence is the prompt tap at step 0 (the encoder before it agrees), and the cause is named."""
-    from backends.nemo import NemoBackend
-    from harness.judge.loop import Candidate, stream_and_compare
+    from streaming_parity.backends.nemo import NemoBackend
+    from streaming_parity.judge.loop import Candidate, stream_and_compare
 
     path, nemo = prompt_models
     with NemoBackend(path) as candidate:
@@ -184,9 +184,9 @@ def test_a_bypassed_or_shifted_prompt_is_caught_at_the_prompt_tap_and_named(prom
 
 @pytest.mark.nemo
 def test_the_same_prompt_passes_and_names_no_cause(prompt_models, utterances):
-    from backends.nemo import NemoBackend
-    from harness.judge.loop import Candidate, stream_and_compare
-    from harness.judge.results import Results
+    from streaming_parity.backends.nemo import NemoBackend
+    from streaming_parity.judge.loop import Candidate, stream_and_compare
+    from streaming_parity.judge.results import Results
 
     path, nemo = prompt_models
     with NemoBackend(path) as candidate:
@@ -201,7 +201,7 @@ def test_the_same_prompt_passes_and_names_no_cause(prompt_models, utterances):
 
 @pytest.mark.nemo
 def test_fingerprint_reports_the_prompt_kernel(prompt_models):
-    from harness.detect.fingerprint import fingerprint
+    from streaming_parity.detect.fingerprint import fingerprint
 
     path, _nemo = prompt_models
     report = fingerprint(path)

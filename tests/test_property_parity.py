@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.models import STREAMING_CONTEXTS
-from harness.app.compare import fixture_utterances
-from harness.interface.driver import shared_mode, stream
-from harness.judge.compare import compare_runs
+from streaming_parity.app.session import fixture_utterances
+from streaming_parity.fixtures.models import STREAMING_CONTEXTS
+from streaming_parity.interface.driver import shared_mode, stream
+from streaming_parity.judge.compare import compare_runs
 
 # Drives Backend.step with mel chunks: a transcript-level peer runtime (it takes audio) is skipped.
 pytestmark = pytest.mark.streams_mel

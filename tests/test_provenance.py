@@ -6,9 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 
-from harness.judge.results import Results, environment
-from harness.report import render_html, render_markdown
-from harness.system.provenance import (
+from streaming_parity.core.system.provenance import (
     CHECKOUT,
     HubOrigin,
     Provenance,
@@ -16,6 +14,8 @@ from harness.system.provenance import (
     library_versions,
     sha256_path,
 )
+from streaming_parity.judge.results import Results, environment
+from streaming_parity.report import render_html, render_markdown
 
 
 def test_the_record_names_source_hub_harness_commit_and_versions(tmp_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backends.mlx import model_card
-from harness.app.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, main
+from streaming_parity.app import model_card
+from streaming_parity.app.cli import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, main
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

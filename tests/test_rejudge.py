@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 
-from harness.interface.backend import DecoderState, StepOutput, StreamingState
-from harness.interface.driver import StreamRun
-from harness.judge.compare import compare_runs, rejudge
-from harness.judge.results import comparison_from_dict, comparison_to_dict
-from harness.judge.tolerances import Tolerances
+from streaming_parity.interface.backend import DecoderState, StepOutput, StreamingState
+from streaming_parity.interface.driver import StreamRun
+from streaming_parity.judge.compare import compare_runs, rejudge
+from streaming_parity.judge.results import comparison_from_dict, comparison_to_dict
+from streaming_parity.judge.tolerances import Tolerances
 
 
 def _run(backend: str, steps: int, width: int = 3) -> StreamRun:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.app.cli import EXIT_OK, main
-from harness.judge.compare import PairComparison, TapResult
-from harness.judge.results import Results
-from harness.report import (
+from streaming_parity.app.cli import EXIT_OK, main
+from streaming_parity.judge.compare import PairComparison, TapResult
+from streaming_parity.judge.results import Results
+from streaming_parity.report import (
     find_regressions,
     key_metrics,
     overall_passed,
@@ -51,7 +51,7 @@ def transcript(backend: str, dtype: str, text: str, context=(70, 13), utterance:
 
 def synthetic_results(*, onnx_error: float = 1e-6, int8_error: float = 3e-2) -> Results:
     results = Results(model={"name": "tiny-streaming", "sha256": "ab" * 32, "path": "/tmp/tiny.nemo"},
-                      tolerances="harness/judge/tolerances.toml")
+                      tolerances="streaming_parity/judge/tolerances.toml")
     results.comparisons = [
         comparison("onnx", "float32", error=onnx_error),
         comparison("onnx", "int8", error=int8_error, limit=1.0, candidate_tokens=(5, 9, 7)),
@@ -189,8 +189,8 @@ def test_real_report_renders_in_headless_chromium(tiny_nemo, nemo_backend, backe
     # NeMo against its own offline forward and against every other available backend (the sessions'
     # prepared exports and artifacts), or a second stream of itself when none is installed: every
     # per-step tap and cache is compared, so every section of the page has real data.
-    from backends import REGISTRY
-    from harness.app.compare import compare_backends
+    from streaming_parity.app.session import compare_backends
+    from streaming_parity.interface.registry import REGISTRY
 
     candidates = [backend_pool.get(name) for name, entry in REGISTRY.items()
                   if name != "nemo" and entry.available()] or [nemo_backend]
@@ -217,8 +217,8 @@ def test_real_report_renders_in_headless_chromium(tiny_nemo, nemo_backend, backe
 def test_the_int8_kernel_path_heads_the_report_and_its_provenance():
     """Each run names the CPU's int8 kernel path (an int8 figure depends on it); a results file from before it
     was recorded renders without the line."""
-    from harness.report import render_html, render_markdown
-    from harness.system.cpu import int8_kernel_path
+    from streaming_parity.core.system.cpu import int8_kernel_path
+    from streaming_parity.report import render_html, render_markdown
 
     results = synthetic_results()
     path = int8_kernel_path()
@@ -233,7 +233,7 @@ def test_the_int8_kernel_path_heads_the_report_and_its_provenance():
 def test_a_candidate_compared_in_both_first_chunk_modes_has_a_row_for_each():
     from dataclasses import replace
 
-    from harness.report.data import pair_summaries
+    from streaming_parity.report.data import pair_summaries
 
     results = synthetic_results()
     plain, = (c for c in results.comparisons if c.dtype == "float32")

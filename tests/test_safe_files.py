@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.app.cli import EXIT_USAGE, main
-from harness.errors import BadInput, UnsafeArtifact
-from harness.safe_files import read_safetensors_header
+from streaming_parity.app.cli import EXIT_USAGE, main
+from streaming_parity.core.errors import BadInput, UnsafeArtifact
+from streaming_parity.core.safe_files import read_safetensors_header
 
 TIB = 1 << 40
 
@@ -54,7 +54,7 @@ def huge_tensor(path: Path) -> Path:
 def test_valid_safetensors_header_and_chunked_hashes(tmp_path):
     from safetensors.numpy import save_file
 
-    from harness.detect.fingerprint import read_safetensors_index
+    from streaming_parity.interface.model_view import read_safetensors_index
 
     arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, dtype=np.float16),
               "empty": np.zeros((0, 3), dtype=np.float32)}
@@ -128,7 +128,7 @@ def test_fingerprint_and_verify_refuse_a_1_tib_header_with_exit_2(tmp_path, caps
 
 
 def test_mlx_artifact_readers_refuse_the_header_before_loading(tmp_path):
-    from backends.mlx.artifact import read_artifact_dtype, read_view
+    from streaming_parity.backends.mlx.artifact import read_artifact_dtype, read_view
 
     artifact = lying_mlx_artifact(tmp_path / "artifact")
     with pytest.raises(UnsafeArtifact, match="end past the file"):
@@ -140,8 +140,8 @@ def test_mlx_artifact_readers_refuse_the_header_before_loading(tmp_path):
 @pytest.mark.mlx
 def test_mlx_backend_checks_the_header_before_mx_load(tmp_path, monkeypatch):
     pytest.importorskip("mlx.core")
-    import backends.mlx.backend as mlx_backend
-    from backends.mlx.artifact import iter_tensors
+    import streaming_parity.backends.mlx.backend as mlx_backend
+    from streaming_parity.backends.mlx.artifact import iter_tensors
 
     def never(*args, **kwargs):
         raise AssertionError("mx.load was called on a refused file")
@@ -210,8 +210,8 @@ def test_onnx_external_data_is_checked_before_reading(tmp_path, capsys, monkeypa
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
-    from backends.onnx.layout import read_view
-    from backends.onnx.runtime import OnnxBackend
+    from streaming_parity.backends.onnx.layout import read_view
+    from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     def never(*args, **kwargs):
         raise AssertionError("ONNX Runtime was handed a refused graph")
@@ -231,7 +231,7 @@ def test_onnx_external_data_is_checked_before_reading(tmp_path, capsys, monkeypa
 def test_honest_external_data_still_loads_and_runs(tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from backends.onnx.layout import read_view
+    from streaming_parity.backends.onnx.layout import read_view
 
     directory = tmp_path / "export"
     directory.mkdir()
@@ -294,7 +294,7 @@ def nemo_cases(tmp_path: Path) -> list[tuple[str, Path, str]]:
 
 
 def test_nemo_members_that_lie_about_their_size_are_refused(tmp_path, capsys):
-    from harness.nemo_file import UnsafeNemoFile, inspect_nemo
+    from streaming_parity.core.nemo_file import UnsafeNemoFile, inspect_nemo
 
     for label, path, fragment in nemo_cases(tmp_path):
         with pytest.raises(UnsafeNemoFile) as raised:
@@ -305,7 +305,7 @@ def test_nemo_members_that_lie_about_their_size_are_refused(tmp_path, capsys):
 
 
 def test_compressed_config_over_the_limit_is_refused_unread(tmp_path, monkeypatch):
-    import harness.nemo_file as nemo_file
+    import streaming_parity.core.nemo_file as nemo_file
 
     path = tmp_path / "big.nemo"
     config = CONFIG + b"#" * 4000
@@ -326,7 +326,7 @@ def test_compressed_config_over_the_limit_is_refused_unread(tmp_path, monkeypatc
 
 
 def test_members_read_whole_have_a_size_limit(tmp_path):
-    from harness.nemo_file import UnsafeNemoFile, inspect_nemo
+    from streaming_parity.core.nemo_file import UnsafeNemoFile, inspect_nemo
 
     path = nemo_with(tmp_path / "tok.nemo", [("model_config.yaml", CONFIG, None, tarfile.REGTYPE),
                                              ("model_weights.ckpt", b"weights", None, tarfile.REGTYPE),
@@ -339,8 +339,8 @@ def test_members_read_whole_have_a_size_limit(tmp_path):
 
 def test_a_hub_snapshot_link_into_its_own_blobs_is_accepted_and_one_elsewhere_is_not(tmp_path):
     """huggingface_hub's cache keeps a snapshot's files as links into the repository's blobs folder."""
-    from harness.errors import UnsafeArtifact
-    from harness.safe_files import check_external_file
+    from streaming_parity.core.errors import UnsafeArtifact
+    from streaming_parity.core.safe_files import check_external_file
 
     repo = tmp_path / "models--acme--tiny"
     snapshot = repo / "snapshots" / "0123abcd"

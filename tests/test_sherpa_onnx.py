@@ -20,8 +20,8 @@ sherpa_onnx = pytest.importorskip("sherpa_onnx", reason="sherpa-onnx is not inst
 pytest.importorskip("kaldi_native_fbank", reason="kaldi-native-fbank is not installed (pip install '.[peers]')")
 pytest.importorskip("onnxruntime")
 
-from harness.errors import UnsafeArtifact  # noqa: E402
-from harness.interface.backend import decode_tokens  # noqa: E402
+from streaming_parity.core.errors import UnsafeArtifact  # noqa: E402
+from streaming_parity.interface.backend import decode_tokens  # noqa: E402
 
 pytestmark = pytest.mark.sherpa_onnx
 
@@ -42,7 +42,7 @@ def runtime(backend_pool):
 @pytest.fixture(scope="session")
 def driver(sherpa_dir, tiny_nemo):
     """The harness's ONNX Runtime driver on the very same files (the registry says which backend reads them)."""
-    from harness.app.peers import tensor_driver_for
+    from streaming_parity.app.peers import tensor_driver_for
 
     backend = tensor_driver_for(sherpa_dir, _Peer(), tiny_nemo)
     yield backend
@@ -59,7 +59,7 @@ def short_utterances(utterances):
 
 
 def test_runtime_streams_audio_chunk_by_chunk(runtime, short_utterances):
-    from backends import get
+    from streaming_parity.interface.registry import get
 
     assert get("sherpa-onnx").capabilities == runtime.capabilities
     assert runtime.capabilities.input == "audio" and not runtime.capabilities.tensor_level
@@ -94,7 +94,7 @@ def test_front_end_is_the_runtimes_own(runtime, sherpa_dir, short_utterances):
 
 def test_harness_rebuilds_the_runtime_token_for_token(runtime, driver, short_utterances):
     """The runtime's features and windows through the harness's driver: the runtime's exact tokens."""
-    from harness.judge.bisect import run_chunks
+    from streaming_parity.judge.bisect import run_chunks
 
     for utterance in short_utterances:
         for context in ((70, 13), (70, 1)):
@@ -105,7 +105,7 @@ def test_harness_rebuilds_the_runtime_token_for_token(runtime, driver, short_utt
 
 
 def test_bisection_on_the_tiny_fixture(nemo_backend, driver, runtime, short_utterances, tolerances):
-    from harness.judge.bisect import bisect_peer
+    from streaming_parity.judge.bisect import bisect_peer
 
     bisection = bisect_peer(nemo_backend, driver, runtime, short_utterances[:2], CONTEXT, tolerances)
     assert bisection.export_passed is True and "the exported graphs are right" in bisection.export_summary
@@ -119,7 +119,7 @@ def test_bisection_on_the_tiny_fixture(nemo_backend, driver, runtime, short_utte
 
 
 def test_unsafe_sherpa_directories_are_refused(sherpa_dir, tmp_path):
-    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+    from streaming_parity.backends.sherpa_onnx.backend import SherpaOnnxBackend
 
     source = next(p for p in sorted(sherpa_dir.iterdir()) if p.is_dir())
     duplicate = shutil.copytree(source, tmp_path / "duplicate")
@@ -144,7 +144,7 @@ OLDER_SCRIPTS = ("fast-conformer-2024-05", "fast-conformer")
 def older_dirs(tiny_nemo, work_dir) -> dict[str, Path]:
     """[70,13] as each older version of sherpa-onnx's script writes it (cached where tests/test_peer_formats.py
     writes the same directories)."""
-    from backends.onnx.peer_export import SHERPA_SCRIPTS, export_peer_cached
+    from streaming_parity.backends.onnx.peer_export import SHERPA_SCRIPTS, export_peer_cached
 
     return {name: export_peer_cached(tiny_nemo, work_dir / "scripts", fmt="sherpa-onnx", att_context_sizes=[CONTEXT],
                                      int8=SHERPA_SCRIPTS[name].int8, script=name)
@@ -159,9 +159,9 @@ def test_older_script_directory_runs_as_the_newest(script, older_dirs, runtime, 
     same files gives NeMo's tokens, and the bisection rebuilds the runtime token for token."""
     import onnx
 
-    from backends.sherpa_onnx.backend import SherpaOnnxBackend
-    from harness.app.peers import tensor_driver_for
-    from harness.judge.bisect import bisect_peer
+    from streaming_parity.app.peers import tensor_driver_for
+    from streaming_parity.backends.sherpa_onnx.backend import SherpaOnnxBackend
+    from streaming_parity.judge.bisect import bisect_peer
 
     directory = older_dirs[script]
     metadata = {p.key for p in onnx.load(str(directory / "encoder.onnx"), load_external_data=False).metadata_props}
@@ -188,12 +188,12 @@ def test_older_script_directory_runs_as_the_newest(script, older_dirs, runtime, 
 
 def test_older_script_directory_through_the_cli(tiny_nemo, older_dirs, tmp_path, capsys):
     """``--candidate sherpa-onnx:DIR`` takes the first FastConformer script's directory, as it takes the newest."""
-    from harness.app.cli import main
+    from streaming_parity.app.cli import main
 
     directory = older_dirs["fast-conformer-2024-05"]
     results = tmp_path / "results.json"
     code = main(["compare", str(tiny_nemo), "--candidate", f"sherpa-onnx:{directory}", "--audio",
-                 str(REPO / "fixtures/speech/utt02.wav"), "--att-context", "70,13", "--json", str(results)])
+                 str(REPO / "streaming_parity/fixtures/speech/utt02.wav"), "--att-context", "70,13", "--json", str(results)])
     captured = capsys.readouterr()
     assert code == 1, captured.err  # the runtime's first window, as with the newest script's directory
     assert f"candidate {directory}: sherpa-onnx, run by the sherpa-onnx backend" in captured.err
@@ -220,7 +220,7 @@ def test_older_script_directory_through_the_cli(tiny_nemo, older_dirs, tmp_path,
 ])
 def test_metadata_that_contradicts_the_graph_is_refused(sherpa_dir, tmp_path, edit, stated):
     """Without the .nemo, what the encoder's metadata states is held to the graph itself."""
-    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+    from streaming_parity.backends.sherpa_onnx.backend import SherpaOnnxBackend
 
     directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "lying")
     set_metadata(directory / "encoder.onnx", **edit)
@@ -243,7 +243,7 @@ def test_metadata_that_contradicts_the_graph_is_refused(sherpa_dir, tmp_path, ed
                                         "preprocessor.normalize = 'NA'"),
 ])
 def test_metadata_that_contradicts_the_nemo_is_refused(sherpa_dir, tiny_nemo, tmp_path, edit, stated):
-    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+    from streaming_parity.backends.sherpa_onnx.backend import SherpaOnnxBackend
 
     directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "lying")
     set_metadata(directory / "encoder.onnx", **edit)
@@ -256,7 +256,7 @@ def test_metadata_that_contradicts_the_nemo_is_refused(sherpa_dir, tiny_nemo, tm
 @pytest.mark.parametrize("spelling", ["None", "", "NA", None])
 def test_each_spelling_of_no_normalisation_is_read(sherpa_dir, tiny_nemo, tmp_path, spelling):
     """The spellings the scripts write for the .nemo's "NA", and an absent key (the runtime reads it as "")."""
-    from backends.sherpa_onnx.backend import SherpaOnnxBackend
+    from streaming_parity.backends.sherpa_onnx.backend import SherpaOnnxBackend
 
     directory = shutil.copytree(sherpa_dir / "1120", tmp_path / "normalize")
     if spelling is None:
@@ -273,11 +273,11 @@ def test_each_spelling_of_no_normalisation_is_read(sherpa_dir, tiny_nemo, tmp_pa
 
 
 def test_parity_compare_detects_and_bisects(tiny_nemo, sherpa_dir, tmp_path, capsys):
-    from harness.app.cli import main
+    from streaming_parity.app.cli import main
 
     results = tmp_path / "results.json"
     code = main(["compare", str(tiny_nemo), "--candidate", f"sherpa-onnx:{sherpa_dir}", "--candidate", str(sherpa_dir),
-                 "--audio", str(REPO / "fixtures/speech/utt02.wav"), "--att-context", "70,13", "--json", str(results)])
+                 "--audio", str(REPO / "streaming_parity/fixtures/speech/utt02.wav"), "--att-context", "70,13", "--json", str(results)])
     captured = capsys.readouterr()
     assert code == 1  # the runtime's tokens differ from NeMo's
     assert f"candidate {sherpa_dir}: sherpa-onnx, run by the onnx backend" in captured.err
@@ -288,8 +288,8 @@ def test_parity_compare_detects_and_bisects(tiny_nemo, sherpa_dir, tmp_path, cap
     saved = json.loads(results.read_text())
     assert saved["extra"]["peer_bisection"][0]["reproduced"] is True
     # Reported with its bisection, but a peer runtime does not gate a nightly's fp32 verdict.
-    from harness.judge.results import Results
-    from harness.report import overall_passed
+    from streaming_parity.judge.results import Results
+    from streaming_parity.report import overall_passed
 
     assert {c["gating"] for c in saved["comparisons"] if c["candidate"] == "sherpa-onnx"} == {False}
     assert overall_passed([Results.load(results)], fp32_only=True)
@@ -298,13 +298,13 @@ def test_parity_compare_detects_and_bisects(tiny_nemo, sherpa_dir, tmp_path, cap
 
 def test_trained_fixture_finding():
     """docs/peers.md: on the trained fixture the runtime's chunking, not its export or front end, costs the WER."""
-    from backends import get
-    from fixtures.trained.evaluate import test_entries
-    from harness.interface.utterance import Utterance
-    from harness.judge.bisect import bisect_peer
-    from harness.judge.tolerances import Tolerances
+    from streaming_parity.fixtures.trained.evaluate import test_entries
+    from streaming_parity.interface.registry import get
+    from streaming_parity.interface.utterance import Utterance
+    from streaming_parity.judge.bisect import bisect_peer
+    from streaming_parity.judge.tolerances import Tolerances
 
-    nemo = REPO / "fixtures/trained/trained-streaming.nemo"
+    nemo = REPO / "streaming_parity/fixtures/trained/trained-streaming.nemo"
     directory = get("sherpa-onnx").prepare(nemo, REPO / ".cache/artifacts", att_context_sizes=[CONTEXT])
     utterances = [Utterance.from_file(e["audio_filepath"], e["text"]) for e in test_entries()[:40]]
     with get("nemo").load(nemo) as reference, get("onnx").load(directory, nemo_path=nemo) as driver, \

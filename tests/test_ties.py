@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.interface.backend import DecoderState, StepOutput, StreamingState
-from harness.interface.driver import StreamRun
-from harness.judge.compare import compare_runs, judge_teacher_forced, rejudge
-from harness.judge.results import comparison_from_dict, comparison_to_dict
-from harness.judge.ties import find_flips, tie_bound
-from harness.judge.tolerances import Tolerances
+from streaming_parity.interface.backend import DecoderState, StepOutput, StreamingState
+from streaming_parity.interface.driver import StreamRun
+from streaming_parity.judge.compare import compare_runs, judge_teacher_forced, rejudge
+from streaming_parity.judge.results import comparison_from_dict, comparison_to_dict
+from streaming_parity.judge.ties import find_flips, tie_bound
+from streaming_parity.judge.tolerances import Tolerances
 
 VOCABULARY = 8  # labels 0..7, blank 8
 BLANK = VOCABULARY
@@ -135,7 +135,7 @@ def test_find_flips_ignores_calls_where_the_candidate_agrees(tolerances):
 def _tied_pair(nemo_backend, utterance, modes=("plain",)):
     """The label NeMo emits most on ``utterance`` and a higher-numbered label to tie it with (on an
     exact tie every argmax picks the lower index, so the reference keeps its label)."""
-    from harness.interface.driver import stream
+    from streaming_parity.interface.driver import stream
 
     mel, _ = nemo_backend.features(utterance.audio[None])
     runs = [stream(nemo_backend, mel, (70, 13), mode).tokens for mode in modes]
@@ -154,10 +154,10 @@ def _verify_with_tie(tiny_nemo, nemo_backend, utterance, tmp_path, *, reference_
     mx = pytest.importorskip("mlx.core", reason="mlx is not installed")
     import torch
 
-    from backends.mlx.convert import convert
-    from backends.mlx.verify import verify_artifact
-    from backends.nemo import NemoBackend
-    from fixtures.models import rewrite_checkpoint
+    from streaming_parity.app.verify import verify_artifact
+    from streaming_parity.backends.mlx.convert import convert
+    from streaming_parity.backends.nemo import NemoBackend
+    from streaming_parity.fixtures.models import rewrite_checkpoint
 
     label, other = _tied_pair(nemo_backend, utterance, modes)
     prefix = "joint.joint_net.2."
@@ -243,11 +243,11 @@ def test_a_correct_conversion_of_an_unseen_shape_publishes(tmp_path):
     """4 layers, d_model 96, lookaheads [70,6] and [70,1]: the shape on which a correct conversion was
     once refused at a near-tie (utt09). Built from a seeded random model, converted and verified."""
     pytest.importorskip("mlx.core", reason="mlx is not installed")
-    from fixtures.models import build
-    from harness.app.cli import main
+    from streaming_parity.app.cli import main
+    from streaming_parity.fixtures.models import build
 
     nemo = build("unseen-4x96", progress=lambda _m: None)
-    speech = Path(__file__).resolve().parents[1] / "fixtures" / "speech"
+    speech = Path(__file__).resolve().parents[1] / "streaming_parity" / "fixtures" / "speech"
     out = tmp_path / "artifact"
     code = main(["convert", str(nemo), "--out", str(out), "--audio", str(speech / "utt09.wav"),
                  str(speech / "utt04.wav")])

@@ -1,7 +1,7 @@
 """The committed ``trained-streaming`` fixture: files, architecture, and measured WER.
 
 The WER figures are recomputed on a fixed 20-utterance subset of the held-out set and compared
-with what ``python -m fixtures.trained.evaluate`` recorded in ``fixtures/trained/eval.json``; the
+with what ``python -m streaming_parity.fixtures.trained.evaluate`` recorded in ``streaming_parity/fixtures/trained/eval.json``; the
 full-set offline WER recorded there is checked against the bound this model achieved.
 """
 
@@ -11,14 +11,14 @@ import json
 
 import pytest
 
-from fixtures.models import FIXTURES, STREAMING_CONTEXTS, build
-from fixtures.trained import evaluate, make_data
+from streaming_parity.fixtures.models import FIXTURES, STREAMING_CONTEXTS, build
+from streaming_parity.fixtures.trained import evaluate, make_data
 
 pytestmark = pytest.mark.nemo
 
 NEMO_PATH = make_data.TRAINED_DIR / "trained-streaming.nemo"
 # Full held-out set, NeMo offline (ASRModel.transcribe): the issue's gate. The committed model
-# measured 5.5 % (fixtures/trained/eval.json, MODEL_CARD.md).
+# measured 5.5 % (streaming_parity/fixtures/trained/eval.json, MODEL_CARD.md).
 GATE_OFFLINE_WER = 0.10
 # Re-running the same model on the same audio is deterministic up to float summation order;
 # one word in the ~100 words of the subset is ~1 %.
@@ -28,14 +28,14 @@ RECOMPUTE_MARGIN = 0.015
 @pytest.fixture(scope="module")
 def recorded() -> dict:
     if not evaluate.EVAL_JSON.exists():
-        pytest.fail(f"{evaluate.EVAL_JSON} is missing: run python -m fixtures.trained.evaluate")
+        pytest.fail(f"{evaluate.EVAL_JSON} is missing: run python -m streaming_parity.fixtures.trained.evaluate")
     return json.loads(evaluate.EVAL_JSON.read_text())
 
 
 @pytest.fixture(scope="module")
 def backend():
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
-    from backends.nemo import NemoBackend
+    from streaming_parity.backends.nemo import NemoBackend
 
     return NemoBackend(NEMO_PATH)
 
@@ -66,7 +66,7 @@ def test_committed_files_and_held_out_split():
 
 
 def test_loads_through_safe_reader_as_the_streaming_architecture():
-    from harness.nemo_file import inspect_nemo, load_state_dict
+    from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
 
     archive = inspect_nemo(NEMO_PATH)
     encoder = archive.config["encoder"]
@@ -91,8 +91,8 @@ def test_continued_training_keeps_the_snapshot_tokenizer(tmp_path):
     """A continued run trains on the snapshot's own pieces, whatever corpus it is given."""
     import sentencepiece as spm
 
-    from fixtures.trained.train import snapshot_tokenizer
-    from harness.nemo_file import inspect_nemo
+    from streaming_parity.core.nemo_file import inspect_nemo
+    from streaming_parity.fixtures.trained.train import snapshot_tokenizer
 
     extracted = snapshot_tokenizer(NEMO_PATH, tmp_path)
     processor = spm.SentencePieceProcessor(model_file=str(extracted / "tokenizer.model"))
@@ -111,7 +111,7 @@ def test_recorded_offline_wer(recorded):
 
 
 def test_offline_wer_on_subset(backend, subset_entries, recorded):
-    from harness.judge.metrics import word_error_rate
+    from streaming_parity.judge.metrics import word_error_rate
 
     context = STREAMING_CONTEXTS[0]
     hypotheses = evaluate.offline_hypotheses(backend, subset_entries, context)
@@ -121,7 +121,7 @@ def test_offline_wer_on_subset(backend, subset_entries, recorded):
 
 
 def test_streaming_wer_on_subset_at_largest_lookahead(backend, subset_entries, recorded):
-    from harness.judge.metrics import word_error_rate
+    from streaming_parity.judge.metrics import word_error_rate
 
     context = STREAMING_CONTEXTS[0]
     hypotheses = evaluate.streaming_hypotheses(backend, subset_entries, context)
@@ -136,7 +136,7 @@ def test_training_loss_matches_nemo_rnnt_loss():
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
     from nemo.collections.asr.losses.rnnt import RNNTLoss
 
-    from fixtures.trained.rnnt_loss import VectorizedRNNTLoss
+    from streaming_parity.fixtures.trained.rnnt_loss import VectorizedRNNTLoss
 
     generator = torch.Generator().manual_seed(0)
     batch, frames, labels, vocab = 3, 9, 4, 6
@@ -157,7 +157,7 @@ def test_training_loss_matches_nemo_rnnt_loss():
 @pytest.fixture(scope="module")
 def trained_pool(tmp_path_factory):
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
-    from harness.app.pytest_plugin import BackendPool
+    from streaming_parity.app.pytest_plugin import BackendPool
 
     return BackendPool(NEMO_PATH, tmp_path_factory.mktemp("trained"))
 
@@ -168,11 +168,11 @@ def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_en
     gives the same token sequences on the held-out subset, at the largest and the zero lookahead,
     and every tap and cache of every step stays within the tolerance file (a trained model's
     activations and log-probabilities span a wider range than the random fixtures')."""
-    from harness.interface.audio import load_audio
-    from harness.interface.backend import decode_tokens
-    from harness.interface.driver import shared_mode, stream
-    from harness.judge.compare import compare_runs
-    from harness.judge.metrics import word_error_rate
+    from streaming_parity.interface.audio import load_audio
+    from streaming_parity.interface.backend import decode_tokens
+    from streaming_parity.interface.driver import shared_mode, stream
+    from streaming_parity.judge.compare import compare_runs
+    from streaming_parity.judge.metrics import word_error_rate
 
     reference, candidate = (trained_pool.get(name) for name in backend_pair)
     label = "~".join(backend_pair)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness.system.workers import WorkerDied, WorkerFailed, run_in_subprocess
+from streaming_parity.core.system.workers import WorkerDied, WorkerFailed, run_in_subprocess
 
 
 def _add(a: int, b: int) -> int:

@@ -12,12 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.app.pytest_plugin import MARKERS
-
-try:
-    from harness.app.cli import build_parser
-except ImportError:  # the layout before harness/app/
-    from harness.cli import build_parser
+from streaming_parity.app.cli import build_parser
+from streaming_parity.app.pytest_plugin import MARKERS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -234,8 +230,8 @@ def test_ci_jobs_keep_the_junit_xml_and_the_reports_folder(workflow_job):
 
 
 def test_fixture_caches_are_keyed_on_what_the_fixture_hash_covers(monkeypatch):
-    """The fixture hash covers fixtures/models.py (configs, builder version, seed) and the corpus."""
-    from fixtures import models
+    """The fixture hash covers streaming_parity/fixtures/models.py (configs, builder version, seed) and the corpus."""
+    from streaming_parity.fixtures import models
 
     monkeypatch.delenv("PARITY_CACHE", raising=False)
     cache_dir = models.cache_root().relative_to(ROOT).as_posix()

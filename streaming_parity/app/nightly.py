@@ -1,0 +1,483 @@
+"""``parity nightly``: the whole matrix, saved as results and rendered as a report.
+
+Matrix: fixture models × lookaheads × every registered, available backend × each of its dtypes,
+against NeMo, through the one stream-and-compare loop (``streaming_parity.judge.loop``): NeMo streams
+first and its runs are stored (in memory, or spooled to disk for large models); NeMo is closed,
+then candidates are prepared (export, conversion), loaded, streamed and closed one at a time.
+
+A night writes ``<out>/<YYYY-MM-DD>/results.json`` (``results-<model>.json`` per model when the
+night covers several), ``report.md`` and ``report.html``. Only fp32 comparisons gate the exit
+status; reduced-precision candidates (int8, bf16) are judged against their own tolerance tables
+and reported as degradation.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streaming_parity.app.session import fixture_utterances, model_record
+from streaming_parity.app.source_provenance import manifest_provenance
+from streaming_parity.core.errors import InputNotFound, UnknownName, Unsupported
+from streaming_parity.core.nemo_file import sha256_file
+from streaming_parity.core.system.memory import current_rss_mb, peak_rss_mb, trim
+from streaming_parity.core.system.workers import run_in_subprocess
+from streaming_parity.interface.backend import Backend
+from streaming_parity.interface.chunking import FirstChunkMode
+from streaming_parity.interface.utterance import Utterance, long_utterance
+from streaming_parity.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore, stream_and_compare
+from streaming_parity.judge.results import Results
+from streaming_parity.judge.tolerances import Tolerances
+from streaming_parity.report import FP32, ReportFiles, overall_passed, write_report
+
+
+def default_work_dir() -> Path:
+    """Where exports and conversions are cached between runs (``$PARITY_CACHE/artifacts``)."""
+    root = Path(os.environ.get("PARITY_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
+    return root / "artifacts"
+
+
+@dataclass(frozen=True)
+class PlannedCandidate:
+    """One (backend, dtype) of the matrix."""
+
+    backend: str
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.dtype}"
+
+
+@dataclass
+class MatrixPlan:
+    candidates: list[PlannedCandidate]
+    unavailable: list[dict[str, str]]  # {backend, dtype, status, error} for backends that cannot run here
+
+
+def plan_candidates(backends: Sequence[str] | None = None) -> MatrixPlan:
+    """Every (backend, dtype) to compare against NeMo: the registry, or only ``backends`` when given.
+
+    A name selects all of its backend's dtypes; ``NAME:DTYPE`` (``mlx:float32``) selects one.
+    """
+    from streaming_parity.interface.registry import REFERENCE, REGISTRY, get
+
+    plan = MatrixPlan([], [])
+    for item in backends or REGISTRY:
+        name, _, only = item.partition(":")
+        if name == REFERENCE:
+            continue  # the reference is never its own candidate
+        entry = get(name)  # an unknown name raises KeyError with the registered ones
+        if only and only not in entry.dtypes:
+            raise UnknownName(f"backend {name} runs {', '.join(entry.dtypes)}, not {only}")
+        dtypes = [only] if only else list(entry.dtypes)
+        if not entry.available():
+            reason = "missing " + ", ".join(entry.missing_requirements())
+            plan.unavailable += [{"backend": name, "dtype": d, "status": "unavailable", "error": reason}
+                                 for d in dtypes]
+            continue
+        plan.candidates += [PlannedCandidate(name, dtype) for dtype in dtypes
+                            if PlannedCandidate(name, dtype) not in plan.candidates]
+    return plan
+
+
+def resolve_model(name_or_path: str, progress: Callable[[str], None], *, in_subprocess: bool = False) -> Path:
+    """A fixture name (built, cached) or the path of a ``.nemo``.
+
+    ``in_subprocess``: build in a spawned process, so that building a large fixture (the model is
+    instantiated, perturbed and saved) leaves no memory behind in a bounded-memory run.
+    """
+    if name_or_path.endswith(".nemo"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise InputNotFound(f"model not found: {path}")
+        return path
+    from streaming_parity.fixtures.models import FIXTURES, build
+
+    if name_or_path not in FIXTURES:
+        raise UnknownName(f"unknown fixture model {name_or_path!r}; known: {', '.join(FIXTURES)}")
+    if not in_subprocess:
+        return build(name_or_path, progress=progress)
+    progress(f"building {name_or_path} (if not cached) in a subprocess")
+    return Path(run_in_subprocess(_build_quietly, name_or_path, phase=f"building the {name_or_path} fixture"))
+
+
+def _build_quietly(name: str) -> str:
+    from streaming_parity.fixtures.models import build
+
+    return str(build(name, progress=lambda _m: None))
+
+
+def default_models() -> list[str]:
+    from streaming_parity.fixtures.models import FIXTURES
+
+    return [name for name, spec in FIXTURES.items() if spec.default_test]
+
+
+def device_description() -> str:
+    """Where each framework ran: CPU for torch and ONNX Runtime here, MLX's default device (Metal on macOS)."""
+    parts = ["cpu"]
+    try:
+        import mlx.core as mx
+
+        parts.append(f"mlx: {mx.default_device()}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def artifact_sha256(path: Path) -> str | None:
+    """sha256 of a prepared artifact: the file's, or over a directory's relative paths and file hashes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+# Models whose .nemo is larger than this run the bounded-memory matrix by default.
+BOUNDED_MEMORY_THRESHOLD_BYTES = 1 << 30
+
+
+def _prepare(backend: str, nemo_path: str, work_dir: str, dtype: str, contexts) -> tuple[str, float]:
+    """``BackendEntry.prepare``; in the bounded matrix it runs in a spawned process: exports and
+    conversions load the whole checkpoint (an ONNX export of the 0.6B model peaks at about 10 GB),
+    and that memory must not count against, or stay in, the comparison process."""
+    from streaming_parity.interface.registry import get
+
+    source = get(backend).prepare(Path(nemo_path), Path(work_dir), dtype=dtype, att_context_sizes=contexts)
+    return str(source), peak_rss_mb()
+
+
+def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path, contexts: Sequence[Context], *,
+                     in_subprocess: bool) -> Candidate:
+    """The loop's ``Candidate`` for one (backend, dtype): prepared and loaded when its turn comes,
+    with what happened recorded in ``candidate.record``."""
+    from streaming_parity.interface.registry import get
+
+    entry = get(planned.backend)
+    record = {"backend": planned.backend, "dtype": planned.dtype, "status": "ok"}
+
+    def open_backend() -> Backend:
+        started = time.perf_counter()
+        arguments = (planned.backend, str(nemo_path), str(work_dir), planned.dtype, [list(c) for c in contexts])
+        if in_subprocess:
+            source, prepare_peak = run_in_subprocess(_prepare, *arguments, phase=f"preparing {planned.label}")
+            record["prepare_peak_rss_mb"] = round(prepare_peak, 1)
+        else:
+            source, _ = _prepare(*arguments)
+        source = Path(source)
+        made = manifest_provenance(planned.backend, source)
+        record.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
+                      prepare_seconds=round(time.perf_counter() - started, 2),
+                      source_sha256=made.source_sha256 if made else None,
+                      made_by=made.made_by() if made and made.harness_version else None)
+        return entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)
+
+    # Every first-chunk mode the backend shares with NeMo: NeMo's default (plain) beside pad-and-drop, the mode
+    # every peer export runs, so that a run shows what the padded first chunk costs.
+    modes = tuple(mode for mode in ("plain", "pad-and-drop") if mode in entry.capabilities.first_chunk_modes)
+    return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=record,
+                     modes=modes if entry.capabilities.input == "mel" else None)
+
+
+def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException], None]:
+    """The loop's failure hook: one broken candidate is recorded and must not hide the others' results."""
+
+    def hook(candidate: Candidate, error: BaseException) -> None:
+        if isinstance(error, Unsupported):  # the backend does not run this model (a peer without speaker masks)
+            candidate.record.update(status="unavailable", error=f"{type(error).__name__}: {error}")
+            progress.phase(f"{candidate.label} does not run this model: {error}")
+            return
+        candidate.record.update(status="error", error=f"{type(error).__name__}: {error}",
+                                traceback=traceback.format_exc(limit=8))
+        progress.phase(f"{candidate.label} failed: {type(error).__name__}: {error}")
+        gc.collect()
+        trim()
+
+    return hook
+
+
+def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
+                     att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
+                     work_dir: Path, bounded: bool = False, spool_dir: Path | None = None,
+                     single_reference_pass: bool | None = None, progress: LoopProgress | None = None) -> Results:
+    """NeMo streaming against offline, then each candidate against NeMo, for one model.
+
+    ``bounded``: one model in memory at a time. NeMo's runs are spooled to disk (under
+    ``spool_dir``) in every first-chunk mode a candidate needs and NeMo is closed; each candidate
+    is prepared in a spawned process, loaded, streamed step by step against the spool, and closed.
+    Memory: the largest single backend plus two steps of tensors, whatever the audio length.
+    ``single_reference_pass`` (default: ``bounded``): every candidate that runs pad-and-drop (the mode the
+    ONNX graphs bake in) is compared in it, so NeMo streams each lookahead once; NeMo's streaming~offline
+    (which needs plain mode) runs at the lookahead with the fewest steps. Plain mode at every lookahead
+    is the tiny fixtures' to check; at full size this halves the reference's time.
+    """
+    from streaming_parity.interface.registry import REFERENCE, get
+
+    progress = progress or LoopProgress()
+    started = time.perf_counter()
+    progress.phase(f"loading NeMo ({nemo_path.name})")
+    reference = get(REFERENCE).load(nemo_path)
+    contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.info.att_context_sizes)]
+    candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
+    results = Results(model=model_record(nemo_path), tolerances=tolerances.source)
+    memory = PhaseMemory(REFERENCE) if bounded else None
+    if memory is not None:
+        for candidate in candidates:
+            candidate.open = memory.before(candidate.label, candidate.open)
+    store = SpoolStore(spool_dir) if bounded else MemoryStore()
+    offline_contexts = None
+    if bounded if single_reference_pass is None else single_reference_pass:
+        pad_and_drop = FirstChunkMode.PAD_AND_DROP.value
+        for candidate in candidates:
+            if pad_and_drop in candidate.capabilities.first_chunk_modes:
+                candidate.modes = (pad_and_drop,)
+        offline_contexts = [max(contexts, key=lambda context: context[1])]
+    try:
+        stream_and_compare(reference, candidates, utterances, contexts, tolerances, store=store,
+                           offline_contexts=offline_contexts, close_reference=True,
+                           on_failure=record_failure(progress), results=results, progress=progress)
+    finally:
+        reference.close()
+    results.environment["device"] = device_description()
+    results.extra.update({"kind": "nightly", "lookaheads": [list(c) for c in contexts],
+                          "utterances": [u.name for u in utterances],
+                          "candidates": [dict(u) for u in plan.unavailable] + [c.record for c in candidates]})
+    if memory is not None:
+        memory.end()
+        results.extra.update({
+            "bounded_memory": True,
+            # Peak RSS of this process after each phase (a running maximum), its RSS once that phase's
+            # model was closed, and the weights' size for scale; preparation peaks are per candidate.
+            "peak_rss_mb": memory.peaks, "resident_after_close_mb": memory.resident,
+            "checkpoint_mb": round(nemo_path.stat().st_size / (1 << 20), 1),
+            "seconds": round(time.perf_counter() - started, 1),
+        })
+    return results
+
+
+class PhaseMemory:
+    """Peak and resident memory at the end of each phase of a bounded run (reference, then each
+    candidate): a phase ends when the next candidate starts opening, the last one at ``end``."""
+
+    def __init__(self, first_phase: str):
+        self.current = first_phase
+        self.peaks: dict[str, float] = {}
+        self.resident: dict[str, float] = {}
+
+    def _close_phase(self) -> None:
+        gc.collect()
+        trim()
+        self.peaks[self.current] = round(peak_rss_mb(), 1)
+        self.resident[self.current] = round(current_rss_mb(), 1)
+
+    def before(self, label: str, open_backend: Callable[[], Backend]) -> Callable[[], Backend]:
+        def opened() -> Backend:
+            self._close_phase()
+            self.current = label
+            return open_backend()
+
+        return opened
+
+    def end(self) -> None:
+        self._close_phase()
+
+
+@dataclass
+class NightlyOutcome:
+    night_dir: Path
+    results_files: list[Path]
+    report: ReportFiles
+    results: list[Results] = field(default_factory=list)
+
+    @property
+    def fp32_passed(self) -> bool:
+        return overall_passed(self.results, fp32_only=True)
+
+
+def results_file_names(models: Sequence[str]) -> list[str]:
+    if len(models) == 1:
+        return ["results.json"]
+    return [f"results-{Path(m).stem if m.endswith('.nemo') else m}.json" for m in models]
+
+
+def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
+               att_contexts: Sequence[Sequence[int]] | None = None, utterance_limit: int | None = None,
+               utterances: Sequence[Utterance] | None = None,
+               tolerances_path: str | Path | None = None, work_dir: Path | None = None,
+               console=None, title: str = "parity", audio_seconds: float | None = None,
+               bounded_memory: bool | None = None) -> list[Results]:
+    """Run the matrix for each model with a rich progress display; one ``Results`` per model.
+
+    ``utterances``: what to stream (default: the fixture speech, its first ``utterance_limit``).
+    ``audio_seconds``: stream the utterances joined into one utterance of at least that length
+    instead of the separate utterances. ``bounded_memory``: one model in memory at a time, runs
+    spooled to disk (default: for checkpoints over 1 GiB)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streaming_parity.core.system.progress import quiet, stderr_console
+
+    console = console or stderr_console()
+    say = (lambda _text: None) if quiet() else console.print  # -q: warnings only
+    tolerances = Tolerances.load(tolerances_path)
+    plan = plan_candidates(backends)
+    if utterances is None:
+        utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
+    if audio_seconds:
+        utterances = [long_utterance(utterances, audio_seconds)]
+    work_dir = Path(work_dir or default_work_dir())
+    work_dir.mkdir(parents=True, exist_ok=True)
+    say(f"[bold]{title}[/]: {len(models)} model(s) × "
+                  f"{len(att_contexts) if att_contexts else 'every'} lookahead(s) × "
+                  f"{len(utterances)} utterance(s); NeMo against "
+                  f"{', '.join(c.label for c in plan.candidates) or 'its own offline forward only'}")
+    for skipped in plan.unavailable:
+        say(f"  [yellow]skipping[/] {skipped['backend']}:{skipped['dtype']} ({skipped['error']})")
+
+    all_results = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, disable=quiet()) as bar:
+        for model in models:
+            nemo_path = resolve_model(model, progress=lambda m: say(f"  {m}"),
+                                      in_subprocess=bounded_memory is not False)
+            task = bar.add_task(model, total=None)
+            def phase(text: str, task=task, model=model) -> None:
+                bar.update(task, description=f"{model}: {text}")
+                if not console.is_terminal:  # CI logs get no live bar: one line per phase instead
+                    say(f"  {model}: {text}")
+
+            progress = LoopProgress(total=lambda units, task=task: bar.update(task, total=units), phase=phase,
+                                      advance=lambda _text, task=task: bar.advance(task))
+            bounded = (bounded_memory if bounded_memory is not None
+                       else nemo_path.stat().st_size > BOUNDED_MEMORY_THRESHOLD_BYTES)
+            with SpoolStore.temporary(work_dir) as spool:
+                results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
+                                           bounded=bounded, spool_dir=Path(spool), progress=progress)
+            bar.update(task, description=f"{model}: done")
+            for record in results.extra["candidates"]:
+                if record["status"] == "error":
+                    bar.console.print(f"  [red]{record['backend']}:{record['dtype']} could not run:[/] {record['error']}")
+            all_results.append(results)
+    return all_results
+
+
+def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "reports",
+                date: str | None = None, mutation_testing: bool = False, **matrix_options) -> NightlyOutcome:
+    """The night: run the matrix, write ``<out_root>/<date>/`` results and the report (history from ``out_root``).
+
+    ``mutation_testing``: also mutate the judge (``streaming_parity.app.mutation``) and list its survivors.
+    """
+    models = list(models or default_models())
+    date = date or _dt.datetime.now(_dt.UTC).date().isoformat()
+    night_dir = Path(out_root) / date
+    all_results = run_matrix(models, title=f"parity nightly {date}", **matrix_options)
+    files = []
+    for results, file_name in zip(all_results, results_file_names(models)):
+        results.extra["date"] = date
+        files.append(results.save(night_dir / file_name))
+    for peer_results in run_peer_check(plan_candidates(matrix_options.get("backends")), tolerances=Tolerances.load(
+            matrix_options.get("tolerances_path")), work_dir=Path(matrix_options.get("work_dir") or default_work_dir())):
+        peer_results.extra["date"] = date
+        model = peer_results.extra["model"]
+        name = "results-peers.json" if model == PEER_CHECK_MODELS[0] else f"results-peers-{model}.json"
+        files.append(peer_results.save(night_dir / name))
+        all_results.append(peer_results)
+    mutants = None
+    if mutation_testing:
+        from streaming_parity.app.mutation import run_mutation_tests, write_mutants
+
+        mutants = run_mutation_tests()
+        files.append(write_mutants(mutants, night_dir))
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}",
+                          mutants=mutants)
+    return NightlyOutcome(night_dir, files, report, all_results)
+
+
+# The models every peer runtime is checked on, each where the peer runs it (a peer refusing a model at
+# preparation, ``Unsupported``, skips it): the trained fixture, whose transcripts mean something (its WER
+# is the finding), and the prompt-conditioned family (Nemotron-3.5, which mlx-audio runs).
+PEER_CHECK_MODELS = ("trained-streaming", "tiny-prompt")
+PEER_CHECK_UTTERANCES = 40
+
+
+def _peer_check_utterances(model: str) -> list:
+    from streaming_parity.interface.utterance import Utterance
+
+    if model == "trained-streaming":
+        from streaming_parity.fixtures.trained.evaluate import test_entries
+
+        return [Utterance.from_file(e["audio_filepath"], e["text"]) for e in test_entries()[:PEER_CHECK_UTTERANCES]]
+    from streaming_parity.app.session import fixture_utterances
+
+    return fixture_utterances()[:PEER_CHECK_UTTERANCES]
+
+
+def run_peer_check(plan: MatrixPlan, *, work_dir: Path, tolerances: Tolerances,
+                   progress: Callable[[str], None] = lambda _m: None) -> list[Results]:
+    """Every planned peer runtime (a candidate that takes audio) on each of ``PEER_CHECK_MODELS`` it runs, at
+    every lookahead: its WER next to NeMo's and, where it leaves NeMo, why: the stack bisection
+    (``streaming_parity.app.peers.bisect_peers``) and the diagnosis of how it loaded and what it computes differently
+    (``diagnose_peers``). One ``Results`` per model."""
+    from streaming_parity.app.peers import bisect_peers, diagnose_peers
+    from streaming_parity.app.session import compare_backends
+    from streaming_parity.fixtures.models import build
+    from streaming_parity.interface.registry import REFERENCE, get
+
+    peers = [c for c in plan.candidates if get(c.backend).capabilities.input == "audio"]
+    checked = []
+    for model in PEER_CHECK_MODELS if peers else ():
+        nemo_path = build(model, progress=progress)
+        utterances = _peer_check_utterances(model)
+        reference = get(REFERENCE).load(nemo_path)
+        contexts = list(reference.info.att_context_sizes)
+        opened = []
+        try:
+            for planned in peers:
+                entry = get(planned.backend)
+                progress(f"peer check: preparing {planned.label} for {model}")
+                try:
+                    source = entry.prepare(nemo_path, work_dir, dtype=planned.dtype, att_context_sizes=contexts)
+                except Unsupported as error:
+                    progress(f"peer check: {planned.label} does not run {model}: {error}")
+                    continue
+                opened.append((source, entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)))
+            if not opened:
+                continue
+            progress(f"peer check: {', '.join(b.name for _, b in opened)} on {model}, {len(utterances)} utterances")
+            outcome = compare_backends(reference, [backend for _, backend in opened], utterances, contexts,
+                                       tolerances, model_path=nemo_path, include_offline=False)
+            bisect_peers(reference, opened, utterances, contexts, tolerances, outcome.results, nemo_path=nemo_path,
+                         progress=progress)
+            diagnose_peers(reference, opened, utterances[:2], contexts, tolerances, outcome.results,
+                           nemo_path=nemo_path, progress=progress)
+        finally:
+            for _, backend in opened:
+                backend.close()
+            reference.close()
+        outcome.results.extra.update({"kind": "peer-check", "model": model, "utterances": [u.name for u in utterances],
+                                      "lookaheads": [list(c) for c in contexts]})
+        checked.append(outcome.results)
+    return checked
+
+
+def fp32_failures(results_list: Sequence[Results]) -> list[str]:
+    """One line per failing fp32 comparison or fp32 candidate that could not run."""
+    lines = [c.describe_failure() for r in results_list for c in r.comparisons
+             if c.dtype == FP32 and c.gating and not c.passed]
+    for results in results_list:
+        for entry in results.extra.get("candidates", []):
+            if entry.get("status") == "error" and entry.get("dtype") == FP32:
+                lines.append(f"{entry['backend']}:{entry['dtype']} could not run: {entry.get('error')}")
+    return lines

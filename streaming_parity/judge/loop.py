@@ -1,0 +1,361 @@
+"""The one stream-and-compare loop: ``parity compare``, the nightly (in memory or bounded) and MLX
+verification all run through ``stream_and_compare``.
+
+Data flow, one way::
+
+    audio -> reference mel (once per utterance) -> chunk schedule -> reference runs (run store)
+          -> NeMo streaming vs offline
+          -> for each candidate, one at a time: open, stream the identical chunks, compare every
+             step against the stored reference run, judge (hook), record, close
+
+The reference streams first, in every first-chunk mode a candidate needs, and its runs go to a
+``RunStore``: ``MemoryStore`` keeps them as ``StreamRun``s, ``SpoolStore`` writes each step to disk
+(``streaming_parity.judge.spool``) so that a comparison holds one step of each run at a time. With
+``close_reference`` the reference is closed before the first candidate opens: only one model is
+in memory at a time. A reference step therefore runs once, however many candidates there are.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from streaming_parity.core.errors import InvalidInput
+from streaming_parity.core.system.cpu import int8_kernel_path
+from streaming_parity.interface.backend import Backend, Capabilities, OfflineOutput, decode_tokens
+from streaming_parity.interface.chunking import FirstChunkMode, shared_first_chunk_mode
+from streaming_parity.interface.driver import StreamRun, stream
+from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.utterance import Utterance
+from streaming_parity.judge.compare import PairComparison, compare_streaming_to_offline
+from streaming_parity.judge.forcing import judge_offline, judge_stream
+from streaming_parity.judge.int8 import INT8, explain_int8_excess
+from streaming_parity.judge.metrics import word_error_rate
+from streaming_parity.judge.prompts import explain_prompt_divergence
+from streaming_parity.judge.results import Results
+from streaming_parity.judge.tolerances import Tolerances
+
+Context = tuple[int, int]
+SAMPLE_RATE = 16000
+
+
+# -- run stores --------------------------------------------------------------------------------------
+
+class RunStore(Protocol):
+    """Where streamed runs live between streaming and comparison."""
+
+    def record(self, backend: Backend, mel: np.ndarray, context: Context, mode: FirstChunkMode, *, key: str,
+               speaker_masks: SpeakerTargets | None, features: np.ndarray | None,
+               forced_decisions: Sequence[Sequence[int]] | None = None, audio: np.ndarray | None = None,
+               prompt: str | None = None) -> Any:
+        """Stream ``mel`` through ``backend`` (``audio`` for a backend with its own front end) and keep the
+        run; returns an object ``compare_runs`` reads."""
+
+    def release(self, run: Any) -> None:
+        """Forget a run that is no longer needed."""
+
+
+class MemoryStore:
+    """Runs kept in memory as ``StreamRun``s (the tiny fixtures, ``parity compare``, verification)."""
+
+    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
+               audio=None, prompt=None):
+        return stream(backend, mel, context, mode, dtype=backend.dtype, speaker_masks=speaker_masks,
+                      features=features, forced_decisions=forced_decisions, audio=audio, prompt=prompt)
+
+    def release(self, run) -> None:
+        pass
+
+
+class SpoolStore:
+    """Runs written step by step under ``directory``: memory does not grow with the audio."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
+               audio=None, prompt=None):
+        from streaming_parity.judge.spool import record
+
+        return record(backend, mel, context, mode, self.directory / key, dtype=backend.dtype,
+                      speaker_masks=speaker_masks, features=features, forced_decisions=forced_decisions,
+                      audio=audio, prompt=prompt)
+
+    def release(self, run) -> None:
+        run.delete()
+
+    @classmethod
+    def temporary(cls, parent: str | Path | None = None) -> tempfile.TemporaryDirectory:
+        """A spool directory removed on exit: ``with SpoolStore.temporary(dir) as path: SpoolStore(path)``."""
+        return tempfile.TemporaryDirectory(prefix="parity-spool-", dir=parent)
+
+
+# -- candidates, hooks, progress ---------------------------------------------------------------------
+
+class _SamePrompt:
+    """``Candidate.prompt``'s default: the candidate streams with the reference's locale."""
+
+    def __repr__(self) -> str:
+        return "SAME_PROMPT"
+
+
+SAME_PROMPT = _SamePrompt()
+
+@dataclass
+class Candidate:
+    """A backend to compare against the reference, opened only when its turn comes.
+
+    ``open`` returns the backend (preparing it first, if need be); the loop closes it afterwards
+    unless ``keep_open`` (a backend the caller opened and still uses). ``capabilities`` is what the
+    backend declares; the loop plans the reference's first-chunk modes from it before opening any
+    candidate. ``modes``: the first-chunk modes to compare (default: the one it shares with the
+    reference, plain where possible). ``compare_offline``: also compare both offline forwards.
+    ``prompt``: a prompt-conditioned model's locale for this candidate's streams instead of the
+    reference's (``None``: never set, a runtime that skips ``set_inference_prompt``); by default each
+    utterance's, the one the reference streams with.
+    """
+
+    label: str
+    open: Callable[[], Backend]
+    capabilities: Capabilities
+    keep_open: bool = False
+    modes: tuple[str, ...] | None = None
+    compare_offline: bool = False
+    prompt: str | None | _SamePrompt = SAME_PROMPT
+    record: dict[str, Any] = field(default_factory=dict)  # status, artifact, timings: filled by the caller
+
+    @classmethod
+    def of(cls, backend: Backend, **options: Any) -> Candidate:
+        """An already open backend, left open."""
+        return cls(label=f"{backend.name}:{backend.dtype}", open=lambda: backend,
+                   capabilities=backend.capabilities, keep_open=True, **options)
+
+
+# (comparison, reference run, candidate run or None for offline) -> the judged comparison
+JudgeHook = Callable[[PairComparison, Any, Any], PairComparison]
+# (candidate, exception) -> None to record the failure and go on; re-raise to stop
+FailureHook = Callable[[Candidate, BaseException], None]
+
+
+@dataclass
+class LoopProgress:
+    """Callbacks: ``total`` (units of work, once known), ``phase`` (a line of text) and ``advance``
+    (one utterance x lookahead streamed through one backend)."""
+
+    total: Callable[[int], None] = lambda _units: None
+    phase: Callable[[str], None] = lambda _text: None
+    advance: Callable[[str], None] = lambda _text: None
+
+
+def candidate_modes(reference: Capabilities, candidate: Candidate) -> list[FirstChunkMode]:
+    if candidate.modes is None:
+        return [shared_first_chunk_mode(reference, candidate.capabilities)]
+    modes = [FirstChunkMode(m) for m in candidate.modes]
+    for mode in modes:
+        if mode.value not in candidate.capabilities.first_chunk_modes or mode.value not in reference.first_chunk_modes:
+            raise InvalidInput(f"{candidate.label} cannot be compared in {mode.value} mode")
+    return modes
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+@dataclass
+class LoopOutcome:
+    results: Results
+    # Every run kept in memory (MemoryStore only), by (backend:dtype, utterance, context, mode).
+    runs: dict[tuple[str, str, Context, str], StreamRun] = field(default_factory=dict)
+    recorded: set[tuple[str, str, Context, str]] = field(default_factory=set, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.results.passed
+
+
+def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utterances: Sequence[Utterance],
+                       contexts: Sequence[Sequence[int]], tolerances: Tolerances, *,
+                       store: RunStore | None = None, include_offline: bool = True,
+                       offline_contexts: Sequence[Sequence[int]] | None = None, close_reference: bool = False,
+                       judge: JudgeHook | None = None, on_failure: FailureHook | None = None,
+                       results: Results | None = None, progress: LoopProgress | None = None) -> LoopOutcome:
+    """Stream every utterance at every lookahead through the reference, then each candidate in turn.
+
+    The mel is computed once per utterance by the reference front end and the identical chunks go
+    to every backend; each candidate's own front end is compared as the ``mel`` tap.
+    ``include_offline``: NeMo streaming against NeMo offline, per utterance and lookahead (only at
+    ``offline_contexts`` when given: the plain-mode reference run it needs is then streamed there alone).
+    ``judge`` may re-judge each candidate comparison (reduced precision). ``on_failure`` records a
+    candidate that fails to open or run and goes on; without it, the failure propagates.
+    """
+    store = store or MemoryStore()
+    progress = progress or LoopProgress()
+    contexts = [(int(c[0]), int(c[1])) for c in contexts]
+    results = results if results is not None else Results(model={}, tolerances=tolerances.source)
+    outcome = LoopOutcome(results)
+    info = reference.info
+    num_layers = info.num_layers
+    # Kept before the reference may close: it explains a candidate's prompt divergence (streaming_parity.judge.prompts).
+    prompt_kernel = reference.prompt_kernel() if info.prompted else None
+    reference_caps = reference.capabilities
+    plans = [(candidate, candidate_modes(reference_caps, candidate)) for candidate in candidates]
+    offline_at = set() if not include_offline else set(contexts) if offline_contexts is None else {
+        (int(c[0]), int(c[1])) for c in offline_contexts}
+    wanted_modes = {m for _, wanted in plans for m in wanted}
+
+    def reference_modes(context: Context) -> list[FirstChunkMode]:
+        # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
+        return sorted(wanted_modes | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
+                      key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
+
+    units = len(utterances) * len(contexts)
+    progress.total(units * (1 + len(plans)))
+
+    # Reference phase: every run a candidate will be compared with, and NeMo's own streaming~offline.
+    mels: dict[str, np.ndarray] = {}
+    reference_runs: dict[tuple[str, Context, FirstChunkMode], Any] = {}
+    reference_offline: dict[tuple[str, Context], OfflineOutput] = {}
+    keep_offline = any(candidate.compare_offline for candidate in candidates)
+    progress.phase(f"{reference.name}: streaming" + (" and offline" if include_offline else ""))
+    try:
+        for utterance in utterances:
+            mel, _ = reference.features(utterance.audio[None])
+            mels[utterance.name] = mel
+            masks = utterance.speaker_masks_for(reference)
+            prompt = utterance.prompt_for(info)
+            for context in contexts:
+                for mode in reference_modes(context):
+                    run = store.record(reference, mel, context, mode, key=_key(reference, utterance, context, mode),
+                                       speaker_masks=masks, features=mel, prompt=prompt)
+                    reference_runs[(utterance.name, context, mode)] = run
+                    _record_run(outcome, run, utterance, info.vocabulary)
+                if context in offline_at or keep_offline:
+                    # NeMo's streaming buffer streams the whole mel tensor, including the frame past
+                    # seq_len (= samples // hop) that the front end masks to zero; with seq_len as the
+                    # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
+                    # encoder frame. The offline forward therefore sees exactly the streamed input.
+                    offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
+                                                speaker_masks=masks, prompt=prompt)
+                    if context in offline_at:
+                        results.comparisons.append(compare_streaming_to_offline(
+                            reference_runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
+                            num_layers=num_layers, utterance=utterance.name))
+                    if keep_offline:
+                        reference_offline[(utterance.name, context)] = offline
+                    del offline
+                progress.advance(f"{reference.name} {utterance.name} [{context[0]},{context[1]}]")
+    finally:
+        if close_reference:
+            reference.close()
+
+    # Candidate phase: one at a time, each closed before the next opens.
+    for candidate, wanted in plans:
+        backend = None
+        try:
+            progress.phase(f"{candidate.label}: opening")
+            backend = candidate.open()
+            progress.phase(f"{candidate.label} vs {reference.name}")
+            # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
+            # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
+            audio_input = backend.capabilities.input == "audio"
+            tokens_only = not backend.capabilities.tensor_level
+            for utterance in utterances:
+                own_features = None if audio_input else backend.features(utterance.audio[None])[0]
+                masks = None if audio_input else utterance.speaker_masks_for(backend)
+                reference_prompt = utterance.prompt_for(info)
+                prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
+                mel = mels[utterance.name]
+                for context in contexts:
+                    for mode in wanted:
+                        reference_run = reference_runs[(utterance.name, context, mode)]
+                        run = store.record(backend, mel, context, mode,
+                                           key=_key(backend, utterance, context, mode), speaker_masks=masks,
+                                           features=own_features, audio=utterance.audio[None], prompt=prompt)
+                        # Where the free run took another greedy decision somewhere, its decoder and joint rows
+                        # no longer match the reference's: it is decoded again with the reference's decisions,
+                        # the taps judged on that run, the transcript kept from the free run.
+                        rerun = functools.partial(
+                            store.record, backend, mel, context, mode,
+                            key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
+                            features=own_features, prompt=prompt)
+                        comparison, judged_run = judge_stream(
+                            reference_run, run, tolerances, num_layers=num_layers, utterance=utterance.name,
+                            tokens_only=tokens_only,
+                            rerun=rerun if backend.capabilities.teacher_forcing else None)
+                        if prompt_kernel is not None and not tokens_only:
+                            cause = explain_prompt_divergence(comparison, reference_run, judged_run, prompt_kernel,
+                                                              info, reference_prompt, tolerances)
+                            if cause:
+                                comparison.causes.append(cause)
+                        if backend.dtype == INT8 and not comparison.passed:
+                            cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
+                            if cause:
+                                comparison.causes.append(cause)
+                        if audio_input:
+                            # A peer runtime is judged and reported, never this project's verdict.
+                            comparison.gating = False
+                        results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
+                        _record_run(outcome, run, utterance, backend.info.vocabulary)
+                        store.release(run)
+                        if judged_run is not run:
+                            store.release(judged_run)
+                    if candidate.compare_offline:
+                        # The whole-utterance decode may meet a near-tie too: then decoded again with the
+                        # reference's decisions (the same call, forced_decisions given).
+                        run_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
+                                                        context, speaker_masks=masks, prompt=prompt)
+                        comparison = judge_offline(
+                            reference_offline[(utterance.name, context)], run_offline(), tolerances,
+                            reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
+                            context=context, utterance=utterance.name, num_layers=num_layers,
+                            rerun=run_offline if backend.capabilities.teacher_forcing else None)
+                        results.comparisons.append(judge(comparison, None, None) if judge else comparison)
+                    progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
+        except Exception as error:
+            if on_failure is None:
+                raise
+            on_failure(candidate, error)
+        finally:
+            if backend is not None and not candidate.keep_open:
+                backend.close()
+    for run in reference_runs.values():
+        store.release(run)
+    return outcome
+
+
+def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:
+    return f"{backend.name}-{backend.dtype}-{utterance.name}-{context[0]}_{context[1]}-{mode.value}"
+
+
+def _record_run(outcome: LoopOutcome, run: Any, utterance: Utterance, vocabulary: Sequence[str]) -> None:
+    """A run's transcript (and a hybrid model's CTC greedy transcript beside it, ``"decoder": "ctc"``) and
+    step timings, once per (backend, dtype, mode, utterance, lookahead)."""
+    key = (f"{run.backend}:{run.dtype}", utterance.name, tuple(run.att_context_size), run.mode)
+    if isinstance(run, StreamRun):
+        outcome.runs[key] = run
+    if key in outcome.recorded:
+        return
+    outcome.recorded.add(key)
+    results = outcome.results
+    ctc_tokens = getattr(run, "ctc_tokens", None)
+    for decoder, tokens in (("rnnt", run.tokens), ("ctc", ctc_tokens)):
+        if tokens is None:
+            continue  # no CTC head
+        text = decode_tokens(vocabulary, tokens)
+        results.transcripts.append({
+            "utterance": utterance.name, "backend": run.backend, "dtype": run.dtype, "mode": run.mode,
+            "att_context_size": list(run.att_context_size), "text": text, "reference_text": utterance.text,
+            "tokens": tokens, "decoder": decoder,
+            "wer": word_error_rate([utterance.text], [text]) if utterance.text else None,
+        })
+    # The emission rate beside every timing: greedy decoding runs once per label, so a model that
+    # emits nothing would be timed without it.
+    audio_seconds = len(utterance.audio) / SAMPLE_RATE
+    results.timings.append({"backend": run.backend, "dtype": run.dtype, "mode": run.mode,
+                            "att_context_size": list(run.att_context_size), "utterance": utterance.name,
+                            "step_seconds": list(run.step_seconds), "labels": len(run.tokens),
+                            "audio_seconds": round(audio_seconds, 3)})

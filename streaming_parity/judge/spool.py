@@ -1,0 +1,154 @@
+"""Stream runs spooled to disk, so that a comparison's memory does not grow with the audio.
+
+At full size (24 layers x 1024 wide) one [70,13] streaming step carries about 9 MB of taps and
+caches: 60 s of audio is about half a gigabyte per backend and lookahead. ``record`` streams one
+backend and writes each step to its own ``.npz`` as it is produced; ``SpooledRun`` reads steps
+back one at a time. It offers what ``streaming_parity.judge.compare.compare_runs`` reads from a ``StreamRun``
+(``steps``, ``step_taps``, ``tokens``, ``ctc_tokens``, ``encoded``, ``features``), so two spooled runs are compared
+by the same code as two in-memory ones, holding one step of each at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streaming_parity.interface.backend import Backend, DecoderState, StepOutput, StreamingState
+from streaming_parity.interface.chunking import FirstChunkMode
+from streaming_parity.interface.driver import iter_steps
+from streaming_parity.interface.speakers import SpeakerTargets
+
+STEP_FILE = "step-{index:05d}.npz"
+RUN_FILE = "run.json"
+_TAP = "tap/"
+_CACHE = "cache/"
+
+
+def _save_step(path: Path, step: StepOutput) -> None:
+    arrays = {f"{_TAP}{name}": value for name, value in step.taps.items()}
+    arrays.update({f"{_CACHE}{name}": value for name, value in step.state.caches().items()})
+    arrays["encoded"], arrays["encoded_len"] = step.encoded, step.encoded_len
+    for index, decoder in enumerate(step.state.decoder):
+        arrays[f"decoder/{index}/h"], arrays[f"decoder/{index}/c"] = decoder.h, decoder.c
+    meta = {"tokens": step.tokens, "seconds": step.seconds, "step_index": step.state.step_index,
+            "att_context_size": list(step.state.att_context_size),
+            "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder],
+            "ctc_tokens": step.ctc_tokens, "ctc_last_label": step.state.ctc_last_label, "prompt": step.state.prompt}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    staged = path.with_suffix(".tmp.npz")
+    np.savez(staged, **arrays)
+    staged.replace(path)
+
+
+def _load_step(path: Path) -> StepOutput:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    meta = json.loads(arrays.pop("meta").tobytes().decode())
+    taps = {name[len(_TAP):]: value for name, value in arrays.items() if name.startswith(_TAP)}
+    caches = {name[len(_CACHE):]: value for name, value in arrays.items() if name.startswith(_CACHE)}
+    decoders = [DecoderState(last_token=int(d["last_token"]), h=arrays[f"decoder/{i}/h"], c=arrays[f"decoder/{i}/c"],
+                             tokens=[int(t) for t in d["tokens"]]) for i, d in enumerate(meta["decoder"])]
+    state = StreamingState(att_context_size=tuple(meta["att_context_size"]), decoder=decoders,
+                           step_index=int(meta["step_index"]), ctc_last_label=meta.get("ctc_last_label"),
+                           prompt=meta.get("prompt"), **caches)
+    ctc = meta.get("ctc_tokens")
+    return StepOutput(encoded=arrays["encoded"], encoded_len=arrays["encoded_len"], state=state,
+                      tokens=[[int(t) for t in row] for row in meta["tokens"]], taps=taps, seconds=float(meta["seconds"]),
+                      ctc_tokens=None if ctc is None else [[int(t) for t in row] for row in ctc])
+
+
+class SpooledSteps(Sequence):
+    """The steps of a spooled run, read from disk on access (nothing is cached)."""
+
+    def __init__(self, directory: Path, count: int):
+        self.directory = directory
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(f"step {index} of a run with {self.count} steps")
+        return _load_step(self.directory / STEP_FILE.format(index=index % self.count))
+
+
+@dataclass
+class SpooledRun:
+    """A ``StreamRun`` whose steps live in ``directory``; only tokens and timings stay in memory."""
+
+    backend: str
+    dtype: str
+    att_context_size: tuple[int, int]
+    mode: str
+    directory: Path
+    step_count: int
+    step_tokens: list[list[int]] = field(default_factory=list)  # batch item 0, per step
+    step_seconds: list[float] = field(default_factory=list)
+    features: np.ndarray | None = None
+    step_ctc_tokens: list[list[int] | None] = field(default_factory=list)  # hybrid models' CTC labels, per step
+
+    @property
+    def steps(self) -> SpooledSteps:
+        return SpooledSteps(self.directory, self.step_count)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for step in self.step_tokens for t in step]
+
+    @property
+    def ctc_tokens(self) -> list[int] | None:
+        if not self.step_ctc_tokens or any(step is None for step in self.step_ctc_tokens):
+            return None
+        return [t for step in self.step_ctc_tokens for t in step]
+
+    @property
+    def encoded(self) -> np.ndarray:
+        parts = []
+        for index in range(self.step_count):
+            with np.load(self.directory / STEP_FILE.format(index=index), allow_pickle=False) as data:
+                parts.append(data["encoded"][..., : int(data["encoded_len"][0])])
+        return np.concatenate(parts, axis=-1)
+
+    def step_taps(self, index: int) -> dict[str, np.ndarray]:
+        step = self.steps[index]
+        taps = dict(step.taps)
+        taps.update(step.state.caches())
+        return taps
+
+    def delete(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], mode: FirstChunkMode | str,
+           directory: str | Path, *, dtype: str = "float32", speaker_masks: SpeakerTargets | None = None,
+           features: np.ndarray | None = None, forced_decisions=None, audio: np.ndarray | None = None,
+           prompt: str | None = None) -> SpooledRun:
+    """Stream ``mel`` through ``backend`` and write every step to ``directory`` as it is produced."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    run = SpooledRun(backend=backend.name, dtype=dtype, att_context_size=tuple(int(v) for v in att_context_size),
+                     mode=FirstChunkMode(mode).value, directory=directory, step_count=0, features=features)
+    steps = iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
+                       forced_decisions=forced_decisions, audio=audio, prompt=prompt)
+    for index, step in enumerate(steps):
+        _save_step(directory / STEP_FILE.format(index=index), step)
+        run.step_count += 1
+        run.step_tokens.append(list(step.tokens[0]))
+        run.step_ctc_tokens.append(None if step.ctc_tokens is None else list(step.ctc_tokens[0]))
+        run.step_seconds.append(step.seconds)
+        del step
+    (directory / RUN_FILE).write_text(json.dumps({
+        "backend": run.backend, "dtype": run.dtype, "att_context_size": list(run.att_context_size),
+        "mode": run.mode, "steps": run.step_count, "tokens": run.step_tokens, "ctc_tokens": run.step_ctc_tokens,
+        "seconds": run.step_seconds}) + "\n")
+    return run
