@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from dataclasses import replace
 from functools import cache
 from types import SimpleNamespace
 
@@ -38,10 +39,12 @@ from streaming_parity.judge.compare import (
     compare_runs,
     compare_streaming_to_offline,
     comparison_order,
-    exempt_near_ties,
     judge_tap,
+    judge_taps,
     judge_teacher_forced,
     rejudge,
+    token_agreement_failures,
+    verdict,
 )
 from streaming_parity.judge.metrics import METRIC_BOUND
 from streaming_parity.judge.ties import TokenFlip, decisions, find_flips, rebound, top_two
@@ -463,7 +466,7 @@ def test_worst_keeps_a_nan_wherever_it_comes():
         assert math.isnan(comparison.worst()[TAP_ENCODER]), values
 
 
-# -- judge_tap, exempt_near_ties, rejudge ---------------------------------------------------------------------
+# -- judge_tap, judge_taps (the one policy), rejudge ----------------------------------------------------------
 
 def test_a_shape_mismatch_keeps_both_shapes_and_the_limits():
     result = judge_tap(2, TAP_ENCODER, np.zeros((1, 2, 3)), np.zeros((1, 2, 4)), TOL, "a~b", "float32")
@@ -473,36 +476,62 @@ def test_a_shape_mismatch_keeps_both_shapes_and_the_limits():
     assert result.violations == result.structural == ["shape [1, 2, 3] vs [1, 2, 4]"]
 
 
-def _joint(step: int, **metric_values) -> TapResult:
-    limits = {"max_abs": 0.25, "argmax_agreement": 1.0}
-    violations = [v.describe() for v in TOL.check(metric_values, limits)]
-    return TapResult(step, TAP_JOINT, metric_values, limits, violations, [2, V], [2, V])
+def _measured(step: int, tap: str = TAP_JOINT, **metric_values) -> TapResult:
+    """A tap as ``measure_tap`` leaves it: metrics and shapes, nothing judged."""
+    return TapResult(step, tap, metric_values, {}, [], [2, V], [2, V])
 
 
 def test_near_ties_exempt_only_the_agreement_limit_of_their_own_tap_and_step():
-    taps = [_joint(0, max_abs=0.125, argmax_agreement=0.5),  # near-tie only: passes
-            _joint(1, max_abs=0.5, argmax_agreement=0.5),  # near-tie, but another limit fails
-            _joint(2, max_abs=0.125, argmax_agreement=0.5),  # a near-tie and a real flip
-            _joint(3, max_abs=0.125, argmax_agreement=0.5),  # no flip recorded here
-            _joint(4, max_abs=0.125, argmax_agreement=0.5),  # a CTC near-tie does not excuse the joint
-            TapResult(0, TAP_ENCODER, {"argmax_agreement": 0.5}, {"argmax_agreement": 1.0}, ["a"]),
-            TapResult(0, TAP_DECODER, {"max_abs": 1.0}, {"max_abs": 1e-3}, ["d"])]
+    taps = [_measured(0, max_abs=0.125, argmax_agreement=0.5),  # near-tie only: passes
+            _measured(1, max_abs=0.5, argmax_agreement=0.5),  # near-tie, but another limit fails
+            _measured(2, max_abs=0.125, argmax_agreement=0.5),  # a near-tie and a real flip
+            _measured(3, max_abs=0.125, argmax_agreement=0.5),  # no flip recorded here
+            _measured(4, max_abs=0.125, argmax_agreement=0.5),  # a CTC near-tie does not excuse the joint
+            _measured(0, TAP_ENCODER, max_abs=1.0),  # taps without a tie rule: judged as they are
+            _measured(0, TAP_DECODER, max_abs=1e-4)]
     flips = [_flip(0), _flip(1), _flip(2), _flip(2, call=1, near_tie=False), _flip(4, tap=TAP_CTC)]
-    judged = exempt_near_ties(taps, flips, TOL)
-    assert [t.passed for t in judged[:5]] == [True, False, False, False, False]
+    judged = judge_taps(taps, flips, TOL, "a~b", "float32")
+    assert [t.passed for t in judged] == [True, False, False, False, False, False, True]
     assert judged[1].violations == ["max_abs = 0.5 > limit 0.25"]
     assert judged[2].violations == judged[3].violations == ["argmax_agreement = 0.5 < limit 1"]
     exempted = judged[0]
     assert (exempted.step, exempted.tap, exempted.limits) == (0, TAP_JOINT, {"max_abs": 0.25, "argmax_agreement": 1.0})
     assert (exempted.reference_shape, exempted.candidate_shape, exempted.structural) == ([2, V], [2, V], [])
-    assert judged[5:] == taps[5:]  # taps without a tie rule are left as they were
+    assert judged[5].violations == ["max_abs = 1 > limit 0.001"]
 
 
 def test_an_exempted_tap_keeps_its_structural_violations():
-    tap = TapResult(0, TAP_CTC, {"argmax_agreement": 0.5}, {"argmax_agreement": 1.0}, ["frames", "agreement"],
-                    [3, V], [3, V], structural=["frames"])
-    (judged,) = exempt_near_ties([tap], [_flip(0, tap=TAP_CTC)], TOL)
+    tap = TapResult(0, TAP_CTC, {"argmax_agreement": 0.5}, {}, ["frames"], [3, V], [3, V], structural=["frames"])
+    (judged,) = judge_taps([tap], [_flip(0, tap=TAP_CTC)], TOL, "a~b", "float32")
     assert judged.violations == ["frames"] and judged.structural == ["frames"]
+
+
+def test_a_fresh_verdict_and_a_rejudged_one_take_the_same_path():
+    """The verdict on a comparison with flips equals the verdict ``rejudge`` gives its saved form."""
+    comparison = _comparison([_measured(0, max_abs=0.125, argmax_agreement=0.5),
+                              _measured(1, max_abs=0.125, argmax_agreement=0.5)],
+                             flips=[_flip(0), _flip(1, near_tie=False, margin=0.75)], teacher_forced=True)
+    fresh = verdict(comparison, TOL)
+    assert [t.passed for t in fresh.taps] == [True, False]
+    again = rejudge(fresh, TOL)
+    assert [(t.limits, t.violations) for t in again.taps] == [(t.limits, t.violations) for t in fresh.taps]
+
+
+def test_a_tokens_table_judges_the_run_not_the_comparison():
+    """A pair whose tokens the file bounds by agreement: a comparison with other tokens passes on its own, and
+    the aggregate over the pair's comparisons is the verdict (``token_agreement_failures``)."""
+    def peer(candidate_tokens) -> PairComparison:
+        return replace(_comparison(reference_tokens=(1, 2, 3), candidate_tokens=candidate_tokens), pair="nemo~peer")
+
+    differing = verdict(peer((1, 2, 0)), TOL)
+    assert differing.tokens_judged_in_aggregate and differing.passed
+    assert token_agreement_failures([differing], TOL) == []  # 2/3 >= 0.5
+    worse = verdict(peer((0, 0, 0)), TOL)
+    assert worse.passed  # alone it scores 0, and is still not failed alone
+    (failure,) = token_agreement_failures([differing, worse], TOL)  # 2 edits + 3 edits over 6 tokens
+    assert "nemo~peer at float32: token agreement over 2 comparisons" in failure
+    exact = verdict(_comparison(reference_tokens=(1, 2, 3), candidate_tokens=(1, 2, 0)), TOL)  # no tokens table
+    assert not exact.tokens_judged_in_aggregate and not exact.passed
 
 
 def test_rejudging_keeps_metrics_shapes_and_structure_and_applies_the_new_limits():
@@ -523,7 +552,7 @@ def test_rejudging_keeps_metrics_shapes_and_structure_and_applies_the_new_limits
 
 
 def test_rejudging_re_exempts_joint_near_ties_and_rebounds_ctc_flips():
-    joint = _comparison([_joint(0, max_abs=0.125, argmax_agreement=0.5)], candidate_tokens=[1, 9, 3],
+    joint = _comparison([_measured(0, max_abs=0.125, argmax_agreement=0.5)], candidate_tokens=[1, 9, 3],
                         teacher_forced=True, flips=[_flip(0, margin=0.25)])
     same = rejudge(joint, TOL)
     assert same.passed and same.flips[0].near_tie and same.taps[0].violations == []
@@ -573,12 +602,14 @@ def test_front_end_features_are_judged_once_per_utterance_with_the_pairs_limits(
         assert [t.tap for t in compare_runs(reference, candidate, TOL, num_layers=1).taps] == [TAP_ENCODER]
 
 
-def test_a_differing_step_count_is_an_utterance_level_violation_without_limits():
+def test_a_differing_step_count_is_a_structural_utterance_level_violation():
     encoder = {TAP_ENCODER: np.zeros((1, 2))}
     comparison = compare_runs(_run("nemo", [_step(encoder)] * 3), _run("onnx", [_step(encoder)] * 2), TOL,
                               num_layers=1, utterance="u")
     count = next(t for t in comparison.taps if t.structural)
-    assert (count.step, count.tap, count.metrics, count.limits) == (-1, TAP_ENCODER, {}, {})
+    # Judged on the one path: the tap's limits are recorded, as a re-judged comparison records them.
+    assert (count.step, count.tap, count.metrics, count.limits) == (-1, TAP_ENCODER, {}, {"max_abs": 1e-3})
+    assert rejudge(comparison, TOL).taps == comparison.taps
     assert count.violations == count.structural == ["step count 3 vs 2"]
     assert [t.step for t in comparison.taps if not t.structural] == [0, 1]
     assert comparison.describe_failure() == "nemo~onnx [70,13] u: first divergent tap encoder at utterance: step count 3 vs 2"
@@ -660,7 +691,10 @@ def test_a_transcript_level_candidate_is_judged_on_its_tokens():
     (tokens,) = bounded.taps
     assert (tokens.step, tokens.tap, tokens.limits) == (-1, "tokens", {"argmax_agreement": 0.5})
     assert tokens.metrics == {"argmax_agreement": 0.75} and tokens.violations == []
-    assert bounded.passed and bounded.require_token_match is False and not bounded.tokens_equal  # as results.json saves it
+    # Judged on the run's aggregate (token_agreement_failures): the comparison alone does not fail, and a tolerance
+    # file without the tokens table would require its tokens equal again (rejudge).
+    assert bounded.passed and bounded.tokens_judged_in_aggregate and not bounded.tokens_equal
+    assert not rejudge(bounded, Tolerances({"float32": {"*": {TAP_ENCODER: {"max_abs": 1.0}}}})).passed
     assert (bounded.reference, bounded.candidate, bounded.pair, bounded.dtype, bounded.utterance, bounded.mode) == (
         "nemo", "peer", "nemo~peer", "float32", "u", "own")
     assert bounded.att_context_size == (70, 13) and bounded.order == comparison_order(1)
@@ -669,7 +703,10 @@ def test_a_transcript_level_candidate_is_judged_on_its_tokens():
     assert (bounded.reference_tokens, bounded.candidate_tokens) == ([1, 2, 3, 4], [1, 2, 5, 4])
 
     worse = compare_runs(reference, _peer([[9, 9], [9], [4]]), TOL, num_layers=1, pair="nemo~peer", tokens_only=True)
-    assert worse.taps[0].violations == ["argmax_agreement = 0.25 < limit 0.5"] and not worse.passed
+    assert worse.taps[0].violations == [] and worse.passed  # alone, never failed by its agreement
+    (failure,) = token_agreement_failures([worse], TOL)
+    assert failure.endswith("token agreement over 1 comparisons: argmax_agreement = 0.25 < limit 0.5")
+    assert token_agreement_failures([bounded, worse], TOL) == []  # 1 + 3 edits over 8 tokens: 0.5, at the limit
 
     by_names = compare_runs(reference, candidate, TOL, num_layers=1, utterance="u", tokens_only=True)
     assert by_names.pair == "nemo~peer" and by_names.taps[0].metrics == {"argmax_agreement": 0.75}

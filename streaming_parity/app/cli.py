@@ -200,14 +200,7 @@ def print_first_chunk_cost(results, out=None) -> None:
 
 
 def cmd_compare(args) -> int:
-    from streaming_parity.app.peers import (
-        bisect_peers,
-        candidate_sources,
-        diagnose_peers,
-        print_bisections,
-        print_diagnoses,
-        print_notes,
-    )
+    from streaming_parity.app.peers import candidate_sources, print_bisections, print_diagnoses, print_notes
     from streaming_parity.app.session import compare_backends, fixture_utterances
     from streaming_parity.app.source_provenance import artifact_record, reference_record
     from streaming_parity.core.nemo_file import sha256_file
@@ -224,31 +217,38 @@ def cmd_compare(args) -> int:
         reference = get(REFERENCE).load(model.path)
         sha256 = sha256_file(model.path)
         records = [reference_record(model, sha256)]
-        candidates = []
+        candidates, peer_sources = [], {}
         for name, source, dtype in sources:
             bar.phase(f"loading {name} ({source.path.name})")
             candidate = get(name).load(source.path, dtype=dtype, nemo_path=model.path)
             candidates.append(candidate)
             print_notes(candidate)
             records.append(artifact_record(name, f"{name}:{candidate.dtype}", source, sha256))
+            if candidate.capabilities.input == "audio":
+                peer_sources[f"{candidate.name}:{candidate.dtype}"] = source.path
         utterances = load_utterances(args, args.audio) if args.audio else [
             dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
         contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
         report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=model.path,
-                                  model_hub=model.hub, backends=records, progress=bar)
-        bisect_peers(reference, [(source.path, c) for (_, source, _), c in zip(sources, candidates)], utterances,
-                     contexts, tolerances, report.results, nemo_path=model.path, progress=bar.phase)
-        diagnose_peers(reference, [(source.path, c) for (_, source, _), c in zip(sources, candidates)], utterances,
-                       contexts, tolerances, report.results, nemo_path=model.path, progress=bar.phase)
+                                  model_hub=model.hub, backends=records, peer_sources=peer_sources, progress=bar)
     print_comparisons(report)
     print_first_chunk_cost(report.results)
     print_bisections(report.results)
     print_diagnoses(report.results)
     if args.json:
         print(f"results written to {report.results.save(args.json)}")
-    failures = [c for c in report.results.comparisons if not c.passed]
-    for comparison in failures:
-        print(f"FAIL {comparison.describe_failure()}")
+    return _verdict(report.results, tolerances)
+
+
+def _verdict(results, tolerances) -> int:
+    """Every failing comparison, and every pair whose tokens the tolerance file bounds on the aggregate
+    (``streaming_parity.judge.compare.token_agreement_failures``); the exit status."""
+    from streaming_parity.judge.compare import token_agreement_failures
+
+    failures = [c.describe_failure() for c in results.comparisons if not c.passed]
+    failures += token_agreement_failures(results.comparisons, tolerances)
+    for failure in failures:
+        print(f"FAIL {failure}")
     return EXIT_VIOLATION if failures else EXIT_OK
 
 
@@ -266,10 +266,7 @@ def cmd_judge(args) -> int:
     print_comparisons(ParityReport(results))
     if args.json:
         print(f"re-judged results written to {results.save(args.json)}")
-    failures = [c for c in results.comparisons if not c.passed]
-    for comparison in failures:
-        print(f"FAIL {comparison.describe_failure()}")
-    return EXIT_VIOLATION if failures else EXIT_OK
+    return _verdict(results, tolerances)
 
 
 def cmd_demo(args) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streaming_parity.app.session import fixture_utterances, model_record
+from streaming_parity.app.session import compare_backends, fixture_utterances
 from streaming_parity.app.source_provenance import manifest_provenance
 from streaming_parity.core.errors import InputNotFound, UnknownName, Unsupported
 from streaming_parity.core.nemo_file import sha256_file
@@ -32,7 +32,7 @@ from streaming_parity.core.system.workers import run_in_subprocess
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.utterance import Utterance, long_utterance
-from streaming_parity.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore, stream_and_compare
+from streaming_parity.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
 from streaming_parity.report import FP32, ReportFiles, overall_passed, write_report
@@ -232,7 +232,6 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
     reference = get(REFERENCE).load(nemo_path)
     contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.info.att_context_sizes)]
     candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
-    results = Results(model=model_record(nemo_path), tolerances=tolerances.source)
     memory = PhaseMemory(REFERENCE) if bounded else None
     if memory is not None:
         for candidate in candidates:
@@ -246,9 +245,9 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
                 candidate.modes = (pad_and_drop,)
         offline_contexts = [max(contexts, key=lambda context: context[1])]
     try:
-        stream_and_compare(reference, candidates, utterances, contexts, tolerances, store=store,
-                           offline_contexts=offline_contexts, close_reference=True,
-                           on_failure=record_failure(progress), results=results, progress=progress)
+        results = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
+                                   store=store, offline_contexts=offline_contexts, close_reference=True,
+                                   on_failure=record_failure(progress), progress=progress).results
     finally:
         reference.close()
     results.environment["device"] = device_description()
@@ -419,7 +418,6 @@ def _peer_check_utterances(model: str) -> list:
         from streaming_parity.fixtures.trained.evaluate import test_entries
 
         return [Utterance.from_file(e["audio_filepath"], e["text"]) for e in test_entries()[:PEER_CHECK_UTTERANCES]]
-    from streaming_parity.app.session import fixture_utterances
 
     return fixture_utterances()[:PEER_CHECK_UTTERANCES]
 
@@ -428,10 +426,8 @@ def run_peer_check(plan: MatrixPlan, *, work_dir: Path, tolerances: Tolerances,
                    progress: Callable[[str], None] = lambda _m: None) -> list[Results]:
     """Every planned peer runtime (a candidate that takes audio) on each of ``PEER_CHECK_MODELS`` it runs, at
     every lookahead: its WER next to NeMo's and, where it leaves NeMo, why: the stack bisection
-    (``streaming_parity.app.peers.bisect_peers``) and the diagnosis of how it loaded and what it computes differently
-    (``diagnose_peers``). One ``Results`` per model."""
-    from streaming_parity.app.peers import bisect_peers, diagnose_peers
-    from streaming_parity.app.session import compare_backends
+    and the diagnosis of how it loaded and what it computes differently, from the compare session
+    (``streaming_parity.app.session``). One ``Results`` per model."""
     from streaming_parity.fixtures.models import build
     from streaming_parity.interface.registry import REFERENCE, get
 
@@ -457,11 +453,9 @@ def run_peer_check(plan: MatrixPlan, *, work_dir: Path, tolerances: Tolerances,
                 continue
             progress(f"peer check: {', '.join(b.name for _, b in opened)} on {model}, {len(utterances)} utterances")
             outcome = compare_backends(reference, [backend for _, backend in opened], utterances, contexts,
-                                       tolerances, model_path=nemo_path, include_offline=False)
-            bisect_peers(reference, opened, utterances, contexts, tolerances, outcome.results, nemo_path=nemo_path,
-                         progress=progress)
-            diagnose_peers(reference, opened, utterances[:2], contexts, tolerances, outcome.results,
-                           nemo_path=nemo_path, progress=progress)
+                                       tolerances, model_path=nemo_path, include_offline=False,
+                                       peer_sources={f"{b.name}:{b.dtype}": source for source, b in opened},
+                                       diagnose_utterances=2, progress=progress)
         finally:
             for _, backend in opened:
                 backend.close()

@@ -23,6 +23,7 @@ from typing import Any
 from streaming_parity.core.errors import InputNotFound, InvalidInput
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.utterance import Utterance
+from streaming_parity.judge.loop import ReferenceRuns
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
 
@@ -108,34 +109,30 @@ def tensor_driver_for(path: Path, peer: Backend, nemo_path: Path) -> Backend | N
     return None
 
 
-def bisect_peers(reference: Backend, candidates: Sequence[tuple[Path, Backend]], utterances: Sequence[Utterance],
-                 contexts: Sequence[Sequence[int]], tolerances: Tolerances, results: Results, *, nemo_path: Path,
-                 progress: Callable[[str], None] | None = None) -> list[list[str]]:
-    """Bisect the stack of every transcript-level candidate that disagrees with the reference somewhere;
-    returns the lines to print and records each bisection in ``results.extra``."""
+def bisect_peer_runs(reference: ReferenceRuns, source: Path, peer: Backend, utterances: Sequence[Utterance],
+                     contexts: Sequence[Sequence[int]], tolerances: Tolerances, results: Results, *, nemo_path: Path,
+                     progress: Callable[[str], None] | None = None) -> list[list[str]]:
+    """Bisect the stack of a transcript-level candidate that disagrees with the reference somewhere, against the
+    reference's stored runs (``LoopOutcome.reference``: nothing of the reference is streamed again); records each
+    bisection in ``results.extra`` and returns the lines."""
     from streaming_parity.judge.bisect import bisect_peer
 
     say = progress or (lambda _text: None)
+    disagreeing = [c for c in results.comparisons if c.candidate == peer.name and not c.tokens_equal]
+    if not disagreeing:
+        return [[f"{peer.name}:{peer.dtype}: tokens identical to {reference.name}'s everywhere; no bisection"]]
+    driver = tensor_driver_for(source, peer, nemo_path)
+    if driver is None:
+        return [[f"{peer.name}:{peer.dtype}: no tensor-level backend reads {source}; its stack is not bisected"]]
     printed = []
-    for path, peer in candidates:
-        if peer.capabilities.input != "audio":
-            continue
-        disagreeing = [c for c in results.comparisons if c.candidate == peer.name and not c.tokens_equal]
-        if not disagreeing:
-            printed.append([f"{peer.name}:{peer.dtype}: tokens identical to {reference.name}'s everywhere; no bisection"])
-            continue
-        driver = tensor_driver_for(path, peer, nemo_path)
-        if driver is None:
-            printed.append([f"{peer.name}:{peer.dtype}: no tensor-level backend reads {path}; its stack is not bisected"])
-            continue
-        try:
-            for context in contexts:
-                say(f"bisecting {peer.name} [{context[0]},{context[1]}]")
-                bisection = bisect_peer(reference, driver, peer, utterances, context, tolerances, progress=say)
-                results.extra.setdefault(EXTRA_KEY, []).append({**bisection.to_dict(), "lines": bisection.lines()})
-                printed.append(bisection.lines())
-        finally:
-            driver.close()
+    try:
+        for context in contexts:
+            say(f"bisecting {peer.name} [{context[0]},{context[1]}]")
+            bisection = bisect_peer(reference, driver, peer, utterances, context, tolerances, progress=say)
+            results.extra.setdefault(EXTRA_KEY, []).append({**bisection.to_dict(), "lines": bisection.lines()})
+            printed.append(bisection.lines())
+    finally:
+        driver.close()
     return printed
 
 
@@ -153,28 +150,37 @@ def print_bisections(results: Results, out=None) -> None:
 DIAGNOSIS_KEY = "peer_diagnosis"
 
 
-def diagnose_peers(reference: Backend, candidates: Sequence[tuple[Path, Backend]], utterances: Sequence[Utterance],
-                   contexts: Sequence[Sequence[int]], tolerances: Tolerances, results: Results, *, nemo_path: Path,
-                   prompt: str | None = None, progress: Callable[[str], None] | None = None) -> list[list[str]]:
-    """Diagnose every audio-input candidate that can say how it loaded and what it computes differently
-    (``streaming_parity.judge.peer_audit``): its parameters against the checkpoint's tensors, its front end and its
-    encoder fed the reference's mel. Records each in ``results.extra["peer_diagnosis"]``; returns the lines."""
-    from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
+def diagnose_peer_runtime(reference: Backend, peer: Backend, utterances: Sequence[Utterance],
+                          contexts: Sequence[Sequence[int]], tolerances: Tolerances, results: Results, *,
+                          checkpoint: Callable[[], dict[str, Any]], prompt: str | None = None,
+                          progress: Callable[[str], None] | None = None) -> list[str]:
+    """Diagnose an audio-input candidate that can say how it loaded and what it computes differently
+    (``streaming_parity.judge.peer_audit``): its parameters against the checkpoint's tensors (``checkpoint``:
+    loaded on first use), its front end and its encoder fed the reference's mel. Records it in
+    ``results.extra["peer_diagnosis"]``; returns the lines (none for a peer that cannot describe itself)."""
     from streaming_parity.judge.peer_audit import diagnose_peer
 
-    printed = []
-    checkpoint = None
-    for _path, peer in candidates:
-        if peer.capabilities.input != "audio" or not hasattr(peer, "encode_mel"):
-            continue
-        if checkpoint is None:
-            checkpoint = {name: value.numpy() for name, value in load_state_dict(inspect_nemo(nemo_path)).items()
-                          if hasattr(value, "numpy")}
-        diagnosis = diagnose_peer(reference, peer, utterances, contexts, tolerances, checkpoint=checkpoint,
-                                  prompt=prompt, progress=progress)
-        results.extra.setdefault(DIAGNOSIS_KEY, []).append({**diagnosis.to_dict(), "lines": diagnosis.lines()})
-        printed.append(diagnosis.lines())
-    return printed
+    if peer.capabilities.input != "audio" or not hasattr(peer, "encode_mel"):
+        return []
+    diagnosis = diagnose_peer(reference, peer, utterances, contexts, tolerances, checkpoint=checkpoint(),
+                              prompt=prompt, progress=progress)
+    results.extra.setdefault(DIAGNOSIS_KEY, []).append({**diagnosis.to_dict(), "lines": diagnosis.lines()})
+    return diagnosis.lines()
+
+
+def checkpoint_tensors(nemo_path: Path) -> Callable[[], dict[str, Any]]:
+    """The checkpoint's tensors as numpy arrays, read once on first call (a diagnosis compares a peer's
+    loaded parameters with them)."""
+    import functools
+
+    @functools.cache
+    def load() -> dict[str, Any]:
+        from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
+
+        return {name: value.numpy() for name, value in load_state_dict(inspect_nemo(nemo_path)).items()
+                if hasattr(value, "numpy")}
+
+    return load
 
 
 def print_diagnoses(results: Results, out=None) -> None:

@@ -229,7 +229,10 @@ class RunCache:
     """Stream runs shared by the suites: one run per (backend, dtype, utterance, lookahead, mode)."""
 
     def __init__(self, pool: BackendPool):
+        from streaming_parity.judge.loop import MemoryStore
+
         self.pool = pool
+        self.store = MemoryStore()  # the judge's run store, as ``parity compare`` records its runs
         self._runs = {}
         self._mels = {}
 
@@ -239,7 +242,7 @@ class RunCache:
         return self._mels[utterance.name]
 
     def run(self, backend_name: str, utterance, context, mode, dtype: str | None = None):
-        from streaming_parity.interface.driver import stream
+        from streaming_parity.interface.chunking import FirstChunkMode
 
         backend = self.pool.get(backend_name, dtype)
         key = (backend_name, backend.dtype, utterance.name, tuple(context), str(mode))
@@ -247,9 +250,10 @@ class RunCache:
             # A transcript-level peer runtime takes the audio through its own front end (Capabilities.input).
             audio_input = backend.capabilities.input == "audio"
             features = None if audio_input else backend.features(utterance.audio[None])[0]
-            self._runs[key] = stream(backend, self.mel(utterance), context, mode, dtype=backend.dtype,
-                                     features=features, audio=utterance.audio[None],
-                                     prompt=utterance.prompt_for(self.pool.get("nemo").info))
+            self._runs[key] = self.store.record(
+                backend, self.mel(utterance), context, FirstChunkMode(mode), key="-".join(map(str, key)),
+                speaker_masks=None, features=features, audio=utterance.audio[None],
+                prompt=utterance.prompt_for(self.pool.get("nemo").info))
         return self._runs[key]
 
     def judge(self, reference_name: str, candidate_name: str, utterance, context, mode, tolerances, *,
@@ -259,14 +263,15 @@ class RunCache:
         Returns ``(reference run, candidate run, comparison)``."""
         from functools import partial
 
-        from streaming_parity.interface.driver import stream
+        from streaming_parity.interface.chunking import FirstChunkMode
         from streaming_parity.judge.forcing import judge_stream
 
         reference = self.run(reference_name, utterance, context, mode)
         candidate = self.run(candidate_name, utterance, context, mode, dtype=dtype)
         backend = self.pool.get(candidate_name, dtype)
         tokens_only = not backend.capabilities.tensor_level
-        rerun = partial(stream, backend, self.mel(utterance), context, mode, dtype=backend.dtype,
+        rerun = partial(self.store.record, backend, self.mel(utterance), context, FirstChunkMode(mode),
+                        key=f"{candidate_name}-{backend.dtype}-{utterance.name}-forced", speaker_masks=None,
                         features=candidate.features, prompt=utterance.prompt_for(self.pool.get("nemo").info))
         comparison, _ = judge_stream(reference, candidate, tolerances,
                                      num_layers=self.pool.get(reference_name).info.num_layers,

@@ -1,12 +1,14 @@
-"""Library entry point behind ``parity compare``: the reference against open candidate backends.
+"""The compare session: what ``parity compare``, the nightly's peer check and ``parity verify`` run.
 
-The CLI only parses and prints; everything it does is reachable from here (and from tests). The
-streaming, comparing and recording is ``streaming_parity.judge.loop.stream_and_compare``.
+One session loads the reference and the candidates, records their provenance, streams the reference
+once (``streaming_parity.judge.loop``), judges every candidate against the stored runs, and, for a peer
+runtime that leaves the reference, bisects its stack and diagnoses it while it is still open, from the
+same stored runs. It returns one results object. The CLI only parses and prints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.progress import as_progress
 from streaming_parity.core.system.provenance import HubOrigin
 from streaming_parity.interface.backend import Backend
+from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.utterance import Utterance
-from streaming_parity.judge.loop import Candidate, LoopOutcome, LoopProgress, stream_and_compare
+from streaming_parity.judge.loop import AfterCandidate, Candidate, LoopOutcome, LoopProgress, stream_and_compare
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
 
@@ -46,19 +49,55 @@ def model_record(model_path: Path | None, hub: HubOrigin | None = None) -> dict:
     return {"path": str(model_path), "sha256": sha256_file(model_path), "name": Path(model_path).stem, **origin}
 
 
-def compare_backends(reference: Backend, candidates: Iterable[Backend], utterances: Sequence[Utterance],
+def compare_backends(reference: Backend, candidates: Iterable[Backend | Candidate], utterances: Sequence[Utterance],
                      att_context_sizes: Sequence[Sequence[int]], tolerances: Tolerances, *,
                      model_path: Path | None = None, model_hub: HubOrigin | None = None,
                      backends: Sequence[dict[str, Any]] | None = None, include_offline: bool = True,
-                     progress: Callable[[str], None] | LoopProgress | None = None) -> LoopOutcome:
-    """Stream every utterance at every lookahead through the reference and each (open) candidate.
+                     peer_sources: Mapping[str, Path] | None = None, diagnose_utterances: int | None = None,
+                     progress: Callable[[str], None] | LoopProgress | None = None, **loop_options: Any) -> LoopOutcome:
+    """Stream every utterance at every lookahead through the reference and each candidate (an open backend,
+    or a ``Candidate`` opened when its turn comes), judged against the reference's stored runs.
 
     ``model_hub``: where the checkpoint came from; ``backends``: each backend's provenance record
-    (``streaming_parity.app.source_provenance``), kept in the results' ``model``. ``progress``: a line callback, or
-    the loop's callbacks (a ``streaming_parity.core.system.progress.ProgressBar``)."""
+    (``streaming_parity.app.source_provenance``), kept in the results' ``model``. ``peer_sources``: the files of
+    each transcript-level candidate (by its label, ``name:dtype``): a peer that leaves the reference is then
+    bisected and diagnosed (on the first ``diagnose_utterances``) while open, from the stored reference runs.
+    ``progress``: a line callback, or the loop's callbacks (a ``ProgressBar``). ``loop_options`` go to
+    ``stream_and_compare`` (a run store, ``close_reference``, ``on_failure``, ...)."""
     results = Results(model=model_record(model_path, model_hub), tolerances=tolerances.source)
     if backends:
         results.model["backends"] = list(backends)
     loop_progress = as_progress(progress) if progress else None
-    return stream_and_compare(reference, [Candidate.of(c) for c in candidates], utterances, att_context_sizes,
-                              tolerances, include_offline=include_offline, results=results, progress=loop_progress)
+    candidates = [c if isinstance(c, Candidate) else Candidate.of(c) for c in candidates]
+    followup = None
+    if peer_sources:
+        if model_path is None:
+            raise ValueError("bisecting a peer runtime needs the checkpoint (model_path)")
+        # The bisection drives the peer's own graphs in pad-and-drop mode, the mode every peer export runs.
+        loop_options["reference_modes"] = (*loop_options.get("reference_modes", ()), FirstChunkMode.PAD_AND_DROP.value)
+        followup = peer_followup(reference, peer_sources, utterances, att_context_sizes, tolerances,
+                                 nemo_path=model_path, diagnose_utterances=diagnose_utterances,
+                                 say=loop_progress.phase if loop_progress else None)
+    return stream_and_compare(reference, candidates, utterances, att_context_sizes, tolerances,
+                              include_offline=include_offline, results=results, progress=loop_progress,
+                              after_candidate=followup, **loop_options)
+
+
+def peer_followup(reference: Backend, peer_sources: Mapping[str, Path], utterances: Sequence[Utterance],
+                  contexts: Sequence[Sequence[int]], tolerances: Tolerances, *, nemo_path: Path,
+                  diagnose_utterances: int | None = None, say: Callable[[str], None] | None = None) -> AfterCandidate:
+    """The loop's ``after_candidate`` hook: a transcript-level candidate, still open, is bisected against the
+    reference's stored runs and diagnosed (``streaming_parity.app.peers``)."""
+    from streaming_parity.app.peers import bisect_peer_runs, checkpoint_tensors, diagnose_peer_runtime
+
+    checkpoint = checkpoint_tensors(nemo_path)
+
+    def followup(candidate: Candidate, backend: Backend, outcome: LoopOutcome) -> None:
+        if backend.capabilities.input != "audio" or candidate.label not in peer_sources:
+            return
+        bisect_peer_runs(outcome.reference, peer_sources[candidate.label], backend, utterances, contexts, tolerances,
+                         outcome.results, nemo_path=nemo_path, progress=say)
+        diagnose_peer_runtime(reference, backend, utterances[:diagnose_utterances], contexts, tolerances,
+                              outcome.results, checkpoint=checkpoint, progress=say)
+
+    return followup

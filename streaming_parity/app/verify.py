@@ -5,20 +5,17 @@
 cache at every step against the tolerance file (``streaming_parity.judge.compare``). ``Verification.to_dict`` is
 what ``DIR/parity.json`` holds.
 
-Reduced precision: a bfloat16/float16 decoder may take a different greedy decision where two
-logits are close; from there on its decoder/joint rows no longer correspond to NeMo's, so
-``judge_reduced_precision`` compares those rows only up to the first step with a different
-decision, and
-judges the token sequences by their agreement (``1 - edit distance / reference length``) summed
-over every comparison of the run, against the ``tokens`` limit of the dtype's table
-(``argmax_agreement``: the fraction of greedy decisions that agree). The bound is on the aggregate
-because one flipped decision early in a three-token utterance scores 0 on its own. float32
-requires identical tokens in every comparison.
+The verdict is the judge's one policy (``streaming_parity.judge.compare.verdict``), the same as
+``parity compare`` and the nightly: a candidate that takes another greedy decision is decoded again
+with NeMo's (teacher forcing) and its taps judged on that run; where the tolerance file bounds a
+dtype's tokens by agreement (the bfloat16/float16 ``tokens`` tables), the token sequences are judged
+by ``1 - edit distance / reference length`` summed over every comparison of the run
+(``token_agreement_failures``), because one flipped decision early in a three-token utterance
+scores 0 on its own. float32 requires identical tokens (or near-ties only) in every comparison.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import platform
@@ -27,19 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streaming_parity.app.session import compare_backends
 from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.provenance import HubOrigin, Provenance
-from streaming_parity.interface.backend import TAP_DECODER, TAP_JOINT, Backend
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
-from streaming_parity.judge.compare import PairComparison, TapResult
-from streaming_parity.judge.forcing import same_joint_decisions
-from streaming_parity.judge.loop import Candidate, LoopProgress, stream_and_compare
-from streaming_parity.judge.metrics import token_agreement, token_edit_distance, word_error_rate
+from streaming_parity.judge.compare import PairComparison, aggregate_token_agreement, token_agreement_failures
+from streaming_parity.judge.loop import Candidate, LoopProgress
+from streaming_parity.judge.metrics import token_edit_distance, word_error_rate
 from streaming_parity.judge.tolerances import Tolerances
 
-PAIR = "nemo~mlx"
-TOKENS_TAP = "tokens"
-OFFLINE = "offline"
 DEFAULT_MODES = (FirstChunkMode.PLAIN.value,)
 
 
@@ -62,38 +56,6 @@ def grouped_worst(worst: dict[str, float]) -> dict[str, float]:
         group = tap_group(tap)
         grouped[group] = max(grouped.get(group, 0.0), value)
     return grouped
-
-
-def judge_reduced_precision(comparison: PairComparison, reference_steps, candidate_steps,
-                            tolerances: Tolerances) -> PairComparison:
-    """Decoder/joint rows up to the first divergent step; tokens judged by agreement (see module doc)."""
-    divergent_step = next((i for i, (r, c) in enumerate(zip(reference_steps, candidate_steps))
-                           if r.tokens != c.tokens or not same_joint_decisions(r, c)), None)
-    taps = [t for t in comparison.taps
-            if not (divergent_step is not None and t.tap in (TAP_DECODER, TAP_JOINT) and t.step >= divergent_step)]
-    agreement = token_agreement(comparison.reference_tokens, comparison.candidate_tokens)
-    # Recorded per comparison, judged on the aggregate (token_agreement_violations).
-    taps.append(TapResult(-1, TOKENS_TAP, {"argmax_agreement": agreement}, {}, []))
-    return dataclasses.replace(comparison, taps=taps, require_token_match=False)
-
-
-def aggregate_token_agreement(comparisons: Sequence[PairComparison]) -> float:
-    """``1 - sum(edit distances) / sum(reference lengths)`` over the comparisons."""
-    reference_tokens = sum(len(c.reference_tokens) for c in comparisons)
-    edits = sum(token_edit_distance(c.reference_tokens, c.candidate_tokens) for c in comparisons)
-    return 1.0 - edits / max(reference_tokens, 1)
-
-
-def token_agreement_violations(comparisons: Sequence[PairComparison], tolerances: Tolerances,
-                               dtype: str) -> list[str]:
-    """The aggregate token agreement against ``[<dtype>."nemo~mlx".tokens] argmax_agreement``."""
-    if dtype == "float32" or not comparisons:
-        return []  # float32: every comparison requires identical tokens, or near-ties only (streaming_parity.judge.ties)
-    # The tolerance file refuses a tokens table without argmax_agreement, and limits() one without any.
-    limits = tolerances.limits(PAIR, dtype, TOKENS_TAP)
-    agreement = aggregate_token_agreement(comparisons)
-    return [f"token agreement over {len(comparisons)} comparisons: {v.describe()}"
-            for v in tolerances.check({"argmax_agreement": agreement}, limits)]
 
 
 @dataclass
@@ -125,8 +87,7 @@ class Verification:
 
     def failures(self) -> list[str]:
         failures = [f"{e.mode}: {e.comparison.describe_failure()}" for e in self.entries if not e.comparison.passed]
-        return failures + token_agreement_violations([e.comparison for e in self.entries], self.tolerances,
-                                                     self.dtype)
+        return failures + token_agreement_failures([e.comparison for e in self.entries], self.tolerances)
 
     def modes(self) -> list[str]:
         return list(dict.fromkeys(e.mode for e in self.entries))
@@ -261,17 +222,10 @@ def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, referenc
                                 att_context_sizes=contexts, device=str(candidate.device), blas=status().reason,
                                 source_hub=source_hub)
 
-    def judge(comparison: PairComparison, reference_run, candidate_run) -> PairComparison:
-        if candidate.dtype == "float32":
-            return comparison
-        if comparison.mode == OFFLINE:
-            return _judge_offline_tokens(comparison, tolerances)
-        return judge_reduced_precision(comparison, reference_run.steps, candidate_run.steps, tolerances)
-
-    outcome = stream_and_compare(
+    outcome = compare_backends(
         reference, [Candidate.of(candidate, modes=tuple(FirstChunkMode(m).value for m in modes),
                                  compare_offline=include_offline)],
-        utterances, contexts, tolerances, include_offline=False, judge=judge,
+        utterances, contexts, tolerances, include_offline=False,
         progress=progress if callable(getattr(progress, "advance", None)) else
         LoopProgress(advance=progress) if progress else None)
     verification.entries = [Entry(c.mode, c) for c in outcome.results.comparisons]
@@ -297,12 +251,3 @@ def verifier(nemo_path: str | Path, *, reference: Backend | Callable[[], Backend
                                progress=progress, source_hub=source_hub)
 
     return verify
-
-
-def _judge_offline_tokens(comparison: PairComparison, tolerances: Tolerances) -> PairComparison:
-    joint = next((t for t in comparison.taps if t.tap == TAP_JOINT), None)
-    if comparison.tokens_equal and joint is not None and joint.metrics.get("argmax_agreement") == 1.0:
-        return judge_reduced_precision(comparison, [], [], tolerances)
-    taps = [t for t in comparison.taps if t.tap not in (TAP_DECODER, TAP_JOINT)]
-    stub = dataclasses.replace(comparison, taps=taps)
-    return judge_reduced_precision(stub, [], [], tolerances)

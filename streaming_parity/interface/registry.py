@@ -172,6 +172,12 @@ register(BackendEntry(
                 "generation) on a prompt-conditioned Nemotron-3.5 checkpoint: tokens and encoder output per chunk"))
 
 
+def dtypes() -> tuple[str, ...]:
+    """Every candidate precision some registered backend runs, in registration order: the dtypes a
+    tolerance file may have tables for (``streaming_parity.judge.tolerances``)."""
+    return tuple(dict.fromkeys(dtype for entry in REGISTRY.values() for dtype in entry.dtypes))
+
+
 def get(name: str) -> BackendEntry:
     try:
         return REGISTRY[name]

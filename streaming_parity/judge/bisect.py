@@ -29,7 +29,16 @@ import numpy as np
 from streaming_parity.interface.backend import Backend, decode_tokens
 from streaming_parity.interface.chunking import Chunk, ChunkSchedule, FirstChunkMode
 from streaming_parity.interface.utterance import Utterance
+from streaming_parity.judge.loop import (
+    Candidate,
+    LoopOutcome,
+    MemoryStore,
+    ReferenceRuns,
+    compare_candidate,
+    stream_reference_runs,
+)
 from streaming_parity.judge.metrics import word_error_rate
+from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
 from streaming_parity.judge.transcripts import describe_divergence, step_tokens, token_divergence
 
@@ -207,22 +216,29 @@ def _chunking_facts(reference_chunks: Sequence[Chunk], runtime_chunks: Sequence[
     return facts
 
 
-def bisect_peer(reference: Backend, driver: Backend, peer: Backend, utterances: Sequence[Utterance],
+def bisect_peer(reference: Backend | ReferenceRuns, driver: Backend, peer: Backend, utterances: Sequence[Utterance],
                 context: Sequence[int], tolerances: Tolerances, *,
                 progress: Callable[[str], None] | None = None) -> Bisection:
     """Rebuild ``peer``'s stack from ``driver`` (a tensor-level backend over the peer's own graphs),
-    ``reference``'s front end and schedule, and the peer's declared front end and windows."""
-    from streaming_parity.judge.loop import Candidate, stream_and_compare
+    ``reference``'s front end and schedule, and the peer's declared front end and windows.
 
+    ``reference``: the runs a comparison already streamed (``LoopOutcome.reference``, with its backend still
+    open for its front end), or the reference backend itself, streamed here in pad-and-drop mode."""
     say = progress or (lambda _m: None)
     context = (int(context[0]), int(context[1]))
     mode = FirstChunkMode.PAD_AND_DROP
-    vocabulary = reference.info.vocabulary
+    if isinstance(reference, Backend):
+        say(f"{reference.name}: streaming [{context[0]},{context[1]}] {mode.value}")
+        reference = stream_reference_runs(reference, utterances, [context], tolerances, modes=(mode.value,))
+    stored = reference
+    vocabulary = stored.info.vocabulary
 
-    # (a) the export: the peer's files through the harness's driver, every tap and cache against the reference.
-    say(f"(a) {driver.name} on the runtime's files vs {reference.name}")
-    outcome = stream_and_compare(reference, [Candidate.of(driver, modes=(mode.value,))], utterances, [context],
-                                 tolerances, include_offline=False)
+    # (a) the export: the peer's files through the harness's driver, every tap and cache against the reference's
+    # stored runs (the reference is not streamed again).
+    say(f"(a) {driver.name} on the runtime's files vs {stored.name}")
+    outcome = LoopOutcome(Results(model={}, tolerances=tolerances.source))
+    compare_candidate(stored, Candidate.of(driver, modes=(mode.value,)), [mode], utterances, [context], tolerances,
+                      store=MemoryStore(), outcome=outcome)
     compared = [c for c in outcome.results.comparisons if c.candidate == driver.name]
     export_passed = all(c.passed for c in compared) if compared else None
     failing = [c for c in compared if not c.passed]
@@ -240,14 +256,10 @@ def bisect_peer(reference: Backend, driver: Backend, peer: Backend, utterances: 
     else:
         export_summary = f"{len(failing)} of {len(compared)} runs fail: {failing[0].describe_failure()}"
 
-    reference_texts: dict[str, str] = {}
-    reference_steps: dict[str, list[list[int]]] = {}
-    for row in outcome.results.transcripts:
-        if row["backend"] == reference.name and row["mode"] == mode.value:
-            reference_texts[row["utterance"]] = row["text"]
-    for key, run in outcome.runs.items():
-        if key[0].startswith(f"{reference.name}:") and key[3] == mode.value:
-            reference_steps[key[1]] = step_tokens(run)
+    reference_steps = {u.name: step_tokens(stored.run(u.name, context, mode)) for u in utterances}
+    reference_texts = {name: decode_tokens(vocabulary, [t for s in steps for t in s])
+                       for name, steps in reference_steps.items()}
+    reference = stored.backend
 
     # The runtime itself, and the pieces of its stack.
     say(f"{peer.name}: its own runs")

@@ -9,7 +9,7 @@ re-judges against another tolerance file.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -27,9 +27,9 @@ from streaming_parity.interface.backend import (
     layer_tap,
 )
 from streaming_parity.interface.driver import StreamRun
-from streaming_parity.judge.metrics import all_metrics
+from streaming_parity.judge.metrics import all_metrics, token_agreement, token_edit_distance
 from streaming_parity.judge.ties import TokenFlip, find_flips, rebound
-from streaming_parity.judge.tolerances import Tolerances
+from streaming_parity.judge.tolerances import TOKENS, MissingToleranceError, Tolerances
 
 # Taps whose rows are logits or log-probabilities over the vocabulary + blank: argmax agreement is measured.
 LOGIT_TAPS = (TAP_JOINT, TAP_CTC)
@@ -128,9 +128,16 @@ class PairComparison:
         return bool(self.ctc_flips) and all(f.near_tie for f in self.ctc_flips)
 
     @property
+    def tokens_judged_in_aggregate(self) -> bool:
+        """The tolerance file bounds this pair's tokens by their agreement over the run (a ``tokens`` tap,
+        ``verdict``): differing tokens do not fail this comparison alone (``token_agreement_failures``)."""
+        return any(t.tap == TOKENS for t in self.taps)
+
+    @property
     def passed(self) -> bool:
         tokens = self.tokens_agree and self.ctc_tokens_agree
-        return (tokens or not self.require_token_match) and all(t.passed for t in self.taps)
+        required = self.require_token_match and not self.tokens_judged_in_aggregate
+        return (tokens or not required) and all(t.passed for t in self.taps)
 
     def first_divergence(self) -> TapResult | None:
         """The earliest failing tap: earliest step first, then model order within the step."""
@@ -156,7 +163,8 @@ class PairComparison:
             where = "utterance" if divergence.step < 0 else f"step {divergence.step}"
             return head + (f"first divergent tap {divergence.tap} at {where}: "
                            + "; ".join(divergence.violations)) + "".join(f"; cause: {c}" for c in self.causes)
-        if self.require_token_match and not self.tokens_agree:
+        required = self.require_token_match and not self.tokens_judged_in_aggregate
+        if required and not self.tokens_agree:
             real = [f for f in self.flips if not f.near_tie]
             if real:
                 return head + real[0].describe()
@@ -168,7 +176,7 @@ class PairComparison:
                          min(len(self.reference_tokens), len(self.candidate_tokens)))
             return head + (f"token sequences differ at position {index} "
                            f"({len(self.reference_tokens)} vs {len(self.candidate_tokens)} tokens)")
-        if self.require_token_match and not self.ctc_tokens_agree:
+        if required and not self.ctc_tokens_agree:
             real = [f for f in self.ctc_flips if not f.near_tie]
             if real:
                 return head + real[0].describe()
@@ -178,36 +186,110 @@ class PairComparison:
         return head + "passed"
 
 
-def judge_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray,
-              tolerances: Tolerances, pair: str, dtype: str) -> TapResult:
-    limits = tolerances.limits(pair, dtype, tap)
+def measure_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray) -> TapResult:
+    """One tap's metrics (``streaming_parity.judge.metrics``), or its shape violation: nothing judged yet."""
     ref_shape, cand_shape = list(reference.shape), list(candidate.shape)
     if ref_shape != cand_shape:
         shape = [f"shape {ref_shape} vs {cand_shape}"]
-        return TapResult(step, tap, {}, limits, shape, ref_shape, cand_shape, structural=list(shape))
+        return TapResult(step, tap, {}, {}, list(shape), ref_shape, cand_shape, structural=list(shape))
     metrics = all_metrics(reference, candidate, logits=tap in LOGIT_TAPS, spectrogram=tap == TAP_MEL)
-    violations = [v.describe() for v in tolerances.check(metrics, limits)]
-    return TapResult(step, tap, metrics, limits, violations, ref_shape, cand_shape)
+    return TapResult(step, tap, metrics, {}, [], ref_shape, cand_shape)
+
+
+def judge_taps(taps: Sequence[TapResult], flips: Sequence[TokenFlip], tolerances: Tolerances, pair: str,
+               dtype: str) -> list[TapResult]:
+    """The one verdict on measured taps, the same for a fresh comparison and a re-judged one (``rejudge``).
+
+    Ties are classified first (``flips``, each judged by the tie rule of ``streaming_parity.judge.ties``), then
+    every tap is judged once against its limits from the tolerance file:
+
+    - the ``argmax_agreement`` limit of the joint (or of a hybrid's ``ctc`` tap) counts every flip; at a step
+      whose flips on that tap are all near-ties it does not apply (every other limit of the tap does);
+    - the ``tokens`` tap (a token sequence's agreement) is judged on the aggregate over the run
+      (``token_agreement_failures``), never alone: one flipped decision in a three-token utterance scores 0;
+    - structural violations (a shape, a step or frame count) stand whatever the limits.
+    """
+    tied: dict[str, set[int]] = {}
+    for tap in {f.tap for f in flips}:
+        of_tap = [f for f in flips if f.tap == tap]
+        tied[tap] = {f.step for f in of_tap if f.near_tie} - {f.step for f in of_tap if not f.near_tie}
+    judged = []
+    for result in taps:
+        limits = tolerances.limits(pair, dtype, result.tap)
+        applied: Mapping[str, float] = limits
+        if result.tap == TOKENS:
+            applied = {}
+        elif result.step in tied.get(result.tap, ()) and AGREEMENT in limits:
+            applied = {k: v for k, v in limits.items() if k != AGREEMENT}
+        violations = list(result.structural)
+        if result.reference_shape == result.candidate_shape:
+            violations += [v.describe() for v in tolerances.check(result.metrics, applied)]
+        judged.append(TapResult(result.step, result.tap, result.metrics, limits, violations, result.reference_shape,
+                                result.candidate_shape, structural=list(result.structural)))
+    return judged
+
+
+def judge_tap(step: int, tap: str, reference: np.ndarray, candidate: np.ndarray,
+              tolerances: Tolerances, pair: str, dtype: str) -> TapResult:
+    """``measure_tap`` and ``judge_taps`` for one tap met without flips."""
+    return judge_taps([measure_tap(step, tap, reference, candidate)], [], tolerances, pair, dtype)[0]
+
+
+def tokens_by_agreement(tolerances: Tolerances, pair: str, dtype: str) -> bool:
+    """Whether the tolerance file bounds the pair's token sequences by their agreement (a ``tokens`` table):
+    then differing tokens are judged on the run's aggregate agreement instead of being required equal."""
+    try:
+        return bool(tolerances.limits(pair, dtype, TOKENS))
+    except MissingToleranceError:
+        return False
+
+
+def verdict(comparison: PairComparison, tolerances: Tolerances) -> PairComparison:
+    """The one judging policy, applied last by every comparison and by ``rejudge``: the token rule of the
+    tolerance file (``tokens_by_agreement``: a ``tokens`` tap recording this comparison's agreement), then
+    ``judge_taps`` over the comparison's flips."""
+    taps = [t for t in comparison.taps if t.tap != TOKENS]
+    if tokens_by_agreement(tolerances, comparison.pair, comparison.dtype):
+        agreement = token_agreement(comparison.reference_tokens, comparison.candidate_tokens)
+        taps.append(TapResult(-1, TOKENS, {AGREEMENT: agreement}, {}, []))
+    judged = judge_taps(taps, [*comparison.flips, *comparison.ctc_flips], tolerances, comparison.pair,
+                        comparison.dtype)
+    return replace(comparison, taps=judged)
+
+
+def token_agreement_failures(comparisons: Sequence[PairComparison], tolerances: Tolerances) -> list[str]:
+    """The run-level half of the token rule: for every candidate, dtype and pair whose tokens the tolerance
+    file bounds by agreement, ``1 - sum(edit distances) / sum(reference tokens)`` over its comparisons
+    against the ``tokens`` limits."""
+    groups: dict[tuple[str, str], list[PairComparison]] = {}
+    for comparison in comparisons:
+        if comparison.tokens_judged_in_aggregate:  # streams and offline forwards of a pair together
+            groups.setdefault((comparison.pair.partition("@")[0], comparison.dtype), []).append(comparison)
+    failures = []
+    for (pair, dtype), group in groups.items():
+        metrics = {AGREEMENT: aggregate_token_agreement(group)}
+        for violation in tolerances.check(metrics, tolerances.limits(pair, dtype, TOKENS)):
+            failures.append(f"{pair} at {dtype}: token agreement over {len(group)} comparisons: "
+                            f"{violation.describe()}")
+    return failures
+
+
+def aggregate_token_agreement(comparisons: Sequence[PairComparison]) -> float:
+    """``1 - sum(edit distances) / sum(reference lengths)`` over the comparisons."""
+    reference_tokens = sum(len(c.reference_tokens) for c in comparisons)
+    edits = sum(token_edit_distance(c.reference_tokens, c.candidate_tokens) for c in comparisons)
+    return 1.0 - edits / max(reference_tokens, 1)
 
 
 def rejudge(comparison: PairComparison, tolerances: Tolerances) -> PairComparison:
-    """Apply another tolerance file to saved metrics without re-running anything."""
-    taps = []
-    for result in comparison.taps:
-        limits = tolerances.limits(comparison.pair, comparison.dtype, result.tap)
-        violations = list(result.structural)
-        if result.reference_shape == result.candidate_shape:
-            violations += [v.describe() for v in tolerances.check(result.metrics, limits)]
-        taps.append(TapResult(result.step, result.tap, result.metrics, limits, violations,
-                              result.reference_shape, result.candidate_shape, structural=list(result.structural)))
+    """Apply another tolerance file to saved metrics without re-running anything: the flips' tie bounds
+    from its joint (and CTC) limits, then the same ``verdict`` as a fresh comparison."""
     flips, ctc_flips = comparison.flips, comparison.ctc_flips
     if flips:
         flips = rebound(flips, tolerances.limits(comparison.pair, comparison.dtype, TAP_JOINT))
     if ctc_flips:
         ctc_flips = rebound(ctc_flips, tolerances.limits(comparison.pair, comparison.dtype, TAP_CTC))
-    if flips or ctc_flips:
-        taps = exempt_near_ties(taps, [*flips, *ctc_flips], tolerances)
-    return PairComparison(**{**comparison.__dict__, "taps": taps, "flips": flips, "ctc_flips": ctc_flips})
+    return verdict(replace(comparison, flips=flips, ctc_flips=ctc_flips), tolerances)
 
 
 def _common_taps(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> Iterable[str]:
@@ -226,8 +308,7 @@ def compare_runs(reference: StreamRun, candidate: StreamRun, tolerances: Toleran
         return compare_tokens(reference, candidate, tolerances, num_layers=num_layers, utterance=utterance, pair=pair)
     results: list[TapResult] = []
     if reference.features is not None and candidate.features is not None:
-        results.append(judge_tap(-1, TAP_MEL, reference.features, candidate.features, tolerances, pair,
-                                 candidate.dtype))
+        results.append(measure_tap(-1, TAP_MEL, reference.features, candidate.features))
     if len(reference.steps) != len(candidate.steps):
         count = [f"step count {len(reference.steps)} vs {len(candidate.steps)}"]
         results.append(TapResult(-1, TAP_ENCODER, {}, {}, count, structural=count))
@@ -235,42 +316,30 @@ def compare_runs(reference: StreamRun, candidate: StreamRun, tolerances: Toleran
     for index in range(min(len(reference.steps), len(candidate.steps))):
         ref_taps, cand_taps = reference.step_taps(index), candidate.step_taps(index)
         for tap in _common_taps(ref_taps, cand_taps):
-            results.append(judge_tap(index, tap, ref_taps[tap], cand_taps[tap], tolerances, pair, candidate.dtype))
+            results.append(measure_tap(index, tap, ref_taps[tap], cand_taps[tap]))
         if TAP_CTC in ref_taps and TAP_CTC in cand_taps:
             ctc_flips += _ctc_flips(index, ref_taps[TAP_CTC], cand_taps[TAP_CTC], tolerances, pair, candidate.dtype)
-    return PairComparison(
+    return verdict(PairComparison(
         reference=reference.backend, candidate=candidate.backend, pair=pair, dtype=candidate.dtype,
-        att_context_size=tuple(reference.att_context_size), utterance=utterance,
-        taps=exempt_near_ties(results, ctc_flips, tolerances),
+        att_context_size=tuple(reference.att_context_size), utterance=utterance, taps=results,
         reference_tokens=reference.tokens, candidate_tokens=candidate.tokens, order=comparison_order(num_layers),
         mode=candidate.mode, reference_ctc_tokens=_ctc_tokens(reference), candidate_ctc_tokens=_ctc_tokens(candidate),
-        ctc_flips=ctc_flips)
+        ctc_flips=ctc_flips), tolerances)
 
 
 def compare_tokens(reference, candidate, tolerances: Tolerances, *, num_layers: int, utterance: str,
                    pair: str) -> PairComparison:
     """A transcript-level candidate against the reference: identical tokens are required unless the
-    tolerance file bounds the pair's ``tokens`` agreement (then that bound is the verdict); the first
-    step whose tokens differ is kept either way (``PairComparison.token_divergence``)."""
-    from streaming_parity.judge.tolerances import TOKENS, MissingToleranceError
-    from streaming_parity.judge.transcripts import agreement, step_tokens, token_divergence
+    tolerance file bounds the pair's ``tokens`` agreement (``verdict``: then the run's aggregate agreement is
+    the verdict); the first step whose tokens differ is kept either way (``PairComparison.token_divergence``)."""
+    from streaming_parity.judge.transcripts import step_tokens, token_divergence
 
-    taps: list[TapResult] = []
-    require = True
-    try:
-        limits = tolerances.limits(pair, candidate.dtype, TOKENS)
-    except MissingToleranceError:
-        limits = None
-    if limits:
-        metrics = {AGREEMENT: agreement(reference.tokens, candidate.tokens)}
-        taps.append(TapResult(-1, TOKENS, metrics, limits, [v.describe() for v in tolerances.check(metrics, limits)]))
-        require = False
-    return PairComparison(
+    return verdict(PairComparison(
         reference=reference.backend, candidate=candidate.backend, pair=pair, dtype=candidate.dtype,
-        att_context_size=tuple(reference.att_context_size), utterance=utterance, taps=taps,
+        att_context_size=tuple(reference.att_context_size), utterance=utterance, taps=[],
         reference_tokens=reference.tokens, candidate_tokens=candidate.tokens, order=comparison_order(num_layers),
-        require_token_match=require, mode=candidate.mode,
-        token_divergence=token_divergence(step_tokens(reference), step_tokens(candidate)), gating=False)
+        mode=candidate.mode, token_divergence=token_divergence(step_tokens(reference), step_tokens(candidate)),
+        gating=False), tolerances)
 
 
 def _ctc_tokens(run) -> list[int] | None:
@@ -309,19 +378,17 @@ def compare_streaming_to_offline(run: StreamRun, offline: OfflineOutput, toleran
     streamed = run.encoded
     offline_frames = int(offline.encoded_len[0])
     reference = offline.encoded[..., : streamed.shape[-1]]
-    result = judge_tap(-1, TAP_ENCODER, reference, streamed, tolerances, pair, run.dtype)
+    result = measure_tap(-1, TAP_ENCODER, reference, streamed)
     missing = offline_frames - streamed.shape[-1]
     if not 0 <= missing <= 2:
-        frames = f"streaming produced {streamed.shape[-1]} frames, offline {offline_frames}"
-        result.violations.append(frames)
-        result.structural.append(frames)
-    return PairComparison(
+        result.structural.append(f"streaming produced {streamed.shape[-1]} frames, offline {offline_frames}")
+    return verdict(PairComparison(
         reference=f"{run.backend}-offline", candidate=f"{run.backend}-streaming", pair=pair, dtype=run.dtype,
         att_context_size=tuple(context), utterance=utterance, taps=[result],
         reference_tokens=offline.tokens[0], candidate_tokens=run.tokens, order=comparison_order(num_layers),
         require_token_match=False, mode=run.mode,
         reference_ctc_tokens=None if offline.ctc_tokens is None else offline.ctc_tokens[0],
-        candidate_ctc_tokens=_ctc_tokens(run))
+        candidate_ctc_tokens=_ctc_tokens(run)), tolerances)
 
 
 def compare_offline_outputs(reference: OfflineOutput, candidate: OfflineOutput, tolerances: Tolerances, *,
@@ -329,18 +396,17 @@ def compare_offline_outputs(reference: OfflineOutput, candidate: OfflineOutput, 
                             utterance: str, num_layers: int) -> PairComparison:
     """Both offline forwards (``Backend.offline``), every shared tap judged; step -1 marks utterance level."""
     pair = f"{reference_name}~{candidate_name}"
-    taps = [judge_tap(-1, name, reference.taps[name], candidate.taps[name], tolerances, pair, dtype)
+    taps = [measure_tap(-1, name, reference.taps[name], candidate.taps[name])
             for name in reference.taps if name in candidate.taps]
     ctc_flips = (_ctc_flips(-1, reference.taps[TAP_CTC], candidate.taps[TAP_CTC], tolerances, pair, dtype)
                  if TAP_CTC in reference.taps and TAP_CTC in candidate.taps else [])
     first = lambda tokens: None if tokens is None else tokens[0]  # noqa: E731
-    return PairComparison(reference=f"{reference_name}-offline", candidate=f"{candidate_name}-offline", pair=pair,
-                          dtype=dtype, att_context_size=tuple(context), utterance=utterance,
-                          taps=exempt_near_ties(taps, ctc_flips, tolerances),
+    return verdict(PairComparison(reference=f"{reference_name}-offline", candidate=f"{candidate_name}-offline",
+                          pair=pair, dtype=dtype, att_context_size=tuple(context), utterance=utterance, taps=taps,
                           reference_tokens=reference.tokens[0], candidate_tokens=candidate.tokens[0],
                           order=comparison_order(num_layers), mode="offline",
                           reference_ctc_tokens=first(reference.ctc_tokens), candidate_ctc_tokens=first(candidate.ctc_tokens),
-                          ctc_flips=ctc_flips)
+                          ctc_flips=ctc_flips), tolerances)
 
 
 def judge_teacher_forced(free: PairComparison, reference_run, forced_run, tolerances: Tolerances, *,
@@ -351,9 +417,8 @@ def judge_teacher_forced(free: PairComparison, reference_run, forced_run, tolera
     forced = compare_runs(reference_run, forced_run, tolerances, num_layers=num_layers, utterance=free.utterance,
                           pair=free.pair)
     flips = find_flips(reference_run.steps, forced_run.steps, tolerances.limits(free.pair, free.dtype, TAP_JOINT))
-    return PairComparison(**{**forced.__dict__, "taps": exempt_near_ties(forced.taps, flips, tolerances),
-                             "candidate_tokens": free.candidate_tokens, "teacher_forced": True, "flips": flips,
-                             "candidate_ctc_tokens": free.candidate_ctc_tokens})
+    return verdict(replace(forced, candidate_tokens=free.candidate_tokens, teacher_forced=True, flips=flips,
+                           candidate_ctc_tokens=free.candidate_ctc_tokens), tolerances)
 
 
 def judge_teacher_forced_offline(free: PairComparison, reference: OfflineOutput, forced: OfflineOutput,
@@ -368,26 +433,5 @@ def judge_teacher_forced_offline(free: PairComparison, reference: OfflineOutput,
     flips = [replace(flip, step=-1) for flip in find_flips(
         [_Rows(TAP_JOINT, reference.taps[TAP_JOINT])], [_Rows(TAP_JOINT, forced.taps[TAP_JOINT])],
         tolerances.limits(free.pair, free.dtype, TAP_JOINT))]
-    return PairComparison(**{**judged.__dict__, "taps": exempt_near_ties(judged.taps, [*flips, *judged.ctc_flips],
-                                                                         tolerances),
-                             "candidate_tokens": free.candidate_tokens, "teacher_forced": True, "flips": flips,
-                             "candidate_ctc_tokens": free.candidate_ctc_tokens})
-
-
-def exempt_near_ties(taps: list[TapResult], flips: list[TokenFlip], tolerances: Tolerances) -> list[TapResult]:
-    """The ``argmax_agreement`` limit of the joint (or of a hybrid's ``ctc`` tap) counts every flip; at a
-    step whose flips on that tap are all near-ties it is judged by the tie rule instead (every other
-    limit of the tap still applies)."""
-    tied: dict[str, set[int]] = {}
-    for tap in {f.tap for f in flips}:
-        of_tap = [f for f in flips if f.tap == tap]
-        tied[tap] = {f.step for f in of_tap if f.near_tie} - {f.step for f in of_tap if not f.near_tie}
-    judged = []
-    for result in taps:
-        if result.step in tied.get(result.tap, ()) and AGREEMENT in result.limits:
-            limits = {k: v for k, v in result.limits.items() if k != AGREEMENT}
-            result = TapResult(result.step, result.tap, result.metrics, result.limits,
-                               [*result.structural, *(v.describe() for v in tolerances.check(result.metrics, limits))],
-                               result.reference_shape, result.candidate_shape, structural=list(result.structural))
-        judged.append(result)
-    return judged
+    return verdict(replace(judged, candidate_tokens=free.candidate_tokens, teacher_forced=True, flips=flips,
+                           candidate_ctc_tokens=free.candidate_ctc_tokens), tolerances)

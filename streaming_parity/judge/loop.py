@@ -28,7 +28,14 @@ import numpy as np
 
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.system.cpu import int8_kernel_path
-from streaming_parity.interface.backend import Backend, Capabilities, OfflineOutput, decode_tokens
+from streaming_parity.interface.backend import (
+    Backend,
+    Capabilities,
+    ModelInfo,
+    OfflineOutput,
+    PromptKernel,
+    decode_tokens,
+)
 from streaming_parity.interface.chunking import FirstChunkMode, shared_first_chunk_mode
 from streaming_parity.interface.driver import StreamRun, stream
 from streaming_parity.interface.speakers import SpeakerTargets
@@ -166,22 +173,65 @@ def candidate_modes(reference: Capabilities, candidate: Candidate) -> list[First
 # -- the loop ----------------------------------------------------------------------------------------
 
 @dataclass
+class ReferenceRuns:
+    """The reference's side of a comparison, streamed once and kept for everything judged against it:
+    every candidate, and a peer's stack bisection and diagnosis (``streaming_parity.judge.bisect``,
+    ``streaming_parity.judge.peer_audit``), which read these runs instead of streaming NeMo again.
+
+    ``backend`` stays usable for its front end only while the caller keeps it open (not ``close_reference``)."""
+
+    backend: Backend
+    info: ModelInfo
+    capabilities: Capabilities
+    prompt_kernel: PromptKernel | None
+    mels: dict[str, np.ndarray] = field(default_factory=dict)
+    runs: dict[tuple[str, Context, FirstChunkMode], Any] = field(default_factory=dict)
+    offline: dict[tuple[str, Context], OfflineOutput] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def run(self, utterance: str, context: Sequence[int], mode: FirstChunkMode | str) -> Any:
+        key = (utterance, (int(context[0]), int(context[1])), FirstChunkMode(mode))
+        if key not in self.runs:
+            raise InvalidInput(f"the reference did not stream {utterance} at [{key[1][0]},{key[1][1]}] in "
+                               f"{key[2].value} mode (recorded: {sorted((u, c, m.value) for u, c, m in self.runs)})")
+        return self.runs[key]
+
+    def offline_output(self, utterance: str, context: Sequence[int]) -> OfflineOutput:
+        key = (utterance, (int(context[0]), int(context[1])))
+        if key not in self.offline:
+            raise InvalidInput(f"the reference's offline forward of {utterance} at [{key[1][0]},{key[1][1]}] "
+                               "was not kept (keep_offline)")
+        return self.offline[key]
+
+
+@dataclass
 class LoopOutcome:
     results: Results
     # Every run kept in memory (MemoryStore only), by (backend:dtype, utterance, context, mode).
     runs: dict[tuple[str, str, Context, str], StreamRun] = field(default_factory=dict)
     recorded: set[tuple[str, str, Context, str]] = field(default_factory=set, repr=False)
+    reference: ReferenceRuns | None = None
 
     @property
     def passed(self) -> bool:
         return self.results.passed
 
 
+# (candidate, its open backend, the outcome so far) -> None: called after the candidate's comparisons, while
+# both it and the reference's runs are still there (a peer's bisection and diagnosis, streaming_parity.app.session).
+AfterCandidate = Callable[[Candidate, Backend, LoopOutcome], None]
+
+
 def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utterances: Sequence[Utterance],
                        contexts: Sequence[Sequence[int]], tolerances: Tolerances, *,
                        store: RunStore | None = None, include_offline: bool = True,
                        offline_contexts: Sequence[Sequence[int]] | None = None, close_reference: bool = False,
+                       reference_modes: Sequence[str] = (), keep_offline: bool = False,
                        judge: JudgeHook | None = None, on_failure: FailureHook | None = None,
+                       after_candidate: AfterCandidate | None = None,
                        results: Results | None = None, progress: LoopProgress | None = None) -> LoopOutcome:
     """Stream every utterance at every lookahead through the reference, then each candidate in turn.
 
@@ -189,142 +239,178 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
     to every backend; each candidate's own front end is compared as the ``mel`` tap.
     ``include_offline``: NeMo streaming against NeMo offline, per utterance and lookahead (only at
     ``offline_contexts`` when given: the plain-mode reference run it needs is then streamed there alone).
-    ``judge`` may re-judge each candidate comparison (reduced precision). ``on_failure`` records a
-    candidate that fails to open or run and goes on; without it, the failure propagates.
+    ``reference_modes``: first-chunk modes the reference also streams beyond the candidates' (for what
+    ``after_candidate`` compares against the stored runs); ``keep_offline``: keep the reference's offline
+    forwards in ``outcome.reference`` (always kept for a candidate that ``compare_offline``s).
+    ``judge`` may re-judge each candidate comparison. ``on_failure`` records a candidate that fails to open
+    or run and goes on; without it, the failure propagates.
     """
     store = store or MemoryStore()
     progress = progress or LoopProgress()
     contexts = [(int(c[0]), int(c[1])) for c in contexts]
     results = results if results is not None else Results(model={}, tolerances=tolerances.source)
     outcome = LoopOutcome(results)
-    info = reference.info
-    num_layers = info.num_layers
-    # Kept before the reference may close: it explains a candidate's prompt divergence (streaming_parity.judge.prompts).
-    prompt_kernel = reference.prompt_kernel() if info.prompted else None
-    reference_caps = reference.capabilities
-    plans = [(candidate, candidate_modes(reference_caps, candidate)) for candidate in candidates]
+    plans = [(candidate, candidate_modes(reference.capabilities, candidate)) for candidate in candidates]
     offline_at = set() if not include_offline else set(contexts) if offline_contexts is None else {
         (int(c[0]), int(c[1])) for c in offline_contexts}
-    wanted_modes = {m for _, wanted in plans for m in wanted}
-
-    def reference_modes(context: Context) -> list[FirstChunkMode]:
-        # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
-        return sorted(wanted_modes | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
-                      key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
-
+    wanted_modes = {m for _, wanted in plans for m in wanted} | {FirstChunkMode(m) for m in reference_modes}
     units = len(utterances) * len(contexts)
     progress.total(units * (1 + len(plans)))
-
-    # Reference phase: every run a candidate will be compared with, and NeMo's own streaming~offline.
-    mels: dict[str, np.ndarray] = {}
-    reference_runs: dict[tuple[str, Context, FirstChunkMode], Any] = {}
-    reference_offline: dict[tuple[str, Context], OfflineOutput] = {}
-    keep_offline = any(candidate.compare_offline for candidate in candidates)
-    progress.phase(f"{reference.name}: streaming" + (" and offline" if include_offline else ""))
     try:
-        for utterance in utterances:
-            mel, _ = reference.features(utterance.audio[None])
-            mels[utterance.name] = mel
-            masks = utterance.speaker_masks_for(reference)
-            prompt = utterance.prompt_for(info)
-            for context in contexts:
-                for mode in reference_modes(context):
-                    run = store.record(reference, mel, context, mode, key=_key(reference, utterance, context, mode),
-                                       speaker_masks=masks, features=mel, prompt=prompt)
-                    reference_runs[(utterance.name, context, mode)] = run
-                    _record_run(outcome, run, utterance, info.vocabulary)
-                if context in offline_at or keep_offline:
-                    # NeMo's streaming buffer streams the whole mel tensor, including the frame past
-                    # seq_len (= samples // hop) that the front end masks to zero; with seq_len as the
-                    # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
-                    # encoder frame. The offline forward therefore sees exactly the streamed input.
-                    offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
-                                                speaker_masks=masks, prompt=prompt)
-                    if context in offline_at:
-                        results.comparisons.append(compare_streaming_to_offline(
-                            reference_runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
-                            num_layers=num_layers, utterance=utterance.name))
-                    if keep_offline:
-                        reference_offline[(utterance.name, context)] = offline
-                    del offline
-                progress.advance(f"{reference.name} {utterance.name} [{context[0]},{context[1]}]")
+        outcome.reference = stream_reference(
+            reference, utterances, contexts, tolerances, store=store, modes=wanted_modes, offline_at=offline_at,
+            keep_offline=keep_offline or any(candidate.compare_offline for candidate in candidates),
+            outcome=outcome, progress=progress)
     finally:
         if close_reference:
             reference.close()
-
-    # Candidate phase: one at a time, each closed before the next opens.
-    for candidate, wanted in plans:
-        backend = None
-        try:
-            progress.phase(f"{candidate.label}: opening")
-            backend = candidate.open()
-            progress.phase(f"{candidate.label} vs {reference.name}")
-            # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
-            # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
-            audio_input = backend.capabilities.input == "audio"
-            tokens_only = not backend.capabilities.tensor_level
-            for utterance in utterances:
-                own_features = None if audio_input else backend.features(utterance.audio[None])[0]
-                masks = None if audio_input else utterance.speaker_masks_for(backend)
-                reference_prompt = utterance.prompt_for(info)
-                prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
-                mel = mels[utterance.name]
-                for context in contexts:
-                    for mode in wanted:
-                        reference_run = reference_runs[(utterance.name, context, mode)]
-                        run = store.record(backend, mel, context, mode,
-                                           key=_key(backend, utterance, context, mode), speaker_masks=masks,
-                                           features=own_features, audio=utterance.audio[None], prompt=prompt)
-                        # Where the free run took another greedy decision somewhere, its decoder and joint rows
-                        # no longer match the reference's: it is decoded again with the reference's decisions,
-                        # the taps judged on that run, the transcript kept from the free run.
-                        rerun = functools.partial(
-                            store.record, backend, mel, context, mode,
-                            key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
-                            features=own_features, prompt=prompt)
-                        comparison, judged_run = judge_stream(
-                            reference_run, run, tolerances, num_layers=num_layers, utterance=utterance.name,
-                            tokens_only=tokens_only,
-                            rerun=rerun if backend.capabilities.teacher_forcing else None)
-                        if prompt_kernel is not None and not tokens_only:
-                            cause = explain_prompt_divergence(comparison, reference_run, judged_run, prompt_kernel,
-                                                              info, reference_prompt, tolerances)
-                            if cause:
-                                comparison.causes.append(cause)
-                        if backend.dtype == INT8 and not comparison.passed:
-                            cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
-                            if cause:
-                                comparison.causes.append(cause)
-                        if audio_input:
-                            # A peer runtime is judged and reported, never this project's verdict.
-                            comparison.gating = False
-                        results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
-                        _record_run(outcome, run, utterance, backend.info.vocabulary)
-                        store.release(run)
-                        if judged_run is not run:
-                            store.release(judged_run)
-                    if candidate.compare_offline:
-                        # The whole-utterance decode may meet a near-tie too: then decoded again with the
-                        # reference's decisions (the same call, forced_decisions given).
-                        run_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
-                                                        context, speaker_masks=masks, prompt=prompt)
-                        comparison = judge_offline(
-                            reference_offline[(utterance.name, context)], run_offline(), tolerances,
-                            reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
-                            context=context, utterance=utterance.name, num_layers=num_layers,
-                            rerun=run_offline if backend.capabilities.teacher_forcing else None)
-                        results.comparisons.append(judge(comparison, None, None) if judge else comparison)
-                    progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
-        except Exception as error:
-            if on_failure is None:
-                raise
-            on_failure(candidate, error)
-        finally:
-            if backend is not None and not candidate.keep_open:
-                backend.close()
-    for run in reference_runs.values():
-        store.release(run)
+    try:
+        # Candidate phase: one at a time, each closed before the next opens.
+        for candidate, wanted in plans:
+            compare_candidate(outcome.reference, candidate, wanted, utterances, contexts, tolerances, store=store,
+                              outcome=outcome, judge=judge, on_failure=on_failure, after=after_candidate,
+                              progress=progress)
+    finally:
+        for run in outcome.reference.runs.values():
+            store.release(run)
     return outcome
+
+
+def stream_reference_runs(reference: Backend, utterances: Sequence[Utterance], contexts: Sequence[Sequence[int]],
+                          tolerances: Tolerances, *, modes: Sequence[str] = (FirstChunkMode.PLAIN.value,),
+                          keep_offline: bool = False) -> ReferenceRuns:
+    """The reference alone, kept in memory: for a caller that has no comparison's runs to hand (a bisection
+    or diagnosis outside a session)."""
+    return stream_and_compare(reference, [], utterances, contexts, tolerances, include_offline=False,
+                              reference_modes=modes, keep_offline=keep_offline).reference
+
+
+def stream_reference(reference: Backend, utterances: Sequence[Utterance], contexts: Sequence[Context],
+                     tolerances: Tolerances, *, store: RunStore, modes: set[FirstChunkMode], offline_at: set[Context],
+                     keep_offline: bool, outcome: LoopOutcome, progress: LoopProgress) -> ReferenceRuns:
+    """The reference phase: every run a candidate will be compared with (in ``modes``), and NeMo's own
+    streaming~offline at ``offline_at``, recorded in ``outcome``."""
+    info = reference.info
+    # Kept before the reference may close: it explains a candidate's prompt divergence (streaming_parity.judge.prompts).
+    side = ReferenceRuns(backend=reference, info=info, capabilities=reference.capabilities,
+                         prompt_kernel=reference.prompt_kernel() if info.prompted else None)
+
+    def modes_at(context: Context) -> list[FirstChunkMode]:
+        # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
+        return sorted(modes | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
+                      key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
+
+    progress.phase(f"{reference.name}: streaming" + (" and offline" if offline_at or keep_offline else ""))
+    for utterance in utterances:
+        mel, _ = reference.features(utterance.audio[None])
+        side.mels[utterance.name] = mel
+        masks = utterance.speaker_masks_for(reference)
+        prompt = utterance.prompt_for(info)
+        for context in contexts:
+            for mode in modes_at(context):
+                run = store.record(reference, mel, context, mode, key=_key(reference, utterance, context, mode),
+                                   speaker_masks=masks, features=mel, prompt=prompt)
+                side.runs[(utterance.name, context, mode)] = run
+                _record_run(outcome, run, utterance, info.vocabulary)
+            if context in offline_at or keep_offline:
+                # NeMo's streaming buffer streams the whole mel tensor, including the frame past
+                # seq_len (= samples // hop) that the front end masks to zero; with seq_len as the
+                # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
+                # encoder frame. The offline forward therefore sees exactly the streamed input.
+                offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
+                                            speaker_masks=masks, prompt=prompt)
+                if context in offline_at:
+                    outcome.results.comparisons.append(compare_streaming_to_offline(
+                        side.runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
+                        num_layers=info.num_layers, utterance=utterance.name))
+                if keep_offline:
+                    side.offline[(utterance.name, context)] = offline
+                del offline
+            progress.advance(f"{reference.name} {utterance.name} [{context[0]},{context[1]}]")
+    return side
+
+
+def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Sequence[FirstChunkMode],
+                      utterances: Sequence[Utterance], contexts: Sequence[Context], tolerances: Tolerances, *,
+                      store: RunStore, outcome: LoopOutcome, judge: JudgeHook | None = None,
+                      on_failure: FailureHook | None = None, after: AfterCandidate | None = None,
+                      progress: LoopProgress | None = None) -> None:
+    """Open ``candidate``, stream the identical chunks in each of ``modes``, judge every step against the
+    reference's stored run, record, and close it (unless ``keep_open``)."""
+    progress = progress or LoopProgress()
+    results = outcome.results
+    info = reference.info
+    num_layers = info.num_layers
+    backend = None
+    try:
+        progress.phase(f"{candidate.label}: opening")
+        backend = candidate.open()
+        progress.phase(f"{candidate.label} vs {reference.name}")
+        # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
+        # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
+        audio_input = backend.capabilities.input == "audio"
+        tokens_only = not backend.capabilities.tensor_level
+        for utterance in utterances:
+            own_features = None if audio_input else backend.features(utterance.audio[None])[0]
+            masks = None if audio_input else utterance.speaker_masks_for(backend)
+            reference_prompt = utterance.prompt_for(info)
+            prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
+            mel = reference.mels[utterance.name]
+            for context in contexts:
+                for mode in modes:
+                    reference_run = reference.run(utterance.name, context, mode)
+                    run = store.record(backend, mel, context, mode,
+                                       key=_key(backend, utterance, context, mode), speaker_masks=masks,
+                                       features=own_features, audio=utterance.audio[None], prompt=prompt)
+                    # Where the free run took another greedy decision somewhere, its decoder and joint rows
+                    # no longer match the reference's: it is decoded again with the reference's decisions,
+                    # the taps judged on that run, the transcript kept from the free run.
+                    rerun = functools.partial(
+                        store.record, backend, mel, context, mode,
+                        key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
+                        features=own_features, prompt=prompt)
+                    comparison, judged_run = judge_stream(
+                        reference_run, run, tolerances, num_layers=num_layers, utterance=utterance.name,
+                        tokens_only=tokens_only,
+                        rerun=rerun if backend.capabilities.teacher_forcing else None)
+                    if reference.prompt_kernel is not None and not tokens_only:
+                        cause = explain_prompt_divergence(comparison, reference_run, judged_run,
+                                                          reference.prompt_kernel, info, reference_prompt, tolerances)
+                        if cause:
+                            comparison.causes.append(cause)
+                    if backend.dtype == INT8 and not comparison.passed:
+                        cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
+                        if cause:
+                            comparison.causes.append(cause)
+                    if audio_input:
+                        # A peer runtime is judged and reported, never this project's verdict.
+                        comparison.gating = False
+                    results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
+                    _record_run(outcome, run, utterance, backend.info.vocabulary)
+                    store.release(run)
+                    if judged_run is not run:
+                        store.release(judged_run)
+                if candidate.compare_offline:
+                    # The whole-utterance decode may meet a near-tie too: then decoded again with the
+                    # reference's decisions (the same call, forced_decisions given).
+                    run_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
+                                                    context, speaker_masks=masks, prompt=prompt)
+                    comparison = judge_offline(
+                        reference.offline_output(utterance.name, context), run_offline(), tolerances,
+                        reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
+                        context=context, utterance=utterance.name, num_layers=num_layers,
+                        rerun=run_offline if backend.capabilities.teacher_forcing else None)
+                    results.comparisons.append(judge(comparison, None, None) if judge else comparison)
+                progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
+        if after is not None:
+            after(candidate, backend, outcome)
+    except Exception as error:
+        if on_failure is None:
+            raise
+        on_failure(candidate, error)
+    finally:
+        if backend is not None and not candidate.keep_open:
+            backend.close()
 
 
 def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:

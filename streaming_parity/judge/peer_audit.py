@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from streaming_parity.interface.backend import TAP_ENCODER, Backend
+from streaming_parity.interface.backend import TAP_ENCODER, TAP_MEL, Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, LoadedParameters
@@ -277,8 +277,8 @@ def diagnose_peer(reference: Backend, peer: Backend, utterances: Sequence[Uttera
     corrections=)`` and ``encode_mel``) against ``reference`` on ``utterances``."""
     say = progress or (lambda _m: None)
     pair, dtype = f"{reference.name}~{peer.name}", "float32"  # fp32 limits: the peer runs its converter's fp32
-    mel_limit = tolerances.limits(pair, dtype, "mel").get("max_abs", 1e-3)
-    encoder_limit = tolerances.limits(pair, dtype, TAP_ENCODER).get("max_abs", 1e-4)
+    mel_limit = tolerances.limit(pair, dtype, TAP_MEL, "max_abs")
+    encoder_limit = tolerances.limit(pair, dtype, TAP_ENCODER, "max_abs")
     contexts = [(int(c[0]), int(c[1])) for c in contexts]
     audit = None
     if checkpoint is not None and hasattr(peer, "loaded_parameters"):

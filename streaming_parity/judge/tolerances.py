@@ -17,12 +17,13 @@ from pathlib import Path
 
 from streaming_parity.core.errors import InputNotFound, InvalidInput
 from streaming_parity.interface.backend import CACHE_TAPS, TAP_CTC, TAP_JOINT, TAP_MEL, TENSOR_TAP_KINDS, tap_kind
+from streaming_parity.interface.registry import dtypes as registered_dtypes
 from streaming_parity.judge.metrics import METRIC_BOUND
 
 DEFAULT_TOLERANCES = Path(__file__).resolve().parent / "tolerances.toml"
 WILDCARD = "*"
-# Every candidate precision a backend registers (backends.REGISTRY, which the judge may not import).
-DTYPES = ("float32", "int8", "bfloat16", "float16")
+# Every candidate precision a backend registers: a table for any other dtype is a misspelling.
+DTYPES = registered_dtypes()
 # The token sequence as a whole, judged by its agreement where a reduced-precision candidate may take
 # other greedy decisions (streaming_parity/app/verify.py); only ``argmax_agreement`` applies to it.
 TOKENS = "tokens"
@@ -151,6 +152,15 @@ class Tolerances:
             raise MissingToleranceError(f"{self.source}: no limit for tap {tap!r} of {pair} at {dtype} "
                                         f"(looked in {tables}); every compared tap needs one")
         return limits
+
+    def limit(self, pair: str, dtype: str, tap: str, metric: str) -> float:
+        """One metric's limit for a tap (``limits``); raises ``MissingToleranceError`` when the tables that
+        bound the tap give it none, so that a check which needs that metric never runs on a default."""
+        limits = self.limits(pair, dtype, tap)
+        if metric not in limits:
+            raise MissingToleranceError(f"{self.source}: no {metric} limit for tap {tap!r} of {pair} at {dtype} "
+                                        f"(it has {', '.join(sorted(limits))})")
+        return float(limits[metric])
 
     def check(self, metrics: Mapping[str, float], limits: Mapping[str, float]) -> list[Violation]:
         violations = []
