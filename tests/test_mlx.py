@@ -25,8 +25,8 @@ from streaming_parity.app.verify import (  # noqa: E402
     judge_reduced_precision,
     token_agreement_violations,
 )
-from streaming_parity.interface.backend import layer_tap  # noqa: E402
 from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
+from streaming_parity.interface.taps import layer_tap  # noqa: E402
 from streaming_parity.judge.forcing import judge_offline  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

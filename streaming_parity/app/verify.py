@@ -29,8 +29,9 @@ from typing import Any
 
 from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.provenance import HubOrigin, Provenance
-from streaming_parity.interface.backend import TAP_DECODER, TAP_JOINT, Backend
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
+from streaming_parity.interface.taps import TAP_DECODER, TAP_JOINT
 from streaming_parity.judge.compare import PairComparison, TapResult
 from streaming_parity.judge.forcing import same_joint_decisions
 from streaming_parity.judge.loop import Candidate, LoopProgress, stream_and_compare

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from streaming_parity.interface.backend import TAP_ENCODER, Backend
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, LoadedParameters
+from streaming_parity.interface.taps import TAP_ENCODER
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.tolerances import Tolerances
 

@@ -27,17 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from streaming_parity.core.errors import InputNotFound, InvalidInput
-from streaming_parity.interface.backend import (
-    TAP_ENCODER,
-    TAP_PROMPT,
-    AudioInputBackend,
-    Capabilities,
-    DecoderState,
-    ModelInfo,
-    StepOutput,
-    StreamingState,
-)
+from streaming_parity.interface.backend import AudioInputBackend, Capabilities
+from streaming_parity.interface.model_info import ModelInfo
 from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, Correction, LoadedParameters
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT
+from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 
 CAPABILITIES = Capabilities(first_chunk_modes=("plain",), taps=(TAP_ENCODER, TAP_PROMPT), caches=False,
                             offline=False, teacher_forcing=False, input="audio")
