@@ -22,6 +22,7 @@ from typing import Any
 
 from streaming_parity.core.errors import InputNotFound, InvalidInput
 from streaming_parity.interface.backend import Backend
+from streaming_parity.interface.peer import PeerRuntime
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
@@ -165,7 +166,7 @@ def diagnose_peers(reference: Backend, candidates: Sequence[tuple[Path, Backend]
     printed = []
     checkpoint = None
     for _path, peer in candidates:
-        if peer.capabilities.input != "audio" or not hasattr(peer, "encode_mel"):
+        if peer.capabilities.input != "audio" or not isinstance(peer, PeerRuntime):
             continue
         if checkpoint is None:
             checkpoint = {name: value.numpy() for name, value in load_state_dict(inspect_nemo(nemo_path)).items()
