@@ -264,7 +264,7 @@ def test_bad_lookahead_text_is_a_command_error():
 
 def test_a_lookahead_the_model_lacks_is_bad_input():
     from streaming_parity.core.errors import BadInput
-    from streaming_parity.interface.backend import ModelInfo
+    from streaming_parity.interface.model_info import ModelInfo
 
     info = ModelInfo(num_layers=1, d_model=4, n_mels=80, conv_kernel_size=9, subsampling_factor=8,
                      att_context_sizes=((70, 13),), vocabulary=("a",), blank_id=1, pred_layers=1, pred_hidden=4,
@@ -296,7 +296,7 @@ def test_the_project_input_errors_are_bad_input():
     for error_type, builtin in expected.items():
         assert issubclass(error_type, BadInput) and issubclass(error_type, builtin), error_type
     assert str(UnknownName("unknown backend 'x'")) == "unknown backend 'x'"  # not quoted as a KeyError is
-    from streaming_parity.interface.backend import ShapeMismatchError
+    from streaming_parity.interface.types import ShapeMismatchError
 
     assert not issubclass(ShapeMismatchError, BadInput)  # a backend breaking the interface is a bug
 

@@ -17,8 +17,10 @@ import pytest
 
 from streaming_parity.app.cli import EXIT_OK, EXIT_VIOLATION, main
 from streaming_parity.fixtures.models import SPEECH_DIR
-from streaming_parity.interface.backend import TAP_CTC, StepOutput, StreamingState, ctc_greedy
+from streaming_parity.interface.decoding import ctc_greedy
 from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.taps import TAP_CTC
+from streaming_parity.interface.types import StepOutput, StreamingState
 from streaming_parity.judge.compare import compare_runs
 from streaming_parity.judge.tolerances import Tolerances
 
@@ -149,7 +151,7 @@ def test_nemo_ctc_tokens_are_nemos_ctc_decoding(nemo, utterances):
 def test_transcribe_prints_the_rnnt_and_the_ctc_transcript(hybrid_nemo, nemo, utterances, capsys):
     """``parity transcribe`` on a hybrid model: one line per decoder, named, each the streamed run's own
     greedy transcript (the CTC one collapsed across steps)."""
-    from streaming_parity.interface.backend import decode_tokens
+    from streaming_parity.interface.decoding import decode_tokens
     from streaming_parity.interface.driver import shared_mode, stream
 
     code, out = _cli(capsys, "transcribe", hybrid_nemo, AUDIO[0], "--att-context", "70,13", "--att-context", "70,1")

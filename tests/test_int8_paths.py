@@ -8,7 +8,7 @@ import pytest
 
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.system.cpu import KNOWN_PATHS, int8_kernel_path, kernel_path_from_flags
-from streaming_parity.interface.backend import Int8Quantization
+from streaming_parity.interface.quantization import Int8Quantization
 from streaming_parity.judge.compare import PairComparison, TapResult
 from streaming_parity.judge.int8 import explain_int8_excess
 

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming_parity.interface.backend import (
+from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.taps import (
     CACHE_TAPS,
     TAP_CTC,
     TAP_DECODER,
@@ -26,11 +27,8 @@ from streaming_parity.interface.backend import (
     TAP_JOINT,
     TAP_MEL,
     TAP_PRE_ENCODE,
-    OfflineOutput,
-    StepOutput,
-    StreamingState,
 )
-from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.types import OfflineOutput, StepOutput, StreamingState
 from streaming_parity.judge import metrics
 from streaming_parity.judge.compare import (
     PairComparison,

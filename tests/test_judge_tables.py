@@ -27,7 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming_parity.interface.backend import TAP_CTC, TAP_JOINT, TAP_LAYERS
+from streaming_parity.interface.taps import TAP_CTC, TAP_JOINT, TAP_LAYERS
 from streaming_parity.judge import metrics
 from streaming_parity.judge.compare import PairComparison, TapResult, judge_tap
 from streaming_parity.judge.metrics import METRIC_BOUND

@@ -211,7 +211,8 @@ def test_tolerance_file_missing_or_not_toml_is_bad_input(tmp_path):
 
 
 def test_cache_tap_names_agree_between_interface_and_judge():
-    from streaming_parity.interface.backend import CACHE_TAPS, StreamingState
+    from streaming_parity.interface.taps import CACHE_TAPS
+    from streaming_parity.interface.types import StreamingState
     from streaming_parity.judge import compare
 
     assert tuple(compare.CACHE_TAPS) == CACHE_TAPS

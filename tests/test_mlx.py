@@ -19,8 +19,8 @@ import pytest
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
-from streaming_parity.interface.backend import layer_tap  # noqa: E402
 from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
+from streaming_parity.interface.taps import layer_tap  # noqa: E402
 from streaming_parity.judge.compare import aggregate_token_agreement, token_agreement_failures  # noqa: E402
 from streaming_parity.judge.forcing import judge_offline  # noqa: E402
 

@@ -25,7 +25,7 @@ pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]'
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
 
 from streaming_parity.core.errors import InvalidInput  # noqa: E402
-from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, layer_tap  # noqa: E402
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT, layer_tap  # noqa: E402
 from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402
 from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 

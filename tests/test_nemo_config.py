@@ -24,8 +24,8 @@ from streaming_parity.core.nemo_config import (
     stated_config,
 )
 from streaming_parity.fixtures.models import FIXTURES
-from streaming_parity.interface.backend import ModelInfo
 from streaming_parity.interface.chunking import StreamingConfig
+from streaming_parity.interface.model_info import ModelInfo
 
 
 def minimal_config() -> dict:

@@ -25,9 +25,9 @@ from streaming_parity.backends.onnx.layout import (  # noqa: E402
     decoder_joint_file,
     encoder_file,
 )
-from streaming_parity.interface.backend import ShapeMismatchError  # noqa: E402
 from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
 from streaming_parity.interface.driver import stream  # noqa: E402
+from streaming_parity.interface.types import ShapeMismatchError  # noqa: E402
 from streaming_parity.judge.metrics import all_metrics, word_error_rate  # noqa: E402
 
 pytestmark = pytest.mark.onnx
@@ -278,7 +278,7 @@ def test_runtime_imports_neither_torch_nor_nemo(onnx_dir):
 
 def test_transcribe_cli(onnx_dir, onnx_backend, mels, capsys):
     from streaming_parity.app.cli import main
-    from streaming_parity.interface.backend import decode_tokens
+    from streaming_parity.interface.decoding import decode_tokens
 
     wav = REPO / "streaming_parity" / "fixtures" / "speech" / "utt01.wav"
     assert main(["transcribe", "--backend", "onnx", "--onnx", str(onnx_dir), "--att-context", "70,6", str(wav)]) == 0

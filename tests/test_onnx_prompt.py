@@ -31,8 +31,9 @@ from streaming_parity.backends.onnx.layout import (  # noqa: E402
     read_graph_metadata,
 )
 from streaming_parity.core.errors import InvalidInput  # noqa: E402
-from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, ShapeMismatchError  # noqa: E402
 from streaming_parity.interface.driver import stream  # noqa: E402
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT  # noqa: E402
+from streaming_parity.interface.types import ShapeMismatchError  # noqa: E402
 from streaming_parity.interface.utterance import Utterance  # noqa: E402
 from streaming_parity.judge.compare import compare_runs  # noqa: E402
 from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402

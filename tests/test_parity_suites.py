@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streaming_parity.interface.backend import decode_tokens
+from streaming_parity.interface.decoding import decode_tokens
 from streaming_parity.interface.driver import shared_mode
 from streaming_parity.judge.compare import compare_streaming_to_offline
 from streaming_parity.judge.metrics import word_error_rate

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.nemo_config import NemoConfigError, read_model_config
-from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, ModelInfo, PromptKernel
+from streaming_parity.interface.model_info import ModelInfo, PromptKernel
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT
 from streaming_parity.judge.prompts import BYPASSED, identify_prompt
 from streaming_parity.judge.tolerances import Tolerances
 

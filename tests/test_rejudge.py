@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from streaming_parity.interface.backend import DecoderState, StepOutput, StreamingState
 from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 from streaming_parity.judge.compare import compare_runs, rejudge
 from streaming_parity.judge.results import comparison_from_dict, comparison_to_dict
 from streaming_parity.judge.tolerances import Tolerances

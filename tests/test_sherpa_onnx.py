@@ -21,7 +21,7 @@ pytest.importorskip("kaldi_native_fbank", reason="kaldi-native-fbank is not inst
 pytest.importorskip("onnxruntime")
 
 from streaming_parity.core.errors import UnsafeArtifact  # noqa: E402
-from streaming_parity.interface.backend import decode_tokens  # noqa: E402
+from streaming_parity.interface.decoding import decode_tokens  # noqa: E402
 
 pytestmark = pytest.mark.sherpa_onnx
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming_parity.interface.backend import DecoderState, StepOutput, StreamingState
 from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 from streaming_parity.judge.compare import compare_runs, judge_teacher_forced, rejudge
 from streaming_parity.judge.results import comparison_from_dict, comparison_to_dict
 from streaming_parity.judge.ties import find_flips, tie_bound

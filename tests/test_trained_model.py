@@ -169,7 +169,7 @@ def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_en
     and every tap and cache of every step stays within the tolerance file (a trained model's
     activations and log-probabilities span a wider range than the random fixtures')."""
     from streaming_parity.interface.audio import load_audio
-    from streaming_parity.interface.backend import decode_tokens
+    from streaming_parity.interface.decoding import decode_tokens
     from streaming_parity.interface.driver import shared_mode, stream
     from streaming_parity.judge.compare import compare_runs
     from streaming_parity.judge.metrics import word_error_rate

@@ -22,6 +22,7 @@ from typing import Any
 
 from streaming_parity.core.errors import InputNotFound, InvalidInput
 from streaming_parity.interface.backend import Backend
+from streaming_parity.interface.peer import PeerRuntime
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.loop import ReferenceRuns
 from streaming_parity.judge.results import Results
@@ -160,7 +161,7 @@ def diagnose_peer_runtime(reference: Backend, peer: Backend, utterances: Sequenc
     ``results.extra["peer_diagnosis"]``; returns the lines (none for a peer that cannot describe itself)."""
     from streaming_parity.judge.peer_audit import diagnose_peer
 
-    if peer.capabilities.input != "audio" or not hasattr(peer, "encode_mel"):
+    if peer.capabilities.input != "audio" or not isinstance(peer, PeerRuntime):
         return []
     diagnosis = diagnose_peer(reference, peer, utterances, contexts, tolerances, checkpoint=checkpoint(),
                               prompt=prompt, progress=progress)

@@ -9,7 +9,7 @@
 - Taps come from forward hooks; nothing in NeMo is patched.
 - Hybrid RNNT-CTC models (``EncDecHybridRNNTCTCBPEModel``): after each step the CTC head runs on the
   step's encoder output, ``model.ctc_decoder(encoder_output=...)`` (log-probabilities, the ``ctc``
-  tap), and its greedy labels continue the previous step's (``streaming_parity.interface.backend.ctc_greedy``):
+  tap), and its greedy labels continue the previous step's (``streaming_parity.interface.decoding.ctc_greedy``):
   what NeMo's ``conformer_stream_step`` with the CTC decoder gives once ``CTCDecoding`` collapses the
   concatenated labels. The RNNT decoder stays NeMo's default (``cur_decoder`` "rnnt").
 - Prompt-conditioned models (``EncDecRNNTBPEModelWithPrompt``): each step does what
@@ -33,25 +33,21 @@ from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.nemo_config import read_model_config
 from streaming_parity.core.nemo_file import inspect_nemo, mapped_weights_connector
 from streaming_parity.core.system.nemo_quiet import quiet_nemo
-from streaming_parity.interface.backend import (
+from streaming_parity.interface.backend import Backend
+from streaming_parity.interface.chunking import Chunk
+from streaming_parity.interface.decoding import ctc_step
+from streaming_parity.interface.model_info import ModelInfo, PromptKernel
+from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.taps import (
     TAP_CTC,
     TAP_DECODER,
     TAP_ENCODER,
     TAP_JOINT,
     TAP_PRE_ENCODE,
     TAP_PROMPT,
-    Backend,
-    DecoderState,
-    ModelInfo,
-    OfflineOutput,
-    PromptKernel,
-    StepOutput,
-    StreamingState,
-    ctc_step,
     layer_tap,
 )
-from streaming_parity.interface.chunking import Chunk
-from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState
 
 
 class _TapRecorder:

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from streaming_parity.core.errors import InvalidInput
-from streaming_parity.interface.backend import TAP_CTC, Backend, StepOutput, decode_tokens
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import ChunkSchedule, FirstChunkMode, shared_first_chunk_mode
+from streaming_parity.interface.decoding import decode_tokens
 from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.taps import TAP_CTC
+from streaming_parity.interface.types import StepOutput
 from streaming_parity.interface.utterance import Utterance
 
 

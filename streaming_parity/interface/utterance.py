@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from streaming_parity.interface.audio import load_audio
-from streaming_parity.interface.backend import Backend, ModelInfo
+from streaming_parity.interface.backend import Backend
+from streaming_parity.interface.model_info import ModelInfo
 from streaming_parity.interface.speakers import SpeakerTargets
 
 

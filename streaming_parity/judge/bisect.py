@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from streaming_parity.interface.backend import Backend, decode_tokens
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import Chunk, ChunkSchedule, FirstChunkMode
+from streaming_parity.interface.decoding import decode_tokens
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.loop import (
     Candidate,

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from streaming_parity.interface.backend import (
+from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.taps import (
     CACHE_TAPS,
     TAP_CTC,
     TAP_DECODER,
@@ -23,10 +24,9 @@ from streaming_parity.interface.backend import (
     TAP_MEL,
     TAP_PRE_ENCODE,
     TAP_PROMPT,
-    OfflineOutput,
     layer_tap,
 )
-from streaming_parity.interface.driver import StreamRun
+from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.judge.metrics import all_metrics, token_agreement, token_edit_distance
 from streaming_parity.judge.ties import TokenFlip, find_flips, rebound
 from streaming_parity.judge.tolerances import TOKENS, MissingToleranceError, Tolerances

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from streaming_parity.interface.backend import TAP_JOINT, OfflineOutput
+from streaming_parity.interface.taps import TAP_JOINT
+from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.judge.compare import (
     PairComparison,
     compare_offline_outputs,

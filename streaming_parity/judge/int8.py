@@ -10,7 +10,7 @@ which of the two it met, so that nobody loosens a table for what is a property o
 from __future__ import annotations
 
 from streaming_parity.core.system.cpu import Int8KernelPath
-from streaming_parity.interface.backend import Int8Quantization
+from streaming_parity.interface.quantization import Int8Quantization
 from streaming_parity.judge.compare import PairComparison
 
 INT8 = "int8"

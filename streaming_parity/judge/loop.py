@@ -28,17 +28,13 @@ import numpy as np
 
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.system.cpu import int8_kernel_path
-from streaming_parity.interface.backend import (
-    Backend,
-    Capabilities,
-    ModelInfo,
-    OfflineOutput,
-    PromptKernel,
-    decode_tokens,
-)
+from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import FirstChunkMode, shared_first_chunk_mode
+from streaming_parity.interface.decoding import decode_tokens
 from streaming_parity.interface.driver import StreamRun, stream
+from streaming_parity.interface.model_info import ModelInfo, PromptKernel
 from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.compare import PairComparison, compare_streaming_to_offline
 from streaming_parity.judge.forcing import judge_offline, judge_stream

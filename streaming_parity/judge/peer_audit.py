@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from streaming_parity.interface.backend import TAP_ENCODER, TAP_MEL, Backend
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
-from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, LoadedParameters
+from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, LoadedParameters, PeerRuntime
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_MEL
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.tolerances import Tolerances
 
@@ -273,18 +274,19 @@ def _worst(checks: Sequence[TensorCheck]) -> TensorCheck | None:
 def diagnose_peer(reference: Backend, peer: Backend, utterances: Sequence[Utterance], contexts: Sequence[Sequence[int]],
                   tolerances: Tolerances, *, checkpoint: Mapping[str, np.ndarray] | None = None,
                   prompt: str | None = None, progress: Callable[[str], None] | None = None) -> PeerDiagnosis:
-    """(a)-(d) above for ``peer`` (a backend that offers ``loaded_parameters``, ``corrections``, ``features(...,
-    corrections=)`` and ``encode_mel``) against ``reference`` on ``utterances``."""
+    """(a)-(d) above for ``peer`` (a backend that is a ``PeerRuntime``: it offers ``loaded_parameters``,
+    ``corrections``, ``features(..., corrections=)`` and ``encode_mel``) against ``reference`` on ``utterances``."""
     say = progress or (lambda _m: None)
     pair, dtype = f"{reference.name}~{peer.name}", "float32"  # fp32 limits: the peer runs its converter's fp32
     mel_limit = tolerances.limit(pair, dtype, TAP_MEL, "max_abs")
     encoder_limit = tolerances.limit(pair, dtype, TAP_ENCODER, "max_abs")
     contexts = [(int(c[0]), int(c[1])) for c in contexts]
     audit = None
-    if checkpoint is not None and hasattr(peer, "loaded_parameters"):
+    describes_itself = isinstance(peer, PeerRuntime)
+    if checkpoint is not None and describes_itself:
         say("(a) parameters")
         audit = audit_parameters(checkpoint, peer.loaded_parameters())
-    corrections = list(peer.corrections()) if hasattr(peer, "corrections") else []
+    corrections = list(peer.corrections()) if describes_itself else []
     front_fixes = [c.name for c in corrections if c.part == PART_FRONT_END]
     encoder_fixes = [c.name for c in corrections if c.part == PART_ENCODER]
     checks: list[TensorCheck] = []

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from streaming_parity.interface.backend import TAP_ENCODER, TAP_PROMPT, ModelInfo, PromptKernel
+from streaming_parity.interface.model_info import ModelInfo, PromptKernel
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT
 from streaming_parity.judge.compare import PairComparison
 from streaming_parity.judge.metrics import all_metrics
 from streaming_parity.judge.tolerances import Tolerances

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_parity.interface.backend import Backend, DecoderState, StepOutput, StreamingState
+from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 
 STEP_FILE = "step-{index:05d}.npz"
 RUN_FILE = "run.json"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from streaming_parity.interface.backend import TAP_CTC, TAP_JOINT
+from streaming_parity.interface.taps import TAP_CTC, TAP_JOINT
 
 
 @dataclass

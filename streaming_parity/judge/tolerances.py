@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streaming_parity.core.errors import InputNotFound, InvalidInput
-from streaming_parity.interface.backend import CACHE_TAPS, TAP_CTC, TAP_JOINT, TAP_MEL, TENSOR_TAP_KINDS, tap_kind
 from streaming_parity.interface.registry import dtypes as registered_dtypes
+from streaming_parity.interface.taps import CACHE_TAPS, TAP_CTC, TAP_JOINT, TAP_MEL, TENSOR_TAP_KINDS, tap_kind
 from streaming_parity.judge.metrics import METRIC_BOUND
 
 DEFAULT_TOLERANCES = Path(__file__).resolve().parent / "tolerances.toml"

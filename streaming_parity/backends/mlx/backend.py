@@ -5,7 +5,7 @@ numpy and the artifact. Taps have NeMo's semantics (``streaming_parity/backends/
 ``drop_extra_pre_encoded``, every conformer layer's output for all frames of the chunk, the
 post-processed encoder output, one decoder/joint row per NeMo call in call order, and for a hybrid
 RNNT-CTC model the CTC head's log-probabilities over the step's valid frames (``ctc``) with its greedy
-labels carried across steps (``streaming_parity.interface.backend.ctc_greedy``). A prompt-conditioned model's
+labels carried across steps (``streaming_parity.interface.decoding.ctc_greedy``). A prompt-conditioned model's
 stream locale (``StreamingState.prompt``, ``offline(prompt=)``) becomes a one-hot column through the
 artifact's own ``prompt_dictionary`` (``ModelInfo.prompt_index``); the encoder output after the prompt
 kernel is the ``prompt`` tap and what the decoder, joint and CTC head read (None: bypassed, as NeMo).
@@ -30,25 +30,13 @@ from streaming_parity.backends.mlx.artifact import CONFIG_FILE, FRONTEND_FILE, M
 from streaming_parity.backends.mlx.model import EncoderCache, FrontEnd, GreedyState, ModelArgs, StreamingRNNT
 from streaming_parity.core.nemo_config import read_model_config
 from streaming_parity.core.safe_files import read_safetensors_header
-from streaming_parity.interface.backend import (
-    TAP_CTC,
-    TAP_DECODER,
-    TAP_ENCODER,
-    TAP_JOINT,
-    TAP_PROMPT,
-    Backend,
-    Capabilities,
-    DecoderState,
-    ForcedDecisions,
-    ModelInfo,
-    OfflineOutput,
-    PromptKernel,
-    StepOutput,
-    StreamingState,
-    ctc_step,
-)
+from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import Chunk, StreamingConfig
+from streaming_parity.interface.decoding import ForcedDecisions, ctc_step
+from streaming_parity.interface.model_info import ModelInfo, PromptKernel
 from streaming_parity.interface.speakers import SpeakerTargets
+from streaming_parity.interface.taps import TAP_CTC, TAP_DECODER, TAP_ENCODER, TAP_JOINT, TAP_PROMPT
+from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState
 
 MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

@@ -27,17 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from streaming_parity.core.errors import InputNotFound, InvalidInput
-from streaming_parity.interface.backend import (
-    TAP_ENCODER,
-    TAP_PROMPT,
-    AudioInputBackend,
-    Capabilities,
-    DecoderState,
-    ModelInfo,
-    StepOutput,
-    StreamingState,
-)
-from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, Correction, LoadedParameters
+from streaming_parity.interface.backend import AudioInputBackend, Capabilities
+from streaming_parity.interface.model_info import ModelInfo
+from streaming_parity.interface.peer import PART_ENCODER, PART_FRONT_END, Correction, LoadedParameters, PeerRuntime
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT
+from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 
 CAPABILITIES = Capabilities(first_chunk_modes=("plain",), taps=(TAP_ENCODER, TAP_PROMPT), caches=False,
                             offline=False, teacher_forcing=False, input="audio")
@@ -75,7 +69,7 @@ def checkpoint_layout(array: np.ndarray) -> np.ndarray:
     return array
 
 
-class MlxAudioBackend(AudioInputBackend):
+class MlxAudioBackend(AudioInputBackend, PeerRuntime):
     name = "mlx-audio"
     capabilities = CAPABILITIES
 
@@ -117,7 +111,7 @@ class MlxAudioBackend(AudioInputBackend):
                          pred_hidden=decoder["pred_hidden"], max_symbols=int(self.config.get("max_symbols", 10)),
                          **extra)
 
-    # -- what a user's run is made of ----------------------------------------------------------------
+    # -- what a user's run is made of, and what it says about itself (PeerRuntime) -------------------
     def features(self, audio: np.ndarray, *, corrections: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
         """mlx-audio's log-mel front end (``log_mel_spectrogram``) -> ``[B, n_mels, T]``; every frame is used."""
         import mlx.core as mx

@@ -65,9 +65,9 @@ from streaming_parity.core.errors import UnsafeArtifact
 from streaming_parity.core.nemo_config import ModelConfig, read_model_config
 from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
 from streaming_parity.core.safe_files import MAX_TEXT_BYTES, read_text_file, read_token_table
-from streaming_parity.interface.backend import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
 from streaming_parity.interface.chunking import StreamingConfig
 from streaming_parity.interface.frontend import Frontend, FrontendConfig
+from streaming_parity.interface.taps import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
 
 SHERPA_ONNX = "sherpa-onnx"
 NEMO_EXPORT = "nemo-export"

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from streaming_parity.interface.backend import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
+from streaming_parity.interface.taps import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
 
 PROTOBUF_LIMIT = 2 * 1024 ** 3  # a ModelProto over 2 GB cannot be serialised inline
 EXTERNAL_ALIGNMENT = 64

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from streaming_parity.interface.backend import Int8Quantization
+from streaming_parity.interface.quantization import Int8Quantization
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@
 - Hybrid RNNT-CTC exports add ``ctc.onnx``, the CTC head, run on each step's encoder output (both
   variants: the int8 encoder's output goes through the float32 head): its log-probabilities are the
   ``ctc`` tap, and its greedy labels continue the previous step's
-  (``streaming_parity.interface.backend.ctc_greedy``).
+  (``streaming_parity.interface.decoding.ctc_greedy``).
 - Prompt-conditioned exports add ``prompt.onnx`` (``prompt.int8.onnx`` for int8), NeMo's
   ``_apply_prompt_to_encoded``: run on each step's encoder output with the stream's locale mapped to its
   one-hot column through the export's own ``prompt_dictionary`` (metadata), before decoding and the CTC
@@ -54,28 +54,22 @@ from streaming_parity.backends.onnx.layout import (
 )
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.nemo_config import EncoderConfig, normalize_att_context_sizes
-from streaming_parity.interface.backend import (
-    TAP_CTC,
-    TAP_DECODER,
-    TAP_ENCODER,
-    TAP_JOINT,
-    TAP_PROMPT,
-    Backend,
-    Capabilities,
+from streaming_parity.interface.backend import Backend, Capabilities
+from streaming_parity.interface.chunking import Chunk, StreamingConfig
+from streaming_parity.interface.decoding import ForcedDecisions, ctc_step
+from streaming_parity.interface.frontend import Frontend
+from streaming_parity.interface.model_info import ModelInfo
+from streaming_parity.interface.quantization import Int8Quantization
+from streaming_parity.interface.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
+from streaming_parity.interface.taps import TAP_CTC, TAP_DECODER, TAP_ENCODER, TAP_JOINT, TAP_PROMPT
+from streaming_parity.interface.types import (
     DecoderState,
-    ForcedDecisions,
-    Int8Quantization,
-    ModelInfo,
     OfflineOutput,
     ShapeMismatchError,
     StepOutput,
     StreamingState,
-    ctc_step,
     expect_shape,
 )
-from streaming_parity.interface.chunking import Chunk, StreamingConfig
-from streaming_parity.interface.frontend import Frontend
-from streaming_parity.interface.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
 
 
 class CacheLayoutError(ShapeMismatchError):

@@ -34,15 +34,10 @@ import numpy as np
 from streaming_parity.backends.sherpa_onnx.frontend import SAMPLE_RATE, fbank
 from streaming_parity.core.errors import InputNotFound, InvalidInput, UnsafeArtifact, Unsupported
 from streaming_parity.core.safe_files import load_onnx_graph, read_token_table
-from streaming_parity.interface.backend import (
-    AudioInputBackend,
-    Capabilities,
-    DecoderState,
-    ModelInfo,
-    StepOutput,
-    StreamingState,
-)
+from streaming_parity.interface.backend import AudioInputBackend, Capabilities
 from streaming_parity.interface.chunking import Chunk, StreamingConfig
+from streaming_parity.interface.model_info import ModelInfo
+from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 
 CAPABILITIES = Capabilities(first_chunk_modes=("pad-and-drop",), taps=(), caches=False, offline=False,
                             teacher_forcing=False, input="audio")
