@@ -208,3 +208,41 @@ def test_bounded_memory_matrix_equals_the_in_memory_one(tiny_nemo, tolerances, t
     plain = {tuple(t["att_context_size"]) for t in bounded.transcripts if t["mode"] == "plain"}
     assert plain == {(70, 13)}, "NeMo streamed plain mode where no comparison needed it"
     assert set(bounded.extra["peak_rss_mb"]) == {"nemo", "onnx:float32", "mlx:float32"}
+
+
+@pytest.mark.mlx
+def test_verify_and_the_nightly_judge_one_bfloat16_artifact_alike(tiny_nemo, tolerances, tmp_path):
+    """One policy: ``parity verify`` and the nightly give every comparison of the same bfloat16 artifact the same
+    verdict (teacher forcing, ties classified by the tolerance file), and the same run-level token verdict."""
+    from streaming_parity.app.nightly import MatrixPlan, run_model_matrix
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.app.verify import verify_artifact
+    from streaming_parity.interface.registry import REFERENCE, get
+    from streaming_parity.judge.compare import token_agreement_failures
+
+    if not REGISTRY["mlx"].available():
+        pytest.skip("mlx is not installed")
+    utterances = fixture_utterances()[:4]
+    contexts = [(70, 1)]  # the lookahead whose bfloat16 decisions leave NeMo's most often
+    nightly = run_model_matrix(tiny_nemo, MatrixPlan([PlannedCandidate("mlx", "bfloat16")], []), utterances, contexts,
+                               tolerances, work_dir=tmp_path / "work", single_reference_pass=False)
+    (record,) = nightly.extra["candidates"]
+    assert record["status"] == "ok", record
+    reference = get(REFERENCE).load(tiny_nemo)
+    try:
+        verification = verify_artifact(record["artifact"], tiny_nemo, reference=reference, utterances=utterances,
+                                       att_context_sizes=contexts, tolerances_path=tolerances.source,
+                                       modes=("plain", "pad-and-drop"), include_offline=False)
+    finally:
+        reference.close()
+
+    def verdicts(comparisons):
+        return {(c.utterance, c.att_context_size, c.mode): (c.passed, c.describe_failure()) for c in comparisons}
+
+    from_nightly = [c for c in nightly.comparisons if c.candidate == "mlx"]
+    from_verify = [entry.comparison for entry in verification.entries]
+    assert from_nightly and all(c.dtype == "bfloat16" for c in from_nightly)
+    assert verdicts(from_verify) == verdicts(from_nightly)
+    assert token_agreement_failures(from_verify, tolerances) == token_agreement_failures(from_nightly, tolerances)
+    nightly_passed = all(c.passed for c in from_nightly) and not token_agreement_failures(from_nightly, tolerances)
+    assert verification.passed == nightly_passed
