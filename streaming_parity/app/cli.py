@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -210,27 +211,51 @@ def cmd_compare(args) -> int:
     tolerances = Tolerances.load(args.tolerances)
     if args.speaker_masks and not args.audio:
         raise CommandError("--speaker-masks needs --audio (the masks describe that audio)")
-    model = args.context.resolve_source(args.model)
+    if args.model is None and args.reference is None:
+        raise CommandError("name the reference: MODEL (a .nemo or hub name), or --reference REF (a recording)")
+    model = args.context.resolve_source(args.model) if args.model else None
     sources = named_sources(args) + candidate_sources(args)
     with ProgressBar("compare", logger=log) as bar:
-        bar.phase(f"loading {REFERENCE} ({model.path.name})")
-        reference = get(REFERENCE).load(model.path)
-        sha256 = sha256_file(model.path)
-        records = [reference_record(model, sha256)]
+        if args.reference:
+            reference = open_recording(args.reference, model.path if model else None)
+            sha256 = reference.model["sha256"]
+            records = [{"backend": f"{REFERENCE} (recorded)", "path": str(args.reference), "sha256": sha256,
+                        "recording": reference.manifest["provenance"]}]
+        else:
+            bar.phase(f"loading {REFERENCE} ({model.path.name})")
+            reference = get(REFERENCE).load(model.path)
+            sha256 = sha256_file(model.path)
+            records = [reference_record(model, sha256)]
         candidates, peer_sources = [], {}
         for name, source, dtype in sources:
             bar.phase(f"loading {name} ({source.path.name})")
-            candidate = get(name).load(source.path, dtype=dtype, nemo_path=model.path)
+            candidate = get(name).load(source.path, dtype=dtype, nemo_path=model.path if model else None)
             candidates.append(candidate)
             print_notes(candidate)
             records.append(artifact_record(name, f"{name}:{candidate.dtype}", source, sha256))
             if candidate.capabilities.input == "audio":
                 peer_sources[f"{candidate.name}:{candidate.dtype}"] = source.path
-        utterances = load_utterances(args, args.audio) if args.audio else [
-            dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
-        contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
-        report = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=model.path,
-                                  model_hub=model.hub, backends=records, peer_sources=peer_sources, progress=bar)
+        if args.audio:
+            utterances = load_utterances(args, args.audio)
+        elif args.reference:
+            utterances = reference.utterances()
+        else:
+            utterances = [dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
+        contexts = parse_contexts(args.att_context) or (
+            reference.contexts if args.reference else list(reference.info.att_context_sizes))
+        if args.reference:
+            check_recording_serves(reference, candidates, records[1:], contexts)
+            if peer_sources:
+                log.warning("a peer's stack bisection needs the live reference's front end; with a recording "
+                            "the peer is compared on its tokens only")
+                peer_sources = {}
+        report = compare_backends(reference, candidates, utterances, contexts, tolerances,
+                                  model_path=model.path if model and not args.reference else None,
+                                  model_hub=model.hub if model else None, backends=records,
+                                  peer_sources=peer_sources, progress=bar)
+        if args.reference:
+            report.results.model.update(name=Path(reference.model.get("name") or "").stem or None, sha256=sha256,
+                                        recording=str(args.reference))
     print_comparisons(report)
     print_first_chunk_cost(report.results)
     print_bisections(report.results)
@@ -238,6 +263,74 @@ def cmd_compare(args) -> int:
     if args.json:
         print(f"results written to {report.results.save(args.json)}")
     return _verdict(report.results, tolerances)
+
+
+def open_recording(path: Path, model_path: Path | None):
+    """A reference recording, its shards checked; when MODEL is named too, it must be the recorded checkpoint."""
+    from streaming_parity.core.nemo_file import sha256_file
+    from streaming_parity.judge.recording import Recording, RecordingError
+
+    recording = Recording(path)
+    for line in recording.describe():
+        log.info("reference: %s", line)
+    if model_path is not None and sha256_file(model_path) != recording.model["sha256"]:
+        raise RecordingError(f"{path}: recorded from {recording.model.get('name')} (sha256 "
+                             f"{recording.model['sha256'][:12]}), not from {model_path.name}")
+    return recording
+
+
+def check_recording_serves(recording, candidates, records, contexts) -> None:
+    """Refuse, with one line, a recording that cannot judge these candidates: one made from another checkpoint than
+    a candidate's manifest names, or a chunk plan a tensor-level candidate does not run."""
+    from streaming_parity.judge.recording import RecordingError
+
+    for candidate, record in zip(candidates, records):
+        made_from = record.get("source_sha256")
+        if made_from and made_from != recording.model["sha256"]:
+            raise RecordingError(f"{record['path']} was made from a checkpoint with sha256 {made_from[:12]}; the "
+                                 f"recording is of {recording.model.get('name')} ({recording.model['sha256'][:12]})")
+        if not candidate.capabilities.tensor_level:
+            continue
+        for context in contexts:
+            theirs, ours = candidate.streaming_config(context), recording.streaming_config(context)
+            if theirs != ours:
+                raise RecordingError(f"{candidate.name}:{candidate.dtype} runs another chunk plan at "
+                                     f"[{context[0]},{context[1]}] than the recording ({theirs} vs {ours})")
+
+
+def cmd_record(args) -> int:
+    """Stream the reference once and write everything a verdict needs (``streaming_parity.judge.recording``)."""
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+    from streaming_parity.core.system.cpu import int8_kernel_path
+    from streaming_parity.core.system.provenance import Provenance
+    from streaming_parity.interface.registry import REFERENCE, get
+    from streaming_parity.judge.recording import Recording, write_recording
+
+    model = args.context.resolve_source(args.model)
+    with ProgressBar("record", logger=log) as bar:
+        bar.phase(f"loading {REFERENCE} ({model.path.name})")
+        reference = get(REFERENCE).load(model.path)
+        sha256 = sha256_file(model.path)
+        utterances = load_utterances(args, args.audio) if args.audio else [
+            dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
+        contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
+        record = {"name": model.path.name, "sha256": sha256,
+                  "hub_repo": model.hub.repo if model.hub else None,
+                  "hub_revision": model.hub.revision if model.hub else None,
+                  "config": inspect_nemo(model.path).config, "vocabulary": list(reference.info.vocabulary),
+                  "max_symbols": reference.info.max_symbols}
+        provenance = {**Provenance.collect(model.path, sha256=sha256, hub=model.hub).to_dict(),
+                      "device": str(getattr(reference, "device", "cpu")), "int8_kernel_path": int8_kernel_path().name}
+        started = time.perf_counter()
+        write_recording(reference, utterances, contexts, args.out, model=record, modes=split_names(args.modes) or ("plain", "pad-and-drop"),
+                        offline=not args.no_offline, provenance=provenance, progress=bar.phase)
+        reference.close()
+    recording = Recording(args.out)
+    for line in recording.describe():
+        print(line)
+    print(f"recorded in {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
 
 
 def _verdict(results, tolerances) -> int:
@@ -362,8 +455,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_audio_options(p)
     p.set_defaults(func=cmd_transcribe)
 
-    p = sub.add_parser("compare", help="compare backends against NeMo (and NeMo streaming against offline)")
+    p = sub.add_parser("record", help="stream NeMo once and record everything a verdict needs (no NeMo needed "
+                                      "to compare against it)")
     p.add_argument("model", metavar="MODEL", help="a .nemo, ORG/NAME[@REVISION] or hf://ORG/NAME[@REVISION]/FILE")
+    p.add_argument("--out", type=Path, required=True, metavar="REF", help="a new directory for the recording")
+    p.add_argument("--audio", nargs="+", type=Path, help="audio files (default: the fixture speech)")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--modes", action="append", default=None, metavar="MODE[,MODE]",
+                   help="first-chunk modes (default: plain,pad-and-drop)")
+    p.add_argument("--no-offline", action="store_true", help="leave out the offline forwards")
+    add_audio_options(p)
+    p.set_defaults(func=cmd_record, modes=None)
+
+    p = sub.add_parser("compare", help="compare backends against NeMo (and NeMo streaming against offline)")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="a .nemo, ORG/NAME[@REVISION] or hf://ORG/NAME[@REVISION]/FILE (optional with --reference)")
+    p.add_argument("--reference", type=Path, metavar="REF",
+                   help="a recording of the reference (parity record): compared against it, no NeMo needed")
     p.add_argument("--audio", nargs="+", type=Path, help="audio files (default: the fixture speech)")
     p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON here")

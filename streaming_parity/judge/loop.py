@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -43,6 +43,9 @@ from streaming_parity.judge.metrics import word_error_rate
 from streaming_parity.judge.prompts import explain_prompt_divergence
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
+
+if TYPE_CHECKING:
+    from streaming_parity.judge.recording import Recording
 
 Context = tuple[int, int]
 SAMPLE_RATE = 16000
@@ -174,9 +177,10 @@ class ReferenceRuns:
     every candidate, and a peer's stack bisection and diagnosis (``streaming_parity.judge.bisect``,
     ``streaming_parity.judge.peer_audit``), which read these runs instead of streaming NeMo again.
 
-    ``backend`` stays usable for its front end only while the caller keeps it open (not ``close_reference``)."""
+    ``backend`` stays usable for its front end only while the caller keeps it open (not ``close_reference``), and
+    only when it is a live backend, not a ``Recording``."""
 
-    backend: Backend
+    backend: Backend | Recording
     info: ModelInfo
     capabilities: Capabilities
     prompt_kernel: PromptKernel | None
@@ -221,7 +225,7 @@ class LoopOutcome:
 AfterCandidate = Callable[[Candidate, Backend, LoopOutcome], None]
 
 
-def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utterances: Sequence[Utterance],
+def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Candidate], utterances: Sequence[Utterance],
                        contexts: Sequence[Sequence[int]], tolerances: Tolerances, *,
                        store: RunStore | None = None, include_offline: bool = True,
                        offline_contexts: Sequence[Sequence[int]] | None = None, close_reference: bool = False,
@@ -230,6 +234,9 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                        after_candidate: AfterCandidate | None = None,
                        results: Results | None = None, progress: LoopProgress | None = None) -> LoopOutcome:
     """Stream every utterance at every lookahead through the reference, then each candidate in turn.
+
+    ``reference``: the reference backend, or a ``Recording`` of it (``streaming_parity.judge.recording``), whose
+    runs are then read instead of streamed: the candidates are compared and judged the same way.
 
     The mel is computed once per utterance by the reference front end and the identical chunks go
     to every backend; each candidate's own front end is compared as the ``mel`` tap.
@@ -267,8 +274,9 @@ def stream_and_compare(reference: Backend, candidates: Sequence[Candidate], utte
                               outcome=outcome, judge=judge, on_failure=on_failure, after=after_candidate,
                               progress=progress)
     finally:
-        for run in outcome.reference.runs.values():
-            store.release(run)
+        if isinstance(reference, Backend):  # a recording's runs are its own, never the store's
+            for run in outcome.reference.runs.values():
+                store.release(run)
     return outcome
 
 
@@ -281,12 +289,14 @@ def stream_reference_runs(reference: Backend, utterances: Sequence[Utterance], c
                               reference_modes=modes, keep_offline=keep_offline).reference
 
 
-def stream_reference(reference: Backend, utterances: Sequence[Utterance], contexts: Sequence[Context],
+def stream_reference(reference: Backend | Recording, utterances: Sequence[Utterance], contexts: Sequence[Context],
                      tolerances: Tolerances, *, store: RunStore, modes: set[FirstChunkMode], offline_at: set[Context],
                      keep_offline: bool, outcome: LoopOutcome, progress: LoopProgress) -> ReferenceRuns:
     """The reference phase: every run a candidate will be compared with (in ``modes``), and NeMo's own
-    streaming~offline at ``offline_at``, recorded in ``outcome``."""
+    streaming~offline at ``offline_at``, recorded in ``outcome``. A ``Recording`` (``streaming_parity.judge.recording``)
+    serves the runs and offline forwards it holds instead of streaming them; everything else is the same."""
     info = reference.info
+    recorded = not isinstance(reference, Backend)
     # Kept before the reference may close: it explains a candidate's prompt divergence (streaming_parity.judge.prompts).
     side = ReferenceRuns(backend=reference, info=info, capabilities=reference.capabilities,
                          prompt_kernel=reference.prompt_kernel() if info.prompted else None)
@@ -296,16 +306,22 @@ def stream_reference(reference: Backend, utterances: Sequence[Utterance], contex
         return sorted(modes | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
                       key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
 
-    progress.phase(f"{reference.name}: streaming" + (" and offline" if offline_at or keep_offline else ""))
+    progress.phase(f"{reference.name}: " + ("reading the recording" if recorded else "streaming")
+                   + (" and offline" if offline_at or keep_offline else ""))
     for utterance in utterances:
-        mel, _ = reference.features(utterance.audio[None])
+        if recorded:
+            reference.check_utterance(utterance)
+            mel = reference.mel(utterance.name)
+        else:
+            mel, _ = reference.features(utterance.audio[None])
         side.mels[utterance.name] = mel
         masks = utterance.speaker_masks_for(reference)
         prompt = utterance.prompt_for(info)
         for context in contexts:
             for mode in modes_at(context):
-                run = store.record(reference, mel, context, mode, key=_key(reference, utterance, context, mode),
-                                   speaker_masks=masks, features=mel, prompt=prompt)
+                run = reference.run(utterance.name, context, mode) if recorded else store.record(
+                    reference, mel, context, mode, key=_key(reference, utterance, context, mode),
+                    speaker_masks=masks, features=mel, prompt=prompt)
                 side.runs[(utterance.name, context, mode)] = run
                 _record_run(outcome, run, utterance, info.vocabulary)
             if context in offline_at or keep_offline:
@@ -313,8 +329,8 @@ def stream_reference(reference: Backend, utterances: Sequence[Utterance], contex
                 # seq_len (= samples // hop) that the front end masks to zero; with seq_len as the
                 # offline length, the last 1-3 frames differ by ~1e-2 whenever that frame adds an
                 # encoder frame. The offline forward therefore sees exactly the streamed input.
-                offline = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
-                                            speaker_masks=masks, prompt=prompt)
+                offline = reference.offline(utterance.name, context) if recorded else reference.offline(
+                    mel, np.array([mel.shape[-1]] * mel.shape[0]), context, speaker_masks=masks, prompt=prompt)
                 if context in offline_at:
                     outcome.results.comparisons.append(compare_streaming_to_offline(
                         side.runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,

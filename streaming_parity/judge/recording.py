@@ -1,0 +1,467 @@
+"""Reference recordings: the reference streamed once, written to disk, and judged against anywhere.
+
+A recording holds everything a verdict needs from the reference, for every utterance, lookahead and
+first-chunk mode it was made with: the audio and the reference's mel, every tap and both caches at
+every step, the decoder state, the tokens (and a hybrid's CTC labels), the step timings, and the
+offline forward. Candidates are then compared against it exactly as against a live reference
+(``streaming_parity.judge.loop.stream_and_compare`` takes a ``Recording`` in place of the backend):
+the same tie classification and teacher forcing (which needs the reference's decisions only, read
+from its joint tap), the same streaming~offline comparisons, the same results. Neither torch nor
+NeMo is imported here: a recording made on one machine judges an artifact on another (Polygraphy's
+``--save-outputs`` / ``--load-outputs``).
+
+Format (``SCHEMA``): a directory with ``recording.json`` (the manifest: model, plan, provenance, each
+run's tokens and timings, and the sha256 and size of every shard) and safetensors shards: one for the
+utterances (audio, mel), one per streamed run, one per offline forward, one for a prompt kernel.
+
+Compact and lossless: NeMo's caches move by a shift plus new frames (``cache_last_channel`` keeps the
+last ``C`` encoder-layer inputs along its frame axis, ``cache_last_time`` the last ``K - 1`` conv inputs
+along its last axis), so a step stores the frames that entered and the shift, checked on writing to
+rebuild the cache bit for bit; a step where no shift does is stored whole.
+
+A recording is untrusted input: a shard whose size or sha256 differs from the manifest, a manifest
+from a newer schema, or a plan a caller asks for that it does not hold is refused with one line
+(``RecordingError``, exit status 2).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streaming_parity.core.errors import UnsafeArtifact
+from streaming_parity.interface.backend import Backend, Capabilities
+from streaming_parity.interface.chunking import FirstChunkMode, StreamingConfig
+from streaming_parity.interface.driver import iter_steps
+from streaming_parity.interface.model_info import ModelInfo, PromptKernel
+from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState
+from streaming_parity.interface.utterance import Utterance
+
+SCHEMA = 1
+KIND = "streaming-parity reference recording"
+MANIFEST = "recording.json"
+UTTERANCES_SHARD = "utterances.safetensors"
+PROMPT_SHARD = "prompt_kernel.safetensors"
+# Caches that move by a shift plus new frames, and the axis they move along (interface.types).
+SHIFTED_CACHES = {"cache_last_channel": 2, "cache_last_time": 3}
+
+Context = tuple[int, int]
+
+
+class RecordingError(UnsafeArtifact):
+    """A recording that cannot be trusted, or cannot serve what it was asked for."""
+
+
+def _context_key(context: Sequence[int]) -> str:
+    return f"{int(context[0])},{int(context[1])}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+
+    staged = path.with_name(path.name + ".tmp")
+    save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, str(staged))
+    staged.replace(path)
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+# -- caches as shift + new frames ---------------------------------------------------------------------------
+
+def cache_delta(previous: np.ndarray | None, current: np.ndarray, axis: int,
+                hint: int | None = None) -> tuple[int, np.ndarray] | None:
+    """``(shift, new)`` such that ``current`` is ``previous`` moved ``shift`` frames along ``axis`` with the
+    ``new`` frames appended, bit for bit (NaNs included); None when no shift rebuilds it (store it whole)."""
+    if previous is None or previous.shape != current.shape or previous.dtype != current.dtype:
+        return None
+    size = current.shape[axis]
+    candidates = ([hint] if hint is not None and 0 <= hint <= size else []) + list(range(size + 1))
+    for shift in dict.fromkeys(candidates):
+        kept = np.take(previous, range(shift, size), axis=axis)
+        if np.array_equal(kept, np.take(current, range(0, size - shift), axis=axis), equal_nan=True):
+            return shift, np.take(current, range(size - shift, size), axis=axis)
+    return None
+
+
+def apply_delta(previous: np.ndarray, shift: int, new: np.ndarray, axis: int) -> np.ndarray:
+    size = previous.shape[axis]
+    return np.concatenate([np.take(previous, range(shift, size), axis=axis), new], axis=axis)
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+
+def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    """A step's tensors (caches as deltas where a shift rebuilds them) and its manifest entry."""
+    prefix = f"{index}/"
+    tensors = {f"{prefix}tap/{name}": value for name, value in step.taps.items()}
+    tensors[f"{prefix}encoded"], tensors[f"{prefix}encoded_len"] = step.encoded, step.encoded_len
+    shifts: dict[str, int | None] = {}
+    for name, value in step.state.caches().items():
+        axis = SHIFTED_CACHES.get(name)
+        delta = None if axis is None else cache_delta(previous.get(name), value, axis,
+                                                      hint=int(step.encoded_len[0]))
+        if delta is None:
+            tensors[f"{prefix}cache/{name}"] = value
+            shifts[name] = None
+        else:
+            shifts[name], tensors[f"{prefix}cache_new/{name}"] = delta
+    for batch, decoder in enumerate(step.state.decoder):
+        tensors[f"{prefix}decoder/{batch}/h"], tensors[f"{prefix}decoder/{batch}/c"] = decoder.h, decoder.c
+    # safetensors sorts its keys: the taps' order (model order, the order a comparison lists them) is kept here.
+    entry = {"taps": list(step.taps), "tokens": step.tokens, "ctc_tokens": step.ctc_tokens, "seconds": step.seconds,
+             "step_index": step.state.step_index, "ctc_last_label": step.state.ctc_last_label,
+             "prompt": step.state.prompt, "cache_shift": shifts,
+             "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder]}
+    return tensors, entry
+
+
+def write_recording(reference: Backend, utterances: Sequence[Utterance], contexts: Sequence[Sequence[int]],
+                    out: str | Path, *, model: Mapping[str, Any], modes: Sequence[str] = ("plain", "pad-and-drop"),
+                    offline: bool = True, provenance: Mapping[str, Any] | None = None,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """Stream every utterance at every lookahead and first-chunk mode through ``reference`` and write the
+    recording to ``out`` (a new or empty directory). ``model``: the checkpoint's record (``name``,
+    ``sha256``, ``config``: its NeMo config as a plain mapping, ``vocabulary``, ``max_symbols``)."""
+    say = progress or (lambda _text: None)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RecordingError(f"{out}: not empty; a recording is written to a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    contexts = [(int(c[0]), int(c[1])) for c in contexts]
+    modes = [FirstChunkMode(m).value for m in modes]
+    info = reference.info
+    for utterance in utterances:
+        if utterance.speaker_targets is not None:
+            raise RecordingError(f"{utterance.name}: utterances with their own speaker targets are not recorded")
+    shards: dict[str, dict[str, Any]] = {}
+    runs, offline_entries, utterance_entries = [], [], []
+    audio_tensors: dict[str, np.ndarray] = {}
+    for utterance in utterances:
+        mel, _ = reference.features(utterance.audio[None])
+        audio = np.asarray(utterance.audio, np.float32)
+        audio_tensors[f"{utterance.name}/audio"], audio_tensors[f"{utterance.name}/mel"] = audio, mel
+        utterance_entries.append({"name": utterance.name, "text": utterance.text, "prompt": utterance.prompt,
+                                  "samples": int(audio.shape[-1]),
+                                  "audio_sha256": hashlib.sha256(audio.tobytes()).hexdigest()})
+        masks = utterance.speaker_masks_for(reference)
+        prompt = utterance.prompt_for(info)
+        for context in contexts:
+            for mode in modes:
+                say(f"recording {utterance.name} [{context[0]},{context[1]}] {mode}")
+                shard = f"run-{len(runs):04d}.safetensors"
+                tensors: dict[str, np.ndarray] = {}
+                steps, previous = [], {}
+                for index, step in enumerate(iter_steps(reference, mel, context, mode, speaker_masks=masks,
+                                                        prompt=prompt)):
+                    step_tensors, entry = _step_tensors(index, step, previous)
+                    tensors.update(step_tensors)
+                    steps.append(entry)
+                    previous = step.state.caches()
+                shards[shard] = _save(out / shard, tensors)
+                runs.append({"utterance": utterance.name, "context": list(context), "mode": mode, "shard": shard,
+                             "steps": steps})
+            if offline:
+                say(f"recording {utterance.name} [{context[0]},{context[1]}] offline")
+                # As the loop's offline forward: over the whole streamed mel tensor (streaming_parity.judge.loop).
+                output = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
+                                           speaker_masks=masks, prompt=prompt)
+                shard = f"offline-{len(offline_entries):04d}.safetensors"
+                tensors = {f"tap/{name}": value for name, value in output.taps.items()}
+                tensors["encoded"], tensors["encoded_len"] = output.encoded, output.encoded_len
+                shards[shard] = _save(out / shard, tensors)
+                offline_entries.append({"utterance": utterance.name, "context": list(context), "shard": shard,
+                                        "taps": list(output.taps), "tokens": output.tokens,
+                                        "ctc_tokens": output.ctc_tokens})
+    shards[UTTERANCES_SHARD] = _save(out / UTTERANCES_SHARD, audio_tensors)
+    if info.prompted:
+        kernel = reference.prompt_kernel()
+        shards[PROMPT_SHARD] = _save(out / PROMPT_SHARD, asdict(kernel))
+    manifest = {
+        "kind": KIND, "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "reference": {"backend": reference.name, "dtype": reference.dtype},
+        "model": dict(model),
+        "provenance": dict(provenance or {}),
+        "plan": {"contexts": [list(c) for c in contexts], "modes": modes, "offline": offline,
+                 "streaming_configs": {_context_key(c): _plain(asdict(reference.streaming_config(c)))
+                                       for c in contexts}},
+        "utterances": utterance_entries, "runs": runs, "offline": offline_entries, "shards": shards,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+
+class _Shard:
+    """One safetensors shard, read tensor by tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self, *names: str) -> list[np.ndarray]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as handle:
+            return [handle.get_tensor(name) for name in names]
+
+    def tensors(self, prefix: str) -> dict[str, np.ndarray]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as handle:
+            return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+
+
+class RecordedSteps(Sequence):
+    """The steps of a recorded run, rebuilt from the shard on access (caches from their deltas). Sequential
+    access, as a comparison reads them, rebuilds each step from the one before."""
+
+    def __init__(self, run: RecordedRun):
+        self.run = run
+        self._last: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.run.entry["steps"])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"step {index} of a run with {len(self)} steps")
+        index %= len(self)
+        start, caches = (0, {}) if self._last is None or self._last[0] >= index else (self._last[0] + 1, self._last[1])
+        for position in range(start, index + 1):
+            tensors = self.run.shard.tensors(f"{position}/")
+            caches = self._caches(position, tensors, caches)
+        self._last = (index, caches)
+        return self._step(index, tensors, caches)
+
+    def _caches(self, index: int, tensors: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray]):
+        caches = {}
+        for name, shift in self.run.entry["steps"][index]["cache_shift"].items():
+            if shift is None:
+                caches[name] = tensors[f"cache/{name}"]
+            else:
+                caches[name] = apply_delta(previous[name], shift, tensors[f"cache_new/{name}"], SHIFTED_CACHES[name])
+        return caches
+
+    def _step(self, index: int, tensors: Mapping[str, np.ndarray], caches: Mapping[str, np.ndarray]) -> StepOutput:
+        entry = self.run.entry["steps"][index]
+        decoders = [DecoderState(last_token=int(d["last_token"]), h=tensors[f"decoder/{b}/h"],
+                                 c=tensors[f"decoder/{b}/c"], tokens=[int(t) for t in d["tokens"]])
+                    for b, d in enumerate(entry["decoder"])]
+        state = StreamingState(att_context_size=self.run.att_context_size, decoder=decoders,
+                               step_index=int(entry["step_index"]), ctc_last_label=entry["ctc_last_label"],
+                               prompt=entry["prompt"], **caches)
+        taps = {name: tensors[f"tap/{name}"] for name in entry["taps"]}
+        ctc = entry["ctc_tokens"]
+        return StepOutput(encoded=tensors["encoded"], encoded_len=tensors["encoded_len"], state=state,
+                          tokens=[[int(t) for t in row] for row in entry["tokens"]], taps=taps,
+                          seconds=float(entry["seconds"]),
+                          ctc_tokens=None if ctc is None else [[int(t) for t in row] for row in ctc])
+
+
+@dataclass
+class RecordedRun:
+    """A reference run read from a recording: what ``compare_runs`` reads from a ``StreamRun``."""
+
+    backend: str
+    dtype: str
+    att_context_size: tuple[int, int]
+    mode: str
+    entry: dict[str, Any] = field(repr=False)
+    shard: _Shard = field(repr=False)
+    features: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def steps(self) -> RecordedSteps:
+        return RecordedSteps(self)
+
+    @property
+    def step_tokens(self) -> list[list[int]]:
+        return [[int(t) for t in step["tokens"][0]] for step in self.entry["steps"]]
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for step in self.step_tokens for t in step]
+
+    @property
+    def ctc_tokens(self) -> list[int] | None:
+        rows = [step["ctc_tokens"] for step in self.entry["steps"]]
+        if not rows or any(row is None for row in rows):
+            return None
+        return [int(t) for row in rows for t in row[0]]
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return [float(step["seconds"]) for step in self.entry["steps"]]
+
+    @property
+    def encoded(self) -> np.ndarray:
+        parts = []
+        for index in range(len(self.entry["steps"])):
+            encoded, length = self.shard.read(f"{index}/encoded", f"{index}/encoded_len")
+            parts.append(encoded[..., : int(length[0])])
+        return np.concatenate(parts, axis=-1)
+
+    def step_taps(self, index: int) -> dict[str, np.ndarray]:
+        step = self.steps[index]
+        taps = dict(step.taps)
+        taps.update(step.state.caches())
+        return taps
+
+
+class Recording:
+    """An opened recording: every shard's size and sha256 checked against the manifest before anything is read.
+
+    It stands in for the reference backend where the loop takes one (``name``, ``dtype``, ``info``,
+    ``capabilities``, ``streaming_config``, ``prompt_kernel``); it cannot stream anything new."""
+
+    def __init__(self, directory: str | Path, *, verify: bool = True):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise RecordingError(f"{self.directory}: no {MANIFEST}; not a reference recording")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RecordingError(f"{manifest_path}: not valid JSON ({error})") from None
+        if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+            raise RecordingError(f"{manifest_path}: not a reference recording (kind {manifest.get('kind')!r})"
+                                 if isinstance(manifest, dict) else f"{manifest_path}: not a JSON object")
+        schema = manifest.get("schema")
+        if not isinstance(schema, int) or schema > SCHEMA:
+            raise RecordingError(f"{manifest_path}: schema {schema!r} is newer than this harness reads ({SCHEMA}); "
+                                 "upgrade streaming-parity")
+        self.manifest = manifest
+        if verify:
+            self.verify()
+        model = manifest["model"]
+        info = ModelInfo.from_nemo_config(model["config"], model["vocabulary"])
+        if model.get("max_symbols") is not None:
+            info = replace(info, max_symbols=int(model["max_symbols"]))
+        self.info = info
+        self.name = manifest["reference"]["backend"]
+        self.dtype = manifest["reference"]["dtype"]
+        self._utterances: dict[str, np.ndarray] | None = None
+
+    def verify(self) -> None:
+        """Every shard the manifest names exists with its declared size and sha256; no run points elsewhere."""
+        shards = self.manifest.get("shards") or {}
+        for name, record in shards.items():
+            path = self.directory / name
+            if Path(name).name != name or not path.is_file():
+                raise RecordingError(f"{self.directory}: shard {name} is missing")
+            size = path.stat().st_size
+            if size != record.get("bytes"):
+                raise RecordingError(f"{path}: {size} bytes, the manifest declares {record.get('bytes')}")
+            if _sha256(path) != record.get("sha256"):
+                raise RecordingError(f"{path}: sha256 differs from the manifest's; the recording was altered")
+        for entry in [*self.manifest.get("runs", []), *self.manifest.get("offline", [])]:
+            if entry.get("shard") not in shards:
+                raise RecordingError(f"{self.directory}: a run points to {entry.get('shard')!r}, not a listed shard")
+
+    # -- what the loop reads from a reference -------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        from streaming_parity.interface.registry import get
+
+        return get(self.manifest["reference"]["backend"]).capabilities
+
+    @property
+    def contexts(self) -> list[Context]:
+        return [(int(c[0]), int(c[1])) for c in self.manifest["plan"]["contexts"]]
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.manifest["plan"]["modes"])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    def streaming_config(self, context: Sequence[int]) -> StreamingConfig:
+        recorded = self.manifest["plan"]["streaming_configs"].get(_context_key(context))
+        if recorded is None:
+            raise RecordingError(f"{self.directory}: no lookahead [{context[0]},{context[1]}] recorded "
+                                 f"(recorded: {', '.join(self.manifest['plan']['streaming_configs'])})")
+        return StreamingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+
+    def prompt_kernel(self) -> PromptKernel | None:
+        if PROMPT_SHARD not in self.manifest["shards"]:
+            return None
+        return PromptKernel(**_Shard(self.directory / PROMPT_SHARD).tensors(""))
+
+    def close(self) -> None:
+        pass
+
+    def utterances(self) -> list[Utterance]:
+        """The recorded utterances, audio included (a candidate runs its own front end on it)."""
+        tensors = _Shard(self.directory / UTTERANCES_SHARD).tensors("")
+        return [Utterance(name=u["name"], audio=tensors[f"{u['name']}/audio"], text=u.get("text"),
+                          prompt=u.get("prompt")) for u in self.manifest["utterances"]]
+
+    def mel(self, utterance: str) -> np.ndarray:
+        return _Shard(self.directory / UTTERANCES_SHARD).tensors(f"{utterance}/mel")[""]
+
+    def check_utterance(self, utterance: Utterance) -> None:
+        """The audio a caller compares on is the audio that was recorded."""
+        entry = next((u for u in self.manifest["utterances"] if u["name"] == utterance.name), None)
+        if entry is None:
+            raise RecordingError(f"{self.directory}: {utterance.name} was not recorded "
+                                 f"(recorded: {', '.join(u['name'] for u in self.manifest['utterances'])})")
+        digest = hashlib.sha256(np.asarray(utterance.audio, np.float32).tobytes()).hexdigest()
+        if digest != entry["audio_sha256"]:
+            raise RecordingError(f"{utterance.name}: its audio differs from the recorded audio (sha256)")
+
+    def run(self, utterance: str, context: Sequence[int], mode: FirstChunkMode | str) -> RecordedRun:
+        key = (utterance, [int(context[0]), int(context[1])], FirstChunkMode(mode).value)
+        entry = next((r for r in self.manifest["runs"] if (r["utterance"], r["context"], r["mode"]) == key), None)
+        if entry is None:
+            raise RecordingError(f"{self.directory}: {utterance} at [{key[1][0]},{key[1][1]}] in {key[2]} mode was "
+                                 f"not recorded (lookaheads {self.manifest['plan']['contexts']}, modes {self.modes})")
+        return RecordedRun(backend=self.name, dtype=self.dtype, att_context_size=(key[1][0], key[1][1]), mode=key[2],
+                           entry=entry, shard=_Shard(self.directory / entry["shard"]), features=self.mel(utterance))
+
+    def offline(self, utterance: str, context: Sequence[int]) -> OfflineOutput:
+        key = (utterance, [int(context[0]), int(context[1])])
+        entry = next((r for r in self.manifest["offline"] if (r["utterance"], r["context"]) == key), None)
+        if entry is None:
+            raise RecordingError(f"{self.directory}: no offline forward of {utterance} at [{key[1][0]},{key[1][1]}] "
+                                 "was recorded")
+        tensors = _Shard(self.directory / entry["shard"]).tensors("")
+        return OfflineOutput(encoded=tensors["encoded"], encoded_len=tensors["encoded_len"], tokens=entry["tokens"],
+                             taps={name: tensors[f"tap/{name}"] for name in entry["taps"]},
+                             ctc_tokens=entry["ctc_tokens"])
+
+    def size_bytes(self) -> int:
+        return sum(record["bytes"] for record in self.manifest["shards"].values()) + (self.directory / MANIFEST).stat().st_size
+
+    def describe(self) -> Iterator[str]:
+        plan = self.manifest["plan"]
+        yield (f"{self.directory}: {len(self.manifest['utterances'])} utterances x lookaheads "
+               f"{', '.join(_context_key(c) for c in plan['contexts'])} x {', '.join(plan['modes'])}"
+               f"{' + offline' if plan['offline'] else ''}; {self.size_bytes() / 1e6:.1f} MB")
