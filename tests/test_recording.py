@@ -1,0 +1,237 @@
+"""Reference recordings: the reference streamed once and judged against anywhere (streaming_parity.judge.recording).
+
+The recording must be lossless (every tap, cache and decoder state of every step, bit for bit), give the
+results of the live reference, refuse what cannot be trusted with one line, and judge an artifact where
+neither torch nor NeMo can be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streaming_parity.judge.recording import (
+    MANIFEST,
+    SCHEMA,
+    Recording,
+    RecordingError,
+    apply_delta,
+    cache_delta,
+    write_recording,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEECH = ROOT / "streaming_parity" / "fixtures" / "speech"
+CONTEXTS = [(70, 13), (70, 0)]
+
+
+# -- caches as shift + new frames -----------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 12), shift=st.integers(0, 12), axis=st.integers(0, 2), seed=st.integers(0, 2 ** 16))
+def test_a_shifted_cache_is_rebuilt_bit_for_bit(size, shift, axis, seed):
+    shift = min(shift, size)
+    rng = np.random.default_rng(seed)
+    shape = [2, 3, 4]
+    shape[axis] = size
+    previous = rng.standard_normal(shape).astype(np.float32)
+    new = rng.standard_normal([*shape[:axis], shift, *shape[axis + 1:]]).astype(np.float32)
+    current = np.concatenate([np.take(previous, range(shift, size), axis=axis), new], axis=axis)
+    found = cache_delta(previous, current, axis, hint=shift)
+    assert found is not None
+    assert np.array_equal(apply_delta(previous, found[0], found[1], axis), current)
+
+
+def test_a_cache_no_shift_explains_is_all_new_and_a_foreign_one_is_stored_whole():
+    previous = np.arange(12, dtype=np.float32).reshape(1, 1, 12)
+    current = previous + 100
+    assert cache_delta(previous, current, axis=2)[0] == 12  # every frame new: still rebuilt exactly
+    assert cache_delta(None, current, axis=2) is None  # the first step
+    assert cache_delta(previous.astype(np.float64), current, axis=2) is None
+    assert cache_delta(previous[..., :6], current, axis=2) is None
+
+
+def test_nan_frames_are_kept_as_they_are():
+    previous = np.array([[[1.0, np.nan, 3.0]]], np.float32)
+    current = np.array([[[np.nan, 3.0, 7.0]]], np.float32)
+    shift, new = cache_delta(previous, current, axis=2)
+    assert shift == 1 and np.array_equal(apply_delta(previous, shift, new, 2), current, equal_nan=True)
+
+
+# -- a recording of the tiny fixture --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_utterances():
+    from streaming_parity.interface.utterance import Utterance
+
+    return [Utterance.from_file(SPEECH / name) for name in ("utt04.wav", "utt07.wav")]
+
+
+@pytest.fixture(scope="module")
+def recording_dir(nemo_backend, tiny_nemo, short_utterances, tmp_path_factory) -> Path:
+    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+
+    model = {"name": tiny_nemo.name, "sha256": sha256_file(tiny_nemo), "config": inspect_nemo(tiny_nemo).config,
+             "vocabulary": list(nemo_backend.info.vocabulary), "max_symbols": nemo_backend.info.max_symbols}
+    return write_recording(nemo_backend, short_utterances, CONTEXTS, tmp_path_factory.mktemp("recording") / "ref",
+                           model=model)
+
+
+@pytest.mark.nemo
+def test_every_step_reads_back_bit_for_bit(recording_dir, nemo_backend, short_utterances):
+    from streaming_parity.interface.driver import stream
+
+    recording = Recording(recording_dir)
+    assert recording.info == nemo_backend.info
+    for utterance in short_utterances:
+        mel, _ = nemo_backend.features(utterance.audio[None])
+        assert np.array_equal(recording.mel(utterance.name), mel)
+        for context in CONTEXTS:
+            for mode in ("plain", "pad-and-drop"):
+                live = stream(nemo_backend, mel, context, mode)
+                recorded = recording.run(utterance.name, context, mode)
+                assert len(recorded.steps) == len(live.steps) and recorded.tokens == live.tokens
+                for index, (ours, theirs) in enumerate(zip(recorded.steps, live.steps, strict=True)):
+                    assert list(ours.taps) == list(theirs.taps), index
+                    for name, value in {**theirs.taps, **theirs.state.caches()}.items():
+                        got = {**ours.taps, **ours.state.caches()}[name]
+                        assert got.dtype == value.dtype and np.array_equal(got, value), (context, mode, index, name)
+                    for a, b in zip(ours.state.decoder, theirs.state.decoder, strict=True):
+                        assert a.last_token == b.last_token and np.array_equal(a.h, b.h) and np.array_equal(a.c, b.c)
+                assert np.array_equal(recorded.encoded, live.encoded)
+    # The caches are stored as the frames that entered, not whole, wherever a shift rebuilds them.
+    shifts = [step["cache_shift"]["cache_last_channel"] for run in recording.manifest["runs"] for step in run["steps"]]
+    assert sum(shift is not None for shift in shifts) > len(shifts) // 2
+
+
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_a_recorded_reference_gives_the_live_results(recording_dir, nemo_backend, backend_pool, short_utterances,
+                                                     tolerances):
+    """Verdicts, metrics, ties, transcripts and the order of everything are those of the live reference; only the
+    provenance and the timings (measured when recorded) differ."""
+    from streaming_parity.app.session import compare_backends
+
+    candidate = backend_pool.get("mlx")
+    live = compare_backends(nemo_backend, [candidate], short_utterances, CONTEXTS, tolerances).results.to_dict()
+    recorded = compare_backends(Recording(recording_dir), [candidate], short_utterances, CONTEXTS,
+                                tolerances).results.to_dict()
+    for results in (live, recorded):
+        for key in ("created", "model", "environment"):
+            results.pop(key)
+        for timing in results["timings"]:
+            timing.pop("step_seconds")
+    assert recorded["comparisons"] and recorded == live
+
+
+# -- a recording is untrusted input ---------------------------------------------------------------------------
+
+def _copy(recording_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(recording_dir, tmp_path / "copy"))
+
+
+@pytest.mark.nemo
+def test_a_tampered_shard_is_refused_with_one_line(recording_dir, tmp_path, capsys):
+    from streaming_parity.app.cli import main
+
+    tampered = _copy(recording_dir, tmp_path)
+    shard = tampered / "run-0000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RecordingError, match="sha256 differs"):
+        Recording(tampered)
+    assert main(["compare", "--reference", str(tampered)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run-0000.safetensors: sha256 differs" in err[0]
+
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(RecordingError, match="bytes, the manifest declares"):
+        Recording(tampered)
+
+
+@pytest.mark.nemo
+def test_a_newer_schema_a_missing_shard_and_another_plan_are_refused(recording_dir, tmp_path):
+    copy = _copy(recording_dir, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "schema": SCHEMA + 1}))
+    with pytest.raises(RecordingError, match=f"schema {SCHEMA + 1} is newer"):
+        Recording(copy)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    (copy / "offline-0000.safetensors").unlink()
+    with pytest.raises(RecordingError, match="offline-0000.safetensors is missing"):
+        Recording(copy)
+
+    recording = Recording(recording_dir)
+    with pytest.raises(RecordingError, match=r"\[70,6\] in plain mode was not recorded"):
+        recording.run("utt04.wav", (70, 6), "plain")
+    with pytest.raises(RecordingError, match="no lookahead"):
+        recording.streaming_config((70, 6))
+
+
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_another_checkpoint_or_chunk_plan_is_refused(recording_dir, backend_pool, tmp_path, capsys):
+    from streaming_parity.app.cli import main
+    from streaming_parity.fixtures.models import build
+
+    artifact = backend_pool.source("mlx")
+    other = build("tiny-hybrid", progress=lambda _m: None)
+    assert main(["compare", str(other), "--reference", str(recording_dir), "--mlx", str(artifact)]) == 2
+    assert "not from tiny-hybrid.nemo" in capsys.readouterr().err
+
+    copy = _copy(recording_dir, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["plan"]["streaming_configs"]["70,13"]["chunk_size"] = [17, 24]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert main(["compare", "--reference", str(copy), "--mlx", str(artifact), "--att-context", "70,13"]) == 2
+    assert "runs another chunk plan at [70,13]" in capsys.readouterr().err
+
+
+# -- without torch and NeMo -----------------------------------------------------------------------------------
+
+BLOCK = textwrap.dedent("""
+    import importlib.machinery, sys
+    class Filtered(importlib.machinery.PathFinder):
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "nemo", "lightning", "pytorch_lightning"):
+                return None
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+    sys.meta_path = [Filtered if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+    from streaming_parity.app.cli import main
+    code = main(sys.argv[1:])
+    assert "torch" not in sys.modules and "nemo" not in sys.modules, "torch or NeMo was imported"
+    raise SystemExit(code)
+""")
+
+
+def _torch_free(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_an_artifact_is_judged_against_a_recording_without_torch_or_nemo(recording_dir, backend_pool, tmp_path):
+    from streaming_parity.backends.mlx.mutations import by_name
+
+    artifact = backend_pool.source("mlx")
+    passed = _torch_free("compare", "--reference", str(recording_dir), "--mlx", str(artifact), "--att-context", "70,13")
+    assert passed.returncode == 0, passed.stderr[-3000:]
+    assert "nemo~mlx" in passed.stdout
+
+    mutated = Path(shutil.copytree(artifact, tmp_path / "mutated"))
+    mutation = by_name("transposed-linear")
+    mutation.apply(mutated, {})
+    failed = _torch_free("compare", "--reference", str(recording_dir), "--mlx", str(mutated), "--att-context", "70,13")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert f"first divergent tap {mutation.expect_tap} " in failed.stdout
