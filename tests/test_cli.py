@@ -73,9 +73,9 @@ from streaming_parity.app.cli import main
 main(["--threads", "2", "fixtures", "--model", "nonexistent"])  # the limit applies before the command runs
 import torch
 from threadpoolctl import threadpool_info
-from streaming_parity.backends.onnx.runtime import _session_options
+from streaming_parity.backends.onnx.sessions import session_options
 from streaming_parity.judge.results import environment
-print(json.dumps({"torch": torch.get_num_threads(), "onnxruntime": _session_options(None).intra_op_num_threads,
+print(json.dumps({"torch": torch.get_num_threads(), "onnxruntime": session_options(None).intra_op_num_threads,
                   "blas": sorted({pool["num_threads"] for pool in threadpool_info()}),
                   "recorded": environment()["threads"]}))
 """

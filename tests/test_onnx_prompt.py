@@ -386,7 +386,7 @@ def test_peer_formats_refuse_a_prompt_model_instead_of_bypassing_its_prompt(prom
     """sherpa-onnx's, NeMo's and parakeet-rs' exporters export the encoder and decoder_joint modules only: a
     Nemotron-3.5 model written that way would ignore its locale. Writing one is refused, and such files (here
     a NeMo-format export of tiny-streaming) checked against a prompt .nemo are refused, each naming why."""
-    from streaming_parity.backends.onnx.foreign import ArtifactContradiction, read_foreign
+    from streaming_parity.backends.onnx.foreign_read import ArtifactContradiction, read_foreign
     from streaming_parity.backends.onnx.peer_export import export_peer
     from streaming_parity.core.errors import Unsupported
     from streaming_parity.fixtures.models import build

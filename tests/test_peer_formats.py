@@ -18,15 +18,15 @@ from graph_metadata import set_metadata
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from streaming_parity.backends.onnx.foreign import (  # noqa: E402
+from streaming_parity.backends.onnx.foreign_detect import (  # noqa: E402
     FOREIGN_FORMATS,
     NEMO_EXPORT,
     PARAKEET_RS,
     SHERPA_ONNX,
-    ArtifactContradiction,
-    ForeignOnnxBackend,
     detect,
 )
+from streaming_parity.backends.onnx.foreign_read import ArtifactContradiction  # noqa: E402
+from streaming_parity.backends.onnx.foreign_run import ForeignOnnxBackend  # noqa: E402
 from streaming_parity.backends.onnx.peer_export import PEER_FORMATS, SHERPA_SCRIPTS  # noqa: E402
 from streaming_parity.core.errors import UnsafeArtifact  # noqa: E402
 from streaming_parity.interface.chunking import FirstChunkMode  # noqa: E402
@@ -192,7 +192,7 @@ def test_parakeet_config_and_tokens_that_lie_are_refused(peer_dirs, tiny_nemo, t
 
 
 def test_foreign_directory_needs_its_nemo(peer_dirs):
-    from streaming_parity.backends.onnx.foreign import ForeignArtifactError
+    from streaming_parity.backends.onnx.foreign_read import ForeignArtifactError
 
     with pytest.raises(ForeignArtifactError, match="read against the .nemo they were exported from"):
         ForeignOnnxBackend(peer_dirs["nemo"])
@@ -236,7 +236,7 @@ def test_token_tables_with_duplicate_or_missing_ids_are_refused(peer_dirs, tiny_
 
 def test_writers_output_the_peers_own_interfaces(peer_dirs):
     """What each peer's runtime reads, checked on the written files (names, layouts, metadata)."""
-    from streaming_parity.backends.onnx.foreign import GraphIO
+    from streaming_parity.backends.onnx.foreign_read import GraphIO
 
     sherpa = _lookahead(peer_dirs, "sherpa-onnx")
     encoder = GraphIO.read(sherpa / "encoder.onnx")
@@ -332,7 +332,7 @@ def test_every_script_version_is_described():
 def test_each_script_version_writes_its_metadata_and_loads(script_dirs, tiny_nemo, name):
     """What each version writes (keys, the spelling of "no normalisation", where the weights go) is read
     back without a complaint, at the lookahead the graph runs."""
-    from streaming_parity.backends.onnx.foreign import GraphIO
+    from streaming_parity.backends.onnx.foreign_read import GraphIO
 
     keys, normalize, encoder_data, int8 = SCRIPT_METADATA[name]
     directory = script_dirs[name]
@@ -478,7 +478,7 @@ def test_each_spelling_of_no_normalisation_is_read(peer_dirs, tiny_nemo, tmp_pat
 @pytest.mark.parametrize("key", ["window_size", "chunk_shift", "vocab_size", "subsampling_factor", "pred_hidden",
                                  "cache_last_channel_dim2", "cache_last_time_dim3"])
 def test_a_key_the_runtime_reads_cannot_be_missing(peer_dirs, tiny_nemo, tmp_path, key):
-    from streaming_parity.backends.onnx.foreign import ForeignArtifactError
+    from streaming_parity.backends.onnx.foreign_read import ForeignArtifactError
 
     directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "missing")
     set_metadata(directory / "encoder.onnx", drop=(key, "chunk_size_ms", "feat_dim"))

@@ -31,7 +31,8 @@ import numpy as np
 
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.nemo_config import read_model_config
-from streaming_parity.core.nemo_file import inspect_nemo, mapped_weights_connector
+from streaming_parity.core.nemo_file import inspect_nemo
+from streaming_parity.core.nemo_restore import restore_for_inference, tokenizer_vocabulary
 from streaming_parity.core.system.nemo_quiet import quiet_nemo
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import Chunk
@@ -108,25 +109,11 @@ class NemoBackend(Backend):
         self.path = Path(nemo_path)
         archive = inspect_nemo(self.path)  # refuses unsafe files before NeMo sees them
         model_config = read_model_config(archive.config)  # and configs the harness cannot read
-        with quiet_nemo():
-            from nemo.collections.asr.models import ASRModel
-
-            model = ASRModel.restore_from(str(self.path), map_location=torch.device(device),
-                                          save_restore_connector=mapped_weights_connector())
-            model.eval()
-            model.preprocessor.featurizer.dither = 0.0
-            model.preprocessor.featurizer.pad_to = 0
-            decoding_cfg = copy.deepcopy(model.cfg.decoding)
-            from omegaconf import open_dict
-
-            with open_dict(decoding_cfg):
-                decoding_cfg.strategy = "greedy"
-            model.change_decoding_strategy(decoding_cfg, verbose=False)
+        model = restore_for_inference(archive, device=device)
         self.model = model
         self.config = archive.config
         self.model_config = model_config
-        self.vocabulary = list(model.tokenizer.vocab) if hasattr(model.tokenizer, "vocab") else [
-            model.tokenizer.ids_to_tokens([i])[0] for i in range(model.tokenizer.vocab_size)]
+        self.vocabulary = tokenizer_vocabulary(model)
         self.info = ModelInfo.from_nemo_config(model_config, self.vocabulary)
         max_symbols = getattr(model.decoding.decoding, "max_symbols", None)
         if max_symbols is not None:

@@ -128,7 +128,7 @@ register(BackendEntry(
     name="onnx", module="streaming_parity.backends.onnx", requires=("onnxruntime", "onnx"), dtypes=("float32", "int8"),
     marker="onnx", capabilities=Capabilities(first_chunk_modes=("plain", "pad-and-drop"), offline=False,
                                              teacher_forcing=True),
-    cli="streaming_parity.app.commands.onnx", reader="streaming_parity.backends.onnx.layout:read_view", detector="streaming_parity.backends.onnx.foreign:detect",
+    cli="streaming_parity.app.commands.onnx", reader="streaming_parity.backends.onnx.layout:read_view", detector="streaming_parity.backends.onnx.foreign_detect:detect",
     source_option="--onnx", source_help="an ONNX export directory (parity export-onnx)",
     dtype_flags={"--onnx-int8": "int8"},
     hub_patterns=("*.onnx", "*.onnx.data", "*.weights", "tokenizer.model", "vocab.txt", "frontend.npz", "*.json"),

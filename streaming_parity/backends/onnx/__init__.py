@@ -1,8 +1,13 @@
 """ONNX backend: NeMo's cache-aware encoder and ``decoder_joint`` exported to ONNX, run by ONNX Runtime.
 
 - ``streaming_parity.backends.onnx.export``: ``parity export-onnx`` (needs torch + NeMo, at export time only).
-- ``streaming_parity.backends.onnx.runtime``: the ``Backend`` over an export directory (ONNX Runtime + numpy only).
-- ``streaming_parity.backends.onnx.layout``: file names, metadata keys and the errors both sides share.
+- ``streaming_parity.backends.onnx.runtime``: the ``Backend`` over a described export (ONNX Runtime + numpy only),
+  its sessions in ``sessions``.
+- ``streaming_parity.backends.onnx.described``: what the runtime runs, as a reader describes a directory.
+- ``streaming_parity.backends.onnx.layout``: file names, metadata keys and the errors both sides share, and the
+  reader of this project's export directories (``describe_export``).
+- ``streaming_parity.backends.onnx.foreign_detect`` / ``foreign_read`` / ``foreign_run``: other exporters' files,
+  detected (file names only), read (checked against the ``.nemo``, described) and run.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ def prepare(nemo_path: Path, work_dir: Path, *, dtype: str = "float32",
 
 
 def load(source: Path, *, dtype: str = "float32", nemo_path: Path | None = None, **options: Any):
-    """This project's export directory, or another exporter's files (``streaming_parity.backends.onnx.foreign``), read
-    against ``nemo_path``."""
-    from streaming_parity.backends.onnx.foreign import FOREIGN_FORMATS, ForeignOnnxBackend, detect
+    """This project's export directory, or another exporter's files (``streaming_parity.backends.onnx.foreign_read``),
+    read against ``nemo_path``."""
+    from streaming_parity.backends.onnx.foreign_detect import FOREIGN_FORMATS, detect
+    from streaming_parity.backends.onnx.foreign_run import ForeignOnnxBackend
     from streaming_parity.backends.onnx.runtime import OnnxBackend
 
     if detect(source) in FOREIGN_FORMATS:

@@ -55,6 +55,7 @@ from streaming_parity.backends.onnx.layout import (
     MULTITALKER_CONFIG_FILE,
     SHARED_ENCODER_WEIGHTS,
     SHARED_ENCODER_WEIGHTS_INT8,
+    STREAMING_ENCODER_KEYS,
     CacheShapes,
     GraphInterface,
     ctc_file,
@@ -65,7 +66,8 @@ from streaming_parity.backends.onnx.layout import (
 )
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.nemo_config import EncoderConfig, ModelConfig, read_model_config
-from streaming_parity.core.nemo_file import inspect_nemo, mapped_weights_connector, sha256_file
+from streaming_parity.core.nemo_file import NemoArchive, inspect_nemo, sha256_file
+from streaming_parity.core.nemo_restore import restore_for_inference, tokenizer_vocabulary
 from streaming_parity.core.system.memory import peak_rss_mb, trim
 from streaming_parity.core.system.nemo_quiet import quiet_nemo
 from streaming_parity.core.system.provenance import HubOrigin, Provenance
@@ -73,9 +75,6 @@ from streaming_parity.interface.chunking import StreamingConfig
 
 OPSET = 17
 EXPORT_FILE = "export.json"  # what was exported, from which checkpoint, with what (its provenance)
-# Encoder config keys the runtime needs to rebuild the chunk schedule (streaming_parity.interface.chunking).
-STREAMING_ENCODER_KEYS = ("att_context_style", "att_context_size", "subsampling", "subsampling_factor",
-                          "causal_downsampling", "n_layers", "d_model", "feat_in", "conv_kernel_size")
 
 
 @dataclass
@@ -87,41 +86,11 @@ class ExportResult:
 
 
 @contextlib.contextmanager
-def _quiet_export():
+def quiet_export():
     """The TorchScript exporter warns about every traced branch; keep the CLI readable."""
     with quiet_nemo(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def _restore(nemo_path: Path):
-    import copy
-
-    import torch
-    from omegaconf import open_dict
-
-    inspect_nemo(nemo_path)  # refuse unsafe archives before NeMo instantiates anything
-    with quiet_nemo():
-        from nemo.collections.asr.models import ASRModel
-
-        # Memory-mapped weights: one copy at the peak instead of NeMo's two (initialised, then loaded).
-        model = ASRModel.restore_from(str(nemo_path), map_location=torch.device("cpu"),
-                                      save_restore_connector=mapped_weights_connector())
-        model.eval()
-        model.preprocessor.featurizer.dither = 0.0
-        model.preprocessor.featurizer.pad_to = 0
-        decoding = copy.deepcopy(model.cfg.decoding)
-        with open_dict(decoding):
-            decoding.strategy = "greedy"  # GreedyRNNTInfer: the loop the runtime reproduces
-        model.change_decoding_strategy(decoding, verbose=False)
-    return model
-
-
-def _vocabulary(model) -> list[str]:
-    tokenizer = model.tokenizer
-    if hasattr(tokenizer, "vocab"):
-        return list(tokenizer.vocab)
-    return [tokenizer.ids_to_tokens([i])[0] for i in range(tokenizer.vocab_size)]
 
 
 def _model_metadata(model, config: ModelConfig, nemo_path: Path, sha256: str, layout: str,
@@ -512,20 +481,85 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
 
     ``progress`` is called once per graph (and once at the end); one that has a ``total`` method
     (``streaming_parity.core.system.progress.ProgressBar``) is told that number first. ``source_hub``: the hub
-    repository and commit the checkpoint came from, for ``export.json``'s provenance."""
+    repository and commit the checkpoint came from, for ``export.json``'s provenance.
+
+    The ``.nemo`` is restored once (``_start``); each graph is a step over that model (``_add_encoder``,
+    ``_add_first_chunk_encoder``, ``_add_decoder_joint``, ``_add_prompt``, ``_add_ctc``), the tap and int8
+    graphs made from the written graphs once the model is released (``_write_derived``), and ``export.json``
+    last (``_write_export_record``)."""
     import torch
 
     if cache_layout not in CACHE_LAYOUTS:
         raise InvalidInput(f"--cache-layout must be one of {', '.join(CACHE_LAYOUTS)}, not {cache_layout!r}")
-    say = progress or (lambda _m: None)
     started = time.perf_counter()
-    nemo_path = Path(nemo_path)
-    out_dir = Path(out_dir)
+    run = _start(Path(nemo_path), Path(out_dir), att_context_sizes, cache_layout, int8=int8, debug_taps=debug_taps,
+                 progress=progress)
+    prompt_arrays = _prompt_kernel_arrays(run.model, run.config)
+    with quiet_export(), torch.inference_mode():
+        run.model.set_export_config({"cache_support": True})
+        for context in run.contexts:
+            run.model.encoder.set_default_att_context_size(list(context))
+            metadata = _add_encoder(run, context)
+            _add_first_chunk_encoder(run, context, metadata)
+        _add_decoder_joint(run)
+        if prompt_arrays is not None:
+            _add_prompt(run, prompt_arrays)
+        if run.config.ctc is not None:
+            _add_ctc(run)
+
+    _write_side_files(run.model, run.archive, run.out_dir, run.vocabulary)
+    if run.config.speaker_kernels:
+        _write_multitalker_config(run.model, run.base, run.contexts, run.out_dir)
+    _release_model(run)
+    _write_derived(run)
+    result = run.result
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_mb = peak_rss_mb()
+    _write_export_record(run, source_hub)
+    run.say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")
+    return result
+
+
+@dataclass
+class _Export:
+    """One ``export_onnx`` run: the checkpoint restored once, what every graph's metadata shares, the graphs
+    written so far, and the graphs made from them once the model is released."""
+
+    nemo_path: Path
+    sha256: str
+    archive: NemoArchive
+    config: ModelConfig
+    model: Any  # NeMo's ASRModel; None once released (_release_model)
+    contexts: list[tuple[int, int]]
+    out_dir: Path
+    cache_layout: str
+    int8: bool
+    debug_taps: bool
+    say: Callable[[str], None]
+    vocabulary: list[str]
+    interface: GraphInterface
+    base: dict[str, Any]  # the model-wide metadata every graph carries
+    result: ExportResult
+    # The encoder graphs of every lookahead hold the same weights: written once per precision.
+    shared: graph_tools.SharedWeights
+    shared_int8: graph_tools.SharedWeights | None
+    # Graphs made from written graphs (int8, debug taps) load a whole fp32 graph each: they are written
+    # once the NeMo model is released, so that the two never share the peak. (progress line, or None: not a
+    # counted step; the writer)
+    derived: list[tuple[str | None, Callable[[], None]]] = field(default_factory=list)
+
+
+def _start(nemo_path: Path, out_dir: Path, att_context_sizes: Sequence[Sequence[int]] | None, cache_layout: str, *,
+           int8: bool, debug_taps: bool, progress: Callable[[str], None] | None) -> _Export:
+    """The one NeMo restore every graph step uses (``restore_for_inference``), after the archive and its config are
+    checked; the requested lookaheads checked against the model's, ``progress`` told how many steps follow, and the
+    model-wide metadata."""
+    say = progress or (lambda _m: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     sha256 = sha256_file(nemo_path)
-    archive = inspect_nemo(nemo_path)
+    archive = inspect_nemo(nemo_path)  # refuse unsafe archives before NeMo instantiates anything
     config = read_model_config(archive.config)  # a config the harness cannot read fails before NeMo loads
-    model = _restore(nemo_path)
+    model = restore_for_inference(archive)
     available = config.encoder.att_context_size
     contexts = [tuple(int(v) for v in c) for c in (att_context_sizes or available)]
     for context in contexts:
@@ -535,7 +569,7 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
         # one step per encoder (and its int8 graph), decoder_joint, a hybrid's CTC head, the end
         progress.total(2 * len(contexts) * (1 + int(int8)) + 2 + int(getattr(config, "ctc", None) is not None)
                        + int(getattr(config, "prompt", None) is not None) * (1 + int(int8)))
-    vocabulary = _vocabulary(model)
+    vocabulary = tokenizer_vocabulary(model)
     speakers = config.speaker_kernels
     interface = INTERFACES["multitalker" if speakers else "nemo"]
     if speakers and cache_layout != "batch-first":
@@ -549,119 +583,145 @@ def export_onnx(nemo_path: str | Path, out_dir: str | Path, *,
                                                           "feat_in": config.ctc.feat_in},
             "num_prompts": config.prompt.num_prompts if config.prompt else 0,
             "prompt_dictionary": dict(config.prompt.dictionary) if config.prompt else {}}
-    prompt_arrays = _prompt_kernel_arrays(model, config)
-    result = ExportResult(out_dir)
-    num_layers = base["num_layers"]
+    return _Export(
+        nemo_path=nemo_path, sha256=sha256, archive=archive, config=config, model=model, contexts=contexts,
+        out_dir=out_dir, cache_layout=cache_layout, int8=int8, debug_taps=debug_taps, say=say,
+        vocabulary=vocabulary, interface=interface, base=base, result=ExportResult(out_dir),
+        shared=graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS),
+        shared_int8=graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS_INT8) if int8 else None)
 
-    # The encoder graphs of every lookahead hold the same weights: written once per precision.
-    shared = graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS)
-    shared_int8 = graph_tools.SharedWeights(out_dir / SHARED_ENCODER_WEIGHTS_INT8) if int8 else None
-    # Graphs made from written graphs (int8, debug taps) load a whole fp32 graph each: they are written
-    # once the NeMo model is released, so that the two never share the peak.
-    derived: list[tuple[str | None, Callable[[], None]]] = []  # (progress line, or None: not a counted step)
-    with _quiet_export(), torch.inference_mode():
-        model.set_export_config({"cache_support": True})
-        for context in contexts:
-            model.encoder.set_default_att_context_size(list(context))
-            path = out_dir / encoder_file(context)
-            say(f"encoder {list(context)} ({cache_layout}) -> {path.name}")
-            metadata = {**base, "graph": "encoder", "variant": "float32", "debug_taps": [],
-                        **_encoder_metadata(model, config.encoder, context, cache_layout)}
-            _export_encoder(model, config.encoder, path, cache_layout, interface)
-            _finish_graph(path, metadata, interface.encoder_inputs, interface.encoder_outputs, shared)
-            result.graphs.append(path)
-            if debug_taps:
-                debug = out_dir / encoder_file(context, debug=True)
-                derived.append((None, functools.partial(
-                    _write_debug, path, debug, lambda g: graph_tools.encoder_tap_tensors(g, num_layers), metadata)))
-                result.graphs.append(debug)
-            if int8:
-                quantized = out_dir / encoder_file(context, "int8")
-                derived.append((f"encoder {list(context)} int8 -> {quantized.name}", functools.partial(
-                    _write_int8, path, quantized, metadata, ("MatMul", "Gemm"), shared_int8)))
-                result.graphs.append(quantized)
-            # NeMo's default (plain) first chunk: its own size, every pre-encoded frame kept. Its graph shares
-            # the weights file with the steady one (SharedWeights stores each payload once).
-            first = out_dir / encoder_file(context, first=True)
-            say(f"encoder {list(context)} first chunk ({cache_layout}) -> {first.name}")
-            first_metadata = {**metadata, "first_chunk": True}
-            _export_encoder(model, config.encoder, first, cache_layout, interface, first=True)
-            _finish_graph(first, first_metadata, interface.encoder_inputs, interface.encoder_outputs, shared)
-            result.graphs.append(first)
-            if debug_taps:
-                debug = out_dir / encoder_file(context, debug=True, first=True)
-                derived.append((None, functools.partial(
-                    _write_debug, first, debug, lambda g: graph_tools.encoder_tap_tensors(g, num_layers),
-                    first_metadata)))
-                result.graphs.append(debug)
-            if int8:
-                quantized = out_dir / encoder_file(context, "int8", first=True)
-                derived.append((f"encoder {list(context)} first chunk int8 -> {quantized.name}", functools.partial(
-                    _write_int8, first, quantized, first_metadata, ("MatMul", "Gemm"), shared_int8)))
-                result.graphs.append(quantized)
 
-        path = out_dir / decoder_joint_file()
-        say(f"decoder_joint -> {path.name}")
-        metadata = {**base, "graph": "decoder_joint", "variant": "float32", "debug_taps": []}
-        _export_decoder_joint(model, path, interface)
-        _finish_graph(path, metadata, interface.decoder_joint_inputs, interface.decoder_joint_outputs)
-        result.graphs.append(path)
-        if debug_taps:
-            debug = out_dir / decoder_joint_file(debug=True)
-            derived.append((None, functools.partial(
-                _write_debug, path, debug, graph_tools.decoder_joint_tap_tensors, metadata)))
-            result.graphs.append(debug)
-        if int8:
-            quantized = out_dir / decoder_joint_file("int8")
-            derived.append((f"decoder_joint int8 -> {quantized.name}", functools.partial(
-                _write_int8, path, quantized, metadata, ("MatMul", "Gemm", "LSTM"))))
-            result.graphs.append(quantized)
-        if prompt_arrays is not None:
-            path = out_dir / prompt_file()
-            say(f"prompt kernel -> {path.name}")
-            metadata = {**base, "graph": "prompt", "variant": "float32", "debug_taps": []}
-            _export_prompt(prompt_arrays, path, interface)
-            _finish_graph(path, metadata, interface.prompt_inputs, interface.prompt_outputs)
-            result.graphs.append(path)
-            if int8:
-                quantized = out_dir / prompt_file("int8")
-                say(f"prompt kernel int8 -> {quantized.name}")
-                _write_prompt_int8(path, quantized, metadata)
-                result.graphs.append(quantized)
-        if config.ctc is not None:
-            path = out_dir / ctc_file()
-            say(f"CTC head -> {path.name}")
-            _export_ctc(model, path, interface)
-            _finish_graph(path, {**base, "graph": "ctc", "variant": "float32", "debug_taps": []},
-                          interface.ctc_inputs, interface.ctc_outputs)
-            result.graphs.append(path)
+def _add_encoder(run: _Export, context: tuple[int, int]) -> dict[str, Any]:
+    """The steady encoder graph of the lookahead the model is set to (``set_default_att_context_size``): NeMo's
+    ``forward_for_export``, which drops ``drop_extra_pre_encoded`` frames (every chunk after the first, and
+    pad-and-drop's first). Its tap and int8 graphs are queued; returns its metadata."""
+    path = run.out_dir / encoder_file(context)
+    run.say(f"encoder {list(context)} ({run.cache_layout}) -> {path.name}")
+    metadata = {**run.base, "graph": "encoder", "variant": "float32", "debug_taps": [],
+                **_encoder_metadata(run.model, run.config.encoder, context, run.cache_layout)}
+    _export_encoder(run.model, run.config.encoder, path, run.cache_layout, run.interface)
+    _finish_graph(path, metadata, run.interface.encoder_inputs, run.interface.encoder_outputs, run.shared)
+    run.result.graphs.append(path)
+    _queue_tap_graph(run, path, run.out_dir / encoder_file(context, debug=True), _encoder_taps(run), metadata)
+    _queue_int8_graph(run, f"encoder {list(context)}", path, run.out_dir / encoder_file(context, "int8"), metadata,
+                      ("MatMul", "Gemm"), run.shared_int8)
+    return metadata
 
-    _write_side_files(model, archive, out_dir, vocabulary)
-    if speakers:
-        _write_multitalker_config(model, base, contexts, out_dir)
-    del model
+
+def _add_first_chunk_encoder(run: _Export, context: tuple[int, int], steady_metadata: dict[str, Any]) -> None:
+    """NeMo's default (plain) first chunk's graph for the lookahead: its own size, every pre-encoded frame kept
+    (``first_chunk`` in its metadata, the steady graph's otherwise). It shares the weights file with the steady
+    one (SharedWeights stores each payload once); its tap and int8 graphs are queued."""
+    first = run.out_dir / encoder_file(context, first=True)
+    run.say(f"encoder {list(context)} first chunk ({run.cache_layout}) -> {first.name}")
+    metadata = {**steady_metadata, "first_chunk": True}
+    _export_encoder(run.model, run.config.encoder, first, run.cache_layout, run.interface, first=True)
+    _finish_graph(first, metadata, run.interface.encoder_inputs, run.interface.encoder_outputs, run.shared)
+    run.result.graphs.append(first)
+    _queue_tap_graph(run, first, run.out_dir / encoder_file(context, debug=True, first=True), _encoder_taps(run),
+                     metadata)
+    _queue_int8_graph(run, f"encoder {list(context)} first chunk", first,
+                      run.out_dir / encoder_file(context, "int8", first=True), metadata, ("MatMul", "Gemm"),
+                      run.shared_int8)
+
+
+def _encoder_taps(run: _Export) -> Callable:
+    """What finds the encoder's shared taps in a written graph (module scopes: ``pre_encode``, each layer)."""
+    return functools.partial(graph_tools.encoder_tap_tensors, num_layers=run.base["num_layers"])
+
+
+def _add_decoder_joint(run: _Export) -> None:
+    """``decoder_joint``: the prediction net and the joint in one step graph (NeMo's ``RNNTDecoderJoint``, raw
+    logits); its tap graph (the prediction-net output) and int8 graph (the LSTM quantized too) are queued."""
+    path = run.out_dir / decoder_joint_file()
+    run.say(f"decoder_joint -> {path.name}")
+    metadata = {**run.base, "graph": "decoder_joint", "variant": "float32", "debug_taps": []}
+    _export_decoder_joint(run.model, path, run.interface)
+    _finish_graph(path, metadata, run.interface.decoder_joint_inputs, run.interface.decoder_joint_outputs)
+    run.result.graphs.append(path)
+    _queue_tap_graph(run, path, run.out_dir / decoder_joint_file(debug=True), graph_tools.decoder_joint_tap_tensors,
+                     metadata)
+    _queue_int8_graph(run, "decoder_joint", path, run.out_dir / decoder_joint_file("int8"), metadata,
+                      ("MatMul", "Gemm", "LSTM"))
+
+
+def _add_prompt(run: _Export, arrays) -> None:
+    """A prompt-conditioned model's ``prompt.onnx``, built from the kernel's weights (no NeMo tracing), and its int8
+    graph, written now: it is small, and its int8 needs no NeMo model either."""
+    path = run.out_dir / prompt_file()
+    run.say(f"prompt kernel -> {path.name}")
+    metadata = {**run.base, "graph": "prompt", "variant": "float32", "debug_taps": []}
+    _export_prompt(arrays, path, run.interface)
+    _finish_graph(path, metadata, run.interface.prompt_inputs, run.interface.prompt_outputs)
+    run.result.graphs.append(path)
+    if run.int8:
+        quantized = run.out_dir / prompt_file("int8")
+        run.say(f"prompt kernel int8 -> {quantized.name}")
+        _write_prompt_int8(path, quantized, metadata)
+        run.result.graphs.append(quantized)
+
+
+def _add_ctc(run: _Export) -> None:
+    """A hybrid RNNT-CTC model's CTC head, ``ctc.onnx``: one float32 graph for every lookahead and variant."""
+    path = run.out_dir / ctc_file()
+    run.say(f"CTC head -> {path.name}")
+    _export_ctc(run.model, path, run.interface)
+    _finish_graph(path, {**run.base, "graph": "ctc", "variant": "float32", "debug_taps": []},
+                  run.interface.ctc_inputs, run.interface.ctc_outputs)
+    run.result.graphs.append(path)
+
+
+def _queue_tap_graph(run: _Export, path: Path, debug_path: Path, tap_tensors: Callable,
+                     metadata: dict[str, Any]) -> None:
+    """With debug taps: ``debug_path``, the float32 graph ``path`` with the taps ``tap_tensors(graph)`` finds as extra
+    outputs, queued for ``_write_derived``."""
+    if not run.debug_taps:
+        return
+    run.derived.append((None, functools.partial(_write_debug, path, debug_path, tap_tensors, metadata)))
+    run.result.graphs.append(debug_path)
+
+
+def _queue_int8_graph(run: _Export, label: str, path: Path, int8_path: Path, metadata: dict[str, Any],
+                      op_types: Sequence[str], weights: graph_tools.SharedWeights | None = None) -> None:
+    """With int8: ``int8_path``, the dynamic int8 quantization of the float32 graph ``path`` (``op_types``; its
+    weights into ``weights`` when shared), queued for ``_write_derived`` with its progress line."""
+    if not run.int8:
+        return
+    run.derived.append((f"{label} int8 -> {int8_path.name}", functools.partial(
+        _write_int8, path, int8_path, metadata, op_types, weights)))
+    run.result.graphs.append(int8_path)
+
+
+def _release_model(run: _Export) -> None:
+    """Drop the NeMo model (and give its memory back) before the derived graphs load the written ones."""
+    run.model = None
     gc.collect()
     trim()
-    for text, write in derived:
+
+
+def _write_derived(run: _Export) -> None:
+    """The queued tap and int8 graphs, in the order they were queued."""
+    for text, write in run.derived:
         if text:
-            say(text)
+            run.say(text)
         write()
-    result.seconds = time.perf_counter() - started
-    result.peak_rss_mb = peak_rss_mb()
-    (out_dir / EXPORT_FILE).write_text(json.dumps({
-        "format": FORMAT, "source_sha256": sha256,
-        "options": {"att_context_sizes": [list(c) for c in contexts], "cache_layout": cache_layout, "int8": int8,
-                    "debug_taps": debug_taps},
+
+
+def _write_export_record(run: _Export, source_hub: HubOrigin | None) -> None:
+    """``export.json``: the options, the graphs written, the first-chunk modes, the int8 scheme, the shared weights'
+    sizes, and where the checkpoint came from (its provenance)."""
+    (run.out_dir / EXPORT_FILE).write_text(json.dumps({
+        "format": FORMAT, "source_sha256": run.sha256,
+        "options": {"att_context_sizes": [list(c) for c in run.contexts], "cache_layout": run.cache_layout,
+                    "int8": run.int8, "debug_taps": run.debug_taps},
         "first_chunk_modes": list(FIRST_CHUNK_MODES),
-        "int8_quantization": quantization.EXPORT_SCHEME.recorded().to_dict() if int8 else None,
-        "graphs": [path.name for path in result.graphs],
+        "int8_quantization": quantization.EXPORT_SCHEME.recorded().to_dict() if run.int8 else None,
+        "graphs": [path.name for path in run.result.graphs],
         "shared_weights": {weights.path.name: {"stored_bytes": weights.stored_bytes,
                                                "referenced_bytes": weights.referenced_bytes}
-                           for weights in (shared, shared_int8) if weights is not None},
-        "provenance": Provenance.collect(nemo_path, sha256=sha256, hub=source_hub).to_dict(),
+                           for weights in (run.shared, run.shared_int8) if weights is not None},
+        "provenance": Provenance.collect(run.nemo_path, sha256=run.sha256, hub=source_hub).to_dict(),
     }, indent=2) + "\n")
-    say(f"exported {len(result.graphs)} graphs in {result.seconds:.1f} s (peak RSS {result.peak_rss_mb:.0f} MB)")
-    return result
 
 
 def _write_side_files(model, archive, out_dir: Path, vocabulary: Sequence[str]) -> None:

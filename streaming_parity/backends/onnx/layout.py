@@ -1,7 +1,8 @@
 """What an ONNX export directory holds, and the metadata every graph carries.
 
-Shared by the exporter (which writes it) and the runtime (which reads it); imports neither torch
-nor NeMo. File names in an export directory:
+Shared by the exporter (which writes it) and the runtime, which runs what ``describe_export`` reads from it
+(a ``described.DescribedExport``, as the foreign readers build for other exporters' files); imports neither
+torch nor NeMo. File names in an export directory:
 
 ====================================  ==================================================
 ``encoder-L_R.onnx``                  cache-aware encoder for att_context_size [L, R]
@@ -40,8 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streaming_parity.core.errors import BadInput
+from streaming_parity.backends.onnx.described import DescribedExport, EncoderGraph, GraphFile
+from streaming_parity.core.errors import BadInput, InvalidInput
+from streaming_parity.core.nemo_config import EncoderConfig, normalize_att_context_sizes
 from streaming_parity.core.safe_files import check_onnx_external_data, load_onnx_graph
+from streaming_parity.interface.chunking import StreamingConfig
+from streaming_parity.interface.frontend import Frontend
+from streaming_parity.interface.model_info import ModelInfo
 
 FORMAT = "parity-nemo-cache-aware-rnnt/3"
 FORMAT_FAMILY = "parity-nemo-cache-aware-rnnt/"  # older versions: "export again"
@@ -140,6 +146,10 @@ ENCODER_KEYS = (
     "cache_last_channel_shape", "cache_last_time_shape", "first_chunk",
 )
 METADATA_KEYS = MODEL_KEYS + ENCODER_KEYS
+# The encoder config keys written as ``encoder_config``: what a runtime needs to rebuild the chunk schedule
+# (streaming_parity.interface.chunking).
+STREAMING_ENCODER_KEYS = ("att_context_style", "att_context_size", "subsampling", "subsampling_factor",
+                          "causal_downsampling", "n_layers", "d_model", "feat_in", "conv_kernel_size")
 
 
 class ExportDirError(BadInput, ValueError):
@@ -156,6 +166,14 @@ class SourceMismatchError(ExportDirError):
 
 class GraphInterfaceError(ExportDirError):
     """A graph lacks an input or output the runtime feeds or reads, or its metadata is incomplete."""
+
+
+class ForeignArtifactError(ExportDirError):
+    """A directory that is not a complete artifact of a recognised foreign format (``foreign_read``)."""
+
+
+class ArtifactContradiction(ForeignArtifactError):
+    """A value the artifact states (metadata, shape, file) contradicts the ``.nemo`` or another file."""
 
 
 def context_tag(att_context_size: Sequence[int]) -> str:
@@ -341,3 +359,251 @@ def read_view(directory: Path):
         view.config.setdefault("model_defaults", {
             "initialize_prompt_feature": True, "num_prompts": num_prompts, "prompt_dictionary": dict(dictionary)})
     return view
+
+
+# -- reading an export directory: what the runtime runs (described.DescribedExport) -------------------------
+
+def describe_export(directory: str | Path, *, dtype: str = "float32", taps: bool = True,
+                    nemo_path: str | Path | None = None) -> DescribedExport:
+    """This project's export directory, read for ``dtype`` (``float32`` or ``int8``) into a ``DescribedExport``.
+
+    Every graph's metadata is checked before anything runs: its format version, its interface, that it belongs
+    with ``decoder_joint`` (the same source, layout and model), each encoder's lookahead, cache shapes and chunk
+    schedule against the encoder config, the CTC and prompt graphs' settings; and ``vocab.txt``, the front end and,
+    given ``nemo_path``, the ``.nemo`` the graphs were exported from (its sha256). ``taps``: run the float32 tap
+    graphs (``.debug``) where exported.
+    """
+    if dtype not in VARIANTS:
+        raise InvalidInput(f"onnx backend runs float32 or int8, not {dtype}")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MissingGraphError(f"{directory}: ONNX export directory not found")
+    return _ExportReader(directory, dtype, taps and dtype == "float32").describe(nemo_path)
+
+
+class _ExportReader:
+    """One export directory read for one dtype; ``decoder_joint``'s metadata holds the model-wide keys every other
+    graph is checked against."""
+
+    def __init__(self, directory: Path, dtype: str, use_taps: bool):
+        self.directory = directory
+        self.dtype = dtype
+        self.use_taps = use_taps
+
+    def describe(self, nemo_path: str | Path | None) -> DescribedExport:
+        self.decoder_joint, self.metadata = self._graph(decoder_joint_file)
+        meta = self.metadata
+        if nemo_path is not None:
+            self._check_source(Path(nemo_path))
+        info = self._model_info(meta)
+        modes = self._first_chunk_modes()
+        encoders = {}
+        for context in info.att_context_sizes:  # every encoder graph now: a broken export fails before anything runs
+            for first in (False, True) if "plain" in modes else (False,):
+                encoders[(context, first)] = self._encoder(context, first, info, encoders.get((context, False)))
+        frontend = self._frontend(info.n_mels)
+        return DescribedExport(
+            directory=self.directory, dtype=self.dtype, info=info,
+            max_symbols=meta["max_symbols"],  # None: no per-frame limit (NeMo's max_symbols=None)
+            interface=interface_of(meta), cache_layout=str(meta["cache_layout"]), first_chunk_modes=modes,
+            decoder_joint=self.decoder_joint, encoders=encoders, frontend=frontend,
+            ctc=self._ctc() if info.ctc_head else None, prompt=self._prompt(info) if info.prompted else None,
+            int8_graphs=self._int8_graphs(info), int8_quantization=meta.get("int8_quantization"))
+
+    def _graph(self, file_for) -> tuple[GraphFile, dict[str, Any]]:
+        """``file_for(variant, debug)`` names the graph; the debug (tap) variant is preferred when wanted. Returns the
+        ``GraphFile`` and the metadata, checked."""
+        candidates = [self.directory / file_for(self.dtype, False)]
+        if self.use_taps:
+            candidates.insert(0, self.directory / file_for("float32", True))
+        for path in candidates:
+            if path.is_file():
+                metadata = own_graph_metadata(path)
+                return GraphFile(path, taps=tuple(metadata.get("debug_taps") or ())), metadata
+        raise MissingGraphError(f"{self.directory}: missing graph {candidates[-1].name} "
+                                f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
+
+    def _check_source(self, nemo_path: Path) -> None:
+        from streaming_parity.core.nemo_file import sha256_file
+
+        actual = sha256_file(nemo_path)
+        recorded = self.metadata.get("source_sha256")
+        if actual != recorded:
+            raise SourceMismatchError(
+                f"{self.directory}: graphs were exported from {self.metadata.get('source_name')} "
+                f"(sha256 {str(recorded)[:12]}...), not from {nemo_path.name} (sha256 {actual[:12]}...)")
+
+    def _model_info(self, meta: Mapping[str, Any]) -> ModelInfo:
+        vocabulary = self._vocabulary(int(meta["vocab_size"]))
+        exported = self._exported_contexts()
+        # The export's own copy of the locale -> one-hot column map (a shifted copy shows at the prompt tap).
+        num_prompts, prompt_dictionary = prompt_settings(meta, self.decoder_joint.path.name)
+        return ModelInfo(
+            num_layers=int(meta["num_layers"]), d_model=int(meta["d_model"]), n_mels=int(meta["n_mels"]),
+            conv_kernel_size=int(meta["conv_kernel_size"]), subsampling_factor=int(meta["subsampling_factor"]),
+            att_context_sizes=exported, vocabulary=tuple(vocabulary), blank_id=int(meta["blank_id"]),
+            pred_layers=int(meta["pred_rnn_layers"]), pred_hidden=int(meta["pred_hidden"]),
+            max_symbols=int(meta["max_symbols"] or 0),
+            encoder_config=EncoderConfig.from_mapping(meta["encoder_config"]),  # the export's streaming keys
+            speaker_kernel_layers=tuple(int(i) for i in meta.get("speaker_kernel_layers") or ()),
+            background_speaker_kernel=bool(meta.get("background_speaker_kernel", False)),
+            ctc_head=bool(meta.get("ctc_head")),
+            num_prompts=num_prompts, prompt_dictionary=prompt_dictionary,
+        )
+
+    def _vocabulary(self, size: int) -> list[str]:
+        path = self.directory / "vocab.txt"
+        if not path.is_file():
+            raise MissingGraphError(f"{self.directory}: vocab.txt not found")
+        pieces = path.read_text(encoding="utf-8").split("\n")[:-1]
+        if len(pieces) != size:
+            raise ExportDirError(f"{path}: {len(pieces)} pieces, metadata vocab_size is {size}")
+        return pieces
+
+    def _exported_contexts(self) -> tuple[tuple[int, int], ...]:
+        # NeMo's att_context_size format
+        model_contexts = normalize_att_context_sizes(self.metadata["att_context_sizes"])
+        exported = tuple(c for c in model_contexts
+                         if (self.directory / encoder_file(c, variant=self.dtype)).is_file())
+        if not exported:
+            expected = ", ".join(encoder_file(c, variant=self.dtype) for c in model_contexts)
+            raise MissingGraphError(f"{self.directory}: no encoder graph; expected one of {expected}")
+        return exported
+
+    def _first_chunk_modes(self) -> tuple[str, ...]:
+        """The modes the export states it streams (``first_chunk_modes``; a ``/2`` export: pad-and-drop only)."""
+        modes = tuple(self.metadata.get("first_chunk_modes") or ("pad-and-drop",))
+        unknown = [m for m in modes if m not in ("plain", "pad-and-drop")]
+        if unknown or "pad-and-drop" not in modes:
+            raise GraphInterfaceError(f"{self.decoder_joint.path.name}: metadata first_chunk_modes {list(modes)}: "
+                                      "expected pad-and-drop, and plain where the export has first-chunk graphs")
+        return modes
+
+    def _encoder(self, context: tuple[int, int], first: bool, info: ModelInfo,
+                 steady: EncoderGraph | None) -> EncoderGraph:
+        """The encoder graph of one lookahead, or (``first``) its plain first chunk's, whose schedule must be the
+        ``steady`` graph's."""
+        file, meta = self._graph(lambda variant, debug: encoder_file(context, variant, debug, first=first))
+        name = file.path.name
+        if bool(meta.get("first_chunk", False)) != first:
+            raise ExportDirError(f"{name}: metadata first_chunk = {meta.get('first_chunk', False)!r}, "
+                                 f"but it was opened as the {'first' if first else 'later'} chunks' graph")
+        for key in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
+            if meta.get(key) != self.metadata.get(key):
+                raise ExportDirError(f"{name}: metadata {key} = {meta.get(key)!r}, but "
+                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
+        if tuple(meta.get("att_context_size", ())) != context:
+            raise ExportDirError(f"{name}: metadata att_context_size {meta.get('att_context_size')}, "
+                                 f"file name says {list(context)}")
+        shapes = _cache_shapes(meta, info)
+        streaming = _streaming_from_metadata(name, meta, info)
+        if steady is not None and steady.streaming != streaming:
+            raise ExportDirError(f"{name}: streaming metadata {streaming.as_dict()} differs from the "
+                                 f"other graph of {list(context)}: {steady.streaming.as_dict()}")
+        return EncoderGraph(file, context, first, streaming, shapes, interface_of(meta))
+
+    def _frontend(self, n_mels: int) -> Frontend:
+        if not (self.directory / "frontend.npz").is_file() or not (self.directory / "frontend.json").is_file():
+            raise MissingGraphError(f"{self.directory}: frontend.npz / frontend.json not found")
+        frontend = Frontend.load(self.directory)
+        if frontend.config.n_mels != n_mels:
+            raise ExportDirError(f"frontend.json: n_mels {frontend.config.n_mels}, encoder expects {n_mels}")
+        return frontend
+
+    def _belongs(self, path: Path, keys: Sequence[str]) -> GraphFile:
+        """A side graph's ``GraphFile``, its metadata checked and agreeing with ``decoder_joint``'s on ``keys``."""
+        metadata = own_graph_metadata(path)
+        for key in keys:
+            if metadata.get(key) != self.metadata.get(key):
+                raise ExportDirError(f"{path.name}: metadata {key} = {metadata.get(key)!r}, but "
+                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
+        return GraphFile(path, taps=tuple(metadata.get("debug_taps") or ()))
+
+    def _ctc(self) -> GraphFile:
+        """A hybrid model's CTC head (``ctc.onnx``), checked against the export it belongs to."""
+        path = self.directory / ctc_file()
+        if not path.is_file():
+            raise MissingGraphError(f"{self.directory}: missing graph {path.name} (the metadata declares a CTC head; "
+                                    "export with parity export-onnx)")
+        return self._belongs(path, ("source_sha256", "vocab_size", "d_model", "ctc_head"))
+
+    def _prompt(self, info: ModelInfo) -> GraphFile:
+        """A prompt-conditioned model's ``prompt.onnx`` (``prompt.int8.onnx`` for int8), checked against the
+        export it belongs to: the same source, width, one-hot width and dictionary, and a kernel whose weights
+        have the shapes those imply (its declared inputs are checked when the runtime opens it)."""
+        path = self.directory / prompt_file(self.dtype)
+        if not path.is_file():
+            raise MissingGraphError(
+                f"{self.directory}: missing graph {path.name}: {self.decoder_joint.path.name} declares a prompt-"
+                f"conditioned model ({info.num_prompts} prompts) and its prompt kernel runs in {path.name} "
+                f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
+        file = self._belongs(path, ("source_sha256", "d_model", "num_prompts", "prompt_dictionary"))
+        d_model, num_prompts = info.d_model, info.num_prompts
+        expected = {"prompt_kernel.0.weight": [2 * d_model, d_model + num_prompts],
+                    "prompt_kernel.2.weight": [d_model, 2 * d_model]}
+        if self.dtype == "float32":
+            shapes = {init.name: list(init.dims) for init in load_graph(path).graph.initializer}
+            for name, shape in expected.items():
+                if shapes.get(name) != shape:
+                    raise GraphInterfaceError(
+                        f"{path.name}: {name} has shape {shapes.get(name)}, but d_model {d_model} and num_prompts "
+                        f"{num_prompts} (metadata) need {shape}")
+        else:  # ONNX Runtime's quantizer renames the weights: found as the graph's matrix products' weights
+            from streaming_parity.backends.onnx.graph_tools import check_product_weights
+
+            check_product_weights(load_graph(path).graph, expected, path.name,
+                                  f"d_model {d_model} and num_prompts {num_prompts} (metadata)")
+        return file
+
+    def _int8_graphs(self, info: ModelInfo) -> tuple[Path, ...]:
+        """The int8 graphs an int8 run reads: every lookahead's encoders, ``decoder_joint`` and a prompt graph."""
+        if self.dtype != "int8":
+            return ()
+        paths = [self.directory / encoder_file(c, variant="int8", first=first) for c in info.att_context_sizes
+                 for first in (False, True)]
+        paths.append(self.directory / decoder_joint_file("int8"))
+        if info.prompted:
+            paths.append(self.directory / prompt_file("int8"))
+        return tuple(path for path in paths if path.is_file())
+
+
+def own_graph_metadata(path: Path) -> dict[str, Any]:
+    """A graph's metadata, refused unless ``parity export-onnx`` wrote it in a format this runtime reads, with an
+    interface it knows."""
+    metadata = read_graph_metadata(path)
+    found = metadata.get("format")
+    if found not in READABLE_FORMATS:
+        older = isinstance(found, str) and found.startswith(FORMAT_FAMILY)
+        raise GraphInterfaceError(f"{path.name}: metadata format {found!r}, expected {FORMAT!r} " + (
+            "(written by an older parity export-onnx: export again)" if older
+            else "(not exported by parity export-onnx?)"))
+    interface_of(metadata)
+    return metadata
+
+
+def _cache_shapes(meta: Mapping[str, Any], info: ModelInfo) -> CacheShapes:
+    shapes = CacheShapes(str(meta["cache_layout"]), tuple(meta["cache_last_channel_shape"]),
+                         tuple(meta["cache_last_time_shape"]))
+    expected = CacheShapes.for_model(shapes.layout, info.num_layers, int(meta["last_channel_cache_size"]),
+                                     info.d_model, info.conv_kernel_size)
+    if shapes != expected:
+        raise GraphInterfaceError(f"metadata cache shapes {shapes.channel} / {shapes.time} contradict "
+                                  f"layout {shapes.layout} of the model ({expected.channel} / {expected.time})")
+    return shapes
+
+
+def _streaming_from_metadata(name: str, meta: Mapping[str, Any], info: ModelInfo) -> StreamingConfig:
+    """The lookahead's chunk schedule as the graph's metadata records it, which must be the one derived from the
+    encoder config (``streaming_parity.interface.chunking``)."""
+    pair = lambda key: (int(meta[key][0]), int(meta[key][1]))  # noqa: E731
+    recorded = StreamingConfig(
+        att_context_size=pair("att_context_size"), chunk_size=pair("chunk_size"), shift_size=pair("shift_size"),
+        pre_encode_cache_size=pair("pre_encode_cache_size"),
+        drop_extra_pre_encoded=int(meta["drop_extra_pre_encoded"]), valid_out_len=int(meta["valid_out_len"]),
+        last_channel_cache_size=int(meta["last_channel_cache_size"]), cache_drop_size=int(meta["cache_drop_size"]),
+        subsampling_factor=int(meta["subsampling_factor"]), sampling_frames=pair("sampling_frames"))
+    derived = StreamingConfig.from_encoder_config(info.encoder_config, recorded.att_context_size)
+    if derived != recorded:
+        raise GraphInterfaceError(f"{name}: streaming metadata {recorded.as_dict()} differs from the "
+                                  f"schedule derived from the encoder config {derived.as_dict()}")
+    return recorded

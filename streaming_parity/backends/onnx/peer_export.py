@@ -28,7 +28,7 @@ those artifacts offline from its own fixtures and check what users actually run:
     metadata ``chunk_size_output_frames`` and ``pre_encode_cache``. ``decoder_joint.onnx`` is NeMo's own
     ``decoder_joint`` export. ``config.json`` and ``tokenizer.model`` beside them. (The upstream script
     writes ``"normalize": "per_feature"`` into ``config.json`` whatever the model uses; this writer writes
-    the model's own value, and ``streaming_parity.backends.onnx.foreign`` refuses a directory whose value contradicts the
+    the model's own value, and ``streaming_parity.backends.onnx.foreign_read`` refuses a directory whose value contradicts the
     ``.nemo``.)
 
 Several lookaheads go to one subdirectory each (sherpa-onnx: the chunk in milliseconds, ``1120``, as
@@ -47,18 +47,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streaming_parity.backends.onnx.export import (
-    OPSET,
-    ExportResult,
-    _quiet_export,
-    _restore,
-    _vocabulary,
-    cached_directory,
-)
+from streaming_parity.backends.onnx.export import OPSET, ExportResult, cached_directory, quiet_export
 from streaming_parity.backends.onnx.layout import context_tag
 from streaming_parity.core.errors import InvalidInput, Unsupported
 from streaming_parity.core.nemo_config import read_model_config
 from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+from streaming_parity.core.nemo_restore import restore_for_inference, tokenizer_vocabulary
 from streaming_parity.core.system.memory import peak_rss_mb
 
 PEER_FORMATS = ("sherpa-onnx", "nemo", "parakeet-rs")
@@ -376,11 +370,11 @@ def export_peer(nemo_path: str | Path, out_dir: str | Path, *, fmt: str,
             raise InvalidInput(f"att_context_size {list(context)} is not one of the model's "
                                f"{[list(c) for c in available]}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = _restore(nemo_path)
-    vocabulary = _vocabulary(model)
+    model = restore_for_inference(archive)
+    vocabulary = tokenizer_vocabulary(model)
     result = ExportResult(out_dir)
     factor = config.encoder.subsampling_factor
-    with _quiet_export(), torch.inference_mode():
+    with quiet_export(), torch.inference_mode():
         for context in contexts:
             directory = lookahead_dir(out_dir, fmt, context, factor, several=len(contexts) > 1)
             directory.mkdir(parents=True, exist_ok=True)

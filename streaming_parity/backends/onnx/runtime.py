@@ -1,5 +1,10 @@
 """The ONNX Runtime backend: streams from an export directory alone (no torch, no NeMo).
 
+It runs what a ``described.DescribedExport`` describes, read and checked before any session opens: this
+project's export (``layout.describe_export``, from the graphs' metadata) or another exporter's files
+(``foreign_read.describe_foreign``, checked against the ``.nemo``); here the sessions are opened
+(``sessions``), their declared inputs checked against the description, and the chunks streamed.
+
 - Chunk schedule: the encoder graphs bake NeMo's pad-and-drop first-chunk mode
   (``forward_for_export`` always drops ``drop_extra_pre_encoded`` frames), so that is the only mode
   offered; the schedule's values come from each graph's metadata and are checked at load against
@@ -29,36 +34,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from streaming_parity.backends.onnx.described import DescribedExport, GraphFile
 from streaming_parity.backends.onnx.layout import (
     ENCODER_OUTPUTS,
-    FORMAT,
-    FORMAT_FAMILY,
-    READABLE_FORMATS,
-    CacheShapes,
-    ExportDirError,
     GraphInterfaceError,
     MissingGraphError,
-    SourceMismatchError,
-    ctc_file,
     decoder_joint_file,
-    encoder_file,
-    interface_of,
-    load_graph,
-    prompt_file,
-    prompt_settings,
-    read_graph_metadata,
+    describe_export,
 )
-from streaming_parity.core.errors import InvalidInput
-from streaming_parity.core.nemo_config import EncoderConfig, normalize_att_context_sizes
+from streaming_parity.backends.onnx.sessions import Graph, check_declared, open_decoder_joint, session_options
 from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import Chunk, StreamingConfig
 from streaming_parity.interface.decoding import ForcedDecisions, ctc_step
-from streaming_parity.interface.frontend import Frontend
-from streaming_parity.interface.model_info import ModelInfo
 from streaming_parity.interface.quantization import Int8Quantization
 from streaming_parity.interface.speakers import SpeakerMaskError, SpeakerTargets, reconciled_pair
 from streaming_parity.interface.taps import TAP_CTC, TAP_DECODER, TAP_ENCODER, TAP_JOINT, TAP_PROMPT
@@ -76,59 +66,6 @@ class CacheLayoutError(ShapeMismatchError):
     """Caches in one layout were fed to a graph exported for the other."""
 
 
-class _Graph:
-    """One ONNX Runtime session with its metadata and interface checks.
-
-    ``role`` is ``"encoder"``, ``"decoder_joint"``, ``"ctc"`` or ``"prompt"``; the names it must have come from the
-    interface the graph's metadata declares (``layout.INTERFACES``).
-    """
-
-    def __init__(self, path: Path, role: str, session_options):
-        import onnxruntime as ort
-
-        self.path = path
-        self.metadata = read_graph_metadata(path)
-        found = self.metadata.get("format")
-        if found not in READABLE_FORMATS:
-            older = isinstance(found, str) and found.startswith(FORMAT_FAMILY)
-            raise GraphInterfaceError(f"{path.name}: metadata format {found!r}, expected {FORMAT!r} " + (
-                "(written by an older parity export-onnx: export again)" if older
-                else "(not exported by parity export-onnx?)"))
-        self.interface = interface_of(self.metadata)
-        inputs = getattr(self.interface, f"{role}_inputs")
-        outputs = getattr(self.interface, f"{role}_outputs")
-        self.session = ort.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        missing_in = [name for name in inputs if name not in self.inputs]
-        missing_out = [name for name in outputs if name not in self.output_names]
-        if missing_in or missing_out:
-            raise GraphInterfaceError(
-                f"{path.name}: graph lacks expected inputs {missing_in} / outputs {missing_out}; "
-                f"it has inputs {list(self.inputs)} and outputs {self.output_names}")
-        self.taps = [name for name in self.metadata.get("debug_taps") or [] if name in self.output_names]
-
-    def declared_shape(self, name: str) -> list[Any]:
-        return list(self.inputs[name].shape)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, feeds)))
-
-
-def _session_options(threads: int | None):
-    import onnxruntime as ort
-
-    from streaming_parity.core.system.threads import requested_threads
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    threads = threads or requested_threads()  # ONNX Runtime ignores OMP_NUM_THREADS
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    return options
-
-
 # An export above this size keeps one encoder session open at a time (OnnxBackend, max_open_encoders).
 LARGE_EXPORT_BYTES = 1 << 30
 
@@ -137,197 +74,65 @@ def _directory_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.iterdir() if path.is_file())
 
 
-def _check_declared(graph: _Graph, name: str, expected: Sequence[Any]) -> None:
-    """The graph's declared input shape must agree with the metadata on every static axis."""
-    declared = graph.declared_shape(name)
-    agree = len(declared) == len(expected) and all(
-        not isinstance(d, int) or not isinstance(e, int) or d == e for d, e in zip(declared, expected))
-    if not agree:
-        raise GraphInterfaceError(f"{graph.path.name}: input {name} is declared {declared}, "
-                                  f"but the metadata says {list(expected)}")
-
-
 class OnnxBackend(Backend):
     name = "onnx"
     # What an export of this format streams; an instance states what its own export holds (an older export,
     # or a peer's files, has no plain first-chunk graph: pad-and-drop only).
     capabilities = Capabilities(first_chunk_modes=("plain", "pad-and-drop"), offline=False, teacher_forcing=True)
 
-    def __init__(self, export_dir: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
-                 taps: bool = True, threads: int | None = None, max_open_encoders: int | None = None):
-        if dtype not in ("float32", "int8"):
-            raise InvalidInput(f"onnx backend runs float32 or int8, not {dtype}")
-        self.directory = Path(export_dir)
-        if not self.directory.is_dir():
-            raise MissingGraphError(f"{self.directory}: ONNX export directory not found")
-        self.dtype = dtype
+    def __init__(self, export_dir: str | Path | DescribedExport, *, dtype: str = "float32",
+                 nemo_path: str | Path | None = None, taps: bool = True, threads: int | None = None,
+                 max_open_encoders: int | None = None):
+        """``export_dir``: an export directory of this project's, read and checked by ``layout.describe_export``
+        (for ``dtype``, against ``nemo_path`` when given; ``taps``: its tap graphs), or a directory already
+        described (``foreign_read.describe_foreign``: another exporter's files), which states its own dtype and
+        taps."""
+        described = export_dir if isinstance(export_dir, DescribedExport) else describe_export(
+            export_dir, dtype=dtype, taps=taps, nemo_path=nemo_path)
+        self.described = described
+        self.directory = described.directory
+        self.dtype = described.dtype
+        self.info = described.info
+        self.interface = described.interface
+        self.cache_layout = described.cache_layout
+        self.vocabulary = list(described.info.vocabulary)
+        self._max_symbols = described.max_symbols  # None: no per-frame limit (NeMo's max_symbols=None)
         self._int8_quantization: Int8Quantization | None = None
-        self._options = _session_options(threads)
-        self._use_taps = taps and dtype == "float32"
-        self.decoder_joint = self._open_decoder_joint()
-        meta = self.decoder_joint.metadata
-        self.metadata = meta
-        self.interface = self.decoder_joint.interface
-        self.cache_layout = str(meta["cache_layout"])
-        if nemo_path is not None:
-            self._check_source(Path(nemo_path))
-        self.vocabulary = self._read_vocabulary(int(meta["vocab_size"]))
-        exported = self._exported_contexts(meta)
-        # The export's own copy of the locale -> one-hot column map (a shifted copy shows at the prompt tap).
-        num_prompts, prompt_dictionary = prompt_settings(meta, self.decoder_joint.path.name)
-        self.info = ModelInfo(
-            num_layers=int(meta["num_layers"]), d_model=int(meta["d_model"]), n_mels=int(meta["n_mels"]),
-            conv_kernel_size=int(meta["conv_kernel_size"]), subsampling_factor=int(meta["subsampling_factor"]),
-            att_context_sizes=exported, vocabulary=tuple(self.vocabulary), blank_id=int(meta["blank_id"]),
-            pred_layers=int(meta["pred_rnn_layers"]), pred_hidden=int(meta["pred_hidden"]),
-            max_symbols=int(meta["max_symbols"] or 0),
-            encoder_config=EncoderConfig.from_mapping(meta["encoder_config"]),  # the export's streaming keys
-            speaker_kernel_layers=tuple(int(i) for i in meta.get("speaker_kernel_layers") or ()),
-            background_speaker_kernel=bool(meta.get("background_speaker_kernel", False)),
-            ctc_head=bool(meta.get("ctc_head")),
-            num_prompts=num_prompts, prompt_dictionary=prompt_dictionary,
-        )
         if self.info.multitalker != self.interface.speaker_masks:
             raise GraphInterfaceError(f"{self.directory}: speaker_kernel_layers {list(self.info.speaker_kernel_layers)} "
                                       f"contradict the {self.interface.name} interface")
-        self._max_symbols = meta["max_symbols"]  # None: no per-frame limit (NeMo's max_symbols=None)
-        modes = self._first_chunk_modes(meta)
+        modes = described.first_chunk_modes
         if tuple(modes) != type(self).capabilities.first_chunk_modes:
             self.capabilities = replace(type(self).capabilities, first_chunk_modes=tuple(modes))
+        self._options = session_options(threads)
+        self.decoder_joint = open_decoder_joint(described, self._options)
         # (lookahead, first-chunk graph) -> open session, least recently used first
-        self._encoders: dict[tuple[tuple[int, int], bool], _Graph] = {}
-        self._streaming: dict[tuple[int, int], StreamingConfig] = {}
-        graphs = [(context, first) for context in exported for first in (False, True)
-                  if not first or "plain" in modes]
+        self._encoders: dict[tuple[tuple[int, int], bool], Graph] = {}
         # Every ONNX Runtime session holds its own copy of the weights, even where the lookaheads' graphs
         # share one file (measured at full size: four open encoders, 10.7 GB). A large export keeps one
         # encoder session open at a time (reopened when the lookahead or the first-chunk graph changes); a
         # small one keeps all.
         self._max_open_encoders = max_open_encoders or (
-            1 if _directory_bytes(self.directory) > LARGE_EXPORT_BYTES else len(graphs))
-        for context, first in graphs:  # open every encoder now: a broken export fails before anything runs
+            1 if _directory_bytes(self.directory) > LARGE_EXPORT_BYTES else len(described.encoders))
+        for context, first in described.encoders:  # open every encoder now: a broken export fails before anything runs
             self._encoder(context, first=first)
-        self.frontend = self._read_frontend()
+        self.frontend = described.frontend
         self._check_decoder_joint()
-        self.ctc_graph = self._open_ctc() if self.info.ctc_head else None
-        self.prompt_graph = self._open_prompt() if self.info.prompted else None
+        self.ctc_graph = None if described.ctc is None else Graph(described.ctc, "ctc", self.interface, self._options)
+        self.prompt_graph = None if described.prompt is None else self._open_prompt(described.prompt)
 
-    # -- loading and validation ----------------------------------------------------------------------
-    def _open(self, file_for, role: str) -> _Graph:
-        """``file_for(variant, debug)`` names the graph; the debug (tap) variant is preferred when wanted."""
-        candidates = [self.directory / file_for(self.dtype, False)]
-        if self._use_taps:
-            candidates.insert(0, self.directory / file_for("float32", True))
-        for path in candidates:
-            if path.is_file():
-                return _Graph(path, role, self._options)
-        raise MissingGraphError(f"{self.directory}: missing graph {candidates[-1].name} "
-                                f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
-
-    def _open_decoder_joint(self):
-        return self._open(decoder_joint_file, "decoder_joint")
-
-    def _open_encoder(self, context: tuple[int, int], first: bool = False):
-        """The encoder graph of one lookahead, or its plain first chunk's (``streaming_parity.backends.onnx.foreign`` supplies other
-        files here)."""
-        return self._open(lambda variant, debug: encoder_file(context, variant, debug, first=first), "encoder")
-
-    def _first_chunk_modes(self, meta: dict[str, Any]) -> tuple[str, ...]:
-        """The modes the export states it streams (``first_chunk_modes``; a ``/2`` export: pad-and-drop only)."""
-        modes = tuple(meta.get("first_chunk_modes") or ("pad-and-drop",))
-        unknown = [m for m in modes if m not in ("plain", "pad-and-drop")]
-        if unknown or "pad-and-drop" not in modes:
-            raise GraphInterfaceError(f"{self.decoder_joint.path.name}: metadata first_chunk_modes {list(modes)}: "
-                                      "expected pad-and-drop, and plain where the export has first-chunk graphs")
-        return modes
-
-    def _check_source(self, nemo_path: Path) -> None:
-        from streaming_parity.core.nemo_file import sha256_file
-
-        actual = sha256_file(nemo_path)
-        recorded = self.metadata.get("source_sha256")
-        if actual != recorded:
-            raise SourceMismatchError(
-                f"{self.directory}: graphs were exported from {self.metadata.get('source_name')} "
-                f"(sha256 {str(recorded)[:12]}...), not from {nemo_path.name} (sha256 {actual[:12]}...)")
-
-    def _exported_contexts(self, meta: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-        model_contexts = normalize_att_context_sizes(meta["att_context_sizes"])  # NeMo's att_context_size format
-        exported = tuple(c for c in model_contexts
-                         if (self.directory / encoder_file(c, variant=self.dtype)).is_file())
-        if not exported:
-            expected = ", ".join(encoder_file(c, variant=self.dtype) for c in model_contexts)
-            raise MissingGraphError(f"{self.directory}: no encoder graph; expected one of {expected}")
-        return exported
-
-    def _read_vocabulary(self, size: int) -> list[str]:
-        path = self.directory / "vocab.txt"
-        if not path.is_file():
-            raise MissingGraphError(f"{self.directory}: vocab.txt not found")
-        pieces = path.read_text(encoding="utf-8").split("\n")[:-1]
-        if len(pieces) != size:
-            raise ExportDirError(f"{path}: {len(pieces)} pieces, metadata vocab_size is {size}")
-        return pieces
-
-    def _read_frontend(self) -> Frontend:
-        if not (self.directory / "frontend.npz").is_file() or not (self.directory / "frontend.json").is_file():
-            raise MissingGraphError(f"{self.directory}: frontend.npz / frontend.json not found")
-        frontend = Frontend.load(self.directory)
-        if frontend.config.n_mels != self.info.n_mels:
-            raise ExportDirError(f"frontend.json: n_mels {frontend.config.n_mels}, encoder expects {self.info.n_mels}")
-        return frontend
-
+    # -- opening the described graphs -----------------------------------------------------------------
     def _check_decoder_joint(self) -> None:
         layers, hidden = self.info.pred_layers, self.info.pred_hidden
         for name in ("input_states_1", "input_states_2"):
-            _check_declared(self.decoder_joint, name, (layers, "B", hidden))
+            check_declared(self.decoder_joint, name, (layers, "B", hidden))
         self._targets_dtype = np.int64 if "int64" in self.decoder_joint.inputs["targets"].type else np.int32
 
-    def _open_ctc(self) -> _Graph:
-        """A hybrid model's CTC head (``ctc.onnx``), checked against the export it belongs to."""
-        path = self.directory / ctc_file()
-        if not path.is_file():
-            raise MissingGraphError(f"{self.directory}: missing graph {path.name} (the metadata declares a CTC head; "
-                                    "export with parity export-onnx)")
-        graph = _Graph(path, "ctc", self._options)
-        for key in ("source_sha256", "vocab_size", "d_model", "ctc_head"):
-            if graph.metadata.get(key) != self.metadata.get(key):
-                raise ExportDirError(f"{path.name}: metadata {key} = {graph.metadata.get(key)!r}, but "
-                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
-        return graph
-
-    def _open_prompt(self) -> _Graph:
-        """A prompt-conditioned model's ``prompt.onnx`` (``prompt.int8.onnx`` for int8), checked against the
-        export it belongs to: the same source, width, one-hot width and dictionary, and a kernel whose weights
-        have the shapes those imply."""
-        path = self.directory / prompt_file(self.dtype)
-        if not path.is_file():
-            raise MissingGraphError(
-                f"{self.directory}: missing graph {path.name}: {self.decoder_joint.path.name} declares a prompt-"
-                f"conditioned model ({self.info.num_prompts} prompts) and its prompt kernel runs in {path.name} "
-                f"(export with parity export-onnx{' --int8' if self.dtype == 'int8' else ''})")
-        graph = _Graph(path, "prompt", self._options)
-        for key in ("source_sha256", "d_model", "num_prompts", "prompt_dictionary"):
-            if graph.metadata.get(key) != self.metadata.get(key):
-                raise ExportDirError(f"{path.name}: metadata {key} = {graph.metadata.get(key)!r}, but "
-                                     f"{self.decoder_joint.path.name} has {self.metadata.get(key)!r}")
-        d_model, num_prompts = self.info.d_model, self.info.num_prompts
-        _check_declared(graph, graph.interface.prompt_inputs[0], ("B", d_model, "T"))
-        _check_declared(graph, graph.interface.prompt_inputs[1], ("B",))
-        expected = {"prompt_kernel.0.weight": [2 * d_model, d_model + num_prompts],
-                    "prompt_kernel.2.weight": [d_model, 2 * d_model]}
-        if self.dtype == "float32":
-            shapes = {init.name: list(init.dims) for init in load_graph(path).graph.initializer}
-            for name, shape in expected.items():
-                if shapes.get(name) != shape:
-                    raise GraphInterfaceError(
-                        f"{path.name}: {name} has shape {shapes.get(name)}, but d_model {d_model} and num_prompts "
-                        f"{num_prompts} (metadata) need {shape}")
-        else:  # ONNX Runtime's quantizer renames the weights: found as the graph's matrix products' weights
-            from streaming_parity.backends.onnx.graph_tools import check_product_weights
-
-            check_product_weights(load_graph(path).graph, expected, path.name,
-                                  f"d_model {d_model} and num_prompts {num_prompts} (metadata)")
+    def _open_prompt(self, file: GraphFile) -> Graph:
+        """A prompt-conditioned model's prompt kernel, its declared inputs checked against the model's width."""
+        graph = Graph(file, "prompt", self.interface, self._options)
+        check_declared(graph, graph.interface.prompt_inputs[0], ("B", self.info.d_model, "T"))
+        check_declared(graph, graph.interface.prompt_inputs[1], ("B",))
         return graph
 
     def run_prompt(self, encoded: np.ndarray, locale: str | None) -> np.ndarray:
@@ -355,7 +160,9 @@ class OnnxBackend(Backend):
         log_probs = self.ctc_graph.run({names.ctc_inputs[0]: np.ascontiguousarray(encoded, np.float32)})[names.ctc_outputs[0]]
         return ctc_step(log_probs, encoded_len, self.info.blank_id, last_labels)
 
-    def _encoder(self, context: Sequence[int], *, first: bool = False) -> _Graph:
+    def _encoder(self, context: Sequence[int], *, first: bool = False) -> Graph:
+        """The open session of one lookahead's encoder graph (``first``: its plain first chunk's), opened from the
+        description when it is not, its declared cache inputs checked against the described shapes."""
         context = (int(context[0]), int(context[1]))
         key = (context, first)
         if key in self._encoders:
@@ -370,61 +177,21 @@ class OnnxBackend(Backend):
                 f"{self.directory}: no plain first-chunk graph (this export streams "
                 f"{', '.join(self.capabilities.first_chunk_modes)} only): compare it in pad-and-drop mode, or export "
                 "again with parity export-onnx")
-        graph = self._open_encoder(context, first)
-        meta = graph.metadata
-        if bool(meta.get("first_chunk", False)) != first:
-            raise ExportDirError(f"{graph.path.name}: metadata first_chunk = {meta.get('first_chunk', False)!r}, "
-                                 f"but it was opened as the {'first' if first else 'later'} chunks' graph")
-        for name in ("source_sha256", "cache_layout", "num_layers", "d_model", "interface"):
-            if meta.get(name) != self.metadata.get(name):
-                raise ExportDirError(f"{graph.path.name}: metadata {name} = {meta.get(name)!r}, but "
-                                     f"{self.decoder_joint.path.name} has {self.metadata.get(name)!r}")
-        if tuple(meta.get("att_context_size", ())) != context:
-            raise ExportDirError(f"{graph.path.name}: metadata att_context_size {meta.get('att_context_size')}, "
-                                 f"file name says {list(context)}")
-        shapes = self._cache_shapes(meta)
-        _check_declared(graph, "cache_last_channel", shapes.channel)
-        _check_declared(graph, "cache_last_time", shapes.time)
-        streaming = self._streaming_from_metadata(graph)
-        if self._streaming.setdefault(context, streaming) != streaming:
-            raise ExportDirError(f"{graph.path.name}: streaming metadata {streaming.as_dict()} differs from the "
-                                 f"other graph of {list(context)}: {self._streaming[context].as_dict()}")
+        described = self.described.encoders[key]
+        graph = Graph(described.file, "encoder", described.interface, self._options)
+        check_declared(graph, "cache_last_channel", described.cache_shapes.channel)
+        check_declared(graph, "cache_last_time", described.cache_shapes.time)
         self._encoders[key] = graph
         while len(self._encoders) > self._max_open_encoders:
             del self._encoders[next(iter(self._encoders))]  # its session and its copy of the weights go
         return graph
 
-    def _cache_shapes(self, meta: dict[str, Any]) -> CacheShapes:
-        shapes = CacheShapes(str(meta["cache_layout"]), tuple(meta["cache_last_channel_shape"]),
-                             tuple(meta["cache_last_time_shape"]))
-        expected = CacheShapes.for_model(shapes.layout, self.info.num_layers, int(meta["last_channel_cache_size"]),
-                                         self.info.d_model, self.info.conv_kernel_size)
-        if shapes != expected:
-            raise GraphInterfaceError(f"metadata cache shapes {shapes.channel} / {shapes.time} contradict "
-                                      f"layout {shapes.layout} of the model ({expected.channel} / {expected.time})")
-        return shapes
-
-    def _streaming_from_metadata(self, graph: _Graph) -> StreamingConfig:
-        meta = graph.metadata
-        pair = lambda key: (int(meta[key][0]), int(meta[key][1]))  # noqa: E731
-        recorded = StreamingConfig(
-            att_context_size=pair("att_context_size"), chunk_size=pair("chunk_size"), shift_size=pair("shift_size"),
-            pre_encode_cache_size=pair("pre_encode_cache_size"),
-            drop_extra_pre_encoded=int(meta["drop_extra_pre_encoded"]), valid_out_len=int(meta["valid_out_len"]),
-            last_channel_cache_size=int(meta["last_channel_cache_size"]), cache_drop_size=int(meta["cache_drop_size"]),
-            subsampling_factor=int(meta["subsampling_factor"]), sampling_frames=pair("sampling_frames"))
-        derived = StreamingConfig.from_encoder_config(self.info.encoder_config, recorded.att_context_size)
-        if derived != recorded:
-            raise GraphInterfaceError(f"{graph.path.name}: streaming metadata {recorded.as_dict()} differs from the "
-                                      f"schedule derived from the encoder config {derived.as_dict()}")
-        return recorded
-
     # -- Backend interface ---------------------------------------------------------------------------
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
         context = (int(att_context_size[0]), int(att_context_size[1]))
-        if context not in self._streaming:  # read from the graph's metadata when it is first opened
-            self._encoder(context)
-        return self._streaming[context]
+        if (context, False) not in self.described.encoders:
+            self._encoder(context)  # refused: no graph for this lookahead
+        return self.described.encoders[(context, False)].streaming
 
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.frontend(np.atleast_2d(np.asarray(audio, np.float32)))
@@ -441,7 +208,7 @@ class OnnxBackend(Backend):
         """
         graph = self._encoder(context, first=first)
         batch = mel.shape[0]
-        shapes = self._cache_shapes(graph.metadata)
+        shapes = self.described.encoders[((int(context[0]), int(context[1])), first)].cache_shapes
         channel_shape, time_shape = shapes.concrete(batch)
         for name, array, expected in (("cache_last_channel", cache_last_channel, channel_shape),
                                       ("cache_last_time", cache_last_time, time_shape)):
@@ -588,33 +355,36 @@ class OnnxBackend(Backend):
                                   "compare ONNX against NeMo streaming, not offline")
 
     def int8_graph_paths(self) -> list[Path]:
-        """The int8 graphs this backend runs: every lookahead's encoder, ``decoder_joint`` and a prompt graph."""
-        if self.dtype != "int8":
-            return []
-        paths = [self.directory / encoder_file(c, variant="int8", first=first) for c in self.info.att_context_sizes
-                 for first in (False, True)]
-        paths.append(self.directory / decoder_joint_file("int8"))
-        if self.info.prompted:
-            paths.append(self.directory / prompt_file("int8"))
-        return [path for path in paths if path.is_file()]
+        """The int8 graphs this backend runs: this project's export: every lookahead's encoder, ``decoder_joint``
+        and a prompt graph; a peer's int8 files (sherpa-onnx's ``*.int8.onnx``: encoder, decoder, joiner)."""
+        return list(self.described.int8_graphs)
 
     def int8_quantization(self) -> Int8Quantization | None:
         """The export's recorded scheme (``int8_quantization`` in the int8 graphs' metadata); an export written
-        before the scheme was recorded is read from its weights (``streaming_parity.backends.onnx.quantization``)."""
+        before the scheme was recorded, or a peer's files, are read from their weights
+        (``streaming_parity.backends.onnx.quantization``)."""
         if self.dtype != "int8":
             return None
         if self._int8_quantization is None:
             from streaming_parity.backends.onnx.quantization import read_quantization
 
-            recorded = self.decoder_joint.metadata.get("int8_quantization") if self.decoder_joint else None
+            recorded = self.described.int8_quantization
             self._int8_quantization = (
                 Int8Quantization.from_dict(recorded, f"{decoder_joint_file('int8')} metadata") if recorded
                 else read_quantization(self.int8_graph_paths()))
         return self._int8_quantization
 
     def notes(self) -> list[str]:
+        """What the reader said about the directory, the int8 scheme, and (where taps were looked for by graph
+        surgery) the taps that could not be found."""
         scheme = self.int8_quantization()
-        return [f"int8: {scheme.describe()} (read from {scheme.read_from})"] if scheme else []
+        lines = list(self.described.notes)
+        lines += [f"int8: {scheme.describe()} (read from {scheme.read_from})"] if scheme else []
+        unavailable = self.described.unavailable_taps
+        if unavailable is not None:
+            lines.append("taps unavailable: " + ("none" if not unavailable else "; ".join(
+                f"{tap} ({reason})" for tap, reason in unavailable.items())))
+        return lines
 
     def close(self) -> None:
         self._encoders.clear()

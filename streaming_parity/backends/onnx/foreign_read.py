@@ -1,4 +1,8 @@
-"""ONNX files written by other exporters, read without this project's metadata and run by its driver.
+"""ONNX files written by other exporters, read without this project's metadata: the reading half.
+
+``foreign_detect.detect`` recognises a directory from its file names; ``read_foreign`` reads every lookahead and checks it
+against the ``.nemo``; ``describe_foreign`` turns what was read into the ``described.DescribedExport`` the
+runtime runs (``foreign_run.ForeignOnnxBackend``), with the graph surgery its taps need.
 
 Three layouts are recognised, each per lookahead (a directory may hold one lookahead, or one
 subdirectory per lookahead):
@@ -34,10 +38,8 @@ others are still compared. sherpa-onnx's separate ``decoder.onnx`` gives the pre
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
-import tempfile
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,35 +47,42 @@ from typing import Any
 
 import numpy as np
 
+from streaming_parity.backends.onnx.described import DescribedExport, EncoderGraph, GraphFile
+from streaming_parity.backends.onnx.foreign_detect import (
+    NEMO_EXPORT,
+    PARAKEET_RS,
+    SHERPA_GRAPHS,
+    SHERPA_ONNX,
+    SHERPA_SUFFIXES,
+    SHERPA_TOKENS,
+    lookahead_dirs,
+    sherpa_tokens,
+)
 from streaming_parity.backends.onnx.layout import (
     DECODER_JOINT_INPUTS,
     DECODER_JOINT_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
-    FORMAT,
     INTERFACES,
     MULTITALKER_ENCODER_INPUTS,
     MULTITALKER_ENCODER_OUTPUTS,
+    STREAMING_ENCODER_KEYS,
+    ArtifactContradiction,
     CacheShapes,
-    ExportDirError,
+    ForeignArtifactError,
     GraphInterface,
     MissingGraphError,
     load_graph,
 )
-from streaming_parity.backends.onnx.runtime import OnnxBackend, _Graph
-from streaming_parity.core.errors import UnsafeArtifact
-from streaming_parity.core.nemo_config import ModelConfig, read_model_config
+from streaming_parity.backends.onnx.sessions import session_options
+from streaming_parity.core.errors import InvalidInput, UnsafeArtifact
+from streaming_parity.core.nemo_config import EncoderConfig, ModelConfig, read_model_config
 from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
 from streaming_parity.core.safe_files import MAX_TEXT_BYTES, read_text_file, read_token_table
 from streaming_parity.interface.chunking import StreamingConfig
 from streaming_parity.interface.frontend import Frontend, FrontendConfig
+from streaming_parity.interface.model_info import ModelInfo
 from streaming_parity.interface.taps import TAP_DECODER, TAP_PRE_ENCODE, layer_tap
-
-SHERPA_ONNX = "sherpa-onnx"
-NEMO_EXPORT = "nemo-export"
-PARAKEET_RS = "parakeet-rs"
-FOREIGN_FORMATS = (SHERPA_ONNX, NEMO_EXPORT, PARAKEET_RS)
-OWN_FORMAT = "parity"
 
 SHERPA_BLANK = "<blk>"
 PARAKEET_ENCODER_INPUTS = ("processed_signal", "processed_signal_length", "cache_last_channel", "cache_last_time",
@@ -82,90 +91,6 @@ PARAKEET_ENCODER_OUTPUTS = ("encoded", "encoded_len", "cache_last_channel_next",
                             "cache_last_channel_len_next")
 # The decoder + joint that sherpa-onnx splits in two, presented to the runtime under NeMo's names.
 SPLIT_INTERFACE = "sherpa-onnx"
-
-
-class ForeignArtifactError(ExportDirError):
-    """A directory that is not a complete artifact of a recognised foreign format."""
-
-
-class ArtifactContradiction(ForeignArtifactError):
-    """A value the artifact states (metadata, shape, file) contradicts the ``.nemo`` or another file."""
-
-
-# -- detection (file names only: cheap, nothing is parsed) -----------------------------------------------
-
-def _own_format(directory: Path) -> bool:
-    return (directory / "frontend.json").is_file() and any(directory.glob("encoder-*_*.onnx"))
-
-
-# The graphs sherpa-onnx's scripts write per lookahead, by variant. Every script writes the float32
-# ones; the int8 copies come from scripts/nemo/fast-conformer-hybrid-transducer-ctc/export-onnx-transducer.py
-# (since 6122a678f) and scripts/nemo/nemotron-speech-streaming-en-0.6b/export_onnx.py. The FastConformer
-# run script (fast-conformer-hybrid-transducer-ctc/run-transducer.sh) and the Nemotron release workflow
-# (.github/workflows/export-nemotron-speech-streaming-en-0.6b.yaml) move the int8 copies into a directory
-# of their own (``...-int8``) with tokens.txt and no float32 graph.
-SHERPA_GRAPHS = ("encoder", "decoder", "joiner")
-SHERPA_SUFFIXES = {"float32": ".onnx", "int8": ".int8.onnx"}
-SHERPA_TOKENS = "tokens.txt"
-
-
-def _sherpa_tokens(directory: Path) -> Path | None:
-    """``tokens.txt`` beside the graphs, else one level up: the Nemotron script (415b8c2aa on) writes it
-    once, then moves each lookahead's graphs into a directory of their own (``mv *.onnx <ms>``)."""
-    for candidate in (directory / SHERPA_TOKENS, directory.parent / SHERPA_TOKENS):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _sherpa_variants(names: set[str]) -> list[str]:
-    """The variants whose three graphs are all among ``names``."""
-    return [variant for variant, suffix in SHERPA_SUFFIXES.items()
-            if all(f"{graph}{suffix}" in names for graph in SHERPA_GRAPHS)]
-
-
-def lookahead_format(directory: Path) -> str | None:
-    """The format of one lookahead's directory, from its file names."""
-    directory = Path(directory)
-    if not directory.is_dir() or _own_format(directory):
-        return None
-    names = {p.name for p in directory.iterdir() if p.is_file()}
-    if _sherpa_variants(names) and _sherpa_tokens(directory) is not None:
-        return SHERPA_ONNX
-    if {"encoder.onnx", "decoder_joint.onnx"} <= names:
-        return PARAKEET_RS
-    stems = {n[len("encoder-"):-len(".onnx")] for n in names if n.startswith("encoder-") and n.endswith(".onnx")}
-    if any(f"decoder_joint-{stem}.onnx" in names for stem in stems):
-        return NEMO_EXPORT
-    return None
-
-
-def _lookahead_dirs(path: Path) -> tuple[str, list[Path]] | None:
-    """``(format, lookahead directories)`` for ``path`` itself or its subdirectories (one format)."""
-    own = lookahead_format(path)
-    if own:
-        return own, [path]
-    found: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.is_symlink()):
-        kind = lookahead_format(sub)
-        if kind:
-            found.setdefault(kind, []).append(sub)
-    if len(found) != 1:
-        return None
-    (kind, dirs), = found.items()
-    return kind, dirs
-
-
-def detect(path: str | Path) -> str | None:
-    """What ``path`` is, for ``parity compare --candidate PATH``: a foreign format, this project's own
-    export (``parity``), or None."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if _own_format(path):
-        return OWN_FORMAT
-    found = _lookahead_dirs(path)
-    return found[0] if found else None
 
 
 # -- reading untrusted side files -----------------------------------------------------------------------
@@ -507,7 +432,7 @@ def _check_sherpa_lookahead(graph: GraphIO, context: tuple[int, int], facts: Nem
 def _read_sherpa(directory: Path, facts: NemoFacts, options) -> ForeignLookahead:
     """One lookahead of a sherpa-onnx directory, every variant's graphs checked against the .nemo."""
     graphs = _sherpa_graphs(directory)
-    tokens_path = _sherpa_tokens(directory)
+    tokens_path = sherpa_tokens(directory)
     if tokens_path is None:
         raise MissingGraphError(f"{directory}: {SHERPA_TOKENS} found neither here nor in {directory.parent}")
     found: tuple[tuple[int, int], GraphInterface, str, Path] | None = None
@@ -670,12 +595,10 @@ READERS = {SHERPA_ONNX: _read_sherpa, PARAKEET_RS: _read_parakeet_rs, NEMO_EXPOR
 
 def read_foreign(path: str | Path, nemo_path: str | Path, options=None) -> ForeignArtifact:
     """Recognise ``path``, read every lookahead and check it against ``nemo_path``."""
-    from streaming_parity.backends.onnx.runtime import _session_options
-
     path = Path(path)
     if not path.is_dir():
         raise MissingGraphError(f"{path}: not a directory")
-    found = _lookahead_dirs(path)
+    found = lookahead_dirs(path)
     if found is None:
         raise ForeignArtifactError(f"{path}: not a sherpa-onnx, NeMo-export or parakeet-rs directory (nor one "
                                    "subdirectory per lookahead of one of them)")
@@ -686,7 +609,7 @@ def read_foreign(path: str | Path, nemo_path: str | Path, options=None) -> Forei
         raise ArtifactContradiction(
             f"{path}: a {fmt} directory has no prompt graph, but {facts.path.name} is prompt-conditioned "
             "(model_defaults.initialize_prompt_feature): its files bypass prompt_kernel and ignore the locale")
-    options = options or _session_options(1)
+    options = options or session_options(1)
     lookaheads: dict[tuple[int, int], ForeignLookahead] = {}
     for directory in directories:
         lookahead = READERS[fmt](directory, facts, options)
@@ -700,7 +623,87 @@ def read_foreign(path: str | Path, nemo_path: str | Path, options=None) -> Forei
     return ForeignArtifact(fmt, path, facts, lookaheads)
 
 
-# -- graphs for the runtime ------------------------------------------------------------------------------
+# -- what the runtime runs -------------------------------------------------------------------------------
+
+def describe_foreign(artifact: ForeignArtifact, *, dtype: str = "float32", taps: bool = True,
+                     scratch: Path | None = None) -> DescribedExport:
+    """What ``OnnxBackend`` runs from a directory ``read_foreign`` read and checked: its ``dtype`` graphs, the model
+    as the ``.nemo`` states it (the files state no more than their interfaces and the values already checked
+    against it), pad-and-drop only (no plain first-chunk graph), and NeMo's front end from the ``.nemo``.
+
+    ``taps`` (float32): temporary copies of the graphs in ``scratch`` with the taps graph surgery finds as extra
+    outputs (``graph_tools``); the ones it cannot find are listed in ``unavailable_taps``.
+    """
+    if dtype not in ("float32", "int8"):
+        raise InvalidInput(f"onnx backend runs float32 or int8, not {dtype}")
+    use_taps = taps and dtype == "float32"
+    if use_taps and scratch is None:
+        raise ValueError("describe_foreign: taps need a scratch directory for the graphs' tap copies")
+    facts = artifact.nemo
+    info = _model_info(artifact)
+    first = next(iter(artifact.lookaheads.values()))
+    unavailable: dict[str, str] | None = {} if use_taps else None
+    joiner = None
+    if artifact.format == SHERPA_ONNX:
+        # sherpa-onnx's separate decoder.onnx gives the prediction-net output (the decoder tap) without surgery.
+        decoder_joint = GraphFile(_variant_file(artifact, first.decoder, "decoder", dtype),
+                                  taps=(TAP_DECODER,) if use_taps else ())
+        joiner = GraphFile(_variant_file(artifact, first.joiner, "joiner", dtype))
+    else:
+        decoder_joint = GraphFile(_variant_file(artifact, first.decoder, "decoder_joint", dtype))
+        if use_taps:
+            decoder_joint = _with_tap_outputs(decoder_joint.path, _decoder_joint_taps, scratch, unavailable)
+    encoder = facts.config.encoder
+    encoder_taps = functools.partial(_tap_scopes, num_layers=encoder.n_layers)
+    encoders = {}
+    for context in artifact.contexts:
+        lookahead = artifact.lookaheads[context]
+        path = _variant_file(artifact, lookahead.encoder, "encoder", dtype)
+        streaming = facts.streaming(context)
+        shapes = CacheShapes.for_model(lookahead.layout, encoder.n_layers, streaming.last_channel_cache_size,
+                                       encoder.d_model, encoder.conv_kernel_size)
+        file = _with_tap_outputs(path, encoder_taps, scratch, unavailable) if use_taps else GraphFile(path)
+        encoders[(context, False)] = EncoderGraph(file, context, False, streaming, shapes, lookahead.interface)
+    int8_graphs = () if dtype != "int8" else tuple(
+        files["int8"] for lookahead in artifact.lookaheads.values()
+        for files in (lookahead.encoder, lookahead.decoder, lookahead.joiner) if "int8" in files)
+    return DescribedExport(
+        directory=artifact.root, dtype=dtype, info=info, max_symbols=facts.config.decoding.max_symbols,
+        interface=first.interface, cache_layout=first.layout, first_chunk_modes=("pad-and-drop",),
+        decoder_joint=decoder_joint, joiner=joiner, encoders=encoders, frontend=NemoFrontend(facts),
+        int8_graphs=int8_graphs, unavailable_taps=unavailable,
+        notes=(f"{artifact.root}: {artifact.describe()}, driven by the harness's ONNX Runtime driver",))
+
+
+def _model_info(artifact: ForeignArtifact) -> ModelInfo:
+    """The model as the ``.nemo`` states it, over the lookaheads the directory holds (the encoder config reduced to
+    the keys this project's export records, ``STREAMING_ENCODER_KEYS``)."""
+    facts = artifact.nemo
+    config = facts.config
+    encoder = config.encoder
+    speakers = config.speaker_kernels
+    return ModelInfo(
+        num_layers=int(encoder.n_layers), d_model=int(encoder.d_model), n_mels=int(encoder.feat_in),
+        conv_kernel_size=int(encoder.conv_kernel_size), subsampling_factor=int(encoder.subsampling_factor),
+        att_context_sizes=artifact.contexts, vocabulary=tuple(facts.vocabulary), blank_id=len(facts.vocabulary),
+        pred_layers=int(config.decoder.pred_rnn_layers), pred_hidden=int(config.decoder.pred_hidden),
+        max_symbols=int(config.decoding.max_symbols or 0),
+        encoder_config=EncoderConfig.from_mapping(encoder.as_config(STREAMING_ENCODER_KEYS)),
+        speaker_kernel_layers=tuple(int(i) for i in speakers.layers) if speakers else (),
+        background_speaker_kernel=bool(speakers and speakers.background),
+    )
+
+
+def _variant_file(artifact: ForeignArtifact, files: dict[str, Path], what: str, dtype: str) -> Path:
+    """One lookahead's ``dtype`` graph of a kind (``what``), or why the directory has none."""
+    if dtype not in files:
+        held = ", ".join(sorted(files))
+        raise MissingGraphError(f"{artifact.root}: no {dtype} {what} graph ({artifact.format} directory with "
+                                f"{held} graphs: --candidate onnx:{sorted(files)[0]}:{artifact.root})")
+    return files[dtype]
+
+
+# -- graph surgery: the taps as extra outputs ------------------------------------------------------------
 
 def _tap_scopes(graph, num_layers: int) -> tuple[dict[str, str], dict[str, str]]:
     """Encoder taps found by module scope, and the ones that could not be found (tap -> reason)."""
@@ -716,214 +719,36 @@ def _tap_scopes(graph, num_layers: int) -> tuple[dict[str, str], dict[str, str]]
     return found, missing
 
 
-def _with_tap_outputs(path: Path, find, scratch: Path) -> tuple[Path, list[str], dict[str, str]]:
-    """A temporary copy of ``path`` with the taps ``find(graph)`` locates as extra outputs."""
+def _decoder_joint_taps(graph) -> tuple[dict[str, str], dict[str, str]]:
+    """The prediction-net output (the ``decoder`` tap) in a ``decoder_joint`` graph, or why it cannot be found."""
+    from streaming_parity.backends.onnx import graph_tools
+
+    try:
+        return graph_tools.decoder_joint_tap_tensors(graph), {}
+    except graph_tools.TapNotFoundError as error:
+        return {}, {TAP_DECODER: str(error)}
+
+
+def _with_tap_outputs(path: Path, find, scratch: Path, unavailable: dict[str, str]) -> GraphFile:
+    """``path`` to run with the taps ``find(graph)`` locates as extra outputs: a temporary copy in ``scratch`` (the
+    graph itself where none is found); the ones not found go into ``unavailable`` (tap -> reason)."""
     import onnx
 
     from streaming_parity.backends.onnx import graph_tools
 
     model = load_graph(path)  # external data checked: locations inside the directory, sizes within the files
     found, missing = find(model.graph)
+    unavailable.update(missing)
     if not found:
-        return path, [], missing
+        return GraphFile(path)
     onnx.load_external_data_for_model(model, str(path.parent))
     graph_tools.add_tap_outputs(model, found)
     target = scratch / f"{path.parent.name}-{path.name}"
     graph_tools.save_graph(model, target)
-    return target, list(found), missing
+    return GraphFile(path, taps=tuple(found), session_path=target)
 
 
-class ForeignGraph(_Graph):
-    """An ONNX Runtime session over a foreign graph, with the metadata the runtime expects supplied."""
-
-    def __init__(self, path: Path, session_path: Path, metadata: dict[str, Any], interface: GraphInterface,
-                 taps: Sequence[str], options):
-        import onnxruntime as ort
-
-        self.path = path
-        self.metadata = metadata
-        self.interface = interface
-        self.session = ort.InferenceSession(str(session_path), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.taps = [t for t in taps if t in self.output_names]
-
-
-@dataclass
-class _Arg:
-    name: str
-    type: str
-    shape: list[Any]
-
-
-class SplitDecoderJoint:
-    """sherpa-onnx's ``decoder.onnx`` + ``joiner.onnx``, presented as one ``decoder_joint`` under NeMo's
-    names: one call runs the prediction net on the target, then the joint on (frame, prediction). The
-    prediction-net output is the ``decoder`` tap, straight from ``decoder.onnx``."""
-
-    def __init__(self, decoder: Path, joiner: Path, metadata: dict[str, Any], interface: GraphInterface,
-                 taps: bool, options):
-        import onnxruntime as ort
-
-        self.path = decoder
-        self.metadata = metadata
-        self.interface = interface
-        self.decoder = ort.InferenceSession(str(decoder), options, providers=["CPUExecutionProvider"])
-        self.joiner = ort.InferenceSession(str(joiner), options, providers=["CPUExecutionProvider"])
-        decoder_inputs = self.decoder.get_inputs()
-        if len(decoder_inputs) != 4 or len(self.joiner.get_inputs()) != 2:
-            raise ForeignArtifactError(f"{decoder.parent}: decoder inputs {[i.name for i in decoder_inputs]} / joiner "
-                                       f"inputs {[i.name for i in self.joiner.get_inputs()]}: expected NeMo's "
-                                       "(targets, target_length, two LSTM states) and (encoder, decoder outputs)")
-        self._decoder_names = [i.name for i in decoder_inputs]
-        self._joiner_names = [i.name for i in self.joiner.get_inputs()]
-        self.inputs = {"targets": _Arg("targets", decoder_inputs[0].type, decoder_inputs[0].shape),
-                       "target_length": _Arg("target_length", decoder_inputs[1].type, decoder_inputs[1].shape),
-                       "input_states_1": _Arg("input_states_1", decoder_inputs[2].type, decoder_inputs[2].shape),
-                       "input_states_2": _Arg("input_states_2", decoder_inputs[3].type, decoder_inputs[3].shape)}
-        self.output_names = [*DECODER_JOINT_OUTPUTS, TAP_DECODER]
-        self.taps = [TAP_DECODER] if taps else []
-
-    def declared_shape(self, name: str) -> list[Any]:
-        return list(self.inputs[name].shape)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        targets = feeds["targets"]
-        length = feeds.get("target_length", np.ones((targets.shape[0],), targets.dtype)).astype(targets.dtype)
-        prediction, lengths, state_1, state_2 = self.decoder.run(None, dict(zip(self._decoder_names, (
-            targets, length, feeds["input_states_1"], feeds["input_states_2"]))))[:4]
-        logits = self.joiner.run(None, dict(zip(self._joiner_names, (feeds["encoder_outputs"], prediction))))[0]
-        out = {"outputs": logits, "prednet_lengths": lengths, "output_states_1": state_1, "output_states_2": state_2}
-        if self.taps:
-            out[TAP_DECODER] = np.transpose(prediction, (0, 2, 1))  # [B, H, U] -> [B, U, H]
-        return out
-
-
-class ForeignOnnxBackend(OnnxBackend):
-    """The ONNX Runtime backend over a foreign directory, checked against the ``.nemo`` it came from."""
-
-    def __init__(self, path: str | Path, *, dtype: str = "float32", nemo_path: str | Path | None = None,
-                 taps: bool = True, threads: int | None = None):
-        from streaming_parity.backends.onnx.export import STREAMING_ENCODER_KEYS
-        from streaming_parity.backends.onnx.runtime import _session_options
-
-        if nemo_path is None:
-            raise ForeignArtifactError(f"{path}: ONNX files without this project's metadata are read against the "
-                                       ".nemo they were exported from: parity compare MODEL.nemo --candidate PATH")
-        options = _session_options(threads)
-        self.artifact = read_foreign(path, nemo_path, options)
-        self.format = self.artifact.format
-        self.unavailable_taps: dict[str, str] = {}
-        self._scratch = Path(tempfile.mkdtemp(prefix="parity-foreign-"))  # the tap copies of the graphs
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._scratch, True)
-        facts = self.artifact.nemo
-        config = facts.config
-        encoder = config.encoder
-        first = next(iter(self.artifact.lookaheads.values()))
-        speakers = config.speaker_kernels
-        self._base_metadata = {
-            "format": FORMAT, "variant": dtype, "source_sha256": facts.sha256, "source_name": facts.path.name,
-            "cache_layout": first.layout, "num_layers": encoder.n_layers, "d_model": encoder.d_model,
-            "n_mels": encoder.feat_in, "conv_kernel_size": encoder.conv_kernel_size,
-            "subsampling_factor": encoder.subsampling_factor,
-            "att_context_sizes": [list(c) for c in encoder.att_context_size],
-            "vocab_size": len(facts.vocabulary), "blank_id": len(facts.vocabulary),
-            "pred_rnn_layers": config.decoder.pred_rnn_layers, "pred_hidden": config.decoder.pred_hidden,
-            "max_symbols": config.decoding.max_symbols, "encoder_config": encoder.as_config(STREAMING_ENCODER_KEYS),
-            "debug_taps": [], "interface": first.interface.name,
-            "speaker_kernel_layers": list(speakers.layers) if speakers else [],
-            "background_speaker_kernel": bool(speakers and speakers.background),
-        }
-        try:
-            super().__init__(path, dtype=dtype, nemo_path=nemo_path, taps=taps, threads=threads)
-        except BaseException:
-            self._cleanup()
-            raise
-
-    # -- the hooks OnnxBackend reads its export directory through ------------------------------------
-    def _lookahead_file(self, files: dict[str, Path], what: str) -> Path:
-        if self.dtype not in files:
-            held = ", ".join(sorted(files))
-            raise MissingGraphError(f"{self.directory}: no {self.dtype} {what} graph ({self.format} directory with "
-                                    f"{held} graphs: --candidate onnx:{sorted(files)[0]}:{self.directory})")
-        return files[self.dtype]
-
-    def _open_decoder_joint(self):
-        first = next(iter(self.artifact.lookaheads.values()))
-        metadata = {**self._base_metadata, "graph": "decoder_joint"}
-        if self.format == SHERPA_ONNX:
-            return SplitDecoderJoint(self._lookahead_file(first.decoder, "decoder"),
-                                     self._lookahead_file(first.joiner, "joiner"), metadata, first.interface,
-                                     self._use_taps, self._options)
-        path = self._lookahead_file(first.decoder, "decoder_joint")
-        session_path, taps = path, []
-        if self._use_taps:
-            from streaming_parity.backends.onnx import graph_tools
-
-            def find(graph):
-                try:
-                    return graph_tools.decoder_joint_tap_tensors(graph), {}
-                except graph_tools.TapNotFoundError as error:
-                    return {}, {TAP_DECODER: str(error)}
-
-            session_path, taps, missing = _with_tap_outputs(path, find, self._scratch)
-            self.unavailable_taps.update(missing)
-        return ForeignGraph(path, session_path, metadata, first.interface, taps, self._options)
-
-    def _open_encoder(self, context: tuple[int, int], first: bool = False):
-        if first:  # not reached: the instance's capabilities say pad-and-drop only (no first_chunk_modes key)
-            raise MissingGraphError(f"{self.directory}: a {self.format} directory has no plain first-chunk graph")
-        lookahead = self.artifact.lookaheads[context]
-        path = self._lookahead_file(lookahead.encoder, "encoder")
-        streaming = self.artifact.nemo.streaming(context)
-        encoder = self.artifact.nemo.config.encoder
-        shapes = CacheShapes.for_model(lookahead.layout, encoder.n_layers, streaming.last_channel_cache_size,
-                                       encoder.d_model, encoder.conv_kernel_size)
-        metadata = {**self._base_metadata, "graph": "encoder", **{
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in streaming.as_dict().items()
-            if k not in ("causal_subsampling",)}, "lookahead": context[1],
-            "cache_last_channel_shape": list(shapes.channel), "cache_last_time_shape": list(shapes.time)}
-        session_path, taps = path, []
-        if self._use_taps:
-            session_path, taps, missing = _with_tap_outputs(
-                path, lambda graph: _tap_scopes(graph, encoder.n_layers), self._scratch)
-            self.unavailable_taps.update(missing)
-        return ForeignGraph(path, session_path, metadata, lookahead.interface, taps, self._options)
-
-    def _check_source(self, nemo_path: Path) -> None:
-        pass  # read_foreign checked every stated value against the .nemo
-
-    def _exported_contexts(self, meta: dict[str, Any]) -> tuple[tuple[int, int], ...]:
-        return self.artifact.contexts
-
-    def _read_vocabulary(self, size: int) -> list[str]:
-        return list(self.artifact.nemo.vocabulary)
-
-    def _read_frontend(self) -> Frontend:
-        return _LazyNemoFrontend(self.artifact.nemo)
-
-    def int8_graph_paths(self) -> list[Path]:
-        """The peer's int8 files this backend runs (sherpa-onnx's ``*.int8.onnx``: encoder, decoder, joiner)."""
-        if self.dtype != "int8":
-            return []
-        return [files["int8"] for lookahead in self.artifact.lookaheads.values()
-                for files in (lookahead.encoder, lookahead.decoder, lookahead.joiner) if "int8" in files]
-
-    # -- what the loader reports ---------------------------------------------------------------------
-    def notes(self) -> list[str]:
-        lines = [f"{self.directory}: {self.artifact.describe()}, driven by the harness's ONNX Runtime driver"]
-        lines += super().notes()  # an int8 directory: its quantization, read from the weights
-        if self._use_taps:
-            lines.append("taps unavailable: " + ("none" if not self.unavailable_taps else "; ".join(
-                f"{tap} ({reason})" for tap, reason in self.unavailable_taps.items())))
-        return lines
-
-    def close(self) -> None:
-        super().close()
-        self._cleanup()
-
-
-class _LazyNemoFrontend:
+class NemoFrontend:
     """NeMo's front end, built from the ``.nemo`` (its stored window and filterbank) on first use:
     the foreign directories carry no front end of their own."""
 
