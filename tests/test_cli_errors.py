@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from builders import run_cli
 
-from streaming_parity.app.cli import EXIT_USAGE, main
+from streaming_parity.app.cli import EXIT_USAGE
 
 SPEECH = Path(__file__).resolve().parent.parent / "streaming_parity" / "fixtures" / "speech" / "utt02.wav"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_one_line_error(err: str, fragment: str) -> None:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from builders import run_cli
 from hub_cache import seed, seed_directory
 
 from streaming_parity.app import hub
@@ -19,12 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEECH = REPO_ROOT / "streaming_parity" / "fixtures" / "speech" / "utt02.wav"
 SHORT_AUDIO = REPO_ROOT / "streaming_parity" / "fixtures" / "speech" / "utt04.wav"
 REPO, OTHER = "acme/tiny-streaming", "acme/tiny-streaming-b"
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture()
@@ -87,15 +82,15 @@ def test_only_the_files_a_command_needs_are_asked_for(offline_cache, monkeypatch
 
 
 def test_an_uncached_name_offline_is_one_line_of_bad_input(offline_cache, capsys):
-    code, out, err = run(capsys, "transcribe", "nobody/nothing@v3", SPEECH)
+    code, out, err = run_cli(capsys, "transcribe", "nobody/nothing@v3", SPEECH)
     assert code == EXIT_USAGE
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: ") and "Traceback" not in err
     assert "nobody/nothing" in lines[-1] and "v3" in lines[-1] and str(offline_cache) in lines[-1]
     assert "HF_HUB_OFFLINE" in lines[-1]
-    code, _, err = run(capsys, "verify", "nobody/nothing-mlx")
+    code, _, err = run_cli(capsys, "verify", "nobody/nothing-mlx")
     assert code == EXIT_USAGE and "nobody/nothing-mlx revision main is not in the hub cache" in err
-    code, _, err = run(capsys, "-v", "fingerprint", "nobody/nothing")  # -v: the resolver's debug lines
+    code, _, err = run_cli(capsys, "-v", "fingerprint", "nobody/nothing")  # -v: the resolver's debug lines
     assert code == EXIT_USAGE and "DEBUG" in err and "resolving nobody/nothing" in err
 
 
@@ -104,11 +99,11 @@ def test_an_uncached_name_offline_is_one_line_of_bad_input(offline_cache, capsys
 @pytest.mark.nemo
 def test_transcribe_and_compare_a_hub_checkpoint(tiny_nemo, offline_cache, tmp_path, capsys):
     commit = seed(offline_cache, REPO, {"tiny-streaming.nemo": tiny_nemo})
-    code, out, _ = run(capsys, "transcribe", REPO, SPEECH, "--att-context", "70,13")
+    code, out, _ = run_cli(capsys, "transcribe", REPO, SPEECH, "--att-context", "70,13")
     assert code == EXIT_OK and out.startswith("utt02.wav\t[70,13]\t")
 
     results = tmp_path / "results.json"
-    code, out, err = run(capsys, "compare", REPO, "--audio", SPEECH, "--att-context", "70,13", "--json", results)
+    code, out, err = run_cli(capsys, "compare", REPO, "--audio", SPEECH, "--att-context", "70,13", "--json", results)
     assert code == EXIT_OK, out + err
     data = json.loads(results.read_text())
     assert (data["model"]["hub_repo"], data["model"]["hub_revision"]) == (REPO, commit)
@@ -118,7 +113,7 @@ def test_transcribe_and_compare_a_hub_checkpoint(tiny_nemo, offline_cache, tmp_p
     assert data["environment"]["harness_version"]
     # stderr is not a terminal here: no live bar, one log line per phase instead.
     assert "compare: loading nemo" in err and "\r" not in err
-    code, _, err = run(capsys, "-q", "compare", REPO, "--audio", SPEECH, "--att-context", "70,13")
+    code, _, err = run_cli(capsys, "-q", "compare", REPO, "--audio", SPEECH, "--att-context", "70,13")
     assert code == EXIT_OK and err == ""
 
 
@@ -166,7 +161,7 @@ def test_verify_against_the_hub_checkpoint_and_refuse_another(converted, tiny_ne
     monkeypatch.setenv("HF_HUB_CACHE", str(converted["cache"]))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = converted["artifact"]
-    code, stdout, _ = run(capsys, "verify", out, "--nemo", REPO + "@v1", "--audio", SHORT_AUDIO,
+    code, stdout, _ = run_cli(capsys, "verify", out, "--nemo", REPO + "@v1", "--audio", SHORT_AUDIO,
                           "--att-context", "70,13")
     assert code == EXIT_OK, stdout
 
@@ -177,7 +172,7 @@ def test_verify_against_the_hub_checkpoint_and_refuse_another(converted, tiny_ne
 
     other = rewrite_checkpoint(tiny_nemo, tmp_path / "b.nemo", one_changed)
     other_commit = seed(converted["cache"], OTHER, {"b.nemo": other})
-    code, stdout, _ = run(capsys, "verify", out, "--nemo", OTHER, "--audio", SHORT_AUDIO, "--att-context", "70,13")
+    code, stdout, _ = run_cli(capsys, "verify", out, "--nemo", OTHER, "--audio", SHORT_AUDIO, "--att-context", "70,13")
     assert code == EXIT_VIOLATION
     lines = stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("FAIL "), stdout
@@ -202,7 +197,7 @@ def test_without_a_manifest_the_weights_tell_another_checkpoint(converted, tiny_
     mx.save_safetensors(str(bare / "model.safetensors"), weights)  # without the metadata
     other = rewrite_checkpoint(tiny_nemo, tmp_path / "c.nemo",
                                lambda s: {k: v * 1.5 if v.is_floating_point() else v for k, v in s.items()})
-    code, stdout, _ = run(capsys, "verify", bare, "--nemo", other, "--audio", SHORT_AUDIO, "--att-context", "70,13")
+    code, stdout, _ = run_cli(capsys, "verify", bare, "--nemo", other, "--audio", SHORT_AUDIO, "--att-context", "70,13")
     assert code == EXIT_VIOLATION
     assert stdout.startswith("FAIL ") and f"every one of its {len(weights)} weight tensors differs" in stdout
 
@@ -214,7 +209,7 @@ def test_compare_reads_an_mlx_artifact_from_the_hub(converted, tiny_nemo, tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mlx_commit = seed_directory(converted["cache"], "acme/tiny-streaming-mlx", converted["artifact"])
     results = tmp_path / "results.json"
-    code, out, err = run(capsys, "compare", f"{REPO}@v1", "--mlx", "acme/tiny-streaming-mlx", "--audio", SHORT_AUDIO,
+    code, out, err = run_cli(capsys, "compare", f"{REPO}@v1", "--mlx", "acme/tiny-streaming-mlx", "--audio", SHORT_AUDIO,
                          "--att-context", "70,13", "--json", results)
     assert code == EXIT_OK, out + err
     backends = {b["backend"]: b for b in json.loads(results.read_text())["model"]["backends"]}
@@ -222,7 +217,7 @@ def test_compare_reads_an_mlx_artifact_from_the_hub(converted, tiny_nemo, tmp_pa
     assert (mlx["hub_repo"], mlx["hub_revision"]) == ("acme/tiny-streaming-mlx", mlx_commit)
     assert mlx["source_sha256"] == backends["nemo"]["sha256"] and mlx["made_by"].startswith("streaming-parity")
     assert (mlx["source_hub_repo"], mlx["source_hub_revision"]) == (REPO, converted["commit"])
-    code, out, _ = run(capsys, "verify", "acme/tiny-streaming-mlx")  # the artifact alone, from the hub
+    code, out, _ = run_cli(capsys, "verify", "acme/tiny-streaming-mlx")  # the artifact alone, from the hub
     assert code == EXIT_OK and "config and weights agree" in out
 
 
@@ -232,7 +227,7 @@ def test_export_onnx_from_the_hub_records_provenance(tiny_nemo, offline_cache, t
     pytest.importorskip("onnxruntime")
     commit = seed(offline_cache, REPO, {"tiny-streaming.nemo": tiny_nemo})
     out = tmp_path / "onnx"
-    code, stdout, err = run(capsys, "export-onnx", f"hf://{REPO}/tiny-streaming.nemo", "--out", out,
+    code, stdout, err = run_cli(capsys, "export-onnx", f"hf://{REPO}/tiny-streaming.nemo", "--out", out,
                             "--att-context", "70,13")
     assert code == EXIT_OK, err
     record = json.loads((out / "export.json").read_text())
@@ -242,7 +237,7 @@ def test_export_onnx_from_the_hub_records_provenance(tiny_nemo, offline_cache, t
     assert "export-onnx: encoder [70, 13]" in err  # one log line per graph where stderr is no terminal
 
     onnx_commit = seed_directory(offline_cache, "acme/tiny-streaming-onnx", out)
-    code, stdout, _ = run(capsys, "transcribe", "--backend", "onnx", "--onnx", "acme/tiny-streaming-onnx",
+    code, stdout, _ = run_cli(capsys, "transcribe", "--backend", "onnx", "--onnx", "acme/tiny-streaming-onnx",
                           "--att-context", "70,13", SPEECH)
     assert code == EXIT_OK and stdout.startswith("utt02.wav\t[70,13]\t")
     snapshot = offline_cache / "models--acme--tiny-streaming-onnx" / "snapshots" / onnx_commit

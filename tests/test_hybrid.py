@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import copy_dir, run_cli, step_output, stream_run, streaming_state
 
-from streaming_parity.app.cli import EXIT_OK, EXIT_VIOLATION, main
+from streaming_parity.app.cli import EXIT_OK, EXIT_VIOLATION
 from streaming_parity.fixtures.models import SPEECH_DIR
 from streaming_parity.interface.decoding import ctc_greedy
 from streaming_parity.interface.driver import StreamRun
 from streaming_parity.interface.taps import TAP_CTC
-from streaming_parity.interface.types import StepOutput, StreamingState
 from streaming_parity.judge.compare import compare_runs
 from streaming_parity.judge.tolerances import Tolerances
 
@@ -30,12 +30,6 @@ pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]'
 AUDIO = [SPEECH_DIR / "utt04.wav", SPEECH_DIR / "utt07.wav"]  # the two shortest fixture utterances
 CONTEXTS = [(70, 13), (70, 6), (70, 1), (70, 0)]
 CTC_WEIGHT = "ctc_decoder.decoder_layers.0.weight"
-
-
-def _cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def _audio_args() -> list:
@@ -154,9 +148,9 @@ def test_transcribe_prints_the_rnnt_and_the_ctc_transcript(hybrid_nemo, nemo, ut
     from streaming_parity.interface.decoding import decode_tokens
     from streaming_parity.interface.driver import shared_mode, stream
 
-    code, out = _cli(capsys, "transcribe", hybrid_nemo, AUDIO[0], "--att-context", "70,13", "--att-context", "70,1")
-    assert code == EXIT_OK, out
-    lines = [line.split("\t") for line in out.strip().splitlines()]
+    cli = run_cli(capsys, "transcribe", hybrid_nemo, AUDIO[0], "--att-context", "70,13", "--att-context", "70,1")
+    assert cli.code == EXIT_OK, cli.output
+    lines = [line.split("\t") for line in cli.output.strip().splitlines()]
     assert [line[:3] for line in lines] == [[AUDIO[0].name, "[70,13]", "rnnt"], [AUDIO[0].name, "[70,13]", "ctc"],
                                            [AUDIO[0].name, "[70,1]", "rnnt"], [AUDIO[0].name, "[70,1]", "ctc"]]
     mel, _ = nemo.features(utterances[0].audio[None])
@@ -183,8 +177,8 @@ def test_convert_maps_and_verifies_the_ctc_head(hybrid_nemo, artifact, capsys):
     from streaming_parity.backends.mlx import mapping, tensors_as_source
     from streaming_parity.detect.diagnose import compare_tensors_to_source, source_state
 
-    code, out = _cli(capsys, "convert", hybrid_nemo, "--out", artifact, *_audio_args())
-    assert code == EXIT_OK, out
+    cli = run_cli(capsys, "convert", hybrid_nemo, "--out", artifact, *_audio_args())
+    assert cli.code == EXIT_OK, cli.output
     report = json.loads((artifact / "parity.json").read_text())
     assert report["passed"] and set(report["worst_max_abs"]) == {f"{c[0]},{c[1]}" for c in CONTEXTS}
     for by_mode in report["worst_max_abs"].values():
@@ -201,8 +195,8 @@ def test_convert_maps_and_verifies_the_ctc_head(hybrid_nemo, artifact, capsys):
 def test_export_onnx_writes_the_ctc_graph(hybrid_nemo, export, capsys):
     from streaming_parity.backends.onnx.layout import CTC_INPUTS, CTC_OUTPUTS, ctc_file, read_graph_metadata
 
-    code, out = _cli(capsys, "export-onnx", hybrid_nemo, "--out", export, "--int8")
-    assert code == EXIT_OK, out
+    cli = run_cli(capsys, "export-onnx", hybrid_nemo, "--out", export, "--int8")
+    assert cli.code == EXIT_OK, cli.output
     metadata = read_graph_metadata(export / ctc_file())
     assert metadata["graph"] == "ctc" and metadata["ctc_head"] == {"file": "ctc.onnx", "num_classes": 128,
                                                                     "feat_in": 64}
@@ -221,9 +215,9 @@ def test_compare_nemo_onnx_mlx_judges_ctc_taps_and_transcripts(hybrid_nemo, expo
     from streaming_parity.judge.results import Results
 
     results = work / "results.json"
-    code, out = _cli(capsys, "compare", hybrid_nemo, "--onnx", export, "--mlx", artifact, *_audio_args(),
-                     "--json", results)
-    assert code == EXIT_OK, out
+    cli = run_cli(capsys, "compare", hybrid_nemo, "--onnx", export, "--mlx", artifact, *_audio_args(),
+                  "--json", results)
+    assert cli.code == EXIT_OK, cli.output
     saved = Results.load(results)
     pairs = {}
     for comparison in saved.comparisons:
@@ -263,8 +257,8 @@ def test_report_shows_the_ctc_transcripts(export, artifact, work, capsys):
     results = work / "results.json"
     if not results.exists():
         pytest.skip("needs the compare test's results")
-    code, out = _cli(capsys, "report", results, "--out", work / "report")
-    assert code == EXIT_OK, out
+    cli = run_cli(capsys, "report", results, "--out", work / "report")
+    assert cli.code == EXIT_OK, cli.output
     html = (work / "report" / "report.html").read_text()
     assert "(CTC head)" in html and "mlx (CTC)" in html
     loaded = Results.load(results)
@@ -278,23 +272,20 @@ def test_report_shows_the_ctc_transcripts(export, artifact, work, capsys):
 
 @pytest.mark.mlx
 def test_verify_passes_and_finds_a_corrupted_ctc_head(hybrid_nemo, artifact, work, capsys):
-    import shutil
-
     import mlx.core as mx
 
-    code, out = _cli(capsys, "verify", artifact, "--nemo", hybrid_nemo, *_audio_args())
-    assert code == EXIT_OK, out
-    assert "ctc head worst max_abs: plain" in out  # the CTC head's line under each verification table
-    corrupted = work / "mlx-corrupted"
-    shutil.copytree(artifact, corrupted)
+    cli = run_cli(capsys, "verify", artifact, "--nemo", hybrid_nemo, *_audio_args())
+    assert cli.code == EXIT_OK, cli.output
+    assert "ctc head worst max_abs: plain" in cli.output  # the CTC head's line under each verification table
+    corrupted = copy_dir(artifact, work / "mlx-corrupted")
     path = corrupted / "model.safetensors"
     weights = dict(mx.load(str(path)))
     weights[CTC_WEIGHT] = weights[CTC_WEIGHT] * 1.01
     mx.save_safetensors(str(path), weights)
-    code, out = _cli(capsys, "verify", corrupted, "--nemo", hybrid_nemo, "--audio", AUDIO[0], "--att-context", "70,13")
-    assert code == EXIT_VIOLATION
-    assert f"tensor {CTC_WEIGHT} differs" in out and "tap ctc" in out
-    assert f"most likely responsible: {CTC_WEIGHT}" in out
+    cli = run_cli(capsys, "verify", corrupted, "--nemo", hybrid_nemo, "--audio", AUDIO[0], "--att-context", "70,13")
+    assert cli.code == EXIT_VIOLATION
+    assert f"tensor {CTC_WEIGHT} differs" in cli.output and "tap ctc" in cli.output
+    assert f"most likely responsible: {CTC_WEIGHT}" in cli.output
 
 
 # -- the ONNX int8 variant, spooled runs ---------------------------------------------------------------
@@ -334,16 +325,15 @@ def test_spooled_runs_keep_the_ctc_transcript(nemo, utterances, tmp_path):
 
 # -- the tie rule on CTC frames, and saved results ----------------------------------------------------
 
-def _run(backend: str, rows_per_step: list[np.ndarray], blank: int) -> StreamRun:
-    """A run of CTC log-probabilities alone, one ``[T, V+1]`` array per step."""
+def _ctc_run(backend: str, rows_per_step: list[np.ndarray], blank: int) -> StreamRun:
+    """A run of CTC log-probabilities alone at (70, 0), one ``[T, V+1]`` array per step, each step's greedy
+    labels and last label carried on."""
     steps, last = [], blank
     for rows in rows_per_step:
         emitted, last = ctc_greedy(rows, len(rows), blank, last)
-        state = StreamingState((70, 0), np.zeros((1, 1, 1, 1)), np.zeros((1, 1, 1, 1)), np.zeros(1, np.int64), [],
-                               ctc_last_label=[last])
-        steps.append(StepOutput(np.zeros((1, 1, len(rows))), np.array([len(rows)]), state, [[]],
-                                {TAP_CTC: rows[None].astype(np.float32)}, ctc_tokens=[emitted]))
-    return StreamRun(backend, "float32", (70, 0), "plain", steps)
+        steps.append(step_output({TAP_CTC: rows[None]}, ctc_tokens=emitted, encoded=np.zeros((1, 1, len(rows))),
+                                 state=streaming_state((70, 0), caches=True, ctc_last_label=[last])))
+    return stream_run(backend, steps, context=(70, 0))
 
 
 def test_a_ctc_flip_at_a_near_tie_passes_and_a_real_one_fails():
@@ -358,7 +348,8 @@ def test_a_ctc_flip_at_a_near_tie_passes_and_a_real_one_fails():
                  np.array([[-2.0, -0.7, -2.0, -0.7000005], [-2.0, -2.0, -0.4, -1.5]])]
     candidate = [r.copy() for r in reference]
     candidate[1][0, [1, 3]] = candidate[1][0, [3, 1]]  # the top two exchanged: the blank wins there
-    near = compare_runs(_run("nemo", reference, blank), _run("onnx", candidate, blank), tolerances, num_layers=1)
+    near = compare_runs(_ctc_run("nemo", reference, blank), _ctc_run("onnx", candidate, blank), tolerances,
+                        num_layers=1)
     assert near.reference_ctc_tokens == [0, 1, 2] and near.candidate_ctc_tokens == [0, 2]
     assert [(f.step, f.call, f.near_tie, f.tap) for f in near.ctc_flips] == [(1, 0, True, TAP_CTC)]
     assert near.passed, near.describe_failure()
@@ -368,7 +359,7 @@ def test_a_ctc_flip_at_a_near_tie_passes_and_a_real_one_fails():
     sure[1][0, 3] = -1.5
     swapped = [r.copy() for r in sure]
     swapped[1][0, [1, 3]] = swapped[1][0, [3, 1]]
-    real = compare_runs(_run("nemo", sure, blank), _run("onnx", swapped, blank), tolerances, num_layers=1)
+    real = compare_runs(_ctc_run("nemo", sure, blank), _ctc_run("onnx", swapped, blank), tolerances, num_layers=1)
     assert [f.near_tie for f in real.ctc_flips] == [False] and not real.passed
     assert "first divergent tap ctc at step 1" in real.describe_failure()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import pair_comparison, tap_result
 
 from streaming_parity.core.errors import InvalidInput
 from streaming_parity.core.system.cpu import KNOWN_PATHS, int8_kernel_path, kernel_path_from_flags
 from streaming_parity.interface.quantization import Int8Quantization
-from streaming_parity.judge.compare import PairComparison, TapResult
+from streaming_parity.judge.compare import PairComparison
 from streaming_parity.judge.int8 import explain_int8_excess
 
 # -- the kernel path MLAS's dispatch takes --------------------------------------------------------------
@@ -129,12 +130,11 @@ def test_a_recorded_scheme_is_checked(record):
 
 # -- the named cause ------------------------------------------------------------------------------------
 
-def _comparison(dtype: str = "int8", passed: bool = False) -> PairComparison:
-    violations = [] if passed else ["rel_l2 0.17 > 0.025"]
-    return PairComparison(reference="nemo", candidate="onnx", pair="nemo~onnx", dtype=dtype, att_context_size=(70, 13),
-                          utterance="utt01", taps=[TapResult(0, "encoder", {"rel_l2": 0.17}, {"rel_l2": 0.025},
-                                                             violations)],
-                          reference_tokens=[1], candidate_tokens=[1], order=["encoder"])
+def _int8_comparison(dtype: str = "int8", passed: bool = False) -> PairComparison:
+    """nemo~onnx at ``dtype`` whose encoder is over its rel_l2 limit unless ``passed``."""
+    encoder = tap_result("encoder", metrics={"rel_l2": 0.17}, limits={"rel_l2": 0.025},
+                         violations=[] if passed else ["rel_l2 0.17 > 0.025"])
+    return pair_comparison([encoder], [1], [1], pair="nemo~onnx", dtype=dtype, utterance="utt01", order=["encoder"])
 
 
 FULL_RANGE = Int8Quantization("QInt8", weight_bits=8, read_from="encoder-70_13.int8.onnx")
@@ -145,19 +145,19 @@ VNNI = kernel_path_from_flags("x86_64", (AVX2_ONLY + " avx512bw avx512dq avx512v
 
 
 def test_saturation_is_named_where_the_cpu_saturates():
-    cause = explain_int8_excess(_comparison(), FULL_RANGE, AVX2)
+    cause = explain_int8_excess(_int8_comparison(), FULL_RANGE, AVX2)
     assert cause.startswith("int8 saturation:") and "avx2" in cause and "vpmaddubsw" in cause
     assert "encoder-70_13.int8.onnx" in cause
 
 
 def test_saturation_is_ruled_out_where_it_cannot_happen():
-    on_vnni = explain_int8_excess(_comparison(), FULL_RANGE, VNNI)
+    on_vnni = explain_int8_excess(_int8_comparison(), FULL_RANGE, VNNI)
     assert on_vnni.startswith("not int8 saturation:") and "avx512-vnni" in on_vnni
     for scheme in (SEVEN_BIT, U8):
-        assert explain_int8_excess(_comparison(), scheme, AVX2).startswith("not int8 saturation:")
+        assert explain_int8_excess(_int8_comparison(), scheme, AVX2).startswith("not int8 saturation:")
 
 
 def test_no_cause_without_a_failing_int8_comparison():
-    assert explain_int8_excess(_comparison(passed=True), FULL_RANGE, AVX2) is None
-    assert explain_int8_excess(_comparison(dtype="float32"), FULL_RANGE, AVX2) is None
-    assert explain_int8_excess(_comparison(), None, AVX2) is None
+    assert explain_int8_excess(_int8_comparison(passed=True), FULL_RANGE, AVX2) is None
+    assert explain_int8_excess(_int8_comparison(dtype="float32"), FULL_RANGE, AVX2) is None
+    assert explain_int8_excess(_int8_comparison(), None, AVX2) is None

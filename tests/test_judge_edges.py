@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from builders import pair_comparison, step_output, stream_run
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,7 +29,7 @@ from streaming_parity.interface.taps import (
     TAP_MEL,
     TAP_PRE_ENCODE,
 )
-from streaming_parity.interface.types import OfflineOutput, StepOutput, StreamingState
+from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.judge import metrics
 from streaming_parity.judge.compare import (
     PairComparison,
@@ -76,30 +77,11 @@ STRICT = Tolerances({"float32": {"*": {**TABLE["float32"]["*"],
 V = 4  # labels 0..2, blank 3
 
 
-def _step(taps: dict[str, np.ndarray], tokens=(), ctc_tokens=None, encoded: np.ndarray | None = None) -> StepOutput:
-    encoded = np.zeros((1, 2, 1), np.float32) if encoded is None else encoded
-    return StepOutput(encoded=encoded, encoded_len=np.array([encoded.shape[-1]], np.int64),
-                      state=StreamingState(att_context_size=(70, 13)), tokens=[list(tokens)],
-                      taps={k: np.asarray(v, np.float32) for k, v in taps.items()},
-                      ctc_tokens=None if ctc_tokens is None else [list(ctc_tokens)])
-
-
-def _run(backend: str, steps: list[StepOutput], *, features=None, context=(70, 13), mode="plain") -> StreamRun:
-    return StreamRun(backend=backend, dtype="float32", att_context_size=context, mode=mode, steps=steps,
-                     features=features)
-
-
 def _flip(step=0, call=0, *, near_tie=True, tap=TAP_JOINT, margin=0.25, label=0, second=1, chosen=1,
           scale=1.0) -> TokenFlip:
     return TokenFlip(step=step, call=call, reference_label=label, reference_second=second, candidate_label=chosen,
                      reference_margin=margin, candidate_margin=0.125, scale=scale, bound=0.5, near_tie=near_tie,
                      tap=tap)
-
-
-def _comparison(taps=(), reference_tokens=(1, 2, 3), candidate_tokens=(1, 2, 3), **fields) -> PairComparison:
-    fields.setdefault("order", comparison_order(2))
-    return PairComparison("nemo", "mlx", "nemo~mlx", "float32", (70, 13), "utt", list(taps), list(reference_tokens),
-                          list(candidate_tokens), **fields)
 
 
 # -- metrics: edge values, float64 and axes --------------------------------------------------------------
@@ -311,19 +293,19 @@ JOINT_LIMITS = {"max_abs": 0.25}  # tie bound 0.5
 def test_find_flips_over_steps_calls_and_a_misshapen_step():
     agree = _rows([2.0, 0.0, 0.0, 0.0])
     reference = [
-        _step({TAP_JOINT: _rows([2.0, 0.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0])}),  # call 1: a tie at the bound
-        _step({TAP_JOINT: _rows([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0])}),  # misshapen in the candidate
-        _step({TAP_JOINT: agree}),  # missing in the candidate
-        _step({}),  # missing in the reference
-        _step({TAP_JOINT: _rows([0.0, 0.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0])}),
+        step_output({TAP_JOINT: _rows([2.0, 0.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0])}),  # call 1: a tie at the bound
+        step_output({TAP_JOINT: _rows([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0])}),  # misshapen in the candidate
+        step_output({TAP_JOINT: agree}),  # missing in the candidate
+        step_output({}),  # missing in the reference
+        step_output({TAP_JOINT: _rows([0.0, 0.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0])}),
     ]
     candidate = [
-        _step({TAP_JOINT: _rows([2.0, 0.0, 0.0, 0.0], [0.75, 1.0, 0.0, 0.0])}),
-        _step({TAP_JOINT: _rows([0.0, 1.0, 0.0, 0.0])}),
-        _step({}),
-        _step({TAP_JOINT: agree}),
-        _step({TAP_JOINT: _rows([0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0])}),
-        _step({TAP_JOINT: _rows([0.0, 0.0, 0.0, 5.0])}),  # a step the reference does not have
+        step_output({TAP_JOINT: _rows([2.0, 0.0, 0.0, 0.0], [0.75, 1.0, 0.0, 0.0])}),
+        step_output({TAP_JOINT: _rows([0.0, 1.0, 0.0, 0.0])}),
+        step_output({}),
+        step_output({TAP_JOINT: agree}),
+        step_output({TAP_JOINT: _rows([0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 5.0])}),
+        step_output({TAP_JOINT: _rows([0.0, 0.0, 0.0, 5.0])}),  # a step the reference does not have
     ]
     flips = find_flips(reference, candidate, JOINT_LIMITS)
     assert [(f.step, f.call) for f in flips] == [(0, 1), (4, 1)]
@@ -341,15 +323,17 @@ def test_find_flips_reads_batched_rows_and_the_ctc_tap():
     reference = _rows([2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.75, 0.0], [0.0, 0.0, 0.0, 1.0])[None]  # [1, 3, V]
     candidate = reference.copy()
     candidate[0, 1, 2] = 1.25
-    (flip,) = find_flips([_step({TAP_CTC: reference})], [_step({TAP_CTC: candidate})], JOINT_LIMITS, tap=TAP_CTC)
+    (flip,) = find_flips([step_output({TAP_CTC: reference})], [step_output({TAP_CTC: candidate})], JOINT_LIMITS,
+                         tap=TAP_CTC)
     assert (flip.step, flip.call, flip.reference_label, flip.candidate_label) == (0, 1, 1, 2)
     assert flip.tap == TAP_CTC and flip.near_tie and flip.candidate_margin == 0.25
-    assert find_flips([_step({TAP_CTC: reference})], [_step({TAP_CTC: candidate})], JOINT_LIMITS) == []  # joint
+    assert find_flips([step_output({TAP_CTC: reference})], [step_output({TAP_CTC: candidate})],
+                      JOINT_LIMITS) == []  # joint
 
 
 def test_a_margin_just_above_the_bound_is_a_real_flip():
-    reference = [_step({TAP_JOINT: _rows([1.0, 0.5 - 2 ** -20, 0.0, 0.0])})]
-    candidate = [_step({TAP_JOINT: _rows([0.5, 1.0, 0.0, 0.0])})]
+    reference = [step_output({TAP_JOINT: _rows([1.0, 0.5 - 2 ** -20, 0.0, 0.0])})]
+    candidate = [step_output({TAP_JOINT: _rows([0.5, 1.0, 0.0, 0.0])})]
     (flip,) = find_flips(reference, candidate, JOINT_LIMITS)
     assert flip.reference_margin > flip.bound == 0.5 and not flip.near_tie
 
@@ -378,89 +362,89 @@ def _tap(step: int, tap: str, violations=(), **metric_values) -> TapResult:
 
 
 def test_a_tap_outside_the_model_order_diverges_after_every_known_tap_of_its_step():
-    comparison = _comparison([_tap(1, "extra", ["x"]), _tap(1, TAP_JOINT, ["y"]), _tap(2, "layers.0", ["z"])])
+    comparison = pair_comparison([_tap(1, "extra", ["x"]), _tap(1, TAP_JOINT, ["y"]), _tap(2, "layers.0", ["z"])])
     assert comparison.first_divergence().tap == TAP_JOINT
-    only = _comparison([_tap(1, "extra", ["x"]), _tap(2, "layers.0", ["z"])])
+    only = pair_comparison([_tap(1, "extra", ["x"]), _tap(2, "layers.0", ["z"])])
     assert only.first_divergence().tap == "extra"
 
 
 def test_failure_message_names_lookahead_place_and_every_violation():
-    at_step = _comparison([_tap(0, TAP_ENCODER, ["max_abs = 1 > limit 0.001", "rel_l2 = 1 > limit 1e-05"])])
+    at_step = pair_comparison([_tap(0, TAP_ENCODER, ["max_abs = 1 > limit 0.001", "rel_l2 = 1 > limit 1e-05"])])
     assert at_step.describe_failure() == ("nemo~mlx [70,13] utt: first divergent tap encoder at step 0: "
                                           "max_abs = 1 > limit 0.001; rel_l2 = 1 > limit 1e-05")
-    at_utterance = _comparison([_tap(-1, TAP_MEL, ["max_abs = 1 > limit 0.001"]), _tap(0, TAP_ENCODER, ["e"])])
+    at_utterance = pair_comparison([_tap(-1, TAP_MEL, ["max_abs = 1 > limit 0.001"]), _tap(0, TAP_ENCODER, ["e"])])
     assert at_utterance.describe_failure() == ("nemo~mlx [70,13] utt: first divergent tap mel at utterance: "
                                                "max_abs = 1 > limit 0.001")
-    assert _comparison([_tap(1, TAP_ENCODER, ["e"])]).describe_failure().endswith("encoder at step 1: e")
+    assert pair_comparison([_tap(1, TAP_ENCODER, ["e"])]).describe_failure().endswith("encoder at step 1: e")
 
 
 def test_a_passing_comparison_says_so():
-    assert _comparison([_tap(0, TAP_ENCODER)]).describe_failure() == "nemo~mlx [70,13] utt: passed"
-    hybrid = _comparison([_tap(0, TAP_ENCODER)], reference_ctc_tokens=[1, 2], candidate_ctc_tokens=[1, 2])
+    assert pair_comparison([_tap(0, TAP_ENCODER)]).describe_failure() == "nemo~mlx [70,13] utt: passed"
+    hybrid = pair_comparison([_tap(0, TAP_ENCODER)], reference_ctc_tokens=[1, 2], candidate_ctc_tokens=[1, 2])
     assert hybrid.passed and hybrid.describe_failure() == "nemo~mlx [70,13] utt: passed"
-    recorded = _comparison([], candidate_tokens=[1, 2], require_token_match=False, reference_ctc_tokens=[1],
-                           candidate_ctc_tokens=[2])
+    recorded = pair_comparison([], candidate_tokens=[1, 2], require_token_match=False, reference_ctc_tokens=[1],
+                               candidate_ctc_tokens=[2])
     assert recorded.passed and recorded.describe_failure().endswith(": passed")
 
 
 def test_token_difference_is_located_where_the_sequences_part():
-    assert _comparison(candidate_tokens=[1, 2]).describe_failure() == (
+    assert pair_comparison(candidate_tokens=[1, 2]).describe_failure() == (
         "nemo~mlx [70,13] utt: token sequences differ at position 2 (3 vs 2 tokens)")
-    assert _comparison(candidate_tokens=[1, 5, 3, 4]).describe_failure().endswith(
+    assert pair_comparison(candidate_tokens=[1, 5, 3, 4]).describe_failure().endswith(
         "token sequences differ at position 1 (3 vs 4 tokens)")
-    assert _comparison(reference_tokens=[], candidate_tokens=[7]).describe_failure().endswith(
+    assert pair_comparison(reference_tokens=[], candidate_tokens=[7]).describe_failure().endswith(
         "token sequences differ at position 0 (0 vs 1 tokens)")
 
 
 def test_a_real_flip_is_named_before_any_near_tie():
     flips = [_flip(step=0, near_tie=True), _flip(step=1, call=2, near_tie=False, margin=1.0),
              _flip(step=2, near_tie=False, margin=3.0)]
-    comparison = _comparison(candidate_tokens=[1, 9, 3], teacher_forced=True, flips=flips)
+    comparison = pair_comparison(candidate_tokens=[1, 9, 3], teacher_forced=True, flips=flips)
     assert not comparison.passed
     assert comparison.describe_failure() == "nemo~mlx [70,13] utt: " + flips[1].describe()
-    tied = _comparison(candidate_tokens=[1, 9, 3], teacher_forced=True, flips=[_flip()])
+    tied = pair_comparison(candidate_tokens=[1, 9, 3], teacher_forced=True, flips=[_flip()])
     assert tied.passed and tied.describe_failure().endswith(": passed")
 
 
 def test_a_token_divergence_is_described_by_its_step():
     divergence = {"step": 3, "reference_step_tokens": [2], "candidate_step_tokens": [5], "lost": [2], "added": [5],
                   "reference_steps": 4, "candidate_steps": 4, "total_lost": 1, "total_added": 1}
-    comparison = _comparison(candidate_tokens=[1, 5, 3], token_divergence=divergence)
+    comparison = pair_comparison(candidate_tokens=[1, 5, 3], token_divergence=divergence)
     assert comparison.describe_failure() == (
         "nemo~mlx [70,13] utt: tokens leave the reference's at step 3: lost [2], added [5] "
         "(whole run: 1 lost, 1 added; 4 vs 4 steps)")
 
 
 def test_ctc_transcript_differences_are_described():
-    differ = _comparison(reference_ctc_tokens=[4, 5, 6], candidate_ctc_tokens=[4, 7, 6])
+    differ = pair_comparison(reference_ctc_tokens=[4, 5, 6], candidate_ctc_tokens=[4, 7, 6])
     assert not differ.passed
     assert differ.describe_failure() == "nemo~mlx [70,13] utt: CTC token sequences differ at position 1 (3 vs 3 tokens)"
-    shorter = _comparison(reference_ctc_tokens=[4, 5, 6], candidate_ctc_tokens=[4, 5])
+    shorter = pair_comparison(reference_ctc_tokens=[4, 5, 6], candidate_ctc_tokens=[4, 5])
     assert shorter.describe_failure().endswith("CTC token sequences differ at position 2 (3 vs 2 tokens)")
-    longer = _comparison(reference_ctc_tokens=[4], candidate_ctc_tokens=[4, 5])
+    longer = pair_comparison(reference_ctc_tokens=[4], candidate_ctc_tokens=[4, 5])
     assert longer.describe_failure().endswith("CTC token sequences differ at position 1 (1 vs 2 tokens)")
     ctc_flips = [_flip(step=0, tap=TAP_CTC), _flip(step=1, call=4, tap=TAP_CTC, near_tie=False, margin=1.0),
                  _flip(step=2, tap=TAP_CTC, near_tie=False)]
-    flipped = _comparison(reference_ctc_tokens=[4, 5], candidate_ctc_tokens=[4, 6], ctc_flips=ctc_flips)
+    flipped = pair_comparison(reference_ctc_tokens=[4, 5], candidate_ctc_tokens=[4, 6], ctc_flips=ctc_flips)
     assert flipped.describe_failure() == "nemo~mlx [70,13] utt: " + ctc_flips[1].describe()
     assert "CTC label flip at step 1, frame 4" in flipped.describe_failure()
-    tied = _comparison(reference_ctc_tokens=[4, 5], candidate_ctc_tokens=[4, 6], ctc_flips=ctc_flips[:1])
+    tied = pair_comparison(reference_ctc_tokens=[4, 5], candidate_ctc_tokens=[4, 6], ctc_flips=ctc_flips[:1])
     assert tied.passed and tied.describe_failure().endswith(": passed")
 
 
 def test_worst_is_the_largest_value_of_each_tap_over_steps():
-    comparison = _comparison([_tap(0, TAP_ENCODER, max_abs=1e-6, rel_l2=3.0), _tap(1, TAP_ENCODER, max_abs=4e-6),
-                              _tap(2, TAP_ENCODER, max_abs=2e-6), _tap(0, "layers.0", max_abs=5e-7),
-                              _tap(0, TAP_JOINT, rel_l2=1e-7), _tap(-1, TAP_MEL, max_abs=0.0)])
+    comparison = pair_comparison([_tap(0, TAP_ENCODER, max_abs=1e-6, rel_l2=3.0), _tap(1, TAP_ENCODER, max_abs=4e-6),
+                                  _tap(2, TAP_ENCODER, max_abs=2e-6), _tap(0, "layers.0", max_abs=5e-7),
+                                  _tap(0, TAP_JOINT, rel_l2=1e-7), _tap(-1, TAP_MEL, max_abs=0.0)])
     assert comparison.worst() == {TAP_ENCODER: 4e-6, "layers.0": 5e-7, TAP_MEL: 0.0}
     assert comparison.worst("max_abs") == comparison.worst()
     assert comparison.worst("rel_l2") == {TAP_ENCODER: 3.0, TAP_JOINT: 1e-7}
-    assert _comparison([]).worst() == {}
+    assert pair_comparison([]).worst() == {}
 
 
 def test_worst_keeps_a_nan_wherever_it_comes():
     for values in ((math.nan, 1e-6), (1e-6, math.nan), (math.nan,)):
-        comparison = _comparison([_tap(i, TAP_ENCODER, max_abs=v) for i, v in enumerate(values)])
+        comparison = pair_comparison([_tap(i, TAP_ENCODER, max_abs=v) for i, v in enumerate(values)])
         assert math.isnan(comparison.worst()[TAP_ENCODER]), values
 
 
@@ -506,9 +490,9 @@ def test_an_exempted_tap_keeps_its_structural_violations():
 
 def test_a_fresh_verdict_and_a_rejudged_one_take_the_same_path():
     """The verdict on a comparison with flips equals the verdict ``rejudge`` gives its saved form."""
-    comparison = _comparison([_measured(0, max_abs=0.125, argmax_agreement=0.5),
-                              _measured(1, max_abs=0.125, argmax_agreement=0.5)],
-                             flips=[_flip(0), _flip(1, near_tie=False, margin=0.75)], teacher_forced=True)
+    comparison = pair_comparison([_measured(0, max_abs=0.125, argmax_agreement=0.5),
+                                  _measured(1, max_abs=0.125, argmax_agreement=0.5)],
+                                 flips=[_flip(0), _flip(1, near_tie=False, margin=0.75)], teacher_forced=True)
     fresh = verdict(comparison, TOL)
     assert [t.passed for t in fresh.taps] == [True, False]
     again = rejudge(fresh, TOL)
@@ -519,7 +503,7 @@ def test_a_tokens_table_judges_the_run_not_the_comparison():
     """A pair whose tokens the file bounds by agreement: a comparison with other tokens passes on its own, and
     the aggregate over the pair's comparisons is the verdict (``token_agreement_failures``)."""
     def peer(candidate_tokens) -> PairComparison:
-        return replace(_comparison(reference_tokens=(1, 2, 3), candidate_tokens=candidate_tokens), pair="nemo~peer")
+        return replace(pair_comparison(reference_tokens=(1, 2, 3), candidate_tokens=candidate_tokens), pair="nemo~peer")
 
     differing = verdict(peer((1, 2, 0)), TOL)
     assert differing.tokens_judged_in_aggregate and differing.passed
@@ -528,7 +512,7 @@ def test_a_tokens_table_judges_the_run_not_the_comparison():
     assert worse.passed  # alone it scores 0, and is still not failed alone
     (failure,) = token_agreement_failures([differing, worse], TOL)  # 2 edits + 3 edits over 6 tokens
     assert "nemo~peer at float32: token agreement over 2 comparisons" in failure
-    exact = verdict(_comparison(reference_tokens=(1, 2, 3), candidate_tokens=(1, 2, 0)), TOL)  # no tokens table
+    exact = verdict(pair_comparison(reference_tokens=(1, 2, 3), candidate_tokens=(1, 2, 0)), TOL)  # no tokens table
     assert not exact.tokens_judged_in_aggregate and not exact.passed
 
 
@@ -536,7 +520,7 @@ def test_rejudging_keeps_metrics_shapes_and_structure_and_applies_the_new_limits
     taps = [TapResult(0, TAP_ENCODER, {"max_abs": 0.01}, {"max_abs": 1.0}, [], [1, 2], [1, 2]),
             TapResult(1, TAP_ENCODER, {}, {"max_abs": 1.0}, ["shape [1, 2] vs [1, 3]"], [1, 2], [1, 3],
                       structural=["shape [1, 2] vs [1, 3]"])]
-    comparison = _comparison(taps)
+    comparison = pair_comparison(taps)
     once = rejudge(comparison, TOL)
     for _ in range(2):  # a re-judged comparison is re-judged the same way
         assert [t.metrics for t in once.taps] == [{"max_abs": 0.01}, {}]
@@ -550,8 +534,8 @@ def test_rejudging_keeps_metrics_shapes_and_structure_and_applies_the_new_limits
 
 
 def test_rejudging_re_exempts_joint_near_ties_and_rebounds_ctc_flips():
-    joint = _comparison([_measured(0, max_abs=0.125, argmax_agreement=0.5)], candidate_tokens=[1, 9, 3],
-                        teacher_forced=True, flips=[_flip(0, margin=0.25)])
+    joint = pair_comparison([_measured(0, max_abs=0.125, argmax_agreement=0.5)], candidate_tokens=[1, 9, 3],
+                            teacher_forced=True, flips=[_flip(0, margin=0.25)])
     same = rejudge(joint, TOL)
     assert same.passed and same.flips[0].near_tie and same.taps[0].violations == []
     strict = rejudge(joint, STRICT)
@@ -559,8 +543,8 @@ def test_rejudging_re_exempts_joint_near_ties_and_rebounds_ctc_flips():
 
     ctc_tap = TapResult(0, TAP_CTC, {"max_abs": 2 ** -8, "argmax_agreement": 0.5},
                         {"max_abs": 0.25, "argmax_agreement": 1.0}, [], [2, V], [2, V])
-    hybrid = _comparison([ctc_tap], reference_ctc_tokens=[1, 2], candidate_ctc_tokens=[1, 3],
-                         ctc_flips=[_flip(0, tap=TAP_CTC, margin=0.25)])
+    hybrid = pair_comparison([ctc_tap], reference_ctc_tokens=[1, 2], candidate_ctc_tokens=[1, 3],
+                             ctc_flips=[_flip(0, tap=TAP_CTC, margin=0.25)])
     assert rejudge(hybrid, TOL).passed
     rejudged = rejudge(hybrid, STRICT)
     assert [f.bound for f in rejudged.ctc_flips] == [2 ** -6] and not rejudged.ctc_flips[0].near_tie
@@ -570,8 +554,8 @@ def test_rejudging_re_exempts_joint_near_ties_and_rebounds_ctc_flips():
 
 
 def test_rejudging_looks_up_the_ctc_limits_of_the_comparisons_pair():
-    hybrid = _comparison([], reference_ctc_tokens=[1, 2], candidate_ctc_tokens=[1, 3],
-                         ctc_flips=[_flip(0, tap=TAP_CTC, margin=0.25)])
+    hybrid = pair_comparison([], reference_ctc_tokens=[1, 2], candidate_ctc_tokens=[1, 3],
+                             ctc_flips=[_flip(0, tap=TAP_CTC, margin=0.25)])
     only_joint = Tolerances({"float32": {"nemo~mlx": {TAP_JOINT: {"max_abs": 1.0}}}})
     with pytest.raises(MissingToleranceError, match=r"tap 'ctc' of nemo~mlx at float32"):
         rejudge(hybrid, only_joint)
@@ -580,30 +564,31 @@ def test_rejudging_looks_up_the_ctc_limits_of_the_comparisons_pair():
 # -- compare_runs and the teacher-forced verdict ------------------------------------------------------------
 
 def test_front_end_features_are_judged_once_per_utterance_with_the_pairs_limits():
-    steps = [_step({TAP_ENCODER: np.zeros((1, 2))})]
+    steps = [step_output({TAP_ENCODER: np.zeros((1, 2))})]
     mel = np.zeros((1, 3, 5), np.float32)
     off = mel + 0.25
-    within_pair = compare_runs(_run("nemo", steps, features=mel), _run("onnx", steps, features=off), TOL,
+    within_pair = compare_runs(stream_run("nemo", steps, features=mel), stream_run("onnx", steps, features=off), TOL,
                                num_layers=1, pair="ref~cand")
     (mel_tap, encoder) = within_pair.taps
     assert (mel_tap.step, mel_tap.tap, mel_tap.limits) == (-1, TAP_MEL, {"max_abs": 0.5})
     assert mel_tap.metrics["max_abs"] == 0.25 and within_pair.passed
     assert (encoder.step, encoder.tap) == (0, TAP_ENCODER)
-    default = compare_runs(_run("nemo", steps, features=mel), _run("onnx", steps, features=off), TOL, num_layers=1)
+    default = compare_runs(stream_run("nemo", steps, features=mel), stream_run("onnx", steps, features=off), TOL,
+                           num_layers=1)
     assert default.pair == "nemo~onnx" and default.utterance == ""
     assert not default.passed
     assert default.describe_failure() == ("nemo~onnx [70,13] : first divergent tap mel at utterance: "
                                           "max_abs = 0.25 > limit 0.001")
     for one_sided in ((mel, None), (None, mel)):
-        reference = _run("nemo", steps, features=one_sided[0])
-        candidate = _run("onnx", steps, features=one_sided[1])
+        reference = stream_run("nemo", steps, features=one_sided[0])
+        candidate = stream_run("onnx", steps, features=one_sided[1])
         assert [t.tap for t in compare_runs(reference, candidate, TOL, num_layers=1).taps] == [TAP_ENCODER]
 
 
 def test_a_differing_step_count_is_a_structural_utterance_level_violation():
     encoder = {TAP_ENCODER: np.zeros((1, 2))}
-    comparison = compare_runs(_run("nemo", [_step(encoder)] * 3), _run("onnx", [_step(encoder)] * 2), TOL,
-                              num_layers=1, utterance="u")
+    comparison = compare_runs(stream_run("nemo", [step_output(encoder)] * 3),
+                              stream_run("onnx", [step_output(encoder)] * 2), TOL, num_layers=1, utterance="u")
     count = next(t for t in comparison.taps if t.structural)
     # Judged on the one path: the tap's limits are recorded, as a re-judged comparison records them.
     assert (count.step, count.tap, count.metrics, count.limits) == (-1, TAP_ENCODER, {}, {"max_abs": 1e-3})
@@ -614,10 +599,10 @@ def test_a_differing_step_count_is_a_structural_utterance_level_violation():
 
 
 def test_compare_runs_records_names_mode_and_transcripts():
-    reference = _run("nemo", [_step({}, tokens=[1], ctc_tokens=[4]), _step({}, tokens=[2], ctc_tokens=[])],
-                     context=(70, 1))
-    candidate = _run("mlx", [_step({}, tokens=[1, 2], ctc_tokens=[4, 5]), _step({}, tokens=[], ctc_tokens=[6])],
-                     mode="pad-and-drop")
+    reference = stream_run("nemo", [step_output({}, tokens=[1], ctc_tokens=[4]),
+                                    step_output({}, tokens=[2], ctc_tokens=[])], context=(70, 1))
+    candidate = stream_run("mlx", [step_output({}, tokens=[1, 2], ctc_tokens=[4, 5]),
+                                   step_output({}, tokens=[], ctc_tokens=[6])], mode="pad-and-drop")
     comparison = compare_runs(reference, candidate, TOL, num_layers=2, utterance="utt07")
     assert (comparison.reference, comparison.candidate, comparison.pair, comparison.dtype) == (
         "nemo", "mlx", "nemo~mlx", "float32")
@@ -627,7 +612,7 @@ def test_compare_runs_records_names_mode_and_transcripts():
     assert comparison.order == comparison_order(2) and comparison.require_token_match
     assert not comparison.passed and "CTC token sequences differ at position 1 (1 vs 3 tokens)" in (
         comparison.describe_failure())
-    plain = compare_runs(_run("nemo", [_step({})]), _run("mlx", [_step({})]), TOL, num_layers=1)
+    plain = compare_runs(stream_run("nemo", [step_output({})]), stream_run("mlx", [step_output({})]), TOL, num_layers=1)
     assert plain.reference_ctc_tokens is None and plain.candidate_ctc_tokens is None and plain.passed
 
 
@@ -638,8 +623,8 @@ def test_ctc_flips_are_found_at_every_step_and_a_near_tie_is_exempted():
     # Step 1: frame 0 flipped by a real margin (2 over 0.5).
     ref1 = _rows([0.0, 0.5, 2.0, 0.0])
     cand1 = _rows([0.0, 2.0, 0.5, 0.0])
-    reference = _run("nemo", [_step({TAP_CTC: ref0}), _step({TAP_CTC: ref1})])
-    candidate = _run("mlx", [_step({TAP_CTC: cand0}), _step({TAP_CTC: cand1})])
+    reference = stream_run("nemo", [step_output({TAP_CTC: ref0}), step_output({TAP_CTC: ref1})])
+    candidate = stream_run("mlx", [step_output({TAP_CTC: cand0}), step_output({TAP_CTC: cand1})])
     comparison = compare_runs(reference, candidate, TOL, num_layers=1, utterance="u")
     assert [(f.step, f.call, f.tap, f.near_tie) for f in comparison.ctc_flips] == [(0, 1, TAP_CTC, True),
                                                                                    (1, 0, TAP_CTC, False)]
@@ -656,17 +641,17 @@ def test_ctc_flips_need_the_tap_on_both_sides_of_the_same_shape():
     for reference_taps, candidate_taps in (({TAP_CTC: ctc}, {}), ({}, {TAP_CTC: flipped}),
                                            ({TAP_CTC: ctc}, {TAP_CTC: np.concatenate([flipped, flipped])}),
                                            ({TAP_CTC: ctc[:0]}, {TAP_CTC: flipped[:0]})):
-        comparison = compare_runs(_run("nemo", [_step(reference_taps)]), _run("mlx", [_step(candidate_taps)]), TOL,
-                                  num_layers=1)
+        comparison = compare_runs(stream_run("nemo", [step_output(reference_taps)]),
+                                  stream_run("mlx", [step_output(candidate_taps)]), TOL, num_layers=1)
         assert comparison.ctc_flips == []
 
 
 def test_a_teacher_forced_verdict_keeps_the_free_runs_pair_and_utterance():
     reference_rows = _rows([1.0, 0.75, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0])
     forced_rows = _rows([0.875, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0])
-    reference = _run("nemo", [_step({TAP_JOINT: reference_rows}, tokens=[0])])
-    forced = _run("mlx", [_step({TAP_JOINT: forced_rows}, tokens=[0])])
-    free = _run("mlx", [_step({TAP_JOINT: forced_rows}, tokens=[1], ctc_tokens=[2])])
+    reference = stream_run("nemo", [step_output({TAP_JOINT: reference_rows}, tokens=[0])])
+    forced = stream_run("mlx", [step_output({TAP_JOINT: forced_rows}, tokens=[0])])
+    free = stream_run("mlx", [step_output({TAP_JOINT: forced_rows}, tokens=[1], ctc_tokens=[2])])
     tol = Tolerances({"float32": {"nemo~mlx@70,13": {TAP_JOINT: {"max_abs": 0.25, "argmax_agreement": 1.0}}}})
     first = compare_runs(reference, free, tol, num_layers=1, utterance="utt03", pair="nemo~mlx@70,13")
     comparison = judge_teacher_forced(first, reference, forced, tol, num_layers=1)
@@ -679,11 +664,11 @@ def test_a_teacher_forced_verdict_keeps_the_free_runs_pair_and_utterance():
 # -- transcript-level candidates, streaming against offline, offline against offline -------------------------
 
 def _peer(tokens_per_step: list[list[int]]) -> StreamRun:
-    return _run("peer", [_step({}, tokens=tokens) for tokens in tokens_per_step], mode="own")
+    return stream_run("peer", [step_output({}, tokens=tokens) for tokens in tokens_per_step], mode="own")
 
 
 def test_a_transcript_level_candidate_is_judged_on_its_tokens():
-    reference = _run("nemo", [_step({TAP_ENCODER: np.ones((1, 2))}, tokens=t) for t in ([1, 2], [3], [4])])
+    reference = stream_run("nemo", [step_output({TAP_ENCODER: np.ones((1, 2))}, tokens=t) for t in ([1, 2], [3], [4])])
     candidate = _peer([[1, 2], [5], [4]])
     bounded = compare_runs(reference, candidate, TOL, num_layers=1, utterance="u", pair="nemo~peer", tokens_only=True)
     (tokens,) = bounded.taps
@@ -724,9 +709,10 @@ def _offline(frames: int, *, tokens=(1, 2), ctc_tokens=None, taps=None, value: f
 
 
 def _streamed(frames_per_step: list[int], *, context=(70, 13), ctc_tokens=None) -> StreamRun:
-    steps = [_step({}, tokens=[1] if i == 0 else [], ctc_tokens=ctc_tokens if i == 0 else ([] if ctc_tokens else None),
-                   encoded=np.zeros((1, 2, n), np.float32)) for i, n in enumerate(frames_per_step)]
-    return _run("nemo", steps, context=context, mode="plain")
+    steps = [step_output({}, tokens=[1] if i == 0 else [],
+                         ctc_tokens=ctc_tokens if i == 0 else ([] if ctc_tokens else None),
+                         encoded=np.zeros((1, 2, n), np.float32)) for i, n in enumerate(frames_per_step)]
+    return stream_run("nemo", steps, context=context, mode="plain")
 
 
 @pytest.mark.parametrize(("offline_frames", "passes"), [(6, True), (7, True), (8, True), (9, False), (5, False)])

@@ -24,6 +24,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from builders import pair_comparison, tap_result
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -304,25 +305,28 @@ def test_check_flags_exactly_the_values_on_the_wrong_side(limits, values):
     assert flagged == expected
 
 
-def _comparison(reference_tokens, candidate_tokens, *, require: bool = True, tap_passes: bool = True) -> PairComparison:
-    tap = TapResult(0, "encoder", {"max_abs": 0.0}, {"max_abs": 1e-4}, [] if tap_passes else ["max_abs = 1 > limit 1e-4"])
-    return PairComparison("nemo", "x", "nemo~x", "float32", (70, 13), "utt", [tap], list(reference_tokens),
-                          list(candidate_tokens), ["encoder"], require_token_match=require)
+def _tokens_comparison(reference_tokens, candidate_tokens, *, require: bool = True,
+                       tap_passes: bool = True) -> PairComparison:
+    """nemo~x with these transcripts and one encoder tap, passing or not."""
+    tap = tap_result("encoder", metrics={"max_abs": 0.0}, limits={"max_abs": 1e-4},
+                     violations=[] if tap_passes else ["max_abs = 1 > limit 1e-4"])
+    return pair_comparison([tap], reference_tokens, candidate_tokens, pair="nemo~x", order=["encoder"],
+                           require_token_match=require)
 
 
 def test_differing_tokens_fail_a_comparison_that_requires_them_equal():
-    comparison = _comparison([5, 9, 7], [5, 9, 8])
+    comparison = _tokens_comparison([5, 9, 7], [5, 9, 8])
     assert not comparison.tokens_equal and not comparison.passed
     assert "token sequences differ at position 2 (3 vs 3 tokens)" in comparison.describe_failure()
-    assert not _comparison([5, 9, 7], [5, 9]).passed
-    assert not _comparison([], [1]).passed
-    assert _comparison([5, 9, 7], [5, 9, 8], require=False).passed  # streaming~offline records them only
-    assert _comparison([5, 9, 7], [5, 9, 7]).passed
-    assert not _comparison([5, 9, 7], [5, 9, 7], tap_passes=False).passed
+    assert not _tokens_comparison([5, 9, 7], [5, 9]).passed
+    assert not _tokens_comparison([], [1]).passed
+    assert _tokens_comparison([5, 9, 7], [5, 9, 8], require=False).passed  # streaming~offline records them only
+    assert _tokens_comparison([5, 9, 7], [5, 9, 7]).passed
+    assert not _tokens_comparison([5, 9, 7], [5, 9, 7], tap_passes=False).passed
 
 
 @given(st.lists(st.integers(0, 5), max_size=6), st.lists(st.integers(0, 5), max_size=6), st.booleans())
 def test_comparison_verdict_for_any_token_sequences(reference_tokens, candidate_tokens, require):
-    comparison = _comparison(reference_tokens, candidate_tokens, require=require)
+    comparison = _tokens_comparison(reference_tokens, candidate_tokens, require=require)
     assert comparison.tokens_equal == (reference_tokens == candidate_tokens)
     assert comparison.passed == (reference_tokens == candidate_tokens or not require)

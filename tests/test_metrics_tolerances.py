@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from builders import pair_comparison
 
 from streaming_parity.judge import metrics
 from streaming_parity.judge.compare import PairComparison, judge_tap, rejudge
@@ -81,16 +82,17 @@ def test_violation_names_metric_value_and_limit():
     assert mismatch.violations == ["shape [3, 5] vs [4, 5]"]
 
 
-def _comparison(values: dict[tuple[int, str], float]) -> PairComparison:
+def _judged_comparison(values: dict[tuple[int, str], float]) -> PairComparison:
+    """nemo~x, each ``(step, tap)`` judged by the shipped file on a candidate off by its value."""
     tol = Tolerances.load()
     taps = [judge_tap(step, tap, np.full(4, 10.0), np.full(4, 10.0 + value), tol, "nemo~x", "float32")
             for (step, tap), value in values.items()]
-    order = ["mel", "pre_encode", "layers.0", "layers.1", "encoder"]
-    return PairComparison("nemo", "x", "nemo~x", "float32", (70, 13), "utt", taps, [1, 2], [1, 2], order)
+    return pair_comparison(taps, [1, 2], [1, 2], pair="nemo~x",
+                           order=["mel", "pre_encode", "layers.0", "layers.1", "encoder"])
 
 
 def test_first_divergence_is_earliest_step_then_model_order():
-    comparison = _comparison({(0, "encoder"): 0.0, (1, "encoder"): 1.0, (1, "layers.1"): 1.0,
+    comparison = _judged_comparison({(0, "encoder"): 0.0, (1, "encoder"): 1.0, (1, "layers.1"): 1.0,
                               (1, "layers.0"): 0.0, (2, "pre_encode"): 1.0})
     first = comparison.first_divergence()
     assert (first.step, first.tap) == (1, "layers.1")
@@ -98,7 +100,7 @@ def test_first_divergence_is_earliest_step_then_model_order():
 
 
 def test_results_round_trip_and_rejudge(tmp_path):
-    comparison = _comparison({(0, "layers.0"): 5e-5, (1, "encoder"): 1e-6})
+    comparison = _judged_comparison({(0, "layers.0"): 5e-5, (1, "encoder"): 1e-6})
     assert comparison.passed
     results = Results(model={"path": None, "sha256": None, "name": "m"}, tolerances=str(DEFAULT_TOLERANCES),
                       comparisons=[comparison])

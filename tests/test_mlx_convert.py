@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import run_cli
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '.[mlx]')")
@@ -125,15 +126,10 @@ def test_half_an_lstm_bias_is_named(tiny_nemo, tmp_path):
 
 # -- verified, atomic publication ---------------------------------------------------------------------
 
-def _cli(*argv) -> int:
-    from streaming_parity.app.cli import main
-
-    return main([str(a) for a in argv])
-
-
-def test_convert_publishes_a_verified_artifact(tiny_nemo, tmp_path):
+def test_convert_publishes_a_verified_artifact(tiny_nemo, tmp_path, capsys):
     out = tmp_path / "artifact"
-    code = _cli("convert", tiny_nemo, "--out", out, "--audio", SHORT_AUDIO, "--att-context", "70,13")
+    code = run_cli(capsys, "convert", tiny_nemo, "--out", out, "--audio", SHORT_AUDIO,
+                   "--att-context", "70,13").code
     assert code == 0
     expected_files = {"model.safetensors", "frontend.safetensors", "config.json", "tokenizer.model",
                       "artifact.json", "parity.json"}
@@ -153,7 +149,8 @@ def test_convert_publishes_a_verified_artifact(tiny_nemo, tmp_path):
 
     # parity verify re-runs the check (it passed above, in convert); a corrupted weight makes it fail.
     _corrupt_one_weight(out / "model.safetensors", "encoder.layers.1.feed_forward2.linear2.weight")
-    assert _cli("verify", out, "--nemo", tiny_nemo, "--audio", SHORT_AUDIO, "--att-context", "70,13") == 1
+    verify = run_cli(capsys, "verify", out, "--nemo", tiny_nemo, "--audio", SHORT_AUDIO, "--att-context", "70,13")
+    assert verify.code == 1
 
 
 def _corrupt_one_weight(path: Path, name: str) -> None:
@@ -162,7 +159,7 @@ def _corrupt_one_weight(path: Path, name: str) -> None:
     mx.save_safetensors(str(path), weights)
 
 
-def test_failed_verification_publishes_nothing(tiny_nemo, tmp_path, monkeypatch):
+def test_failed_verification_publishes_nothing(tiny_nemo, tmp_path, monkeypatch, capsys):
     """A deliberately corrupted weight: exit 1, nothing at DIR, the report kept beside it."""
     original = converter._apply
 
@@ -172,7 +169,8 @@ def test_failed_verification_publishes_nothing(tiny_nemo, tmp_path, monkeypatch)
 
     monkeypatch.setattr(converter, "_apply", corrupting)
     out = tmp_path / "artifact"
-    code = _cli("convert", tiny_nemo, "--out", out, "--audio", SHORT_AUDIO, "--att-context", "70,13")
+    code = run_cli(capsys, "convert", tiny_nemo, "--out", out, "--audio", SHORT_AUDIO,
+                   "--att-context", "70,13").code
     assert code == 1
     assert not out.exists()
     assert not list(tmp_path.glob(".artifact.*"))
@@ -206,8 +204,9 @@ def test_cli_reports_conversion_errors_without_traceback(tiny_nemo, tmp_path, ca
     import torch
 
     nemo = _edited(tiny_nemo, tmp_path, lambda s: {**s, "mystery.tensor": torch.zeros(2)})
-    assert _cli("convert", nemo, "--out", tmp_path / "artifact", "--skip-verify") == 2
-    assert "mystery.tensor" in capsys.readouterr().err
+    cli = run_cli(capsys, "convert", nemo, "--out", tmp_path / "artifact", "--skip-verify")
+    assert cli.code == 2
+    assert "mystery.tensor" in cli.err
     assert not (tmp_path / "artifact").exists()
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import copy_dir, stream_and_compare_one
 
 pytestmark = [pytest.mark.nemo, pytest.mark.mlx]
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
@@ -26,7 +26,7 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '
 
 from streaming_parity.core.errors import InvalidInput  # noqa: E402
 from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT, layer_tap  # noqa: E402
-from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402
+from streaming_parity.judge.loop import Candidate  # noqa: E402
 from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 
 SHORT_UTTERANCES = ("utt04.wav", "utt07.wav")  # the two shortest fixture utterances (1.3 s, 1.6 s)
@@ -88,11 +88,6 @@ def _with_prompt(utterances, locale: str):
     return [replace(u, prompt=locale) for u in utterances]
 
 
-def _compare(nemo, candidate: Candidate, utterances, tolerances, contexts=None):
-    contexts = contexts or nemo.info.att_context_sizes
-    return stream_and_compare(nemo, [candidate], utterances, contexts, tolerances, include_offline=False)
-
-
 def _rewrite_config(source: Path, destination: Path, edit, state_edit=None) -> Path:
     """A copy of ``source`` whose model_config.yaml went through ``edit(config)`` (and the weights through
     ``state_edit``, as ``streaming_parity.fixtures.models.rewrite_checkpoint`` does)."""
@@ -149,7 +144,8 @@ def test_the_model_card_names_the_prompt(artifacts):
 # -- float32: every step of every lookahead, both first-chunk modes, offline ----------------------------
 
 def test_every_lookahead_and_mode_matches_nemo_fp32(nemo, mlx, utterances, tolerances):
-    outcome = _compare(nemo, Candidate.of(mlx, modes=MODES, compare_offline=True), utterances, tolerances)
+    outcome = stream_and_compare_one(nemo, Candidate.of(mlx, modes=MODES, compare_offline=True), utterances,
+                                     tolerances=tolerances)
     num_layers = nemo.info.num_layers
     expected = {"pre_encode", TAP_ENCODER, TAP_PROMPT, "decoder", "joint", "cache_last_channel", "cache_last_time",
                 "cache_last_channel_len", *(layer_tap(i) for i in range(num_layers))}
@@ -176,10 +172,10 @@ def test_every_lookahead_and_mode_matches_nemo_fp32(nemo, mlx, utterances, toler
 
 def test_another_locale_passes_and_changes_the_prompt_tap(nemo, mlx, utterances, tolerances):
     german = _with_prompt(utterances, "de-DE")
-    outcome = _compare(nemo, Candidate.of(mlx, modes=("plain",)), german, tolerances)
+    outcome = stream_and_compare_one(nemo, Candidate.of(mlx, modes=("plain",)), german, tolerances=tolerances)
     for comparison in outcome.results.comparisons:
         assert comparison.passed, comparison.describe_failure()
-    english = _compare(nemo, Candidate.of(mlx, modes=("plain",)), utterances, tolerances, [(56, 13)])
+    english = stream_and_compare_one(nemo, Candidate.of(mlx, modes=("plain",)), utterances, [(56, 13)], tolerances)
     key = ("mlx:float32", utterances[0].name, (56, 13), "plain")
     de_run, en_run = outcome.runs[key], english.runs[key]
     assert de_run.steps[0].state.prompt == "de-DE" and en_run.steps[0].state.prompt == "en-US"
@@ -189,8 +185,8 @@ def test_another_locale_passes_and_changes_the_prompt_tap(nemo, mlx, utterances,
 
 
 def test_a_bypassed_prompt_fails_at_the_prompt_tap_at_step_0(nemo, mlx, utterances, tolerances):
-    outcome = _compare(nemo, Candidate.of(mlx, modes=("plain",), prompt=None), utterances[:1], tolerances,
-                       [(56, 13)])
+    outcome = stream_and_compare_one(nemo, Candidate.of(mlx, modes=("plain",), prompt=None), utterances[:1],
+                                     [(56, 13)], tolerances)
     (comparison,) = outcome.results.comparisons
     assert not comparison.passed
     divergence = comparison.first_divergence()
@@ -205,16 +201,15 @@ def test_a_bypassed_prompt_fails_at_the_prompt_tap_at_step_0(nemo, mlx, utteranc
 def test_a_shifted_prompt_dictionary_fails_at_the_prompt_tap(nemo, artifacts, work, utterances, tolerances):
     from streaming_parity.interface.registry import get
 
-    shifted = work / "mlx-shifted-dictionary"
-    shutil.copytree(artifacts("float32"), shifted)
+    shifted = copy_dir(artifacts("float32"), work / "mlx-shifted-dictionary")
     config = json.loads((shifted / "config.json").read_text())
     dictionary = config["model_defaults"]["prompt_dictionary"]
     config["model_defaults"]["prompt_dictionary"] = {locale: index + 1 for locale, index in dictionary.items()}
     (shifted / "config.json").write_text(json.dumps(config))
     with get("mlx").load(shifted) as backend:
         assert backend.info.prompt_index("en-US") == 1  # the artifact's own copy of the dictionary
-        outcome = _compare(nemo, Candidate.of(backend, modes=("plain",), compare_offline=True), utterances[:1],
-                           tolerances, [(56, 13)])
+        outcome = stream_and_compare_one(nemo, Candidate.of(backend, modes=("plain",), compare_offline=True),
+                                         utterances[:1], [(56, 13)], tolerances)
     streaming, offline = outcome.results.comparisons
     for comparison in (streaming, offline):
         assert not comparison.passed
@@ -355,8 +350,8 @@ def test_sixteen_prompts_match_nemo(prompt_nemo, utterances, tolerances, tmp_pat
     with get("nemo").load(narrowed) as nemo, get("mlx").load(artifact) as mlx:
         assert nemo.info.num_prompts == mlx.info.num_prompts == 16
         assert mlx.prompt_kernel().weight_in.shape == (160, 96)
-        outcome = _compare(nemo, Candidate.of(mlx, modes=("plain",), compare_offline=True), chinese, tolerances,
-                           [(56, 0)])
+        outcome = stream_and_compare_one(nemo, Candidate.of(mlx, modes=("plain",), compare_offline=True), chinese,
+                                         [(56, 0)], tolerances)
     assert len(outcome.results.comparisons) == 2
     for comparison in outcome.results.comparisons:
         assert comparison.passed, comparison.describe_failure()

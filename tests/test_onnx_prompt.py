@@ -11,12 +11,12 @@ and the tokens), in another locale, with the prompt bypassed, and with a diction
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import copy_dir, stream_and_compare_one
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -36,7 +36,7 @@ from streaming_parity.interface.taps import TAP_ENCODER, TAP_PROMPT  # noqa: E40
 from streaming_parity.interface.types import ShapeMismatchError  # noqa: E402
 from streaming_parity.interface.utterance import Utterance  # noqa: E402
 from streaming_parity.judge.compare import compare_runs  # noqa: E402
-from streaming_parity.judge.loop import Candidate, stream_and_compare  # noqa: E402
+from streaming_parity.judge.loop import Candidate  # noqa: E402
 from streaming_parity.judge.tolerances import Tolerances  # noqa: E402
 
 pytestmark = [pytest.mark.onnx, pytest.mark.nemo]
@@ -81,11 +81,6 @@ def utterances() -> list[Utterance]:
     return [Utterance.from_file(path) for path in AUDIO]
 
 
-def _copy(export: Path, target: Path, *, without: tuple[str, ...] = ()) -> Path:
-    shutil.copytree(export, target, ignore=lambda _d, names: [n for n in names if n in without])
-    return target
-
-
 def _rewrite_metadata(directory: Path, edit) -> None:
     """``edit(decoded metadata) -> changed keys`` applied to every graph of an export directory."""
     import onnx
@@ -98,10 +93,6 @@ def _rewrite_metadata(directory: Path, edit) -> None:
         metadata = decode_metadata({p.key: p.value for p in model.metadata_props})
         graph_tools.set_metadata(model, encode_metadata(edit(metadata)))
         graph_tools.save_graph(model, path)
-
-
-def _compare(reference, candidate: Candidate, utterances, contexts):
-    return stream_and_compare(reference, [candidate], utterances, contexts, Tolerances.load(), include_offline=False)
 
 
 def _failures(outcome) -> list[str]:
@@ -150,7 +141,7 @@ def test_fp32_matches_nemo_at_every_step_of_every_lookahead(nemo, onnx, utteranc
     contexts = nemo.info.att_context_sizes
     assert len(contexts) == 4
     # NeMo's default first chunk (plain, the export's first-chunk graph) and pad-and-drop.
-    outcome = _compare(nemo, Candidate.of(onnx, modes=("plain", PAD)), utterances, contexts)
+    outcome = stream_and_compare_one(nemo, Candidate.of(onnx, modes=("plain", PAD)), utterances, contexts)
     assert outcome.passed, _failures(outcome)
     comparisons = outcome.results.comparisons
     assert {(c.utterance, tuple(c.att_context_size), c.mode) for c in comparisons} == {
@@ -166,7 +157,7 @@ def test_fp32_matches_nemo_at_every_step_of_every_lookahead(nemo, onnx, utteranc
 def test_another_locale_passes_and_differs_at_the_prompt_tap(nemo, onnx, utterances):
     german = [replace(u, prompt="de-DE") for u in utterances]
     contexts = [nemo.info.att_context_sizes[0], nemo.info.att_context_sizes[-1]]
-    outcome = _compare(nemo, Candidate.of(onnx), german, contexts)
+    outcome = stream_and_compare_one(nemo, Candidate.of(onnx), german, contexts)
     assert outcome.passed, _failures(outcome)
     mel, _ = nemo.features(utterances[0].audio[None])
     english = stream(onnx, mel, contexts[0], PAD, prompt="en-US")
@@ -178,7 +169,7 @@ def test_another_locale_passes_and_differs_at_the_prompt_tap(nemo, onnx, utteran
 
 def test_a_bypassed_prompt_fails_first_at_the_prompt_tap(nemo, onnx, utterances):
     context = nemo.info.att_context_sizes[0]
-    outcome = _compare(nemo, Candidate.of(onnx, prompt=None), utterances[:1], [context])
+    outcome = stream_and_compare_one(nemo, Candidate.of(onnx, prompt=None), utterances[:1], [context])
     assert not outcome.passed
     (comparison,) = outcome.results.comparisons
     divergence = comparison.first_divergence()
@@ -195,7 +186,7 @@ def test_a_bypassed_prompt_fails_first_at_the_prompt_tap(nemo, onnx, utterances)
 def test_a_shifted_dictionary_fails_at_the_prompt_tap(nemo, export, prompt_nemo, utterances, tmp_path):
     from streaming_parity.interface.registry import get
 
-    shifted = _copy(export, tmp_path / "shifted")
+    shifted = copy_dir(export, tmp_path / "shifted")
 
     def shift(metadata):
         return {"prompt_dictionary": {locale: index + 1 for locale, index in metadata["prompt_dictionary"].items()}}
@@ -204,7 +195,7 @@ def test_a_shifted_dictionary_fails_at_the_prompt_tap(nemo, export, prompt_nemo,
     context = nemo.info.att_context_sizes[0]
     with get("onnx").load(shifted, nemo_path=prompt_nemo) as candidate:
         assert dict(candidate.info.prompt_dictionary)["en-US"] == 1
-        outcome = _compare(nemo, Candidate.of(candidate), utterances[:1], [context])
+        outcome = stream_and_compare_one(nemo, Candidate.of(candidate), utterances[:1], [context])
     assert not outcome.passed
     (comparison,) = outcome.results.comparisons
     divergence = comparison.first_divergence()
@@ -261,7 +252,7 @@ def test_an_export_without_the_prompt_graph_is_refused(export, prompt_nemo, tmp_
     from streaming_parity.interface.registry import get
 
     for dtype in ("float32", "int8"):
-        missing = _copy(export, tmp_path / dtype, without=(prompt_file(dtype),))
+        missing = copy_dir(export, tmp_path / dtype, without=(prompt_file(dtype),))
         with pytest.raises(MissingGraphError, match=f"missing graph {prompt_file(dtype)}"):
             get("onnx").load(missing, dtype=dtype, nemo_path=prompt_nemo)
 
@@ -273,12 +264,12 @@ def test_shape_surprises_are_refused(onnx, export, prompt_nemo, tmp_path):
     with pytest.raises(ShapeMismatchError, match=r"prompt.onnx input encoder_output: expected shape \('\*', 80, '\*'\), got \(1, 79, 5\)"):
         onnx.run_prompt(wrong, "en-US")
     # Metadata claiming another one-hot width than the kernel's weights take.
-    narrowed = _copy(export, tmp_path / "narrowed")
+    narrowed = copy_dir(export, tmp_path / "narrowed")
     _rewrite_metadata(narrowed, lambda _metadata: {"num_prompts": 127})
     with pytest.raises(GraphInterfaceError, match=r"prompt_kernel.0.weight has shape \[160, 208\].*need \[160, 207\]"):
         get("onnx").load(narrowed, nemo_path=prompt_nemo)
     # An index outside the one-hot width.
-    outside = _copy(export, tmp_path / "outside")
+    outside = copy_dir(export, tmp_path / "outside")
     _rewrite_metadata(outside, lambda _metadata: {"prompt_dictionary": {"en-US": 128}})
     with pytest.raises(GraphInterfaceError, match=r"prompt_dictionary\['en-US'\] = 128"):
         get("onnx").load(outside, nemo_path=prompt_nemo)
@@ -302,14 +293,14 @@ def test_int8_prompt_weight_shapes_are_checked_at_load(export, prompt_nemo, tmp_
     get("onnx").load(export, dtype="int8", nemo_path=prompt_nemo).close()
 
     # Metadata claiming another one-hot width than the quantized kernel takes.
-    narrowed = _copy(export, tmp_path / "narrowed")
+    narrowed = copy_dir(export, tmp_path / "narrowed")
     _rewrite_metadata(narrowed, lambda _metadata: {"num_prompts": 127})
     with pytest.raises(GraphInterfaceError, match=rf"prompt.int8.onnx: {int8[0][0]} \(quantized prompt_kernel.0.weight, "
                                                   r"\[in, out\]\) has shape \[208, 160\].*need \[207, 160\]"):
         get("onnx").load(narrowed, dtype="int8", nemo_path=prompt_nemo)
 
     # A quantized weight cut short (its output layer one column narrower than d_model).
-    cut = _copy(export, tmp_path / "cut")
+    cut = copy_dir(export, tmp_path / "cut")
     model = onnx.load(str(cut / prompt_file("int8")))
     for index, init in enumerate(model.graph.initializer):
         if init.name == int8[1][0]:
@@ -326,7 +317,7 @@ def test_older_exports_are_refused_and_not_reused(export, prompt_nemo, tmp_path)
     from streaming_parity.backends.onnx.layout import FORMAT
     from streaming_parity.interface.registry import get
 
-    older = _copy(export, tmp_path / "older")
+    older = copy_dir(export, tmp_path / "older")
     _rewrite_metadata(older, lambda _metadata: {"format": "parity-nemo-cache-aware-rnnt/1"})
     with pytest.raises(GraphInterfaceError, match="older parity export-onnx: export again"):
         get("onnx").load(older, nemo_path=prompt_nemo)
@@ -377,7 +368,7 @@ def test_another_prompt_width_and_dictionary(prompt_nemo, utterances, tmp_path):
         assert onnx.info.num_prompts == nemo.info.num_prompts == width
         assert onnx.info.prompt_dictionary == nemo.info.prompt_dictionary
         german = [replace(utterances[0], prompt="de-DE")]
-        outcome = _compare(nemo, Candidate.of(onnx), german, [context])
+        outcome = stream_and_compare_one(nemo, Candidate.of(onnx), german, [context])
         assert outcome.passed, _failures(outcome)
         assert any(t.tap == TAP_PROMPT for t in outcome.results.comparisons[0].taps)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import copy_dir
 from graph_metadata import set_metadata
 
 pytest.importorskip("onnxruntime")
@@ -58,11 +59,6 @@ def _lookahead(peer_dirs, fmt: str, context=(70, 13)) -> Path:
     from streaming_parity.backends.onnx.peer_export import lookahead_dir
 
     return lookahead_dir(peer_dirs[fmt], fmt, context, 8, several=True)
-
-
-def _copy(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
 
 
 # -- detection ---------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def test_foreign_directory_matches_nemo_tap_by_tap(fmt, peer_dirs, tiny_nemo, ru
 def test_graph_without_layer_scopes_still_compares_what_it_has(peer_dirs, tiny_nemo, run_cache, two_utterances,
                                                                 tolerances, tmp_path):
     """A layer whose node names carry no module scope: that tap is reported unavailable, the rest compared."""
-    directory = _copy(_lookahead(peer_dirs, "nemo"), tmp_path / "renamed")
+    directory = copy_dir(_lookahead(peer_dirs, "nemo"), tmp_path / "renamed")
     graph_path = directory / "encoder-model.onnx"
     model = onnx.load(str(graph_path))
     for node in model.graph.node:
@@ -158,7 +154,7 @@ def test_graph_without_layer_scopes_still_compares_what_it_has(peer_dirs, tiny_n
     ("subsampling_factor", 4, "subsampling_factor = 4 contradicts the .nemo's encoder.subsampling_factor = 8"),
 ])
 def test_sherpa_metadata_that_lies_is_refused(peer_dirs, tiny_nemo, tmp_path, key, value, stated):
-    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "lying")
+    directory = copy_dir(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "lying")
     set_metadata(directory / "encoder.onnx", **{key: value})
     with pytest.raises(ArtifactContradiction) as caught:
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
@@ -167,7 +163,7 @@ def test_sherpa_metadata_that_lies_is_refused(peer_dirs, tiny_nemo, tmp_path, ke
 
 
 def test_parakeet_config_and_tokens_that_lie_are_refused(peer_dirs, tiny_nemo, tmp_path):
-    directory = _copy(_lookahead(peer_dirs, "parakeet-rs"), tmp_path / "parakeet")
+    directory = copy_dir(_lookahead(peer_dirs, "parakeet-rs"), tmp_path / "parakeet")
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["preprocessor"]["normalize"] = "per_feature"  # what parakeet-rs' exporter hard-codes
@@ -182,7 +178,7 @@ def test_parakeet_config_and_tokens_that_lie_are_refused(peer_dirs, tiny_nemo, t
                                                     r"encoder graph \(probed\) = \[70, 13\]"):
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)
 
-    sherpa = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "tokens")
+    sherpa = copy_dir(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "tokens")
     lines = (sherpa / "tokens.txt").read_text(encoding="utf-8").splitlines()
     lines[5] = f"▁lie {lines[5].rsplit(' ', 1)[1]}"
     (sherpa / "tokens.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -201,7 +197,7 @@ def test_foreign_directory_needs_its_nemo(peer_dirs):
 # -- untrusted files -----------------------------------------------------------------------------------
 
 def test_external_data_outside_the_directory_is_refused(peer_dirs, tiny_nemo, tmp_path):
-    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "escape" / "inner")
+    directory = copy_dir(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "escape" / "inner")
     shutil.move(directory / "encoder.data", tmp_path / "escape" / "encoder.data")
     model = onnx.load(str(directory / "encoder.onnx"), load_external_data=False)
     for tensor in model.graph.initializer:
@@ -214,7 +210,7 @@ def test_external_data_outside_the_directory_is_refused(peer_dirs, tiny_nemo, tm
 
 
 def test_declared_tensor_larger_than_its_file_is_refused(peer_dirs, tiny_nemo, tmp_path):
-    directory = _copy(_lookahead(peer_dirs, "parakeet-rs"), tmp_path / "truncated")
+    directory = copy_dir(_lookahead(peer_dirs, "parakeet-rs"), tmp_path / "truncated")
     data = directory / "encoder.onnx.data"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with pytest.raises(UnsafeArtifact, match="lies past the end of 'encoder.onnx.data'"):
@@ -227,7 +223,7 @@ def test_declared_tensor_larger_than_its_file_is_refused(peer_dirs, tiny_nemo, t
     (lambda lines: lines[:-1], "is '.*', not the blank '<blk>'"),
 ])
 def test_token_tables_with_duplicate_or_missing_ids_are_refused(peer_dirs, tiny_nemo, tmp_path, edit, error):
-    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "tokens")
+    directory = copy_dir(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "tokens")
     path = directory / "tokens.txt"
     path.write_text("\n".join(edit(path.read_text(encoding="utf-8").splitlines())) + "\n", encoding="utf-8")
     with pytest.raises(UnsafeArtifact, match=error):
@@ -376,7 +372,7 @@ def test_older_script_directory_matches_nemo_and_a_corrupted_graph_is_caught(
     finally:
         backend.close()
 
-    corrupted = _copy(directory, tmp_path / "corrupted")
+    corrupted = copy_dir(directory, tmp_path / "corrupted")
     graph = onnx.load(str(corrupted / "encoder.onnx"))
     weight = next(t for t in graph.graph.initializer if t.name == "layers.1.conv.pointwise_conv1.weight")
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.1, weight.name))
@@ -392,7 +388,7 @@ def test_older_script_directory_matches_nemo_and_a_corrupted_graph_is_caught(
     finally:
         backend.close()
 
-    reshaped = _copy(directory, tmp_path / "reshaped")
+    reshaped = copy_dir(directory, tmp_path / "reshaped")
     graph = onnx.load(str(reshaped / "encoder.onnx"))
     channel = next(i for i in graph.graph.input if i.name == "cache_last_channel")
     channel.type.tensor_type.shape.dim[1].dim_value = 4
@@ -429,7 +425,7 @@ def test_int8_directory_as_the_run_scripts_leave_it(script_dirs, tiny_nemo, tmp_
                                                 r"graphs: --candidate onnx:int8:"):
         ForeignOnnxBackend(int8, nemo_path=tiny_nemo)
 
-    both = _copy(source, tmp_path / "both")
+    both = copy_dir(source, tmp_path / "both")
     set_metadata(both / "encoder.int8.onnx", window_size=17)
     with pytest.raises(ArtifactContradiction, match=r"encoder\.int8\.onnx: window_size = 17 contradicts the "
                                                     r"\.nemo's chunk_size \+ pre_encode_cache_size at \[70, 13\] = 121"):
@@ -441,7 +437,7 @@ def test_int8_directory_as_the_run_scripts_leave_it(script_dirs, tiny_nemo, tmp_
 
 def test_nemotron_script_layout_with_tokens_one_level_up(peer_dirs, tiny_nemo, tmp_path):
     """The Nemotron script writes tokens.txt once and moves each lookahead's graphs into <ms>/."""
-    root = _copy(peer_dirs["sherpa-onnx"], tmp_path / "nemotron")
+    root = copy_dir(peer_dirs["sherpa-onnx"], tmp_path / "nemotron")
     lookaheads = sorted(p for p in root.iterdir() if p.is_dir())
     shutil.move(lookaheads[0] / "tokens.txt", root / "tokens.txt")
     for directory in lookaheads[1:]:
@@ -460,7 +456,7 @@ def test_nemotron_script_layout_with_tokens_one_level_up(peer_dirs, tiny_nemo, t
 def test_each_spelling_of_no_normalisation_is_read(peer_dirs, tiny_nemo, tmp_path, spelling):
     """"" and "NA" (the newer scripts, the runtime's own mapping), "None" (the first FastConformer script)
     and an absent key (the runtime reads it as "") all state what the .nemo's "NA" means."""
-    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "normalize")
+    directory = copy_dir(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "normalize")
     if spelling is None:
         set_metadata(directory / "encoder.onnx", drop=("normalize_type",))
     else:
@@ -480,7 +476,7 @@ def test_each_spelling_of_no_normalisation_is_read(peer_dirs, tiny_nemo, tmp_pat
 def test_a_key_the_runtime_reads_cannot_be_missing(peer_dirs, tiny_nemo, tmp_path, key):
     from streaming_parity.backends.onnx.foreign_read import ForeignArtifactError
 
-    directory = _copy(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "missing")
+    directory = copy_dir(_lookahead(peer_dirs, "sherpa-onnx"), tmp_path / "missing")
     set_metadata(directory / "encoder.onnx", drop=(key, "chunk_size_ms", "feat_dim"))
     with pytest.raises(ForeignArtifactError, match=f"encoder.onnx: metadata key '{key}' missing"):
         ForeignOnnxBackend(directory, nemo_path=tiny_nemo)

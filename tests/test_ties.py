@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import step_output, stream_run, streaming_state
 
-from streaming_parity.interface.driver import StreamRun
-from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
+from streaming_parity.interface.types import StepOutput
 from streaming_parity.judge.compare import compare_runs, judge_teacher_forced, rejudge
 from streaming_parity.judge.results import comparison_from_dict, comparison_to_dict
 from streaming_parity.judge.ties import find_flips, tie_bound
@@ -18,19 +18,13 @@ from streaming_parity.judge.tolerances import Tolerances
 
 VOCABULARY = 8  # labels 0..7, blank 8
 BLANK = VOCABULARY
+CONTEXT = (70, 1)
 
 
-def _step(joint_rows: np.ndarray, tokens: list[int]) -> StepOutput:
-    state = StreamingState(att_context_size=(70, 1), cache_last_channel=np.zeros((1, 1, 2, 4), np.float32),
-                           cache_last_time=np.zeros((1, 1, 4, 2), np.float32),
-                           cache_last_channel_len=np.zeros((1,), np.int64),
-                           decoder=[DecoderState(BLANK, np.zeros((1, 1, 3), np.float32), np.zeros((1, 1, 3), np.float32))])
-    return StepOutput(encoded=np.zeros((1, 4, 1), np.float32), encoded_len=np.ones((1,), np.int64), state=state,
-                      tokens=[tokens], taps={"joint": joint_rows.astype(np.float32)})
-
-
-def _run(backend: str, steps: list[StepOutput]) -> StreamRun:
-    return StreamRun(backend=backend, dtype="float32", att_context_size=(70, 1), mode="plain", steps=steps)
+def _joint_step(joint_rows: np.ndarray, tokens: list[int]) -> StepOutput:
+    """One step of this file's model (labels 0..7, blank 8) at lookahead (70, 1): its joint rows and tokens."""
+    return step_output({"joint": joint_rows}, tokens, encoded=np.zeros((1, 4, 1), np.float32),
+                       state=streaming_state(CONTEXT, caches=True, blank=BLANK))
 
 
 def _rows(*winners: tuple[int, float], runner_up: tuple[int, float] | None = None) -> np.ndarray:
@@ -53,9 +47,9 @@ def _judged(tolerances, reference_first_call: np.ndarray, forced_first_call: np.
     teacher-forced candidate produced ``forced_first_call`` at the first call."""
     reference_rows = np.stack([reference_first_call, _rows((BLANK, 0.0))[0]])
     forced_rows = np.stack([forced_first_call, _rows((BLANK, 0.0))[0]])
-    reference = _run("nemo", [_step(reference_rows, [5])])
-    forced = _run("mlx", [_step(forced_rows, [5])])
-    free = _run("mlx", [_step(forced_rows, free_tokens)])
+    reference = stream_run("nemo", [_joint_step(reference_rows, [5])], context=CONTEXT)
+    forced = stream_run("mlx", [_joint_step(forced_rows, [5])], context=CONTEXT)
+    free = stream_run("mlx", [_joint_step(forced_rows, free_tokens)], context=CONTEXT)
     comparison = compare_runs(reference, free, tolerances, num_layers=1, utterance="u")
     return judge_teacher_forced(comparison, reference, forced, tolerances, num_layers=1)
 
@@ -96,8 +90,8 @@ def test_a_flip_to_a_label_that_is_not_the_runner_up_is_never_a_tie(tolerances):
 
 def test_differing_tokens_without_teacher_forcing_fail(tolerances):
     rows = _rows((5, 5.0), (BLANK, 0.0))
-    reference = _run("nemo", [_step(rows, [5])])
-    candidate = _run("mlx", [_step(rows, [3])])
+    reference = stream_run("nemo", [_joint_step(rows, [5])], context=CONTEXT)
+    candidate = stream_run("mlx", [_joint_step(rows, [3])], context=CONTEXT)
     comparison = compare_runs(reference, candidate, tolerances, num_layers=1, utterance="u")
     assert not comparison.teacher_forced and not comparison.passed
     assert "token sequences differ at position 0" in comparison.describe_failure()
@@ -126,7 +120,7 @@ def test_rejudging_with_a_stricter_file_turns_the_tie_into_a_failure(tolerances,
 
 def test_find_flips_ignores_calls_where_the_candidate_agrees(tolerances):
     rows = _rows((5, 5.0), (BLANK, 0.0))
-    steps = [_step(rows, [5])]
+    steps = [_joint_step(rows, [5])]
     assert find_flips(steps, steps, tolerances.limits("nemo~mlx", "float32", "joint")) == []
 
 
