@@ -22,7 +22,7 @@ import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streaming_parity.app.session import compare_backends
 from streaming_parity.core.nemo_file import sha256_file
@@ -33,6 +33,9 @@ from streaming_parity.judge.compare import PairComparison, aggregate_token_agree
 from streaming_parity.judge.loop import Candidate, LoopProgress
 from streaming_parity.judge.metrics import token_edit_distance, word_error_rate
 from streaming_parity.judge.tolerances import Tolerances
+
+if TYPE_CHECKING:
+    from streaming_parity.judge.recording import Recording
 
 DEFAULT_MODES = (FirstChunkMode.PLAIN.value,)
 
@@ -69,7 +72,7 @@ class Entry:
 @dataclass
 class Verification:
     artifact_dir: Path
-    nemo_path: Path
+    nemo_path: Path | None  # None: judged against a recording of the reference (``reference_record``)
     dtype: str
     tolerances: Tolerances
     utterances: list[str]
@@ -80,6 +83,8 @@ class Verification:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
     source_hub: HubOrigin | None = None  # where the checkpoint came from, when from the hub
     transcripts: list[dict[str, Any]] = field(default_factory=list)  # every streamed run's text (the loop's)
+    # A recorded reference (``streaming_parity.judge.recording``): its path, checkpoint and how it was made.
+    reference_record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -169,13 +174,18 @@ class Verification:
                    for name in ("model.safetensors", "frontend.safetensors") if (self.artifact_dir / name).exists()}
         recorded = record.get("files", {})
         tolerance_file = Path(self.tolerances.source)
-        source_sha256 = sha256_file(self.nemo_path)
+        if self.nemo_path is not None:
+            source_name, source_sha256 = self.nemo_path.name, sha256_file(self.nemo_path)
+        else:
+            source_name, source_sha256 = self.reference_record.get("name"), self.reference_record.get("sha256")
         return {
             "passed": self.passed,
             "summary": self.summary(),
             "created": self.created,
-            "source": {"name": self.nemo_path.name, "sha256": source_sha256},
-            "provenance": Provenance.collect(self.nemo_path, sha256=source_sha256, hub=self.source_hub).to_dict(),
+            "source": {"name": source_name, "sha256": source_sha256},
+            "provenance": {**Provenance.collect(self.nemo_path, sha256=source_sha256, hub=self.source_hub).to_dict(),
+                           "source_name": source_name},
+            "reference": self.reference_record or {"backend": "nemo", "live": True},
             "artifact": {
                 "dtype": self.dtype,
                 "weights_sha256": weights,
@@ -199,28 +209,37 @@ class Verification:
         }
 
 
-def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path, *, reference: Backend,
+def verify_artifact(artifact_dir: str | Path, nemo_path: str | Path | None, *, reference: Backend | Recording,
                     utterances: Sequence[Any], att_context_sizes: Sequence[Sequence[int]] | None = None,
                     tolerances_path: str | Path | None = None, modes: Sequence[str] = DEFAULT_MODES,
                     include_offline: bool = True, device: str = "auto",
                     progress: Callable[[str], None] | LoopProgress | None = None,
                     source_hub: HubOrigin | None = None) -> Verification:
-    """Judge the MLX artifact against ``reference`` (NeMo over ``nemo_path``) on ``utterances``.
+    """Judge the MLX artifact against ``reference`` (NeMo over ``nemo_path``, or a recording of it with
+    ``nemo_path`` None: then its lookaheads by default) on ``utterances``.
 
     ``progress``: a ``callable(text)`` per stream, or the loop's callbacks (a
     ``streaming_parity.core.system.progress.ProgressBar``). ``source_hub``: where the checkpoint came from."""
     from streaming_parity.backends.mlx.backend import MLXBackend
     from streaming_parity.backends.mlx.blas import status
 
-    artifact_dir, nemo_path = Path(artifact_dir), Path(nemo_path)
+    artifact_dir, nemo_path = Path(artifact_dir), None if nemo_path is None else Path(nemo_path)
+    recorded = not isinstance(reference, Backend)
+    if nemo_path is None and not recorded:
+        raise ValueError("a live reference needs the checkpoint it was loaded from (nemo_path)")
     tolerances = Tolerances.load(tolerances_path)
     candidate = MLXBackend(artifact_dir, device=device)
     utterances = list(utterances)
-    contexts = [(int(c[0]), int(c[1])) for c in (att_context_sizes or candidate.info.att_context_sizes)]
+    default_contexts = reference.contexts if recorded else candidate.info.att_context_sizes
+    contexts = [(int(c[0]), int(c[1])) for c in (att_context_sizes or default_contexts)]
     verification = Verification(artifact_dir=artifact_dir, nemo_path=nemo_path, dtype=candidate.dtype,
                                 tolerances=tolerances, utterances=[u.name for u in utterances],
                                 att_context_sizes=contexts, device=str(candidate.device), blas=status().reason,
                                 source_hub=source_hub)
+    if recorded:
+        verification.reference_record = {"recording": str(reference.directory), **{
+            key: reference.model.get(key) for key in ("name", "sha256", "hub_repo", "hub_revision")},
+            "made": reference.manifest.get("provenance", {})}
 
     outcome = compare_backends(
         reference, [Candidate.of(candidate, modes=tuple(FirstChunkMode(m).value for m in modes),

@@ -1,4 +1,5 @@
-"""``parity convert`` and ``parity verify``: thin wrappers over ``streaming_parity.backends.mlx.convert`` / ``verify``.
+"""``parity convert`` and ``parity verify``: thin wrappers over ``streaming_parity.backends.mlx.convert`` and
+``streaming_parity.app.verify``.
 
 Heavy imports (MLX, torch, NeMo) happen inside the commands, so ``parity --help`` stays fast and
 works without MLX installed.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -91,10 +94,11 @@ def cmd_convert(args) -> int:
         err("convert needs MODEL (a .nemo or ORG/NAME on the hub) and --out DIR")
         return EXIT_USAGE
     source = args.context.resolve_source(args.model)
+    reference = functools.cache(lambda: args.context.load_reference(source.path))  # loaded once, if at all
     try:
         with ProgressBar("convert", logger=log) as bar:
             verify = None if args.skip_verify else verifier(
-                source.path, reference=lambda: args.context.load_reference(source.path),
+                source.path, reference=reference,
                 utterances=_utterances(args), att_context_sizes=_contexts(args), tolerances_path=args.tolerances,
                 progress=bar, source_hub=source.hub)
             result = convert(source.path, args.out, dtype=args.dtype, verify=verify, skip_verify=args.skip_verify,
@@ -108,12 +112,47 @@ def cmd_convert(args) -> int:
     artifact = result.artifact
     if result.verification is not None:
         _print_verification(result.verification)
+        with ProgressBar("convert", logger=log) as bar:
+            evidence = record_evidence(result.published, source, reference(), _utterances(args),
+                                       _contexts(args), progress=bar.phase)
+        print(f"reference recorded into the artifact: {evidence} ({size_mb(evidence):.1f} MB); "
+              f"parity verify {result.published} re-judges against it without NeMo")
     if args.model_card:
         log.info("model card: %s", model_card.write(result.published, artifact_ref=str(args.out)))
     print(f"wrote {result.published} ({artifact.dtype}, {len(artifact.tensors['model.safetensors'])} tensors, "
           f"{artifact.seconds:.1f} s, peak RSS {artifact.peak_rss_mb:.0f} MB"
           f"{', verified' if result.verification is not None else ', NOT verified (--skip-verify)'})")
     return EXIT_OK
+
+
+# What an artifact carries of its reference: a small recording (streaming_parity.judge.recording) that ``parity verify
+# DIR`` judges against where there is no NeMo (an Apple silicon Mac), and ``parity publish`` uploads with it.
+EVIDENCE_DIR = "reference"
+EVIDENCE_UTTERANCES = 2
+
+
+def record_evidence(artifact: Path, source, reference, utterances, contexts, *, progress=None) -> Path:
+    """Record ``reference`` on the shortest ``EVIDENCE_UTTERANCES`` utterances, at every lookahead (or
+    ``contexts``), plain and pad-and-drop and offline, into ``artifact/reference``."""
+    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+    from streaming_parity.core.system.provenance import Provenance
+    from streaming_parity.judge.recording import write_recording
+
+    sha256 = sha256_file(source.path)
+    model = {"name": source.path.name, "sha256": sha256, "hub_repo": source.hub.repo if source.hub else None,
+             "hub_revision": source.hub.revision if source.hub else None, "config": inspect_nemo(source.path).config,
+             "vocabulary": list(reference.info.vocabulary), "max_symbols": reference.info.max_symbols}
+    chosen = sorted(utterances, key=lambda u: len(u.audio))[:EVIDENCE_UTTERANCES]
+    target = artifact / EVIDENCE_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    return write_recording(reference, chosen, contexts or reference.info.att_context_sizes, target, model=model,
+                           provenance=Provenance.collect(source.path, sha256=sha256, hub=source.hub).to_dict(),
+                           progress=progress)
+
+
+def size_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
 
 
 def source_mismatch(artifact: Path, source, static=None) -> str | None:
@@ -158,12 +197,18 @@ def cmd_verify(args) -> int:
     from that checkpoint, then every tensor against it through the mapping, and the numeric check;
     any failure is localized to tap and tensors."""
     from streaming_parity.core.system.progress import ProgressBar
-    from streaming_parity.interface.commands import EXIT_OK, EXIT_VIOLATION
+    from streaming_parity.interface.commands import EXIT_OK, EXIT_USAGE, EXIT_VIOLATION, err
 
     artifact = args.context.resolve_source(args.artifact, "mlx").path
+    if args.nemo and args.reference:
+        err("verify takes --nemo MODEL or --reference REF, not both")
+        return EXIT_USAGE
     source = args.context.resolve_source(args.nemo) if args.nemo else None
     nemo_path = source.path if source else None
     diagnose = args.context.diagnose
+    recording = args.reference
+    if recording is None and source is None and (artifact / EVIDENCE_DIR / "recording.json").is_file():
+        recording = artifact / EVIDENCE_DIR  # the reference recorded when the artifact was converted
     if source is not None:
         mismatch = source_mismatch(artifact, source)
         if mismatch:
@@ -179,6 +224,8 @@ def cmd_verify(args) -> int:
         print(line)
     if static.contradictions:
         return EXIT_VIOLATION  # the weights are not the model the config describes: numbers mean nothing
+    if recording is not None:
+        return _verify_against_recording(args, artifact, recording)
     if source is None:
         print("config and weights agree; add --nemo MODEL.nemo to compare every tensor and run the numeric check")
         return EXIT_OK
@@ -205,6 +252,35 @@ def cmd_verify(args) -> int:
         if line.startswith(("first divergence", "most likely")):
             print(line)
     return EXIT_VIOLATION
+
+
+def _verify_against_recording(args, artifact: Path, path: Path) -> int:
+    """The numeric check against a recording of the reference (``parity record``, or the one ``parity convert``
+    put in the artifact): no NeMo and no torch needed, so the artifact is judged where its users run it."""
+    from streaming_parity.app.verify import verify_artifact
+    from streaming_parity.backends.mlx.artifact import recorded_provenance
+    from streaming_parity.core.system.progress import ProgressBar
+    from streaming_parity.interface.commands import EXIT_OK, EXIT_VIOLATION
+    from streaming_parity.judge.recording import Recording, RecordingError
+
+    recording = Recording(path)
+    made_from = recorded_provenance(artifact)
+    if made_from is not None and made_from.source_sha256 and made_from.source_sha256 != recording.model["sha256"]:
+        raise RecordingError(f"{path} records {recording.model.get('name')} (sha256 {recording.model['sha256'][:12]}); "
+                             f"{artifact} was converted from {made_from.source_label()}")
+    for line in recording.describe():
+        print(f"reference: {line}")
+    utterances = _utterances(args) if args.audio else recording.utterances()
+    with ProgressBar("verify", logger=log) as bar:
+        verification = verify_artifact(artifact, None, reference=recording, utterances=utterances,
+                                       att_context_sizes=_contexts(args), tolerances_path=args.tolerances,
+                                       include_offline=recording.manifest["plan"]["offline"], device=args.device,
+                                       progress=bar)
+    _print_verification(verification)
+    if args.json:
+        args.json.write_text(json.dumps(verification.to_dict(), indent=2) + "\n")
+        print(f"report written to {args.json}")
+    return EXIT_OK if verification.passed else EXIT_VIOLATION
 
 
 def cmd_publish(args) -> int:
@@ -262,6 +338,9 @@ def register(subparsers) -> None:
     p.add_argument("artifact", metavar="DIR", help="an MLX artifact directory, or ORG/NAME[@REVISION] on the hub")
     p.add_argument("--nemo", metavar="MODEL",
                    help="the checkpoint the artifact was converted from: a .nemo or ORG/NAME[@REVISION]")
+    p.add_argument("--reference", type=Path, metavar="REF",
+                   help="a recording of the reference (parity record) to judge against, no NeMo needed; without "
+                        "--nemo or --reference, the recording parity convert put in DIR/reference is used")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="MLX device")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report here")
     _add_check_options(p)
