@@ -6,7 +6,7 @@ checkpoint without copying anything::
     pytest --pyargs tests --parity-model my.nemo            # or: pytest -p streaming_parity.app.pytest_plugin ...
 
 Options: ``--parity-model``, ``--parity-backends``, ``--parity-att-context``, ``--parity-results``,
-``--run-nightly``. It imports backends and fixtures, so it belongs to the application layer.
+``--run-nightly``, ``--parity-reference REF`` (a recording: no NeMo needed) with ``--parity-artifact mlx=DIR``. It imports backends and fixtures, so it belongs to the application layer.
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def pytest_addoption(parser):
                     help="write each suite's results JSON into DIR")
     group.addoption("--run-nightly", action="store_true", default=False,
                     help="also run the tests marked nightly (the large matrix)")
+    group.addoption("--parity-reference", action="store", default=None, metavar="REF",
+                    help="a recording of the reference (parity record): the suites compare against it, without "
+                         "NeMo or torch; a test that asks the reference for anything it did not record fails")
+    group.addoption("--parity-artifact", action="append", default=None, metavar="NAME[:DTYPE]=DIR",
+                    help="an artifact to test instead of preparing one from the .nemo (repeatable), e.g. mlx=DIR")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -90,9 +95,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_nightly)
 
 
+def _recording(config):
+    """The ``--parity-reference`` recording, opened (and its shards checked) once per session; None without one."""
+    path = config.getoption("--parity-reference")
+    if path is None:
+        return None
+    if not hasattr(config, "_parity_recording"):
+        from streaming_parity.judge.recording import Recording
+
+        config._parity_recording = Recording(path)
+    return config._parity_recording
+
+
+def _given_artifacts(config) -> dict[tuple[str, str | None], Path]:
+    """``--parity-artifact NAME[:DTYPE]=DIR`` as ``{(name, dtype or None): DIR}``."""
+    from streaming_parity.interface.registry import REGISTRY
+
+    given = {}
+    for text in config.getoption("--parity-artifact") or []:
+        target, separator, directory = text.partition("=")
+        name, _, dtype = target.partition(":")
+        if not separator or name not in REGISTRY or (dtype and dtype not in REGISTRY[name].dtypes):
+            raise pytest.UsageError(f"--parity-artifact {text}: expected NAME[:DTYPE]=DIR with NAME one of "
+                                    f"{list(REGISTRY)} and DTYPE one it runs")
+        given[(name, dtype or None)] = Path(directory)
+    return given
+
+
 @pytest.fixture(scope="session")
 def tiny_nemo(request) -> Path:
-    """The ``.nemo`` under test: ``--parity-model`` if given, else the ``tiny-streaming`` fixture (built once)."""
+    """The ``.nemo`` under test: ``--parity-model`` if given, else the ``tiny-streaming`` fixture (built once).
+    With ``--parity-reference`` there is none: a test that needs the checkpoint itself (a conversion) skips."""
+    if _recording(request.config) is not None and not request.config.getoption("--parity-model"):
+        pytest.skip("needs the .nemo itself; --parity-reference judges against a recording")
     pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
     user_model = request.config.getoption("--parity-model")
     if user_model:
@@ -108,7 +143,10 @@ def nemo_backend(backend_pool):
 
 
 @pytest.fixture(scope="session")
-def utterances():
+def utterances(request):
+    recording = _recording(request.config)
+    if recording is not None:
+        return recording.utterances()
     from streaming_parity.app.session import fixture_utterances
 
     return fixture_utterances()
@@ -128,7 +166,8 @@ def att_contexts(request, nemo_backend):
     chosen = request.config.getoption("--parity-att-context")
     if chosen:
         return [parse_att_context(c) for c in chosen]
-    return list(nemo_backend.info.att_context_sizes)
+    recording = _recording(request.config)
+    return recording.contexts if recording is not None else list(nemo_backend.info.att_context_sizes)
 
 
 @pytest.fixture(scope="session")
@@ -150,15 +189,16 @@ def _selected_backends(config) -> list[str]:
     return names
 
 
-def _backend_param(names: tuple[str, ...], *, streams_mel: bool = False):
-    from streaming_parity.interface.registry import REGISTRY
+def _backend_param(names: tuple[str, ...], *, streams_mel: bool = False, recorded_reference: bool = False):
+    from streaming_parity.interface.registry import REFERENCE, REGISTRY
 
     marks = [getattr(pytest.mark, REGISTRY[n].marker) for n in dict.fromkeys(names)]
     takes_audio = [n for n in names if REGISTRY[n].capabilities.input == "audio"]
     if streams_mel and takes_audio:
         marks.append(pytest.mark.skip(reason=f"{', '.join(takes_audio)}: a transcript-level backend (its own front "
                                              "end and chunking, it takes audio); this test streams mel chunks"))
-    missing = {n: REGISTRY[n].missing_requirements() for n in names}
+    # A recorded reference replays NeMo's runs: NeMo and torch are not needed for it.
+    missing = {n: REGISTRY[n].missing_requirements() for n in names if not (recorded_reference and n == REFERENCE)}
     missing = {n: m for n, m in missing.items() if m}
     if missing:
         reason = "; ".join(f"{n} needs {', '.join(m)}" for n, m in missing.items())
@@ -172,8 +212,10 @@ def pytest_generate_tests(metafunc):
 
     names = _selected_backends(metafunc.config)
     streams_mel = metafunc.definition.get_closest_marker("streams_mel") is not None
+    recorded = metafunc.config.getoption("--parity-reference") is not None
     if "backend_name" in metafunc.fixturenames:
-        metafunc.parametrize("backend_name", [_backend_param((n,), streams_mel=streams_mel) for n in names])
+        metafunc.parametrize("backend_name", [_backend_param((n,), streams_mel=streams_mel, recorded_reference=recorded)
+                                              for n in names])
     if "backend_pair" in metafunc.fixturenames:
         candidates = [n for n in names if n != REFERENCE]
         # Candidates are also compared with each other where both produce tensors; a transcript-level
@@ -182,15 +224,22 @@ def pytest_generate_tests(metafunc):
                         and REGISTRY[n].capabilities.input == "mel"]
         pairs = [(REFERENCE, c) for c in candidates] + [
             (a, b) for i, a in enumerate(tensor_level) for b in tensor_level[i + 1:]]
-        metafunc.parametrize("backend_pair", [_backend_param(p, streams_mel=streams_mel) for p in pairs])
+        metafunc.parametrize("backend_pair", [_backend_param(p, streams_mel=streams_mel, recorded_reference=recorded)
+                                              for p in pairs])
 
 
 class BackendPool:
-    """Prepares (exports, converts) and loads each backend once per session."""
+    """Prepares (exports, converts) and loads each backend once per session.
 
-    def __init__(self, nemo_path: Path, work_dir: Path):
+    ``reference``: a ``ReplayBackend`` over a recording, served as the reference backend (``--parity-reference``);
+    ``artifacts``: directories given for ``(name, dtype or None)``, loaded instead of prepared from the .nemo."""
+
+    def __init__(self, nemo_path: Path | None, work_dir: Path, *, reference=None,
+                 artifacts: dict[tuple[str, str | None], Path] | None = None):
         self.nemo_path = nemo_path
         self.work_dir = work_dir
+        self.reference = reference
+        self.artifacts = dict(artifacts or {})
         self._sources = {}
         self._loaded = {}
 
@@ -200,6 +249,12 @@ class BackendPool:
 
         entry = get(name)
         key = (name, dtype or entry.dtypes[0])
+        given = self.artifacts.get(key) or (self.artifacts.get((name, None)) if key[1] == entry.dtypes[0] else None)
+        if given is not None:
+            return given
+        if key not in self._sources and self.nemo_path is None:
+            pytest.skip(f"no {name}:{key[1]} artifact given (--parity-artifact {name}:{key[1]}=DIR) and no .nemo "
+                        "to prepare one from")
         if key not in self._sources:
             (self.work_dir / name).mkdir(parents=True, exist_ok=True)
             from streaming_parity.core.errors import Unsupported
@@ -211,8 +266,10 @@ class BackendPool:
         return self._sources[key]
 
     def get(self, name: str, dtype: str | None = None):
-        from streaming_parity.interface.registry import get
+        from streaming_parity.interface.registry import REFERENCE, get
 
+        if name == REFERENCE and self.reference is not None:
+            return self.reference
         entry = get(name)
         key = (name, dtype or entry.dtypes[0])
         if key not in self._loaded:
@@ -221,8 +278,16 @@ class BackendPool:
 
 
 @pytest.fixture(scope="session")
-def backend_pool(tiny_nemo, tmp_path_factory) -> BackendPool:
-    return BackendPool(tiny_nemo, tmp_path_factory.mktemp("backends"))
+def backend_pool(request, tmp_path_factory) -> BackendPool:
+    recording = _recording(request.config)
+    artifacts = _given_artifacts(request.config)
+    if recording is None:
+        return BackendPool(request.getfixturevalue("tiny_nemo"), tmp_path_factory.mktemp("backends"),
+                           artifacts=artifacts)
+    from streaming_parity.judge.recording import ReplayBackend
+
+    return BackendPool(None, tmp_path_factory.mktemp("backends"), reference=ReplayBackend(recording),
+                       artifacts=artifacts)
 
 
 class RunCache:

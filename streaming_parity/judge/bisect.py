@@ -32,6 +32,7 @@ from streaming_parity.interface.decoding import decode_tokens
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.loop import (
     Candidate,
+    Context,
     LoopOutcome,
     MemoryStore,
     ReferenceRuns,
@@ -237,25 +238,7 @@ def bisect_peer(reference: Backend | ReferenceRuns, driver: Backend, peer: Backe
     # (a) the export: the peer's files through the harness's driver, every tap and cache against the reference's
     # stored runs (the reference is not streamed again).
     say(f"(a) {driver.name} on the runtime's files vs {stored.name}")
-    outcome = LoopOutcome(Results(model={}, tolerances=tolerances.source))
-    compare_candidate(stored, Candidate.of(driver, modes=(mode.value,)), [mode], utterances, [context], tolerances,
-                      store=MemoryStore(), outcome=outcome)
-    compared = [c for c in outcome.results.comparisons if c.candidate == driver.name]
-    export_passed = all(c.passed for c in compared) if compared else None
-    failing = [c for c in compared if not c.passed]
-    worst: dict[str, float] = {}
-    for comparison in compared:
-        for tap, value in comparison.worst("max_abs").items():
-            kind = tap.split(".")[0]
-            worst[kind] = max(worst.get(kind, 0.0), value)
-    taps = ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) or "no taps"
-    if export_passed:
-        export_summary = (f"every tap, cache and token of {len(compared)} runs within tolerance ({taps}): "
-                          "the exported graphs are right")
-    elif export_passed is None:
-        export_summary = "not compared"
-    else:
-        export_summary = f"{len(failing)} of {len(compared)} runs fail: {failing[0].describe_failure()}"
+    export_passed, export_summary = check_export(stored, driver, utterances, context, tolerances, mode)
 
     reference_steps = {u.name: step_tokens(stored.run(u.name, context, mode)) for u in utterances}
     reference_texts = {name: decode_tokens(vocabulary, [t for s in steps for t in s])
@@ -348,6 +331,29 @@ def bisect_peer(reference: Backend | ReferenceRuns, driver: Backend, peer: Backe
         bisection.lead_in_ms, bisection.lead_in_wer = skipped * 10, word_error_rate(truth, lead_text)
     bisection.cause = state_cause(bisection)
     return bisection
+
+
+def check_export(reference: ReferenceRuns, driver: Backend, utterances: Sequence[Utterance], context: Context,
+                 tolerances: Tolerances, mode: FirstChunkMode) -> tuple[bool | None, str]:
+    """Step (a): the peer's own graphs, driven by the harness, against the reference's stored runs, every tap and
+    cache at every step. Whether they pass (None: nothing compared), and the sentence that says so."""
+    outcome = LoopOutcome(Results(model={}, tolerances=tolerances.source))
+    compare_candidate(reference, Candidate.of(driver, modes=(mode.value,)), [mode], utterances, [context],
+                      tolerances, store=MemoryStore(), outcome=outcome)
+    compared = [c for c in outcome.results.comparisons if c.candidate == driver.name]
+    if not compared:
+        return None, "not compared"
+    failing = [c for c in compared if not c.passed]
+    if failing:
+        return False, f"{len(failing)} of {len(compared)} runs fail: {failing[0].describe_failure()}"
+    worst: dict[str, float] = {}
+    for comparison in compared:
+        for tap, value in comparison.worst("max_abs").items():
+            kind = tap.split(".")[0]
+            worst[kind] = max(worst.get(kind, 0.0), value)
+    taps = ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) or "no taps"
+    return True, (f"every tap, cache and token of {len(compared)} runs within tolerance ({taps}): "
+                  "the exported graphs are right")
 
 
 def _hop(backend: Backend) -> int:

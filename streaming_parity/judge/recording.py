@@ -38,7 +38,7 @@ import numpy as np
 
 from streaming_parity.core.errors import UnsafeArtifact
 from streaming_parity.interface.backend import Backend, Capabilities
-from streaming_parity.interface.chunking import FirstChunkMode, StreamingConfig
+from streaming_parity.interface.chunking import Chunk, ChunkSchedule, FirstChunkMode, StreamingConfig
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.model_info import ModelInfo, PromptKernel
 from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState
@@ -151,11 +151,11 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
     runs, offline_entries, utterance_entries = [], [], []
     audio_tensors: dict[str, np.ndarray] = {}
     for utterance in utterances:
-        mel, _ = reference.features(utterance.audio[None])
+        mel, mel_length = reference.features(utterance.audio[None])
         audio = np.asarray(utterance.audio, np.float32)
         audio_tensors[f"{utterance.name}/audio"], audio_tensors[f"{utterance.name}/mel"] = audio, mel
         utterance_entries.append({"name": utterance.name, "text": utterance.text, "prompt": utterance.prompt,
-                                  "samples": int(audio.shape[-1]),
+                                  "samples": int(audio.shape[-1]), "mel_length": int(mel_length[0]),
                                   "audio_sha256": hashlib.sha256(audio.tobytes()).hexdigest()})
         masks = utterance.speaker_masks_for(reference)
         prompt = utterance.prompt_for(info)
@@ -465,3 +465,81 @@ class Recording:
         yield (f"{self.directory}: {len(self.manifest['utterances'])} utterances x lookaheads "
                f"{', '.join(_context_key(c) for c in plan['contexts'])} x {', '.join(plan['modes'])}"
                f"{' + offline' if plan['offline'] else ''}; {self.size_bytes() / 1e6:.1f} MB")
+
+
+class ReplayBackend(Backend):
+    """A recording behind the ``Backend`` interface: it answers exactly what was recorded (the front end of a
+    recorded utterance, each step of a recorded stream, a recorded offline forward) and refuses anything else
+    with ``RecordingError``. Where a suite asks the reference backend for those (``pytest --parity-reference``),
+    it runs without NeMo; a question the recording cannot answer fails the test that asked it, it is never
+    answered by something else."""
+
+    def __init__(self, recording: Recording):
+        self.recording = recording
+        self.name = recording.name
+        self.dtype = recording.dtype
+        self.info = recording.info
+        self.capabilities = recording.capabilities
+        self._mels = {entry["name"]: recording.mel(entry["name"]) for entry in recording.manifest["utterances"]}
+        self._by_audio = {entry["audio_sha256"]: entry for entry in recording.manifest["utterances"]}
+
+    def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
+        return self.recording.streaming_config(att_context_size)
+
+    def prompt_kernel(self) -> PromptKernel | None:
+        return self.recording.prompt_kernel()
+
+    def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        audio = np.atleast_2d(np.asarray(audio, np.float32))
+        if audio.shape[0] != 1:
+            raise RecordingError(f"a recording answers one utterance at a time, not a batch of {audio.shape[0]}")
+        entry = self._by_audio.get(hashlib.sha256(audio[0].tobytes()).hexdigest())
+        if entry is None:
+            raise RecordingError(f"{self.recording.directory}: this audio ({audio.shape[-1]} samples) was not recorded")
+        return self._mels[entry["name"]], np.array([entry["mel_length"]], np.int64)
+
+    def _utterance_of(self, mel: np.ndarray) -> str:
+        for name, recorded in self._mels.items():
+            if recorded.shape == mel.shape and np.array_equal(recorded, mel):
+                return name
+        raise RecordingError(f"{self.recording.directory}: no recorded utterance has this mel {tuple(mel.shape)}")
+
+    def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks=None,
+             forced_decisions: Sequence[int] | None = None) -> StepOutput:
+        if forced_decisions is not None:
+            raise RecordingError("a recording cannot decode with other decisions than it took")
+        context = tuple(int(v) for v in state.att_context_size)
+        if state.native is None:  # a new stream: the recorded run whose first chunk this is
+            if not chunk.is_first:
+                raise RecordingError("a recorded stream is replayed from its first chunk only")
+            # One RecordedSteps for the whole stream: it rebuilds each step's caches from the step before.
+            state.native = (self._run_starting_with(chunk, context).steps, 0)
+        steps, index = state.native
+        if index >= len(steps):
+            raise RecordingError(f"the recorded stream has {len(steps)} steps; step {index} was asked for")
+        output = steps[index]
+        output.state.native = (steps, index + 1)
+        return output
+
+    def _run_starting_with(self, chunk: Chunk, context: Context) -> RecordedRun:
+        for entry in self.recording.manifest["runs"]:
+            if tuple(entry["context"]) != context:
+                continue
+            mel = self._mels[entry["utterance"]]
+            first = ChunkSchedule(self.streaming_config(context), FirstChunkMode(entry["mode"])).chunks(mel)[0]
+            if first.mel.shape == chunk.mel.shape and first.cache_frames == chunk.cache_frames \
+                    and np.array_equal(first.mel, chunk.mel):
+                return self.recording.run(entry["utterance"], context, entry["mode"])
+        raise RecordingError(f"{self.recording.directory}: no recorded stream at [{context[0]},{context[1]}] starts "
+                             "with this chunk")
+
+    def offline(self, mel: np.ndarray, length: np.ndarray, att_context_size: Sequence[int], *,
+                speaker_masks=None, prompt: str | None = None,
+                forced_decisions: Sequence[int] | None = None) -> OfflineOutput:
+        if forced_decisions is not None:
+            raise RecordingError("a recording cannot decode with other decisions than it took")
+        name = self._utterance_of(mel)
+        if int(np.asarray(length)[0]) != mel.shape[-1]:
+            raise RecordingError(f"{name}: the offline forward was recorded over the whole mel ({mel.shape[-1]} "
+                                 f"frames), not {int(np.asarray(length)[0])}")
+        return self.recording.offline(name, att_context_size)
