@@ -30,18 +30,16 @@ def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_con
     return comparisons
 
 
-def _save(results_dir, name, comparisons, nemo_path, tolerances, transcripts=()):
+def _save(results_dir, name, comparisons, model, tolerances, transcripts=()):
     if results_dir is None:
         return
-    from streaming_parity.core.nemo_file import sha256_file
-
-    results = Results(model={"path": str(nemo_path), "sha256": sha256_file(nemo_path), "name": nemo_path.stem},
-                      tolerances=tolerances.source, comparisons=list(comparisons), transcripts=list(transcripts))
+    results = Results(model=model, tolerances=tolerances.source, comparisons=list(comparisons),
+                      transcripts=list(transcripts))
     results.save(results_dir / f"{name}.json")
 
 
 def test_per_layer_taps_and_caches_within_tolerance(backend_pair, backend_pool, run_cache, utterances,
-                                                    att_contexts, tolerances, results_dir, tiny_nemo):
+                                                    att_contexts, tolerances, results_dir, model_under_test):
     """All shared taps and the caches after every step, judged by the tolerance file.
 
     A peer runtime that exposes some taps (mlx-audio's encoder output) is judged by the same file, but it is
@@ -57,7 +55,8 @@ def test_per_layer_taps_and_caches_within_tolerance(backend_pair, backend_pool, 
                 assert comparison.first_divergence() is not None, comparison.describe_failure()
                 print(comparison.describe_failure())
         return
-    _save(results_dir, "parity-" + "~".join(backend_pair), [c for *_, c in comparisons], tiny_nemo, tolerances)
+    _save(results_dir, "parity-" + "~".join(backend_pair), [c for *_, c in comparisons], model_under_test,
+          tolerances)
     num_layers = backend_pool.get(backend_pair[0]).info.num_layers
     every_tap = {"mel", "pre_encode", *(f"layers.{i}" for i in range(num_layers)), "encoder", "decoder", "joint",
                  "cache_last_channel", "cache_last_time", "cache_last_channel_len"}

@@ -235,3 +235,28 @@ def test_an_artifact_is_judged_against_a_recording_without_torch_or_nemo(recordi
     failed = _torch_free("compare", "--reference", str(recording_dir), "--mlx", str(mutated), "--att-context", "70,13")
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert f"first divergent tap {mutation.expect_tap} " in failed.stdout
+
+
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_the_mlx_suites_run_against_a_recording_without_torch_or_nemo(nemo_backend, tiny_nemo, utterances,
+                                                                      backend_pool, tmp_path):
+    """``pytest -m mlx --parity-reference REF --parity-artifact mlx=DIR`` in a process where torch and NeMo cannot be
+    imported: the MLX suites run against the recording, and none skips for want of NeMo."""
+    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+
+    model = {"name": tiny_nemo.name, "sha256": sha256_file(tiny_nemo), "config": inspect_nemo(tiny_nemo).config,
+             "vocabulary": list(nemo_backend.info.vocabulary), "max_symbols": nemo_backend.info.max_symbols}
+    recording = write_recording(nemo_backend, utterances, [(70, 13)], tmp_path / "ref", model=model)
+    blocked = BLOCK.replace("from streaming_parity.app.cli import main\ncode = main(sys.argv[1:])",
+                            "import pytest\ncode = pytest.main(sys.argv[1:])")
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, "-q", "-p", "no:cacheprovider", "-m", "mlx", "-rs", "tests/test_mlx.py",
+         "tests/test_parity_suites.py", "--parity-reference", str(recording),
+         "--parity-artifact", f"mlx={backend_pool.source('mlx')}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    for_want_of_nemo = ("NeMo is not installed", "needs the .nemo itself", "needs torch", "backend not installed: nemo")
+    assert not [line for line in skipped if any(reason in line for reason in for_want_of_nemo)], skipped

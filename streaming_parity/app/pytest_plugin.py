@@ -138,6 +138,19 @@ def tiny_nemo(request) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_under_test(request) -> dict:
+    """How results name the checkpoint under test: the .nemo's path and sha256, or the recording's record of it."""
+    recording = _recording(request.config)
+    if recording is not None and not request.config.getoption("--parity-model"):
+        return {"path": None, "sha256": recording.model["sha256"], "name": Path(recording.model["name"]).stem,
+                "recording": str(recording.directory)}
+    from streaming_parity.core.nemo_file import sha256_file
+
+    nemo_path = request.getfixturevalue("tiny_nemo")
+    return {"path": str(nemo_path), "sha256": sha256_file(nemo_path), "name": nemo_path.stem}
+
+
+@pytest.fixture(scope="session")
 def nemo_backend(backend_pool):
     return backend_pool.get("nemo")
 

@@ -174,17 +174,18 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                 shards[shard] = _save(out / shard, tensors)
                 runs.append({"utterance": utterance.name, "context": list(context), "mode": mode, "shard": shard,
                              "steps": steps})
-            if offline:
-                say(f"recording {utterance.name} [{context[0]},{context[1]}] offline")
-                # As the loop's offline forward: over the whole streamed mel tensor (streaming_parity.judge.loop).
-                output = reference.offline(mel, np.array([mel.shape[-1]] * mel.shape[0]), context,
+            # The loop's offline forward runs over the whole streamed mel tensor (streaming_parity.judge.loop); a
+            # caller may also run it over the front end's length (the frame past it masked), so both are kept.
+            for length in dict.fromkeys([mel.shape[-1], int(mel_length[0])]) if offline else ():
+                say(f"recording {utterance.name} [{context[0]},{context[1]}] offline, {length} frames")
+                output = reference.offline(mel, np.array([length] * mel.shape[0]), context,
                                            speaker_masks=masks, prompt=prompt)
                 shard = f"offline-{len(offline_entries):04d}.safetensors"
                 tensors = {f"tap/{name}": value for name, value in output.taps.items()}
                 tensors["encoded"], tensors["encoded_len"] = output.encoded, output.encoded_len
                 shards[shard] = _save(out / shard, tensors)
-                offline_entries.append({"utterance": utterance.name, "context": list(context), "shard": shard,
-                                        "taps": list(output.taps), "tokens": output.tokens,
+                offline_entries.append({"utterance": utterance.name, "context": list(context), "length": length,
+                                        "shard": shard, "taps": list(output.taps), "tokens": output.tokens,
                                         "ctc_tokens": output.ctc_tokens})
     shards[UTTERANCES_SHARD] = _save(out / UTTERANCES_SHARD, audio_tensors)
     if info.prompted:
@@ -446,12 +447,17 @@ class Recording:
         return RecordedRun(backend=self.name, dtype=self.dtype, att_context_size=(key[1][0], key[1][1]), mode=key[2],
                            entry=entry, shard=_Shard(self.directory / entry["shard"]), features=self.mel(utterance))
 
-    def offline(self, utterance: str, context: Sequence[int]) -> OfflineOutput:
+    def offline(self, utterance: str, context: Sequence[int], length: int | None = None) -> OfflineOutput:
+        """The recorded offline forward over ``length`` mel frames (default: the whole mel tensor, as the loop
+        runs it)."""
         key = (utterance, [int(context[0]), int(context[1])])
-        entry = next((r for r in self.manifest["offline"] if (r["utterance"], r["context"]) == key), None)
+        if length is None:
+            length = int(self.mel(utterance).shape[-1])
+        entry = next((r for r in self.manifest["offline"]
+                      if (r["utterance"], r["context"], r["length"]) == (*key, length)), None)
         if entry is None:
             raise RecordingError(f"{self.directory}: no offline forward of {utterance} at [{key[1][0]},{key[1][1]}] "
-                                 "was recorded")
+                                 f"over {length} frames was recorded")
         tensors = _Shard(self.directory / entry["shard"]).tensors("")
         return OfflineOutput(encoded=tensors["encoded"], encoded_len=tensors["encoded_len"], tokens=entry["tokens"],
                              taps={name: tensors[f"tap/{name}"] for name in entry["taps"]},
@@ -538,8 +544,4 @@ class ReplayBackend(Backend):
                 forced_decisions: Sequence[int] | None = None) -> OfflineOutput:
         if forced_decisions is not None:
             raise RecordingError("a recording cannot decode with other decisions than it took")
-        name = self._utterance_of(mel)
-        if int(np.asarray(length)[0]) != mel.shape[-1]:
-            raise RecordingError(f"{name}: the offline forward was recorded over the whole mel ({mel.shape[-1]} "
-                                 f"frames), not {int(np.asarray(length)[0])}")
-        return self.recording.offline(name, att_context_size)
+        return self.recording.offline(self._utterance_of(mel), att_context_size, int(np.asarray(length)[0]))
