@@ -246,3 +246,31 @@ def test_verify_and_the_nightly_judge_one_bfloat16_artifact_alike(tiny_nemo, tol
     assert token_agreement_failures(from_verify, tolerances) == token_agreement_failures(from_nightly, tolerances)
     nightly_passed = all(c.passed for c in from_nightly) and not token_agreement_failures(from_nightly, tolerances)
     assert verification.passed == nightly_passed
+
+
+@pytest.mark.mlx
+def test_a_night_with_a_cached_recording_runs_no_nemo(tiny_nemo, tolerances, tmp_path, monkeypatch):
+    """The first night records NeMo's runs; the next, with nothing changed, judges against the recording without
+    loading NeMo, and gives the same comparisons."""
+    import streaming_parity.backends.nemo as nemo_backend_module
+    from streaming_parity.app.nightly import MatrixPlan, run_model_matrix
+    from streaming_parity.app.session import fixture_utterances
+
+    if not REGISTRY["mlx"].available():
+        pytest.skip("mlx is not installed")
+    utterances, contexts = fixture_utterances()[:2], [(70, 13)]
+    plan = MatrixPlan([PlannedCandidate("mlx", "float32")], [])
+    recordings = tmp_path / "recordings"
+    first = run_model_matrix(tiny_nemo, plan, utterances, contexts, tolerances, work_dir=tmp_path / "work",
+                             recordings=recordings)
+    assert first.extra["reference"]["cached"] is False and first.comparisons
+
+    def no_nemo(*_args, **_kwargs):
+        raise AssertionError("NeMo was loaded although the recording is cached")
+
+    monkeypatch.setattr(nemo_backend_module, "load", no_nemo)
+    second = run_model_matrix(tiny_nemo, plan, utterances, contexts, tolerances, work_dir=tmp_path / "work",
+                              recordings=recordings)
+    assert second.extra["reference"] == {"recording": first.extra["reference"]["recording"], "cached": True}
+    assert [(c.pair, c.utterance, c.mode, c.passed, [t.metrics for t in c.taps]) for c in second.comparisons] == \
+           [(c.pair, c.utterance, c.mode, c.passed, [t.metrics for t in c.taps]) for c in first.comparisons]

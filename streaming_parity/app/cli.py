@@ -301,7 +301,8 @@ def check_recording_serves(recording, candidates, records, contexts) -> None:
 def cmd_record(args) -> int:
     """Stream the reference once and write everything a verdict needs (``streaming_parity.judge.recording``)."""
     from streaming_parity.app.session import fixture_utterances
-    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+    from streaming_parity.app.source_provenance import reference_model_record
+    from streaming_parity.core.nemo_file import sha256_file
     from streaming_parity.core.system.cpu import int8_kernel_path
     from streaming_parity.core.system.provenance import Provenance
     from streaming_parity.interface.registry import REFERENCE, get
@@ -315,11 +316,7 @@ def cmd_record(args) -> int:
         utterances = load_utterances(args, args.audio) if args.audio else [
             dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
         contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
-        record = {"name": model.path.name, "sha256": sha256,
-                  "hub_repo": model.hub.repo if model.hub else None,
-                  "hub_revision": model.hub.revision if model.hub else None,
-                  "config": inspect_nemo(model.path).config, "vocabulary": list(reference.info.vocabulary),
-                  "max_symbols": reference.info.max_symbols}
+        record = reference_model_record(model.path, reference, model.hub)
         provenance = {**Provenance.collect(model.path, sha256=sha256, hub=model.hub).to_dict(),
                       "device": str(getattr(reference, "device", "cpu")), "int8_kernel_path": int8_kernel_path().name}
         started = time.perf_counter()
@@ -382,7 +379,7 @@ def cmd_nightly(args) -> int:
                           att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
                           tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
                           audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
-                          mutation_testing=args.mutation_testing)
+                          mutation_testing=args.mutation_testing, recordings=args.recordings)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -520,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on for checkpoints over 1 GiB)")
     p.add_argument("--mutation-testing", action="store_true",
                    help="also mutate the judging modules (mutmut) and list the mutants the tests miss")
+    p.add_argument("--recordings", type=Path, metavar="DIR",
+                   help="cache NeMo's runs as recordings here (parity record): a night whose checkpoint, NeMo, "
+                        "audio and plan are unchanged runs no NeMo at all")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("mutants", help="mutation-test the judge: which changes to a verdict do its tests miss?")

@@ -16,18 +16,24 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import hashlib
+import json
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from streaming_parity.app.session import compare_backends, fixture_utterances
 from streaming_parity.app.source_provenance import manifest_provenance
 from streaming_parity.core.errors import InputNotFound, UnknownName, Unsupported
 from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.memory import current_rss_mb, peak_rss_mb, trim
+from streaming_parity.core.system.provenance import Provenance
 from streaming_parity.core.system.workers import run_in_subprocess
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
@@ -192,6 +198,57 @@ def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path,
                      modes=modes if entry.capabilities.input == "mel" else None)
 
 
+def recording_key(nemo_path: Path, utterances: Sequence[Utterance], att_contexts) -> str:
+    """What a cached recording is valid for: the checkpoint, the NeMo and torch that streamed it, the audio, the
+    plan and the recording format."""
+    import importlib.metadata
+
+    from streaming_parity.judge.recording import SCHEMA
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    described = {"schema": SCHEMA, "checkpoint": sha256_file(nemo_path), "nemo": version("nemo_toolkit"),
+                 "torch": version("torch"),
+                 "audio": [hashlib.sha256(np.asarray(u.audio, np.float32).tobytes()).hexdigest() for u in utterances],
+                 "lookaheads": [list(c) for c in att_contexts] if att_contexts else "the model's",
+                 "modes": ["plain", "pad-and-drop"], "offline": True}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_recording(nemo_path: Path, utterances: Sequence[Utterance], att_contexts, recordings: Path, *,
+                     progress: LoopProgress) -> tuple[Any, dict[str, Any]]:
+    """The recording of NeMo for this checkpoint, audio and plan under ``recordings``: reused when there (NeMo is
+    not loaded), else streamed once and written (atomically) for the nights to come."""
+    from streaming_parity.app.source_provenance import reference_model_record
+    from streaming_parity.interface.registry import REFERENCE, get
+    from streaming_parity.judge.recording import Recording, write_recording
+
+    key = recording_key(nemo_path, utterances, att_contexts)
+    target = Path(recordings) / f"{nemo_path.stem}-{key}"
+    if (target / "recording.json").is_file():
+        progress.phase(f"reference: the recording {target.name} is cached; NeMo is not run")
+        return Recording(target), {"recording": str(target), "cached": True}
+    progress.phase(f"loading NeMo ({nemo_path.name}) to record it")
+    started = time.perf_counter()
+    reference = get(REFERENCE).load(nemo_path)
+    staged = target.with_name(target.name + ".partial")
+    if staged.exists():
+        shutil.rmtree(staged)
+    try:
+        contexts = att_contexts or reference.info.att_context_sizes
+        write_recording(reference, utterances, contexts, staged, model=reference_model_record(nemo_path, reference),
+                        provenance=Provenance.collect(nemo_path).to_dict(), progress=progress.phase)
+    finally:
+        reference.close()
+    staged.replace(target)
+    return Recording(target), {"recording": str(target), "cached": False,
+                               "recorded_seconds": round(time.perf_counter() - started, 1)}
+
+
 def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException], None]:
     """The loop's failure hook: one broken candidate is recorded and must not hide the others' results."""
 
@@ -212,7 +269,8 @@ def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException
 def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
                      att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
                      work_dir: Path, bounded: bool = False, spool_dir: Path | None = None,
-                     single_reference_pass: bool | None = None, progress: LoopProgress | None = None) -> Results:
+                     single_reference_pass: bool | None = None, recordings: Path | None = None,
+                     progress: LoopProgress | None = None) -> Results:
     """NeMo streaming against offline, then each candidate against NeMo, for one model.
 
     ``bounded``: one model in memory at a time. NeMo's runs are spooled to disk (under
@@ -228,9 +286,16 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
 
     progress = progress or LoopProgress()
     started = time.perf_counter()
-    progress.phase(f"loading NeMo ({nemo_path.name})")
-    reference = get(REFERENCE).load(nemo_path)
-    contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.info.att_context_sizes)]
+    recorded = None
+    if recordings is not None:
+        # The reference streamed once per checkpoint, NeMo version, audio and plan: a night with nothing changed
+        # runs no NeMo at all (streaming_parity.judge.recording).
+        reference, recorded = cached_recording(nemo_path, utterances, att_contexts, recordings, progress=progress)
+        contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.contexts)]
+    else:
+        progress.phase(f"loading NeMo ({nemo_path.name})")
+        reference = get(REFERENCE).load(nemo_path)
+        contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.info.att_context_sizes)]
     candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
     memory = PhaseMemory(REFERENCE) if bounded else None
     if memory is not None:
@@ -251,6 +316,8 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
     finally:
         reference.close()
     results.environment["device"] = device_description()
+    if recorded is not None:
+        results.extra["reference"] = recorded
     results.extra.update({"kind": "nightly", "lookaheads": [list(c) for c in contexts],
                           "utterances": [u.name for u in utterances],
                           "candidates": [dict(u) for u in plan.unavailable] + [c.record for c in candidates]})
@@ -317,13 +384,14 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
                utterances: Sequence[Utterance] | None = None,
                tolerances_path: str | Path | None = None, work_dir: Path | None = None,
                console=None, title: str = "parity", audio_seconds: float | None = None,
-               bounded_memory: bool | None = None) -> list[Results]:
+               bounded_memory: bool | None = None, recordings: Path | None = None) -> list[Results]:
     """Run the matrix for each model with a rich progress display; one ``Results`` per model.
 
     ``utterances``: what to stream (default: the fixture speech, its first ``utterance_limit``).
     ``audio_seconds``: stream the utterances joined into one utterance of at least that length
     instead of the separate utterances. ``bounded_memory``: one model in memory at a time, runs
-    spooled to disk (default: for checkpoints over 1 GiB)."""
+    spooled to disk (default: for checkpoints over 1 GiB). ``recordings``: a folder of cached reference
+    recordings: NeMo streams a checkpoint once per audio set and plan, and later runs judge against that."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streaming_parity.core.system.progress import quiet, stderr_console
@@ -363,7 +431,8 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
                        else nemo_path.stat().st_size > BOUNDED_MEMORY_THRESHOLD_BYTES)
             with SpoolStore.temporary(work_dir) as spool:
                 results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
-                                           bounded=bounded, spool_dir=Path(spool), progress=progress)
+                                           bounded=bounded, spool_dir=Path(spool), recordings=recordings,
+                                           progress=progress)
             bar.update(task, description=f"{model}: done")
             for record in results.extra["candidates"]:
                 if record["status"] == "error":

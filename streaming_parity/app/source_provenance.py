@@ -52,3 +52,15 @@ def artifact_record(backend: str, label: str, source: ResolvedSource, model_sha2
         log.warning("%s %s was made from %s, not from the compared checkpoint (sha256 %s)",
                     label, source.path, made.source_label(), model_sha256)
     return record
+
+
+def reference_model_record(nemo_path: Path, reference: Any, hub: Any = None) -> dict[str, Any]:
+    """What a recording of ``reference`` (loaded from ``nemo_path``) says of its checkpoint
+    (``streaming_parity.judge.recording``): name, sha256 and hub origin, and what rebuilds the model's
+    description without NeMo: its config, vocabulary and greedy decoding's ``max_symbols``."""
+    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+
+    return {"name": Path(nemo_path).name, "sha256": sha256_file(nemo_path),
+            "hub_repo": hub.repo if hub else None, "hub_revision": hub.revision if hub else None,
+            "config": inspect_nemo(nemo_path).config, "vocabulary": list(reference.info.vocabulary),
+            "max_symbols": reference.info.max_symbols}

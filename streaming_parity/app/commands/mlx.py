@@ -134,14 +134,12 @@ EVIDENCE_UTTERANCES = 2
 def record_evidence(artifact: Path, source, reference, utterances, contexts, *, progress=None) -> Path:
     """Record ``reference`` on the shortest ``EVIDENCE_UTTERANCES`` utterances, at every lookahead (or
     ``contexts``), plain and pad-and-drop and offline, into ``artifact/reference``."""
-    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+    from streaming_parity.app.source_provenance import reference_model_record
     from streaming_parity.core.system.provenance import Provenance
     from streaming_parity.judge.recording import write_recording
 
-    sha256 = sha256_file(source.path)
-    model = {"name": source.path.name, "sha256": sha256, "hub_repo": source.hub.repo if source.hub else None,
-             "hub_revision": source.hub.revision if source.hub else None, "config": inspect_nemo(source.path).config,
-             "vocabulary": list(reference.info.vocabulary), "max_symbols": reference.info.max_symbols}
+    model = reference_model_record(source.path, reference, source.hub)
+    sha256 = model["sha256"]
     chosen = sorted(utterances, key=lambda u: len(u.audio))[:EVIDENCE_UTTERANCES]
     target = artifact / EVIDENCE_DIR
     if target.exists():
