@@ -17,10 +17,11 @@ mx = pytest.importorskip("mlx.core", reason="mlx is not installed (pip install '
 @pytest.fixture(scope="module")
 def hybrid_pool(tmp_path_factory):
     """The tiny-hybrid fixture (a CTC head beside the transducer), its NeMo backend and MLX artifact."""
-    from streaming_parity.app.pytest_plugin import BackendPool
+    from streaming_parity.app.suite_runs import BackendPool
     from streaming_parity.fixtures.models import build
 
-    return BackendPool(build("tiny-hybrid", progress=lambda _m: None), tmp_path_factory.mktemp("hybrid"))
+    return BackendPool(build("tiny-hybrid", progress=lambda _m: None), tmp_path_factory.mktemp("hybrid"),
+                       unavailable=pytest.skip)
 
 
 @pytest.fixture(scope="module")
