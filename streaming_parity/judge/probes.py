@@ -16,7 +16,6 @@ refusal); ``n/a`` with the reason a probe cannot apply.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -227,9 +226,27 @@ def _verdict(definition: dict[str, Any], backend: dict[str, Any], outcomes: list
     growth = [row for row in error_growth(results) if row.probe == definition["name"] and row.backend == backend["label"]]
     detail = f"{len(comparisons)} comparison(s) passed"
     if growth:
-        steepest = max(growth, key=lambda row: -math.inf if row.growth_per_minute is None else row.growth_per_minute)
-        detail += f"; {len(steepest.per_minute)} min, steepest error growth: {steepest.describe()}"
+        detail += f"; {growth_summary(growth)}"
     return set_(PASS, detail)
+
+
+def growth_summary(rows: Sequence[GrowthRow]) -> str:
+    """One line for a long stream: per growth tap, its worst comparison's max_abs in the first and the last
+    minute and the growth per minute; positions (``cache_last_channel_len``) as exact or not."""
+    parts = []
+    minutes = max(len(row.per_minute) for row in rows)
+    for tap in GROWTH_TAPS:
+        mine = [row for row in rows if row.tap == tap]
+        if not mine:
+            continue
+        worst = max(mine, key=lambda row: max(row.per_minute))
+        if tap == "cache_last_channel_len":
+            parts.append("positions exact" if max(worst.per_minute) == 0 else
+                         f"positions off by up to {max(worst.per_minute):g}")
+            continue
+        growth = "" if worst.growth_per_minute is None else f" ({worst.growth_per_minute:+.1e}/min)"
+        parts.append(f"{tap} {worst.per_minute[0]:.1e}->{worst.per_minute[-1]:.1e}{growth}")
+    return f"{minutes} min: " + ", ".join(parts)
 
 
 def _carried_state(comparisons: Sequence[PairComparison], same: Sequence[str], *,
