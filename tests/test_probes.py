@@ -273,3 +273,42 @@ def test_a_broken_candidate_fails_the_right_probe(defect, classes, failing, nemo
     if defect is FirstChunkLoses90ms:
         assert verdicts["leading-silence-0ms"].tap == "pre_encode"
         assert verdicts["leading-silence-500ms"].verdict == judged.PASS
+
+
+@pytest.mark.nemo
+def test_nightly_runs_the_probes_into_the_report(tiny_nemo, tmp_path, capsys):
+    """``parity nightly --probes``: the probe results beside the night's, and a probe section in its report
+    (NeMo alone here: its own refusals and runs; the candidates' part is the CLI test's)."""
+    from streaming_parity.app.cli import EXIT_OK, main
+
+    reports = tmp_path / "reports"
+    assert main(["nightly", "--models", str(tiny_nemo), "--out", str(reports), "--backends", "nemo",
+                 "--att-context", "70,13", "--utterances", "1", "--work-dir", str(tmp_path / "work"),
+                 "--probes", "--probe-long-seconds", "2", "--date", "2025-01-01"]) == EXIT_OK
+    capsys.readouterr()
+    night = reports / "2025-01-01"
+    data = json.loads((night / "results-probes.json").read_text())
+    reference = _verdicts(data, "nemo:float32")
+    assert reference["empty"]["verdict"] == judged.REFUSED
+    assert reference["chunk-size-mismatch"]["verdict"] == judged.REFUSED
+    assert reference["leading-silence-0ms"]["verdict"] == judged.NOT_APPLICABLE  # no candidate to compare
+    markdown = (night / "report.md").read_text()
+    assert "**Probes** (tiny-streaming, [70,13])" in markdown and "| tiny-input | empty | 🚫 refused |" in markdown
+    assert 'id="probes"' in (night / "report.html").read_text()
+
+
+@pytest.mark.nightly
+@pytest.mark.nemo
+@pytest.mark.onnx
+def test_ten_minute_stream(tiny_nemo, onnx_export, tmp_path, capsys):
+    """The long-stream probe at its full length (10 minutes, spooled to disk): every step within tolerance and the
+    error's growth per minute reported for every cache and position (opt-in: --run-nightly)."""
+    from streaming_parity.app.cli import EXIT_OK, main
+
+    out = tmp_path / "long.json"
+    assert main(["probes", str(tiny_nemo), "--onnx", str(onnx_export), "--att-context", "70,13",
+                 "--class", "long-stream", "--json", str(out)]) == EXIT_OK, capsys.readouterr().out
+    data = json.loads(out.read_text())
+    growth = [g for g in data["extra"]["probes"]["growth"] if g["backend"] == "onnx:float32"]
+    assert {g["tap"] for g in growth} == set(judged.GROWTH_TAPS)
+    assert all(len(g["per_minute"]) >= 10 for g in growth)

@@ -346,7 +346,8 @@ def cmd_nightly(args) -> int:
                           att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
                           tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
                           audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
-                          mutation_testing=args.mutation_testing)
+                          mutation_testing=args.mutation_testing, probes=args.probes,
+                          probe_long_seconds=args.probe_long_seconds)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -491,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on for checkpoints over 1 GiB)")
     p.add_argument("--mutation-testing", action="store_true",
                    help="also mutate the judging modules (mutmut) and list the mutants the tests miss")
+    p.add_argument("--probes", action="store_true",
+                   help="also run every probe (parity probes) on every model through every candidate")
+    p.add_argument("--probe-long-seconds", type=float, metavar="S",
+                   help="length of the probes' long stream (default: 600 s)")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("mutants", help="mutation-test the judge: which changes to a verdict do its tests miss?")

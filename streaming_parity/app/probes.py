@@ -166,6 +166,25 @@ def _compare(probe: Probe, reference: Backend, candidates: Sequence[Backend], co
     if streams is None or not admitted:
         return
     utterances = [Utterance(name=s.name, audio=audio, text=s.text) for s, audio in zip(probe.streams, streams)]
+    # One session per set of lookaheads: a candidate streams those of ``contexts`` its files hold (a peer's
+    # directory may hold one).
+    groups: dict[tuple[tuple[int, int], ...], list[Backend]] = {}
+    for candidate in admitted:
+        runs = tuple(_runs(candidate, contexts))
+        if not runs:
+            recorder.add(probe, label(candidate), judged.INAPPLICABLE, _no_lookahead(candidate, contexts))
+            continue
+        groups.setdefault(runs, []).append(candidate)
+    for runs, group in groups.items():
+        _session(probe, reference, group, utterances, runs, tolerances, results, recorder, compare_backends,
+                 model_path=model_path, peer_sources=peer_sources, spool_parent=spool_parent, say=say)
+
+
+def _session(probe: Probe, reference: Backend, candidates: Sequence[Backend], utterances: Sequence[Utterance],
+             contexts, tolerances: Tolerances, results: Results, recorder: _Recorder, compare_backends, *,
+             model_path: Path, peer_sources: Mapping[str, Path], spool_parent: Path | None,
+             say: Callable[[str], None]) -> None:
+    """One compare session: the reference and ``candidates`` on the probe's streams, merged into ``results``."""
 
     def on_failure(candidate: Candidate, error: BaseException) -> None:
         recorder.failure(probe, candidate.label, error)
@@ -173,9 +192,9 @@ def _compare(probe: Probe, reference: Backend, candidates: Sequence[Backend], co
     spool = SpoolStore.temporary(spool_parent) if probe.long else contextlib.nullcontext(None)
     with spool as directory:
         options: dict[str, Any] = {"store": SpoolStore(directory)} if directory else {}
-        mine = {label(c): peer_sources[label(c)] for c in admitted if label(c) in peer_sources}
+        mine = {label(c): peer_sources[label(c)] for c in candidates if label(c) in peer_sources}
         try:
-            outcome = compare_backends(reference, [Candidate.of(c) for c in admitted], utterances, contexts,
+            outcome = compare_backends(reference, [Candidate.of(c) for c in candidates], utterances, list(contexts),
                                        tolerances, model_path=model_path, include_offline=False,
                                        peer_sources=mine or None, on_failure=on_failure,
                                        progress=LoopProgress(phase=lambda text: say(f"  {probe.name}: {text}")),
@@ -185,8 +204,15 @@ def _compare(probe: Probe, reference: Backend, candidates: Sequence[Backend], co
             return
     session = outcome.results
     results.comparisons += session.comparisons
-    results.transcripts += session.transcripts
-    results.timings += session.timings
+    # The reference's runs are recorded once, however many sessions (sets of lookaheads) a probe takes.
+    def key(row: dict[str, Any]) -> tuple:
+        return (row["utterance"], row["backend"], row["dtype"], row["mode"], tuple(row["att_context_size"]),
+                row.get("decoder"))
+
+    seen = {key(row) for row in results.transcripts}
+    results.transcripts += [row for row in session.transcripts if key(row) not in seen]
+    seen = {key(row) for row in results.timings}
+    results.timings += [row for row in session.timings if key(row) not in seen]
     for key in ("peer_bisection", "peer_diagnosis"):
         for row in session.extra.get(key, []):
             results.extra.setdefault(key, []).append({**row, "probe": probe.name})
@@ -204,7 +230,10 @@ def _run_alone(probe: Probe, backend: Backend, contexts, recorder: _Recorder, *,
         except BadInput as error:
             recorder.failure(probe, name, error)
             continue
-        for context in _runs(backend, contexts):
+        runs = _runs(backend, contexts)
+        if not runs:
+            recorder.add(probe, name, judged.INAPPLICABLE, _no_lookahead(backend, contexts))
+        for context in runs:
             try:
                 run = stream_utterance(backend, Utterance(name=stream.name, audio=audio), context)
             except Exception as error:  # noqa: BLE001 - a refusal or a crash, recorded as the probe's outcome
@@ -215,8 +244,13 @@ def _run_alone(probe: Probe, backend: Backend, contexts, recorder: _Recorder, *,
 
 
 def _runs(backend: Backend, contexts) -> list[tuple[int, int]]:
-    """The lookaheads of ``contexts`` that ``backend``'s files hold (all of them for a backend of every lookahead)."""
-    return [c for c in contexts if c in backend.info.att_context_sizes] or list(contexts)
+    """The lookaheads of ``contexts`` that ``backend``'s files hold."""
+    return [c for c in contexts if c in backend.info.att_context_sizes]
+
+
+def _no_lookahead(backend: Backend, contexts) -> str:
+    return (f"its files hold {', '.join(f'[{c[0]},{c[1]}]' for c in backend.info.att_context_sizes)}, none of the "
+            f"lookaheads probed ({', '.join(f'[{c[0]},{c[1]}]' for c in contexts)})")
 
 
 # -- the chunk-size probe ---------------------------------------------------------------------------------
@@ -259,7 +293,11 @@ def _feed_other_chunks(probe: Probe, backend: Backend, reference: Backend, conte
                      f"streamed at [{context[0]},{context[1]}], which its files were not made for: "
                      f"{len(run.tokens)} tokens in {len(run.steps)} steps", context=list(context))
         return
-    context = _runs(backend, contexts)[0]
+    runs = _runs(backend, contexts)
+    if not runs:
+        recorder.add(probe, name, judged.INAPPLICABLE, _no_lookahead(backend, contexts))
+        return
+    context = runs[0]
     wrong_name, wrong = other_chunking(reference, context)
     mel = reference.features(stream.audio[None])[0]
     modes = [m for m in (FirstChunkMode.PLAIN, FirstChunkMode.PAD_AND_DROP)
@@ -314,3 +352,64 @@ def print_probe_tables(verdicts: Sequence[judged.ProbeVerdict], out=None) -> Non
             style = VERDICT_STYLE.get(row.verdict, "")
             table.add_row(row.failure_class, row.probe, f"[{style}]{row.verdict}[/]", escape(row.detail))
         console.print(table)
+
+
+# -- the nightly's probe check ----------------------------------------------------------------------------
+
+def run_probe_check(model: str, plan, *, work_dir: Path, tolerances: Tolerances,
+                    att_contexts: Sequence[Sequence[int]] | None = None, long_seconds: float | None = None,
+                    progress: Callable[[str], None] = lambda _m: None) -> Results:
+    """``parity nightly --probes``: the probe set on one model (a fixture name or a ``.nemo``) through every planned
+    candidate (``streaming_parity.app.nightly.plan_candidates``), prepared and loaded together (fixture-sized
+    models: every candidate is open at once). A candidate that does not run the model is recorded as such."""
+    from streaming_parity.app.nightly import resolve_model
+    from streaming_parity.core.errors import Unsupported
+    from streaming_parity.fixtures.probes import DEFAULT_LONG_SECONDS, probe_set
+    from streaming_parity.interface.registry import REFERENCE, get
+
+    nemo_path = resolve_model(model, progress)
+    probes = probe_set(long_seconds=long_seconds or DEFAULT_LONG_SECONDS)
+    reference = get(REFERENCE).load(nemo_path)
+    contexts = [tuple(int(v) for v in c) for c in (att_contexts or reference.info.att_context_sizes)]
+    opened, peer_sources, records = [], {}, []
+    try:
+        for planned in plan.candidates:
+            entry = get(planned.backend)
+            progress(f"probes: preparing {planned.label} for {model}")
+            try:
+                source = entry.prepare(nemo_path, work_dir, dtype=planned.dtype, att_context_sizes=contexts)
+                backend = entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)
+            except Unsupported as error:
+                records.append({"backend": planned.backend, "dtype": planned.dtype, "status": "unavailable",
+                                "error": f"{type(error).__name__}: {error}"})
+                continue
+            except Exception as error:  # noqa: BLE001 - one candidate that cannot run must not hide the others
+                records.append({"backend": planned.backend, "dtype": planned.dtype, "status": "error",
+                                "error": f"{type(error).__name__}: {error}"})
+                continue
+            opened.append(backend)
+            records.append({"backend": planned.backend, "dtype": planned.dtype, "status": "ok", "artifact": str(source)})
+            if backend.capabilities.input == "audio":
+                peer_sources[label(backend)] = source
+        run = run_probes(reference, opened, probes, contexts, tolerances, model_path=nemo_path,
+                         peer_sources=peer_sources, spool_parent=work_dir, progress=progress)
+    finally:
+        for backend in opened:
+            backend.close()
+        reference.close()
+    run.results.extra.update({"kind": "probes", "model": model, "candidates": records})
+    return run.results
+
+
+def probe_failure_lines(results_list: Sequence[Results], *, fp32_only: bool = True) -> list[str]:
+    """One line per failing probe verdict that no failing comparison already reports (a crash, a refusal of input
+    a backend must take, a wrong chunk accepted, state carried over), for gating backends (fp32 only by default)."""
+    lines = []
+    for results in results_list:
+        for verdict in judged.probe_verdicts(results):
+            if verdict.ok or verdict.comparison or not verdict.gating:
+                continue
+            if fp32_only and not verdict.backend.endswith(":float32"):
+                continue
+            lines.append(f"probe {verdict.failure_class}/{verdict.probe} {verdict.backend}: {verdict.detail}")
+    return lines

@@ -64,6 +64,7 @@ class ProbeVerdict:
     tap: str | None = None  # ... and tap ("tokens" for a token-level divergence)
     context: list[int] | None = None
     mode: str | None = None
+    comparison: bool = False  # a failure read from a failing comparison (already a failure of the results)
 
     @property
     def ok(self) -> bool:
@@ -210,7 +211,7 @@ def _verdict(definition: dict[str, Any], backend: dict[str, Any], outcomes: list
             first = failing[0]
             step, tap = _divergence(first)
             return set_(FAIL, first.describe_failure(), step=step, tap=tap, context=list(first.att_context_size),
-                        mode=first.mode)
+                        mode=first.mode, comparison=True)
     same = definition.get("same_tokens")
     if same:
         carried = _carried_state(comparisons, same, reference=is_reference)
