@@ -93,14 +93,13 @@ def run_probes(reference: Backend, candidates: Sequence[Backend], probes: Sequen
                contexts: Sequence[Sequence[int]], tolerances: Tolerances, *, model_path: Path,
                model_hub: HubOrigin | None = None, backends: Sequence[dict[str, Any]] | None = None,
                peer_sources: Mapping[str, Path] | None = None, resample: bool = True, mix_to_mono: bool = True,
-               spool_parent: Path | None = None, progress: Callable[[str], None] | None = None,
-               labels: Mapping[int, str] | None = None) -> ProbeRun:
+               spool_parent: Path | None = None, progress: Callable[[str], None] | None = None) -> ProbeRun:
     """Every probe through ``reference`` and every open candidate, at every lookahead of ``contexts``.
 
     ``resample`` / ``mix_to_mono``: what the harness's input stage may do to a probe's input that a backend
     does not take as it is (as ``--resample`` and ``--mix-to-mono``); otherwise it is refused. ``peer_sources``:
     each transcript-level candidate's files by label, so that a peer that leaves the reference is bisected.
-    ``backends``: provenance records for the results. ``labels``: a display label per candidate (by ``id``)."""
+    ``backends``: provenance records for the results; ``spool_parent``: where a long probe's runs are spooled."""
     from streaming_parity.app.session import compare_backends, model_record
 
     say = progress or (lambda _text: None)

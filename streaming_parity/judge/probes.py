@@ -246,7 +246,8 @@ def growth_summary(rows: Sequence[GrowthRow]) -> str:
                          f"positions off by up to {max(worst.per_minute):g}")
             continue
         growth = "" if worst.growth_per_minute is None else f" ({worst.growth_per_minute:+.1e}/min)"
-        parts.append(f"{tap} {worst.per_minute[0]:.1e}->{worst.per_minute[-1]:.1e}{growth}")
+        parts.append(f"{tap} [{worst.context[0]},{worst.context[1]}] {worst.per_minute[0]:.1e}->"
+                     f"{worst.per_minute[-1]:.1e}{growth}")
     return f"{minutes} min: " + ", ".join(parts)
 
 
