@@ -34,9 +34,10 @@ LONG = 12.0  # seconds: the long-stream probe's length in these tests (600 s in 
 CONTEXT = (70, 13)
 
 
-@pytest.fixture(scope="module")
-def probes():
-    return {probe.name: probe for probe in probe_set(long_seconds=LONG)}
+@pytest.fixture(scope="module", params=["fixture", "trained"])
+def probes(request):
+    """Built from the fixture speech, and from the trained fixture's held-out test set."""
+    return {probe.name: probe for probe in probe_set(long_seconds=LONG, speech=request.param)}
 
 
 def _leading_zeros(audio: np.ndarray) -> int:
@@ -48,6 +49,7 @@ def _leading_zeros(audio: np.ndarray) -> int:
 def test_generator_is_deterministic():
     first, second = probe_set(long_seconds=LONG), probe_set(long_seconds=LONG)
     assert fingerprint(first) == fingerprint(second)
+    assert fingerprint(probe_set(long_seconds=LONG, speech="trained")) != fingerprint(first)
     for a, b in zip(first, second):
         assert a.describe() == b.describe()
         for x, y in zip(a.streams, b.streams):

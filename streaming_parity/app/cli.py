@@ -252,7 +252,7 @@ def cmd_probes(args) -> int:
 
     tolerances = Tolerances.load(args.tolerances)
     try:
-        probes = probe_set(long_seconds=args.long_seconds, classes=split_names(args.probe_class))
+        probes = probe_set(long_seconds=args.long_seconds, classes=split_names(args.probe_class), speech=args.speech)
     except ValueError as error:  # an unknown class name, from the command line
         raise CommandError(str(error)) from None
     model = args.context.resolve_source(args.model)
@@ -280,6 +280,7 @@ def cmd_probes(args) -> int:
             run = run_probes(reference, opened[1:], probes, contexts, tolerances, model_path=model.path,
                              model_hub=model.hub, backends=records, peer_sources=peer_sources,
                              resample=args.resample, mix_to_mono=args.mix_to_mono, progress=bar.phase)
+            run.results.extra["probes"]["settings"]["speech"] = args.speech
     finally:
         for backend in opened:
             backend.close()
@@ -439,10 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON (with the probe verdicts) here")
     p.add_argument("--tolerances", type=Path, help="tolerance file (default: streaming_parity/judge/tolerances.toml)")
-    from streaming_parity.fixtures.probes import CLASSES, DEFAULT_LONG_SECONDS
+    from streaming_parity.fixtures.probes import CLASSES, DEFAULT_LONG_SECONDS, SPEECH
 
     p.add_argument("--class", dest="probe_class", action="append", metavar="A,B",
                    help=f"only these probe classes ({', '.join(CLASSES)}); default: all")
+    p.add_argument("--speech", choices=list(SPEECH), default="fixture",
+                   help="the committed speech the probes are built from: the fixture speech (default) or the trained "
+                        "fixture's held-out test set (its own domain)")
     p.add_argument("--long-seconds", type=float, default=DEFAULT_LONG_SECONDS, metavar="S",
                    help="length of the long-stream probe (default: %(default)g s)")
     p.add_argument("--resample", action=argparse.BooleanOptionalAction, default=True,

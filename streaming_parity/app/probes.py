@@ -367,7 +367,9 @@ def run_probe_check(model: str, plan, *, work_dir: Path, tolerances: Tolerances,
     from streaming_parity.interface.registry import REFERENCE, get
 
     nemo_path = resolve_model(model, progress)
-    probes = probe_set(long_seconds=long_seconds or DEFAULT_LONG_SECONDS)
+    # The trained fixture reads its own held-out speech; every other model the fixture speech.
+    speech = "trained" if model == "trained-streaming" else "fixture"
+    probes = probe_set(long_seconds=long_seconds or DEFAULT_LONG_SECONDS, speech=speech)
     reference = get(REFERENCE).load(nemo_path)
     contexts = [tuple(int(v) for v in c) for c in (att_contexts or reference.info.att_context_sizes)]
     opened, peer_sources, records = [], {}, []
@@ -397,6 +399,7 @@ def run_probe_check(model: str, plan, *, work_dir: Path, tolerances: Tolerances,
             backend.close()
         reference.close()
     run.results.extra.update({"kind": "probes", "model": model, "candidates": records})
+    run.results.extra[judged.KEY]["settings"]["speech"] = speech
     return run.results
 
 
