@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from streaming_parity.app.session import compare_backends, model_record
 from streaming_parity.core.errors import BadInput
 from streaming_parity.core.system.provenance import HubOrigin
 from streaming_parity.fixtures.probes import Probe, ProbeStream, fingerprint
@@ -100,8 +101,6 @@ def run_probes(reference: Backend, candidates: Sequence[Backend], probes: Sequen
     does not take as it is (as ``--resample`` and ``--mix-to-mono``); otherwise it is refused. ``peer_sources``:
     each transcript-level candidate's files by label, so that a peer that leaves the reference is bisected.
     ``backends``: provenance records for the results; ``spool_parent``: where a long probe's runs are spooled."""
-    from streaming_parity.app.session import compare_backends, model_record
-
     say = progress or (lambda _text: None)
     contexts = [(int(c[0]), int(c[1])) for c in contexts]
     results = Results(model=model_record(model_path, model_hub), tolerances=tolerances.source)
@@ -128,9 +127,9 @@ def run_probes(reference: Backend, candidates: Sequence[Backend], probes: Sequen
             for backend in (reference, *candidates):
                 _feed_other_chunks(probe, backend, reference, contexts, recorder)
         else:
-            _compare(probe, reference, candidates, contexts, tolerances, results, recorder, compare_backends,
-                     model_path=model_path, peer_sources=peer_sources or {}, resample=resample,
-                     mix_to_mono=mix_to_mono, spool_parent=spool_parent, say=say)
+            _compare(probe, reference, candidates, contexts, tolerances, results, recorder, model_path=model_path,
+                     peer_sources=peer_sources or {}, resample=resample, mix_to_mono=mix_to_mono,
+                     spool_parent=spool_parent, say=say)
     verdicts = judged.refresh(results)
     return ProbeRun(results, verdicts)
 
@@ -138,7 +137,7 @@ def run_probes(reference: Backend, candidates: Sequence[Backend], probes: Sequen
 # -- a probe that compares: the compare session ------------------------------------------------------------
 
 def _compare(probe: Probe, reference: Backend, candidates: Sequence[Backend], contexts, tolerances: Tolerances,
-             results: Results, recorder: _Recorder, compare_backends, *, model_path: Path,
+             results: Results, recorder: _Recorder, *, model_path: Path,
              peer_sources: Mapping[str, Path], resample: bool, mix_to_mono: bool, spool_parent: Path | None,
              say: Callable[[str], None]) -> None:
     try:
@@ -175,13 +174,13 @@ def _compare(probe: Probe, reference: Backend, candidates: Sequence[Backend], co
             continue
         groups.setdefault(runs, []).append(candidate)
     for runs, group in groups.items():
-        _session(probe, reference, group, utterances, runs, tolerances, results, recorder, compare_backends,
-                 model_path=model_path, peer_sources=peer_sources, spool_parent=spool_parent, say=say)
+        _session(probe, reference, group, utterances, runs, tolerances, results, recorder, model_path=model_path,
+                 peer_sources=peer_sources, spool_parent=spool_parent, say=say)
 
 
 def _session(probe: Probe, reference: Backend, candidates: Sequence[Backend], utterances: Sequence[Utterance],
-             contexts, tolerances: Tolerances, results: Results, recorder: _Recorder, compare_backends, *,
-             model_path: Path, peer_sources: Mapping[str, Path], spool_parent: Path | None,
+             contexts, tolerances: Tolerances, results: Results, recorder: _Recorder, *, model_path: Path,
+             peer_sources: Mapping[str, Path], spool_parent: Path | None,
              say: Callable[[str], None]) -> None:
     """One compare session: the reference and ``candidates`` on the probe's streams, merged into ``results``."""
 
@@ -299,8 +298,8 @@ def _feed_other_chunks(probe: Probe, backend: Backend, reference: Backend, conte
     context = runs[0]
     wrong_name, wrong = other_chunking(reference, context)
     mel = reference.features(stream.audio[None])[0]
-    modes = [m for m in (FirstChunkMode.PLAIN, FirstChunkMode.PAD_AND_DROP)
-             if m.value in backend.capabilities.first_chunk_modes and m.value in reference.capabilities.first_chunk_modes]
+    shared = set(backend.capabilities.first_chunk_modes) & set(reference.capabilities.first_chunk_modes)
+    modes = [m for m in (FirstChunkMode.PLAIN, FirstChunkMode.PAD_AND_DROP) if m.value in shared]
     for mode in modes:
         right = ChunkSchedule(backend.streaming_config(context), mode).chunks(mel)
         other = ChunkSchedule(wrong, mode).chunks(mel)
@@ -341,7 +340,8 @@ def print_probe_tables(verdicts: Sequence[judged.ProbeVerdict], out=None) -> Non
     for verdict in verdicts:
         by_backend.setdefault(verdict.backend, []).append(verdict)
     for backend, rows in by_backend.items():
-        role = " (reference)" if rows[0].reference else "" if rows[0].gating else " (peer runtime: reported, not gating)"
+        role = (" (reference)" if rows[0].reference else "" if rows[0].gating
+                else " (peer runtime: reported, not gating)")
         table = Table(title=f"probes: {backend}{role}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         table.add_column("class", no_wrap=True)
         table.add_column("probe", no_wrap=True)
@@ -389,7 +389,8 @@ def run_probe_check(model: str, plan, *, work_dir: Path, tolerances: Tolerances,
                                 "error": f"{type(error).__name__}: {error}"})
                 continue
             opened.append(backend)
-            records.append({"backend": planned.backend, "dtype": planned.dtype, "status": "ok", "artifact": str(source)})
+            records.append({"backend": planned.backend, "dtype": planned.dtype, "status": "ok",
+                            "artifact": str(source)})
             if backend.capabilities.input == "audio":
                 peer_sources[label(backend)] = source
         run = run_probes(reference, opened, probes, contexts, tolerances, model_path=nemo_path,

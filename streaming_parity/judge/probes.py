@@ -224,7 +224,8 @@ def _verdict(definition: dict[str, Any], backend: dict[str, Any], outcomes: list
                         context=list(context), mode=mode, tap="tokens")
     if is_reference:
         return set_(PASS, f"streamed ({len({tuple(c.att_context_size) for c in comparisons})} lookahead(s))")
-    growth = [row for row in error_growth(results) if row.probe == definition["name"] and row.backend == backend["label"]]
+    growth = [row for row in error_growth(results)
+              if row.probe == definition["name"] and row.backend == backend["label"]]
     detail = f"{len(comparisons)} comparison(s) passed"
     if growth:
         detail += f"; {growth_summary(growth)}"
