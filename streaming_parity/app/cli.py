@@ -330,6 +330,61 @@ def cmd_record(args) -> int:
     return EXIT_OK
 
 
+def cmd_probes(args) -> int:
+    """Every probe through every candidate: a verdict table per backend, the results JSON with the verdicts."""
+    from streaming_parity.app.peers import candidate_sources, print_bisections, print_notes
+    from streaming_parity.app.probes import label, print_probe_tables, run_probes
+    from streaming_parity.app.source_provenance import artifact_record, reference_record
+    from streaming_parity.core.nemo_file import sha256_file
+    from streaming_parity.fixtures.probes import probe_set
+    from streaming_parity.interface.registry import REFERENCE, get
+    from streaming_parity.judge.tolerances import Tolerances
+
+    tolerances = Tolerances.load(args.tolerances)
+    try:
+        probes = probe_set(long_seconds=args.long_seconds, classes=split_names(args.probe_class), speech=args.speech)
+    except ValueError as error:  # an unknown class name, from the command line
+        raise CommandError(str(error)) from None
+    model = args.context.resolve_source(args.model)
+    sources = named_sources(args) + candidate_sources(args)
+    if not sources:
+        raise CommandError("no candidate: give --onnx DIR, --mlx DIR or --candidate [BACKEND[:DTYPE]:]PATH")
+    opened = []
+    try:
+        with ProgressBar("probes", logger=log) as bar:
+            bar.phase(f"loading {REFERENCE} ({model.path.name})")
+            reference = get(REFERENCE).load(model.path)
+            opened.append(reference)
+            sha256 = sha256_file(model.path)
+            records = [reference_record(model, sha256)]
+            peer_sources = {}
+            for name, source, dtype in sources:
+                bar.phase(f"loading {name} ({source.path.name})")
+                candidate = get(name).load(source.path, dtype=dtype, nemo_path=model.path)
+                opened.append(candidate)
+                print_notes(candidate)
+                records.append(artifact_record(name, label(candidate), source, sha256))
+                if candidate.capabilities.input == "audio":
+                    peer_sources[label(candidate)] = source.path
+            contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
+            run = run_probes(reference, opened[1:], probes, contexts, tolerances, model_path=model.path,
+                             model_hub=model.hub, backends=records, peer_sources=peer_sources,
+                             resample=args.resample, mix_to_mono=args.mix_to_mono, progress=bar.phase)
+            run.results.extra["probes"]["settings"]["speech"] = args.speech
+    finally:
+        for backend in opened:
+            backend.close()
+    print_probe_tables(run.verdicts, console())
+    print_bisections(run.results)
+    if args.json:
+        print(f"results written to {run.results.save(args.json)}")
+    failures = [v for v in run.verdicts if not v.ok]
+    for failure in failures:
+        where = "" if failure.step is None else f" (first divergence: step {failure.step}, tap {failure.tap})"
+        print(f"FAIL probe {failure.failure_class}/{failure.probe} {failure.backend}{where}: {failure.detail}")
+    return EXIT_VIOLATION if failures else EXIT_OK
+
+
 def _verdict(results, tolerances) -> int:
     """Every failing comparison, and every pair whose tokens the tolerance file bounds on the aggregate
     (``streaming_parity.judge.compare.token_agreement_failures``); the exit status."""
@@ -353,6 +408,9 @@ def cmd_judge(args) -> int:
     results = Results.load(args.results)
     results.comparisons = [rejudge(c, tolerances) for c in results.comparisons]
     results.tolerances = tolerances.source
+    from streaming_parity.judge.probes import refresh
+
+    refresh(results)  # a probe run's verdicts follow its comparisons
     print_comparisons(ParityReport(results))
     if args.json:
         print(f"re-judged results written to {results.save(args.json)}")
@@ -379,7 +437,8 @@ def cmd_nightly(args) -> int:
                           att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
                           tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
                           audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
-                          mutation_testing=args.mutation_testing, recordings=args.recordings)
+                          mutation_testing=args.mutation_testing, recordings=args.recordings, probes=args.probes,
+                          probe_long_seconds=args.probe_long_seconds)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -480,6 +539,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_audio_options(p)
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("probes", help="every probe (cold start, stream end, levels, rates, resets, a long stream, "
+                                      "a wrong chunk size) through every candidate, judged against NeMo")
+    p.add_argument("model", metavar="MODEL", help="a .nemo, ORG/NAME[@REVISION] or hf://ORG/NAME[@REVISION]/FILE")
+    p.add_argument("--att-context", action="append", metavar="L,R", help="lookahead(s); default: all of the model's")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the results JSON (with the probe verdicts) here")
+    p.add_argument("--tolerances", type=Path, help="tolerance file (default: streaming_parity/judge/tolerances.toml)")
+    from streaming_parity.fixtures.probes import CLASSES, DEFAULT_LONG_SECONDS, SPEECH
+
+    p.add_argument("--class", dest="probe_class", action="append", metavar="A,B",
+                   help=f"only these probe classes ({', '.join(CLASSES)}); default: all")
+    p.add_argument("--speech", choices=list(SPEECH), default="fixture",
+                   help="the committed speech the probes are built from: the fixture speech (default) or the trained "
+                        "fixture's held-out test set (its own domain)")
+    p.add_argument("--long-seconds", type=float, default=DEFAULT_LONG_SECONDS, metavar="S",
+                   help="length of the long-stream probe (default: %(default)g s)")
+    p.add_argument("--resample", action=argparse.BooleanOptionalAction, default=True,
+                   help="resample a probe at another rate to the rate a backend declares (default: on; "
+                        "--no-resample: refused)")
+    p.add_argument("--mix-to-mono", action=argparse.BooleanOptionalAction, default=True,
+                   help="mix a multi-channel probe down to the mono a backend declares (default: on; "
+                        "--no-mix-to-mono: refused)")
+    add_backend_sources(p)
+    add_candidate_option(p)
+    p.set_defaults(func=cmd_probes)
+
     p = sub.add_parser("judge", help="re-apply a tolerance file to saved results without re-running anything")
     p.add_argument("results", type=Path, metavar="RESULTS.json")
     p.add_argument("--tolerances", type=Path, required=True, help="the tolerance file to apply")
@@ -520,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recordings", type=Path, metavar="DIR",
                    help="cache NeMo's runs as recordings here (parity record): a night whose checkpoint, NeMo, "
                         "audio and plan are unchanged runs no NeMo at all")
+
+
+    p.add_argument("--probes", action="store_true",
+                   help="also run every probe (parity probes) on every model through every candidate")
+    p.add_argument("--probe-long-seconds", type=float, metavar="S",
+                   help="length of the probes' long stream (default: 600 s)")
     p.set_defaults(func=cmd_nightly)
 
     p = sub.add_parser("mutants", help="mutation-test the judge: which changes to a verdict do its tests miss?")

@@ -442,10 +442,13 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
 
 
 def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "reports",
-                date: str | None = None, mutation_testing: bool = False, **matrix_options) -> NightlyOutcome:
+                date: str | None = None, mutation_testing: bool = False, probes: bool = False,
+                probe_long_seconds: float | None = None, **matrix_options) -> NightlyOutcome:
     """The night: run the matrix, write ``<out_root>/<date>/`` results and the report (history from ``out_root``).
 
     ``mutation_testing``: also mutate the judge (``streaming_parity.app.mutation``) and list its survivors.
+    ``probes``: also run the probe set (``streaming_parity.app.probes``) on every model through every planned
+    candidate, its long stream ``probe_long_seconds`` long (default 10 minutes), into ``results-probes*.json``.
     """
     models = list(models or default_models())
     date = date or _dt.datetime.now(_dt.UTC).date().isoformat()
@@ -462,6 +465,20 @@ def run_nightly(models: Sequence[str] | None = None, *, out_root: str | Path = "
         name = "results-peers.json" if model == PEER_CHECK_MODELS[0] else f"results-peers-{model}.json"
         files.append(peer_results.save(night_dir / name))
         all_results.append(peer_results)
+    if probes:
+        from streaming_parity.app.probes import run_probe_check
+
+        for model in models:
+            probe_results = run_probe_check(
+                model, plan_candidates(matrix_options.get("backends")),
+                work_dir=Path(matrix_options.get("work_dir") or default_work_dir()),
+                tolerances=Tolerances.load(matrix_options.get("tolerances_path")),
+                att_contexts=matrix_options.get("att_contexts"), long_seconds=probe_long_seconds)
+            probe_results.extra["date"] = date
+            stem = Path(model).stem if model.endswith(".nemo") else model
+            name = "results-probes.json" if len(models) == 1 else f"results-probes-{stem}.json"
+            files.append(probe_results.save(night_dir / name))
+            all_results.append(probe_results)
     mutants = None
     if mutation_testing:
         from streaming_parity.app.mutation import run_mutation_tests, write_mutants
@@ -543,4 +560,6 @@ def fp32_failures(results_list: Sequence[Results]) -> list[str]:
         for entry in results.extra.get("candidates", []):
             if entry.get("status") == "error" and entry.get("dtype") == FP32:
                 lines.append(f"{entry['backend']}:{entry['dtype']} could not run: {entry.get('error')}")
-    return lines
+    from streaming_parity.app.probes import probe_failure_lines
+
+    return lines + probe_failure_lines(results_list)

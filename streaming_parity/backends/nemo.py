@@ -34,6 +34,7 @@ from streaming_parity.core.nemo_config import read_model_config
 from streaming_parity.core.nemo_file import inspect_nemo
 from streaming_parity.core.nemo_restore import restore_for_inference, tokenizer_vocabulary
 from streaming_parity.core.system.nemo_quiet import quiet_nemo
+from streaming_parity.interface.audio import AudioError
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import Chunk
 from streaming_parity.interface.decoding import ctc_step
@@ -191,6 +192,9 @@ class NemoBackend(Backend):
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         audio = np.atleast_2d(np.asarray(audio, np.float32))
+        if audio.shape[-1] == 0:
+            # NeMo's preprocessor indexes the first sample (IndexError): refused here, as the input it is.
+            raise AudioError("nemo: no samples; the front end needs at least one")
         lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.int64)
         with torch.inference_mode():
             mel, mel_len = self.model.preprocessor(input_signal=torch.from_numpy(audio), length=lengths)
@@ -232,6 +236,7 @@ class NemoBackend(Backend):
         torch = self._torch
         self._ensure_eval()
         self._use_context(state.att_context_size)
+        self.streaming_config(state.att_context_size).check_chunk(chunk, self.name)
         self.info.check_state(state)
         previous = self._to_hypotheses(state)
         started = time.perf_counter()

@@ -47,7 +47,11 @@ class Capabilities:
       decoder and joint rows stay comparable after a near-tie (``streaming_parity.judge.ties``);
     - ``input``: ``"mel"`` (``step`` takes the harness's mel chunks) or ``"audio"`` (a peer runtime with
       its own front end, chunking and decoding: ``stream_audio`` takes the utterance's samples and
-      yields one ``StepOutput`` per chunk it decoded, its tokens only).
+      yields one ``StepOutput`` per chunk it decoded, its tokens only);
+    - ``sample_rate`` and ``channels``: the audio ``features`` and ``stream_audio`` take (16 kHz mono for every
+      backend so far). Audio at another rate or with more channels is resampled or mixed down by the
+      harness's input stage only when asked (``--resample``, ``--mix-to-mono``), otherwise refused
+      (``streaming_parity.interface.audio.conform_samples``).
     """
 
     first_chunk_modes: tuple[str, ...] = ("plain", "pad-and-drop")
@@ -56,6 +60,8 @@ class Capabilities:
     offline: bool = True
     teacher_forcing: bool = False
     input: str = "mel"
+    sample_rate: int = 16000
+    channels: int = 1
 
     @property
     def tensor_level(self) -> bool:

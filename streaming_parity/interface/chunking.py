@@ -29,6 +29,10 @@ from streaming_parity.core.nemo_config import EncoderConfig
 from streaming_parity.core.nemo_config import normalize_att_context_sizes as normalize_att_context_sizes  # re-exported
 
 
+class ChunkSizeError(InvalidInput):
+    """A chunk cut for another lookahead (or another schedule) than the one a backend streams."""
+
+
 class FirstChunkMode(str, enum.Enum):
     """How the first chunk is formed (``pad_and_drop_preencoded`` in NeMo's streaming buffer)."""
 
@@ -142,6 +146,35 @@ class StreamingConfig:
         """
         frames = max(self.subsampled_length(int(chunk.length[0])) - chunk.drop_extra_pre_encoded, 0)
         return frames if chunk.keep_all_outputs else min(frames, self.valid_out_len)
+
+    def check_chunk(self, chunk: Chunk, backend: str) -> None:
+        """Refuse a chunk this lookahead's schedule never cuts (``ChunkSizeError``), before a backend runs it.
+
+        A backend streams one lookahead's chunks: ``chunk_size[0]`` new mel frames for NeMo's plain first
+        chunk (no cache, nothing dropped), else ``pre_encode_cache_size[1]`` cache frames, ``chunk_size[1]``
+        new ones and ``drop_extra_pre_encoded`` dropped; only the stream's last chunk may be shorter. A
+        wider chunk would be silently shortened: the step keeps ``valid_out_len`` output frames and the rest
+        of the chunk's audio is never decoded (measured before this check: a [70,13] chunk fed at [70,6]
+        returned 7 of its 14 frames in NeMo, ONNX Runtime and MLX alike; the ``chunk-size`` probe)."""
+        left, right = self.att_context_size
+        cache = int(chunk.cache_frames)
+        new = int(chunk.mel.shape[-1]) - cache
+        plain_first = chunk.is_first and cache == 0 and chunk.drop_extra_pre_encoded == 0
+        expected_cache = 0 if plain_first else self.pre_encode_cache_size[1]
+        expected_new = self.chunk_size[0] if plain_first else self.chunk_size[1]
+        expected_drop = 0 if plain_first else self.drop_extra_pre_encoded
+        where = f"{backend} at [{left},{right}]: chunk {chunk.index}"
+        if cache != expected_cache or chunk.drop_extra_pre_encoded != expected_drop:
+            raise ChunkSizeError(f"{where} carries {cache} cache frames and drops {chunk.drop_extra_pre_encoded} "
+                                 f"pre-encoded frames; this lookahead's schedule prefixes {expected_cache} and drops "
+                                 f"{expected_drop}")
+        if new > expected_new:
+            raise ChunkSizeError(f"{where} has {new} new mel frames; [{left},{right}] streams chunks of "
+                                 f"{expected_new} (it keeps {self.valid_out_len} output frames per step: the rest "
+                                 f"would be silently dropped)")
+        if new < expected_new and not (chunk.is_last or chunk.keep_all_outputs):
+            raise ChunkSizeError(f"{where} has {new} new mel frames, fewer than [{left},{right}]'s {expected_new}, "
+                                 "and is not the stream's last chunk")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}

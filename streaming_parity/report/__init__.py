@@ -46,6 +46,7 @@ from streaming_parity.report.data import (
     model_fingerprints,
     overall_passed,
     pair_summaries,
+    probe_sections,
     provenance,
     results_date,
     timing_rows,
@@ -99,6 +100,8 @@ def _summary_context(results_list: Sequence[Results], history: History | None, t
         # A peer runtime's diagnosis (streaming_parity.judge.peer_audit): what it did not load, its front end and encoder.
         "peer_diagnoses": [row for r in results_list for row in (r.extra or {}).get("peer_diagnosis", [])],
         "degradation_rows": degradation_rows(results_list),
+        # A probe run's verdicts per probe and backend (streaming_parity.judge.probes), derived from the saved results.
+        "probe_sections": probe_sections(results_list),
         "history": history,
     }
 

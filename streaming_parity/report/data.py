@@ -570,3 +570,87 @@ def provenance(results: Results) -> list[ProvenanceRow]:
     rows += [ProvenanceRow(f"{entry['backend']} source", entry.get("path"), code=True)
              for entry in model.get("backends") or [] if entry.get("backend") != "nemo" and entry.get("path")]
     return rows
+
+
+# -- probes -------------------------------------------------------------------------------------------------
+
+PROBE_MARK = {"pass": "✅ pass", "fail": "❌ fail", "refused": "🚫 refused", "n/a": "– n/a"}
+
+
+@dataclass
+class ProbeCell:
+    verdict: str
+    detail: str
+    step: int | None
+    tap: str | None
+
+    @property
+    def short(self) -> str:
+        """The verdict, and for a failure its first divergent step and tap."""
+        mark = PROBE_MARK.get(self.verdict, self.verdict)
+        if self.verdict == "fail" and self.step is not None:
+            return f"{mark} step {self.step} {self.tap}"
+        return mark
+
+
+@dataclass
+class ProbeRow:
+    name: str
+    failure_class: str
+    targets: str
+    expect: str
+    cells: list[ProbeCell]
+
+
+@dataclass
+class ProbeSection:
+    """One run of the probe set: a row per probe, a column per backend (the reference's first)."""
+
+    model: str
+    lookaheads: list[list[int]]
+    backends: list[str]  # backend:dtype, the reference marked
+    rows: list[ProbeRow]
+    verdicts: list[Any]  # streaming_parity.judge.probes.ProbeVerdict, every backend and probe
+    growth: list[Any]  # streaming_parity.judge.probes.GrowthRow
+
+    @property
+    def failures(self) -> list[Any]:
+        return [v for v in self.verdicts if v.verdict == "fail"]
+
+    @property
+    def refusals(self) -> list[Any]:
+        return [v for v in self.verdicts if v.verdict == "refused"]
+
+    @property
+    def inapplicable(self) -> list[Any]:
+        return [v for v in self.verdicts if v.verdict == "n/a"]
+
+
+def probe_sections(results_list: Sequence[Results]) -> list[ProbeSection]:
+    """The probe verdicts of every probe run among ``results_list``, derived again from the saved comparisons
+    and outcomes (``streaming_parity.judge.probes``), so that a re-judged file reports its own verdicts."""
+    from streaming_parity.judge.probes import KEY, error_growth, probe_verdicts
+
+    sections = []
+    for results in results_list:
+        section = (results.extra or {}).get(KEY)
+        if not section:
+            continue
+        verdicts = probe_verdicts(results)
+        backends = [b["label"] for b in section.get("backends", [])]
+        names = {b["label"]: b["label"] + (" (reference)" if b.get("reference") else "" if b.get("gating", True)
+                                           else " (peer)") for b in section.get("backends", [])}
+        by_key = {(v.probe, v.backend): v for v in verdicts}
+        rows = []
+        for definition in section.get("definitions", []):
+            cells = []
+            for backend in backends:
+                v = by_key.get((definition["name"], backend))
+                cells.append(ProbeCell("n/a", "not run", None, None) if v is None
+                             else ProbeCell(v.verdict, v.detail, v.step, v.tap))
+            rows.append(ProbeRow(definition["name"], definition["failure_class"], definition["targets"],
+                                 definition["expect"], cells))
+        sections.append(ProbeSection(model=model_name(results), lookaheads=(results.extra or {}).get("lookaheads", []),
+                                     backends=[names[b] for b in backends], rows=rows, verdicts=verdicts,
+                                     growth=error_growth(results)))
+    return sections

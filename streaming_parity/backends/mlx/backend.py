@@ -168,6 +168,7 @@ class MLXBackend(Backend):
         self.info.check_state(state)
         prompt_index = self.info.prompt_index(state.prompt)  # the artifact's own dictionary
         streaming = self.streaming_config(context)
+        streaming.check_chunk(chunk, self.name)
         started = time.perf_counter()
         with mx.stream(self.device):
             cache = EncoderCache(

@@ -266,6 +266,7 @@ class OnnxBackend(Backend):
         self.check_speaker_masks(speaker_masks, chunk.mel.shape[0])
         context = state.att_context_size
         streaming = self.streaming_config(context)
+        streaming.check_chunk(chunk, self.name)
         # NeMo's plain first chunk keeps every pre-encoded frame and has no cache prefix: its own graph. Every
         # other chunk (and pad-and-drop's first) drops what the steady graph bakes in.
         first = chunk.is_first and chunk.drop_extra_pre_encoded == 0 and chunk.cache_frames == 0
