@@ -52,10 +52,7 @@ class StreamRun:
         return [step.seconds for step in self.steps]
 
     def step_taps(self, index: int) -> dict[str, np.ndarray]:
-        step = self.steps[index]
-        taps = dict(step.taps)
-        taps.update(step.state.caches())
-        return taps
+        return self.steps[index].taps_and_caches()
 
 
 def iter_steps(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int],

@@ -113,6 +113,10 @@ class StepOutput:
     # Hybrid RNNT-CTC models: the CTC greedy labels this step emitted, per batch item (``ctc_greedy``).
     ctc_tokens: list[list[int]] | None = None
 
+    def taps_and_caches(self) -> dict[str, np.ndarray]:
+        """What a comparison judges of a step: its taps, then the caches it leaves."""
+        return {**self.taps, **self.state.caches()}
+
 
 @dataclass
 class OfflineOutput:

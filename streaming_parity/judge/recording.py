@@ -27,6 +27,7 @@ from a newer schema, or a plan a caller asks for that it does not hold is refuse
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -241,7 +242,7 @@ class RecordedSteps(Sequence):
 
     def __init__(self, run: RecordedRun):
         self.run = run
-        self._last: tuple[int, dict[str, np.ndarray]] | None = None
+        self._last: tuple[int, dict[str, np.ndarray], StepOutput] | None = None
 
     def __len__(self) -> int:
         return len(self.run.entry["steps"])
@@ -252,12 +253,15 @@ class RecordedSteps(Sequence):
         if not -len(self) <= index < len(self):
             raise IndexError(f"step {index} of a run with {len(self)} steps")
         index %= len(self)
-        start, caches = (0, {}) if self._last is None or self._last[0] >= index else (self._last[0] + 1, self._last[1])
+        if self._last is not None and self._last[0] == index:
+            return self._last[2]
+        start, caches = (0, {}) if self._last is None or self._last[0] > index else (self._last[0] + 1, self._last[1])
         for position in range(start, index + 1):
             tensors = self.run.shard.tensors(f"{position}/")
             caches = self._caches(position, tensors, caches)
-        self._last = (index, caches)
-        return self._step(index, tensors, caches)
+        step = self._step(index, tensors, caches)
+        self._last = (index, caches, step)
+        return step
 
     def _caches(self, index: int, tensors: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray]):
         caches = {}
@@ -296,8 +300,9 @@ class RecordedRun:
     shard: _Shard = field(repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def steps(self) -> RecordedSteps:
+        # One reader per run: a comparison reads steps in order, each rebuilt from the one before.
         return RecordedSteps(self)
 
     @property
@@ -328,10 +333,7 @@ class RecordedRun:
         return np.concatenate(parts, axis=-1)
 
     def step_taps(self, index: int) -> dict[str, np.ndarray]:
-        step = self.steps[index]
-        taps = dict(step.taps)
-        taps.update(step.state.caches())
-        return taps
+        return self.steps[index].taps_and_caches()
 
 
 class Recording:

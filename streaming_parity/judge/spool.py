@@ -119,10 +119,7 @@ class SpooledRun:
         return np.concatenate(parts, axis=-1)
 
     def step_taps(self, index: int) -> dict[str, np.ndarray]:
-        step = self.steps[index]
-        taps = dict(step.taps)
-        taps.update(step.state.caches())
-        return taps
+        return self.steps[index].taps_and_caches()
 
     def delete(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
