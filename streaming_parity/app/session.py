@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.progress import as_progress
@@ -21,6 +21,9 @@ from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.loop import AfterCandidate, Candidate, LoopOutcome, LoopProgress, stream_and_compare
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
+
+if TYPE_CHECKING:
+    from streaming_parity.judge.recording import Recording
 
 # What ``compare_backends`` returns: the results, and the in-memory runs for callers that look further.
 ParityReport = LoopOutcome
@@ -49,7 +52,8 @@ def model_record(model_path: Path | None, hub: HubOrigin | None = None) -> dict:
     return {"path": str(model_path), "sha256": sha256_file(model_path), "name": Path(model_path).stem, **origin}
 
 
-def compare_backends(reference: Backend, candidates: Iterable[Backend | Candidate], utterances: Sequence[Utterance],
+def compare_backends(reference: Backend | Recording, candidates: Iterable[Backend | Candidate],
+                     utterances: Sequence[Utterance],
                      att_context_sizes: Sequence[Sequence[int]], tolerances: Tolerances, *,
                      model_path: Path | None = None, model_hub: HubOrigin | None = None,
                      backends: Sequence[dict[str, Any]] | None = None, include_offline: bool = True,
@@ -57,6 +61,9 @@ def compare_backends(reference: Backend, candidates: Iterable[Backend | Candidat
                      progress: Callable[[str], None] | LoopProgress | None = None, **loop_options: Any) -> LoopOutcome:
     """Stream every utterance at every lookahead through the reference and each candidate (an open backend,
     or a ``Candidate`` opened when its turn comes), judged against the reference's stored runs.
+
+    ``reference``: the reference backend, or a recording of it (``streaming_parity.judge.recording``): its runs
+    are then read, not streamed, and no peer is bisected (that needs the live front end).
 
     ``model_hub``: where the checkpoint came from; ``backends``: each backend's provenance record
     (``streaming_parity.app.source_provenance``), kept in the results' ``model``. ``peer_sources``: the files of
@@ -71,6 +78,8 @@ def compare_backends(reference: Backend, candidates: Iterable[Backend | Candidat
     candidates = [c if isinstance(c, Candidate) else Candidate.of(c) for c in candidates]
     followup = None
     if peer_sources:
+        if not isinstance(reference, Backend):
+            raise ValueError("a peer's stack bisection needs the live reference's front end, not a recording")
         if model_path is None:
             raise ValueError("bisecting a peer runtime needs the checkpoint (model_path)")
         # The bisection drives the peer's own graphs in pad-and-drop mode, the mode every peer export runs.
