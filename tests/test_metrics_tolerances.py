@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 from builders import pair_comparison
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streaming_parity.judge import metrics
 from streaming_parity.judge.compare import PairComparison, judge_tap, rejudge
@@ -228,3 +230,19 @@ def test_known_dtypes_are_the_registered_backends_dtypes():
     from streaming_parity.judge.tolerances import DTYPES
 
     assert set(DTYPES) == {dtype for entry in REGISTRY.values() for dtype in entry.dtypes}
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 9), cols=st.integers(1, 12), transposed=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_all_metrics_equal_each_metric_alone_to_the_last_bit(rows, cols, transposed, seed):
+    """``all_metrics`` shares the float64 copies, the difference and the norms between metrics; every value is the
+    one the metric computes alone (the judge's figures do not move with how they are computed)."""
+    rng = np.random.default_rng(seed)
+    reference = rng.standard_normal((2, rows, cols)).astype(np.float32)
+    candidate = (reference + 1e-5 * rng.standard_normal(reference.shape)).astype(np.float32)
+    if transposed:  # a tap handed over in another memory order
+        reference, candidate = reference.transpose(2, 1, 0), candidate.transpose(2, 1, 0)
+    together = metrics.all_metrics(reference, candidate, logits=True, spectrogram=reference.size > 0)
+    for name, value in together.items():
+        alone = metrics.METRICS[name](reference, candidate)
+        assert value == alone or (math.isnan(value) and math.isnan(alone)), (name, value, alone)

@@ -6,6 +6,7 @@ adds no error to what it measures.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -14,25 +15,109 @@ import numpy as np
 _TINY = 1e-30
 
 
-def _pair(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ref = np.asarray(reference, dtype=np.float64)
-    cand = np.asarray(candidate, dtype=np.float64)
-    if ref.shape != cand.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {cand.shape}")
-    return ref, cand
+class _Pair:
+    """A reference and a candidate in float64, with the intermediates several metrics share (the difference,
+    its magnitude, the norms) computed once, on first use: ``all_metrics`` measures a tap with one ``_Pair``,
+    each metric alone with its own, by the same operations, so both give the same value to the last bit."""
+
+    def __init__(self, reference: np.ndarray, candidate: np.ndarray):
+        self.ref = np.asarray(reference, dtype=np.float64)
+        self.cand = np.asarray(candidate, dtype=np.float64)
+        if self.ref.shape != self.cand.shape:
+            raise ValueError(f"shape mismatch: reference {self.ref.shape} vs candidate {self.cand.shape}")
+        self.size = self.ref.size
+
+    @functools.cached_property
+    def diff(self) -> np.ndarray:
+        return self.ref - self.cand
+
+    @functools.cached_property
+    def abs_diff(self) -> np.ndarray:
+        return np.abs(self.diff)
+
+    @functools.cached_property
+    def max_abs_diff(self) -> float:
+        return float(np.max(self.abs_diff))
+
+    @functools.cached_property
+    def norm_ref(self) -> float:
+        return float(np.linalg.norm(self.ref))
+
+    @functools.cached_property
+    def norm_diff(self) -> float:
+        return float(np.linalg.norm(self.diff))
+
+
+def _max_abs(pair: _Pair) -> float:
+    return pair.max_abs_diff if pair.size else 0.0
+
+
+def _max_rel(pair: _Pair) -> float:
+    if not pair.size:
+        return 0.0
+    return float(np.max(pair.abs_diff / np.maximum(np.abs(pair.ref), _TINY)))
+
+
+def _max_abs_scaled(pair: _Pair) -> float:
+    if not pair.size:
+        return 0.0
+    scale = float(np.max(np.abs(pair.ref)))
+    error = pair.max_abs_diff
+    if scale == 0.0:
+        return 0.0 if error == 0.0 else math.inf
+    return error / scale
+
+
+def _power_rel(pair: _Pair) -> float:
+    ref, cand = pair.ref, pair.cand
+    if not pair.size:
+        return 0.0
+    if ref.ndim < 2:
+        raise ValueError(f"power_rel needs [..., n_mels, T], got shape {ref.shape}")
+    peak = ref.max(axis=-2, keepdims=True)  # in the log: exp(x - peak) is power relative to the loudest bin
+    with np.errstate(over="ignore"):
+        return float(np.max(np.abs(np.exp(ref - peak) - np.exp(cand - peak))))
+
+
+def _rel_l2(pair: _Pair) -> float:
+    diff, norm = pair.norm_diff, pair.norm_ref
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def _cosine(pair: _Pair) -> float:
+    # On the C-order raveled values: np.linalg.norm of an n-d array sums in memory order, which for a transposed
+    # tap is another order, and so may differ from this in the last bit.
+    ref, cand = pair.ref.ravel(), pair.cand.ravel()
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+    if denom == 0.0:
+        return 1.0 if not np.any(ref - cand) else 0.0
+    return float(np.dot(ref, cand) / denom)
+
+
+def _snr_db(pair: _Pair) -> float:
+    noise, signal = pair.norm_diff, pair.norm_ref
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 20.0 * math.log10(signal / noise)
+
+
+def _argmax_agreement(pair: _Pair) -> float:
+    if pair.size == 0:
+        return 1.0
+    return float(np.mean(np.argmax(pair.ref, axis=-1) == np.argmax(pair.cand, axis=-1)))
 
 
 def max_abs(reference: np.ndarray, candidate: np.ndarray) -> float:
-    ref, cand = _pair(reference, candidate)
-    return float(np.max(np.abs(ref - cand))) if ref.size else 0.0
+    return _max_abs(_Pair(reference, candidate))
 
 
 def max_rel(reference: np.ndarray, candidate: np.ndarray) -> float:
     """max |ref - x| / max(|ref|, tiny): harsh near zero, so tolerances rarely use it alone."""
-    ref, cand = _pair(reference, candidate)
-    if not ref.size:
-        return 0.0
-    return float(np.max(np.abs(ref - cand) / np.maximum(np.abs(ref), _TINY)))
+    return _max_rel(_Pair(reference, candidate))
 
 
 def max_abs_scaled(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -43,14 +128,7 @@ def max_abs_scaled(reference: np.ndarray, candidate: np.ndarray) -> float:
     confident trained model, so float32 summation-order noise of a few ulp reads 1e-4 in
     max_abs there and 1e-6 on a random-weight fixture.
     """
-    ref, cand = _pair(reference, candidate)
-    if not ref.size:
-        return 0.0
-    scale = float(np.max(np.abs(ref)))
-    error = float(np.max(np.abs(ref - cand)))
-    if scale == 0.0:
-        return 0.0 if error == 0.0 else math.inf
-    return error / scale
+    return _max_abs_scaled(_Pair(reference, candidate))
 
 
 def power_rel(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -62,53 +140,26 @@ def power_rel(reference: np.ndarray, candidate: np.ndarray) -> float:
     correct front ends, in a power that is 1e-7 of the frame's. In power relative to the frame, rounding
     is rounding; a front-end bug (padding, window, guard) moves whole frames.
     """
-    ref, cand = _pair(reference, candidate)
-    if not ref.size:
-        return 0.0
-    if ref.ndim < 2:
-        raise ValueError(f"power_rel needs [..., n_mels, T], got shape {ref.shape}")
-    peak = ref.max(axis=-2, keepdims=True)  # in the log: exp(x - peak) is power relative to the loudest bin
-    with np.errstate(over="ignore"):
-        return float(np.max(np.abs(np.exp(ref - peak) - np.exp(cand - peak))))
+    return _power_rel(_Pair(reference, candidate))
 
 
 def rel_l2(reference: np.ndarray, candidate: np.ndarray) -> float:
     """||ref - x|| / ||ref||."""
-    ref, cand = _pair(reference, candidate)
-    diff = float(np.linalg.norm(ref - cand))
-    norm = float(np.linalg.norm(ref))
-    if norm == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / norm
+    return _rel_l2(_Pair(reference, candidate))
 
 
 def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    ref, cand = _pair(reference, candidate)
-    ref, cand = ref.ravel(), cand.ravel()
-    denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
-    if denom == 0.0:
-        return 1.0 if not np.any(ref - cand) else 0.0
-    return float(np.dot(ref, cand) / denom)
+    return _cosine(_Pair(reference, candidate))
 
 
 def snr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     """20·log10(||ref|| / ||ref - x||); +inf for identical tensors."""
-    ref, cand = _pair(reference, candidate)
-    noise = float(np.linalg.norm(ref - cand))
-    signal = float(np.linalg.norm(ref))
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 20.0 * math.log10(signal / noise)
+    return _snr_db(_Pair(reference, candidate))
 
 
 def argmax_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Fraction of rows (last axis = classes) whose argmax agrees; 1.0 for empty tensors."""
-    ref, cand = _pair(reference, candidate)
-    if ref.size == 0:
-        return 1.0
-    return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+    return _argmax_agreement(_Pair(reference, candidate))
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
@@ -139,13 +190,21 @@ METRIC_BOUND = {
 _SPECIFIC = ("argmax_agreement", "power_rel")
 
 
+# The same metrics over one shared ``_Pair`` (all_metrics): each intermediate computed once per tap.
+_ON_PAIR: dict[str, Callable[[_Pair], float]] = {
+    "max_abs": _max_abs, "max_rel": _max_rel, "max_abs_scaled": _max_abs_scaled, "rel_l2": _rel_l2,
+    "cosine": _cosine, "snr_db": _snr_db, "argmax_agreement": _argmax_agreement, "power_rel": _power_rel,
+}
+
+
 def all_metrics(reference: np.ndarray, candidate: np.ndarray, *, logits: bool = False,
                 spectrogram: bool = False) -> dict[str, float]:
-    values = {name: fn(reference, candidate) for name, fn in METRICS.items() if name not in _SPECIFIC}
+    pair = _Pair(reference, candidate)
+    values = {name: _ON_PAIR[name](pair) for name in METRICS if name not in _SPECIFIC}
     if logits:
-        values["argmax_agreement"] = argmax_agreement(reference, candidate)
+        values["argmax_agreement"] = _argmax_agreement(pair)
     if spectrogram:
-        values["power_rel"] = power_rel(reference, candidate)
+        values["power_rel"] = _power_rel(pair)
     return values
 
 

@@ -76,6 +76,7 @@ class Tolerances:
     def __init__(self, table: Mapping, source: str = "<memory>"):
         self.table = table
         self.source = source
+        self._looked_up: dict[tuple[str, str, str], dict[str, float] | MissingToleranceError] = {}
         for keys, limits in self._tables(table, ()):
             self._validate(keys, limits)
 
@@ -139,6 +140,20 @@ class Tolerances:
         a table for the right context at any left context (``streaming~offline@*,0``) sits between them.
         Raises ``MissingToleranceError`` when no table gives the tap a limit.
         """
+        # Looked up once per (pair, dtype, tap): the judge asks for every tap at every step (a file is not
+        # edited under a loaded Tolerances; its table is read once, at load).
+        key = (pair, dtype, tap)
+        if key not in self._looked_up:
+            try:
+                self._looked_up[key] = self._lookup(pair, dtype, tap)
+            except MissingToleranceError as missing:
+                self._looked_up[key] = missing
+        found = self._looked_up[key]
+        if isinstance(found, MissingToleranceError):
+            raise MissingToleranceError(str(found))
+        return dict(found)
+
+    def _lookup(self, pair: str, dtype: str, tap: str) -> dict[str, float]:
         kind = tap_kind(tap)
         by_pair = self.table.get(dtype, {})
         base, _, context = pair.partition("@")
