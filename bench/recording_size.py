@@ -39,14 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from streaming_parity.app.session import fixture_utterances
-    from streaming_parity.app.source_provenance import reference_model_record
+    from streaming_parity.app.source_provenance import record_reference
     from streaming_parity.core.system.memory import peak_rss_mb
     from streaming_parity.core.system.threads import limit_threads
     from streaming_parity.fixtures.models import build
     from streaming_parity.interface.chunking import parse_att_context
     from streaming_parity.interface.registry import REFERENCE, get
     from streaming_parity.interface.utterance import long_utterance
-    from streaming_parity.judge.recording import Recording, write_recording
+    from streaming_parity.judge.recording import Recording
 
     if args.threads:
         limit_threads(args.threads)
@@ -57,7 +57,6 @@ def main(argv=None) -> int:
     reference = get(REFERENCE).load(nemo_path)
     contexts = [parse_att_context(c) for c in args.att_context] if args.att_context else list(
         reference.info.att_context_sizes)
-    model = reference_model_record(nemo_path, reference)
     audio_seconds = sum(len(u.audio) for u in utterances) / 16000
     print(f"{nemo_path.name}: {len(utterances)} utterance(s), {audio_seconds:.1f} s of audio")
     rows = []
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
         for context in contexts:
             out = Path(scratch) / f"{context[0]}_{context[1]}"
             started = time.perf_counter()
-            write_recording(reference, utterances, [context], out, model=model)
+            record_reference(reference, nemo_path, utterances, [context], out)
             seconds = time.perf_counter() - started
             recording = Recording(out)
             by_kind: dict[str, int] = {}

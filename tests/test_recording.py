@@ -26,7 +26,6 @@ from streaming_parity.judge.recording import (
     RecordingError,
     apply_delta,
     cache_delta,
-    write_recording,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,12 +77,10 @@ def short_utterances():
 
 @pytest.fixture(scope="module")
 def recording_dir(nemo_backend, tiny_nemo, short_utterances, tmp_path_factory) -> Path:
-    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+    from streaming_parity.app.source_provenance import record_reference
 
-    model = {"name": tiny_nemo.name, "sha256": sha256_file(tiny_nemo), "config": inspect_nemo(tiny_nemo).config,
-             "vocabulary": list(nemo_backend.info.vocabulary), "max_symbols": nemo_backend.info.max_symbols}
-    return write_recording(nemo_backend, short_utterances, CONTEXTS, tmp_path_factory.mktemp("recording") / "ref",
-                           model=model)
+    return record_reference(nemo_backend, tiny_nemo, short_utterances, CONTEXTS,
+                            tmp_path_factory.mktemp("recording") / "ref")
 
 
 @pytest.mark.nemo
@@ -243,11 +240,9 @@ def test_the_mlx_suites_run_against_a_recording_without_torch_or_nemo(nemo_backe
                                                                       backend_pool, tmp_path):
     """``pytest -m mlx --parity-reference REF --parity-artifact mlx=DIR`` in a process where torch and NeMo cannot be
     imported: the MLX suites run against the recording, and none skips for want of NeMo."""
-    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
+    from streaming_parity.app.source_provenance import record_reference
 
-    model = {"name": tiny_nemo.name, "sha256": sha256_file(tiny_nemo), "config": inspect_nemo(tiny_nemo).config,
-             "vocabulary": list(nemo_backend.info.vocabulary), "max_symbols": nemo_backend.info.max_symbols}
-    recording = write_recording(nemo_backend, utterances, [(70, 13)], tmp_path / "ref", model=model)
+    recording = record_reference(nemo_backend, tiny_nemo, utterances, [(70, 13)], tmp_path / "ref")
     blocked = BLOCK.replace("from streaming_parity.app.cli import main\ncode = main(sys.argv[1:])",
                             "import pytest\ncode = pytest.main(sys.argv[1:])")
     result = subprocess.run(

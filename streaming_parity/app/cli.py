@@ -244,7 +244,8 @@ def cmd_compare(args) -> int:
         contexts = parse_contexts(args.att_context) or (
             reference.contexts if args.reference else list(reference.info.att_context_sizes))
         if args.reference:
-            check_recording_serves(reference, candidates, records[1:], contexts)
+            for record in records[1:]:  # the chunk plan is the loop's to check (Recording.check_plan)
+                reference.check_made_from(record.get("source_sha256"), record["path"])
             if peer_sources:
                 log.warning("a peer's stack bisection needs the live reference's front end; with a recording "
                             "the peer is compared on its tokens only")
@@ -279,49 +280,23 @@ def open_recording(path: Path, model_path: Path | None):
     return recording
 
 
-def check_recording_serves(recording, candidates, records, contexts) -> None:
-    """Refuse, with one line, a recording that cannot judge these candidates: one made from another checkpoint than
-    a candidate's manifest names, or a chunk plan a tensor-level candidate does not run."""
-    from streaming_parity.judge.recording import RecordingError
-
-    for candidate, record in zip(candidates, records):
-        made_from = record.get("source_sha256")
-        if made_from and made_from != recording.model["sha256"]:
-            raise RecordingError(f"{record['path']} was made from a checkpoint with sha256 {made_from[:12]}; the "
-                                 f"recording is of {recording.model.get('name')} ({recording.model['sha256'][:12]})")
-        if not candidate.capabilities.tensor_level:
-            continue
-        for context in contexts:
-            theirs, ours = candidate.streaming_config(context), recording.streaming_config(context)
-            if theirs != ours:
-                raise RecordingError(f"{candidate.name}:{candidate.dtype} runs another chunk plan at "
-                                     f"[{context[0]},{context[1]}] than the recording ({theirs} vs {ours})")
-
-
 def cmd_record(args) -> int:
     """Stream the reference once and write everything a verdict needs (``streaming_parity.judge.recording``)."""
     from streaming_parity.app.session import fixture_utterances
-    from streaming_parity.app.source_provenance import reference_model_record
-    from streaming_parity.core.nemo_file import sha256_file
-    from streaming_parity.core.system.cpu import int8_kernel_path
-    from streaming_parity.core.system.provenance import Provenance
+    from streaming_parity.app.source_provenance import record_reference
     from streaming_parity.interface.registry import REFERENCE, get
-    from streaming_parity.judge.recording import Recording, write_recording
+    from streaming_parity.judge.recording import Recording
 
     model = args.context.resolve_source(args.model)
     with ProgressBar("record", logger=log) as bar:
         bar.phase(f"loading {REFERENCE} ({model.path.name})")
         reference = get(REFERENCE).load(model.path)
-        sha256 = sha256_file(model.path)
         utterances = load_utterances(args, args.audio) if args.audio else [
             dataclasses.replace(u, prompt=args.prompt) for u in fixture_utterances()]
         contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
-        record = reference_model_record(model.path, reference, model.hub)
-        provenance = {**Provenance.collect(model.path, sha256=sha256, hub=model.hub).to_dict(),
-                      "device": str(getattr(reference, "device", "cpu")), "int8_kernel_path": int8_kernel_path().name}
         started = time.perf_counter()
-        write_recording(reference, utterances, contexts, args.out, model=record, modes=split_names(args.modes) or ("plain", "pad-and-drop"),
-                        offline=not args.no_offline, provenance=provenance, progress=bar.phase)
+        record_reference(reference, model.path, utterances, contexts, args.out, hub=model.hub, progress=bar.phase,
+                         modes=split_names(args.modes) or ("plain", "pad-and-drop"), offline=not args.no_offline)
         reference.close()
     recording = Recording(args.out)
     for line in recording.describe():
@@ -521,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first-chunk modes (default: plain,pad-and-drop)")
     p.add_argument("--no-offline", action="store_true", help="leave out the offline forwards")
     add_audio_options(p)
-    p.set_defaults(func=cmd_record, modes=None)
+    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("compare", help="compare backends against NeMo (and NeMo streaming against offline)")
     p.add_argument("model", metavar="MODEL", nargs="?",

@@ -33,7 +33,6 @@ from streaming_parity.app.source_provenance import manifest_provenance
 from streaming_parity.core.errors import InputNotFound, UnknownName, Unsupported
 from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.memory import current_rss_mb, peak_rss_mb, trim
-from streaming_parity.core.system.provenance import Provenance
 from streaming_parity.core.system.workers import run_in_subprocess
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
@@ -223,9 +222,9 @@ def cached_recording(nemo_path: Path, utterances: Sequence[Utterance], att_conte
                      progress: LoopProgress) -> tuple[Any, dict[str, Any]]:
     """The recording of NeMo for this checkpoint, audio and plan under ``recordings``: reused when there (NeMo is
     not loaded), else streamed once and written (atomically) for the nights to come."""
-    from streaming_parity.app.source_provenance import reference_model_record
+    from streaming_parity.app.source_provenance import record_reference
     from streaming_parity.interface.registry import REFERENCE, get
-    from streaming_parity.judge.recording import Recording, write_recording
+    from streaming_parity.judge.recording import Recording
 
     key = recording_key(nemo_path, utterances, att_contexts)
     target = Path(recordings) / f"{nemo_path.stem}-{key}"
@@ -240,8 +239,7 @@ def cached_recording(nemo_path: Path, utterances: Sequence[Utterance], att_conte
         shutil.rmtree(staged)
     try:
         contexts = att_contexts or reference.info.att_context_sizes
-        write_recording(reference, utterances, contexts, staged, model=reference_model_record(nemo_path, reference),
-                        provenance=Provenance.collect(nemo_path).to_dict(), progress=progress.phase)
+        record_reference(reference, nemo_path, utterances, contexts, staged, progress=progress.phase)
     finally:
         reference.close()
     staged.replace(target)

@@ -54,13 +54,22 @@ def artifact_record(backend: str, label: str, source: ResolvedSource, model_sha2
     return record
 
 
-def reference_model_record(nemo_path: Path, reference: Any, hub: Any = None) -> dict[str, Any]:
-    """What a recording of ``reference`` (loaded from ``nemo_path``) says of its checkpoint
-    (``streaming_parity.judge.recording``): name, sha256 and hub origin, and what rebuilds the model's
-    description without NeMo: its config, vocabulary and greedy decoding's ``max_symbols``."""
-    from streaming_parity.core.nemo_file import inspect_nemo, sha256_file
 
-    return {"name": Path(nemo_path).name, "sha256": sha256_file(nemo_path),
-            "hub_repo": hub.repo if hub else None, "hub_revision": hub.revision if hub else None,
-            "config": inspect_nemo(nemo_path).config, "vocabulary": list(reference.info.vocabulary),
-            "max_symbols": reference.info.max_symbols}
+def record_reference(reference: Any, nemo_path: Path, utterances: Any, contexts: Any, out: Path, *,
+                     hub: HubOrigin | None = None, progress: Any = None, **options: Any) -> Path:
+    """Write a recording of ``reference`` (loaded from ``nemo_path``; ``streaming_parity.judge.recording``) with
+    what every recording says of its checkpoint: name, sha256 and hub origin, the NeMo config, vocabulary and
+    greedy decoding's ``max_symbols`` (a model description rebuilt without NeMo), and how it was made (versions,
+    device, int8 kernel path). ``options``: ``write_recording``'s (modes, offline)."""
+    from streaming_parity.core.nemo_file import inspect_nemo
+    from streaming_parity.core.system.cpu import int8_kernel_path
+    from streaming_parity.judge.recording import write_recording
+
+    sha256 = sha256_path(nemo_path)
+    model = {"name": Path(nemo_path).name, "sha256": sha256, **hub_fields(hub),
+             "config": inspect_nemo(nemo_path).config, "vocabulary": list(reference.info.vocabulary),
+             "max_symbols": reference.info.max_symbols}
+    provenance = {**Provenance.collect(nemo_path, sha256=sha256, hub=hub).to_dict(),
+                  "device": str(getattr(reference, "device", "cpu")), "int8_kernel_path": int8_kernel_path().name}
+    return write_recording(reference, utterances, contexts, out, model=model, provenance=provenance,
+                           progress=progress, **options)

@@ -6,7 +6,7 @@ Data flow, one way::
     audio -> reference mel (once per utterance) -> chunk schedule -> reference runs (run store)
           -> NeMo streaming vs offline
           -> for each candidate, one at a time: open, stream the identical chunks, compare every
-             step against the stored reference run, judge (hook), record, close
+             step against the stored reference run, judge, record, close
 
 The reference streams first, in every first-chunk mode a candidate needs, and its runs go to a
 ``RunStore``: ``MemoryStore`` keeps them as ``StreamRun``s, ``SpoolStore`` writes each step to disk
@@ -36,7 +36,7 @@ from streaming_parity.interface.model_info import ModelInfo, PromptKernel
 from streaming_parity.interface.speakers import SpeakerTargets
 from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.interface.utterance import Utterance
-from streaming_parity.judge.compare import PairComparison, compare_streaming_to_offline
+from streaming_parity.judge.compare import compare_streaming_to_offline
 from streaming_parity.judge.forcing import judge_offline, judge_stream
 from streaming_parity.judge.int8 import INT8, explain_int8_excess
 from streaming_parity.judge.metrics import word_error_rate
@@ -143,8 +143,6 @@ class Candidate:
                    capabilities=backend.capabilities, keep_open=True, **options)
 
 
-# (comparison, reference run, candidate run or None for offline) -> the judged comparison
-JudgeHook = Callable[[PairComparison, Any, Any], PairComparison]
 # (candidate, exception) -> None to record the failure and go on; re-raise to stop
 FailureHook = Callable[[Candidate, BaseException], None]
 
@@ -181,8 +179,7 @@ class ReferenceRuns:
     only when it is a live backend, not a ``Recording``."""
 
     backend: Backend | Recording
-    info: ModelInfo
-    capabilities: Capabilities
+    # Read before a live reference may close: it explains a candidate's prompt divergence (judge.prompts).
     prompt_kernel: PromptKernel | None
     mels: dict[str, np.ndarray] = field(default_factory=dict)
     runs: dict[tuple[str, Context, FirstChunkMode], Any] = field(default_factory=dict)
@@ -191,6 +188,10 @@ class ReferenceRuns:
     @property
     def name(self) -> str:
         return self.backend.name
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
 
     def run(self, utterance: str, context: Sequence[int], mode: FirstChunkMode | str) -> Any:
         key = (utterance, (int(context[0]), int(context[1])), FirstChunkMode(mode))
@@ -229,8 +230,7 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
                        contexts: Sequence[Sequence[int]], tolerances: Tolerances, *,
                        store: RunStore | None = None, include_offline: bool = True,
                        offline_contexts: Sequence[Sequence[int]] | None = None, close_reference: bool = False,
-                       reference_modes: Sequence[str] = (), keep_offline: bool = False,
-                       judge: JudgeHook | None = None, on_failure: FailureHook | None = None,
+                       reference_modes: Sequence[str] = (), on_failure: FailureHook | None = None,
                        after_candidate: AfterCandidate | None = None,
                        results: Results | None = None, progress: LoopProgress | None = None) -> LoopOutcome:
     """Stream every utterance at every lookahead through the reference, then each candidate in turn.
@@ -243,9 +243,8 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
     ``include_offline``: NeMo streaming against NeMo offline, per utterance and lookahead (only at
     ``offline_contexts`` when given: the plain-mode reference run it needs is then streamed there alone).
     ``reference_modes``: first-chunk modes the reference also streams beyond the candidates' (for what
-    ``after_candidate`` compares against the stored runs); ``keep_offline``: keep the reference's offline
-    forwards in ``outcome.reference`` (always kept for a candidate that ``compare_offline``s).
-    ``judge`` may re-judge each candidate comparison. ``on_failure`` records a candidate that fails to open
+    ``after_candidate`` compares against the stored runs); the reference's offline forwards are kept in
+    ``outcome.reference`` when a candidate ``compare_offline``s. ``on_failure`` records a candidate that fails to open
     or run and goes on; without it, the failure propagates.
     """
     store = store or MemoryStore()
@@ -262,7 +261,7 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
     try:
         outcome.reference = stream_reference(
             reference, utterances, contexts, tolerances, store=store, modes=wanted_modes, offline_at=offline_at,
-            keep_offline=keep_offline or any(candidate.compare_offline for candidate in candidates),
+            keep_offline=any(candidate.compare_offline for candidate in candidates),
             outcome=outcome, progress=progress)
     finally:
         if close_reference:
@@ -271,7 +270,7 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
         # Candidate phase: one at a time, each closed before the next opens.
         for candidate, wanted in plans:
             compare_candidate(outcome.reference, candidate, wanted, utterances, contexts, tolerances, store=store,
-                              outcome=outcome, judge=judge, on_failure=on_failure, after=after_candidate,
+                              outcome=outcome, on_failure=on_failure, after=after_candidate,
                               progress=progress)
     finally:
         if isinstance(reference, Backend):  # a recording's runs are its own, never the store's
@@ -281,12 +280,12 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
 
 
 def stream_reference_runs(reference: Backend, utterances: Sequence[Utterance], contexts: Sequence[Sequence[int]],
-                          tolerances: Tolerances, *, modes: Sequence[str] = (FirstChunkMode.PLAIN.value,),
-                          keep_offline: bool = False) -> ReferenceRuns:
+                          tolerances: Tolerances, *,
+                          modes: Sequence[str] = (FirstChunkMode.PLAIN.value,)) -> ReferenceRuns:
     """The reference alone, kept in memory: for a caller that has no comparison's runs to hand (a bisection
     or diagnosis outside a session)."""
     return stream_and_compare(reference, [], utterances, contexts, tolerances, include_offline=False,
-                              reference_modes=modes, keep_offline=keep_offline).reference
+                              reference_modes=modes).reference
 
 
 def stream_reference(reference: Backend | Recording, utterances: Sequence[Utterance], contexts: Sequence[Context],
@@ -297,9 +296,7 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
     serves the runs and offline forwards it holds instead of streaming them; everything else is the same."""
     info = reference.info
     recorded = not isinstance(reference, Backend)
-    # Kept before the reference may close: it explains a candidate's prompt divergence (streaming_parity.judge.prompts).
-    side = ReferenceRuns(backend=reference, info=info, capabilities=reference.capabilities,
-                         prompt_kernel=reference.prompt_kernel() if info.prompted else None)
+    side = ReferenceRuns(backend=reference, prompt_kernel=reference.prompt_kernel() if info.prompted else None)
 
     def modes_at(context: Context) -> list[FirstChunkMode]:
         # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
@@ -344,7 +341,7 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
 
 def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Sequence[FirstChunkMode],
                       utterances: Sequence[Utterance], contexts: Sequence[Context], tolerances: Tolerances, *,
-                      store: RunStore, outcome: LoopOutcome, judge: JudgeHook | None = None,
+                      store: RunStore, outcome: LoopOutcome,
                       on_failure: FailureHook | None = None, after: AfterCandidate | None = None,
                       progress: LoopProgress | None = None) -> None:
     """Open ``candidate``, stream the identical chunks in each of ``modes``, judge every step against the
@@ -357,6 +354,8 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
     try:
         progress.phase(f"{candidate.label}: opening")
         backend = candidate.open()
+        if not isinstance(reference.backend, Backend):  # a recording: the candidate must run its chunk plan
+            reference.backend.check_plan(backend, contexts)
         progress.phase(f"{candidate.label} vs {reference.name}")
         # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
         # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
@@ -397,7 +396,7 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
                     if audio_input:
                         # A peer runtime is judged and reported, never this project's verdict.
                         comparison.gating = False
-                    results.comparisons.append(judge(comparison, reference_run, judged_run) if judge else comparison)
+                    results.comparisons.append(comparison)
                     _record_run(outcome, run, utterance, backend.info.vocabulary)
                     store.release(run)
                     if judged_run is not run:
@@ -412,7 +411,7 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
                         reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
                         context=context, utterance=utterance.name, num_layers=num_layers,
                         rerun=run_offline if backend.capabilities.teacher_forcing else None)
-                    results.comparisons.append(judge(comparison, None, None) if judge else comparison)
+                    results.comparisons.append(comparison)
                 progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
         if after is not None:
             after(candidate, backend, outcome)

@@ -368,7 +368,7 @@ class Recording:
         self.info = info
         self.name = manifest["reference"]["backend"]
         self.dtype = manifest["reference"]["dtype"]
-        self._utterances: dict[str, np.ndarray] | None = None
+        self._mels: dict[str, np.ndarray] = {}
 
     def verify(self) -> None:
         """Every shard the manifest names exists with its declared size and sha256; no run points elsewhere."""
@@ -413,6 +413,22 @@ class Recording:
                                  f"(recorded: {', '.join(self.manifest['plan']['streaming_configs'])})")
         return StreamingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
 
+    def check_made_from(self, source_sha256: str | None, what: str) -> None:
+        """``what`` (an artifact) must have been made from the recorded checkpoint, when it names its source."""
+        if source_sha256 and source_sha256 != self.model["sha256"]:
+            raise RecordingError(f"{what} was made from a checkpoint with sha256 {source_sha256[:12]}; the recording "
+                                 f"{self.directory} is of {self.model.get('name')} ({self.model['sha256'][:12]})")
+
+    def check_plan(self, backend: Backend, contexts: Sequence[Sequence[int]]) -> None:
+        """A tensor-level candidate must cut the stream as the recorded reference did at every lookahead."""
+        if not backend.capabilities.tensor_level:
+            return
+        for context in contexts:
+            theirs, ours = backend.streaming_config(context), self.streaming_config(context)
+            if theirs != ours:
+                raise RecordingError(f"{backend.name}:{backend.dtype} runs another chunk plan at "
+                                     f"[{context[0]},{context[1]}] than the recording ({theirs} vs {ours})")
+
     def prompt_kernel(self) -> PromptKernel | None:
         if PROMPT_SHARD not in self.manifest["shards"]:
             return None
@@ -428,7 +444,10 @@ class Recording:
                           prompt=u.get("prompt")) for u in self.manifest["utterances"]]
 
     def mel(self, utterance: str) -> np.ndarray:
-        return _Shard(self.directory / UTTERANCES_SHARD).tensors(f"{utterance}/mel")[""]
+        """NeMo's mel of a recorded utterance, read once (every run and offline forward of it uses it)."""
+        if utterance not in self._mels:
+            self._mels[utterance] = _Shard(self.directory / UTTERANCES_SHARD).read(f"{utterance}/mel")[0]
+        return self._mels[utterance]
 
     def check_utterance(self, utterance: Utterance) -> None:
         """The audio a caller compares on is the audio that was recorded."""
@@ -488,7 +507,6 @@ class ReplayBackend(Backend):
         self.dtype = recording.dtype
         self.info = recording.info
         self.capabilities = recording.capabilities
-        self._mels = {entry["name"]: recording.mel(entry["name"]) for entry in recording.manifest["utterances"]}
         self._by_audio = {entry["audio_sha256"]: entry for entry in recording.manifest["utterances"]}
 
     def streaming_config(self, att_context_size: Sequence[int]) -> StreamingConfig:
@@ -504,12 +522,13 @@ class ReplayBackend(Backend):
         entry = self._by_audio.get(hashlib.sha256(audio[0].tobytes()).hexdigest())
         if entry is None:
             raise RecordingError(f"{self.recording.directory}: this audio ({audio.shape[-1]} samples) was not recorded")
-        return self._mels[entry["name"]], np.array([entry["mel_length"]], np.int64)
+        return self.recording.mel(entry["name"]), np.array([entry["mel_length"]], np.int64)
 
     def _utterance_of(self, mel: np.ndarray) -> str:
-        for name, recorded in self._mels.items():
+        for entry in self.recording.manifest["utterances"]:
+            recorded = self.recording.mel(entry["name"])
             if recorded.shape == mel.shape and np.array_equal(recorded, mel):
-                return name
+                return entry["name"]
         raise RecordingError(f"{self.recording.directory}: no recorded utterance has this mel {tuple(mel.shape)}")
 
     def step(self, chunk: Chunk, state: StreamingState, *, speaker_masks=None,
@@ -533,7 +552,7 @@ class ReplayBackend(Backend):
         for entry in self.recording.manifest["runs"]:
             if tuple(entry["context"]) != context:
                 continue
-            mel = self._mels[entry["utterance"]]
+            mel = self.recording.mel(entry["utterance"])
             first = ChunkSchedule(self.streaming_config(context), FirstChunkMode(entry["mode"])).chunks(mel)[0]
             if first.mel.shape == chunk.mel.shape and first.cache_frames == chunk.cache_frames \
                     and np.array_equal(first.mel, chunk.mel):

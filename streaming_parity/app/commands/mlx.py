@@ -134,19 +134,14 @@ EVIDENCE_UTTERANCES = 2
 def record_evidence(artifact: Path, source, reference, utterances, contexts, *, progress=None) -> Path:
     """Record ``reference`` on the shortest ``EVIDENCE_UTTERANCES`` utterances, at every lookahead (or
     ``contexts``), plain and pad-and-drop and offline, into ``artifact/reference``."""
-    from streaming_parity.app.source_provenance import reference_model_record
-    from streaming_parity.core.system.provenance import Provenance
-    from streaming_parity.judge.recording import write_recording
+    from streaming_parity.app.source_provenance import record_reference
 
-    model = reference_model_record(source.path, reference, source.hub)
-    sha256 = model["sha256"]
     chosen = sorted(utterances, key=lambda u: len(u.audio))[:EVIDENCE_UTTERANCES]
     target = artifact / EVIDENCE_DIR
     if target.exists():
         shutil.rmtree(target)
-    return write_recording(reference, chosen, contexts or reference.info.att_context_sizes, target, model=model,
-                           provenance=Provenance.collect(source.path, sha256=sha256, hub=source.hub).to_dict(),
-                           progress=progress)
+    return record_reference(reference, source.path, chosen, contexts or reference.info.att_context_sizes, target,
+                            hub=source.hub, progress=progress)
 
 
 def size_mb(directory: Path) -> float:
@@ -259,13 +254,11 @@ def _verify_against_recording(args, artifact: Path, path: Path) -> int:
     from streaming_parity.backends.mlx.artifact import recorded_provenance
     from streaming_parity.core.system.progress import ProgressBar
     from streaming_parity.interface.commands import EXIT_OK, EXIT_VIOLATION
-    from streaming_parity.judge.recording import Recording, RecordingError
+    from streaming_parity.judge.recording import Recording
 
     recording = Recording(path)
     made_from = recorded_provenance(artifact)
-    if made_from is not None and made_from.source_sha256 and made_from.source_sha256 != recording.model["sha256"]:
-        raise RecordingError(f"{path} records {recording.model.get('name')} (sha256 {recording.model['sha256'][:12]}); "
-                             f"{artifact} was converted from {made_from.source_label()}")
+    recording.check_made_from(made_from.source_sha256 if made_from else None, str(artifact))
     for line in recording.describe():
         print(f"reference: {line}")
     utterances = _utterances(args) if args.audio else recording.utterances()
