@@ -274,3 +274,34 @@ def test_a_night_with_a_cached_recording_runs_no_nemo(tiny_nemo, tolerances, tmp
     assert second.extra["reference"] == {"recording": first.extra["reference"]["recording"], "cached": True}
     assert [(c.pair, c.utterance, c.mode, c.passed, [t.metrics for t in c.taps]) for c in second.comparisons] == \
            [(c.pair, c.utterance, c.mode, c.passed, [t.metrics for t in c.taps]) for c in first.comparisons]
+
+
+@pytest.mark.mlx
+def test_a_nights_recording_holds_what_its_single_pass_compares_and_judges_as_nemo_does(tiny_nemo, tolerances,
+                                                                                       tmp_path):
+    """The full-size plan (every candidate in pad-and-drop, NeMo's streaming~offline in plain at the lookahead with
+    the most frames per step) is what the cached recording holds, no more, and the comparisons against it are the
+    live reference's."""
+    from streaming_parity.app.nightly import MatrixPlan, run_model_matrix
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.judge.recording import Recording
+
+    if not REGISTRY["mlx"].available():
+        pytest.skip("mlx is not installed")
+    utterances, contexts = fixture_utterances()[:1], [(70, 13), (70, 1)]
+    plan = MatrixPlan([PlannedCandidate("mlx", "float32")], [])
+    options = dict(work_dir=tmp_path / "work", single_reference_pass=True)
+    recorded = run_model_matrix(tiny_nemo, plan, utterances, contexts, tolerances, recordings=tmp_path / "rec",
+                                **options)
+    manifest = Recording(recorded.extra["reference"]["recording"]).manifest
+    assert manifest["plan"]["modes_by_lookahead"] == {"70,13": ["plain", "pad-and-drop"], "70,1": ["pad-and-drop"]}
+    assert manifest["plan"]["offline_lookaheads"] == [[70, 13]] and manifest["plan"]["offline_lengths"] == ["tensor"]
+    assert sorted((o["context"], o["length"]) for o in manifest["offline"]) == [
+        ([70, 13], Recording(recorded.extra["reference"]["recording"]).mel(utterances[0].name).shape[-1])]
+    live = run_model_matrix(tiny_nemo, plan, utterances, contexts, tolerances, **options)
+
+    def judged(results):
+        return [(c.pair, c.utterance, c.att_context_size, c.mode, c.passed, [(t.tap, t.metrics) for t in c.taps])
+                for c in results.comparisons]
+
+    assert judged(recorded) == judged(live) and len(judged(live)) == 3

@@ -285,7 +285,7 @@ def cmd_record(args) -> int:
     from streaming_parity.app.session import fixture_utterances
     from streaming_parity.app.source_provenance import record_reference
     from streaming_parity.interface.registry import REFERENCE, get
-    from streaming_parity.judge.recording import Recording
+    from streaming_parity.judge.recording import OFFLINE_LENGTHS, Recording
 
     model = args.context.resolve_source(args.model)
     with ProgressBar("record", logger=log) as bar:
@@ -296,7 +296,8 @@ def cmd_record(args) -> int:
         contexts = parse_contexts(args.att_context) or list(reference.info.att_context_sizes)
         started = time.perf_counter()
         record_reference(reference, model.path, utterances, contexts, args.out, hub=model.hub, progress=bar.phase,
-                         modes=split_names(args.modes) or ("plain", "pad-and-drop"), offline=not args.no_offline)
+                         modes=split_names(args.modes) or ("plain", "pad-and-drop"), offline=not args.no_offline,
+                         offline_lengths=split_names(args.offline_lengths) or OFFLINE_LENGTHS)
         reference.close()
     recording = Recording(args.out)
     for line in recording.describe():
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", action="append", default=None, metavar="MODE[,MODE]",
                    help="first-chunk modes (default: plain,pad-and-drop)")
     p.add_argument("--no-offline", action="store_true", help="leave out the offline forwards")
+    p.add_argument("--offline-lengths", action="append", default=None, metavar="LENGTH[,LENGTH]",
+                   help="offline forwards over the whole mel tensor (tensor: what a comparison runs) and/or the front "
+                        "end's length (front-end: what a suite may ask for); default: both")
     add_audio_options(p)
     p.set_defaults(func=cmd_record)
 

@@ -37,7 +37,15 @@ from streaming_parity.core.system.workers import run_in_subprocess
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.utterance import Utterance, long_utterance
-from streaming_parity.judge.loop import Candidate, Context, LoopProgress, MemoryStore, SpoolStore
+from streaming_parity.judge.loop import (
+    Candidate,
+    Context,
+    LoopProgress,
+    MemoryStore,
+    ReferencePlan,
+    SpoolStore,
+    plan_reference,
+)
 from streaming_parity.judge.results import Results
 from streaming_parity.judge.tolerances import Tolerances
 from streaming_parity.report import FP32, ReportFiles, overall_passed, write_report
@@ -197,9 +205,22 @@ def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path,
                      modes=modes if entry.capabilities.input == "mel" else None)
 
 
-def recording_key(nemo_path: Path, utterances: Sequence[Utterance], att_contexts) -> str:
+def model_lookaheads(nemo_path: Path) -> list[Context]:
+    """The lookaheads a checkpoint's config lists (``encoder.att_context_size``), read without NeMo."""
+    from streaming_parity.core.nemo_config import EncoderConfig
+    from streaming_parity.core.nemo_file import inspect_nemo
+
+    encoder = EncoderConfig.from_mapping(inspect_nemo(nemo_path).config["encoder"])
+    return [(int(c[0]), int(c[1])) for c in encoder.att_context_size]
+
+
+# The offline forward a night compares against: over the whole streamed mel tensor, as the loop runs it.
+NIGHT_OFFLINE_LENGTHS = ("tensor",)
+
+
+def recording_key(nemo_path: Path, utterances: Sequence[Utterance], plan: ReferencePlan) -> str:
     """What a cached recording is valid for: the checkpoint, the NeMo and torch that streamed it, the audio, the
-    plan and the recording format."""
+    plan (modes per lookahead, offline forwards) and the recording format."""
     import importlib.metadata
 
     from streaming_parity.judge.recording import SCHEMA
@@ -213,20 +234,21 @@ def recording_key(nemo_path: Path, utterances: Sequence[Utterance], att_contexts
     described = {"schema": SCHEMA, "checkpoint": sha256_file(nemo_path), "nemo": version("nemo_toolkit"),
                  "torch": version("torch"),
                  "audio": [hashlib.sha256(np.asarray(u.audio, np.float32).tobytes()).hexdigest() for u in utterances],
-                 "lookaheads": [list(c) for c in att_contexts] if att_contexts else "the model's",
-                 "modes": ["plain", "pad-and-drop"], "offline": True}
+                 "modes": [[list(c), [m.value for m in modes]] for c, modes in plan.modes.items()],
+                 "offline": [list(c) for c in plan.offline_contexts], "offline_lengths": list(NIGHT_OFFLINE_LENGTHS)}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cached_recording(nemo_path: Path, utterances: Sequence[Utterance], att_contexts, recordings: Path, *,
+def cached_recording(nemo_path: Path, utterances: Sequence[Utterance], plan: ReferencePlan, recordings: Path, *,
                      progress: LoopProgress) -> tuple[Any, dict[str, Any]]:
     """The recording of NeMo for this checkpoint, audio and plan under ``recordings``: reused when there (NeMo is
-    not loaded), else streamed once and written (atomically) for the nights to come."""
+    not loaded), else streamed once and written (atomically) for the nights to come. It holds what the night
+    compares and no more (``plan``: the runs and offline forwards the comparison loop asks for)."""
     from streaming_parity.app.source_provenance import record_reference
     from streaming_parity.interface.registry import REFERENCE, get
     from streaming_parity.judge.recording import Recording
 
-    key = recording_key(nemo_path, utterances, att_contexts)
+    key = recording_key(nemo_path, utterances, plan)
     target = Path(recordings) / f"{nemo_path.stem}-{key}"
     if (target / "recording.json").is_file():
         progress.phase(f"reference: the recording {target.name} is cached; NeMo is not run")
@@ -238,13 +260,15 @@ def cached_recording(nemo_path: Path, utterances: Sequence[Utterance], att_conte
     if staged.exists():
         shutil.rmtree(staged)
     try:
-        contexts = att_contexts or reference.info.att_context_sizes
-        record_reference(reference, nemo_path, utterances, contexts, staged, progress=progress.phase)
+        record_reference(reference, nemo_path, utterances, list(plan.modes), staged, progress=progress.phase,
+                         modes={c: [m.value for m in modes] for c, modes in plan.modes.items()},
+                         offline=plan.offline_contexts, offline_lengths=NIGHT_OFFLINE_LENGTHS)
     finally:
         reference.close()
     staged.replace(target)
-    return Recording(target), {"recording": str(target), "cached": False,
-                               "recorded_seconds": round(time.perf_counter() - started, 1)}
+    recording = Recording(target)
+    return recording, {"recording": str(target), "cached": False, "bytes": recording.size_bytes(),
+                       "recorded_seconds": round(time.perf_counter() - started, 1)}
 
 
 def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException], None]:
@@ -284,22 +308,8 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
 
     progress = progress or LoopProgress()
     started = time.perf_counter()
-    recorded = None
-    if recordings is not None:
-        # The reference streamed once per checkpoint, NeMo version, audio and plan: a night with nothing changed
-        # runs no NeMo at all (streaming_parity.judge.recording).
-        reference, recorded = cached_recording(nemo_path, utterances, att_contexts, recordings, progress=progress)
-        contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.contexts)]
-    else:
-        progress.phase(f"loading NeMo ({nemo_path.name})")
-        reference = get(REFERENCE).load(nemo_path)
-        contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or reference.info.att_context_sizes)]
+    contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or model_lookaheads(nemo_path))]
     candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
-    memory = PhaseMemory(REFERENCE) if bounded else None
-    if memory is not None:
-        for candidate in candidates:
-            candidate.open = memory.before(candidate.label, candidate.open)
-    store = SpoolStore(spool_dir) if bounded else MemoryStore()
     offline_contexts = None
     if bounded if single_reference_pass is None else single_reference_pass:
         pad_and_drop = FirstChunkMode.PAD_AND_DROP.value
@@ -307,6 +317,21 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
             if pad_and_drop in candidate.capabilities.first_chunk_modes:
                 candidate.modes = (pad_and_drop,)
         offline_contexts = [max(contexts, key=lambda context: context[1])]
+    recorded = None
+    if recordings is not None:
+        # The reference streamed once per checkpoint, NeMo version, audio and plan: a night with nothing changed
+        # runs no NeMo at all (streaming_parity.judge.recording).
+        reference_plan = plan_reference(get(REFERENCE).capabilities, candidates, contexts,
+                                        offline_contexts=offline_contexts)
+        reference, recorded = cached_recording(nemo_path, utterances, reference_plan, recordings, progress=progress)
+    else:
+        progress.phase(f"loading NeMo ({nemo_path.name})")
+        reference = get(REFERENCE).load(nemo_path)
+    memory = PhaseMemory(REFERENCE) if bounded else None
+    if memory is not None:
+        for candidate in candidates:
+            candidate.open = memory.before(candidate.label, candidate.open)
+    store = SpoolStore(spool_dir) if bounded else MemoryStore()
     try:
         results = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
                                    store=store, offline_contexts=offline_contexts, close_reference=True,

@@ -167,6 +167,37 @@ def candidate_modes(reference: Capabilities, candidate: Candidate) -> list[First
     return modes
 
 
+@dataclass(frozen=True)
+class ReferencePlan:
+    """What the reference phase streams: the first-chunk modes at each lookahead (every mode a candidate is compared
+    in, and plain where NeMo's streaming is compared with its offline forward, the only mode comparable to it), and
+    where the offline forward is run (``offline_at``) or kept for the candidates (``keep_offline``: every lookahead).
+    A recording made for a comparison records exactly this (``streaming_parity.app.nightly``)."""
+
+    modes: dict[Context, list[FirstChunkMode]]
+    offline_at: frozenset[Context]
+    keep_offline: bool
+
+    @property
+    def offline_contexts(self) -> list[Context]:
+        return [context for context in self.modes if self.keep_offline or context in self.offline_at]
+
+
+def plan_reference(reference: Capabilities, candidates: Sequence[Candidate], contexts: Sequence[Sequence[int]], *,
+                   include_offline: bool = True, offline_contexts: Sequence[Sequence[int]] | None = None,
+                   reference_modes: Sequence[str] = ()) -> ReferencePlan:
+    """The reference phase ``stream_and_compare`` runs for these candidates (its arguments of the same names)."""
+    contexts = [(int(c[0]), int(c[1])) for c in contexts]
+    offline_at = frozenset() if not include_offline else frozenset(contexts) if offline_contexts is None else \
+        frozenset((int(c[0]), int(c[1])) for c in offline_contexts)
+    wanted = {m for candidate in candidates for m in candidate_modes(reference, candidate)}
+    wanted |= {FirstChunkMode(m) for m in reference_modes}
+    # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
+    modes = {context: sorted(wanted | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
+                             key=lambda m: (m is not FirstChunkMode.PLAIN, m.value)) for context in contexts}
+    return ReferencePlan(modes, offline_at, keep_offline=any(candidate.compare_offline for candidate in candidates))
+
+
 # -- the loop ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -253,16 +284,13 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
     results = results if results is not None else Results(model={}, tolerances=tolerances.source)
     outcome = LoopOutcome(results)
     plans = [(candidate, candidate_modes(reference.capabilities, candidate)) for candidate in candidates]
-    offline_at = set() if not include_offline else set(contexts) if offline_contexts is None else {
-        (int(c[0]), int(c[1])) for c in offline_contexts}
-    wanted_modes = {m for _, wanted in plans for m in wanted} | {FirstChunkMode(m) for m in reference_modes}
+    plan = plan_reference(reference.capabilities, candidates, contexts, include_offline=include_offline,
+                          offline_contexts=offline_contexts, reference_modes=reference_modes)
     units = len(utterances) * len(contexts)
     progress.total(units * (1 + len(plans)))
     try:
-        outcome.reference = stream_reference(
-            reference, utterances, contexts, tolerances, store=store, modes=wanted_modes, offline_at=offline_at,
-            keep_offline=any(candidate.compare_offline for candidate in candidates),
-            outcome=outcome, progress=progress)
+        outcome.reference = stream_reference(reference, utterances, tolerances, plan, store=store, outcome=outcome,
+                                             progress=progress)
     finally:
         if close_reference:
             reference.close()
@@ -288,21 +316,16 @@ def stream_reference_runs(reference: Backend, utterances: Sequence[Utterance], c
                               reference_modes=modes).reference
 
 
-def stream_reference(reference: Backend | Recording, utterances: Sequence[Utterance], contexts: Sequence[Context],
-                     tolerances: Tolerances, *, store: RunStore, modes: set[FirstChunkMode], offline_at: set[Context],
-                     keep_offline: bool, outcome: LoopOutcome, progress: LoopProgress) -> ReferenceRuns:
-    """The reference phase: every run a candidate will be compared with (in ``modes``), and NeMo's own
-    streaming~offline at ``offline_at``, recorded in ``outcome``. A ``Recording`` (``streaming_parity.judge.recording``)
-    serves the runs and offline forwards it holds instead of streaming them; everything else is the same."""
+def stream_reference(reference: Backend | Recording, utterances: Sequence[Utterance], tolerances: Tolerances,
+                     plan: ReferencePlan, *, store: RunStore, outcome: LoopOutcome,
+                     progress: LoopProgress) -> ReferenceRuns:
+    """The reference phase: every run of ``plan``, and NeMo's own streaming~offline at ``plan.offline_at``,
+    recorded in ``outcome``. A ``Recording`` (``streaming_parity.judge.recording``) serves the runs and offline
+    forwards it holds instead of streaming them; everything else is the same."""
     info = reference.info
     recorded = not isinstance(reference, Backend)
     side = ReferenceRuns(backend=reference, prompt_kernel=reference.prompt_kernel() if info.prompted else None)
-
-    def modes_at(context: Context) -> list[FirstChunkMode]:
-        # Plain first: NeMo's plain-mode run is the one comparable to offline, recorded before any other.
-        return sorted(modes | ({FirstChunkMode.PLAIN} if context in offline_at else set()),
-                      key=lambda m: (m is not FirstChunkMode.PLAIN, m.value))
-
+    offline_at, keep_offline = plan.offline_at, plan.keep_offline
     progress.phase(f"{reference.name}: " + ("reading the recording" if recorded else "streaming")
                    + (" and offline" if offline_at or keep_offline else ""))
     for utterance in utterances:
@@ -314,8 +337,8 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
         side.mels[utterance.name] = mel
         masks = utterance.speaker_masks_for(reference)
         prompt = utterance.prompt_for(info)
-        for context in contexts:
-            for mode in modes_at(context):
+        for context, modes in plan.modes.items():
+            for mode in modes:
                 run = reference.run(utterance.name, context, mode) if recorded else store.record(
                     reference, mel, context, mode, key=_key(reference, utterance, context, mode),
                     speaker_masks=masks, features=mel, prompt=prompt)

@@ -38,14 +38,18 @@ from typing import Any
 import numpy as np
 
 from streaming_parity.core.errors import UnsafeArtifact
+from streaming_parity.core.packed_tensors import PackedReader, PackedTensorError, save_packed
 from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import Chunk, ChunkSchedule, FirstChunkMode, StreamingConfig
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.model_info import ModelInfo, PromptKernel
+from streaming_parity.interface.taps import TAP_ENCODER
 from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState
 from streaming_parity.interface.utterance import Utterance
 
-SCHEMA = 1
+# 2: shards are packed (``streaming_parity.core.packed_tensors``) and an encoder output equal to the ``encoder``
+# tap is stored once; schema 1 (plain safetensors) is still read.
+SCHEMA = 2
 KIND = "streaming-parity reference recording"
 MANIFEST = "recording.json"
 UTTERANCES_SHARD = "utterances.safetensors"
@@ -73,12 +77,15 @@ def _sha256(path: Path) -> str:
 
 
 def _save(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    from safetensors.numpy import save_file
-
     staged = path.with_name(path.name + ".tmp")
-    save_file({name: np.ascontiguousarray(value) for name, value in tensors.items()}, str(staged))
+    save_packed(staged, tensors)
     staged.replace(path)
     return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _same(a: np.ndarray, b: np.ndarray | None) -> bool:
+    """Bit for bit the same tensor (NaNs included): one of them is then stored for both."""
+    return b is not None and a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
 
 
 # -- caches as shift + new frames ---------------------------------------------------------------------------
@@ -109,7 +116,10 @@ def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarra
     """A step's tensors (caches as deltas where a shift rebuilds them) and its manifest entry."""
     prefix = f"{index}/"
     tensors = {f"{prefix}tap/{name}": value for name, value in step.taps.items()}
-    tensors[f"{prefix}encoded"], tensors[f"{prefix}encoded_len"] = step.encoded, step.encoded_len
+    encoded_is_tap = _same(step.encoded, step.taps.get(TAP_ENCODER))
+    if not encoded_is_tap:
+        tensors[f"{prefix}encoded"] = step.encoded
+    tensors[f"{prefix}encoded_len"] = step.encoded_len
     shifts: dict[str, int | None] = {}
     for name, value in step.state.caches().items():
         axis = SHIFTED_CACHES.get(name)
@@ -125,25 +135,45 @@ def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarra
     # safetensors sorts its keys: the taps' order (model order, the order a comparison lists them) is kept here.
     entry = {"taps": list(step.taps), "tokens": step.tokens, "ctc_tokens": step.ctc_tokens, "seconds": step.seconds,
              "step_index": step.state.step_index, "ctc_last_label": step.state.ctc_last_label,
-             "prompt": step.state.prompt, "cache_shift": shifts,
+             "prompt": step.state.prompt, "cache_shift": shifts, "encoded_is_encoder_tap": encoded_is_tap,
              "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder]}
     return tensors, entry
 
 
+# The offline forwards a recording can keep: over the whole streamed mel tensor (what the comparison loop runs,
+# ``streaming_parity.judge.loop``) and over the front end's length (the frame past it masked; what a suite may ask
+# a reference backend for).
+OFFLINE_LENGTHS = ("tensor", "front-end")
+
+
 def write_recording(reference: Backend, utterances: Sequence[Utterance], contexts: Sequence[Sequence[int]],
-                    out: str | Path, *, model: Mapping[str, Any], modes: Sequence[str] = ("plain", "pad-and-drop"),
-                    offline: bool = True, provenance: Mapping[str, Any] | None = None,
+                    out: str | Path, *, model: Mapping[str, Any],
+                    modes: Sequence[str] | Mapping[Context, Sequence[str]] = ("plain", "pad-and-drop"),
+                    offline: bool | Sequence[Sequence[int]] = True, offline_lengths: Sequence[str] = OFFLINE_LENGTHS,
+                    provenance: Mapping[str, Any] | None = None,
                     progress: Callable[[str], None] | None = None) -> Path:
     """Stream every utterance at every lookahead and first-chunk mode through ``reference`` and write the
     recording to ``out`` (a new or empty directory). ``model``: the checkpoint's record (``name``,
-    ``sha256``, ``config``: its NeMo config as a plain mapping, ``vocabulary``, ``max_symbols``)."""
+    ``sha256``, ``config``: its NeMo config as a plain mapping, ``vocabulary``, ``max_symbols``).
+
+    ``modes``: the first-chunk modes streamed at every lookahead, or per lookahead (a mapping). ``offline``: whether
+    the offline forward is kept, at every lookahead or at the ones listed; ``offline_lengths``: over which mel
+    lengths (``OFFLINE_LENGTHS``). A recording holds what a comparison will ask of it, no more: at full size each
+    run is about 0.2 GB per minute of audio (``docs/recordings.md``)."""
     say = progress or (lambda _text: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RecordingError(f"{out}: not empty; a recording is written to a new directory")
-    out.mkdir(parents=True, exist_ok=True)
     contexts = [(int(c[0]), int(c[1])) for c in contexts]
-    modes = [FirstChunkMode(m).value for m in modes]
+    modes_at = _modes_by_context(modes, contexts)
+    offline_at = (set(contexts) if offline is True else set() if offline is False
+                  else {(int(c[0]), int(c[1])) for c in offline})
+    if offline_at - set(contexts):
+        raise RecordingError(f"offline forwards asked at {sorted(offline_at - set(contexts))}, lookaheads not recorded")
+    unknown = set(offline_lengths) - set(OFFLINE_LENGTHS)
+    if unknown or not offline_lengths:
+        raise RecordingError(f"offline lengths {sorted(unknown) or '(none)'}: choose from {', '.join(OFFLINE_LENGTHS)}")
+    out.mkdir(parents=True, exist_ok=True)
     info = reference.info
     for utterance in utterances:
         if utterance.speaker_targets is not None:
@@ -161,7 +191,7 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
         masks = utterance.speaker_masks_for(reference)
         prompt = utterance.prompt_for(info)
         for context in contexts:
-            for mode in modes:
+            for mode in modes_at[context]:
                 say(f"recording {utterance.name} [{context[0]},{context[1]}] {mode}")
                 shard = f"run-{len(runs):04d}.safetensors"
                 tensors: dict[str, np.ndarray] = {}
@@ -175,19 +205,21 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                 shards[shard] = _save(out / shard, tensors)
                 runs.append({"utterance": utterance.name, "context": list(context), "mode": mode, "shard": shard,
                              "steps": steps})
-            # The loop's offline forward runs over the whole streamed mel tensor (streaming_parity.judge.loop); a
-            # caller may also run it over the front end's length (the frame past it masked), so both are kept.
-            for length in dict.fromkeys([mel.shape[-1], int(mel_length[0])]) if offline else ():
+            lengths = {"tensor": mel.shape[-1], "front-end": int(mel_length[0])}
+            for length in dict.fromkeys(lengths[n] for n in offline_lengths) if context in offline_at else ():
                 say(f"recording {utterance.name} [{context[0]},{context[1]}] offline, {length} frames")
                 output = reference.offline(mel, np.array([length] * mel.shape[0]), context,
                                            speaker_masks=masks, prompt=prompt)
                 shard = f"offline-{len(offline_entries):04d}.safetensors"
                 tensors = {f"tap/{name}": value for name, value in output.taps.items()}
-                tensors["encoded"], tensors["encoded_len"] = output.encoded, output.encoded_len
+                encoded_is_tap = _same(output.encoded, output.taps.get(TAP_ENCODER))
+                if not encoded_is_tap:
+                    tensors["encoded"] = output.encoded
+                tensors["encoded_len"] = output.encoded_len
                 shards[shard] = _save(out / shard, tensors)
                 offline_entries.append({"utterance": utterance.name, "context": list(context), "length": length,
                                         "shard": shard, "taps": list(output.taps), "tokens": output.tokens,
-                                        "ctc_tokens": output.ctc_tokens})
+                                        "ctc_tokens": output.ctc_tokens, "encoded_is_encoder_tap": encoded_is_tap})
     shards[UTTERANCES_SHARD] = _save(out / UTTERANCES_SHARD, audio_tensors)
     if info.prompted:
         kernel = reference.prompt_kernel()
@@ -198,13 +230,31 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
         "reference": {"backend": reference.name, "dtype": reference.dtype},
         "model": dict(model),
         "provenance": dict(provenance or {}),
-        "plan": {"contexts": [list(c) for c in contexts], "modes": modes, "offline": offline,
+        "plan": {"contexts": [list(c) for c in contexts],
+                 "modes": list(dict.fromkeys(m for c in contexts for m in modes_at[c])),
+                 "modes_by_lookahead": {_context_key(c): modes_at[c] for c in contexts},
+                 "offline": bool(offline_at), "offline_lookaheads": [list(c) for c in contexts if c in offline_at],
+                 "offline_lengths": list(offline_lengths),
                  "streaming_configs": {_context_key(c): _plain(asdict(reference.streaming_config(c)))
                                        for c in contexts}},
         "utterances": utterance_entries, "runs": runs, "offline": offline_entries, "shards": shards,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _modes_by_context(modes: Sequence[str] | Mapping[Context, Sequence[str]],
+                      contexts: Sequence[Context]) -> dict[Context, list[str]]:
+    if isinstance(modes, Mapping):
+        given = {(int(c[0]), int(c[1])): wanted for c, wanted in modes.items()}
+        if set(given) != set(contexts):
+            raise RecordingError(f"first-chunk modes given for lookaheads {sorted(given)}, recorded: {sorted(contexts)}")
+    else:
+        given = dict.fromkeys(contexts, modes)
+    chosen = {c: list(dict.fromkeys(FirstChunkMode(m).value for m in given[c])) for c in contexts}
+    if not all(chosen.values()):
+        raise RecordingError("every recorded lookahead streams at least one first-chunk mode")
+    return chosen
 
 
 def _plain(value: Any) -> Any:
@@ -218,22 +268,37 @@ def _plain(value: Any) -> Any:
 # -- reading ------------------------------------------------------------------------------------------------
 
 class _Shard:
-    """One safetensors shard, read tensor by tensor."""
+    """One shard, read tensor by tensor (``streaming_parity.core.packed_tensors``; a schema-1 shard is plain
+    safetensors)."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def read(self, *names: str) -> list[np.ndarray]:
-        from safetensors import safe_open
+    def _open(self) -> PackedReader:
+        try:
+            return PackedReader(self.path)
+        except PackedTensorError as error:
+            raise RecordingError(str(error)) from None
 
-        with safe_open(str(self.path), framework="numpy") as handle:
-            return [handle.get_tensor(name) for name in names]
+    def read(self, *names: str) -> list[np.ndarray]:
+        with self._open() as reader:
+            return [_inflated(reader, name) for name in names]
 
     def tensors(self, prefix: str) -> dict[str, np.ndarray]:
-        from safetensors import safe_open
+        with self._open() as reader:
+            return {key[len(prefix):]: _inflated(reader, key) for key in reader.keys() if key.startswith(prefix)}
 
-        with safe_open(str(self.path), framework="numpy") as handle:
-            return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+
+def _inflated(reader: PackedReader, name: str) -> np.ndarray:
+    try:
+        return reader.get(name)
+    except PackedTensorError as error:
+        raise RecordingError(str(error)) from None
+
+
+def _encoded(tensors: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> np.ndarray:
+    """The encoder output of a step or offline forward: stored once with the ``encoder`` tap when they are equal."""
+    return tensors[f"tap/{TAP_ENCODER}"] if entry.get("encoded_is_encoder_tap") else tensors["encoded"]
 
 
 class RecordedSteps(Sequence):
@@ -282,7 +347,7 @@ class RecordedSteps(Sequence):
                                prompt=entry["prompt"], **caches)
         taps = {name: tensors[f"tap/{name}"] for name in entry["taps"]}
         ctc = entry["ctc_tokens"]
-        return StepOutput(encoded=tensors["encoded"], encoded_len=tensors["encoded_len"], state=state,
+        return StepOutput(encoded=_encoded(tensors, entry), encoded_len=tensors["encoded_len"], state=state,
                           tokens=[[int(t) for t in row] for row in entry["tokens"]], taps=taps,
                           seconds=float(entry["seconds"]),
                           ctc_tokens=None if ctc is None else [[int(t) for t in row] for row in ctc])
@@ -327,8 +392,9 @@ class RecordedRun:
     @property
     def encoded(self) -> np.ndarray:
         parts = []
-        for index in range(len(self.entry["steps"])):
-            encoded, length = self.shard.read(f"{index}/encoded", f"{index}/encoded_len")
+        for index, step in enumerate(self.entry["steps"]):
+            stored = f"{index}/tap/{TAP_ENCODER}" if step.get("encoded_is_encoder_tap") else f"{index}/encoded"
+            encoded, length = self.shard.read(stored, f"{index}/encoded_len")
             parts.append(encoded[..., : int(length[0])])
         return np.concatenate(parts, axis=-1)
 
@@ -480,7 +546,7 @@ class Recording:
             raise RecordingError(f"{self.directory}: no offline forward of {utterance} at [{key[1][0]},{key[1][1]}] "
                                  f"over {length} frames was recorded")
         tensors = _Shard(self.directory / entry["shard"]).tensors("")
-        return OfflineOutput(encoded=tensors["encoded"], encoded_len=tensors["encoded_len"], tokens=entry["tokens"],
+        return OfflineOutput(encoded=_encoded(tensors, entry), encoded_len=tensors["encoded_len"], tokens=entry["tokens"],
                              taps={name: tensors[f"tap/{name}"] for name in entry["taps"]},
                              ctc_tokens=entry["ctc_tokens"])
 
@@ -489,9 +555,12 @@ class Recording:
 
     def describe(self) -> Iterator[str]:
         plan = self.manifest["plan"]
-        yield (f"{self.directory}: {len(self.manifest['utterances'])} utterances x lookaheads "
-               f"{', '.join(_context_key(c) for c in plan['contexts'])} x {', '.join(plan['modes'])}"
-               f"{' + offline' if plan['offline'] else ''}; {self.size_bytes() / 1e6:.1f} MB")
+        by_lookahead = plan.get("modes_by_lookahead") or {_context_key(c): plan["modes"] for c in plan["contexts"]}
+        runs = "; ".join(f"[{key}] {', '.join(modes)}" for key, modes in by_lookahead.items())
+        offline = plan.get("offline_lookaheads", plan["contexts"] if plan["offline"] else [])
+        yield (f"{self.directory}: {len(self.manifest['utterances'])} utterances; {runs}"
+               f"{'; offline at ' + ', '.join(f'[{_context_key(c)}]' for c in offline) if offline else ''}; "
+               f"{self.size_bytes() / 1e6:.1f} MB")
 
 
 class ReplayBackend(Backend):
