@@ -1,5 +1,6 @@
 """Builders the test modules share: synthetic steps, runs, tap results and comparisons, the CLI run in
-process, a directory copied, and one candidate streamed and judged against a reference.
+process (and in a subprocess without torch and NeMo), a directory copied, and one candidate streamed and judged
+against a reference.
 
 ``tests`` is not a package: a test module imports these as ``from builders import ...``, as it does
 ``graph_metadata`` and ``hub_cache``. pytest's default ``prepend`` import mode puts the directory of a test
@@ -11,6 +12,9 @@ Every default below is stated in its builder's docstring; a test that depends on
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +24,8 @@ import numpy as np
 from streaming_parity.interface.driver import StreamRun
 from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
 from streaming_parity.judge.compare import PairComparison, TapResult, comparison_order
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # -- streaming state, steps and runs ----------------------------------------------------------------
 
@@ -134,3 +140,27 @@ def copy_dir(source: Path, target: Path, *, without: Iterable[str] = ()) -> Path
     left_out = set(without)
     shutil.copytree(source, target, ignore=lambda _directory, names: [n for n in names if n in left_out])
     return target
+
+
+# -- without torch and NeMo -----------------------------------------------------------------------------------
+
+BLOCK = textwrap.dedent("""
+    import importlib.machinery, sys
+    class Filtered(importlib.machinery.PathFinder):
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "nemo", "lightning", "pytorch_lightning"):
+                return None
+            return importlib.machinery.PathFinder.find_spec(name, path, target)
+    sys.meta_path = [Filtered if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+    from streaming_parity.app.cli import main
+    code = main(sys.argv[1:])
+    assert "torch" not in sys.modules and "nemo" not in sys.modules, "torch or NeMo was imported"
+    raise SystemExit(code)
+""")
+
+
+def torch_free_cli(*argv: str) -> subprocess.CompletedProcess:
+    """``parity ARGV...`` in a subprocess where torch and NeMo cannot be imported (as on a Mac with only MLX); it
+    fails if either was imported all the same."""
+    return subprocess.run([sys.executable, "-c", BLOCK, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)

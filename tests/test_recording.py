@@ -11,11 +11,11 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import BLOCK, torch_free_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,40 +196,20 @@ def test_another_checkpoint_or_chunk_plan_is_refused(recording_dir, backend_pool
 
 # -- without torch and NeMo -----------------------------------------------------------------------------------
 
-BLOCK = textwrap.dedent("""
-    import importlib.machinery, sys
-    class Filtered(importlib.machinery.PathFinder):
-        @classmethod
-        def find_spec(cls, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "nemo", "lightning", "pytorch_lightning"):
-                return None
-            return importlib.machinery.PathFinder.find_spec(name, path, target)
-    sys.meta_path = [Filtered if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-    from streaming_parity.app.cli import main
-    code = main(sys.argv[1:])
-    assert "torch" not in sys.modules and "nemo" not in sys.modules, "torch or NeMo was imported"
-    raise SystemExit(code)
-""")
-
-
-def _torch_free(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.nemo
 @pytest.mark.mlx
 def test_an_artifact_is_judged_against_a_recording_without_torch_or_nemo(recording_dir, backend_pool, tmp_path):
     from streaming_parity.backends.mlx.mutations import by_name
 
     artifact = backend_pool.source("mlx")
-    passed = _torch_free("compare", "--reference", str(recording_dir), "--mlx", str(artifact), "--att-context", "70,13")
+    passed = torch_free_cli("compare", "--reference", str(recording_dir), "--mlx", str(artifact), "--att-context", "70,13")
     assert passed.returncode == 0, passed.stderr[-3000:]
     assert "nemo~mlx" in passed.stdout
 
     mutated = Path(shutil.copytree(artifact, tmp_path / "mutated"))
     mutation = by_name("transposed-linear")
     mutation.apply(mutated, {})
-    failed = _torch_free("compare", "--reference", str(recording_dir), "--mlx", str(mutated), "--att-context", "70,13")
+    failed = torch_free_cli("compare", "--reference", str(recording_dir), "--mlx", str(mutated), "--att-context", "70,13")
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert f"first divergent tap {mutation.expect_tap} " in failed.stdout
 

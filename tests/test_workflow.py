@@ -153,7 +153,7 @@ def test_every_job_installs_through_the_ci_script(workflow_job):
     """One install for the local CI and both workflows: no job installs packages by itself."""
     _, _, job = workflow_job
     calls = script_calls(job)
-    assert "install" in calls or "mlx" in calls or "test" in calls, "the job must install through .ci/run"
+    assert {"install", "install-torch-free", "mlx", "test"} & set(calls), "the job must install through .ci/run"
     for step in run_steps(job):
         for words in split_commands(step["run"]):
             assert not ({"pip", "pip3", "apt-get", "uv"} & {Path(w).name for w in words}), \
@@ -164,7 +164,12 @@ def test_every_job_installs_through_the_ci_script(workflow_job):
     assert {"pyproject.toml", "constraints.txt"} <= set(setup[0]["with"]["cache-dependency-path"].split())
 
 
-@pytest.mark.parametrize("workflow_job", linux_jobs(), ids=lambda e: f"{e[0]}:{e[1]}")
+def torch_free(job: dict) -> bool:
+    return "install-torch-free" in script_calls(job)
+
+
+@pytest.mark.parametrize("workflow_job", [e for e in linux_jobs() if not torch_free(e[2])],
+                         ids=lambda e: f"{e[0]}:{e[1]}")
 def test_linux_jobs_take_cpu_torch_and_install_openblas_and_chromium(workflow_job):
     _, _, job = workflow_job
     assert job["env"]["TORCH_INDEX"] == CPU_TORCH_INDEX, "PyPI's Linux torch is the CUDA build"
@@ -172,6 +177,19 @@ def test_linux_jobs_take_cpu_torch_and_install_openblas_and_chromium(workflow_jo
     assert "system" in calls and "install" in calls and calls.index("system") < calls.index("install")
     system = script_function("step_system")
     assert "libopenblas0-pthread" in system and "chromium" in system and "apt-get install" in system
+
+
+@pytest.mark.parametrize("workflow_job", [e for e in all_jobs() if torch_free(e[2])], ids=lambda e: f"{e[0]}:{e[1]}")
+def test_torch_free_jobs_install_no_torch_and_mlx_on_linux_gets_openblas(workflow_job):
+    _, _, job = workflow_job
+    calls = script_calls(job)
+    assert "install" not in calls and "TORCH_INDEX" not in job.get("env", {}), "a torch-free job installs no torch"
+    extras = job["env"]["EXTRAS"]
+    assert set(filter(None, extras.split(","))) <= {"onnx", "mlx", "peers", "dev"}, extras
+    if "mlx" in extras and str(job["runs-on"]).startswith("ubuntu"):
+        assert "system" in calls and calls.index("system") < calls.index("install-torch-free")
+    step = script_function("step_install_torch_free")
+    assert 'find_spec(name) is not None' in step and '"torch", "nemo"' in step and "-c constraints.txt" in step
 
 
 def test_the_makefile_passes_a_torch_index_only_when_one_is_set():
@@ -206,13 +224,19 @@ def test_the_ci_script_refuses_a_test_run_that_passed_nothing():
 
 
 @pytest.mark.parametrize("workflow_job", macos_jobs(), ids=lambda e: f"{e[0]}:{e[1]}")
-def test_macos_jobs_run_the_mlx_slice_on_apple_silicon(workflow_job):
+def test_macos_jobs_run_mlx_on_apple_silicon_and_metal(workflow_job):
     _, _, job = workflow_job
     assert job["runs-on"] == "macos-14", "an arm64 runner: MLX's macOS wheels are Apple Silicon only"
-    assert "mlx" in script_calls(job) and "TORCH_INDEX" not in job.get("env", {})
+    calls = script_calls(job)
+    assert ("mlx" in calls or (torch_free(job) and "mlx" in job["env"]["EXTRAS"])) and \
+        "TORCH_INDEX" not in job.get("env", {})
     assert re.search(r"-m mlx\b", make_recipe("test-mlx"))
     mlx = script_function("step_mlx")
-    assert "run_suite test-mlx" in mlx and "arm64" in mlx and "metal.is_available()" in mlx
+    assert "run_suite test-mlx" in mlx and "require_apple_silicon" in mlx and "check_metal" in mlx
+    assert "require_apple_silicon" in script_function("step_install_torch_free")
+    assert "check_metal" in script_function("step_install_torch_free")
+    assert "metal.is_available()" in script_function("check_metal")
+    assert "arm64" in script_function("require_apple_silicon")
 
 
 @pytest.mark.parametrize("workflow_job", [e for e in all_jobs() if e[0] == "ci.yml"], ids=lambda e: e[1])
@@ -261,7 +285,38 @@ def test_every_nightly_job_uploads_reports_and_writes_the_summary(job_name):
     assert uploads[0].get("if") == "always()", "reports must be uploaded when the matrix fails too"
     summary = [s for s in run_steps(job) if "GITHUB_STEP_SUMMARY" in s["run"]]
     assert summary and "report.md" in summary[0]["run"] and summary[0].get("if") == "always()"
-    assert any("parity nightly" in s["run"] for s in run_steps(job)) or "full-size" in script_calls(job)
+    assert any("parity nightly" in s["run"] or "parity report" in s["run"] for s in run_steps(job)) \
+        or "full-size" in script_calls(job)
+
+
+def test_the_night_is_recorded_once_judged_on_three_machines_without_nemo_and_reported_as_one():
+    """record (NeMo) -> linux-onnx, linux-mlx, macos-mlx (no torch) -> report: each hand-over a workflow artifact."""
+    jobs = load(NIGHTLY)["jobs"]
+    record = jobs["record"]
+    [recording] = [w for s in run_steps(record) for w in split_commands(s["run"]) if "--stage" in w]
+    recordings = recording[recording.index("--recordings") + 1]
+    work_dir = recording[recording.index("--work-dir") + 1]
+    assert recording[recording.index("--stage") + 1] == "record" and "install" in script_calls(record)
+    handed = [u for u in uses(record, "actions/upload-artifact") if u["with"]["name"] == "night"]
+    assert handed and {recordings, work_dir} <= {str(Path(handed[0]["with"]["path"]) / p) for p in
+                                                 ("recordings", "artifacts")}
+    cached = uses(record, "actions/cache/save")
+    assert any(c["with"]["path"] == recordings for c in cached), "recordings are kept from night to night"
+    candidates = {name: job for name, job in jobs.items() if job.get("needs") == "record"}
+    assert {"linux-onnx", "linux-mlx", "macos-mlx"} <= set(candidates)
+    assert candidates["macos-mlx"]["runs-on"] == "macos-14"
+    for name, job in candidates.items():
+        assert torch_free(job), f"{name} must run without torch and NeMo"
+        assert uses(job, "actions/download-artifact")[0]["with"]["name"] == "night"
+        [stage] = [w for s in run_steps(job) for w in split_commands(s["run"]) if "--stage" in w]
+        assert stage[stage.index("--stage") + 1] == "candidates"
+        assert stage[stage.index("--recordings") + 1] == recordings and stage[stage.index("--work-dir") + 1] == work_dir
+        assert stage[stage.index("--job") + 1] == name
+        assert uses(job, "actions/upload-artifact")[0]["with"]["name"] == f"nightly-results-{name}"
+    report = jobs["report"]
+    assert set(candidates) | {"record"} <= set(report["needs"]) and torch_free(report)
+    assert uses(report, "actions/download-artifact")[0]["with"]["pattern"] == "nightly-results-*"
+    assert any("parity report" in s["run"] and "--history reports" in s["run"] for s in run_steps(report))
 
 
 def test_the_full_size_job_is_bounded_to_a_hosted_runner_and_reports_its_peak():

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from streaming_parity.core.errors import BadInput
+from streaming_parity.core.errors import BadInput, InvalidInput
 from streaming_parity.core.system.progress import ProgressBar
 from streaming_parity.core.system.provenance import ResolvedSource
 from streaming_parity.interface.commands import (
@@ -409,12 +409,15 @@ def split_names(values: Sequence[str] | None) -> list[str] | None:
 def cmd_nightly(args) -> int:
     from streaming_parity.app.nightly import fp32_failures, run_nightly
 
-    outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
-                          att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
-                          tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
-                          audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
-                          mutation_testing=args.mutation_testing, recordings=args.recordings, probes=args.probes,
-                          probe_long_seconds=args.probe_long_seconds)
+    if args.stage != "all":
+        outcome = _nightly_stage(args)
+    else:
+        outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
+                              att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
+                              tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
+                              audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
+                              mutation_testing=args.mutation_testing, recordings=args.recordings, probes=args.probes,
+                              probe_long_seconds=args.probe_long_seconds)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -422,6 +425,32 @@ def cmd_nightly(args) -> int:
         print(f"results: {path}")
     print(f"report:  {outcome.report.markdown}\nreport:  {outcome.report.html}")
     return EXIT_VIOLATION if failures else EXIT_OK
+
+
+def _nightly_stage(args):
+    """``parity nightly --stage record|candidates``: the night split across machines (``app.nightly_stages``)."""
+    from streaming_parity.app.nightly_stages import judge_night_candidates, record_night
+
+    if args.recordings is None:
+        raise InvalidInput(f"--stage {args.stage} needs --recordings DIR (where the night plan and recordings are)")
+    if args.stage == "record":
+        unsupported = {"--mutation-testing": args.mutation_testing, "--probes": args.probes}
+    else:
+        unsupported = {"--models": args.models, "--att-context": args.att_context, "--utterances": args.utterances,
+                       "--audio-seconds": args.audio_seconds, "--mutation-testing": args.mutation_testing,
+                       "--probes": args.probes}
+    named = [option for option, value in unsupported.items() if value]
+    if named:
+        raise InvalidInput(f"--stage {args.stage} does not take {', '.join(named)}")
+    if args.stage == "record":
+        return record_night(split_names(args.models), recordings=args.recordings, out_root=args.out, date=args.date,
+                            backends=split_names(args.backends), att_contexts=parse_contexts(args.att_context),
+                            utterance_limit=args.utterances, audio_seconds=args.audio_seconds,
+                            tolerances_path=args.tolerances, work_dir=args.work_dir,
+                            bounded_memory=args.bounded_memory)
+    return judge_night_candidates(recordings=args.recordings, backends=split_names(args.backends), out_root=args.out,
+                                  date=args.date, tolerances_path=args.tolerances, work_dir=args.work_dir,
+                                  job=args.job)
 
 
 def cmd_mutants(args) -> int:
@@ -582,9 +611,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also mutate the judging modules (mutmut) and list the mutants the tests miss")
     p.add_argument("--recordings", type=Path, metavar="DIR",
                    help="cache NeMo's runs as recordings here (parity record): a night whose checkpoint, NeMo, "
-                        "audio and plan are unchanged runs no NeMo at all")
-
-
+                        "audio and plan are unchanged runs no NeMo at all; with --stage, where the night plan is")
+    p.add_argument("--stage", choices=("all", "record", "candidates"), default="all",
+                   help="all: the whole night here (default); record: record NeMo and prepare every candidate's "
+                        "artifact under --work-dir, writing the night plan into --recordings; candidates: judge the "
+                        "planned candidates chosen by --backends against those recordings, without NeMo "
+                        "(docs/recordings.md)")
+    p.add_argument("--job", metavar="NAME", help="--stage candidates: names this job's results files "
+                                                 "(default: from --backends)")
     p.add_argument("--probes", action="store_true",
                    help="also run every probe (parity probes) on every model through every candidate")
     p.add_argument("--probe-long-seconds", type=float, metavar="S",

@@ -173,6 +173,26 @@ def _prepare(backend: str, nemo_path: str, work_dir: str, dtype: str, contexts) 
     return str(source), peak_rss_mb()
 
 
+def prepare_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path, contexts: Sequence[Context], *,
+                      in_subprocess: bool, record: dict[str, Any]) -> Path:
+    """Export or convert the checkpoint for one (backend, dtype) into ``work_dir`` (cached there), with what was made
+    and how recorded in ``record``: the artifact, its sha256, what its manifest says made it, the time it took."""
+    started = time.perf_counter()
+    arguments = (planned.backend, str(nemo_path), str(work_dir), planned.dtype, [list(c) for c in contexts])
+    if in_subprocess:
+        source, prepare_peak = run_in_subprocess(_prepare, *arguments, phase=f"preparing {planned.label}")
+        record["prepare_peak_rss_mb"] = round(prepare_peak, 1)
+    else:
+        source, _ = _prepare(*arguments)
+    source = Path(source)
+    made = manifest_provenance(planned.backend, source)
+    record.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
+                  prepare_seconds=round(time.perf_counter() - started, 2),
+                  source_sha256=made.source_sha256 if made else None,
+                  made_by=made.made_by() if made and made.harness_version else None)
+    return source
+
+
 def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path, contexts: Sequence[Context], *,
                      in_subprocess: bool) -> Candidate:
     """The loop's ``Candidate`` for one (backend, dtype): prepared and loaded when its turn comes,
@@ -183,19 +203,7 @@ def matrix_candidate(planned: PlannedCandidate, nemo_path: Path, work_dir: Path,
     record = {"backend": planned.backend, "dtype": planned.dtype, "status": "ok"}
 
     def open_backend() -> Backend:
-        started = time.perf_counter()
-        arguments = (planned.backend, str(nemo_path), str(work_dir), planned.dtype, [list(c) for c in contexts])
-        if in_subprocess:
-            source, prepare_peak = run_in_subprocess(_prepare, *arguments, phase=f"preparing {planned.label}")
-            record["prepare_peak_rss_mb"] = round(prepare_peak, 1)
-        else:
-            source, _ = _prepare(*arguments)
-        source = Path(source)
-        made = manifest_provenance(planned.backend, source)
-        record.update(artifact=str(source), artifact_sha256=artifact_sha256(source),
-                      prepare_seconds=round(time.perf_counter() - started, 2),
-                      source_sha256=made.source_sha256 if made else None,
-                      made_by=made.made_by() if made and made.harness_version else None)
+        source = prepare_candidate(planned, nemo_path, work_dir, contexts, in_subprocess=in_subprocess, record=record)
         return entry.load(source, dtype=planned.dtype, nemo_path=nemo_path)
 
     # Every first-chunk mode the backend shares with NeMo: NeMo's default (plain) beside pad-and-drop, the mode
@@ -288,6 +296,28 @@ def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException
     return hook
 
 
+def plan_model_night(nemo_path: Path, plan: MatrixPlan, att_contexts: Sequence[Sequence[int]] | None, work_dir: Path,
+                     *, bounded: bool, single_reference_pass: bool | None = None,
+                     ) -> tuple[list[Context], list[Candidate], list[Context] | None]:
+    """One model's night before anything runs: its lookaheads, its candidates (each in the first-chunk modes it is
+    compared in) and where NeMo's streaming is compared with its offline forward (None: every lookahead).
+
+    ``single_reference_pass`` (default: ``bounded``): every candidate that runs pad-and-drop (the mode the ONNX
+    graphs bake in) is compared in it, so NeMo streams each lookahead once; NeMo's streaming~offline (which needs
+    plain mode) runs at the lookahead with the most frames per step only. Plain mode at every lookahead is the tiny
+    fixtures' to check; at full size this halves the reference's time and its recording."""
+    contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or model_lookaheads(nemo_path))]
+    candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
+    offline_contexts = None
+    if bounded if single_reference_pass is None else single_reference_pass:
+        pad_and_drop = FirstChunkMode.PAD_AND_DROP.value
+        for candidate in candidates:
+            if pad_and_drop in candidate.capabilities.first_chunk_modes:
+                candidate.modes = (pad_and_drop,)
+        offline_contexts = [max(contexts, key=lambda context: context[1])]
+    return contexts, candidates, offline_contexts
+
+
 def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],
                      att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
                      work_dir: Path, bounded: bool = False, spool_dir: Path | None = None,
@@ -299,24 +329,14 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
     ``spool_dir``) in every first-chunk mode a candidate needs and NeMo is closed; each candidate
     is prepared in a spawned process, loaded, streamed step by step against the spool, and closed.
     Memory: the largest single backend plus two steps of tensors, whatever the audio length.
-    ``single_reference_pass`` (default: ``bounded``): every candidate that runs pad-and-drop (the mode the
-    ONNX graphs bake in) is compared in it, so NeMo streams each lookahead once; NeMo's streaming~offline
-    (which needs plain mode) runs at the lookahead with the fewest steps. Plain mode at every lookahead
-    is the tiny fixtures' to check; at full size this halves the reference's time.
+    ``single_reference_pass``: see ``plan_model_night``.
     """
     from streaming_parity.interface.registry import REFERENCE, get
 
     progress = progress or LoopProgress()
     started = time.perf_counter()
-    contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or model_lookaheads(nemo_path))]
-    candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
-    offline_contexts = None
-    if bounded if single_reference_pass is None else single_reference_pass:
-        pad_and_drop = FirstChunkMode.PAD_AND_DROP.value
-        for candidate in candidates:
-            if pad_and_drop in candidate.capabilities.first_chunk_modes:
-                candidate.modes = (pad_and_drop,)
-        offline_contexts = [max(contexts, key=lambda context: context[1])]
+    contexts, candidates, offline_contexts = plan_model_night(nemo_path, plan, att_contexts, work_dir, bounded=bounded,
+                                                              single_reference_pass=single_reference_pass)
     recorded = None
     if recordings is not None:
         # The reference streamed once per checkpoint, NeMo version, audio and plan: a night with nothing changed

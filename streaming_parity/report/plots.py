@@ -110,12 +110,15 @@ def timing_figure(rows: Sequence[TimingRow]) -> Figure:
     return _embedded(figure, "time per chunk")
 
 
-def history_figure(history: History) -> Figure:
-    plt = _pyplot()
+def history_figure(history: History) -> Figure | None:
+    """The key metrics night by night; None when no night has any (every candidate failed to run)."""
     nights = [*history.nights, history.tonight]
     dates = [n.date for n in nights]
     series = sorted({name for n in nights for name in n.metrics})
     metrics = [m for m in (*KEY_METRICS, "wer") if any(m in n.metrics.get(s, {}) for n in nights for s in series)]
+    if not metrics:
+        return None
+    plt = _pyplot()
     figure, axes = plt.subplots(len(metrics), 1, figsize=(10.0, 2.0 * len(metrics)), sharex=True, squeeze=False,
                                 layout="constrained")
     for axis, metric in zip(axes[:, 0], metrics):

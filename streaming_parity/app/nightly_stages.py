@@ -1,0 +1,254 @@
+"""The night split across machines: record (where NeMo is) -> candidates (anywhere, no NeMo) -> report.
+
+``parity nightly --stage record`` resolves each model, records NeMo once per checkpoint, NeMo version, audio
+and plan (``streaming_parity.app.nightly.cached_recording``), prepares every planned candidate's artifact
+(export, conversion) and writes the night's plan, ``night.json``, beside the recordings: for each model, its
+recording and every candidate's artifact (relative to the work directory), sha256 and first-chunk modes. It
+also judges NeMo's own streaming against its offline forward from the recording, once, for the report.
+
+``parity nightly --stage candidates --backends NAME[:DTYPE],...`` reads that plan on another machine (a macOS
+runner for MLX on Metal, a Linux runner for ONNX Runtime), opens each selected candidate's artifact as the
+record stage made it (its sha256 checked), and judges it against the recording: no torch, no NeMo. Each job
+writes its own results; ``parity report`` merges the jobs' results into one report.
+
+The verdicts are the ones a single-machine night gives: the same loop, the same plan, the same recording
+(``tests/test_nightly_stages.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from streaming_parity.app.nightly import (
+    BOUNDED_MEMORY_THRESHOLD_BYTES,
+    NightlyOutcome,
+    PlannedCandidate,
+    artifact_sha256,
+    cached_recording,
+    default_models,
+    default_work_dir,
+    plan_candidates,
+    plan_model_night,
+    prepare_candidate,
+    record_failure,
+    resolve_model,
+)
+from streaming_parity.app.session import compare_backends, fixture_utterances
+from streaming_parity.core.errors import InvalidInput, UnknownName
+from streaming_parity.core.system.progress import quiet, stderr_console
+from streaming_parity.interface.registry import REFERENCE, get
+from streaming_parity.interface.utterance import Utterance, long_utterance
+from streaming_parity.judge.loop import Candidate, LoopProgress, plan_reference
+from streaming_parity.judge.tolerances import Tolerances
+from streaming_parity.report import write_report
+
+NIGHT_PLAN = "night.json"
+NIGHT_PLAN_KIND = "streaming-parity night plan"
+NIGHT_PLAN_SCHEMA = 1
+STAGES = ("all", "record", "candidates")
+
+
+def _say(console) -> Any:
+    return (lambda _text: None) if quiet() else (lambda text: console.print(text, highlight=False))
+
+
+def _night(date: str | None) -> str:
+    return date or _dt.datetime.now(_dt.UTC).date().isoformat()
+
+
+def _stem(model: str) -> str:
+    return Path(model).stem if model.endswith(".nemo") else model
+
+
+# -- record ---------------------------------------------------------------------------------------------------
+
+def record_night(models: Sequence[str] | None = None, *, recordings: Path, out_root: str | Path = "reports",
+                 date: str | None = None, backends: Sequence[str] | None = None,
+                 att_contexts: Sequence[Sequence[int]] | None = None, utterance_limit: int | None = None,
+                 audio_seconds: float | None = None, tolerances_path: str | Path | None = None,
+                 work_dir: Path | None = None, bounded_memory: bool | None = None) -> NightlyOutcome:
+    """Record NeMo for every model (reused when cached), prepare every planned candidate's artifact, and write
+    ``recordings/night.json``; NeMo's streaming~offline goes to ``<out_root>/<date>/results-<model>-reference.json``."""
+    console = stderr_console()
+    say = _say(console)
+    date = _night(date)
+    recordings, work_dir = Path(recordings), Path(work_dir or default_work_dir())
+    recordings.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tolerances = Tolerances.load(tolerances_path)
+    plan = plan_candidates(backends)
+    utterances: list[Utterance] = fixture_utterances()
+    utterances = utterances[:utterance_limit] if utterance_limit else utterances
+    if audio_seconds:
+        utterances = [long_utterance(utterances, audio_seconds)]
+    models = list(models or default_models())
+    night_dir = Path(out_root) / date
+    entries, files, all_results = [], [], []
+    for model in models:
+        nemo_path = resolve_model(model, progress=say, in_subprocess=bounded_memory is not False)
+        bounded = (bounded_memory if bounded_memory is not None
+                   else nemo_path.stat().st_size > BOUNDED_MEMORY_THRESHOLD_BYTES)
+        contexts, candidates, offline_contexts = plan_model_night(nemo_path, plan, att_contexts, work_dir,
+                                                                  bounded=bounded)
+        progress = LoopProgress(phase=lambda text, model=model: say(f"  {model}: {text}"))
+        reference_plan = plan_reference(get(REFERENCE).capabilities, candidates, contexts,
+                                        offline_contexts=offline_contexts)
+        recording, recorded = cached_recording(nemo_path, utterances, reference_plan, recordings, progress=progress)
+        prepared = []
+        for planned, candidate in zip(plan.candidates, candidates):
+            progress.phase(f"preparing {planned.label}")
+            record = dict(candidate.record)
+            try:
+                source = prepare_candidate(planned, nemo_path, work_dir, contexts, in_subprocess=bounded,
+                                           record=record)
+            except Exception as error:  # noqa: BLE001 - one candidate that cannot be made must not stop the others
+                record.update(status="error", error=f"{type(error).__name__}: {error}")
+                progress.phase(f"{planned.label} could not be prepared: {error}")
+                prepared.append(record)
+                continue
+            # Relative to the work directory, so that a job that downloads it elsewhere finds it (--work-dir).
+            source = source.resolve()
+            record.update(artifact=source.relative_to(work_dir.resolve()).as_posix()
+                          if source.is_relative_to(work_dir.resolve()) else str(source),
+                          modes=list(candidate.modes) if candidate.modes else None)
+            prepared.append(record)
+        # NeMo's own streaming~offline, judged once here from the recording, not again in every candidate job.
+        results = compare_backends(recording, [], utterances, contexts, tolerances, offline_contexts=offline_contexts,
+                                   progress=progress).results
+        results.model.update(name=nemo_path.stem, sha256=recording.model["sha256"], recording=str(recording.directory))
+        results.extra.update({"kind": "nightly", "stage": "record", "date": date, "reference": recorded,
+                              "lookaheads": [list(c) for c in contexts], "utterances": [u.name for u in utterances],
+                              "candidates": [dict(u) for u in plan.unavailable]})
+        files.append(results.save(night_dir / f"results-{_stem(model)}-reference.json"))
+        all_results.append(results)
+        entries.append({"model": _stem(model), "recording": recording.directory.resolve().relative_to(
+            recordings.resolve()).as_posix(), "lookaheads": [list(c) for c in contexts],
+            "offline_lookaheads": [list(c) for c in offline_contexts] if offline_contexts else None,
+            "candidates": prepared, "unavailable": [dict(u) for u in plan.unavailable]})
+    night_plan = {"kind": NIGHT_PLAN_KIND, "schema": NIGHT_PLAN_SCHEMA, "date": date, "models": entries}
+    (recordings / NIGHT_PLAN).write_text(json.dumps(night_plan, indent=1) + "\n")
+    say(f"night plan: {recordings / NIGHT_PLAN} ({len(entries)} model(s), "
+        f"{sum(len(e['candidates']) for e in entries)} candidate artifact(s) under {work_dir})")
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}: "
+                                                                                        "the reference")
+    return NightlyOutcome(night_dir, files, report, all_results)
+
+
+# -- candidates -----------------------------------------------------------------------------------------------
+
+def read_night_plan(recordings: Path) -> dict[str, Any]:
+    path = Path(recordings) / NIGHT_PLAN
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no night plan; run `parity nightly --stage record --recordings "
+                           f"{recordings}` first")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InvalidInput(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(plan, dict) or plan.get("kind") != NIGHT_PLAN_KIND:
+        raise InvalidInput(f"{path}: not a night plan")
+    if not isinstance(plan.get("schema"), int) or plan["schema"] > NIGHT_PLAN_SCHEMA:
+        raise InvalidInput(f"{path}: schema {plan.get('schema')!r} is newer than this harness reads "
+                           f"({NIGHT_PLAN_SCHEMA})")
+    return plan
+
+
+def _selected(record: dict[str, Any], backends: Sequence[str] | None) -> bool:
+    if not backends:
+        return True
+    return any(item.partition(":")[0] == record["backend"] and item.partition(":")[2] in ("", record["dtype"])
+               for item in backends)
+
+
+def _check_selection(plan: dict[str, Any], backends: Sequence[str] | None) -> None:
+    """A selection that names nothing in the plan is a mistake (a misspelt backend), never a night that checked
+    nothing."""
+    planned = {(c["backend"], c["dtype"]) for entry in plan["models"] for c in entry["candidates"]}
+    for item in backends or ():
+        name, _, dtype = item.partition(":")
+        get(name)  # an unknown backend name raises with the registered ones
+        if not any(b == name and dtype in ("", d) for b, d in planned):
+            raise UnknownName(f"{item} is not in the night plan (planned: "
+                              f"{', '.join(f'{b}:{d}' for b, d in sorted(planned)) or 'none'})")
+
+
+def stage_candidate(record: dict[str, Any], work_dir: Path) -> Candidate:
+    """A planned candidate, opened from the artifact the record stage made (its sha256 checked first)."""
+    entry = get(record["backend"])
+    planned = PlannedCandidate(record["backend"], record["dtype"])
+    result = {k: v for k, v in record.items() if k != "modes"}
+
+    def open_backend():
+        source = Path(record["artifact"])
+        source = source if source.is_absolute() else work_dir / source
+        if not source.exists():
+            raise InvalidInput(f"{planned.label}: its artifact {source} is not here (download the record stage's "
+                               "work directory to --work-dir)")
+        found = artifact_sha256(source)
+        if found != record["artifact_sha256"]:
+            raise InvalidInput(f"{planned.label}: {source} has sha256 {str(found)[:12]}, the record stage made "
+                               f"{record['artifact_sha256'][:12]}")
+        return entry.load(source, dtype=planned.dtype, nemo_path=None)
+
+    modes = tuple(record["modes"]) if record.get("modes") else None
+    return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=result,
+                     modes=modes)
+
+
+def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None = None, out_root: str | Path = "reports",
+                           date: str | None = None, tolerances_path: str | Path | None = None,
+                           work_dir: Path | None = None, job: str | None = None) -> NightlyOutcome:
+    """Every planned candidate selected by ``backends`` (all of them by default), judged against the recording the
+    record stage made; one results file per model, ``results-<model>-<job>.json`` (``job``: default the backends)."""
+    from streaming_parity.judge.recording import Recording
+
+    console = stderr_console()
+    say = _say(console)
+    recordings, work_dir = Path(recordings), Path(work_dir or default_work_dir())
+    plan = read_night_plan(recordings)
+    _check_selection(plan, backends)
+    date = _night(date or plan.get("date"))
+    tolerances = Tolerances.load(tolerances_path)
+    job = job or ("-".join(b.replace(":", "_") for b in backends) if backends else "candidates")
+    night_dir = Path(out_root) / date
+    files, all_results = [], []
+    for entry in plan["models"]:
+        chosen = [c for c in entry["candidates"] if _selected(c, backends)]
+        if not chosen:
+            continue
+        recording = Recording(recordings / entry["recording"])
+        utterances = recording.utterances()
+        contexts = [tuple(c) for c in entry["lookaheads"]]
+        unavailable, candidates = [], []
+        for record in chosen:
+            backend = get(record["backend"])
+            if record.get("status") == "error":  # the record stage could not make its artifact
+                status, reason = "error", record.get("error")
+            elif not backend.available():
+                status, reason = "unavailable", "missing " + ", ".join(backend.missing_requirements())
+            else:
+                candidates.append(stage_candidate(record, work_dir))
+                continue
+            unavailable.append({"backend": record["backend"], "dtype": record["dtype"], "status": status,
+                                "error": reason})
+            say(f"  [yellow]skipping[/] {record['backend']}:{record['dtype']} ({reason})")
+        progress = LoopProgress(phase=lambda text, model=entry["model"]: say(f"  {model}: {text}"))
+        results = compare_backends(recording, candidates, utterances, contexts, tolerances, include_offline=False,
+                                   on_failure=record_failure(progress), progress=progress).results
+        results.model.update(name=Path(recording.model.get("name") or entry["model"]).stem,
+                             sha256=recording.model["sha256"], recording=str(recording.directory))
+        results.extra.update({"kind": "nightly", "stage": "candidates", "job": job, "date": date,
+                              "reference": {"recording": str(recording.directory), "cached": True},
+                              "lookaheads": [list(c) for c in contexts], "utterances": [u.name for u in utterances],
+                              "candidates": unavailable + [c.record for c in candidates]})
+        files.append(results.save(night_dir / f"results-{entry['model']}-{job}.json"))
+        all_results.append(results)
+    if not all_results:
+        raise InvalidInput(f"{recordings / NIGHT_PLAN}: no planned candidate to judge")
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date,
+                          title=f"Nightly parity {date}: {job}")
+    return NightlyOutcome(night_dir, files, report, all_results)
