@@ -108,6 +108,11 @@ def test_every_step_reads_back_bit_for_bit(recording_dir, nemo_backend, short_ut
     # The caches are stored as the frames that entered, not whole, wherever a shift rebuilds them.
     shifts = [step["cache_shift"]["cache_last_channel"] for run in recording.manifest["runs"] for step in run["steps"]]
     assert sum(shift is not None for shift in shifts) > len(shifts) // 2
+    # NeMo's encoder output is its last layer's, transposed: stored once (and the step's encoded output with it).
+    steps = [step for run in recording.manifest["runs"] for step in run["steps"]]
+    last = f"layers.{nemo_backend.info.num_layers - 1}"
+    assert all(step["derived_taps"]["encoder"][0] == last and step["encoded_is_encoder_tap"] for step in steps)
+    assert all(o["derived_taps"]["encoder"][0] == last for o in recording.manifest["offline"])
 
 
 @pytest.mark.nemo

@@ -43,7 +43,7 @@ from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import Chunk, ChunkSchedule, FirstChunkMode, StreamingConfig
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.model_info import ModelInfo, PromptKernel
-from streaming_parity.interface.taps import TAP_ENCODER
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_LAYERS, tap_kind
 from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState
 from streaming_parity.interface.utterance import Utterance
 
@@ -88,6 +88,38 @@ def _same(a: np.ndarray, b: np.ndarray | None) -> bool:
     return b is not None and a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
 
 
+def _last_layer(taps: Mapping[str, np.ndarray]) -> str | None:
+    layers = [name for name in taps if tap_kind(name) == TAP_LAYERS]
+    return max(layers, key=lambda name: int(name.split(".", 1)[1])) if layers else None
+
+
+def _encoder_from_layer(layer: np.ndarray, frames: int) -> np.ndarray:
+    """The encoder output as the last layer's output ``[B, T, D]`` makes it: ``[B, D, T]``, its valid frames."""
+    return np.ascontiguousarray(np.swapaxes(layer, 1, 2)[..., :frames])
+
+
+def _stored_taps(taps: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """The taps to store, and the ones derived from another: NeMo's encoder output is its last layer's output,
+    transposed and cut to the valid frames (``ConformerEncoder.forward_internal``); where it is that bit for bit,
+    it is stored once."""
+    stored, derived = dict(taps), {}
+    encoder, last = taps.get(TAP_ENCODER), _last_layer(taps)
+    if encoder is not None and last is not None and taps[last].ndim == 3 and encoder.ndim == 3 \
+            and encoder.shape[-1] <= taps[last].shape[1] \
+            and _same(encoder, _encoder_from_layer(taps[last], encoder.shape[-1])):
+        del stored[TAP_ENCODER]
+        derived[TAP_ENCODER] = [last, int(encoder.shape[-1])]
+    return stored, derived
+
+
+def _read_taps(tensors: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    derived = entry.get("derived_taps") or {}
+    taps = {name: tensors[f"tap/{name}"] for name in entry["taps"] if name not in derived}
+    for name, (source, frames) in derived.items():
+        taps[name] = _encoder_from_layer(tensors[f"tap/{source}"], int(frames))
+    return {name: taps[name] for name in entry["taps"]}
+
+
 # -- caches as shift + new frames ---------------------------------------------------------------------------
 
 def cache_delta(previous: np.ndarray | None, current: np.ndarray, axis: int,
@@ -115,7 +147,8 @@ def apply_delta(previous: np.ndarray, shift: int, new: np.ndarray, axis: int) ->
 def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     """A step's tensors (caches as deltas where a shift rebuilds them) and its manifest entry."""
     prefix = f"{index}/"
-    tensors = {f"{prefix}tap/{name}": value for name, value in step.taps.items()}
+    stored, derived = _stored_taps(step.taps)
+    tensors = {f"{prefix}tap/{name}": value for name, value in stored.items()}
     encoded_is_tap = _same(step.encoded, step.taps.get(TAP_ENCODER))
     if not encoded_is_tap:
         tensors[f"{prefix}encoded"] = step.encoded
@@ -136,6 +169,7 @@ def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarra
     entry = {"taps": list(step.taps), "tokens": step.tokens, "ctc_tokens": step.ctc_tokens, "seconds": step.seconds,
              "step_index": step.state.step_index, "ctc_last_label": step.state.ctc_last_label,
              "prompt": step.state.prompt, "cache_shift": shifts, "encoded_is_encoder_tap": encoded_is_tap,
+             "derived_taps": derived,
              "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder]}
     return tensors, entry
 
@@ -211,7 +245,8 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                 output = reference.offline(mel, np.array([length] * mel.shape[0]), context,
                                            speaker_masks=masks, prompt=prompt)
                 shard = f"offline-{len(offline_entries):04d}.safetensors"
-                tensors = {f"tap/{name}": value for name, value in output.taps.items()}
+                stored, derived = _stored_taps(output.taps)
+                tensors = {f"tap/{name}": value for name, value in stored.items()}
                 encoded_is_tap = _same(output.encoded, output.taps.get(TAP_ENCODER))
                 if not encoded_is_tap:
                     tensors["encoded"] = output.encoded
@@ -219,7 +254,8 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                 shards[shard] = _save(out / shard, tensors)
                 offline_entries.append({"utterance": utterance.name, "context": list(context), "length": length,
                                         "shard": shard, "taps": list(output.taps), "tokens": output.tokens,
-                                        "ctc_tokens": output.ctc_tokens, "encoded_is_encoder_tap": encoded_is_tap})
+                                        "ctc_tokens": output.ctc_tokens, "encoded_is_encoder_tap": encoded_is_tap,
+                                        "derived_taps": derived})
     shards[UTTERANCES_SHARD] = _save(out / UTTERANCES_SHARD, audio_tensors)
     if info.prompted:
         kernel = reference.prompt_kernel()
@@ -296,9 +332,9 @@ def _inflated(reader: PackedReader, name: str) -> np.ndarray:
         raise RecordingError(str(error)) from None
 
 
-def _encoded(tensors: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> np.ndarray:
+def _encoded(taps: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> np.ndarray:
     """The encoder output of a step or offline forward: stored once with the ``encoder`` tap when they are equal."""
-    return tensors[f"tap/{TAP_ENCODER}"] if entry.get("encoded_is_encoder_tap") else tensors["encoded"]
+    return taps[TAP_ENCODER] if entry.get("encoded_is_encoder_tap") else tensors["encoded"]
 
 
 class RecordedSteps(Sequence):
@@ -345,9 +381,9 @@ class RecordedSteps(Sequence):
         state = StreamingState(att_context_size=self.run.att_context_size, decoder=decoders,
                                step_index=int(entry["step_index"]), ctc_last_label=entry["ctc_last_label"],
                                prompt=entry["prompt"], **caches)
-        taps = {name: tensors[f"tap/{name}"] for name in entry["taps"]}
+        taps = _read_taps(tensors, entry)
         ctc = entry["ctc_tokens"]
-        return StepOutput(encoded=_encoded(tensors, entry), encoded_len=tensors["encoded_len"], state=state,
+        return StepOutput(encoded=_encoded(taps, tensors, entry), encoded_len=tensors["encoded_len"], state=state,
                           tokens=[[int(t) for t in row] for row in entry["tokens"]], taps=taps,
                           seconds=float(entry["seconds"]),
                           ctc_tokens=None if ctc is None else [[int(t) for t in row] for row in ctc])
@@ -392,10 +428,9 @@ class RecordedRun:
     @property
     def encoded(self) -> np.ndarray:
         parts = []
-        for index, step in enumerate(self.entry["steps"]):
-            stored = f"{index}/tap/{TAP_ENCODER}" if step.get("encoded_is_encoder_tap") else f"{index}/encoded"
-            encoded, length = self.shard.read(stored, f"{index}/encoded_len")
-            parts.append(encoded[..., : int(length[0])])
+        for index in range(len(self.entry["steps"])):
+            step = self.steps[index]
+            parts.append(step.encoded[..., : int(step.encoded_len[0])])
         return np.concatenate(parts, axis=-1)
 
     def step_taps(self, index: int) -> dict[str, np.ndarray]:
@@ -546,8 +581,9 @@ class Recording:
             raise RecordingError(f"{self.directory}: no offline forward of {utterance} at [{key[1][0]},{key[1][1]}] "
                                  f"over {length} frames was recorded")
         tensors = _Shard(self.directory / entry["shard"]).tensors("")
-        return OfflineOutput(encoded=_encoded(tensors, entry), encoded_len=tensors["encoded_len"], tokens=entry["tokens"],
-                             taps={name: tensors[f"tap/{name}"] for name in entry["taps"]},
+        taps = _read_taps(tensors, entry)
+        return OfflineOutput(encoded=_encoded(taps, tensors, entry), encoded_len=tensors["encoded_len"],
+                             tokens=entry["tokens"], taps=taps,
                              ctc_tokens=entry["ctc_tokens"])
 
     def size_bytes(self) -> int:
