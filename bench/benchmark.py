@@ -125,12 +125,18 @@ def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, thr
     outcome = compare_backends(reference, candidates, utterances, contexts, Tolerances.load(),
                                include_offline=False)
     wall = time.perf_counter() - started
-    compute: dict[str, float] = {}
+    # Every run each backend streamed, the teacher-forced reruns the judge asked for included: the backend computes
+    # them (they are not the judge's own cost, but the judge asks for them, so they are shown apart too).
+    compute = {label.removesuffix(":float32"): seconds for label, seconds in outcome.backend_seconds.items()}
+    free: dict[str, float] = {}
     for row in outcome.results.timings:
         label = row["backend"] if row["dtype"] == "float32" else f"{row['backend']}:{row['dtype']}"
-        compute[label] = compute.get(label, 0.0) + sum(row["step_seconds"])
+        free[label] = free.get(label, 0.0) + sum(row["step_seconds"])
+    forced = {label: round(compute[label] - free.get(label, 0.0), 2) for label in compute
+              if compute[label] - free.get(label, 0.0) > 0.005}
     backends = sum(compute.values())
     return {"wall_seconds": round(wall, 2), "backend_seconds": {k: round(v, 2) for k, v in compute.items()},
+            "teacher_forced_seconds": forced,
             "harness_seconds": round(wall - backends, 2), "harness_share": round((wall - backends) / wall, 4),
             "comparisons": len(outcome.results.comparisons)}
 
@@ -304,8 +310,11 @@ def main(argv=None) -> int:
         figures["overhead"] = overhead
         console.print(f"compare run: {overhead['wall_seconds']:.1f} s wall, backends "
                       + ", ".join(f"{k} {v:.1f} s" for k, v in overhead["backend_seconds"].items())
+                      + (" (teacher-forced reruns: " + ", ".join(f"{k} {v:.1f} s" for k, v in
+                                                                   overhead["teacher_forced_seconds"].items()) + ")"
+                         if overhead["teacher_forced_seconds"] else "")
                       + f"; harness {overhead['harness_seconds']:.1f} s = {overhead['harness_share'] * 100:.1f} % "
-                        "(target <= 15 %)")
+                        "(target <= 10 %)")
     earlier = previous_figures(args.history, figures) if args.history and args.history.is_dir() else None
     if earlier is not None:
         flagged = regressions(earlier[1], figures)

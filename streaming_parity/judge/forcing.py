@@ -66,6 +66,16 @@ def judge_stream(reference_run: Any, candidate_run: Any, tolerances: Tolerances,
     the taps were judged on (the forced one, or ``candidate_run``)."""
     comparison = compare_runs(reference_run, candidate_run, tolerances, num_layers=num_layers, utterance=utterance,
                               pair=pair, tokens_only=tokens_only)
+    return force_where_decisions_differ(comparison, reference_run, candidate_run, tolerances, num_layers=num_layers,
+                                        tokens_only=tokens_only, rerun=rerun)
+
+
+def force_where_decisions_differ(comparison: PairComparison, reference_run: Any, candidate_run: Any,
+                                 tolerances: Tolerances, *, num_layers: int, tokens_only: bool = False,
+                                 rerun: Callable[..., Any] | None = None) -> tuple[PairComparison, Any]:
+    """``judge_stream`` after its ``compare_runs``: the comparison as it is, or, where a teacher-forceable candidate
+    took another decision, the verdict on its forced run. A caller that runs ``compare_runs`` elsewhere (beside the
+    candidate's next stream, ``streaming_parity.judge.loop``) finishes with this, where the backend is."""
     if rerun is None or tokens_only or same_decisions(reference_run, candidate_run):
         return comparison, candidate_run
     forced = rerun(forced_decisions=reference_decisions(reference_run))

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,8 +38,8 @@ from streaming_parity.interface.model_info import ModelInfo, PromptKernel
 from streaming_parity.interface.speakers import SpeakerTargets
 from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.interface.utterance import Utterance
-from streaming_parity.judge.compare import compare_streaming_to_offline
-from streaming_parity.judge.forcing import judge_offline, judge_stream
+from streaming_parity.judge.compare import compare_runs, compare_streaming_to_offline
+from streaming_parity.judge.forcing import force_where_decisions_differ, judge_offline
 from streaming_parity.judge.int8 import INT8, explain_int8_excess
 from streaming_parity.judge.metrics import word_error_rate
 from streaming_parity.judge.prompts import explain_prompt_divergence
@@ -246,6 +248,13 @@ class LoopOutcome:
     runs: dict[tuple[str, str, Context, str], StreamRun] = field(default_factory=dict)
     recorded: set[tuple[str, str, Context, str]] = field(default_factory=set, repr=False)
     reference: ReferenceRuns | None = None
+    # Seconds each backend (``name:dtype``) computed in this comparison: every run it streamed, the teacher-forced
+    # reruns the judge asked for included (``StepOutput.seconds``). What is left of the wall time is the harness's.
+    backend_seconds: dict[str, float] = field(default_factory=dict)
+
+    def count_compute(self, run: Any) -> None:
+        label = f"{run.backend}:{run.dtype}"
+        self.backend_seconds[label] = self.backend_seconds.get(label, 0.0) + float(sum(run.step_seconds))
 
     @property
     def passed(self) -> bool:
@@ -343,6 +352,8 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
                     reference, mel, context, mode, key=_key(reference, utterance, context, mode),
                     speaker_masks=masks, features=mel, prompt=prompt)
                 side.runs[(utterance.name, context, mode)] = run
+                if not recorded:
+                    outcome.count_compute(run)
                 _record_run(outcome, run, utterance, info.vocabulary)
             if context in offline_at or keep_offline:
                 # NeMo's streaming buffer streams the whole mel tensor, including the frame past
@@ -384,58 +395,86 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
         # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
         audio_input = backend.capabilities.input == "audio"
         tokens_only = not backend.capabilities.tensor_level
-        for utterance in utterances:
-            own_features = None if audio_input else backend.features(utterance.audio[None])[0]
-            masks = None if audio_input else utterance.speaker_masks_for(backend)
-            reference_prompt = utterance.prompt_for(info)
-            prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
-            mel = reference.mels[utterance.name]
-            for context in contexts:
-                for mode in modes:
-                    reference_run = reference.run(utterance.name, context, mode)
-                    run = store.record(backend, mel, context, mode,
-                                       key=_key(backend, utterance, context, mode), speaker_masks=masks,
-                                       features=own_features, audio=utterance.audio[None], prompt=prompt)
-                    # Where the free run took another greedy decision somewhere, its decoder and joint rows
-                    # no longer match the reference's: it is decoded again with the reference's decisions,
-                    # the taps judged on that run, the transcript kept from the free run.
-                    rerun = functools.partial(
-                        store.record, backend, mel, context, mode,
-                        key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
-                        features=own_features, prompt=prompt)
-                    comparison, judged_run = judge_stream(
-                        reference_run, run, tolerances, num_layers=num_layers, utterance=utterance.name,
-                        tokens_only=tokens_only,
-                        rerun=rerun if backend.capabilities.teacher_forcing else None)
-                    if reference.prompt_kernel is not None and not tokens_only:
-                        cause = explain_prompt_divergence(comparison, reference_run, judged_run,
-                                                          reference.prompt_kernel, info, reference_prompt, tolerances)
-                        if cause:
-                            comparison.causes.append(cause)
-                    if backend.dtype == INT8 and not comparison.passed:
-                        cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
-                        if cause:
-                            comparison.causes.append(cause)
-                    if audio_input:
-                        # A peer runtime is judged and reported, never this project's verdict.
-                        comparison.gating = False
-                    results.comparisons.append(comparison)
-                    _record_run(outcome, run, utterance, backend.info.vocabulary)
-                    store.release(run)
-                    if judged_run is not run:
-                        store.release(judged_run)
-                if candidate.compare_offline:
-                    # The whole-utterance decode may meet a near-tie too: then decoded again with the
-                    # reference's decisions (the same call, forced_decisions given).
-                    run_offline = functools.partial(backend.offline, mel, np.array([mel.shape[-1]] * mel.shape[0]),
-                                                    context, speaker_masks=masks, prompt=prompt)
-                    comparison = judge_offline(
-                        reference.offline_output(utterance.name, context), run_offline(), tolerances,
-                        reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
-                        context=context, utterance=utterance.name, num_layers=num_layers,
-                        rerun=run_offline if backend.capabilities.teacher_forcing else None)
-                    results.comparisons.append(comparison)
-                progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
+        # The judge runs beside the candidate: while the candidate streams the next utterance and lookahead, a
+        # thread measures the one before (``compare_runs``: numpy, which releases the GIL, as ONNX Runtime, torch
+        # and MLX do while they compute). Anything that needs the backend (a teacher-forced rerun) and every
+        # result is taken here, in stream order, so the results are those of judging in turn.
+        pending: deque[_Judging] = deque()
+
+        def finish(item: _Judging) -> None:
+            comparison, judged_run = force_where_decisions_differ(
+                item.measured.result(), item.reference_run, item.run, tolerances, num_layers=num_layers,
+                tokens_only=tokens_only, rerun=item.rerun if backend.capabilities.teacher_forcing else None)
+            if judged_run is not item.run:
+                outcome.count_compute(judged_run)
+            if reference.prompt_kernel is not None and not tokens_only:
+                cause = explain_prompt_divergence(comparison, item.reference_run, judged_run,
+                                                  reference.prompt_kernel, info, item.reference_prompt, tolerances)
+                if cause:
+                    comparison.causes.append(cause)
+            if backend.dtype == INT8 and not comparison.passed:
+                cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
+                if cause:
+                    comparison.causes.append(cause)
+            if audio_input:
+                # A peer runtime is judged and reported, never this project's verdict.
+                comparison.gating = False
+            results.comparisons.append(comparison)
+            _record_run(outcome, item.run, item.utterance, backend.info.vocabulary)
+            store.release(item.run)
+            if judged_run is not item.run:
+                store.release(judged_run)
+
+        def finish_all() -> None:
+            while pending:
+                finish(pending.popleft())
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-judge") as judge:
+            try:
+                for utterance in utterances:
+                    own_features = None if audio_input else backend.features(utterance.audio[None])[0]
+                    masks = None if audio_input else utterance.speaker_masks_for(backend)
+                    reference_prompt = utterance.prompt_for(info)
+                    prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
+                    mel = reference.mels[utterance.name]
+                    for context in contexts:
+                        for mode in modes:
+                            reference_run = reference.run(utterance.name, context, mode)
+                            run = store.record(backend, mel, context, mode,
+                                               key=_key(backend, utterance, context, mode), speaker_masks=masks,
+                                               features=own_features, audio=utterance.audio[None], prompt=prompt)
+                            outcome.count_compute(run)
+                            # Where the free run took another greedy decision somewhere, its decoder and joint rows
+                            # no longer match the reference's: it is decoded again with the reference's decisions,
+                            # the taps judged on that run, the transcript kept from the free run.
+                            rerun = functools.partial(
+                                store.record, backend, mel, context, mode,
+                                key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
+                                features=own_features, prompt=prompt)
+                            measured = judge.submit(compare_runs, reference_run, run, tolerances,
+                                                    num_layers=num_layers, utterance=utterance.name,
+                                                    tokens_only=tokens_only)
+                            pending.append(_Judging(measured, reference_run, run, rerun, utterance, reference_prompt))
+                            while len(pending) > 1:  # one stream judged beside the next, no more held
+                                finish(pending.popleft())
+                        if candidate.compare_offline:
+                            finish_all()
+                            # The whole-utterance decode may meet a near-tie too: then decoded again with the
+                            # reference's decisions (the same call, forced_decisions given).
+                            run_offline = functools.partial(backend.offline, mel,
+                                                            np.array([mel.shape[-1]] * mel.shape[0]), context,
+                                                            speaker_masks=masks, prompt=prompt)
+                            comparison = judge_offline(
+                                reference.offline_output(utterance.name, context), run_offline(), tolerances,
+                                reference_name=reference.name, candidate_name=backend.name, dtype=backend.dtype,
+                                context=context, utterance=utterance.name, num_layers=num_layers,
+                                rerun=run_offline if backend.capabilities.teacher_forcing else None)
+                            results.comparisons.append(comparison)
+                        progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
+                finish_all()
+            finally:
+                for item in pending:  # a failure: what is still being judged is dropped
+                    item.measured.cancel()
         if after is not None:
             after(candidate, backend, outcome)
     except Exception as error:
@@ -445,6 +484,18 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
     finally:
         if backend is not None and not candidate.keep_open:
             backend.close()
+
+
+@dataclass
+class _Judging:
+    """A candidate's stream being measured beside the next one, and what finishing its verdict needs."""
+
+    measured: Future
+    reference_run: Any
+    run: Any
+    rerun: Callable[..., Any]
+    utterance: Utterance
+    reference_prompt: str | None
 
 
 def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:
