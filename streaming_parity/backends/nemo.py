@@ -274,7 +274,9 @@ class NemoBackend(Backend):
             cache_last_channel_len=channel_len.numpy().astype(np.int64),
             decoder=new_decoder,
             step_index=state.step_index + 1,
-            native=copy.deepcopy(hypotheses),
+            # NeMo continues partial hypotheses by mutating them: the next step decodes a copy of these
+            # (``_to_hypotheses``), so they are kept as they are, not copied twice.
+            native=hypotheses,
             ctc_last_label=ctc_last if self.info.ctc_head else None,
             prompt=state.prompt,
         )
