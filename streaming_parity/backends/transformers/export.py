@@ -189,6 +189,7 @@ def build_processor(config: ModelConfig, tokenizer_model: Path, vocabulary: Sequ
 def export_transformers(nemo_path: str | Path, out_dir: str | Path, *,
                         progress: Callable[[str], None] | None = None, source_hub=None) -> ExportResult:
     """Write ``out_dir`` (replaced atomically) from ``nemo_path``; ``ExportRefused`` for an inexpressible model."""
+    from streaming_parity.backends.transformers.directory import nemo_vocabulary
     from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
     from streaming_parity.core.system.provenance import Provenance
 
@@ -207,11 +208,7 @@ def export_transformers(nemo_path: str | Path, out_dir: str | Path, *,
     try:
         tokenizer_model = staging / "nemo-tokenizer.model"
         tokenizer_model.write_bytes(archive.tokenizer_model_bytes())
-        import sentencepiece
-
-        processor_vocabulary = [sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model)).id_to_piece(i)
-                                for i in range(config.joint.num_classes or 0)]
-        vocabulary = list(config.joint.vocabulary or processor_vocabulary)
+        vocabulary = nemo_vocabulary(archive, config)
         say("building the transformers model")
         model = build_model(config, archive.config, vocabulary, checkpoint)
         processor = build_processor(config, tokenizer_model, vocabulary)
