@@ -53,7 +53,7 @@ class StackVariant:
     """The harness's driver on the peer's graphs with one choice of front end and chunking."""
 
     front_end: str  # "reference" (the reference backend's mel) or "runtime" (the peer's own features)
-    chunking: str  # "reference" (the harness's pad-and-drop schedule) or "runtime" (the peer's windows)
+    chunking: str  # "reference" (the harness's schedule in the peer's first-chunk mode) or "runtime" (its windows)
     wer: float | None
     first_word_errors: int
     same_as_runtime: int  # utterances whose tokens equal the runtime's exactly
@@ -225,10 +225,11 @@ def bisect_peer(reference: Backend | ReferenceRuns, driver: Backend, peer: Backe
     ``reference``'s front end and schedule, and the peer's declared front end and windows.
 
     ``reference``: the runs a comparison already streamed (``LoopOutcome.reference``, with its backend still
-    open for its front end), or the reference backend itself, streamed here in pad-and-drop mode."""
+    open for its front end), or the reference backend itself, streamed here in the first-chunk mode the peer runs
+    (pad-and-drop for the ONNX peer exports; plain for transformers' generate())."""
     say = progress or (lambda _m: None)
     context = (int(context[0]), int(context[1]))
-    mode = FirstChunkMode.PAD_AND_DROP
+    mode = FirstChunkMode(peer.capabilities.first_chunk_modes[0])
     if isinstance(reference, Backend):
         say(f"{reference.name}: streaming [{context[0]},{context[1]}] {mode.value}")
         reference = stream_reference_runs(reference, utterances, [context], tolerances, modes=(mode.value,))

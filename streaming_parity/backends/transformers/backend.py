@@ -150,7 +150,13 @@ class TransformersBackend(Backend):
             self._notes.append(f"a stream without a locale runs prompt column {self.model.config.default_prompt_id} "
                                "(transformers applies its prompt projector always; NeMo bypasses it)")
         self.nemo_check = None
+        # NeMo's index of the joint's output layer (joint_net.1 without a Dropout): from the .nemo when given,
+        # else transformers' own conversion's assumption (joint_net.2).
+        self.joint_output_index = 2
         if nemo_path is not None:
+            from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
+
+            self.joint_output_index = naming.joint_output_index(load_state_dict(inspect_nemo(nemo_path)))
             self.nemo_check = check_against_nemo(self.directory, nemo_path, list(self.model.state_dict()))
             if self.nemo_check.contradictions:
                 raise InvalidInput(f"{self.directory.path}: " + "; ".join(self.nemo_check.contradictions))

@@ -85,6 +85,31 @@ def hf_name(nemo_name: str) -> str:
     raise KeyError(f"{nemo_name}: no transformers counterpart in NemotronAsrStreaming/Nemotron3_5Asr")
 
 
+_HF_SUBSAMPLING_STAGE = re.compile(r"^encoder\.subsampling\.layers\.(\d+)\.(depthwise_conv|pointwise_conv)\.(.+)$")
+
+
+def nemo_name(hf: str, joint_output: int = 2) -> str:
+    """The NeMo tensor a transformers parameter stands for (``hf_name`` inverted); ``joint_output``: the index of
+    the joint's output layer in NeMo's ``joint_net`` (2 after a Dropout, 1 without)."""
+    if hf.startswith("encoder.subsampling.conv_in."):
+        return "encoder.pre_encode.conv.0." + hf[len("encoder.subsampling.conv_in."):]
+    match = _HF_SUBSAMPLING_STAGE.match(hf)
+    if match:
+        stage, kind, rest = int(match[1]), match[2], match[3]
+        return f"encoder.pre_encode.conv.{2 + 3 * stage + (0 if kind == 'depthwise_conv' else 1)}.{rest}"
+    if hf.startswith("joint.head."):
+        return f"joint.joint_net.{joint_output}.{hf[len('joint.head.'):]}"
+    for prefix, target in _FIXED.items():
+        if hf.startswith(target):
+            return prefix + hf[len(target):]
+    if hf.startswith("encoder.layers."):
+        name = hf
+        for old, new in _LAYER_RENAMES:
+            name = name.replace(new, old)
+        return name
+    raise KeyError(f"{hf}: no NeMo counterpart")
+
+
 def nemo_names(checkpoint: Mapping[str, Any]) -> dict[str, str]:
     """transformers parameter -> the NeMo tensor it is made from, for every tensor of ``checkpoint``
     that transformers holds."""
