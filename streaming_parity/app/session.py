@@ -16,7 +16,6 @@ from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.progress import as_progress
 from streaming_parity.core.system.provenance import HubOrigin
 from streaming_parity.interface.backend import Backend
-from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.loop import AfterCandidate, Candidate, LoopOutcome, LoopProgress, stream_and_compare
 from streaming_parity.judge.results import Results
