@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     limit_threads(args.threads)
     from streaming_parity.backends.transformers.export import export_transformers
+    from streaming_parity.core.errors import Unsupported
     from streaming_parity.interface.chunking import ChunkSchedule
     from streaming_parity.interface.decoding import decode_tokens
     from streaming_parity.interface.registry import get
@@ -126,7 +127,11 @@ def main(argv=None) -> int:
                 for u in utterances:
                     reference_steps = runs[context]["nemo"][u.name]
                     if variant == "generate":
-                        steps = list(runtime.stream_audio(u.audio[None], context))
+                        try:
+                            steps = list(runtime.stream_audio(u.audio[None], context))
+                        except Unsupported as refused:
+                            variants[variant] = {"refused": str(refused)}
+                            break
                         tokens[u.name] = [t for s in steps for t in s.tokens[0]]
                         continue
                     chunks = ChunkSchedule(driver.streaming_config(context), "plain").chunks(mels[u.name])
@@ -141,10 +146,14 @@ def main(argv=None) -> int:
                         steps.append(out)
                     tokens[u.name] = [t for s in steps for t in s.tokens[0]]
                     differing += _taps_worst(reference_steps, steps, worst)
+                if variant in variants:  # refused
+                    print(f"[{context[0]},{context[1]}] {dtype} {variant}: {json.dumps(variants[variant])}", flush=True)
+                    continue
                 hypotheses = [decode_tokens(vocabulary, tokens[u.name]) for u in utterances]
                 variants[variant] = {
                     "wer": word_error_rate(texts, hypotheses) if has_texts else None,
                     "same_tokens": sum(tokens[u.name] == nemo_tokens[u.name] for u in utterances),
+                    "refused_short": len(runtime.refused_short) if variant == "generate" else None,
                     "steps_with_other_frames": differing if variant != "generate" else None,
                     "worst_max_abs": worst or None}
                 print(f"[{context[0]},{context[1]}] {dtype} {variant}: {json.dumps(variants[variant])}", flush=True)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from streaming_parity.backends.transformers.backend import TransformersBackend, _numpy
-from streaming_parity.core.errors import InvalidInput
+from streaming_parity.core.errors import InvalidInput, Unsupported
 from streaming_parity.interface.backend import AudioInputBackend, Capabilities
 from streaming_parity.interface.chunking import Chunk, ChunkSchedule
 from streaming_parity.interface.peer import PART_ENCODER, Correction, LoadedParameters, PeerRuntime
@@ -57,6 +57,7 @@ class TransformersGenerateBackend(AudioInputBackend, PeerRuntime):
         self.model, self.processor, self.info, self.dtype = (self.driver.model, self.driver.processor,
                                                              self.driver.info, self.driver.dtype)
         self._torch = self.driver._torch
+        self.refused_short: list[tuple[int, int]] = []  # (samples, first chunk's samples) of audio generate() refuses
 
     # -- what a user's run is made of -------------------------------------------------------------------------
     def features(self, audio: np.ndarray, *, corrections: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +204,20 @@ class TransformersGenerateBackend(AudioInputBackend, PeerRuntime):
                                  is_streaming=True, is_first_audio_chunk=True, return_tensors="pt", **language)
         first_inputs = first_inputs.to(self.model.device, dtype=self.model.dtype)
         first_frames, later_frames, starts = self._chunk_starts(len(samples), context[1])
+        later_start = first_frames * extractor.hop_length - extractor.n_fft // 2
+        if later_start < 0:
+            # At num_lookahead_tokens 0 the first chunk is one frame, so the documented second chunk starts at
+            # 1 * hop - n_fft // 2 < 0: the slice wraps to the audio's end, the feature extractor gets no sample
+            # and torch.stft raises. Users of the documented recipe cannot stream at this lookahead.
+            raise Unsupported(f"{self.name}: transformers' documented streaming cannot run at num_lookahead_tokens "
+                              f"{context[1]}: its second chunk starts at sample {first_frames} * {extractor.hop_length}"
+                              f" - {extractor.n_fft // 2} = {later_start} (the slice wraps to the end of the audio and "
+                              "torch.stft gets no sample)")
+        if first_inputs.input_features.shape[1] < first_frames:
+            # generate() raises on a first chunk shorter than 1 + 8R frames (_validate_stream_chunk): a user gets
+            # no transcript for audio shorter than the first chunk. Counted, and streamed as no step at all.
+            self.refused_short.append((len(samples), processor.num_samples_first_audio_chunk))
+            return
 
         def input_features():
             yield first_inputs.input_features[:, :first_frames, :]
@@ -249,7 +264,10 @@ class TransformersGenerateBackend(AudioInputBackend, PeerRuntime):
                              state=state, tokens=[tokens], taps=taps, seconds=seconds)
 
     def notes(self) -> list[str]:
-        return self.driver.notes() + [
+        refused = [f"generate() refused {len(self.refused_short)} utterance(s) shorter than its first chunk "
+                   f"({self.refused_short[0][1]} samples; 'Streaming first chunk has N mel frames'): no transcript"
+                   ] if self.refused_short else []
+        return self.driver.notes() + refused + [
             "streams as transformers documents it: processor chunks of num_samples_first_audio_chunk, then "
             "num_samples_per_audio_chunk while a chunk ends inside the audio (the final partial chunk is not fed: "
             "generate() refuses a short chunk), into generate()"]
