@@ -178,7 +178,7 @@ register(BackendEntry(
 register(BackendEntry(
     name="transformers", module="streaming_parity.backends.transformers", requires=("transformers", "torch"),
     dtypes=("float32", "bfloat16"), marker="transformers",
-    capabilities=Capabilities(first_chunk_modes=("plain",), teacher_forcing=True),
+    capabilities=Capabilities(first_chunk_modes=("plain",), teacher_forcing=True, peer=True),
     cli="streaming_parity.app.commands.transformers", detector="streaming_parity.backends.transformers:detect",
     source_option="--transformers", source_help="a transformers checkpoint directory (parity export-transformers)",
     hub_patterns=("config.json", "model.safetensors", "*.json"), manifest="export.json",

@@ -53,7 +53,7 @@ from streaming_parity.interface.speakers import SpeakerTargets
 from streaming_parity.interface.taps import TAP_DECODER, TAP_ENCODER, TAP_JOINT, TAP_PRE_ENCODE, TAP_PROMPT, layer_tap
 from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOutput, StreamingState, expect_shape
 
-CAPABILITIES = Capabilities(first_chunk_modes=("plain",), teacher_forcing=True)
+CAPABILITIES = Capabilities(first_chunk_modes=("plain",), teacher_forcing=True, peer=True)
 DTYPES = ("float32", "bfloat16")
 
 
