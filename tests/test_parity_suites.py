@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streaming_parity.core.errors import Unsupported
 from streaming_parity.interface.decoding import decode_tokens
 from streaming_parity.interface.driver import shared_mode
 from streaming_parity.judge.compare import compare_streaming_to_offline
@@ -25,8 +26,16 @@ def _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_con
     for utterance in utterances:
         for context in att_contexts:
             # Judged as parity compare judges (teacher-forced where a near-tie moved a decision).
-            comparisons.append((utterance, *run_cache.judge(reference_name, candidate_name, utterance, context,
-                                                            mode, tolerances)))
+            try:
+                judged = run_cache.judge(reference_name, candidate_name, utterance, context, mode, tolerances)
+            except Unsupported as refused:
+                # A peer that cannot run a lookahead at all (transformers' documented streaming at [70,0]) says so;
+                # this project's backends never refuse one of the model's lookaheads.
+                if candidate.capabilities.gating:
+                    raise
+                print(f"{candidate_name} [{context[0]},{context[1]}]: {refused}")
+                continue
+            comparisons.append((utterance, *judged))
     return comparisons
 
 
@@ -49,7 +58,7 @@ def test_per_layer_taps_and_caches_within_tolerance(backend_pair, backend_pool, 
     if not candidate.capabilities.tensor_level:
         pytest.skip("transcript-level backend: it exposes no taps and no caches")
     comparisons = _pair_comparisons(backend_pair, backend_pool, run_cache, utterances, att_contexts, tolerances)
-    if candidate.capabilities.input == "audio":
+    if not candidate.capabilities.gating:  # a peer runtime, or a peer's model (transformers): located, not failed
         for _utterance, _, _, comparison in comparisons:
             if not comparison.passed:
                 assert comparison.first_divergence() is not None, comparison.describe_failure()
@@ -89,7 +98,7 @@ def test_transcripts_agree_token_for_token(backend_pair, backend_pool, run_cache
     transcript_level = not capabilities.tensor_level
     differing = []
     for _utterance, ref_run, cand_run, comparison in comparisons:
-        if capabilities.input == "audio" and not transcript_level:
+        if not capabilities.gating and not transcript_level:
             if not comparison.tokens_equal:
                 assert comparison.first_divergence() is not None, comparison.describe_failure()
                 print(comparison.describe_failure())
@@ -154,6 +163,10 @@ def test_streaming_matches_offline(backend_name, backend_pool, run_cache, uttera
                                                       num_layers=backend.info.num_layers, utterance=utterance.name)
             if not comparison.passed:
                 failures.append(comparison.describe_failure())
+    if not backend.capabilities.gating:  # a peer's model (transformers): its divergences are located, not failed
+        for failure in failures:
+            print(failure)
+        return
     assert not failures, "\n".join(failures)
 
 

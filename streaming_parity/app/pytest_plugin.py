@@ -34,6 +34,8 @@ MARKERS = {
     "browser": "renders a report in headless Chromium (skips when Chromium is absent)",
     "sherpa_onnx": "sherpa-onnx's own runtime, a transcript-level peer (skips when sherpa-onnx is absent)",
     "mlx_audio": "mlx-audio's own nemotron_asr, a peer runtime (skips when mlx-audio is absent)",
+    "transformers": "transformers' Nemotron ASR classes, driven and as a peer runtime (skips when transformers is "
+                    "absent)",
     "streams_mel": "drives Backend.step with the harness's mel chunks: a transcript-level backend that takes "
                    "audio (a peer runtime) is skipped, with the reason",
 }

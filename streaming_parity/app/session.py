@@ -16,7 +16,6 @@ from streaming_parity.core.nemo_file import sha256_file
 from streaming_parity.core.system.progress import as_progress
 from streaming_parity.core.system.provenance import HubOrigin
 from streaming_parity.interface.backend import Backend
-from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.utterance import Utterance
 from streaming_parity.judge.loop import AfterCandidate, Candidate, LoopOutcome, LoopProgress, stream_and_compare
 from streaming_parity.judge.results import Results
@@ -82,8 +81,13 @@ def compare_backends(reference: Backend | Recording, candidates: Iterable[Backen
             raise ValueError("a peer's stack bisection needs the live reference's front end, not a recording")
         if model_path is None:
             raise ValueError("bisecting a peer runtime needs the checkpoint (model_path)")
-        # The bisection drives the peer's own graphs in pad-and-drop mode, the mode every peer export runs.
-        loop_options["reference_modes"] = (*loop_options.get("reference_modes", ()), FirstChunkMode.PAD_AND_DROP.value)
+        # The bisection drives the peer's own files in the first-chunk mode the peer runs (pad-and-drop for every
+        # ONNX peer export, plain for transformers' generate()): the reference must have streamed it.
+        from streaming_parity.interface.registry import get
+
+        # peer_sources is keyed by candidate label, ``backend:dtype``.
+        peer_modes = tuple(get(label.partition(":")[0]).capabilities.first_chunk_modes[0] for label in peer_sources)
+        loop_options["reference_modes"] = tuple(dict.fromkeys((*loop_options.get("reference_modes", ()), *peer_modes)))
         followup = peer_followup(reference, peer_sources, utterances, att_context_sizes, tolerances,
                                  nemo_path=model_path, diagnose_utterances=diagnose_utterances,
                                  say=loop_progress.phase if loop_progress else None)

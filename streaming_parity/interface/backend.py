@@ -48,6 +48,8 @@ class Capabilities:
     - ``input``: ``"mel"`` (``step`` takes the harness's mel chunks) or ``"audio"`` (a peer runtime with
       its own front end, chunking and decoding: ``stream_audio`` takes the utterance's samples and
       yields one ``StepOutput`` per chunk it decoded, its tokens only);
+    - ``peer``: it runs another project's model (transformers' classes), not this project's artifact: its
+      divergences are located and diagnosed, they do not gate a verdict (as a peer runtime's, ``input == "audio"``);
     - ``sample_rate`` and ``channels``: the audio ``features`` and ``stream_audio`` take (16 kHz mono for every
       backend so far). Audio at another rate or with more channels is resampled or mixed down by the
       harness's input stage only when asked (``--resample``, ``--mix-to-mono``), otherwise refused
@@ -60,8 +62,14 @@ class Capabilities:
     offline: bool = True
     teacher_forcing: bool = False
     input: str = "mel"
+    peer: bool = False
     sample_rate: int = 16000
     channels: int = 1
+
+    @property
+    def gating(self) -> bool:
+        """Whether its failures gate a verdict: this project's artifacts, not peers' models or runtimes."""
+        return self.input == "mel" and not self.peer
 
     @property
     def tensor_level(self) -> bool:

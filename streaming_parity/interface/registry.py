@@ -172,6 +172,30 @@ register(BackendEntry(
                 "generation) on a prompt-conditioned Nemotron-3.5 checkpoint: tokens and encoder output per chunk"))
 
 
+
+# transformers 5's NemotronAsrStreamingForRNNT / Nemotron3_5AsrForRNNT on a transformers checkpoint directory
+# (parity export-transformers): the model driven step by step with its own caches, every tap and cache.
+register(BackendEntry(
+    name="transformers", module="streaming_parity.backends.transformers", requires=("transformers", "torch"),
+    dtypes=("float32", "bfloat16"), marker="transformers",
+    capabilities=Capabilities(first_chunk_modes=("plain",), teacher_forcing=True, peer=True),
+    cli="streaming_parity.app.commands.transformers", detector="streaming_parity.backends.transformers:detect",
+    source_option="--transformers", source_help="a transformers checkpoint directory (parity export-transformers)",
+    hub_patterns=("config.json", "model.safetensors", "*.json"), manifest="export.json",
+    description="transformers' NemotronAsrStreaming / Nemotron3_5Asr (from_pretrained defaults) fed the harness's "
+                "chunks with its own caches: every tap through forward hooks, caches in NeMo's layout"))
+
+# A peer runtime: transformers' own processor and streaming generate() over its chunk generator, fed audio.
+register(BackendEntry(
+    name="transformers-generate", module="streaming_parity.backends.transformers.runtime",
+    requires=("transformers", "torch"), dtypes=("float32", "bfloat16"), marker="transformers",
+    capabilities=Capabilities(first_chunk_modes=("plain",), taps=("encoder", "prompt"), caches=False, offline=False,
+                              teacher_forcing=False, input="audio"),
+    detector="streaming_parity.backends.transformers:detect", prepare_with="transformers",
+    hub_patterns=("config.json", "model.safetensors", "*.json"), manifest="export.json",
+    description="transformers' own processor and streaming generate() over a chunk generator, as its documentation "
+                "streams: tokens and encoder output per chunk"))
+
 def dtypes() -> tuple[str, ...]:
     """Every candidate precision some registered backend runs, in registration order: the dtypes a
     tolerance file may have tables for (``streaming_parity.judge.tolerances``)."""

@@ -21,7 +21,7 @@ The cause stated is the swap that accounts for the runtime's extra errors.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,7 @@ class StackVariant:
     """The harness's driver on the peer's graphs with one choice of front end and chunking."""
 
     front_end: str  # "reference" (the reference backend's mel) or "runtime" (the peer's own features)
-    chunking: str  # "reference" (the harness's pad-and-drop schedule) or "runtime" (the peer's windows)
+    chunking: str  # "reference" (the harness's schedule in the peer's first-chunk mode) or "runtime" (its windows)
     wer: float | None
     first_word_errors: int
     same_as_runtime: int  # utterances whose tokens equal the runtime's exactly
@@ -206,14 +206,23 @@ def _chunking_facts(reference_chunks: Sequence[Chunk], runtime_chunks: Sequence[
     ref_new = ref.start_frame
     run_new = run.start_frame
     ref_zero = ref.cache_frames if ref.start_frame == 0 else 0
-    facts.append(f"first chunk: the reference hands the encoder {ref.cache_frames} cache frames "
-                 f"({'zeros' if ref_zero else 'from the utterance'}) then frames {ref_new}.., the runtime "
-                 f"{run.cache_frames} cache frames taken from the utterance (frames 0..{run.cache_frames - 1}) "
-                 f"then frames {run_new}..; both drop the first {run.drop_extra_pre_encoded} encoder frames")
+    if ref.cache_frames == run.cache_frames == 0:
+        facts.append(f"first chunk: both hand the encoder frames {ref_new}.. with no cache frames "
+                     f"({ref.num_new_frames} and {run.num_new_frames} frames), nothing dropped")
+    else:
+        facts.append(f"first chunk: the reference hands the encoder {ref.cache_frames} cache frames "
+                     f"({'zeros' if ref_zero else 'from the utterance'}) then frames {ref_new}.., the runtime "
+                     f"{run.cache_frames} cache frames taken from the utterance (frames 0..{run.cache_frames - 1}) "
+                     f"then frames {run_new}..; both drop the first {run.drop_extra_pre_encoded} encoder frames")
     if run_new > ref_new:
         facts.append(f"so the first {run_new - ref_new} frames ({(run_new - ref_new) * hop_ms} ms) of every utterance "
                      f"are only ever the pre-encode cache of the runtime's first chunk: no encoder frame of theirs is "
                      f"decoded, and every later window starts {run_new - ref_new} frames later than the reference's")
+    ref_end = reference_chunks[-1].start_frame + reference_chunks[-1].num_new_frames
+    run_end = runtime_chunks[-1].start_frame + runtime_chunks[-1].num_new_frames
+    if run_end < ref_end:
+        facts.append(f"the runtime's last chunk ends at frame {run_end}, the reference's at {ref_end}: the final "
+                     f"{ref_end - run_end} frames ({(ref_end - run_end) * hop_ms} ms) are never decoded")
     facts.append(f"{len(runtime_chunks)} runtime chunks vs {len(reference_chunks)} reference chunks")
     return facts
 
@@ -225,10 +234,11 @@ def bisect_peer(reference: Backend | ReferenceRuns, driver: Backend, peer: Backe
     ``reference``'s front end and schedule, and the peer's declared front end and windows.
 
     ``reference``: the runs a comparison already streamed (``LoopOutcome.reference``, with its backend still
-    open for its front end), or the reference backend itself, streamed here in pad-and-drop mode."""
+    open for its front end), or the reference backend itself, streamed here in the first-chunk mode the peer runs
+    (pad-and-drop for the ONNX peer exports; plain for transformers' generate())."""
     say = progress or (lambda _m: None)
     context = (int(context[0]), int(context[1]))
-    mode = FirstChunkMode.PAD_AND_DROP
+    mode = FirstChunkMode(peer.capabilities.first_chunk_modes[0])
     if isinstance(reference, Backend):
         say(f"{reference.name}: streaming [{context[0]},{context[1]}] {mode.value}")
         reference = stream_reference_runs(reference, utterances, [context], tolerances, modes=(mode.value,))
@@ -376,7 +386,12 @@ def state_cause(bisection: Bisection) -> str:
     by_swap = {(v.front_end, v.chunking): v for v in bisection.variants}
     base = by_swap.get(("reference", "reference"))
     if bisection.export_passed is False:
-        return "the exported graphs themselves: " + bisection.export_summary
+        export = "the exported graphs themselves: " + bisection.export_summary
+        if base is None or bisection.runtime_token_error - base.token_error <= 0.005:
+            return export
+        # The files are wrong, and the runtime departs further than the harness's driver on them: say both.
+        beyond = state_cause(replace(bisection, export_passed=None))
+        return f"{export}; and beyond the graphs, {beyond}"
     if base is None:
         return "not determined (the harness could not rebuild the runtime's stack)"
     gap = bisection.runtime_token_error - base.token_error

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from streaming_parity.interface.taps import TAP_JOINT
+from streaming_parity.interface.taps import TAP_ENCODER, TAP_JOINT
 from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.judge.compare import (
     PairComparison,
@@ -57,6 +57,19 @@ def same_decisions(reference_run: Any, candidate_run: Any) -> bool:
     return all(same_joint_decisions(r, c) for r, c in zip(reference_run.steps, candidate_run.steps, strict=True))
 
 
+def same_frames(reference_run: Any, candidate_run: Any) -> bool:
+    """Whether both runs have the same steps with the same encoder frames each: otherwise the reference's
+    decisions cannot be fed to the candidate call for call (a step with another frame count makes other joint
+    calls), and the comparison's shape violation is the verdict."""
+    if len(reference_run.steps) != len(candidate_run.steps):
+        return False
+    for ref_step, cand_step in zip(reference_run.steps, candidate_run.steps):
+        ref_encoded, cand_encoded = ref_step.taps.get(TAP_ENCODER), cand_step.taps.get(TAP_ENCODER)
+        if ref_encoded is not None and cand_encoded is not None and ref_encoded.shape != cand_encoded.shape:
+            return False
+    return True
+
+
 def judge_stream(reference_run: Any, candidate_run: Any, tolerances: Tolerances, *, num_layers: int,
                  utterance: str = "", pair: str | None = None, tokens_only: bool = False,
                  rerun: Callable[..., Any] | None = None) -> tuple[PairComparison, Any]:
@@ -77,6 +90,8 @@ def force_where_decisions_differ(comparison: PairComparison, reference_run: Any,
     took another decision, the verdict on its forced run. A caller that runs ``compare_runs`` elsewhere (beside the
     candidate's next stream, ``streaming_parity.judge.loop``) finishes with this, where the backend is."""
     if rerun is None or tokens_only or same_decisions(reference_run, candidate_run):
+        return comparison, candidate_run
+    if not same_frames(reference_run, candidate_run):
         return comparison, candidate_run
     forced = rerun(forced_decisions=reference_decisions(reference_run))
     return judge_teacher_forced(comparison, reference_run, forced, tolerances, num_layers=num_layers), forced

@@ -416,8 +416,9 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
                 cause = explain_int8_excess(comparison, backend.int8_quantization(), int8_kernel_path())
                 if cause:
                     comparison.causes.append(cause)
-            if audio_input:
-                # A peer runtime is judged and reported, never this project's verdict.
+            if not backend.capabilities.gating:
+                # A peer (its runtime, or its model driven here) is judged and reported, never this project's
+                # verdict.
                 comparison.gating = False
             results.comparisons.append(comparison)
             _record_run(outcome, item.run, item.utterance, backend.info.vocabulary)
