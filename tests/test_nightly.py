@@ -305,3 +305,42 @@ def test_a_nights_recording_holds_what_its_single_pass_compares_and_judges_as_ne
                 for c in results.comparisons]
 
     assert judged(recorded) == judged(live) and len(judged(live)) == 3
+
+
+@pytest.mark.mlx
+def test_a_dtype_without_a_fast_path_is_judged_on_a_reduced_plan_and_the_report_says_so(tiny_nemo, tolerances,
+                                                                                         tmp_path, monkeypatch):
+    from streaming_parity.app.nightly import REDUCED_PLAN_UTTERANCES, MatrixPlan, run_model_matrix
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.interface.registry import BackendEntry
+    from streaming_parity.report import render_markdown
+
+    if not REGISTRY["mlx"].available():
+        pytest.skip("mlx is not installed")
+    monkeypatch.setattr(BackendEntry, "slow_dtype_reason",
+                        lambda self, dtype: "no fast path in this test" if self.name == "mlx" else None)
+    utterances, contexts = fixture_utterances()[:3], [(70, 1), (70, 13)]
+    results = run_model_matrix(tiny_nemo, MatrixPlan([PlannedCandidate("mlx", "float32")], []), utterances, contexts,
+                               tolerances, work_dir=tmp_path / "work", single_reference_pass=True)
+    judged = {(c.utterance, tuple(c.att_context_size)) for c in results.comparisons if c.pair == "nemo~mlx"}
+    assert judged == {(u.name, (70, 13)) for u in utterances[:REDUCED_PLAN_UTTERANCES]}
+    [record] = results.extra["candidates"]
+    assert record["reduced_plan"] == {"reason": "no fast path in this test", "lookaheads": [[70, 13]],
+                                      "utterances": REDUCED_PLAN_UTTERANCES}
+    assert "Judged on a reduced plan:" in render_markdown([results]) and "no fast path in this test" in \
+        render_markdown([results])
+
+
+@pytest.mark.mlx
+def test_mlx_half_precision_is_slow_on_a_cpu_and_not_on_a_gpu(monkeypatch):
+    if not REGISTRY["mlx"].available():
+        pytest.skip("mlx is not installed")
+    import mlx.core as mx
+
+    from streaming_parity.backends.mlx import backend as mlx_backend
+
+    monkeypatch.setattr(mlx_backend, "default_device", lambda choice="auto": mx.Device(mx.cpu))
+    assert set(mlx_backend.slow_dtypes()) == {"bfloat16", "float16"}
+    assert REGISTRY["mlx"].slow_dtype_reason("float32") is None
+    monkeypatch.setattr(mlx_backend, "default_device", lambda choice="auto": mx.Device(mx.gpu))
+    assert mlx_backend.slow_dtypes() == {}

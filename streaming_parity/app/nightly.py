@@ -315,7 +315,28 @@ def plan_model_night(nemo_path: Path, plan: MatrixPlan, att_contexts: Sequence[S
             if pad_and_drop in candidate.capabilities.first_chunk_modes:
                 candidate.modes = (pad_and_drop,)
         offline_contexts = [max(contexts, key=lambda context: context[1])]
+    for candidate, planned in zip(candidates, plan.candidates):
+        reduce_where_slow(candidate, planned, contexts)
     return contexts, candidates, offline_contexts
+
+
+# A dtype with no fast path on this machine (MLX's bfloat16 on a CPU) is judged on this much of the night.
+REDUCED_PLAN_UTTERANCES = 2
+
+
+def reduce_where_slow(candidate: Candidate, planned: PlannedCandidate, contexts: Sequence[Context]) -> None:
+    """A candidate whose dtype has no fast path here (``BackendEntry.slow_dtype_reason``: MLX's bfloat16 on a CPU
+    runs a step ten times slower than float32) is judged at one lookahead, the one with the fewest steps, on the
+    first utterances only, and its record says why; where the machine has the fast path (Metal), the full plan."""
+    from streaming_parity.interface.registry import get
+
+    reason = get(planned.backend).slow_dtype_reason(planned.dtype)
+    if reason is None:
+        return
+    widest = max(contexts, key=lambda context: context[1])
+    candidate.contexts, candidate.utterance_limit = (widest,), REDUCED_PLAN_UTTERANCES
+    candidate.record["reduced_plan"] = {"reason": reason, "lookaheads": [list(widest)],
+                                        "utterances": REDUCED_PLAN_UTTERANCES}
 
 
 def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utterance],

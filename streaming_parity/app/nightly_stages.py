@@ -35,6 +35,7 @@ from streaming_parity.app.nightly import (
     plan_model_night,
     prepare_candidate,
     record_failure,
+    reduce_where_slow,
     resolve_model,
 )
 from streaming_parity.app.session import compare_backends, fixture_utterances
@@ -101,7 +102,8 @@ def record_night(models: Sequence[str] | None = None, *, recordings: Path, out_r
         prepared = []
         for planned, candidate in zip(plan.candidates, candidates):
             progress.phase(f"preparing {planned.label}")
-            record = dict(candidate.record)
+            # Whether a dtype is judged on a reduced plan is decided where it runs (the candidates stage).
+            record = {k: v for k, v in candidate.record.items() if k != "reduced_plan"}
             try:
                 source = prepare_candidate(planned, nemo_path, work_dir, contexts, in_subprocess=bounded,
                                            record=record)
@@ -176,7 +178,7 @@ def _check_selection(plan: dict[str, Any], backends: Sequence[str] | None) -> No
                               f"{', '.join(f'{b}:{d}' for b, d in sorted(planned)) or 'none'})")
 
 
-def stage_candidate(record: dict[str, Any], work_dir: Path) -> Candidate:
+def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[tuple[int, int]]) -> Candidate:
     """A planned candidate, opened from the artifact the record stage made (its sha256 checked first)."""
     entry = get(record["backend"])
     planned = PlannedCandidate(record["backend"], record["dtype"])
@@ -195,8 +197,11 @@ def stage_candidate(record: dict[str, Any], work_dir: Path) -> Candidate:
         return entry.load(source, dtype=planned.dtype, nemo_path=None)
 
     modes = tuple(record["modes"]) if record.get("modes") else None
-    return Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=result,
-                     modes=modes)
+    candidate = Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=result,
+                          modes=modes)
+    # A dtype with no fast path on this machine (MLX's bfloat16 on a Linux CPU, not on Metal) is judged on less.
+    reduce_where_slow(candidate, planned, contexts)
+    return candidate
 
 
 def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None = None, out_root: str | Path = "reports",
@@ -231,7 +236,7 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
             elif not backend.available():
                 status, reason = "unavailable", "missing " + ", ".join(backend.missing_requirements())
             else:
-                candidates.append(stage_candidate(record, work_dir))
+                candidates.append(stage_candidate(record, work_dir, contexts))
                 continue
             unavailable.append({"backend": record["backend"], "dtype": record["dtype"], "status": status,
                                 "error": reason})

@@ -64,6 +64,9 @@ class BackendEntry:
     detector: str | None = None
     prepare_with: str | None = None
     prepare_options: Mapping[str, Any] = field(default_factory=dict)
+    # "module:function" -> {dtype: why it has no fast path on this machine}: a night judges such a dtype on a
+    # reduced plan (one lookahead, a few utterances) and says so (streaming_parity.app.nightly).
+    slow_dtypes: str | None = None
 
     @property
     def first_chunk_modes(self) -> tuple[str, ...]:
@@ -86,6 +89,13 @@ class BackendEntry:
                                                            **self.prepare_options)
         return self._module().prepare(Path(nemo_path), Path(work_dir), dtype=dtype,
                                       att_context_sizes=att_context_sizes)
+
+    def slow_dtype_reason(self, dtype: str) -> str | None:
+        """Why ``dtype`` has no fast path here (a reduced plan is judged), or None when it runs at full speed."""
+        if self.slow_dtypes is None or not self.available():
+            return None
+        module, _, function = self.slow_dtypes.partition(":")
+        return getattr(importlib.import_module(module), function)().get(dtype)
 
     def detect(self, path: Path) -> str | None:
         """What ``path`` is in this backend's terms (a format name), or None when it does not run it."""
@@ -142,6 +152,7 @@ register(BackendEntry(
     cli="streaming_parity.app.commands.mlx", reader="streaming_parity.backends.mlx.artifact:read_view", detector="streaming_parity.backends.mlx.detect:detect",
     source_option="--mlx", source_help="an MLX artifact directory (parity convert)",
     hub_patterns=("*.safetensors", "*.json", "tokenizer.model"), manifest="artifact.json",
+    slow_dtypes="streaming_parity.backends.mlx.backend:slow_dtypes",
     description="MLX (our port): converted artifact, cache-aware streaming step, greedy RNNT decoding"))
 
 

@@ -126,7 +126,8 @@ class Candidate:
     reference, plain where possible). ``compare_offline``: also compare both offline forwards.
     ``prompt``: a prompt-conditioned model's locale for this candidate's streams instead of the
     reference's (``None``: never set, a runtime that skips ``set_inference_prompt``); by default each
-    utterance's, the one the reference streams with.
+    utterance's, the one the reference streams with. ``contexts`` and ``utterance_limit``: a reduced plan for this
+    candidate (only those lookaheads, only the first utterances), for a dtype with no fast path on the machine.
     """
 
     label: str
@@ -137,6 +138,17 @@ class Candidate:
     compare_offline: bool = False
     prompt: str | None | _SamePrompt = SAME_PROMPT
     record: dict[str, Any] = field(default_factory=dict)  # status, artifact, timings: filled by the caller
+    contexts: tuple[Context, ...] | None = None
+    utterance_limit: int | None = None
+
+    def plan(self, utterances: Sequence[Utterance], contexts: Sequence[Context]) -> tuple[list[Utterance],
+                                                                                           list[Context]]:
+        """The utterances and lookaheads this candidate streams: all of them, or its reduced plan."""
+        chosen = [c for c in contexts if self.contexts is None or c in self.contexts]
+        if not chosen:
+            raise InvalidInput(f"{self.label}: its lookaheads {list(self.contexts or ())} are none of the run's "
+                               f"{list(contexts)}")
+        return list(utterances[:self.utterance_limit] if self.utterance_limit else utterances), chosen
 
     @classmethod
     def of(cls, backend: Backend, **options: Any) -> Candidate:
@@ -296,7 +308,8 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
     plan = plan_reference(reference.capabilities, candidates, contexts, include_offline=include_offline,
                           offline_contexts=offline_contexts, reference_modes=reference_modes)
     units = len(utterances) * len(contexts)
-    progress.total(units * (1 + len(plans)))
+    progress.total(units + sum(len(u) * len(c) for u, c in (candidate.plan(utterances, contexts)
+                                                              for candidate in candidates)))
     try:
         outcome.reference = stream_reference(reference, utterances, tolerances, plan, store=store, outcome=outcome,
                                              progress=progress)
@@ -390,6 +403,7 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
         backend = candidate.open()
         if not isinstance(reference.backend, Backend):  # a recording: the candidate must run its chunk plan
             reference.backend.check_plan(backend, contexts)
+        utterances, contexts = candidate.plan(utterances, contexts)
         progress.phase(f"{candidate.label} vs {reference.name}")
         # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
         # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).

@@ -48,6 +48,7 @@ from streaming_parity.report.data import (
     pair_summaries,
     probe_sections,
     provenance,
+    reduced_plan_candidates,
     results_date,
     timing_rows,
     transcript_groups,
@@ -102,6 +103,7 @@ def _summary_context(results_list: Sequence[Results], history: History | None, t
         "degradation_rows": degradation_rows(results_list),
         # A probe run's verdicts per probe and backend (streaming_parity.judge.probes), derived from the saved results.
         "probe_sections": probe_sections(results_list),
+        "reduced_plans": reduced_plan_candidates(results_list),
         "history": history,
     }
 

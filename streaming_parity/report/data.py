@@ -260,6 +260,12 @@ def candidate_errors(results_list: Sequence[Results], *, fp32_only: bool = False
     return errors
 
 
+def reduced_plan_candidates(results_list: Sequence[Results]) -> list[dict[str, Any]]:
+    """Candidates judged on a reduced plan (a dtype with no fast path on the machine that ran it), with why."""
+    return [{"model": model_name(results), **entry} for results in results_list
+            for entry in (results.extra or {}).get("candidates", []) if entry.get("reduced_plan")]
+
+
 def unavailable_candidates(results_list: Sequence[Results]) -> list[dict[str, Any]]:
     """Candidates the nightly run skipped because their backend cannot run on this machine."""
     return [entry for results in results_list for entry in (results.extra or {}).get("candidates", [])
