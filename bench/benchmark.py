@@ -135,7 +135,14 @@ def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, thr
     forced = {label: round(compute[label] - free.get(label, 0.0), 2) for label in compute
               if compute[label] - free.get(label, 0.0) > 0.005}
     backends = sum(compute.values())
+    # Per phase (the reference's, each candidate's): its wall time, opening excluded, against what the backend
+    # computed in it; the judge of a candidate runs beside it, so a phase's harness share is what it adds.
+    phases = {label.removesuffix(":float32"): {
+        "wall_seconds": round(seconds, 2), "backend_seconds": round(outcome.backend_seconds.get(label, 0.0), 2),
+        "harness_share": round(1 - outcome.backend_seconds.get(label, 0.0) / seconds, 4) if seconds else None}
+        for label, seconds in outcome.phase_seconds.items()}
     return {"wall_seconds": round(wall, 2), "backend_seconds": {k: round(v, 2) for k, v in compute.items()},
+            "phases": phases,
             "teacher_forced_seconds": forced,
             "harness_seconds": round(wall - backends, 2), "harness_share": round((wall - backends) / wall, 4),
             "comparisons": len(outcome.results.comparisons)}
@@ -315,6 +322,9 @@ def main(argv=None) -> int:
                          if overhead["teacher_forced_seconds"] else "")
                       + f"; harness {overhead['harness_seconds']:.1f} s = {overhead['harness_share'] * 100:.1f} % "
                         "(target <= 10 %)")
+        for label, phase in overhead["phases"].items():
+            console.print(f"  {label} phase: {phase['wall_seconds']:.1f} s wall, {phase['backend_seconds']:.1f} s "
+                          f"computed by it, harness {phase['harness_share'] * 100:.1f} %")
     earlier = previous_figures(args.history, figures) if args.history and args.history.is_dir() else None
     if earlier is not None:
         flagged = regressions(earlier[1], figures)

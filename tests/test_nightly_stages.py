@@ -59,6 +59,12 @@ def test_the_stages_give_the_single_machine_nights_verdicts_and_the_candidates_s
                               fixture_utterances()[:2], CONTEXTS, tolerances, work_dir=root / "single")
     assert _judged([recorded.results[0], judged]) == _judged([single])
 
+    # Bounded (as for a full-size checkpoint): runs spooled to disk, each phase's memory measured, the same verdicts.
+    bounded = judge_night_candidates(recordings=root / "recordings", backends=["mlx"], out_root=root / "bounded",
+                                     work_dir=root / "downloaded", bounded_memory=True).results[0]
+    assert set(bounded.extra["peak_rss_mb"]) == {"recording", "mlx:float32"}
+    assert _judged([bounded]) == _judged([judged])
+
 
 def test_a_moved_or_altered_artifact_is_an_error_of_its_candidate_named_with_its_hashes(recorded_night, tmp_path):
     root, _ = recorded_night

@@ -450,7 +450,7 @@ def _nightly_stage(args):
                             bounded_memory=args.bounded_memory)
     return judge_night_candidates(recordings=args.recordings, backends=split_names(args.backends), out_root=args.out,
                                   date=args.date, tolerances_path=args.tolerances, work_dir=args.work_dir,
-                                  job=args.job)
+                                  job=args.job, bounded_memory=args.bounded_memory)
 
 
 def cmd_mutants(args) -> int:

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from streaming_parity.app.nightly import (
     BOUNDED_MEMORY_THRESHOLD_BYTES,
     NightlyOutcome,
+    PhaseMemory,
     PlannedCandidate,
     artifact_sha256,
     cached_recording,
@@ -43,7 +46,7 @@ from streaming_parity.core.errors import InvalidInput, UnknownName
 from streaming_parity.core.system.progress import quiet, stderr_console
 from streaming_parity.interface.registry import REFERENCE, get
 from streaming_parity.interface.utterance import Utterance, long_utterance
-from streaming_parity.judge.loop import Candidate, LoopProgress, plan_reference
+from streaming_parity.judge.loop import Candidate, LoopProgress, MemoryStore, SpoolStore, plan_reference
 from streaming_parity.judge.tolerances import Tolerances
 from streaming_parity.report import write_report
 
@@ -128,7 +131,8 @@ def record_night(models: Sequence[str] | None = None, *, recordings: Path, out_r
         files.append(results.save(night_dir / f"results-{_stem(model)}-reference.json"))
         all_results.append(results)
         entries.append({"model": _stem(model), "recording": recording.directory.resolve().relative_to(
-            recordings.resolve()).as_posix(), "lookaheads": [list(c) for c in contexts],
+            recordings.resolve()).as_posix(), "checkpoint_bytes": nemo_path.stat().st_size,
+            "lookaheads": [list(c) for c in contexts],
             "offline_lookaheads": [list(c) for c in offline_contexts] if offline_contexts else None,
             "candidates": prepared, "unavailable": [dict(u) for u in plan.unavailable]})
     night_plan = {"kind": NIGHT_PLAN_KIND, "schema": NIGHT_PLAN_SCHEMA, "date": date, "models": entries}
@@ -206,9 +210,12 @@ def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[t
 
 def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None = None, out_root: str | Path = "reports",
                            date: str | None = None, tolerances_path: str | Path | None = None,
-                           work_dir: Path | None = None, job: str | None = None) -> NightlyOutcome:
+                           work_dir: Path | None = None, job: str | None = None,
+                           bounded_memory: bool | None = None) -> NightlyOutcome:
     """Every planned candidate selected by ``backends`` (all of them by default), judged against the recording the
-    record stage made; one results file per model, ``results-<model>-<job>.json`` (``job``: default the backends)."""
+    record stage made; one results file per model, ``results-<model>-<job>.json`` (``job``: default the backends).
+    ``bounded_memory`` (default: for checkpoints over 1 GiB): runs spooled to disk, and each candidate phase's peak
+    and resident memory measured, as in the single-machine night."""
     from streaming_parity.judge.recording import Recording
 
     console = stderr_console()
@@ -242,8 +249,23 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
                                 "error": reason})
             say(f"  [yellow]skipping[/] {record['backend']}:{record['dtype']} ({reason})")
         progress = LoopProgress(phase=lambda text, model=entry["model"]: say(f"  {model}: {text}"))
-        results = compare_backends(recording, candidates, utterances, contexts, tolerances, include_offline=False,
-                                   on_failure=record_failure(progress), progress=progress).results
+        bounded = (bounded_memory if bounded_memory is not None
+                   else entry.get("checkpoint_bytes", 0) > BOUNDED_MEMORY_THRESHOLD_BYTES)
+        memory = PhaseMemory("recording") if bounded else None
+        for candidate in candidates if memory is not None else ():
+            candidate.open = memory.before(candidate.label, candidate.open)
+        started = time.perf_counter()
+        # Spooled beside the artifacts (a runner's work disk), or where the system keeps temporary files.
+        with SpoolStore.temporary(work_dir if work_dir.is_dir() else None) if bounded else nullcontext() as spool:
+            results = compare_backends(recording, candidates, utterances, contexts, tolerances, include_offline=False,
+                                       store=SpoolStore(spool) if bounded else MemoryStore(),
+                                       on_failure=record_failure(progress), progress=progress).results
+        if memory is not None:
+            memory.end()
+            results.extra.update({"bounded_memory": True, "peak_rss_mb": memory.peaks,
+                                  "resident_after_close_mb": memory.resident,
+                                  "checkpoint_mb": round(entry["checkpoint_bytes"] / (1 << 20), 1)})
+        results.extra["seconds"] = round(time.perf_counter() - started, 1)
         results.model.update(name=Path(recording.model.get("name") or entry["model"]).stem,
                              sha256=recording.model["sha256"], recording=str(recording.directory))
         results.extra.update({"kind": "nightly", "stage": "candidates", "job": job, "date": date,

@@ -83,15 +83,19 @@ def judge_stream(reference_run: Any, candidate_run: Any, tolerances: Tolerances,
                                         tokens_only=tokens_only, rerun=rerun)
 
 
+def needs_teacher_forcing(reference_run: Any, candidate_run: Any, *, tokens_only: bool = False) -> bool:
+    """Whether the candidate took another greedy decision somewhere and can be fed the reference's, call for call
+    (the same steps with the same frames): then its taps are judged on a teacher-forced run."""
+    return not tokens_only and not same_decisions(reference_run, candidate_run) \
+        and same_frames(reference_run, candidate_run)
+
+
 def force_where_decisions_differ(comparison: PairComparison, reference_run: Any, candidate_run: Any,
                                  tolerances: Tolerances, *, num_layers: int, tokens_only: bool = False,
                                  rerun: Callable[..., Any] | None = None) -> tuple[PairComparison, Any]:
     """``judge_stream`` after its ``compare_runs``: the comparison as it is, or, where a teacher-forceable candidate
-    took another decision, the verdict on its forced run. A caller that runs ``compare_runs`` elsewhere (beside the
-    candidate's next stream, ``streaming_parity.judge.loop``) finishes with this, where the backend is."""
-    if rerun is None or tokens_only or same_decisions(reference_run, candidate_run):
-        return comparison, candidate_run
-    if not same_frames(reference_run, candidate_run):
+    took another decision, the verdict on its forced run."""
+    if rerun is None or not needs_teacher_forcing(reference_run, candidate_run, tokens_only=tokens_only):
         return comparison, candidate_run
     forced = rerun(forced_decisions=reference_decisions(reference_run))
     return judge_teacher_forced(comparison, reference_run, forced, tolerances, num_layers=num_layers), forced

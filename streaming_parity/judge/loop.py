@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +39,13 @@ from streaming_parity.interface.model_info import ModelInfo, PromptKernel
 from streaming_parity.interface.speakers import SpeakerTargets
 from streaming_parity.interface.types import OfflineOutput
 from streaming_parity.interface.utterance import Utterance
-from streaming_parity.judge.compare import compare_runs, compare_streaming_to_offline
-from streaming_parity.judge.forcing import force_where_decisions_differ, judge_offline
+from streaming_parity.judge.compare import (
+    PairComparison,
+    compare_runs,
+    compare_streaming_to_offline,
+    judge_teacher_forced,
+)
+from streaming_parity.judge.forcing import judge_offline, needs_teacher_forcing, reference_decisions
 from streaming_parity.judge.int8 import INT8, explain_int8_excess
 from streaming_parity.judge.metrics import word_error_rate
 from streaming_parity.judge.prompts import explain_prompt_divergence
@@ -263,6 +269,9 @@ class LoopOutcome:
     # Seconds each backend (``name:dtype``) computed in this comparison: every run it streamed, the teacher-forced
     # reruns the judge asked for included (``StepOutput.seconds``). What is left of the wall time is the harness's.
     backend_seconds: dict[str, float] = field(default_factory=dict)
+    # Wall seconds of each phase (the reference's streaming and each candidate's streaming and judging, opening
+    # and loading excluded), by the backend's ``name:dtype``: its share that is not the backend's is the harness's.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def count_compute(self, run: Any) -> None:
         label = f"{run.backend}:{run.dtype}"
@@ -311,8 +320,10 @@ def stream_and_compare(reference: Backend | Recording, candidates: Sequence[Cand
     progress.total(units + sum(len(u) * len(c) for u, c in (candidate.plan(utterances, contexts)
                                                               for candidate in candidates)))
     try:
+        started = time.perf_counter()
         outcome.reference = stream_reference(reference, utterances, tolerances, plan, store=store, outcome=outcome,
                                              progress=progress)
+        outcome.phase_seconds[f"{reference.name}:{reference.dtype}"] = time.perf_counter() - started
     finally:
         if close_reference:
             reference.close()
@@ -405,22 +416,32 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
             reference.backend.check_plan(backend, contexts)
         utterances, contexts = candidate.plan(utterances, contexts)
         progress.phase(f"{candidate.label} vs {reference.name}")
+        started = time.perf_counter()
         # A transcript-level backend (a peer runtime) takes the audio through its own front end and is
         # compared by its tokens, step by step (``compare_runs(tokens_only=True)``).
         audio_input = backend.capabilities.input == "audio"
         tokens_only = not backend.capabilities.tensor_level
         # The judge runs beside the candidate: while the candidate streams the next utterance and lookahead, a
-        # thread measures the one before (``compare_runs``: numpy, which releases the GIL, as ONNX Runtime, torch
-        # and MLX do while they compute). Anything that needs the backend (a teacher-forced rerun) and every
-        # result is taken here, in stream order, so the results are those of judging in turn.
+        # thread measures the one before (``compare_runs``, whether its decisions differ, and the verdict on a
+        # teacher-forced rerun: numpy, which releases the GIL, as ONNX Runtime, torch and MLX do while they
+        # compute). What needs the backend (the rerun itself) runs here, and results are taken here in stream
+        # order, so they are those of judging in turn.
+        forceable = backend.capabilities.teacher_forcing
         pending: deque[_Judging] = deque()
 
-        def finish(item: _Judging) -> None:
-            comparison, judged_run = force_where_decisions_differ(
-                item.measured.result(), item.reference_run, item.run, tolerances, num_layers=num_layers,
-                tokens_only=tokens_only, rerun=item.rerun if backend.capabilities.teacher_forcing else None)
-            if judged_run is not item.run:
-                outcome.count_compute(judged_run)
+        def advance(item: _Judging) -> bool:
+            """Move the oldest stream's verdict on; True once it is recorded."""
+            if item.forced is None:
+                comparison, needed = item.measured.result()
+                if forceable and needed:
+                    item.forced = item.rerun(forced_decisions=reference_decisions(item.reference_run))
+                    outcome.count_compute(item.forced)
+                    item.measured = judge.submit(judge_teacher_forced, comparison, item.reference_run, item.forced,
+                                                 tolerances, num_layers=num_layers)
+                    return False  # judged beside the next stream
+                judged_run = item.run
+            else:
+                comparison, judged_run = item.measured.result(), item.forced
             if reference.prompt_kernel is not None and not tokens_only:
                 cause = explain_prompt_divergence(comparison, item.reference_run, judged_run,
                                                   reference.prompt_kernel, info, item.reference_prompt, tolerances)
@@ -439,10 +460,16 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
             store.release(item.run)
             if judged_run is not item.run:
                 store.release(judged_run)
+            return True
 
-        def finish_all() -> None:
-            while pending:
-                finish(pending.popleft())
+        def settle(keep: int) -> None:
+            """Record verdicts in order until at most ``keep`` streams are left in flight (one whose forced run is
+            being judged stays, beside the next stream, while ``keep`` allows)."""
+            while len(pending) > keep:
+                if advance(pending[0]):
+                    pending.popleft()
+                elif len(pending) <= keep + 1 and keep:
+                    return
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-judge") as judge:
             try:
@@ -466,14 +493,12 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
                                 store.record, backend, mel, context, mode,
                                 key=_key(backend, utterance, context, mode) + "-forced", speaker_masks=masks,
                                 features=own_features, prompt=prompt)
-                            measured = judge.submit(compare_runs, reference_run, run, tolerances,
-                                                    num_layers=num_layers, utterance=utterance.name,
-                                                    tokens_only=tokens_only)
+                            measured = judge.submit(_measure, reference_run, run, tolerances, num_layers=num_layers,
+                                                    utterance=utterance.name, tokens_only=tokens_only)
                             pending.append(_Judging(measured, reference_run, run, rerun, utterance, reference_prompt))
-                            while len(pending) > 1:  # one stream judged beside the next, no more held
-                                finish(pending.popleft())
+                            settle(keep=1)  # one stream judged beside the next
                         if candidate.compare_offline:
-                            finish_all()
+                            settle(keep=0)
                             # The whole-utterance decode may meet a near-tie too: then decoded again with the
                             # reference's decisions (the same call, forced_decisions given).
                             run_offline = functools.partial(backend.offline, mel,
@@ -486,7 +511,8 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
                                 rerun=run_offline if backend.capabilities.teacher_forcing else None)
                             results.comparisons.append(comparison)
                         progress.advance(f"{candidate.label} {utterance.name} [{context[0]},{context[1]}]")
-                finish_all()
+                settle(keep=0)
+                outcome.phase_seconds[f"{backend.name}:{backend.dtype}"] = time.perf_counter() - started
             finally:
                 for item in pending:  # a failure: what is still being judged is dropped
                     item.measured.cancel()
@@ -503,7 +529,8 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
 
 @dataclass
 class _Judging:
-    """A candidate's stream being measured beside the next one, and what finishing its verdict needs."""
+    """A candidate's stream being judged beside the next one, and what finishing its verdict needs: ``measured``
+    yields ``(comparison, needs teacher forcing)``, then, once ``forced`` is streamed, the forced verdict."""
 
     measured: Future
     reference_run: Any
@@ -511,6 +538,14 @@ class _Judging:
     rerun: Callable[..., Any]
     utterance: Utterance
     reference_prompt: str | None
+    forced: Any = None
+
+
+def _measure(reference_run: Any, run: Any, tolerances: Tolerances, *, num_layers: int, utterance: str,
+             tokens_only: bool) -> tuple[PairComparison, bool]:
+    comparison = compare_runs(reference_run, run, tolerances, num_layers=num_layers, utterance=utterance,
+                              tokens_only=tokens_only)
+    return comparison, needs_teacher_forcing(reference_run, run, tokens_only=tokens_only)
 
 
 def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:
