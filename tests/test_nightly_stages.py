@@ -21,7 +21,7 @@ CONTEXTS = [(70, 13)]
 
 
 def _judged(results_list):
-    return sorted((c.pair, c.utterance, tuple(c.att_context_size), c.mode, c.passed,
+    return sorted((c.pair, c.dtype, c.utterance, tuple(c.att_context_size), c.mode, c.passed,
                    [(t.tap, t.metrics) for t in c.taps]) for results in results_list for c in results.comparisons)
 
 
@@ -31,7 +31,8 @@ def recorded_night(tiny_nemo, tmp_path_factory):
         pytest.skip("mlx is not installed")
     root = tmp_path_factory.mktemp("night")
     outcome = record_night([str(tiny_nemo)], recordings=root / "recordings", out_root=root / "reports",
-                           date="2026-01-02", backends=["mlx:float32"], att_contexts=CONTEXTS, utterance_limit=2,
+                           date="2026-01-02", backends=["mlx:float32", "mlx:bfloat16"], att_contexts=CONTEXTS,
+                           utterance_limit=2,
                            work_dir=root / "work", bounded_memory=False)
     return root, outcome
 
@@ -41,13 +42,15 @@ def test_the_stages_give_the_single_machine_nights_verdicts_and_the_candidates_s
     root, recorded = recorded_night
     plan = json.loads((root / "recordings" / NIGHT_PLAN).read_text())
     [model] = plan["models"]
-    [candidate] = model["candidates"]
-    assert candidate["backend"] == "mlx" and not candidate["artifact"].startswith("/"), candidate
+    candidate, _ = model["candidates"]
+    assert (candidate["backend"], candidate["dtype"]) == ("mlx", "float32") and not candidate["artifact"].startswith(
+        "/"), candidate
     assert (root / "work" / candidate["artifact"]).is_dir()
     # The work directory travels (a workflow artifact): the candidates stage finds it wherever it is put.
     shutil.move(root / "work", root / "downloaded")
     done = torch_free_cli("nightly", "--stage", "candidates", "--recordings", str(root / "recordings"),
-                          "--work-dir", str(root / "downloaded"), "--backends", "mlx", "--out", str(root / "reports"),
+                          "--work-dir", str(root / "downloaded"), "--backends", "mlx:float32", "--out",
+                          str(root / "reports"),
                           "--job", "macos-mlx")
     assert done.returncode == 0, done.stderr[-3000:]
     judged = Results.load(root / "reports" / "2026-01-02" / f"results-{tiny_nemo.stem}-macos-mlx.json")
@@ -60,7 +63,7 @@ def test_the_stages_give_the_single_machine_nights_verdicts_and_the_candidates_s
     assert _judged([recorded.results[0], judged]) == _judged([single])
 
     # Bounded (as for a full-size checkpoint): runs spooled to disk, each phase's memory measured, the same verdicts.
-    bounded = judge_night_candidates(recordings=root / "recordings", backends=["mlx"], out_root=root / "bounded",
+    bounded = judge_night_candidates(recordings=root / "recordings", backends=["mlx:float32"], out_root=root / "bounded",
                                      work_dir=root / "downloaded", bounded_memory=True).results[0]
     assert set(bounded.extra["peak_rss_mb"]) == {"recording", "mlx:float32"}
     assert _judged([bounded]) == _judged([judged])
@@ -73,22 +76,50 @@ def test_a_moved_or_altered_artifact_is_an_error_of_its_candidate_named_with_its
     artifact = plan["models"][0]["candidates"][0]["artifact"]
     altered = shutil.copytree(work, tmp_path / "work")
     (altered / artifact / "config.json").write_text((altered / artifact / "config.json").read_text() + " ")
-    outcome = judge_night_candidates(recordings=root / "recordings", backends=["mlx"], out_root=tmp_path / "out",
+    outcome = judge_night_candidates(recordings=root / "recordings", backends=["mlx:float32"], out_root=tmp_path / "out",
                                      work_dir=altered)
     [record] = outcome.results[0].extra["candidates"]
     assert record["status"] == "error" and "the record stage made" in record["error"]
     assert not outcome.results[0].comparisons
 
-    missing = judge_night_candidates(recordings=root / "recordings", backends=["mlx"], out_root=tmp_path / "out2",
+    missing = judge_night_candidates(recordings=root / "recordings", backends=["mlx:float32"], out_root=tmp_path / "out2",
                                      work_dir=tmp_path / "empty")
     assert "is not here" in missing.results[0].extra["candidates"][0]["error"]
 
 
 def test_a_selection_outside_the_plan_and_a_missing_plan_are_refused(recorded_night, tmp_path):
     root, _ = recorded_night
-    with pytest.raises(UnknownName, match="mlx:bfloat16 is not in the night plan \\(planned: mlx:float32\\)"):
-        judge_night_candidates(recordings=root / "recordings", backends=["mlx:bfloat16"], out_root=tmp_path)
+    with pytest.raises(UnknownName, match="mlx:float16 is not in the night plan \\(planned: mlx:bfloat16, mlx:float32\\)"):
+        judge_night_candidates(recordings=root / "recordings", backends=["mlx:float16"], out_root=tmp_path)
     with pytest.raises(UnknownName, match="unknown backend 'mxl'"):
         judge_night_candidates(recordings=root / "recordings", backends=["mxl"], out_root=tmp_path)
     with pytest.raises(InvalidInput, match="no night plan; run `parity nightly --stage record"):
         judge_night_candidates(recordings=tmp_path, out_root=tmp_path)
+
+
+def test_candidates_judged_in_parallel_processes_give_the_same_results_each_dtype_decided_where_it_runs(
+        recorded_night, tmp_path):
+    root, _ = recorded_night
+    work = root / "work" if (root / "work").exists() else root / "downloaded"
+    one_by_one = judge_night_candidates(recordings=root / "recordings", out_root=tmp_path / "serial", work_dir=work)
+    together = judge_night_candidates(recordings=root / "recordings", out_root=tmp_path / "parallel", work_dir=work,
+                                      parallel=2)
+    assert len(together.results_files) == 2 and len(one_by_one.results_files) == 1
+    assert _judged(together.results) == _judged(one_by_one.results)
+    # bfloat16 has no fast path on a CPU: judged at one lookahead on two utterances, and recorded as such.
+    records = {r["dtype"]: r for results in together.results for r in results.extra["candidates"]}
+    if REGISTRY["mlx"].slow_dtype_reason("bfloat16"):
+        assert records["bfloat16"]["reduced_plan"]["utterances"] == 2 and "reduced_plan" not in records["float32"]
+
+
+@pytest.mark.parametrize("requested, candidates, checkpoint, free_mb, expected", [
+    (4, 3, 2_500_000_000, 24_000, 3),   # 3 candidates of a 2.5 GB checkpoint: 15 GB of 24 GB free
+    (4, 3, 2_500_000_000, 11_000, 2),   # 11 GB free holds two at 5 GB each
+    (4, 3, 2_500_000_000, 3_000, 1),    # not even one fits: one at a time, as without --parallel
+    (2, 5, 50_000_000, None, 2),        # free memory unknown: as requested
+    (1, 5, 50_000_000, 24_000, 1),
+])
+def test_parallel_candidates_stay_within_free_memory(requested, candidates, checkpoint, free_mb, expected):
+    from streaming_parity.app.nightly_stages import parallel_candidates
+
+    assert parallel_candidates(requested, candidates, checkpoint, free_mb) == expected

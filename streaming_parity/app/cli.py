@@ -411,6 +411,8 @@ def cmd_nightly(args) -> int:
 
     if args.stage != "all":
         outcome = _nightly_stage(args)
+    elif args.parallel != 1 or args.job:
+        raise InvalidInput("--parallel and --job are options of --stage candidates")
     else:
         outcome = run_nightly(split_names(args.models), out_root=args.out, backends=split_names(args.backends),
                               att_contexts=parse_contexts(args.att_context), utterance_limit=args.utterances,
@@ -434,7 +436,8 @@ def _nightly_stage(args):
     if args.recordings is None:
         raise InvalidInput(f"--stage {args.stage} needs --recordings DIR (where the night plan and recordings are)")
     if args.stage == "record":
-        unsupported = {"--mutation-testing": args.mutation_testing, "--probes": args.probes}
+        unsupported = {"--mutation-testing": args.mutation_testing, "--probes": args.probes,
+                       "--parallel": args.parallel != 1, "--job": args.job}
     else:
         unsupported = {"--models": args.models, "--att-context": args.att_context, "--utterances": args.utterances,
                        "--audio-seconds": args.audio_seconds, "--mutation-testing": args.mutation_testing,
@@ -450,7 +453,7 @@ def _nightly_stage(args):
                             bounded_memory=args.bounded_memory)
     return judge_night_candidates(recordings=args.recordings, backends=split_names(args.backends), out_root=args.out,
                                   date=args.date, tolerances_path=args.tolerances, work_dir=args.work_dir,
-                                  job=args.job, bounded_memory=args.bounded_memory)
+                                  job=args.job, bounded_memory=args.bounded_memory, parallel=args.parallel)
 
 
 def cmd_mutants(args) -> int:
@@ -619,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/recordings.md)")
     p.add_argument("--job", metavar="NAME", help="--stage candidates: names this job's results files "
                                                  "(default: from --backends)")
+    p.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
+                   help="--stage candidates: judge up to N candidates at once, one process each, as many as the "
+                        "machine's free memory holds (default: 1)")
     p.add_argument("--probes", action="store_true",
                    help="also run every probe (parity probes) on every model through every candidate")
     p.add_argument("--probe-long-seconds", type=float, metavar="S",

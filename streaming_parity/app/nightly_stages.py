@@ -208,14 +208,38 @@ def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[t
     return candidate
 
 
+# What one candidate process holds at most, in units of the fp32 checkpoint: measured at full size, an ONNX
+# Runtime session peaked at 1.9x its weights (docs/recordings.md); MLX and the judge stay below.
+CANDIDATE_MEMORY_FACTOR = 2.0
+
+
+def parallel_candidates(requested: int, candidates: int, checkpoint_bytes: int, available_mb: float | None) -> int:
+    """How many candidate processes run at once: at most ``requested`` and one per candidate, and only as many as
+    the memory the system has free holds, each counted at ``CANDIDATE_MEMORY_FACTOR`` times the checkpoint."""
+    if requested < 1:
+        raise InvalidInput(f"--parallel must be at least 1, not {requested}")
+    wanted = min(requested, max(candidates, 1))
+    if available_mb is None or not checkpoint_bytes:
+        return wanted
+    fits = int(available_mb * (1 << 20) // (CANDIDATE_MEMORY_FACTOR * checkpoint_bytes))
+    return max(1, min(wanted, fits))
+
+
+def _judge_one_selection(options: dict[str, Any]) -> list[str]:
+    outcome = judge_night_candidates(**options)
+    return [str(path) for path in outcome.results_files]
+
+
 def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None = None, out_root: str | Path = "reports",
                            date: str | None = None, tolerances_path: str | Path | None = None,
                            work_dir: Path | None = None, job: str | None = None,
-                           bounded_memory: bool | None = None) -> NightlyOutcome:
+                           bounded_memory: bool | None = None, parallel: int = 1) -> NightlyOutcome:
     """Every planned candidate selected by ``backends`` (all of them by default), judged against the recording the
     record stage made; one results file per model, ``results-<model>-<job>.json`` (``job``: default the backends).
     ``bounded_memory`` (default: for checkpoints over 1 GiB): runs spooled to disk, and each candidate phase's peak
-    and resident memory measured, as in the single-machine night."""
+    and resident memory measured, as in the single-machine night. ``parallel``: judge the candidates in up to that
+    many processes at once, as many as the machine's free memory holds (``parallel_candidates``), each writing its
+    own results; one report covers them all."""
     from streaming_parity.judge.recording import Recording
 
     console = stderr_console()
@@ -227,6 +251,10 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
     tolerances = Tolerances.load(tolerances_path)
     job = job or ("-".join(b.replace(":", "_") for b in backends) if backends else "candidates")
     night_dir = Path(out_root) / date
+    if parallel != 1:
+        return _judge_in_parallel(plan, recordings=recordings, backends=backends, out_root=out_root, date=date,
+                                  tolerances_path=tolerances_path, work_dir=work_dir, job=job,
+                                  bounded_memory=bounded_memory, parallel=parallel, say=say)
     files, all_results = [], []
     for entry in plan["models"]:
         chosen = [c for c in entry["candidates"] if _selected(c, backends)]
@@ -278,4 +306,30 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
         raise InvalidInput(f"{recordings / NIGHT_PLAN}: no planned candidate to judge")
     report = write_report(all_results, night_dir, reports_dir=out_root, date=date,
                           title=f"Nightly parity {date}: {job}")
+    return NightlyOutcome(night_dir, files, report, all_results)
+
+
+def _judge_in_parallel(plan: dict[str, Any], *, recordings: Path, backends: Sequence[str] | None, out_root: str | Path,
+                       date: str, tolerances_path, work_dir: Path, job: str, bounded_memory: bool | None,
+                       parallel: int, say) -> NightlyOutcome:
+    """One process per planned ``backend:dtype`` (spawned: no state shared with this one), as many at once as
+    ``parallel_candidates`` allows; their results files are reported together."""
+    import multiprocessing
+
+    from streaming_parity.core.system.memory import available_mb
+    from streaming_parity.judge.results import Results
+
+    selections = list(dict.fromkeys(f"{c['backend']}:{c['dtype']}" for entry in plan["models"]
+                                    for c in entry["candidates"] if _selected(c, backends)))
+    checkpoint = max((entry.get("checkpoint_bytes", 0) for entry in plan["models"]), default=0)
+    processes = parallel_candidates(parallel, len(selections), checkpoint, available_mb())
+    say(f"judging {len(selections)} candidate(s) in {processes} process(es) at once")
+    options = [{"recordings": recordings, "backends": [selection], "out_root": out_root, "date": date,
+                "tolerances_path": tolerances_path, "work_dir": work_dir, "job": f"{job}-{selection.replace(':', '_')}",
+                "bounded_memory": bounded_memory} for selection in selections]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        files = [Path(path) for paths in pool.map(_judge_one_selection, options, chunksize=1) for path in paths]
+    all_results = [Results.load(path) for path in files]
+    night_dir = Path(out_root) / date
+    report = write_report(all_results, night_dir, reports_dir=out_root, date=date, title=f"Nightly parity {date}: {job}")
     return NightlyOutcome(night_dir, files, report, all_results)

@@ -65,3 +65,14 @@ def trim() -> None:
 def current_rss_mb() -> float:
     """Resident set size now, in MiB (0 where /proc is unavailable)."""
     return _proc_status_mb("VmRSS") or 0.0
+
+
+def available_mb() -> float | None:
+    """Memory the system can give without swapping (``MemAvailable``), in MiB; None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
