@@ -167,7 +167,8 @@ def previous_figures(history: Path, figures: dict) -> tuple[Path, dict] | None:
 
 
 def regressions(previous: dict, figures: dict) -> list[str]:
-    """Every RTF, latency, peak RSS or preparation figure more than 25 % worse than ``previous``."""
+    """Every RTF, latency, peak RSS (and peak over the weights), preparation figure and harness share (of the run
+    and of each phase) more than 25 % worse than ``previous``."""
     flagged = []
     before = {entry["label"]: entry for entry in previous.get("backends", [])}
     for entry in figures["backends"]:
@@ -175,7 +176,7 @@ def regressions(previous: dict, figures: dict) -> list[str]:
         if old is None:
             continue
         pairs = [(f"{entry['label']} {key}", old.get(key), entry.get(key))
-                 for key in ("peak_rss_mb", "prepare_seconds", "prepare_peak_rss_mb")]
+                 for key in ("peak_rss_mb", "peak_over_weights", "prepare_seconds", "prepare_peak_rss_mb")]
         old_rows = {tuple(r["att_context_size"]): r for r in old.get("lookaheads", [])}
         for row in entry["lookaheads"]:
             old_row = old_rows.get(tuple(row["att_context_size"]))
@@ -186,6 +187,13 @@ def regressions(previous: dict, figures: dict) -> list[str]:
         for name, old_value, value in pairs:
             if old_value and value is not None and value > REGRESSION * old_value:
                 flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
+    old_overhead, overhead = previous.get("overhead") or {}, figures.get("overhead") or {}
+    shares = [("harness share", old_overhead.get("harness_share"), overhead.get("harness_share"))]
+    shares += [(f"{label} phase harness share", (old_overhead.get("phases") or {}).get(label, {}).get("harness_share"),
+                phase.get("harness_share")) for label, phase in (overhead.get("phases") or {}).items()]
+    for name, old_value, value in shares:
+        if old_value and value is not None and value > REGRESSION * old_value:
+            flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
     return flagged
 
 
@@ -288,6 +296,8 @@ def main(argv=None) -> int:
         with spawn.Pool(1) as pool:
             timed = pool.apply(time_one, (spec, prepared["source"], mels, contexts, args.mode, args.repeat,
                                           args.threads, audio_seconds))
+        # Peak over the fp32 weights (the checkpoint's size): the memory target is 1.3x in every phase.
+        timed["peak_over_weights"] = round(timed["peak_rss_mb"] * (1 << 20) / figures["model"]["bytes"], 2)
         figures["backends"].append({"backend": spec[0], "dtype": spec[1], "label": label, **prepared, **timed})
 
     reference_rtf = {tuple(row["att_context_size"]): row["rtf"] for entry in figures["backends"]
@@ -295,7 +305,7 @@ def main(argv=None) -> int:
     table = Table(title=f"streaming per chunk: {Path(nemo_path).name}, {audio_seconds:.1f} s audio, "
                         f"{args.mode}, {args.threads} thread(s), median of {args.repeat}")
     for column in ("lookahead", "backend", "chunks", "median ms", "p95 ms", "RTF", "× NeMo", "labels/s",
-                   "peak RSS MB", "prepare s", "prepare RSS MB"):
+                   "peak RSS MB", "× weights", "prepare s", "prepare RSS MB"):
         table.add_column(column, justify="left" if column in ("lookahead", "backend") else "right")
     for context in contexts:
         for entry in figures["backends"]:
@@ -305,7 +315,7 @@ def main(argv=None) -> int:
             table.add_row(f"[{context[0]},{context[1]}]", entry["label"], str(row["chunks_per_pass"]),
                           f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['rtf']:.4f}",
                           "" if ratio is None else f"{ratio:.2f}", f"{row['labels_per_second']:.1f}",
-                          f"{entry['peak_rss_mb']:.0f}",
+                          f"{entry['peak_rss_mb']:.0f}", f"{entry['peak_over_weights']:.2f}",
                           f"{entry['prepare_seconds']:.1f}", f"{entry['prepare_peak_rss_mb']:.0f}")
         table.add_section()
     console.print(table)
