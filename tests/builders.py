@@ -11,9 +11,11 @@ Every default below is stated in its builder's docstring; a test that depends on
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -164,3 +166,26 @@ def torch_free_cli(*argv: str) -> subprocess.CompletedProcess:
     """``parity ARGV...`` in a subprocess where torch and NeMo cannot be imported (as on a Mac with only MLX); it
     fails if either was imported all the same."""
     return subprocess.run([sys.executable, "-c", BLOCK, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+# -- a checkpoint with another config ----------------------------------------------------------------------
+
+def rewrite_nemo_config(source: Path, destination: Path, edit, state_edit=None) -> Path:
+    """A copy of the ``.nemo`` ``source`` whose model_config.yaml went through ``edit(config)`` (and its weights
+    through ``state_edit``, as ``streaming_parity.fixtures.models.rewrite_checkpoint`` does)."""
+    import yaml
+
+    from streaming_parity.fixtures.models import rewrite_checkpoint
+
+    if state_edit is not None:
+        source = rewrite_checkpoint(source, destination.with_suffix(".weights.nemo"), state_edit)
+    with tarfile.open(source, "r:*") as tar_in, tarfile.open(destination, "w") as tar_out:
+        for member in tar_in.getmembers():
+            data = tar_in.extractfile(member).read() if member.isfile() else None
+            if member.name.lstrip("./") == "model_config.yaml":
+                config = yaml.safe_load(data)
+                edit(config)
+                data = yaml.safe_dump(config).encode()
+                member.size = len(data)
+            tar_out.addfile(member, io.BytesIO(data) if data is not None else None)
+    return destination

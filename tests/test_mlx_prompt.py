@@ -11,14 +11,12 @@ teacher forcing, verification and the reduced-precision tables.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import copy_dir, stream_and_compare_one
+from builders import copy_dir, rewrite_nemo_config, stream_and_compare_one
 
 pytestmark = [pytest.mark.nemo, pytest.mark.mlx]
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
@@ -86,27 +84,6 @@ def _with_prompt(utterances, locale: str):
     from dataclasses import replace
 
     return [replace(u, prompt=locale) for u in utterances]
-
-
-def _rewrite_config(source: Path, destination: Path, edit, state_edit=None) -> Path:
-    """A copy of ``source`` whose model_config.yaml went through ``edit(config)`` (and the weights through
-    ``state_edit``, as ``streaming_parity.fixtures.models.rewrite_checkpoint`` does)."""
-    import yaml
-
-    from streaming_parity.fixtures.models import rewrite_checkpoint
-
-    if state_edit is not None:
-        source = rewrite_checkpoint(source, destination.with_suffix(".weights.nemo"), state_edit)
-    with tarfile.open(source) as tar_in, tarfile.open(destination, "w") as tar_out:
-        for info in tar_in.getmembers():
-            data = tar_in.extractfile(info).read() if info.isfile() else None
-            if info.name.lstrip("./") == "model_config.yaml":
-                config = yaml.safe_load(data)
-                edit(config)
-                data = yaml.safe_dump(config).encode()
-                info.size = len(data)
-            tar_out.addfile(info, io.BytesIO(data) if data is not None else None)
-    return destination
 
 
 # -- the model, the mapping, the artifact ---------------------------------------------------------------
@@ -254,7 +231,7 @@ def test_the_converter_refuses_missing_or_unexpected_prompt_weights(prompt_nemo,
         convert(stripped, tmp_path / "stripped", skip_verify=True)
     assert not (tmp_path / "stripped").exists()
 
-    unexpected = _rewrite_config(prompt_nemo, tmp_path / "no-prompt-config.nemo", _without_prompt)
+    unexpected = rewrite_nemo_config(prompt_nemo, tmp_path / "no-prompt-config.nemo", _without_prompt)
     with pytest.raises(ConversionError, match=r"prompt_kernel\.\d\.(weight|bias) \(shape .*\) maps to "
                                               r"prompt_kernel\.\d\.(weight|bias) by rule 'prompt kernel"):
         convert(unexpected, tmp_path / "unexpected", skip_verify=True)
@@ -266,7 +243,7 @@ def test_a_prompt_on_a_model_without_one_is_refused(prompt_nemo, tmp_path):
     from streaming_parity.backends.mlx.convert import convert
     from streaming_parity.interface.registry import get
 
-    plain = _rewrite_config(prompt_nemo, tmp_path / "plain.nemo", _without_prompt,
+    plain = rewrite_nemo_config(prompt_nemo, tmp_path / "plain.nemo", _without_prompt,
                             lambda state: {k: v for k, v in state.items() if not k.startswith("prompt_kernel.")})
     artifact = convert(plain, tmp_path / "plain", skip_verify=True).published
     with get("mlx").load(artifact) as backend:
@@ -343,7 +320,7 @@ def test_sixteen_prompts_match_nemo(prompt_nemo, utterances, tolerances, tmp_pat
         if "num_prompts" in config:
             config["num_prompts"] = 16
 
-    narrowed = _rewrite_config(prompt_nemo, tmp_path / "sixteen.nemo", sixteen, lambda state: {
+    narrowed = rewrite_nemo_config(prompt_nemo, tmp_path / "sixteen.nemo", sixteen, lambda state: {
         **state, PROMPT_WEIGHT: state[PROMPT_WEIGHT][:, :80 + 16].clone()})
     artifact = convert(narrowed, tmp_path / "sixteen", skip_verify=True).published
     chinese = _with_prompt(utterances[:1], "zh-CN")

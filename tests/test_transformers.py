@@ -13,16 +13,16 @@ the missing right padding of the streaming subsampling.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install '.[transformers]')")
 pytest.importorskip("nemo", reason="NeMo is not installed (pip install '.[nemo]')")
+
+from builders import rewrite_nemo_config  # noqa: E402
 
 from streaming_parity.core.errors import InvalidInput  # noqa: E402
 
@@ -89,21 +89,6 @@ def test_written_checkpoint_loads_with_from_pretrained_and_holds_every_nemo_tens
                               checkpoint["prompt_kernel.0.weight"].numpy())
 
 
-def _rewritten_config(source, destination, edit):
-    import yaml
-
-    with tarfile.open(source, "r:*") as tar_in, tarfile.open(destination, "w") as tar_out:
-        for member in tar_in.getmembers():
-            data = tar_in.extractfile(member).read() if member.isfile() else None
-            if member.name.lstrip("./") == "model_config.yaml":
-                config = yaml.safe_load(data)
-                edit(config)
-                data = yaml.safe_dump(config).encode()
-                member.size = len(data)
-            tar_out.addfile(member, io.BytesIO(data) if data is not None else None)
-    return destination
-
-
 @pytest.mark.parametrize("edit, named", [
     (lambda c: c["encoder"].update(conv_norm_type="batch_norm"), "encoder.conv_norm_type = 'batch_norm'"),
     (lambda c: c["joint"]["jointnet"].update(joint_hidden=32), "joint.jointnet.joint_hidden = 32"),
@@ -113,7 +98,7 @@ def _rewritten_config(source, destination, edit):
 def test_what_transformers_cannot_express_is_refused_by_field_and_value(edit, named, tiny_nemo, tmp_path):
     from streaming_parity.backends.transformers.export import ExportRefused, export_transformers
 
-    edited = _rewritten_config(tiny_nemo, tmp_path / "edited.nemo", edit)
+    edited = rewrite_nemo_config(tiny_nemo, tmp_path / "edited.nemo", edit)
     with pytest.raises(ExportRefused, match="transformers cannot express") as refused:
         export_transformers(edited, tmp_path / "out")
     assert named in str(refused.value)
