@@ -182,6 +182,20 @@ def _check_selection(plan: dict[str, Any], backends: Sequence[str] | None) -> No
                               f"{', '.join(f'{b}:{d}' for b, d in sorted(planned)) or 'none'})")
 
 
+def _checkpoint_bytes(entry: dict[str, Any], work_dir: Path) -> int:
+    """The checkpoint's size the plan states, or else the largest planned artifact's here: a full-size model must
+    never run unbounded (its runs held in memory) for want of the figure."""
+    if entry.get("checkpoint_bytes"):
+        return int(entry["checkpoint_bytes"])
+    sizes = [0]
+    for record in entry["candidates"]:
+        source = Path(record.get("artifact") or "")
+        source = source if source.is_absolute() else work_dir / source
+        if source.is_dir():
+            sizes.append(sum(f.stat().st_size for f in source.rglob("*") if f.is_file()))
+    return max(sizes)
+
+
 def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[tuple[int, int]]) -> Candidate:
     """A planned candidate, opened from the artifact the record stage made (its sha256 checked first)."""
     entry = get(record["backend"])
@@ -277,8 +291,8 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
                                 "error": reason})
             say(f"  [yellow]skipping[/] {record['backend']}:{record['dtype']} ({reason})")
         progress = LoopProgress(phase=lambda text, model=entry["model"]: say(f"  {model}: {text}"))
-        bounded = (bounded_memory if bounded_memory is not None
-                   else entry.get("checkpoint_bytes", 0) > BOUNDED_MEMORY_THRESHOLD_BYTES)
+        checkpoint = _checkpoint_bytes(entry, work_dir)
+        bounded = bounded_memory if bounded_memory is not None else checkpoint > BOUNDED_MEMORY_THRESHOLD_BYTES
         memory = PhaseMemory("recording") if bounded else None
         for candidate in candidates if memory is not None else ():
             candidate.open = memory.before(candidate.label, candidate.open)
@@ -292,7 +306,7 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
             memory.end()
             results.extra.update({"bounded_memory": True, "peak_rss_mb": memory.peaks,
                                   "resident_after_close_mb": memory.resident,
-                                  "checkpoint_mb": round(entry["checkpoint_bytes"] / (1 << 20), 1)})
+                                  "checkpoint_mb": round(checkpoint / (1 << 20), 1)})
         results.extra["seconds"] = round(time.perf_counter() - started, 1)
         results.model.update(name=Path(recording.model.get("name") or entry["model"]).stem,
                              sha256=recording.model["sha256"], recording=str(recording.directory))
