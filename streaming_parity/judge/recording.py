@@ -26,6 +26,7 @@ from a newer schema, or a plan a caller asks for that it does not hold is refuse
 
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import functools
 import hashlib
@@ -174,6 +175,10 @@ def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarra
     return tensors, entry
 
 
+# A run is written in parts of about this many (raw) bytes, so that recording holds one part in memory, not the
+# run: at full size a 67 s stream's run is about 1 GB raw (docs/recordings.md).
+RUN_PART_BYTES = 128 << 20
+
 # The offline forwards a recording can keep: over the whole streamed mel tensor (what the comparison loop runs,
 # ``streaming_parity.judge.loop``) and over the front end's length (the frame past it masked; what a suite may ask
 # a reference backend for).
@@ -227,18 +232,9 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
         for context in contexts:
             for mode in modes_at[context]:
                 say(f"recording {utterance.name} [{context[0]},{context[1]}] {mode}")
-                shard = f"run-{len(runs):04d}.safetensors"
-                tensors: dict[str, np.ndarray] = {}
-                steps, previous = [], {}
-                for index, step in enumerate(iter_steps(reference, mel, context, mode, speaker_masks=masks,
-                                                        prompt=prompt)):
-                    step_tensors, entry = _step_tensors(index, step, previous)
-                    tensors.update(step_tensors)
-                    steps.append(entry)
-                    previous = step.state.caches()
-                shards[shard] = _save(out / shard, tensors)
-                runs.append({"utterance": utterance.name, "context": list(context), "mode": mode, "shard": shard,
-                             "steps": steps})
+                steps = iter_steps(reference, mel, context, mode, speaker_masks=masks, prompt=prompt)
+                runs.append({"utterance": utterance.name, "context": list(context), "mode": mode,
+                             **_write_run(steps, out, f"run-{len(runs):04d}", shards)})
             lengths = {"tensor": mel.shape[-1], "front-end": int(mel_length[0])}
             for length in dict.fromkeys(lengths[n] for n in offline_lengths) if context in offline_at else ():
                 say(f"recording {utterance.name} [{context[0]},{context[1]}] offline, {length} frames")
@@ -279,6 +275,38 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
     return out
 
 
+def _write_run(steps: Iterator[StepOutput], out: Path, stem: str, shards: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write a streamed run in parts of about ``RUN_PART_BYTES`` (``stem-NNN.safetensors``; memory holds one part,
+    not the run) into ``out``, each part's record into ``shards``; the run's manifest entry (its parts, the first
+    step of each, and every step's entry)."""
+    parts: list[str] = []
+    starts: list[int] = []
+    entries: list[dict[str, Any]] = []
+    tensors: dict[str, np.ndarray] = {}
+    previous: Mapping[str, np.ndarray] = {}
+
+    def write_part(first_step: int) -> None:
+        part = f"{stem}-{len(parts):03d}.safetensors"
+        shards[part] = _save(out / part, tensors)
+        parts.append(part)
+        starts.append(first_step)
+        tensors.clear()
+
+    first_step = 0
+    for index, step in enumerate(steps):
+        if not tensors:
+            first_step = index
+        step_tensors, entry = _step_tensors(index, step, previous)
+        tensors.update(step_tensors)
+        entries.append(entry)
+        previous = step.state.caches()
+        if sum(value.nbytes for value in tensors.values()) >= RUN_PART_BYTES:
+            write_part(first_step)
+    if tensors or not parts:
+        write_part(first_step)
+    return {"shards": parts, "shard_starts": starts, "steps": entries}
+
+
 def _modes_by_context(modes: Sequence[str] | Mapping[Context, Sequence[str]],
                       contexts: Sequence[Context]) -> dict[Context, list[str]]:
     if isinstance(modes, Mapping):
@@ -309,20 +337,33 @@ class _Shard:
 
     def __init__(self, path: Path):
         self.path = path
+        self._reader: PackedReader | None = None
+        self._by_step: dict[str, list[str]] | None = None
 
     def _open(self) -> PackedReader:
-        try:
-            return PackedReader(self.path)
-        except PackedTensorError as error:
-            raise RecordingError(str(error)) from None
+        # Opened once and kept: a comparison reads a run step by step, and a shard's header lists every tensor.
+        if self._reader is None:
+            try:
+                self._reader = PackedReader(self.path)
+            except PackedTensorError as error:
+                raise RecordingError(str(error)) from None
+        return self._reader
 
     def read(self, *names: str) -> list[np.ndarray]:
-        with self._open() as reader:
-            return [_inflated(reader, name) for name in names]
+        reader = self._open()
+        return [_inflated(reader, name) for name in names]
 
     def tensors(self, prefix: str) -> dict[str, np.ndarray]:
-        with self._open() as reader:
-            return {key[len(prefix):]: _inflated(reader, key) for key in reader.keys() if key.startswith(prefix)}
+        """The tensors under ``prefix`` (a step's ``N/``, or ``""`` for all), without it."""
+        reader = self._open()
+        if not prefix:
+            return {key: _inflated(reader, key) for key in reader.keys()}
+        if self._by_step is None:
+            self._by_step = {}
+            for key in reader.keys():
+                head, _, _ = key.partition("/")
+                self._by_step.setdefault(head + "/", []).append(key)
+        return {key[len(prefix):]: _inflated(reader, key) for key in self._by_step.get(prefix, [])}
 
 
 def _inflated(reader: PackedReader, name: str) -> np.ndarray:
@@ -335,6 +376,15 @@ def _inflated(reader: PackedReader, name: str) -> np.ndarray:
 def _encoded(taps: Mapping[str, np.ndarray], tensors: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> np.ndarray:
     """The encoder output of a step or offline forward: stored once with the ``encoder`` tap when they are equal."""
     return taps[TAP_ENCODER] if entry.get("encoded_is_encoder_tap") else tensors["encoded"]
+
+
+def _run_shards(entry: Mapping[str, Any]) -> list[str]:
+    """The shards of a run (its parts, in step order) or of an offline forward."""
+    if "shards" in entry:
+        if not isinstance(entry["shards"], list) or not entry["shards"]:
+            raise RecordingError(f"a run lists no shards ({entry.get('shards')!r})")
+        return list(entry["shards"])
+    return [entry.get("shard")]
 
 
 class RecordedSteps(Sequence):
@@ -358,7 +408,7 @@ class RecordedSteps(Sequence):
             return self._last[2]
         start, caches = (0, {}) if self._last is None or self._last[0] > index else (self._last[0] + 1, self._last[1])
         for position in range(start, index + 1):
-            tensors = self.run.shard.tensors(f"{position}/")
+            tensors = self.run.shard_of(position).tensors(f"{position}/")
             caches = self._caches(position, tensors, caches)
         step = self._step(index, tensors, caches)
         self._last = (index, caches, step)
@@ -398,8 +448,13 @@ class RecordedRun:
     att_context_size: tuple[int, int]
     mode: str
     entry: dict[str, Any] = field(repr=False)
-    shard: _Shard = field(repr=False)
+    shards: list[_Shard] = field(repr=False)
     features: np.ndarray | None = field(default=None, repr=False)
+
+    def shard_of(self, step: int) -> _Shard:
+        """The part of the run that holds ``step`` (a schema-2 run is written in parts; earlier ones in one)."""
+        starts = self.entry.get("shard_starts") or [0]
+        return self.shards[bisect.bisect_right(starts, step) - 1]
 
     @functools.cached_property
     def steps(self) -> RecordedSteps:
@@ -484,8 +539,9 @@ class Recording:
             if _sha256(path) != record.get("sha256"):
                 raise RecordingError(f"{path}: sha256 differs from the manifest's; the recording was altered")
         for entry in [*self.manifest.get("runs", []), *self.manifest.get("offline", [])]:
-            if entry.get("shard") not in shards:
-                raise RecordingError(f"{self.directory}: a run points to {entry.get('shard')!r}, not a listed shard")
+            for name in _run_shards(entry):
+                if name not in shards:
+                    raise RecordingError(f"{self.directory}: a run points to {name!r}, not a listed shard")
 
     # -- what the loop reads from a reference -------------------------------------------------------------
 
@@ -567,7 +623,8 @@ class Recording:
             raise RecordingError(f"{self.directory}: {utterance} at [{key[1][0]},{key[1][1]}] in {key[2]} mode was "
                                  f"not recorded (lookaheads {self.manifest['plan']['contexts']}, modes {self.modes})")
         return RecordedRun(backend=self.name, dtype=self.dtype, att_context_size=(key[1][0], key[1][1]), mode=key[2],
-                           entry=entry, shard=_Shard(self.directory / entry["shard"]), features=self.mel(utterance))
+                           entry=entry, shards=[_Shard(self.directory / name) for name in _run_shards(entry)],
+                           features=self.mel(utterance))
 
     def offline(self, utterance: str, context: Sequence[int], length: int | None = None) -> OfflineOutput:
         """The recorded offline forward over ``length`` mel frames (default: the whole mel tensor, as the loop
