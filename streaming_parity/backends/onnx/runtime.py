@@ -30,6 +30,7 @@ project's export (``layout.describe_export``, from the graphs' metadata) or anot
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -46,6 +47,7 @@ from streaming_parity.backends.onnx.layout import (
     describe_export,
 )
 from streaming_parity.backends.onnx.sessions import Graph, check_declared, open_decoder_joint, session_options
+from streaming_parity.core.system.memory import trim
 from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import Chunk, StreamingConfig
 from streaming_parity.interface.decoding import ForcedDecisions, ctc_step
@@ -178,12 +180,18 @@ class OnnxBackend(Backend):
                 f"{', '.join(self.capabilities.first_chunk_modes)} only): compare it in pad-and-drop mode, or export "
                 "again with parity export-onnx")
         described = self.described.encoders[key]
+        if len(self._encoders) >= self._max_open_encoders:
+            # Closed before the next one opens, and its memory handed back: a session's pre-packed weights are
+            # about the size of the weights (2.0 GB at full size), and with the old session still open while
+            # the new one packed, or its freed heap kept by the allocator, the ONNX phase held two (4.2 GB).
+            while len(self._encoders) >= self._max_open_encoders:
+                del self._encoders[next(iter(self._encoders))]
+            gc.collect()
+            trim()
         graph = Graph(described.file, "encoder", described.interface, self._options)
         check_declared(graph, "cache_last_channel", described.cache_shapes.channel)
         check_declared(graph, "cache_last_time", described.cache_shapes.time)
         self._encoders[key] = graph
-        while len(self._encoders) > self._max_open_encoders:
-            del self._encoders[next(iter(self._encoders))]  # its session and its copy of the weights go
         return graph
 
     # -- Backend interface ---------------------------------------------------------------------------
