@@ -225,7 +225,7 @@ def test_verify_and_the_nightly_judge_one_bfloat16_artifact_alike(tiny_nemo, tol
     utterances = fixture_utterances()[:4]
     contexts = [(70, 1)]  # the lookahead whose bfloat16 decisions leave NeMo's most often
     nightly = run_model_matrix(tiny_nemo, MatrixPlan([PlannedCandidate("mlx", "bfloat16")], []), utterances, contexts,
-                               tolerances, work_dir=tmp_path / "work", single_reference_pass=False)
+                               tolerances, work_dir=tmp_path / "work", single_reference_pass=False, full_plan=True)
     (record,) = nightly.extra["candidates"]
     assert record["status"] == "ok", record
     reference = get(REFERENCE).load(tiny_nemo)

@@ -188,8 +188,14 @@ def test_transcripts_agree_across_backends(backend_pair, trained_pool, subset_en
                                     utterance=entry["audio_filepath"])
                        for entry, ref_run, cand_run in zip(subset_entries, reference_runs, candidate_runs)]
         failures = [comparison.describe_failure() for comparison in comparisons if not comparison.passed]
-        assert not failures, f"{label} {context}:\n" + "\n".join(failures)
         differing = [e["audio_filepath"] for e, a, b in zip(subset_entries, expected, actual) if a != b]
+        if not (reference.capabilities.gating and candidate.capabilities.gating):
+            # A peer's model (transformers): located and reported (docs/peers.md has its figures), not failed.
+            assert all(c.passed or c.first_divergence() is not None for c in comparisons), failures
+            print(f"{label} {list(context)}: {len(failures)} of {len(comparisons)} outside the limits, "
+                  f"tokens differ on {len(differing)}", *failures, sep="\n")
+            continue
+        assert not failures, f"{label} {context}:\n" + "\n".join(failures)
         assert not differing, f"{label} {context}: token sequences differ on {differing}"
         texts = [decode_tokens(reference.info.vocabulary, t) for t in expected]
         wer = word_error_rate([e["text"] for e in subset_entries], texts)

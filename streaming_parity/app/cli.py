@@ -419,7 +419,7 @@ def cmd_nightly(args) -> int:
                               tolerances_path=args.tolerances, date=args.date, work_dir=args.work_dir,
                               audio_seconds=args.audio_seconds, bounded_memory=args.bounded_memory,
                               mutation_testing=args.mutation_testing, recordings=args.recordings, probes=args.probes,
-                              probe_long_seconds=args.probe_long_seconds)
+                              probe_long_seconds=args.probe_long_seconds, full_plan=args.full_plan)
     failures = fp32_failures(outcome.results)
     for line in failures:
         print(f"FAIL {line}")
@@ -437,7 +437,7 @@ def _nightly_stage(args):
         raise InvalidInput(f"--stage {args.stage} needs --recordings DIR (where the night plan and recordings are)")
     if args.stage == "record":
         unsupported = {"--mutation-testing": args.mutation_testing, "--probes": args.probes,
-                       "--parallel": args.parallel != 1, "--job": args.job}
+                       "--parallel": args.parallel != 1, "--job": args.job, "--full-plan": args.full_plan}
     else:
         unsupported = {"--models": args.models, "--att-context": args.att_context, "--utterances": args.utterances,
                        "--audio-seconds": args.audio_seconds, "--mutation-testing": args.mutation_testing,
@@ -453,7 +453,8 @@ def _nightly_stage(args):
                             bounded_memory=args.bounded_memory)
     return judge_night_candidates(recordings=args.recordings, backends=split_names(args.backends), out_root=args.out,
                                   date=args.date, tolerances_path=args.tolerances, work_dir=args.work_dir,
-                                  job=args.job, bounded_memory=args.bounded_memory, parallel=args.parallel)
+                                  job=args.job, bounded_memory=args.bounded_memory, parallel=args.parallel,
+                                  full_plan=args.full_plan)
 
 
 def cmd_mutants(args) -> int:
@@ -622,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/recordings.md)")
     p.add_argument("--job", metavar="NAME", help="--stage candidates: names this job's results files "
                                                  "(default: from --backends)")
+    p.add_argument("--full-plan", action="store_true",
+                   help="judge every dtype on every lookahead and utterance, also one with no fast path on this "
+                        "machine (MLX bfloat16 on a CPU: by default one lookahead, two utterances)")
     p.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
                    help="--stage candidates: judge up to N candidates at once, one process each, as many as the "
                         "machine's free memory holds (default: 1)")

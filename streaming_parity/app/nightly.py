@@ -297,7 +297,7 @@ def record_failure(progress: LoopProgress) -> Callable[[Candidate, BaseException
 
 
 def plan_model_night(nemo_path: Path, plan: MatrixPlan, att_contexts: Sequence[Sequence[int]] | None, work_dir: Path,
-                     *, bounded: bool, single_reference_pass: bool | None = None,
+                     *, bounded: bool, single_reference_pass: bool | None = None, full_plan: bool = False,
                      ) -> tuple[list[Context], list[Candidate], list[Context] | None]:
     """One model's night before anything runs: its lookaheads, its candidates (each in the first-chunk modes it is
     compared in) and where NeMo's streaming is compared with its offline forward (None: every lookahead).
@@ -305,7 +305,8 @@ def plan_model_night(nemo_path: Path, plan: MatrixPlan, att_contexts: Sequence[S
     ``single_reference_pass`` (default: ``bounded``): every candidate that runs pad-and-drop (the mode the ONNX
     graphs bake in) is compared in it, so NeMo streams each lookahead once; NeMo's streaming~offline (which needs
     plain mode) runs at the lookahead with the most frames per step only. Plain mode at every lookahead is the tiny
-    fixtures' to check; at full size this halves the reference's time and its recording."""
+    fixtures' to check; at full size this halves the reference's time and its recording. ``full_plan``: judge a
+    dtype with no fast path here on the full plan too (``reduce_where_slow``)."""
     contexts = [(int(c[0]), int(c[1])) for c in (att_contexts or model_lookaheads(nemo_path))]
     candidates = [matrix_candidate(c, nemo_path, work_dir, contexts, in_subprocess=bounded) for c in plan.candidates]
     offline_contexts = None
@@ -315,7 +316,7 @@ def plan_model_night(nemo_path: Path, plan: MatrixPlan, att_contexts: Sequence[S
             if pad_and_drop in candidate.capabilities.first_chunk_modes:
                 candidate.modes = (pad_and_drop,)
         offline_contexts = [max(contexts, key=lambda context: context[1])]
-    for candidate, planned in zip(candidates, plan.candidates):
+    for candidate, planned in zip(candidates, plan.candidates) if not full_plan else ():
         reduce_where_slow(candidate, planned, contexts)
     return contexts, candidates, offline_contexts
 
@@ -343,7 +344,7 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
                      att_contexts: Sequence[Sequence[int]] | None, tolerances: Tolerances, *,
                      work_dir: Path, bounded: bool = False, spool_dir: Path | None = None,
                      single_reference_pass: bool | None = None, recordings: Path | None = None,
-                     progress: LoopProgress | None = None) -> Results:
+                     full_plan: bool = False, progress: LoopProgress | None = None) -> Results:
     """NeMo streaming against offline, then each candidate against NeMo, for one model.
 
     ``bounded``: one model in memory at a time. NeMo's runs are spooled to disk (under
@@ -357,7 +358,8 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
     progress = progress or LoopProgress()
     started = time.perf_counter()
     contexts, candidates, offline_contexts = plan_model_night(nemo_path, plan, att_contexts, work_dir, bounded=bounded,
-                                                              single_reference_pass=single_reference_pass)
+                                                              single_reference_pass=single_reference_pass,
+                                                              full_plan=full_plan)
     recorded = None
     if recordings is not None:
         # The reference streamed once per checkpoint, NeMo version, audio and plan: a night with nothing changed
@@ -448,7 +450,8 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
                utterances: Sequence[Utterance] | None = None,
                tolerances_path: str | Path | None = None, work_dir: Path | None = None,
                console=None, title: str = "parity", audio_seconds: float | None = None,
-               bounded_memory: bool | None = None, recordings: Path | None = None) -> list[Results]:
+               bounded_memory: bool | None = None, recordings: Path | None = None,
+               full_plan: bool = False) -> list[Results]:
     """Run the matrix for each model with a rich progress display; one ``Results`` per model.
 
     ``utterances``: what to stream (default: the fixture speech, its first ``utterance_limit``).
@@ -496,7 +499,7 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
             with SpoolStore.temporary(work_dir) as spool:
                 results = run_model_matrix(nemo_path, plan, utterances, att_contexts, tolerances, work_dir=work_dir,
                                            bounded=bounded, spool_dir=Path(spool), recordings=recordings,
-                                           progress=progress)
+                                           full_plan=full_plan, progress=progress)
             bar.update(task, description=f"{model}: done")
             for record in results.extra["candidates"]:
                 if record["status"] == "error":

@@ -196,7 +196,8 @@ def _checkpoint_bytes(entry: dict[str, Any], work_dir: Path) -> int:
     return max(sizes)
 
 
-def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[tuple[int, int]]) -> Candidate:
+def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[tuple[int, int]], *,
+                    full_plan: bool = False) -> Candidate:
     """A planned candidate, opened from the artifact the record stage made (its sha256 checked first)."""
     entry = get(record["backend"])
     planned = PlannedCandidate(record["backend"], record["dtype"])
@@ -218,7 +219,8 @@ def stage_candidate(record: dict[str, Any], work_dir: Path, contexts: Sequence[t
     candidate = Candidate(label=planned.label, open=open_backend, capabilities=entry.capabilities, record=result,
                           modes=modes)
     # A dtype with no fast path on this machine (MLX's bfloat16 on a Linux CPU, not on Metal) is judged on less.
-    reduce_where_slow(candidate, planned, contexts)
+    if not full_plan:
+        reduce_where_slow(candidate, planned, contexts)
     return candidate
 
 
@@ -247,7 +249,8 @@ def _judge_one_selection(options: dict[str, Any]) -> list[str]:
 def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None = None, out_root: str | Path = "reports",
                            date: str | None = None, tolerances_path: str | Path | None = None,
                            work_dir: Path | None = None, job: str | None = None,
-                           bounded_memory: bool | None = None, parallel: int = 1) -> NightlyOutcome:
+                           bounded_memory: bool | None = None, parallel: int = 1,
+                           full_plan: bool = False) -> NightlyOutcome:
     """Every planned candidate selected by ``backends`` (all of them by default), judged against the recording the
     record stage made; one results file per model, ``results-<model>-<job>.json`` (``job``: default the backends).
     ``bounded_memory`` (default: for checkpoints over 1 GiB): runs spooled to disk, and each candidate phase's peak
@@ -268,7 +271,7 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
     if parallel != 1:
         return _judge_in_parallel(plan, recordings=recordings, backends=backends, out_root=out_root, date=date,
                                   tolerances_path=tolerances_path, work_dir=work_dir, job=job,
-                                  bounded_memory=bounded_memory, parallel=parallel, say=say)
+                                  bounded_memory=bounded_memory, parallel=parallel, full_plan=full_plan, say=say)
     files, all_results = [], []
     for entry in plan["models"]:
         chosen = [c for c in entry["candidates"] if _selected(c, backends)]
@@ -285,7 +288,7 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
             elif not backend.available():
                 status, reason = "unavailable", "missing " + ", ".join(backend.missing_requirements())
             else:
-                candidates.append(stage_candidate(record, work_dir, contexts))
+                candidates.append(stage_candidate(record, work_dir, contexts, full_plan=full_plan))
                 continue
             unavailable.append({"backend": record["backend"], "dtype": record["dtype"], "status": status,
                                 "error": reason})
@@ -325,7 +328,7 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
 
 def _judge_in_parallel(plan: dict[str, Any], *, recordings: Path, backends: Sequence[str] | None, out_root: str | Path,
                        date: str, tolerances_path, work_dir: Path, job: str, bounded_memory: bool | None,
-                       parallel: int, say) -> NightlyOutcome:
+                       parallel: int, full_plan: bool, say) -> NightlyOutcome:
     """One process per planned ``backend:dtype`` (spawned: no state shared with this one), as many at once as
     ``parallel_candidates`` allows; their results files are reported together."""
     import multiprocessing
@@ -340,7 +343,7 @@ def _judge_in_parallel(plan: dict[str, Any], *, recordings: Path, backends: Sequ
     say(f"judging {len(selections)} candidate(s) in {processes} process(es) at once")
     options = [{"recordings": recordings, "backends": [selection], "out_root": out_root, "date": date,
                 "tolerances_path": tolerances_path, "work_dir": work_dir, "job": f"{job}-{selection.replace(':', '_')}",
-                "bounded_memory": bounded_memory} for selection in selections]
+                "bounded_memory": bounded_memory, "full_plan": full_plan} for selection in selections]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         files = [Path(path) for paths in pool.map(_judge_one_selection, options, chunksize=1) for path in paths]
     all_results = [Results.load(path) for path in files]
