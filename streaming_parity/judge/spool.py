@@ -1,7 +1,8 @@
 """Stream runs spooled to disk, so that a comparison's memory does not grow with the audio.
 
 At full size (24 layers x 1024 wide) one [70,13] streaming step carries about 9 MB of taps and
-caches: 60 s of audio is about half a gigabyte per backend and lookahead. ``record`` streams one
+caches, most of it the caches: they are written as the frames that entered (with a keyframe every
+``KEYFRAME_STEPS``), as a recording stores them, so a [70,0] step is about 0.3 MB, not 7. ``record`` streams one
 backend and writes each step to its own ``.npz`` as it is produced; ``SpooledRun`` reads steps
 back one at a time. It offers what ``streaming_parity.judge.compare.compare_runs`` reads from a ``StreamRun``
 (``steps``, ``step_taps``, ``tokens``, ``ctc_tokens``, ``encoded``, ``features``), so two spooled runs are compared
@@ -10,11 +11,13 @@ by the same code as two in-memory ones, holding one step of each at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,35 +26,73 @@ from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.speakers import SpeakerTargets
 from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
+from streaming_parity.judge.recording import SHIFTED_CACHES, apply_delta, cache_delta
 
 STEP_FILE = "step-{index:05d}.npz"
 RUN_FILE = "run.json"
 _TAP = "tap/"
 _CACHE = "cache/"
+_CACHE_NEW = "cache_new/"
+# Every this many steps both caches are written whole, so that reading a step out of order rebuilds its caches
+# from at most this many steps' new frames.
+KEYFRAME_STEPS = 64
 
 
-def _save_step(path: Path, step: StepOutput) -> None:
+def _save_step(path: Path, step: StepOutput, previous: Mapping[str, np.ndarray] | None) -> None:
+    """One step; its caches as the frames that entered since ``previous`` (the step before's caches), as a recording
+    stores them (``streaming_parity.judge.recording.cache_delta``, checked bit for bit), or whole at a keyframe or
+    where no shift rebuilds them. At full size a whole channel cache is 7 MB a step; the frames that entered at
+    [70,0], 0.1 MB."""
     arrays = {f"{_TAP}{name}": value for name, value in step.taps.items()}
-    arrays.update({f"{_CACHE}{name}": value for name, value in step.state.caches().items()})
+    shifts: dict[str, int | None] = {}
+    for name, value in step.state.caches().items():
+        axis = SHIFTED_CACHES.get(name)
+        delta = None if previous is None or axis is None else cache_delta(previous.get(name), value, axis,
+                                                                           hint=int(step.encoded_len[0]))
+        if delta is None:
+            arrays[f"{_CACHE}{name}"], shifts[name] = value, None
+        else:
+            shifts[name], arrays[f"{_CACHE_NEW}{name}"] = delta
     arrays["encoded"], arrays["encoded_len"] = step.encoded, step.encoded_len
     for index, decoder in enumerate(step.state.decoder):
         arrays[f"decoder/{index}/h"], arrays[f"decoder/{index}/c"] = decoder.h, decoder.c
     meta = {"tokens": step.tokens, "seconds": step.seconds, "step_index": step.state.step_index,
             "att_context_size": list(step.state.att_context_size),
             "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder],
-            "ctc_tokens": step.ctc_tokens, "ctc_last_label": step.state.ctc_last_label, "prompt": step.state.prompt}
+            "ctc_tokens": step.ctc_tokens, "ctc_last_label": step.state.ctc_last_label, "prompt": step.state.prompt,
+            "cache_shift": shifts}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     staged = path.with_suffix(".tmp.npz")
     np.savez(staged, **arrays)
     staged.replace(path)
 
 
-def _load_step(path: Path) -> StepOutput:
+def _load_caches(path: Path, previous: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A step's caches alone (the other arrays of its file are not read)."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        return _caches(meta, data, previous, path)
+
+
+def _caches(meta: Mapping[str, Any], arrays, previous: Mapping[str, np.ndarray] | None,
+            path: Path) -> dict[str, np.ndarray]:
+    caches = {}
+    for name, shift in meta.get("cache_shift", {}).items():
+        if shift is None:
+            caches[name] = arrays[f"{_CACHE}{name}"]
+        elif previous is None:
+            raise ValueError(f"{path}: {name} is stored as new frames, and the step before was not read")
+        else:
+            caches[name] = apply_delta(previous[name], shift, arrays[f"{_CACHE_NEW}{name}"], SHIFTED_CACHES[name])
+    return caches
+
+
+def _load_step(path: Path, previous: Mapping[str, np.ndarray] | None = None) -> StepOutput:
     with np.load(path, allow_pickle=False) as data:
         arrays = {name: data[name] for name in data.files}
     meta = json.loads(arrays.pop("meta").tobytes().decode())
     taps = {name[len(_TAP):]: value for name, value in arrays.items() if name.startswith(_TAP)}
-    caches = {name[len(_CACHE):]: value for name, value in arrays.items() if name.startswith(_CACHE)}
+    caches = _caches(meta, arrays, previous, path)
     decoders = [DecoderState(last_token=int(d["last_token"]), h=arrays[f"decoder/{i}/h"], c=arrays[f"decoder/{i}/c"],
                              tokens=[int(t) for t in d["tokens"]]) for i, d in enumerate(meta["decoder"])]
     state = StreamingState(att_context_size=tuple(meta["att_context_size"]), decoder=decoders,
@@ -64,21 +105,35 @@ def _load_step(path: Path) -> StepOutput:
 
 
 class SpooledSteps(Sequence):
-    """The steps of a spooled run, read from disk on access (nothing is cached)."""
+    """The steps of a spooled run, read from disk on access: in order, each step's caches are rebuilt from the step
+    before's (kept, the only thing kept); out of order, from the keyframe before it."""
 
     def __init__(self, directory: Path, count: int):
         self.directory = directory
         self.count = count
+        self._last: tuple[int, dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return self.count
+
+    def _file(self, index: int) -> Path:
+        return self.directory / STEP_FILE.format(index=index)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self.count))]
         if not -self.count <= index < self.count:
             raise IndexError(f"step {index} of a run with {self.count} steps")
-        return _load_step(self.directory / STEP_FILE.format(index=index % self.count))
+        index %= self.count
+        if self._last is not None and self._last[0] == index - 1:
+            previous = self._last[1]
+        else:
+            start, previous = index - index % KEYFRAME_STEPS, None
+            for position in range(start, index):
+                previous = _load_caches(self._file(position), previous)
+        step = _load_step(self._file(index), previous)
+        self._last = (index, step.state.caches())
+        return step
 
 
 @dataclass
@@ -96,8 +151,9 @@ class SpooledRun:
     features: np.ndarray | None = None
     step_ctc_tokens: list[list[int] | None] = field(default_factory=list)  # hybrid models' CTC labels, per step
 
-    @property
+    @functools.cached_property
     def steps(self) -> SpooledSteps:
+        # One reader per run: a comparison reads steps in order, each step's caches rebuilt from the one before.
         return SpooledSteps(self.directory, self.step_count)
 
     @property
@@ -138,8 +194,10 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
                      mode=FirstChunkMode(mode).value, directory=directory, step_count=0, features=features)
     steps = iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
                        forced_decisions=forced_decisions, audio=audio, prompt=prompt)
+    previous = None
     for index, step in enumerate(steps):
-        _save_step(directory / STEP_FILE.format(index=index), step)
+        _save_step(directory / STEP_FILE.format(index=index), step, None if index % KEYFRAME_STEPS == 0 else previous)
+        previous = step.state.caches()
         run.step_count += 1
         run.step_tokens.append(list(step.tokens[0]))
         run.step_ctc_tokens.append(None if step.ctc_tokens is None else list(step.ctc_tokens[0]))
