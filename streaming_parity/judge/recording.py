@@ -143,6 +143,37 @@ def apply_delta(previous: np.ndarray, shift: int, new: np.ndarray, axis: int) ->
     return np.concatenate([np.take(previous, range(shift, size), axis=axis), new], axis=axis)
 
 
+def pack_caches(caches: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray] | None,
+                hint: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, int | None]]:
+    """A step's caches as stored: ``cache_new/NAME`` (the frames that entered since ``previous``, the step before's
+    caches) where a shift rebuilds the cache bit for bit, else ``cache/NAME`` whole (``previous`` None: all whole);
+    and each cache's shift (None: whole). A recording and the spool store caches so (``unpack_caches``)."""
+    tensors: dict[str, np.ndarray] = {}
+    shifts: dict[str, int | None] = {}
+    for name, value in caches.items():
+        axis = SHIFTED_CACHES.get(name)
+        delta = None if previous is None or axis is None else cache_delta(previous.get(name), value, axis, hint=hint)
+        if delta is None:
+            tensors[f"cache/{name}"], shifts[name] = value, None
+        else:
+            shifts[name], tensors[f"cache_new/{name}"] = delta
+    return tensors, shifts
+
+
+def unpack_caches(shifts: Mapping[str, int | None], tensors: Mapping[str, np.ndarray],
+                  previous: Mapping[str, np.ndarray] | None, where: str) -> dict[str, np.ndarray]:
+    """The caches ``pack_caches`` stored, rebuilt from the step before's (``previous``) where stored as new frames."""
+    caches = {}
+    for name, shift in shifts.items():
+        if shift is None:
+            caches[name] = tensors[f"cache/{name}"]
+        elif previous is None:
+            raise RecordingError(f"{where}: {name} is stored as new frames, and the step before was not read")
+        else:
+            caches[name] = apply_delta(previous[name], shift, tensors[f"cache_new/{name}"], SHIFTED_CACHES[name])
+    return caches
+
+
 # -- writing ------------------------------------------------------------------------------------------------
 
 def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
@@ -154,16 +185,8 @@ def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarra
     if not encoded_is_tap:
         tensors[f"{prefix}encoded"] = step.encoded
     tensors[f"{prefix}encoded_len"] = step.encoded_len
-    shifts: dict[str, int | None] = {}
-    for name, value in step.state.caches().items():
-        axis = SHIFTED_CACHES.get(name)
-        delta = None if axis is None else cache_delta(previous.get(name), value, axis,
-                                                      hint=int(step.encoded_len[0]))
-        if delta is None:
-            tensors[f"{prefix}cache/{name}"] = value
-            shifts[name] = None
-        else:
-            shifts[name], tensors[f"{prefix}cache_new/{name}"] = delta
+    caches, shifts = pack_caches(step.state.caches(), previous, hint=int(step.encoded_len[0]))
+    tensors.update({f"{prefix}{key}": value for key, value in caches.items()})
     for batch, decoder in enumerate(step.state.decoder):
         tensors[f"{prefix}decoder/{batch}/h"], tensors[f"{prefix}decoder/{batch}/c"] = decoder.h, decoder.c
     # safetensors sorts its keys: the taps' order (model order, the order a comparison lists them) is kept here.
@@ -415,13 +438,8 @@ class RecordedSteps(Sequence):
         return step
 
     def _caches(self, index: int, tensors: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray]):
-        caches = {}
-        for name, shift in self.run.entry["steps"][index]["cache_shift"].items():
-            if shift is None:
-                caches[name] = tensors[f"cache/{name}"]
-            else:
-                caches[name] = apply_delta(previous[name], shift, tensors[f"cache_new/{name}"], SHIFTED_CACHES[name])
-        return caches
+        return unpack_caches(self.run.entry["steps"][index]["cache_shift"], tensors, previous,
+                             f"{self.run.shard_of(index).path} step {index}")
 
     def _step(self, index: int, tensors: Mapping[str, np.ndarray], caches: Mapping[str, np.ndarray]) -> StepOutput:
         entry = self.run.entry["steps"][index]

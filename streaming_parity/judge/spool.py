@@ -17,7 +17,6 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,13 +25,11 @@ from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
 from streaming_parity.interface.speakers import SpeakerTargets
 from streaming_parity.interface.types import DecoderState, StepOutput, StreamingState
-from streaming_parity.judge.recording import SHIFTED_CACHES, apply_delta, cache_delta
+from streaming_parity.judge.recording import pack_caches, unpack_caches
 
 STEP_FILE = "step-{index:05d}.npz"
 RUN_FILE = "run.json"
 _TAP = "tap/"
-_CACHE = "cache/"
-_CACHE_NEW = "cache_new/"
 # Every this many steps both caches are written whole, so that reading a step out of order rebuilds its caches
 # from at most this many steps' new frames.
 KEYFRAME_STEPS = 64
@@ -44,15 +41,8 @@ def _save_step(path: Path, step: StepOutput, previous: Mapping[str, np.ndarray] 
     where no shift rebuilds them. At full size a whole channel cache is 7 MB a step; the frames that entered at
     [70,0], 0.1 MB."""
     arrays = {f"{_TAP}{name}": value for name, value in step.taps.items()}
-    shifts: dict[str, int | None] = {}
-    for name, value in step.state.caches().items():
-        axis = SHIFTED_CACHES.get(name)
-        delta = None if previous is None or axis is None else cache_delta(previous.get(name), value, axis,
-                                                                           hint=int(step.encoded_len[0]))
-        if delta is None:
-            arrays[f"{_CACHE}{name}"], shifts[name] = value, None
-        else:
-            shifts[name], arrays[f"{_CACHE_NEW}{name}"] = delta
+    caches, shifts = pack_caches(step.state.caches(), previous, hint=int(step.encoded_len[0]))
+    arrays.update(caches)
     arrays["encoded"], arrays["encoded_len"] = step.encoded, step.encoded_len
     for index, decoder in enumerate(step.state.decoder):
         arrays[f"decoder/{index}/h"], arrays[f"decoder/{index}/c"] = decoder.h, decoder.c
@@ -71,20 +61,7 @@ def _load_caches(path: Path, previous: Mapping[str, np.ndarray] | None) -> dict[
     """A step's caches alone (the other arrays of its file are not read)."""
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(data["meta"].tobytes().decode())
-        return _caches(meta, data, previous, path)
-
-
-def _caches(meta: Mapping[str, Any], arrays, previous: Mapping[str, np.ndarray] | None,
-            path: Path) -> dict[str, np.ndarray]:
-    caches = {}
-    for name, shift in meta.get("cache_shift", {}).items():
-        if shift is None:
-            caches[name] = arrays[f"{_CACHE}{name}"]
-        elif previous is None:
-            raise ValueError(f"{path}: {name} is stored as new frames, and the step before was not read")
-        else:
-            caches[name] = apply_delta(previous[name], shift, arrays[f"{_CACHE_NEW}{name}"], SHIFTED_CACHES[name])
-    return caches
+        return unpack_caches(meta["cache_shift"], data, previous, str(path))
 
 
 def _load_step(path: Path, previous: Mapping[str, np.ndarray] | None = None) -> StepOutput:
@@ -92,7 +69,7 @@ def _load_step(path: Path, previous: Mapping[str, np.ndarray] | None = None) -> 
         arrays = {name: data[name] for name in data.files}
     meta = json.loads(arrays.pop("meta").tobytes().decode())
     taps = {name[len(_TAP):]: value for name, value in arrays.items() if name.startswith(_TAP)}
-    caches = _caches(meta, arrays, previous, path)
+    caches = unpack_caches(meta["cache_shift"], arrays, previous, str(path))
     decoders = [DecoderState(last_token=int(d["last_token"]), h=arrays[f"decoder/{i}/h"], c=arrays[f"decoder/{i}/c"],
                              tokens=[int(t) for t in d["tokens"]]) for i, d in enumerate(meta["decoder"])]
     state = StreamingState(att_context_size=tuple(meta["att_context_size"]), decoder=decoders,
