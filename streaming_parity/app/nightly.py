@@ -389,14 +389,9 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
                           "candidates": [dict(u) for u in plan.unavailable] + [c.record for c in candidates]})
     if memory is not None:
         memory.end()
-        results.extra.update({
-            "bounded_memory": True,
-            # Peak RSS of this process after each phase (a running maximum), its RSS once that phase's
-            # model was closed, and the weights' size for scale; preparation peaks are per candidate.
-            "peak_rss_mb": memory.peaks, "resident_after_close_mb": memory.resident,
-            "checkpoint_mb": round(nemo_path.stat().st_size / (1 << 20), 1),
-            "seconds": round(time.perf_counter() - started, 1),
-        })
+        # Preparation peaks are per candidate, in its record.
+        results.extra.update({**memory.figures(nemo_path.stat().st_size),
+                              "seconds": round(time.perf_counter() - started, 1)})
     return results
 
 
@@ -425,6 +420,20 @@ class PhaseMemory:
 
     def end(self) -> None:
         self._close_phase()
+
+    def figures(self, checkpoint_bytes: int) -> dict[str, Any]:
+        """What a bounded run records in its results: peak RSS of this process after each phase (a running
+        maximum), its RSS once that phase's model was closed, and the weights' size for scale."""
+        return {"bounded_memory": True, "peak_rss_mb": self.peaks, "resident_after_close_mb": self.resident,
+                "checkpoint_mb": round(checkpoint_bytes / (1 << 20), 1)}
+
+
+def night_utterances(utterance_limit: int | None = None, audio_seconds: float | None = None) -> list[Utterance]:
+    """What a night streams: the fixture speech (its first ``utterance_limit``), or, with ``audio_seconds``, those
+    utterances joined into one stream of at least that length."""
+    utterances = fixture_utterances()
+    utterances = utterances[:utterance_limit] if utterance_limit else utterances
+    return [long_utterance(utterances, audio_seconds)] if audio_seconds else utterances
 
 
 @dataclass
@@ -468,8 +477,8 @@ def run_matrix(models: Sequence[str], *, backends: Sequence[str] | None = None,
     tolerances = Tolerances.load(tolerances_path)
     plan = plan_candidates(backends)
     if utterances is None:
-        utterances = fixture_utterances()[:utterance_limit] if utterance_limit else fixture_utterances()
-    if audio_seconds:
+        utterances = night_utterances(utterance_limit, audio_seconds)
+    elif audio_seconds:
         utterances = [long_utterance(utterances, audio_seconds)]
     work_dir = Path(work_dir or default_work_dir())
     work_dir.mkdir(parents=True, exist_ok=True)

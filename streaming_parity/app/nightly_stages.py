@@ -34,6 +34,7 @@ from streaming_parity.app.nightly import (
     cached_recording,
     default_models,
     default_work_dir,
+    night_utterances,
     plan_candidates,
     plan_model_night,
     prepare_candidate,
@@ -41,11 +42,10 @@ from streaming_parity.app.nightly import (
     reduce_where_slow,
     resolve_model,
 )
-from streaming_parity.app.session import compare_backends, fixture_utterances
+from streaming_parity.app.session import compare_backends
 from streaming_parity.core.errors import InvalidInput, UnknownName
 from streaming_parity.core.system.progress import quiet, stderr_console
 from streaming_parity.interface.registry import REFERENCE, get
-from streaming_parity.interface.utterance import Utterance, long_utterance
 from streaming_parity.judge.loop import Candidate, LoopProgress, MemoryStore, SpoolStore, plan_reference
 from streaming_parity.judge.tolerances import Tolerances
 from streaming_parity.report import write_report
@@ -85,10 +85,7 @@ def record_night(models: Sequence[str] | None = None, *, recordings: Path, out_r
     work_dir.mkdir(parents=True, exist_ok=True)
     tolerances = Tolerances.load(tolerances_path)
     plan = plan_candidates(backends)
-    utterances: list[Utterance] = fixture_utterances()
-    utterances = utterances[:utterance_limit] if utterance_limit else utterances
-    if audio_seconds:
-        utterances = [long_utterance(utterances, audio_seconds)]
+    utterances = night_utterances(utterance_limit, audio_seconds)
     models = list(models or default_models())
     night_dir = Path(out_root) / date
     entries, files, all_results = [], [], []
@@ -307,9 +304,7 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
                                        on_failure=record_failure(progress), progress=progress).results
         if memory is not None:
             memory.end()
-            results.extra.update({"bounded_memory": True, "peak_rss_mb": memory.peaks,
-                                  "resident_after_close_mb": memory.resident,
-                                  "checkpoint_mb": round(checkpoint / (1 << 20), 1)})
+            results.extra.update(memory.figures(checkpoint))
         results.extra["seconds"] = round(time.perf_counter() - started, 1)
         results.model.update(name=Path(recording.model.get("name") or entry["model"]).stem,
                              sha256=recording.model["sha256"], recording=str(recording.directory))
