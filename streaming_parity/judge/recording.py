@@ -500,10 +500,17 @@ class RecordedRun:
 
     @property
     def encoded(self) -> np.ndarray:
+        """The streamed encoder output, its valid frames, step after step: only the tensors it is stored in are read
+        (the step's own, or the ``encoder`` tap, or the last layer it is derived from), not the steps' caches."""
         parts = []
-        for index in range(len(self.entry["steps"])):
-            step = self.steps[index]
-            parts.append(step.encoded[..., : int(step.encoded_len[0])])
+        for index, step in enumerate(self.entry["steps"]):
+            derived = (step.get("derived_taps") or {}).get(TAP_ENCODER)
+            stored = f"{index}/encoded" if not step.get("encoded_is_encoder_tap") else \
+                f"{index}/tap/{derived[0] if derived else TAP_ENCODER}"
+            encoded, length = self.shard_of(index).read(stored, f"{index}/encoded_len")
+            if step.get("encoded_is_encoder_tap") and derived:
+                encoded = _encoder_from_layer(encoded, int(derived[1]))
+            parts.append(encoded[..., : int(length[0])])
         return np.concatenate(parts, axis=-1)
 
     def step_taps(self, index: int) -> dict[str, np.ndarray]:
