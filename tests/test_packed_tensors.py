@@ -19,6 +19,8 @@ from streaming_parity.core.packed_tensors import (
     METADATA_KEY,
     PackedReader,
     PackedTensorError,
+    add_residual,
+    prediction_residual,
     save_packed,
 )
 
@@ -106,3 +108,48 @@ def test_metadata_that_does_not_describe_the_tensors_is_refused(tmp_path):
 def test_an_unpackable_dtype_is_refused_on_writing(tmp_path):
     with pytest.raises(PackedTensorError, match="x: dtype complex64 cannot be packed"):
         save_packed(tmp_path / "t.safetensors", {"x": np.zeros(3, np.complex64)})
+
+
+# -- a tensor stored as its residual from a prediction ----------------------------------------------------------
+
+BITS = {"float16": np.uint16, "float32": np.uint32, "float64": np.uint64}
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(sorted(BITS)), data=st.data())
+def test_a_residual_gives_back_every_bit_pattern_whatever_the_prediction(dtype, data):
+    """NaN payloads, infinities, -0.0 and subnormals, against any prediction, come back bit for bit."""
+    unsigned = BITS[dtype]
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=6))
+    bits = hnp.arrays(unsigned, shape, elements=st.integers(0, int(np.iinfo(unsigned).max)))
+    value, prediction = data.draw(bits).view(dtype), data.draw(bits).view(dtype)
+    residual = prediction_residual(value, prediction)
+    assert residual.dtype == unsigned and residual.shape == value.shape
+    back = add_residual(residual, prediction)
+    assert back.dtype == value.dtype and back.tobytes() == value.tobytes()
+
+
+def test_a_close_prediction_leaves_small_residuals_that_pack_small(tmp_path):
+    """A value a few floats from its prediction (either side, across zero too) is a small integer."""
+    rng = np.random.default_rng(1)
+    prediction = rng.standard_normal((1, 64, 256)).astype(np.float32)
+    value = prediction.copy()
+    for _ in range(3):  # up to three floats away, up or down
+        step = rng.integers(-1, 2, value.shape)
+        value = np.where(step > 0, np.nextafter(value, np.float32(np.inf)),
+                         np.where(step < 0, np.nextafter(value, np.float32(-np.inf)), value)).astype(np.float32)
+    residual = prediction_residual(value, prediction)
+    assert residual.max() <= 6  # zigzag: -3..3 -> 0..6
+    assert prediction_residual(np.float32([-0.0, 1e-45]), np.float32([0.0, -1e-45])).tolist() == [1, 6]  # -1e-45, -0.0, 0.0, 1e-45
+    save_packed(tmp_path / "r.safetensors", {"value": value, "residual": residual})
+    with safe_open(str(tmp_path / "r.safetensors"), framework="numpy") as handle:
+        assert handle.get_tensor("residual").nbytes < 0.15 * handle.get_tensor("value").nbytes  # ~3 bits of 32
+
+
+def test_a_residual_and_a_prediction_that_do_not_fit_are_refused():
+    with pytest.raises(PackedTensorError, match=r"float32 \[2\] against float64 \[2\]"):
+        prediction_residual(np.zeros(2, np.float32), np.zeros(2, np.float64))
+    with pytest.raises(PackedTensorError, match=r"residual uint32 \[3\] does not fit its prediction float32 \[2\]"):
+        add_residual(np.zeros(3, np.uint32), np.zeros(2, np.float32))
+    with pytest.raises(PackedTensorError, match="one float dtype"):
+        prediction_residual(np.zeros(2, np.int32), np.zeros(2, np.int32))

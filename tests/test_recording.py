@@ -114,6 +114,42 @@ def test_every_step_reads_back_bit_for_bit(recording_dir, nemo_backend, short_ut
     last = f"layers.{nemo_backend.info.num_layers - 1}"
     assert all(step["derived_taps"]["encoder"][0] == last and step["encoded_is_encoder_tap"] for step in steps)
     assert all(o["derived_taps"]["encoder"][0] == last for o in recording.manifest["offline"])
+    # A decoder state that no label changed is the step before's, stored once and read back above.
+    assert any(d["as_before"] for step in steps for d in step["decoder"])
+
+
+@pytest.mark.nemo
+def test_the_offline_forward_reads_back_bit_for_bit_from_its_residuals(recording_dir, nemo_backend,
+                                                                       short_utterances, tmp_path):
+    """The offline forward's layer taps are stored as residuals from the plain-mode run at their lookahead: they
+    read back as NeMo computes them, bit for bit, and the residuals are stored in less than the taps were."""
+    from safetensors import safe_open
+
+    from streaming_parity.core.packed_tensors import save_packed
+
+    recording = Recording(recording_dir)
+    for utterance in short_utterances:
+        mel = recording.mel(utterance.name)
+        for context in CONTEXTS:
+            live = nemo_backend.offline(mel, np.array([mel.shape[-1]]), context)
+            recorded = recording.offline(utterance.name, context)
+            assert list(recorded.taps) == list(live.taps) and recorded.tokens == live.tokens
+            for name, value in live.taps.items():
+                assert recorded.taps[name].dtype == value.dtype, name
+                assert recorded.taps[name].tobytes() == value.tobytes(), (utterance.name, context, name)
+            assert np.array_equal(recorded.encoded, live.encoded)
+    for entry in recording.manifest["offline"]:
+        run = recording.manifest["runs"][entry["residual_taps"]["run"]]
+        assert (run["utterance"], run["context"], run["mode"]) == (entry["utterance"], entry["context"], "plain")
+        layers = [f"layers.{i}" for i in range(nemo_backend.info.num_layers)]
+        assert entry["residual_taps"]["taps"] == layers
+        taps = recording.offline(entry["utterance"], entry["context"], entry["length"]).taps
+        save_packed(tmp_path / "as-taps.safetensors", {name: taps[name] for name in layers})
+        with safe_open(str(recording_dir / entry["shard"]), framework="numpy") as residuals, \
+                safe_open(str(tmp_path / "as-taps.safetensors"), framework="numpy") as as_taps:
+            for name in layers:
+                residual, tap = residuals.get_tensor(f"residual/tap/{name}").nbytes, as_taps.get_tensor(name).nbytes
+                assert residual < tap, (entry["shard"], name, residual, tap)
 
 
 @pytest.mark.nemo
@@ -173,6 +209,12 @@ def test_a_newer_schema_a_missing_shard_and_another_plan_are_refused(recording_d
     (copy / "offline-0000.safetensors").unlink()
     with pytest.raises(RecordingError, match="offline-0000.safetensors is missing"):
         Recording(copy)
+
+    shutil.copy(recording_dir / "offline-0000.safetensors", copy)
+    manifest["offline"][0]["residual_taps"]["run"] = len(manifest["runs"])
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RecordingError, match=f"residual taps of run {len(manifest['runs'])}; the recording has"):
+        Recording(copy).offline(manifest["offline"][0]["utterance"], manifest["offline"][0]["context"])
 
     recording = Recording(recording_dir)
     with pytest.raises(RecordingError, match=r"\[70,6\] in plain mode was not recorded"):

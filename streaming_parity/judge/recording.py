@@ -17,7 +17,12 @@ utterances (audio, mel), one per streamed run, one per offline forward, one for 
 Compact and lossless: NeMo's caches move by a shift plus new frames (``cache_last_channel`` keeps the
 last ``C`` encoder-layer inputs along its frame axis, ``cache_last_time`` the last ``K - 1`` conv inputs
 along its last axis), so a step stores the frames that entered and the shift, checked on writing to
-rebuild the cache bit for bit; a step where no shift does is stored whole.
+rebuild the cache bit for bit; a step where no shift does is stored whole. A decoder state no label changed
+(the prediction network only steps on a label) is the step before's, and stored once. NeMo's offline forward
+and its plain-mode stream at the same lookahead compute the same layer outputs to a few units in the last
+place (chunked_limited attention with the streamed caches is the offline mask, ``docs/nemo-streaming-facts``),
+so an offline forward's layer taps are stored as their residual from the streamed run's
+(``packed_tensors.prediction_residual``): a fifth of their packed size, and exact.
 
 A recording is untrusted input: a shard whose size or sha256 differs from the manifest, a manifest
 from a newer schema, or a plan a caller asks for that it does not hold is refused with one line
@@ -39,7 +44,13 @@ from typing import Any
 import numpy as np
 
 from streaming_parity.core.errors import UnsafeArtifact
-from streaming_parity.core.packed_tensors import PackedReader, PackedTensorError, save_packed
+from streaming_parity.core.packed_tensors import (
+    PackedReader,
+    PackedTensorError,
+    add_residual,
+    prediction_residual,
+    save_packed,
+)
 from streaming_parity.interface.backend import Backend, Capabilities
 from streaming_parity.interface.chunking import Chunk, ChunkSchedule, FirstChunkMode, StreamingConfig
 from streaming_parity.interface.driver import iter_steps
@@ -49,8 +60,10 @@ from streaming_parity.interface.types import DecoderState, OfflineOutput, StepOu
 from streaming_parity.interface.utterance import Utterance
 
 # 2: shards are packed (``streaming_parity.core.packed_tensors``) and an encoder output equal to the ``encoder``
-# tap is stored once; schema 1 (plain safetensors) is still read.
-SCHEMA = 2
+# tap is stored once. 3: a decoder state a step did not change is not stored again, and an offline forward's
+# layer taps are stored as residuals from the plain-mode run at its lookahead. Schemas 1 (plain safetensors) and 2
+# are still read; a harness that reads only 2 refuses 3 rather than read residuals as taps.
+SCHEMA = 3
 KIND = "streaming-parity reference recording"
 MANIFEST = "recording.json"
 UTTERANCES_SHARD = "utterances.safetensors"
@@ -176,8 +189,13 @@ def unpack_caches(shifts: Mapping[str, int | None], tensors: Mapping[str, np.nda
 
 # -- writing ------------------------------------------------------------------------------------------------
 
-def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-    """A step's tensors (caches as deltas where a shift rebuilds them) and its manifest entry."""
+def _same_decoder(a: DecoderState, b: DecoderState) -> bool:
+    return _same(a.h, b.h) and _same(a.c, b.c)
+
+
+def _step_tensors(index: int, step: StepOutput, previous: StepOutput | None) -> tuple[dict, dict]:
+    """A step's tensors (caches as deltas where a shift rebuilds them, a decoder state only where it changed since
+    ``previous``, the step before) and its manifest entry."""
     prefix = f"{index}/"
     stored, derived = _stored_taps(step.taps)
     tensors = {f"{prefix}tap/{name}": value for name, value in stored.items()}
@@ -185,16 +203,21 @@ def _step_tensors(index: int, step: StepOutput, previous: Mapping[str, np.ndarra
     if not encoded_is_tap:
         tensors[f"{prefix}encoded"] = step.encoded
     tensors[f"{prefix}encoded_len"] = step.encoded_len
-    caches, shifts = pack_caches(step.state.caches(), previous, hint=int(step.encoded_len[0]))
+    caches, shifts = pack_caches(step.state.caches(), None if previous is None else previous.state.caches(),
+                                 hint=int(step.encoded_len[0]))
     tensors.update({f"{prefix}{key}": value for key, value in caches.items()})
+    before = [] if previous is None else previous.state.decoder
+    decoders = []
     for batch, decoder in enumerate(step.state.decoder):
-        tensors[f"{prefix}decoder/{batch}/h"], tensors[f"{prefix}decoder/{batch}/c"] = decoder.h, decoder.c
+        as_before = batch < len(before) and _same_decoder(decoder, before[batch])
+        if not as_before:
+            tensors[f"{prefix}decoder/{batch}/h"], tensors[f"{prefix}decoder/{batch}/c"] = decoder.h, decoder.c
+        decoders.append({"last_token": decoder.last_token, "tokens": decoder.tokens, "as_before": as_before})
     # safetensors sorts its keys: the taps' order (model order, the order a comparison lists them) is kept here.
     entry = {"taps": list(step.taps), "tokens": step.tokens, "ctc_tokens": step.ctc_tokens, "seconds": step.seconds,
              "step_index": step.state.step_index, "ctc_last_label": step.state.ctc_last_label,
              "prompt": step.state.prompt, "cache_shift": shifts, "encoded_is_encoder_tap": encoded_is_tap,
-             "derived_taps": derived,
-             "decoder": [{"last_token": d.last_token, "tokens": d.tokens} for d in step.state.decoder]}
+             "derived_taps": derived, "decoder": decoders}
     return tensors, entry
 
 
@@ -265,7 +288,13 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                                            speaker_masks=masks, prompt=prompt)
                 shard = f"offline-{len(offline_entries):04d}.safetensors"
                 stored, derived = _stored_taps(output.taps)
-                tensors = {f"tap/{name}": value for name, value in stored.items()}
+                plain = next((index for index, run in enumerate(runs) if run["utterance"] == utterance.name
+                              and tuple(run["context"]) == context and run["mode"] == FirstChunkMode.PLAIN.value),
+                             None)
+                residuals = {} if plain is None else _residuals_from_run(
+                    stored, _RunFrames(runs[plain], [_Shard(out / name) for name in runs[plain]["shards"]]))
+                tensors = {f"tap/{name}": value for name, value in stored.items() if name not in residuals}
+                tensors.update({f"residual/tap/{name}": value for name, value in residuals.items()})
                 encoded_is_tap = _same(output.encoded, output.taps.get(TAP_ENCODER))
                 if not encoded_is_tap:
                     tensors["encoded"] = output.encoded
@@ -274,7 +303,9 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                 offline_entries.append({"utterance": utterance.name, "context": list(context), "length": length,
                                         "shard": shard, "taps": list(output.taps), "tokens": output.tokens,
                                         "ctc_tokens": output.ctc_tokens, "encoded_is_encoder_tap": encoded_is_tap,
-                                        "derived_taps": derived})
+                                        "derived_taps": derived,
+                                        "residual_taps": {"run": plain, "taps": list(residuals)} if residuals
+                                        else None})
     shards[UTTERANCES_SHARD] = _save(out / UTTERANCES_SHARD, audio_tensors)
     if info.prompted:
         kernel = reference.prompt_kernel()
@@ -306,7 +337,7 @@ def _write_run(steps: Iterator[StepOutput], out: Path, stem: str, shards: dict[s
     starts: list[int] = []
     entries: list[dict[str, Any]] = []
     tensors: dict[str, np.ndarray] = {}
-    previous: Mapping[str, np.ndarray] = {}
+    previous: StepOutput | None = None
 
     def write_part(first_step: int) -> None:
         part = f"{stem}-{len(parts):03d}.safetensors"
@@ -322,12 +353,80 @@ def _write_run(steps: Iterator[StepOutput], out: Path, stem: str, shards: dict[s
         step_tensors, entry = _step_tensors(index, step, previous)
         tensors.update(step_tensors)
         entries.append(entry)
-        previous = step.state.caches()
+        previous = step
         if sum(value.nbytes for value in tensors.values()) >= RUN_PART_BYTES:
             write_part(first_step)
     if tensors or not parts:
         write_part(first_step)
     return {"shards": parts, "shard_starts": starts, "steps": entries}
+
+
+class _RunFrames:
+    """A recorded run's taps, step after step, joined along the frame axis: the prediction an offline forward's
+    layer taps are stored against (the same function writes and reads them, from the run as stored)."""
+
+    def __init__(self, entry: Mapping[str, Any], shards: Sequence[_Shard]):
+        self.entry, self.shards = entry, list(shards)
+
+    def tap(self, name: str) -> np.ndarray:
+        starts = self.entry.get("shard_starts") or [0]
+        parts = []
+        for index, step in enumerate(self.entry["steps"]):
+            if name not in step["taps"] or name in (step.get("derived_taps") or {}):
+                raise RecordingError(f"{name}: not stored at step {index} of the run it is predicted from")
+            [value] = self.shards[bisect.bisect_right(starts, index) - 1].read(f"{index}/tap/{name}")
+            parts.append(value)
+        return np.concatenate(parts, axis=1)
+
+
+def _prediction(streamed: np.ndarray, like: np.ndarray) -> np.ndarray | None:
+    """The streamed frames of a layer tap ``[B, T, D]`` cut or zero-padded to the offline forward's ``like``; None
+    when the two cannot be laid over each other (another batch, width or dtype)."""
+    if streamed.ndim != 3 or like.ndim != 3 or streamed.dtype != like.dtype \
+            or streamed.shape[0] != like.shape[0] or streamed.shape[2] != like.shape[2]:
+        return None
+    prediction = np.zeros_like(like)
+    frames = min(streamed.shape[1], like.shape[1])
+    prediction[:, :frames] = streamed[:, :frames]
+    return prediction
+
+
+def _residuals_from_run(taps: Mapping[str, np.ndarray], run: _RunFrames) -> dict[str, np.ndarray]:
+    """The offline forward's layer taps that the plain-mode run at its lookahead predicts, as residuals from it.
+    (The ``pre_encode`` tap is not: a streamed step's holds the pre-encode cache's frames too.)"""
+    residuals = {}
+    for name, value in taps.items():
+        if tap_kind(name) != TAP_LAYERS or value.dtype.kind != "f":
+            continue
+        prediction = _prediction(run.tap(name), value)
+        if prediction is not None:
+            residuals[name] = prediction_residual(value, prediction)
+    return residuals
+
+
+def _taps_from_residuals(tensors: dict[str, np.ndarray], entry: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
+                         directory: Path) -> None:
+    """Put back, in ``tensors`` (an offline shard's), the layer taps stored as residuals from a run."""
+    stored = entry.get("residual_taps")
+    if not stored:
+        return
+    index = stored.get("run")
+    if not isinstance(index, int) or not 0 <= index < len(runs):
+        raise RecordingError(f"{entry['shard']}: residual taps of run {index!r}; the recording has {len(runs)} runs")
+    run = _RunFrames(runs[index], [_Shard(directory / name) for name in _run_shards(runs[index])])
+    for name in stored["taps"]:
+        residual = tensors.pop(f"residual/tap/{name}", None)
+        if residual is None:
+            raise RecordingError(f"{entry['shard']}: residual/tap/{name} listed, not stored")
+        streamed = run.tap(name)
+        prediction = _prediction(streamed, np.zeros(residual.shape, streamed.dtype))
+        if prediction is None:
+            raise RecordingError(f"{entry['shard']}: residual/tap/{name} {list(residual.shape)} does not lie over "
+                                 f"run {index}'s {name} {list(streamed.shape)}")
+        try:
+            tensors[f"tap/{name}"] = add_residual(residual, prediction)
+        except PackedTensorError as error:
+            raise RecordingError(f"{entry['shard']}: tap/{name}: {error}") from None
 
 
 def _modes_by_context(modes: Sequence[str] | Mapping[Context, Sequence[str]],
@@ -429,23 +528,38 @@ class RecordedSteps(Sequence):
         index %= len(self)
         if self._last is not None and self._last[0] == index:
             return self._last[2]
-        start, caches = (0, {}) if self._last is None or self._last[0] > index else (self._last[0] + 1, self._last[1])
+        start, carried = (0, {}) if self._last is None or self._last[0] > index else (self._last[0] + 1, self._last[1])
         for position in range(start, index + 1):
             tensors = self.run.shard_of(position).tensors(f"{position}/")
-            caches = self._caches(position, tensors, caches)
-        step = self._step(index, tensors, caches)
-        self._last = (index, caches, step)
+            carried = self._carried(position, tensors, carried)
+        step = self._step(index, tensors, carried)
+        self._last = (index, carried, step)
         return step
 
-    def _caches(self, index: int, tensors: Mapping[str, np.ndarray], previous: Mapping[str, np.ndarray]):
-        return unpack_caches(self.run.entry["steps"][index]["cache_shift"], tensors, previous,
-                             f"{self.run.shard_of(index).path} step {index}")
+    def _carried(self, index: int, tensors: Mapping[str, np.ndarray],
+                 previous: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What a step takes from the step before: its caches (stored as the frames that entered) and its decoder
+        states (stored only where they changed), by their tensor names."""
+        entry, where = self.run.entry["steps"][index], f"{self.run.shard_of(index).path} step {index}"
+        carried = unpack_caches(entry["cache_shift"], tensors, previous or None, where)
+        for batch, decoder in enumerate(entry["decoder"]):
+            for part in ("h", "c"):
+                name = f"decoder/{batch}/{part}"
+                if not decoder.get("as_before"):
+                    carried[name] = tensors[name]
+                elif name not in previous:
+                    raise RecordingError(f"{where}: {name} is stored as the step before's, and the step before was "
+                                         f"not read")
+                else:
+                    carried[name] = previous[name]
+        return carried
 
-    def _step(self, index: int, tensors: Mapping[str, np.ndarray], caches: Mapping[str, np.ndarray]) -> StepOutput:
+    def _step(self, index: int, tensors: Mapping[str, np.ndarray], carried: Mapping[str, np.ndarray]) -> StepOutput:
         entry = self.run.entry["steps"][index]
-        decoders = [DecoderState(last_token=int(d["last_token"]), h=tensors[f"decoder/{b}/h"],
-                                 c=tensors[f"decoder/{b}/c"], tokens=[int(t) for t in d["tokens"]])
+        decoders = [DecoderState(last_token=int(d["last_token"]), h=carried[f"decoder/{b}/h"],
+                                 c=carried[f"decoder/{b}/c"], tokens=[int(t) for t in d["tokens"]])
                     for b, d in enumerate(entry["decoder"])]
+        caches = {name: carried[name] for name in entry["cache_shift"]}
         state = StreamingState(att_context_size=self.run.att_context_size, decoder=decoders,
                                step_index=int(entry["step_index"]), ctc_last_label=entry["ctc_last_label"],
                                prompt=entry["prompt"], **caches)
@@ -663,6 +777,7 @@ class Recording:
             raise RecordingError(f"{self.directory}: no offline forward of {utterance} at [{key[1][0]},{key[1][1]}] "
                                  f"over {length} frames was recorded")
         tensors = _Shard(self.directory / entry["shard"]).tensors("")
+        _taps_from_residuals(tensors, entry, self.manifest["runs"], self.directory)
         taps = _read_taps(tensors, entry)
         return OfflineOutput(encoded=_encoded(taps, tensors, entry), encoded_len=tensors["encoded_len"],
                              tokens=entry["tokens"], taps=taps,
