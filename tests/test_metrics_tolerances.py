@@ -246,3 +246,14 @@ def test_all_metrics_equal_each_metric_alone_to_the_last_bit(rows, cols, transpo
     for name, value in together.items():
         alone = metrics.METRICS[name](reference, candidate)
         assert value == alone or (math.isnan(value) and math.isnan(alone)), (name, value, alone)
+
+
+
+def test_a_candidate_that_overflowed_reads_minus_infinity_db_and_does_not_stop_the_judge():
+    reference = np.ones((2, 3), np.float32)
+    candidate = reference.copy()
+    candidate[0, 0] = np.inf
+    assert metrics.snr_db(reference, candidate) == -math.inf
+    assert metrics.all_metrics(reference, candidate)["snr_db"] == -math.inf
+    assert metrics.snr_db(np.zeros(3, np.float32), np.ones(3, np.float32)) == -math.inf
+    assert metrics.snr_db(reference, reference) == math.inf

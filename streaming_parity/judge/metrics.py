@@ -68,11 +68,14 @@ def _power_rel(pair: _Pair) -> float:
         return float(np.max(np.abs(np.exp(ref - peak) - np.exp(cand - peak))))
 
 
-def _rel_l2(pair: _Pair) -> float:
-    diff, norm = pair.norm_diff, pair.norm_ref
+def _ratio(diff: float, norm: float) -> float:
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
+
+
+def _rel_l2(pair: _Pair) -> float:
+    return _ratio(pair.norm_diff, pair.norm_ref)
 
 
 def _cosine(pair: _Pair) -> float:
@@ -85,13 +88,17 @@ def _cosine(pair: _Pair) -> float:
     return float(np.dot(ref, cand) / denom)
 
 
-def _snr_db(pair: _Pair) -> float:
-    noise, signal = pair.norm_diff, pair.norm_ref
+def _snr_from_norms(noise: float, signal: float) -> float:
     if noise == 0.0:
         return math.inf
-    if signal == 0.0:
+    ratio = signal / noise
+    if ratio == 0.0:  # a silent reference, or a candidate that overflowed to infinity: no signal over the noise
         return -math.inf
-    return 20.0 * math.log10(signal / noise)
+    return 20.0 * math.log10(ratio)
+
+
+def _snr_db(pair: _Pair) -> float:
+    return _snr_from_norms(pair.norm_diff, pair.norm_ref)
 
 
 def _argmax_agreement(pair: _Pair) -> float:
