@@ -148,6 +148,27 @@ def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, thr
             "comparisons": len(outcome.results.comparisons)}
 
 
+def overhead_groups(specs) -> dict[str, list]:
+    """The compare runs ``--overhead`` times: the reference against each candidate backend, all its dtypes in one
+    run (ONNX fp32 + int8 together, MLX fp32 alone), as a nightly judges them; keyed by their labels."""
+    reference = [spec for spec in specs if spec[0] == "nemo"]
+    groups: dict[str, list] = {}
+    for spec in specs:
+        if spec[0] != "nemo":
+            groups.setdefault(spec[0], []).append(spec)
+    return {",".join(label_of(spec) for spec in members): reference + members for members in groups.values()}
+
+
+def overhead_runs(figures: dict) -> dict[str, dict]:
+    """``figures``' overhead runs by group; a file of the earlier format (one run of every backend) as one group."""
+    overhead = figures.get("overhead") or {}
+    if "runs" in overhead:
+        return overhead["runs"]
+    if "harness_share" in overhead:
+        return {",".join(k for k in overhead.get("backend_seconds", {}) if k != "nemo"): overhead}
+    return {}
+
+
 REGRESSION = 1.25  # a figure more than 25 % worse than the previous run on the same machine and threads
 
 
@@ -187,10 +208,15 @@ def regressions(previous: dict, figures: dict) -> list[str]:
         for name, old_value, value in pairs:
             if old_value and value is not None and value > REGRESSION * old_value:
                 flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
-    old_overhead, overhead = previous.get("overhead") or {}, figures.get("overhead") or {}
-    shares = [("harness share", old_overhead.get("harness_share"), overhead.get("harness_share"))]
-    shares += [(f"{label} phase harness share", (old_overhead.get("phases") or {}).get(label, {}).get("harness_share"),
-                phase.get("harness_share")) for label, phase in (overhead.get("phases") or {}).items()]
+    old_runs, runs = overhead_runs(previous), overhead_runs(figures)
+    shares = []
+    for group, overhead in runs.items():
+        old_overhead = old_runs.get(group) or {}
+        shares.append((f"harness share against {group}", old_overhead.get("harness_share"),
+                       overhead.get("harness_share")))
+        shares += [(f"{group}: {label} phase harness share",
+                    (old_overhead.get("phases") or {}).get(label, {}).get("harness_share"), phase.get("harness_share"))
+                   for label, phase in (overhead.get("phases") or {}).items()]
     for name, old_value, value in shares:
         if old_value and value is not None and value > REGRESSION * old_value:
             flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
@@ -229,7 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON (default: "
                         "reports/bench/bench-<model>-<UTC time>.json)")
     parser.add_argument("--overhead", action="store_true",
-                        help="also time one compare run: each backend's compute against the harness's share")
+                        help="also time compare runs, the reference against each candidate backend (all its dtypes "
+                             "in one run): each backend's compute against the harness's share")
     parser.add_argument("--history", type=Path, metavar="DIR", default=REPO / "reports" / "bench",
                         help="earlier benchmark JSON; figures >25%% worse than the last comparable run are flagged "
                              "(default: %(default)s)")
@@ -322,19 +349,22 @@ def main(argv=None) -> int:
     if args.overhead:
         sources = {entry["label"] if ":" in entry["label"] else f"{entry['label']}:float32": entry["source"]
                    for entry in figures["backends"]}
-        with spawn.Pool(1) as pool:
-            overhead = pool.apply(overhead_one, (specs, str(nemo_path), sources, utterances, contexts, args.threads))
-        figures["overhead"] = overhead
-        console.print(f"compare run: {overhead['wall_seconds']:.1f} s wall, backends "
-                      + ", ".join(f"{k} {v:.1f} s" for k, v in overhead["backend_seconds"].items())
-                      + (" (teacher-forced reruns: " + ", ".join(f"{k} {v:.1f} s" for k, v in
-                                                                   overhead["teacher_forced_seconds"].items()) + ")"
-                         if overhead["teacher_forced_seconds"] else "")
-                      + f"; harness {overhead['harness_seconds']:.1f} s = {overhead['harness_share'] * 100:.1f} % "
-                        "(target <= 10 %)")
-        for label, phase in overhead["phases"].items():
-            console.print(f"  {label} phase: {phase['wall_seconds']:.1f} s wall, {phase['backend_seconds']:.1f} s "
-                          f"computed by it, harness {phase['harness_share'] * 100:.1f} %")
+        figures["overhead"] = {"runs": {}}
+        for group, members in overhead_groups(specs).items():
+            with spawn.Pool(1) as pool:  # each run in a fresh process, as a compare run is
+                overhead = pool.apply(overhead_one, (members, str(nemo_path), sources, utterances, contexts,
+                                                     args.threads))
+            figures["overhead"]["runs"][group] = overhead
+            console.print(f"compare run against {group}: {overhead['wall_seconds']:.1f} s wall, backends "
+                          + ", ".join(f"{k} {v:.1f} s" for k, v in overhead["backend_seconds"].items())
+                          + (" (teacher-forced reruns: " + ", ".join(f"{k} {v:.1f} s" for k, v in
+                                                                       overhead["teacher_forced_seconds"].items()) + ")"
+                             if overhead["teacher_forced_seconds"] else "")
+                          + f"; harness {overhead['harness_seconds']:.1f} s = {overhead['harness_share'] * 100:.1f} %"
+                            " (target <= 10 %)")
+            for label, phase in overhead["phases"].items():
+                console.print(f"  {label} phase: {phase['wall_seconds']:.1f} s wall, {phase['backend_seconds']:.1f} s "
+                              f"computed by it, harness {phase['harness_share'] * 100:.1f} %")
     earlier = previous_figures(args.history, figures) if args.history and args.history.is_dir() else None
     if earlier is not None:
         flagged = regressions(earlier[1], figures)
