@@ -172,6 +172,26 @@ def test_a_recorded_reference_gives_the_live_results(recording_dir, nemo_backend
     assert recorded["comparisons"] and recorded == live
 
 
+@pytest.mark.nemo
+@pytest.mark.mlx
+def test_a_run_judged_lets_its_shards_go_and_reads_again_the_same(recording_dir, backend_pool, short_utterances,
+                                                                  tolerances):
+    """Shards are memory-mapped: a run left open after its comparison keeps every page read of it resident, and a
+    night's runs are 1 GB at full size. Each is let go once judged, and reads again, bit for bit, when asked."""
+    from streaming_parity.app.session import compare_backends
+
+    recording = Recording(recording_dir)
+    outcome = compare_backends(recording, [backend_pool.get("mlx")], short_utterances, CONTEXTS, tolerances)
+    runs = list(outcome.reference.runs.values())
+    assert runs and all(shard._reader is None for run in runs for shard in run.shards)
+    run = runs[0]
+    again = recording.run(run.entry["utterance"], run.att_context_size, run.mode)
+    for index in range(len(again.steps)):
+        ours, theirs = run.steps[index], again.steps[index]
+        for name, value in {**theirs.taps, **theirs.state.caches()}.items():
+            assert np.array_equal({**ours.taps, **ours.state.caches()}[name], value), (index, name)
+
+
 # -- a recording is untrusted input ---------------------------------------------------------------------------
 
 def _copy(recording_dir: Path, tmp_path: Path) -> Path:

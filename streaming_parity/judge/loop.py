@@ -251,6 +251,14 @@ class ReferenceRuns:
                                f"{key[2].value} mode (recorded: {sorted((u, c, m.value) for u, c, m in self.runs)})")
         return self.runs[key]
 
+    def release(self, run: Any) -> None:
+        """A comparison is done with ``run`` for now: a recorded run lets its memory-mapped shards go (it is read
+        again, reopened, by the next candidate); a streamed run is kept as it is."""
+        from streaming_parity.judge.recording import RecordedRun
+
+        if isinstance(run, RecordedRun):
+            run.release()
+
     def offline_output(self, utterance: str, context: Sequence[int]) -> OfflineOutput:
         key = (utterance, (int(context[0]), int(context[1])))
         if key not in self.offline:
@@ -387,9 +395,10 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
                 offline = reference.offline(utterance.name, context) if recorded else reference.offline(
                     mel, np.array([mel.shape[-1]] * mel.shape[0]), context, speaker_masks=masks, prompt=prompt)
                 if context in offline_at:
+                    streamed = side.runs[(utterance.name, context, FirstChunkMode.PLAIN)]
                     outcome.results.comparisons.append(compare_streaming_to_offline(
-                        side.runs[(utterance.name, context, FirstChunkMode.PLAIN)], offline, tolerances,
-                        num_layers=info.num_layers, utterance=utterance.name))
+                        streamed, offline, tolerances, num_layers=info.num_layers, utterance=utterance.name))
+                    side.release(streamed)
                 if keep_offline:
                     side.offline[(utterance.name, context)] = offline
                 del offline
@@ -458,6 +467,7 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
             results.comparisons.append(comparison)
             _record_run(outcome, item.run, item.utterance, backend.info.vocabulary)
             store.release(item.run)
+            reference.release(item.reference_run)
             if judged_run is not item.run:
                 store.release(judged_run)
             return True
