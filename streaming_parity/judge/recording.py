@@ -20,9 +20,10 @@ along its last axis), so a step stores the frames that entered and the shift, ch
 rebuild the cache bit for bit; a step where no shift does is stored whole. A decoder state no label changed
 (the prediction network only steps on a label) is the step before's, and stored once. NeMo's offline forward
 and its plain-mode stream at the same lookahead compute the same layer outputs to a few units in the last
-place (chunked_limited attention with the streamed caches is the offline mask, ``docs/nemo-streaming-facts``),
-so an offline forward's layer taps are stored as their residual from the streamed run's
-(``packed_tensors.prediction_residual``): a fifth of their packed size, and exact.
+place (the streamed caches give each chunk the left context the offline chunked_limited mask gives it; at
+[70,0] the first chunk's zero pre-encode cache makes them differ more, ``docs/nemo-findings.md``), so an offline
+forward's layer taps are stored as their residual from the streamed run's (``packed_tensors.prediction_residual``):
+at full size a fifth of their packed size, and exact whatever the difference.
 
 A recording is untrusted input: a shard whose size or sha256 differs from the manifest, a manifest
 from a newer schema, or a plan a caller asks for that it does not hold is refused with one line
