@@ -328,3 +328,5 @@ def test_a_run_written_in_parts_reads_back_as_one(nemo_backend, tiny_nemo, short
         ours, theirs = run.steps[index], live.steps[index]
         for name, value in {**theirs.taps, **theirs.state.caches()}.items():
             assert np.array_equal({**ours.taps, **ours.state.caches()}[name], value), (index, name)
+        # A part's pages stay resident while it is open: the part left behind is let go.
+        assert sum(shard._reader is not None for shard in run.shards) == 1

@@ -362,6 +362,16 @@ def _write_run(steps: Iterator[StepOutput], out: Path, stem: str, shards: dict[s
     return {"shards": parts, "shard_starts": starts, "steps": entries}
 
 
+def _part_of(entry: Mapping[str, Any], shards: Sequence[_Shard], step: int) -> _Shard:
+    """The part of a run (``shards``, its manifest ``entry``) that holds ``step``; the others closed."""
+    starts = entry.get("shard_starts") or [0]
+    part = shards[bisect.bisect_right(starts, step) - 1]
+    for other in shards:
+        if other is not part:
+            other.close()
+    return part
+
+
 class _RunFrames:
     """A recorded run's taps, step after step, joined along the frame axis: the prediction an offline forward's
     layer taps are stored against (the same function writes and reads them, from the run as stored)."""
@@ -370,13 +380,14 @@ class _RunFrames:
         self.entry, self.shards = entry, list(shards)
 
     def tap(self, name: str) -> np.ndarray:
-        starts = self.entry.get("shard_starts") or [0]
         parts = []
         for index, step in enumerate(self.entry["steps"]):
             if name not in step["taps"] or name in (step.get("derived_taps") or {}):
                 raise RecordingError(f"{name}: not stored at step {index} of the run it is predicted from")
-            [value] = self.shards[bisect.bisect_right(starts, index) - 1].read(f"{index}/tap/{name}")
+            [value] = _part_of(self.entry, self.shards, index).read(f"{index}/tap/{name}")
             parts.append(value)
+        for shard in self.shards:
+            shard.close()
         return np.concatenate(parts, axis=1)
 
 
@@ -591,9 +602,10 @@ class RecordedRun:
     features: np.ndarray | None = field(default=None, repr=False)
 
     def shard_of(self, step: int) -> _Shard:
-        """The part of the run that holds ``step`` (a schema-2 run is written in parts; earlier ones in one)."""
-        starts = self.entry.get("shard_starts") or [0]
-        return self.shards[bisect.bisect_right(starts, step) - 1]
+        """The part of the run that holds ``step`` (a schema-2 run is written in parts; earlier ones in one). The
+        other parts are let go: a run is read step after step, so one part's pages are resident at a time, not the
+        run's (a [70,0] run is 241 MB at full size)."""
+        return _part_of(self.entry, self.shards, step)
 
     @functools.cached_property
     def steps(self) -> RecordedSteps:
