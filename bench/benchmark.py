@@ -126,9 +126,11 @@ def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, thr
                                include_offline=False)
     wall = time.perf_counter() - started
     # Every run each backend streamed, the teacher-forced reruns the judge asked for included: the backend computes
-    # them (they are not the judge's own cost, but the judge asks for them, so they are shown apart too).
+    # them (they are not the judge's own cost, but the judge asks for them, so they are shown apart too); and each
+    # backend's front end over every utterance (the candidate's own mel is its work, not the judge's).
     compute = {label.removesuffix(":float32"): seconds for label, seconds in outcome.backend_seconds.items()}
-    free: dict[str, float] = {}
+    frontend = {label.removesuffix(":float32"): seconds for label, seconds in outcome.frontend_seconds.items()}
+    free: dict[str, float] = dict(frontend)  # what is not a rerun: the front end and the free runs' steps
     for row in outcome.results.timings:
         label = row["backend"] if row["dtype"] == "float32" else f"{row['backend']}:{row['dtype']}"
         free[label] = free.get(label, 0.0) + sum(row["step_seconds"])
@@ -142,6 +144,7 @@ def overhead_one(specs, nemo_path: str, sources: dict, utterances, contexts, thr
         "harness_share": round(1 - outcome.backend_seconds.get(label, 0.0) / seconds, 4) if seconds else None}
         for label, seconds in outcome.phase_seconds.items()}
     return {"wall_seconds": round(wall, 2), "backend_seconds": {k: round(v, 2) for k, v in compute.items()},
+            "frontend_seconds": {k: round(v, 2) for k, v in frontend.items()},
             "phases": phases,
             "teacher_forced_seconds": forced,
             "harness_seconds": round(wall - backends, 2), "harness_share": round((wall - backends) / wall, 4),
@@ -360,6 +363,8 @@ def main(argv=None) -> int:
                           + (" (teacher-forced reruns: " + ", ".join(f"{k} {v:.1f} s" for k, v in
                                                                        overhead["teacher_forced_seconds"].items()) + ")"
                              if overhead["teacher_forced_seconds"] else "")
+                          + "; of which front ends " + ", ".join(f"{k} {v:.2f} s" for k, v in
+                                                                overhead["frontend_seconds"].items())
                           + f"; harness {overhead['harness_seconds']:.1f} s = {overhead['harness_share'] * 100:.1f} %"
                             " (target <= 10 %)")
             for label, phase in overhead["phases"].items():

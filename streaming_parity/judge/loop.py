@@ -274,16 +274,25 @@ class LoopOutcome:
     runs: dict[tuple[str, str, Context, str], StreamRun] = field(default_factory=dict)
     recorded: set[tuple[str, str, Context, str]] = field(default_factory=set, repr=False)
     reference: ReferenceRuns | None = None
-    # Seconds each backend (``name:dtype``) computed in this comparison: every run it streamed, the teacher-forced
-    # reruns the judge asked for included (``StepOutput.seconds``). What is left of the wall time is the harness's.
+    # Seconds each backend (``name:dtype``) computed in this comparison: its front end over every utterance, every
+    # run it streamed, the teacher-forced reruns the judge asked for included (``StepOutput.seconds``). What is left
+    # of the wall time is the harness's.
     backend_seconds: dict[str, float] = field(default_factory=dict)
+    # Of those, the seconds of each backend's front end (the mel of every utterance it computed).
+    frontend_seconds: dict[str, float] = field(default_factory=dict)
     # Wall seconds of each phase (the reference's streaming and each candidate's streaming and judging, opening
     # and loading excluded), by the backend's ``name:dtype``: its share that is not the backend's is the harness's.
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def count_compute(self, run: Any) -> None:
-        label = f"{run.backend}:{run.dtype}"
-        self.backend_seconds[label] = self.backend_seconds.get(label, 0.0) + float(sum(run.step_seconds))
+        self.count_seconds(f"{run.backend}:{run.dtype}", float(sum(run.step_seconds)))
+
+    def count_seconds(self, label: str, seconds: float) -> None:
+        self.backend_seconds[label] = self.backend_seconds.get(label, 0.0) + seconds
+
+    def count_frontend(self, label: str, seconds: float) -> None:
+        self.frontend_seconds[label] = self.frontend_seconds.get(label, 0.0) + seconds
+        self.count_seconds(label, seconds)
 
     @property
     def passed(self) -> bool:
@@ -374,7 +383,9 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
             reference.check_utterance(utterance)
             mel = reference.mel(utterance.name)
         else:
+            started = time.perf_counter()
             mel, _ = reference.features(utterance.audio[None])
+            outcome.count_frontend(f"{reference.name}:{reference.dtype}", time.perf_counter() - started)
         side.mels[utterance.name] = mel
         masks = utterance.speaker_masks_for(reference)
         prompt = utterance.prompt_for(info)
@@ -484,7 +495,12 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-judge") as judge:
             try:
                 for utterance in utterances:
-                    own_features = None if audio_input else backend.features(utterance.audio[None])[0]
+                    own_features = None
+                    if not audio_input:  # the candidate's own front end: its compute, as its steps are
+                        features_started = time.perf_counter()
+                        own_features = backend.features(utterance.audio[None])[0]
+                        outcome.count_frontend(f"{backend.name}:{backend.dtype}",
+                                               time.perf_counter() - features_started)
                     masks = None if audio_input else utterance.speaker_masks_for(backend)
                     reference_prompt = utterance.prompt_for(info)
                     prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
