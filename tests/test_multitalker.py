@@ -6,12 +6,13 @@ post-hook on layer 1). Pair tests are parametrized over the backend registry lik
 
 from __future__ import annotations
 
+import functools
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from streaming_parity.fixtures.models import STREAMING_CONTEXTS
@@ -24,6 +25,7 @@ from streaming_parity.interface.speakers import (
     reconcile,
 )
 from streaming_parity.judge.compare import compare_runs
+from streaming_parity.judge.forcing import judge_stream
 
 # Drives Backend.step with mel chunks: a transcript-level peer runtime (it takes audio) is skipped.
 pytestmark = pytest.mark.streams_mel
@@ -126,18 +128,30 @@ def activity(draw):
 
 
 def _agree_on(backend_pair, multitalker_pool, utterance, tolerances, masks, context):
+    """As the comparison loop judges a stream: where the candidate took another greedy decision (random weights
+    and random activity meet near-ties), its taps are judged on a run fed the reference's decisions, and every
+    decision that differed must be a near-tie (``judge.forcing.judge_stream``)."""
     reference, candidate = (multitalker_pool.get(name) for name in backend_pair)
     mel = reference.features(utterance.audio[None])[0]
     mode = shared_mode(reference, candidate)
     ref_run = stream(reference, mel, context, mode, speaker_masks=masks)
     cand_run = stream(candidate, mel, context, mode, dtype=candidate.dtype, speaker_masks=masks)
-    comparison = compare_runs(ref_run, cand_run, tolerances, num_layers=reference.info.num_layers,
-                              utterance=f"{utterance.name} masks {masks.target.shape[1]} frames")
+    rerun = functools.partial(stream, candidate, mel, context, mode, dtype=candidate.dtype, speaker_masks=masks) \
+        if candidate.capabilities.teacher_forcing else None
+    comparison, _judged = judge_stream(ref_run, cand_run, tolerances, num_layers=reference.info.num_layers,
+                                       utterance=f"{utterance.name} masks {masks.target.shape[1]} frames",
+                                       rerun=rerun)
     assert comparison.passed, comparison.describe_failure()
+
+
+# Found by the draw below: at step 1 MLX took one more label than ONNX Runtime (a near-tie of the random joint).
+NEAR_TIE_ACTIVITY = (SpeakerTargets(np.array([[0.0] * 14 + [0.5011147] * 4 + [0.0] * 10], np.float32),
+                                    np.array([[1.0] * 7 + [0.0] * 16 + [1.0] * 2 + [0.0] * 3], np.float32)), (70, 13))
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=activity())
+@example(case=NEAR_TIE_ACTIVITY)
 def test_backends_agree_on_random_speaker_activity(backend_pair, multitalker_pool, utterance, tolerances, case):
     _agree_on(backend_pair, multitalker_pool, utterance, tolerances, *case)
 
