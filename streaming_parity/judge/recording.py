@@ -292,8 +292,7 @@ def write_recording(reference: Backend, utterances: Sequence[Utterance], context
                 plain = next((index for index, run in enumerate(runs) if run["utterance"] == utterance.name
                               and tuple(run["context"]) == context and run["mode"] == FirstChunkMode.PLAIN.value),
                              None)
-                residuals = {} if plain is None else _residuals_from_run(
-                    stored, _RunFrames(runs[plain], [_Shard(out / name) for name in runs[plain]["shards"]]))
+                residuals = {} if plain is None else _residuals_from_run(stored, runs[plain], out)
                 tensors = {f"tap/{name}": value for name, value in stored.items() if name not in residuals}
                 tensors.update({f"residual/tap/{name}": value for name, value in residuals.items()})
                 encoded_is_tap = _same(output.encoded, output.taps.get(TAP_ENCODER))
@@ -372,45 +371,41 @@ def _part_of(entry: Mapping[str, Any], shards: Sequence[_Shard], step: int) -> _
     return part
 
 
-class _RunFrames:
-    """A recorded run's taps, step after step, joined along the frame axis: the prediction an offline forward's
-    layer taps are stored against (the same function writes and reads them, from the run as stored)."""
-
-    def __init__(self, entry: Mapping[str, Any], shards: Sequence[_Shard]):
-        self.entry, self.shards = entry, list(shards)
-
-    def tap(self, name: str) -> np.ndarray:
-        parts = []
-        for index, step in enumerate(self.entry["steps"]):
-            if name not in step["taps"] or name in (step.get("derived_taps") or {}):
-                raise RecordingError(f"{name}: not stored at step {index} of the run it is predicted from")
-            [value] = _part_of(self.entry, self.shards, index).read(f"{index}/tap/{name}")
-            parts.append(value)
-        for shard in self.shards:
-            shard.close()
-        return np.concatenate(parts, axis=1)
+def _streamed_tap(run: Mapping[str, Any], directory: Path, name: str) -> np.ndarray:
+    """A recorded run's (its manifest entry's) tap ``name``, step after step, joined along the frame axis, as stored:
+    what an offline forward's layer taps are stored against, by the writer and the reader alike. One tap at a time,
+    so that no more than one layer's frames are held beside the offline forward's."""
+    shards = [_Shard(directory / shard) for shard in _run_shards(run)]
+    frames = []
+    for index, step in enumerate(run["steps"]):
+        if name not in step["taps"] or name in (step.get("derived_taps") or {}):
+            raise RecordingError(f"{name}: not stored at step {index} of the run it is predicted from")
+        frames += _part_of(run, shards, index).read(f"{index}/tap/{name}")
+    for shard in shards:
+        shard.close()
+    return np.concatenate(frames, axis=1)
 
 
-def _prediction(streamed: np.ndarray, like: np.ndarray) -> np.ndarray | None:
-    """The streamed frames of a layer tap ``[B, T, D]`` cut or zero-padded to the offline forward's ``like``; None
+def _prediction(streamed: np.ndarray, shape: Sequence[int], dtype: np.dtype) -> np.ndarray | None:
+    """The streamed frames of a layer tap ``[B, T, D]`` cut or zero-padded to the offline forward's ``shape``; None
     when the two cannot be laid over each other (another batch, width or dtype)."""
-    if streamed.ndim != 3 or like.ndim != 3 or streamed.dtype != like.dtype \
-            or streamed.shape[0] != like.shape[0] or streamed.shape[2] != like.shape[2]:
+    if streamed.ndim != 3 or len(shape) != 3 or streamed.dtype != dtype \
+            or streamed.shape[0] != shape[0] or streamed.shape[2] != shape[2]:
         return None
-    prediction = np.zeros_like(like)
-    frames = min(streamed.shape[1], like.shape[1])
+    prediction = np.zeros(shape, dtype)
+    frames = min(streamed.shape[1], shape[1])
     prediction[:, :frames] = streamed[:, :frames]
     return prediction
 
 
-def _residuals_from_run(taps: Mapping[str, np.ndarray], run: _RunFrames) -> dict[str, np.ndarray]:
-    """The offline forward's layer taps that the plain-mode run at its lookahead predicts, as residuals from it.
+def _residuals_from_run(taps: Mapping[str, np.ndarray], run: Mapping[str, Any], directory: Path) -> dict[str, np.ndarray]:
+    """The offline forward's layer taps that the plain-mode ``run`` at its lookahead predicts, as residuals from it.
     (The ``pre_encode`` tap is not: a streamed step's holds the pre-encode cache's frames too.)"""
     residuals = {}
     for name, value in taps.items():
         if tap_kind(name) != TAP_LAYERS or value.dtype.kind != "f":
             continue
-        prediction = _prediction(run.tap(name), value)
+        prediction = _prediction(_streamed_tap(run, directory, name), value.shape, value.dtype)
         if prediction is not None:
             residuals[name] = prediction_residual(value, prediction)
     return residuals
@@ -425,13 +420,12 @@ def _taps_from_residuals(tensors: dict[str, np.ndarray], entry: Mapping[str, Any
     index = stored.get("run")
     if not isinstance(index, int) or not 0 <= index < len(runs):
         raise RecordingError(f"{entry['shard']}: residual taps of run {index!r}; the recording has {len(runs)} runs")
-    run = _RunFrames(runs[index], [_Shard(directory / name) for name in _run_shards(runs[index])])
     for name in stored["taps"]:
         residual = tensors.pop(f"residual/tap/{name}", None)
         if residual is None:
             raise RecordingError(f"{entry['shard']}: residual/tap/{name} listed, not stored")
-        streamed = run.tap(name)
-        prediction = _prediction(streamed, np.zeros(residual.shape, streamed.dtype))
+        streamed = _streamed_tap(runs[index], directory, name)
+        prediction = _prediction(streamed, residual.shape, streamed.dtype)
         if prediction is None:
             raise RecordingError(f"{entry['shard']}: residual/tap/{name} {list(residual.shape)} does not lie over "
                                  f"run {index}'s {name} {list(streamed.shape)}")
