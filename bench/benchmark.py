@@ -193,37 +193,32 @@ def previous_figures(history: Path, figures: dict) -> tuple[Path, dict] | None:
 def regressions(previous: dict, figures: dict) -> list[str]:
     """Every RTF, latency, peak RSS (and peak over the weights), preparation figure and harness share (of the run
     and of each phase) more than 25 % worse than ``previous``."""
-    flagged = []
+    figures_compared: list[tuple[str, float | None, float | None]] = []  # (name, previous value, this value)
     before = {entry["label"]: entry for entry in previous.get("backends", [])}
     for entry in figures["backends"]:
         old = before.get(entry["label"])
         if old is None:
             continue
-        pairs = [(f"{entry['label']} {key}", old.get(key), entry.get(key))
-                 for key in ("peak_rss_mb", "peak_over_weights", "prepare_seconds", "prepare_peak_rss_mb")]
+        figures_compared += [(f"{entry['label']} {key}", old.get(key), entry.get(key))
+                             for key in ("peak_rss_mb", "peak_over_weights", "prepare_seconds", "prepare_peak_rss_mb")]
         old_rows = {tuple(r["att_context_size"]): r for r in old.get("lookaheads", [])}
         for row in entry["lookaheads"]:
             old_row = old_rows.get(tuple(row["att_context_size"]))
             if old_row:
                 context = "[{},{}]".format(*row["att_context_size"])
-                pairs += [(f"{entry['label']} {context} {key}", old_row.get(key), row.get(key))
-                          for key in ("rtf", "median_ms", "p95_ms")]
-        for name, old_value, value in pairs:
-            if old_value and value is not None and value > REGRESSION * old_value:
-                flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
-    old_runs, runs = overhead_runs(previous), overhead_runs(figures)
-    shares = []
-    for group, overhead in runs.items():
+                figures_compared += [(f"{entry['label']} {context} {key}", old_row.get(key), row.get(key))
+                                     for key in ("rtf", "median_ms", "p95_ms")]
+    old_runs = overhead_runs(previous)
+    for group, overhead in overhead_runs(figures).items():
         old_overhead = old_runs.get(group) or {}
-        shares.append((f"harness share against {group}", old_overhead.get("harness_share"),
-                       overhead.get("harness_share")))
-        shares += [(f"{group}: {label} phase harness share",
-                    (old_overhead.get("phases") or {}).get(label, {}).get("harness_share"), phase.get("harness_share"))
-                   for label, phase in (overhead.get("phases") or {}).items()]
-    for name, old_value, value in shares:
-        if old_value and value is not None and value > REGRESSION * old_value:
-            flagged.append(f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)")
-    return flagged
+        figures_compared.append((f"harness share against {group}", old_overhead.get("harness_share"),
+                                 overhead.get("harness_share")))
+        figures_compared += [(f"{group}: {label} phase harness share",
+                              (old_overhead.get("phases") or {}).get(label, {}).get("harness_share"),
+                              phase.get("harness_share")) for label, phase in (overhead.get("phases") or {}).items()]
+    return [f"{name}: {old_value:g} -> {value:g} (+{(value / old_value - 1) * 100:.0f} %)"
+            for name, old_value, value in figures_compared
+            if old_value and value is not None and value > REGRESSION * old_value]
 
 
 def machine() -> dict:

@@ -46,3 +46,14 @@ def test_an_earlier_file_with_one_run_of_every_backend_is_read_as_one_group(benc
     assert list(benchmark.overhead_runs(earlier)) == ["onnx,onnx:int8"]
     figures = {"backends": [], "overhead": {"runs": {"onnx,onnx:int8": _run(0.2, 0.2)}}}
     assert benchmark.regressions(earlier, figures) == ["harness share against onnx,onnx:int8: 0.09 -> 0.2 (+122 %)"]
+
+
+def test_a_backends_speed_and_memory_25_percent_worse_are_flagged(benchmark):
+    def entry(rtf: float, peak: float) -> dict:
+        return {"label": "onnx", "peak_rss_mb": peak, "peak_over_weights": 1.0, "prepare_seconds": 1.0,
+                "prepare_peak_rss_mb": 100.0, "lookaheads": [{"att_context_size": [70, 13], "rtf": rtf,
+                                                              "median_ms": 1.0, "p95_ms": 2.0}]}
+    previous = {"backends": [entry(0.10, 1000.0)]}
+    assert benchmark.regressions(previous, {"backends": [entry(0.12, 1200.0)]}) == []
+    assert benchmark.regressions(previous, {"backends": [entry(0.13, 1300.0)]}) == [
+        "onnx peak_rss_mb: 1000 -> 1300 (+30 %)", "onnx [70,13] rtf: 0.1 -> 0.13 (+30 %)"]
