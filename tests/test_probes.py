@@ -278,6 +278,74 @@ def test_a_broken_candidate_fails_the_right_probe(defect, classes, failing, nemo
 
 
 @pytest.mark.nemo
+@pytest.mark.onnx
+def test_a_long_stream_says_how_far_it_is_and_reports_time_and_memory_per_minute(nemo_backend, onnx_backend,
+                                                                                 tiny_nemo, tolerances, monkeypatch):
+    """A long probe's runs are spooled: each says how far it is while it streams, records the process's memory at
+    every step, and the run reports each backend's time a step and memory per minute of audio."""
+    from streaming_parity.app.probes import run_probes
+    from streaming_parity.judge import spool
+    from streaming_parity.report.data import probe_sections
+
+    monkeypatch.setattr(spool, "PROGRESS_SECONDS", 0.0)  # a line at every step
+    said = []
+    run = run_probes(nemo_backend, [onnx_backend], probe_set(long_seconds=LONG, classes=["long-stream"]), [CONTEXT],
+                     tolerances, model_path=tiny_nemo, progress=said.append)
+    assert run.passed
+    steps = {row["backend"]: len(row["step_seconds"]) for row in run.results.timings}
+    assert set(steps) == {"nemo", "onnx"} and steps["nemo"] == steps["onnx"] > 10
+    for row in run.results.timings:
+        assert len(row["step_rss_mb"]) == len(row["step_seconds"]) and min(row["step_rss_mb"]) > 0
+    for backend in ("nemo:float32", "onnx:float32"):
+        lines = [line for line in said if f"{backend} [70,13] plain:" in line]
+        assert len(lines) == steps[backend.split(":")[0]], said
+        assert lines[-1].split(f"{backend} [70,13] plain: ")[1].startswith(f"{len(lines)} steps, ")
+        assert "s a step over the last 1," in lines[-1] and "resident" in lines[-1]
+    resources = {row["backend"]: row for row in run.results.extra["probes"]["resources"]}
+    assert set(resources) == {"nemo:float32", "onnx:float32"}
+    for row in resources.values():
+        assert len(row["seconds_per_step"]) == len(row["peak_rss_mb"]) == 1  # a 12 s stream: one minute
+        assert row["seconds_per_step"][0] > 0 and row["seconds_growth_per_minute"] is None
+    section = probe_sections([run.results])[0]
+    assert [r.backend for r in section.resources] == ["nemo:float32", "onnx:float32"]
+    assert "resident MiB per minute" in section.resources[0].describe()
+
+
+def _long_stream_results(step_seconds: list[float], step_rss_mb: list[float] | None):
+    """Results of a long-stream probe at [70,0] (a step is 80 ms of audio: 750 steps a minute), with one run."""
+    from streaming_parity.judge.results import Results
+
+    timing = {"backend": "onnx", "dtype": "float32", "mode": "plain", "att_context_size": [70, 0],
+              "utterance": "long-stream", "step_seconds": step_seconds}
+    if step_rss_mb is not None:
+        timing["step_rss_mb"] = step_rss_mb
+    other = {**timing, "utterance": "a-short-probe"}  # not a long stream: not reported
+    section = {"definitions": [{"name": "long-stream-180s", "long": True, "streams": [{"name": "long-stream"}]},
+                               {"name": "short", "long": False, "streams": [{"name": "a-short-probe"}]}],
+               "step_seconds": {"70,0": 0.08}}
+    return Results(model={}, tolerances="", timings=[timing, other], extra={judged.KEY: section})
+
+
+def test_resource_use_per_minute_and_its_growth():
+    """Minute m holds steps [750 m, 750 (m + 1)): the mean time a step, the peak memory, and least-squares slopes
+    (a stream that slows by 0.01 s a step and grows by 100 MiB every minute reads exactly that)."""
+    seconds = [0.2] * 750 + [0.21] * 750 + [0.22] * 100
+    rss = [1000.0] * 749 + [1050.0] + [1100.0] * 750 + [1200.0] * 100
+    (row,) = judged.resource_use(_long_stream_results(seconds, rss))
+    assert (row.probe, row.backend, row.context, row.mode) == ("long-stream-180s", "onnx:float32", [70, 0], "plain")
+    assert row.seconds_per_step == pytest.approx([0.2, 0.21, 0.22])
+    assert row.peak_rss_mb == [1050.0, 1100.0, 1200.0]
+    assert row.seconds_growth_per_minute == pytest.approx(0.01)
+    assert row.rss_growth_per_minute == pytest.approx(75.0)
+    assert "growth +0.0100/min" in row.describe() and "resident MiB per minute 1050, 1100, 1200" in row.describe()
+    # A run held in memory records no memory per step: its time a step alone.
+    (row,) = judged.resource_use(_long_stream_results(seconds, None))
+    assert row.peak_rss_mb is None and row.rss_growth_per_minute is None and "resident" not in row.describe()
+    with pytest.raises(ValueError, match="1599 resident-memory samples for 1600 steps"):
+        judged.resource_use(_long_stream_results(seconds, rss[:-1]))
+
+
+@pytest.mark.nemo
 def test_nightly_runs_the_probes_into_the_report(tiny_nemo, tmp_path, capsys):
     """``parity nightly --probes``: the probe results beside the night's, and a probe section in its report
     (NeMo alone here: its own refusals and runs; the candidates' part is the CLI test's)."""

@@ -309,7 +309,7 @@ def cmd_record(args) -> int:
 def cmd_probes(args) -> int:
     """Every probe through every candidate: a verdict table per backend, the results JSON with the verdicts."""
     from streaming_parity.app.peers import candidate_sources, print_bisections, print_notes
-    from streaming_parity.app.probes import label, print_probe_tables, run_probes
+    from streaming_parity.app.probes import label, print_long_streams, print_probe_tables, run_probes
     from streaming_parity.app.source_provenance import artifact_record, reference_record
     from streaming_parity.core.nemo_file import sha256_file
     from streaming_parity.fixtures.probes import probe_set
@@ -351,6 +351,7 @@ def cmd_probes(args) -> int:
         for backend in opened:
             backend.close()
     print_probe_tables(run.verdicts, console())
+    print_long_streams(run.results, console())
     print_bisections(run.results)
     if args.json:
         print(f"results written to {run.results.save(args.json)}")

@@ -374,7 +374,7 @@ def run_model_matrix(nemo_path: Path, plan: MatrixPlan, utterances: Sequence[Utt
     if memory is not None:
         for candidate in candidates:
             candidate.open = memory.before(candidate.label, candidate.open)
-    store = SpoolStore(spool_dir) if bounded else MemoryStore()
+    store = SpoolStore(spool_dir, progress=progress.phase) if bounded else MemoryStore()
     try:
         results = compare_backends(reference, candidates, utterances, contexts, tolerances, model_path=nemo_path,
                                    store=store, offline_contexts=offline_contexts, close_reference=True,

@@ -300,7 +300,8 @@ def judge_night_candidates(*, recordings: Path, backends: Sequence[str] | None =
         # Spooled beside the artifacts (a runner's work disk), or where the system keeps temporary files.
         with SpoolStore.temporary(work_dir if work_dir.is_dir() else None) if bounded else nullcontext() as spool:
             results = compare_backends(recording, candidates, utterances, contexts, tolerances, include_offline=False,
-                                       store=SpoolStore(spool) if bounded else MemoryStore(),
+                                       store=SpoolStore(spool, progress=progress.phase) if bounded
+                                       else MemoryStore(),
                                        on_failure=record_failure(progress), progress=progress).results
         if memory is not None:
             memory.end()

@@ -189,7 +189,8 @@ def _session(probe: Probe, reference: Backend, candidates: Sequence[Backend], ut
 
     spool = SpoolStore.temporary(spool_parent) if probe.long else contextlib.nullcontext(None)
     with spool as directory:
-        options: dict[str, Any] = {"store": SpoolStore(directory)} if directory else {}
+        options: dict[str, Any] = {} if directory is None else {
+            "store": SpoolStore(directory, progress=lambda text: say(f"  {probe.name}: {text}"))}
         mine = {label(c): peer_sources[label(c)] for c in candidates if label(c) in peer_sources}
         try:
             outcome = compare_backends(reference, [Candidate.of(c) for c in candidates], utterances, list(contexts),
@@ -351,6 +352,20 @@ def print_probe_tables(verdicts: Sequence[judged.ProbeVerdict], out=None) -> Non
             style = VERDICT_STYLE.get(row.verdict, "")
             table.add_row(row.failure_class, row.probe, f"[{style}]{row.verdict}[/]", escape(row.detail))
         console.print(table)
+
+
+def print_long_streams(results: Results, out=None) -> None:
+    """Each long-stream run's time a step and memory per minute of audio (``judge.probes.resource_use``)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    rows = judged.resource_use(results)
+    if not rows:
+        return
+    console = out or Console(highlight=False)
+    console.print("long stream, per minute of audio:")
+    for row in rows:
+        console.print(f"  {escape(row.describe())}")
 
 
 # -- the nightly's probe check ----------------------------------------------------------------------------

@@ -88,10 +88,12 @@ class MemoryStore:
 
 
 class SpoolStore:
-    """Runs written step by step under ``directory``: memory does not grow with the audio."""
+    """Runs written step by step under ``directory``: memory does not grow with the audio. ``progress`` gets a
+    line about every minute while a run streams (``streaming_parity.judge.spool.PROGRESS_SECONDS``)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, progress: Callable[[str], None] | None = None):
         self.directory = Path(directory)
+        self.progress = progress
 
     def record(self, backend, mel, context, mode, *, key, speaker_masks, features, forced_decisions=None,
                audio=None, prompt=None):
@@ -99,7 +101,7 @@ class SpoolStore:
 
         return record(backend, mel, context, mode, self.directory / key, dtype=backend.dtype,
                       speaker_masks=speaker_masks, features=features, forced_decisions=forced_decisions,
-                      audio=audio, prompt=prompt)
+                      audio=audio, prompt=prompt, progress=self.progress)
 
     def release(self, run) -> None:
         run.delete()
@@ -606,3 +608,5 @@ def _record_run(outcome: LoopOutcome, run: Any, utterance: Utterance, vocabulary
                             "att_context_size": list(run.att_context_size), "utterance": utterance.name,
                             "step_seconds": list(run.step_seconds), "labels": len(run.tokens),
                             "audio_seconds": round(audio_seconds, 3)})
+    if getattr(run, "step_rss_mb", None):  # a spooled run: the process's memory after each step
+        results.timings[-1]["step_rss_mb"] = list(run.step_rss_mb)

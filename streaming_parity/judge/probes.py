@@ -98,6 +98,35 @@ class GrowthRow:
                 f"{minutes}; growth {growth}" + ("" if self.limit is None else f" (limit {self.limit:.1e})"))
 
 
+@dataclass
+class ResourceRow:
+    """One backend's long-stream run per minute of audio: its time a step and the process's memory, each with its
+    least-squares growth per minute. Measured, not judged: the time follows the machine's load as well."""
+
+    probe: str
+    backend: str
+    context: list[int]
+    mode: str
+    seconds_per_step: list[float]  # the backend's mean time a step within each minute
+    peak_rss_mb: list[float] | None  # the process's largest resident memory within each minute (a spooled run)
+    seconds_growth_per_minute: float | None
+    rss_growth_per_minute: float | None
+
+    def describe(self) -> str:
+        def minutes(values: Sequence[float], form: str) -> str:
+            return ", ".join(format(v, form) for v in values[:12]) + (" ..." if len(values) > 12 else "")
+
+        def growth(slope: float | None, form: str) -> str:
+            return "n/a (one minute)" if slope is None else f"{format(slope, form)}/min"
+
+        text = (f"{self.backend} [{self.context[0]},{self.context[1]}] {self.mode}: s a step per minute "
+                f"{minutes(self.seconds_per_step, '.3f')}; growth {growth(self.seconds_growth_per_minute, '+.4f')}")
+        if self.peak_rss_mb is not None:
+            text += (f"; resident MiB per minute {minutes(self.peak_rss_mb, '.0f')}; growth "
+                     f"{growth(self.rss_growth_per_minute, '+.1f')}")
+        return text
+
+
 def _label(comparison: PairComparison) -> str:
     return f"{comparison.candidate}:{comparison.dtype}"
 
@@ -301,6 +330,44 @@ def error_growth(results: Results) -> list[GrowthRow]:
     return rows
 
 
+def resource_use(results: Results) -> list[ResourceRow]:
+    """Per long-stream probe and backend run (the reference's included): the backend's mean time a step and the
+    process's peak resident memory within each minute of audio, and their growth per minute, from the run's step
+    timings (``results.timings``; memory where the run was spooled, ``step_rss_mb``)."""
+    section = _section(results)
+    long_streams = {s["name"]: d["name"] for d in section.get("definitions", []) if d.get("long")
+                    for s in d["streams"]}
+    step_seconds = section.get("step_seconds", {})
+    rows = []
+    for timing in results.timings:
+        probe = long_streams.get(timing.get("utterance"))
+        context = timing.get("att_context_size") or []
+        seconds = step_seconds.get(",".join(str(v) for v in context))
+        if probe is None or not seconds or not timing.get("step_seconds"):
+            continue
+        minute_of = [int(step * seconds // 60) for step in range(len(timing["step_seconds"]))]
+        count = minute_of[-1] + 1
+        spent, steps = [0.0] * count, [0] * count
+        for minute, value in zip(minute_of, timing["step_seconds"]):
+            spent[minute] += float(value)
+            steps[minute] += 1
+        per_step = [spent[m] / steps[m] if steps[m] else 0.0 for m in range(count)]
+        rss = timing.get("step_rss_mb")
+        peaks = None
+        if rss:
+            if len(rss) != len(minute_of):
+                raise ValueError(f"timings of {timing['backend']}:{timing['dtype']} on {timing['utterance']}: "
+                                 f"{len(rss)} resident-memory samples for {len(minute_of)} steps")
+            peaks = [0.0] * count
+            for minute, value in zip(minute_of, rss):
+                peaks[minute] = max(peaks[minute], float(value))
+        rows.append(ResourceRow(probe=probe, backend=f"{timing['backend']}:{timing['dtype']}", context=list(context),
+                                mode=timing.get("mode", ""), seconds_per_step=per_step, peak_rss_mb=peaks,
+                                seconds_growth_per_minute=_slope(per_step),
+                                rss_growth_per_minute=None if peaks is None else _slope(peaks)))
+    return rows
+
+
 def _slope(values: Sequence[float]) -> float | None:
     if len(values) < 2:
         return None
@@ -319,6 +386,7 @@ def refresh(results: Results) -> list[ProbeVerdict]:
     verdicts = probe_verdicts(results)
     results.extra[KEY]["verdicts"] = [v.to_dict() for v in verdicts]
     results.extra[KEY]["growth"] = [asdict(row) for row in error_growth(results)]
+    results.extra[KEY]["resources"] = [asdict(row) for row in resource_use(results)]
     return verdicts
 
 

@@ -16,7 +16,8 @@ Schema (``schema_version`` 1)::
                       taps: [{step, tap, metrics, limits, violations, reference_shape, candidate_shape}]],
       "transcripts": [{utterance, backend, dtype, att_context_size, text, reference_text, wer,
                        decoder ("rnnt", or "ctc" for a hybrid model's CTC greedy transcript)}],
-      "timings": [{backend, dtype, att_context_size, utterance, step_seconds}],
+      "timings": [{backend, dtype, att_context_size, utterance, step_seconds, labels, audio_seconds,
+                   step_rss_mb (a run spooled to disk: the process's resident MiB after each step)}],
       "passed": bool
     }
 """

@@ -14,12 +14,14 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from streaming_parity.core.system.memory import current_rss_mb
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
@@ -33,6 +35,9 @@ _TAP = "tap/"
 # Every this many steps both caches are written whole, so that reading a step out of order rebuilds its caches
 # from at most this many steps' new frames.
 KEYFRAME_STEPS = 64
+# A spooled run is a long one (a 10-minute stream is 7,540 steps at [70,0], over an hour at full size): it says
+# how far it is, how fast and how much memory the process holds, about this often.
+PROGRESS_SECONDS = 60.0
 
 
 def _save_step(path: Path, step: StepOutput, previous: Mapping[str, np.ndarray] | None) -> None:
@@ -127,6 +132,8 @@ class SpooledRun:
     step_seconds: list[float] = field(default_factory=list)
     features: np.ndarray | None = None
     step_ctc_tokens: list[list[int] | None] = field(default_factory=list)  # hybrid models' CTC labels, per step
+    # The process's resident memory once each step was written (MiB): memory flat in the stream's length, or not.
+    step_rss_mb: list[float] = field(default_factory=list)
 
     @functools.cached_property
     def steps(self) -> SpooledSteps:
@@ -161,8 +168,9 @@ class SpooledRun:
 def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], mode: FirstChunkMode | str,
            directory: str | Path, *, dtype: str = "float32", speaker_masks: SpeakerTargets | None = None,
            features: np.ndarray | None = None, forced_decisions=None, audio: np.ndarray | None = None,
-           prompt: str | None = None) -> SpooledRun:
-    """Stream ``mel`` through ``backend`` and write every step to ``directory`` as it is produced."""
+           prompt: str | None = None, progress: Callable[[str], None] | None = None) -> SpooledRun:
+    """Stream ``mel`` through ``backend`` and write every step to ``directory`` as it is produced, with the
+    process's resident memory after each step; ``progress`` gets a line about every ``PROGRESS_SECONDS``."""
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
@@ -172,6 +180,7 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
     steps = iter_steps(backend, mel, att_context_size, mode, speaker_masks=speaker_masks,
                        forced_decisions=forced_decisions, audio=audio, prompt=prompt)
     previous = None
+    said_at, said_steps = time.monotonic(), 0
     for index, step in enumerate(steps):
         _save_step(directory / STEP_FILE.format(index=index), step, None if index % KEYFRAME_STEPS == 0 else previous)
         previous = step.state.caches()
@@ -179,9 +188,21 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
         run.step_tokens.append(list(step.tokens[0]))
         run.step_ctc_tokens.append(None if step.ctc_tokens is None else list(step.ctc_tokens[0]))
         run.step_seconds.append(step.seconds)
+        run.step_rss_mb.append(round(current_rss_mb(), 1))
         del step
+        if progress is not None and time.monotonic() - said_at >= PROGRESS_SECONDS:
+            progress(_progress_line(run, since=said_steps))
+            said_at, said_steps = time.monotonic(), run.step_count
     (directory / RUN_FILE).write_text(json.dumps({
         "backend": run.backend, "dtype": run.dtype, "att_context_size": list(run.att_context_size),
         "mode": run.mode, "steps": run.step_count, "tokens": run.step_tokens, "ctc_tokens": run.step_ctc_tokens,
-        "seconds": run.step_seconds}) + "\n")
+        "seconds": run.step_seconds, "rss_mb": run.step_rss_mb}) + "\n")
     return run
+
+
+def _progress_line(run: SpooledRun, *, since: int) -> str:
+    """Where a spooled run is: its steps so far, the backend's time a step since the last line, and the memory."""
+    recent = run.step_seconds[since:]
+    return (f"{run.backend}:{run.dtype} [{run.att_context_size[0]},{run.att_context_size[1]}] {run.mode}: "
+            f"{run.step_count} steps, {sum(recent) / max(len(recent), 1):.3f} s a step over the last {len(recent)}, "
+            f"{len(run.tokens)} labels, resident {run.step_rss_mb[-1]:.0f} MiB")

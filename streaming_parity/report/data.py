@@ -618,6 +618,7 @@ class ProbeSection:
     rows: list[ProbeRow]
     verdicts: list[Any]  # streaming_parity.judge.probes.ProbeVerdict, every backend and probe
     growth: list[Any]  # streaming_parity.judge.probes.GrowthRow
+    resources: list[Any]  # streaming_parity.judge.probes.ResourceRow
 
     @property
     def failures(self) -> list[Any]:
@@ -635,7 +636,7 @@ class ProbeSection:
 def probe_sections(results_list: Sequence[Results]) -> list[ProbeSection]:
     """The probe verdicts of every probe run among ``results_list``, derived again from the saved comparisons
     and outcomes (``streaming_parity.judge.probes``), so that a re-judged file reports its own verdicts."""
-    from streaming_parity.judge.probes import KEY, error_growth, probe_verdicts
+    from streaming_parity.judge.probes import KEY, error_growth, probe_verdicts, resource_use
 
     sections = []
     for results in results_list:
@@ -658,5 +659,5 @@ def probe_sections(results_list: Sequence[Results]) -> list[ProbeSection]:
                                  definition["expect"], cells))
         sections.append(ProbeSection(model=model_name(results), lookaheads=(results.extra or {}).get("lookaheads", []),
                                      backends=[names[b] for b in backends], rows=rows, verdicts=verdicts,
-                                     growth=error_growth(results)))
+                                     growth=error_growth(results), resources=resource_use(results)))
     return sections
