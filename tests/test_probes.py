@@ -326,6 +326,33 @@ def _long_stream_results(step_seconds: list[float], step_rss_mb: list[float] | N
     return Results(model={}, tolerances="", timings=[timing, other], extra={judged.KEY: section})
 
 
+def test_error_growth_per_minute_for_the_worst_layer_each_layer_and_every_cache():
+    """A layer's error per minute is reported twice: in the worst layer's row (whichever layer it is that minute)
+    and, asked for (the results JSON), in its own row; caches and positions in theirs, in model order."""
+    from streaming_parity.judge.compare import PairComparison, TapResult
+
+    def tap(step: int, name: str, error: float, limit: float = 1e-4) -> TapResult:
+        return TapResult(step, name, {"max_abs": error}, {"max_abs": limit}, [])
+
+    # 1,500 steps of 80 ms = 2 minutes; layers.1 is the worst layer in minute 0, layers.0 in minute 1.
+    taps = [tap(0, "layers.1", 3e-6), tap(0, "layers.0", 1e-6), tap(800, "layers.0", 5e-6, limit=2e-4),
+            tap(800, "layers.1", 2e-6), tap(0, "encoder", 4e-6), tap(1499, "encoder", 4e-6),
+            tap(0, "cache_last_channel_len", 0.0), tap(0, "joint", 1.0), tap(-1, "mel", 1.0)]
+    results = _long_stream_results([0.1] * 1500, None)
+    results.comparisons = [PairComparison("nemo", "onnx", "nemo~onnx", "float32", (70, 0), "long-stream", taps, [1],
+                                          [1], [], mode="plain")]
+    rows = judged.error_growth(results, per_layer=True)
+    assert [r.tap for r in rows] == ["layers", "layers.0", "layers.1", "encoder", "cache_last_channel_len"]
+    by_tap = {r.tap: r for r in rows}
+    assert by_tap["layers"].per_minute == [3e-6, 5e-6] and by_tap["layers"].limit == 1e-4
+    assert by_tap["layers.0"].per_minute == [1e-6, 5e-6] and by_tap["layers.1"].per_minute == [3e-6, 2e-6]
+    assert by_tap["layers"].growth_per_minute == pytest.approx(2e-6)
+    assert by_tap["encoder"].growth_per_minute == pytest.approx(0.0)
+    assert [r.tap for r in judged.error_growth(results)] == ["layers", "encoder", "cache_last_channel_len"]
+    summary = judged.growth_summary(rows)
+    assert summary.startswith("2 min: layers [70,0] 3.0e-06->5.0e-06 (+2.0e-06/min)") and "positions exact" in summary
+
+
 def test_resource_use_per_minute_and_its_growth():
     """Minute m holds steps [750 m, 750 (m + 1)): the mean time a step, the peak memory, and least-squares slopes
     (a stream that slows by 0.01 s a step and grows by 100 MiB every minute reads exactly that)."""
@@ -380,5 +407,5 @@ def test_ten_minute_stream(tiny_nemo, onnx_export, tmp_path, capsys):
                  "--class", "long-stream", "--json", str(out)]) == EXIT_OK, capsys.readouterr().out
     data = json.loads(out.read_text())
     growth = [g for g in data["extra"]["probes"]["growth"] if g["backend"] == "onnx:float32"]
-    assert {g["tap"] for g in growth} == set(judged.GROWTH_TAPS)
+    assert {g["tap"] for g in growth} == set(judged.GROWTH_TAPS) | {f"layers.{i}" for i in range(3)}
     assert all(len(g["per_minute"]) >= 10 for g in growth)

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from streaming_parity.interface.taps import TAP_LAYERS, tap_kind
 from streaming_parity.judge.compare import PairComparison
 from streaming_parity.judge.results import Results
 
@@ -46,9 +47,10 @@ ERROR = "error"  # any other exception: a crash
 ACCEPTED = "accepted"  # a chunk it should have refused (a REFUSE probe)
 INAPPLICABLE = "not-applicable"  # the probe cannot apply to this backend, with the reason
 
-# Taps whose error over a long stream is reported per minute: the encoder output and every cache and
-# position (``cache_last_channel_len`` is the stream's position in the channel cache).
-GROWTH_TAPS = ("encoder", "cache_last_channel", "cache_last_time", "cache_last_channel_len")
+# Taps whose error over a long stream is reported per minute: the encoder layers (``TAP_LAYERS``: the worst
+# layer within each minute, whichever it is; each ``layers.{i}`` on its own in the results), the encoder output
+# and every cache and position (``cache_last_channel_len`` is the stream's position in the channel cache).
+GROWTH_TAPS = (TAP_LAYERS, "encoder", "cache_last_channel", "cache_last_time", "cache_last_channel_len")
 
 
 @dataclass
@@ -298,10 +300,10 @@ def _carried_state(comparisons: Sequence[PairComparison], same: Sequence[str], *
     return None
 
 
-def error_growth(results: Results) -> list[GrowthRow]:
+def error_growth(results: Results, *, per_layer: bool = False) -> list[GrowthRow]:
     """Per long-stream probe and tensor-level comparison: each growth tap's worst ``max_abs`` per minute of
     audio and its least-squares growth per minute (a step covers ``step_seconds`` of audio at its lookahead,
-    recorded by the runner)."""
+    recorded by the runner). ``per_layer``: each encoder layer's row too, after the worst layer's."""
     section = _section(results)
     long_streams = {s["name"]: d["name"] for d in section.get("definitions", []) if d.get("long")
                     for s in d["streams"]}
@@ -312,21 +314,31 @@ def error_growth(results: Results) -> list[GrowthRow]:
         seconds = step_seconds.get(f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}")
         if probe is None or not seconds:
             continue
-        for tap in GROWTH_TAPS:
-            per_minute: dict[int, float] = {}
-            limit = None
-            for result in comparison.taps:
-                if result.tap != tap or result.step < 0 or "max_abs" not in result.metrics:
-                    continue
-                minute = int(result.step * seconds // 60)
-                per_minute[minute] = max(per_minute.get(minute, 0.0), float(result.metrics["max_abs"]))
-                limit = result.limits.get("max_abs", limit)
-            if not per_minute:
+        per_minute: dict[str, dict[int, float]] = {}
+        limits: dict[str, float] = {}
+        for result in comparison.taps:
+            kind = tap_kind(result.tap)
+            if kind not in GROWTH_TAPS or result.step < 0 or "max_abs" not in result.metrics:
                 continue
-            values = [per_minute.get(m, 0.0) for m in range(max(per_minute) + 1)]
+            minute = int(result.step * seconds // 60)
+            # A layer counts for the worst layer's row, and for its own row when asked.
+            for tap in (kind, result.tap) if per_layer and kind != result.tap else (kind,):
+                minutes = per_minute.setdefault(tap, {})
+                minutes[minute] = max(minutes.get(minute, 0.0), float(result.metrics["max_abs"]))
+                if "max_abs" in result.limits:
+                    # the strictest limit among the layers, for scale
+                    limits[tap] = min(limits.get(tap, float("inf")), float(result.limits["max_abs"]))
+        each_layer = sorted((t for t in per_minute if tap_kind(t) == TAP_LAYERS and t != TAP_LAYERS),
+                            key=lambda t: int(t.split(".")[1]))
+        order = []
+        for tap in GROWTH_TAPS:
+            order += [tap] if tap in per_minute else []
+            order += each_layer if tap == TAP_LAYERS else []
+        for tap in order:
+            values = [per_minute[tap].get(m, 0.0) for m in range(max(per_minute[tap]) + 1)]
             rows.append(GrowthRow(probe=probe, backend=_label(comparison), context=list(comparison.att_context_size),
                                   mode=comparison.mode, tap=tap, per_minute=values, growth_per_minute=_slope(values),
-                                  limit=limit))
+                                  limit=limits.get(tap)))
     return rows
 
 
@@ -385,7 +397,7 @@ def refresh(results: Results) -> list[ProbeVerdict]:
         return []
     verdicts = probe_verdicts(results)
     results.extra[KEY]["verdicts"] = [v.to_dict() for v in verdicts]
-    results.extra[KEY]["growth"] = [asdict(row) for row in error_growth(results)]
+    results.extra[KEY]["growth"] = [asdict(row) for row in error_growth(results, per_layer=True)]
     results.extra[KEY]["resources"] = [asdict(row) for row in resource_use(results)]
     return verdicts
 
