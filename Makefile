@@ -37,8 +37,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# The default suite runs on every core (pytest-xdist), a test module to a worker at a time (--dist loadfile: a
+# module's fixtures are built once, in one worker); at most 4 workers, since each holds its own fixture backends
+# (NeMo, ONNX Runtime, MLX). PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PYTEST) $(PYTEST_ARGS)
+	$(PYTEST) -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 test-mlx: $(STAMP)
 	$(PYTEST) -m mlx $(PYTEST_ARGS)

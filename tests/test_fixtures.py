@@ -33,6 +33,35 @@ def test_full_model_is_defined_but_not_built_by_default():
     assert spec.vocab_size == 1024
 
 
+def test_a_fixture_asked_for_at_once_is_built_once(tmp_path, monkeypatch):
+    """Test workers ask for the same fixture at the same time: one builds it while the others wait, and all of them
+    get that one file (a second build would replace it with other bytes under a running test)."""
+    import threading
+    import time
+
+    from streaming_parity.fixtures import models
+
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
+    builds = []
+
+    def build_slowly(name, spec, nemo_path, progress):
+        builds.append(name)
+        time.sleep(0.5)  # long enough for every other caller to arrive while this one builds
+        nemo_path.parent.mkdir(parents=True)
+        nemo_path.write_bytes(f"build {len(builds)}".encode())
+        return nemo_path
+
+    monkeypatch.setattr(models, "_build", build_slowly)
+    paths = []
+    callers = [threading.Thread(target=lambda: paths.append(models.build("tiny-streaming", progress=lambda _m: None)))
+               for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert builds == ["tiny-streaming"] and len(set(paths)) == 1 and paths[0].read_bytes() == b"build 1"
+
+
 @pytest.mark.nemo
 def test_tiny_streaming_weights_are_perturbed_and_named_like_real_checkpoints(tiny_nemo):
     from streaming_parity.core.nemo_file import inspect_nemo, load_state_dict
