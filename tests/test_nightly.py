@@ -369,3 +369,18 @@ def test_a_spooled_run_stores_its_caches_as_new_frames_and_reads_back_bit_for_bi
         assert ours.tokens == theirs.tokens
         for name, value in {**theirs.taps, **theirs.state.caches()}.items():
             assert np.array_equal({**ours.taps, **ours.state.caches()}[name], value), (index, name)
+
+
+def test_a_spooled_run_where_the_system_does_not_say_its_memory_records_none(nemo_backend, tmp_path, monkeypatch):
+    """Without /proc (macOS) a spooled run records no memory and says none, rather than 0 MiB at every step."""
+    from streaming_parity.app.session import fixture_utterances
+    from streaming_parity.judge import spool
+
+    monkeypatch.setattr(spool, "resident_mb", lambda: None)
+    monkeypatch.setattr(spool, "PROGRESS_SECONDS", 0.0)
+    said = []
+    mel, _ = nemo_backend.features(fixture_utterances()[0].audio[None])
+    run = spool.record(nemo_backend, mel, (70, 13), "plain", tmp_path / "run", progress=said.append)
+    assert run.step_count > 1 and run.step_rss_mb == []
+    assert len(said) == run.step_count and not any("resident" in line for line in said)
+    assert said[-1].endswith(f"{len(run.tokens)} labels")

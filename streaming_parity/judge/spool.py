@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streaming_parity.core.system.memory import current_rss_mb
+from streaming_parity.core.system.memory import resident_mb
 from streaming_parity.interface.backend import Backend
 from streaming_parity.interface.chunking import FirstChunkMode
 from streaming_parity.interface.driver import iter_steps
@@ -133,6 +133,7 @@ class SpooledRun:
     features: np.ndarray | None = None
     step_ctc_tokens: list[list[int] | None] = field(default_factory=list)  # hybrid models' CTC labels, per step
     # The process's resident memory once each step was written (MiB): memory flat in the stream's length, or not.
+    # Empty where the system does not say (no /proc).
     step_rss_mb: list[float] = field(default_factory=list)
 
     @functools.cached_property
@@ -188,7 +189,9 @@ def record(backend: Backend, mel: np.ndarray, att_context_size: Sequence[int], m
         run.step_tokens.append(list(step.tokens[0]))
         run.step_ctc_tokens.append(None if step.ctc_tokens is None else list(step.ctc_tokens[0]))
         run.step_seconds.append(step.seconds)
-        run.step_rss_mb.append(round(current_rss_mb(), 1))
+        resident = resident_mb()
+        if resident is not None:
+            run.step_rss_mb.append(round(resident, 1))
         del step
         if progress is not None and time.monotonic() - said_at >= PROGRESS_SECONDS:
             progress(_progress_line(run, since=said_steps))
@@ -205,4 +208,4 @@ def _progress_line(run: SpooledRun, *, since: int) -> str:
     recent = run.step_seconds[since:]
     return (f"{run.backend}:{run.dtype} [{run.att_context_size[0]},{run.att_context_size[1]}] {run.mode}: "
             f"{run.step_count} steps, {sum(recent) / max(len(recent), 1):.3f} s a step over the last {len(recent)}, "
-            f"{len(run.tokens)} labels, resident {run.step_rss_mb[-1]:.0f} MiB")
+            f"{len(run.tokens)} labels" + (f", resident {run.step_rss_mb[-1]:.0f} MiB" if run.step_rss_mb else ""))

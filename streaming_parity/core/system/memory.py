@@ -64,7 +64,12 @@ def trim() -> None:
 
 def current_rss_mb() -> float:
     """Resident set size now, in MiB (0 where /proc is unavailable)."""
-    return _proc_status_mb("VmRSS") or 0.0
+    return resident_mb() or 0.0
+
+
+def resident_mb() -> float | None:
+    """Resident set size now, in MiB; None where it cannot be read (no ``/proc``: macOS)."""
+    return _proc_status_mb("VmRSS")
 
 
 def available_mb() -> float | None:
