@@ -385,9 +385,7 @@ def stream_reference(reference: Backend | Recording, utterances: Sequence[Uttera
             reference.check_utterance(utterance)
             mel = reference.mel(utterance.name)
         else:
-            started = time.perf_counter()
-            mel, _ = reference.features(utterance.audio[None])
-            outcome.count_frontend(f"{reference.name}:{reference.dtype}", time.perf_counter() - started)
+            mel = _own_features(reference, utterance, outcome)
         side.mels[utterance.name] = mel
         masks = utterance.speaker_masks_for(reference)
         prompt = utterance.prompt_for(info)
@@ -497,12 +495,7 @@ def compare_candidate(reference: ReferenceRuns, candidate: Candidate, modes: Seq
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity-judge") as judge:
             try:
                 for utterance in utterances:
-                    own_features = None
-                    if not audio_input:  # the candidate's own front end: its compute, as its steps are
-                        features_started = time.perf_counter()
-                        own_features = backend.features(utterance.audio[None])[0]
-                        outcome.count_frontend(f"{backend.name}:{backend.dtype}",
-                                               time.perf_counter() - features_started)
+                    own_features = None if audio_input else _own_features(backend, utterance, outcome)
                     masks = None if audio_input else utterance.speaker_masks_for(backend)
                     reference_prompt = utterance.prompt_for(info)
                     prompt = reference_prompt if candidate.prompt is SAME_PROMPT else candidate.prompt
@@ -574,6 +567,14 @@ def _measure(reference_run: Any, run: Any, tolerances: Tolerances, *, num_layers
     comparison = compare_runs(reference_run, run, tolerances, num_layers=num_layers, utterance=utterance,
                               tokens_only=tokens_only)
     return comparison, needs_teacher_forcing(reference_run, run, tokens_only=tokens_only)
+
+
+def _own_features(backend: Backend, utterance: Utterance, outcome: LoopOutcome) -> np.ndarray:
+    """``backend``'s front end over ``utterance``, counted as the backend's compute, as its steps are."""
+    started = time.perf_counter()
+    mel = backend.features(utterance.audio[None])[0]
+    outcome.count_frontend(f"{backend.name}:{backend.dtype}", time.perf_counter() - started)
+    return mel
 
 
 def _key(backend: Backend, utterance: Utterance, context: Context, mode: FirstChunkMode) -> str:

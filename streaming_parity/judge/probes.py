@@ -16,7 +16,7 @@ refusal); ``n/a`` with the reason a probe cannot apply.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -300,27 +300,44 @@ def _carried_state(comparisons: Sequence[PairComparison], same: Sequence[str], *
     return None
 
 
+def _long_stream_lookup(results: Results) -> Callable[[str | None, Sequence[int]], tuple[str, float] | None]:
+    """For a run (its utterance and lookahead): the long-stream probe it streamed and the seconds of audio a step
+    covers at that lookahead (recorded by the runner); None for a run of any other probe."""
+    section = _section(results)
+    probes = {s["name"]: d["name"] for d in section.get("definitions", []) if d.get("long") for s in d["streams"]}
+    step_seconds = section.get("step_seconds", {})
+
+    def lookup(utterance: str | None, context: Sequence[int]) -> tuple[str, float] | None:
+        probe = probes.get(utterance)
+        seconds = step_seconds.get(",".join(str(int(v)) for v in context))
+        return (probe, seconds) if probe is not None and seconds else None
+
+    return lookup
+
+
+def _minute(step: int, step_seconds: float) -> int:
+    """The minute of audio a step falls in."""
+    return int(step * step_seconds // 60)
+
+
 def error_growth(results: Results, *, per_layer: bool = False) -> list[GrowthRow]:
     """Per long-stream probe and tensor-level comparison: each growth tap's worst ``max_abs`` per minute of
     audio and its least-squares growth per minute (a step covers ``step_seconds`` of audio at its lookahead,
     recorded by the runner). ``per_layer``: each encoder layer's row too, after the worst layer's."""
-    section = _section(results)
-    long_streams = {s["name"]: d["name"] for d in section.get("definitions", []) if d.get("long")
-                    for s in d["streams"]}
-    step_seconds = section.get("step_seconds", {})
+    long_stream = _long_stream_lookup(results)
     rows = []
     for comparison in results.comparisons:
-        probe = long_streams.get(comparison.utterance)
-        seconds = step_seconds.get(f"{comparison.att_context_size[0]},{comparison.att_context_size[1]}")
-        if probe is None or not seconds:
+        found = long_stream(comparison.utterance, comparison.att_context_size)
+        if found is None:
             continue
+        probe, seconds = found
         per_minute: dict[str, dict[int, float]] = {}
         limits: dict[str, float] = {}
         for result in comparison.taps:
             kind = tap_kind(result.tap)
             if kind not in GROWTH_TAPS or result.step < 0 or "max_abs" not in result.metrics:
                 continue
-            minute = int(result.step * seconds // 60)
+            minute = _minute(result.step, seconds)
             # A layer counts for the worst layer's row, and for its own row when asked.
             for tap in (kind, result.tap) if per_layer and kind != result.tap else (kind,):
                 minutes = per_minute.setdefault(tap, {})
@@ -346,18 +363,15 @@ def resource_use(results: Results) -> list[ResourceRow]:
     """Per long-stream probe and backend run (the reference's included): the backend's mean time a step and the
     process's peak resident memory within each minute of audio, and their growth per minute, from the run's step
     timings (``results.timings``; memory where the run was spooled, ``step_rss_mb``)."""
-    section = _section(results)
-    long_streams = {s["name"]: d["name"] for d in section.get("definitions", []) if d.get("long")
-                    for s in d["streams"]}
-    step_seconds = section.get("step_seconds", {})
+    long_stream = _long_stream_lookup(results)
     rows = []
     for timing in results.timings:
-        probe = long_streams.get(timing.get("utterance"))
         context = timing.get("att_context_size") or []
-        seconds = step_seconds.get(",".join(str(v) for v in context))
-        if probe is None or not seconds or not timing.get("step_seconds"):
+        found = long_stream(timing.get("utterance"), context)
+        if found is None or not timing.get("step_seconds"):
             continue
-        minute_of = [int(step * seconds // 60) for step in range(len(timing["step_seconds"]))]
+        probe, seconds = found
+        minute_of = [_minute(step, seconds) for step in range(len(timing["step_seconds"]))]
         count = minute_of[-1] + 1
         spent, steps = [0.0] * count, [0] * count
         for minute, value in zip(minute_of, timing["step_seconds"]):
